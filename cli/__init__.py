@@ -1,0 +1,1 @@
+"""The `upcycle` command line (installed as the package `upcycle_cli`)."""

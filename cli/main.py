@@ -1,0 +1,284 @@
+"""The `upcycle` command: a thin Typer layer; each command calls one library function.
+
+Bad input raises UpcycleError in the library; here it becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from upcycle.errors import UpcycleError
+
+app = typer.Typer(
+    name="upcycle",
+    help="Turn a dense causal LM into a native transformers Mixture-of-Experts checkpoint.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fmt_count(n: int) -> str:
+    from upcycle.card import _count
+
+    return _count(n)
+
+
+def _emit_json(data: dict[str, Any], target: str | None) -> None:
+    if target is None:
+        return
+    text = json.dumps(data, indent=2) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        Path(target).write_text(text)
+
+
+# --- convert -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="Dense model: a folder, a Hub id (org/name), a .gguf file, or 'smollm2'.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the MoE checkpoint to.")],
+    experts: Annotated[int | None, typer.Option(help="Experts per MoE layer. [default: 8]")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Experts each token is routed to. [default: 2]")] = None,
+    every: Annotated[
+        int | None,
+        typer.Option(help="Layer i becomes MoE iff (i+1) % EVERY == 0; 2 = layers 1,3,5... [default: 1]"),
+    ] = None,
+    layers: Annotated[str | None, typer.Option(help="Explicit MoE layers, e.g. 1,5,9 (overrides --every).")] = None,
+    init: Annotated[str | None, typer.Option(help="Expert construction: clone. [default: clone]")] = None,
+    router_init: Annotated[str | None, typer.Option(help="Router weights: random or zero. [default: random]")] = None,
+    router_std: Annotated[float | None, typer.Option(help="Std of a random router. [default: 0.02]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for every random choice. [default: 0]")] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Native class: auto, mixtral, qwen2_moe, qwen3_moe. [default: auto]")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (as the source), bfloat16, float16, float32. [default: auto]")
+    ] = None,
+    max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB or 500MB. [default: 5GB]")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of SRC.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML recipe; flags given here win.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    json_out: Annotated[
+        str | None,
+        typer.Option("--json", help="Also write the plan summary as JSON to this file ('-': stdout)."),
+    ] = None,
+) -> None:
+    """Convert a dense causal LM into a Mixture-of-Experts checkpoint."""
+    from upcycle.convert import convert as run_convert
+    from upcycle.spec import build_spec, load_recipe
+
+    recipe = load_recipe(config) if config else None
+    spec = build_spec(
+        recipe,
+        experts=experts,
+        top_k=top_k,
+        every=every,
+        layers=layers,
+        init=init,
+        router_init=router_init,
+        router_std=router_std,
+        seed=seed,
+        target=target,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        revision=revision,
+    )
+    command = shlex.join(["upcycle", *sys.argv[1:]]) if sys.argv[1:2] == ["convert"] else None
+    if dry_run:
+        result = run_convert(src, out_dir, spec, dry_run=True)
+        _print_plan(result.plan, title=f"Plan (dry run, nothing written): {src} -> {out_dir}")
+        _emit_json(result.plan.summary(), json_out)
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("converting"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("convert", total=None)
+        result = run_convert(
+            src,
+            out_dir,
+            spec,
+            force=force,
+            command=command,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    _print_plan(result.plan, title=f"Wrote {out_dir}")
+    _emit_json(result.recipe["plan"] if result.recipe else result.plan.summary(), json_out)
+
+
+def _print_plan(plan, title: str) -> None:
+    from upcycle.card import human_bytes
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    moe = plan.moe_layers
+    table.add_row("family -> target", f"{plan.family} -> {plan.architecture}")
+    table.add_row("MoE layers", f"{len(moe)} of {plan.num_layers}: {', '.join(map(str, moe))}")
+    table.add_row("experts / top-k", f"{plan.experts} / {plan.top_k}")
+    table.add_row("exact at init", "yes" if plan.exact else "no")
+    kinds: dict[str, int] = {}
+    for op in plan.ops:
+        kinds[op.kind] = kinds.get(op.kind, 0) + 1
+    table.add_row("tensors written", f"{len(plan.ops)} (" + ", ".join(f"{v} {k}" for k, v in kinds.items()) + ")")
+    table.add_row(
+        "parameters",
+        f"{_fmt_count(plan.dense_params)} dense -> {_fmt_count(plan.total_params)} total, "
+        f"{_fmt_count(plan.active_params)} active per token",
+    )
+    table.add_row("bytes on disk", human_bytes(plan.total_bytes) + f" ({plan.config['dtype']})")
+    out.print(table)
+
+
+# --- verify ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def verify(
+    dense: Annotated[str, typer.Argument(help="The dense source (folder, Hub id, .gguf or 'smollm2').")],
+    moe: Annotated[str, typer.Argument(help="The converted MoE (folder or Hub id).")],
+    text: Annotated[Path | None, typer.Option(help="Text file to run; default: seeded random token ids.")] = None,
+    tokens: Annotated[int, typer.Option(help="Tokens to compare (capped by the models' context).")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for the random token ids.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
+    atol: Annotated[float, typer.Option(help="Largest allowed max |Δlogits|.")] = 1e-3,
+    min_agreement: Annotated[float, typer.Option(help="Smallest allowed top-1 agreement (0..1).")] = 0.999,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write the report as JSON to this file ('-': stdout).")
+    ] = None,
+) -> None:
+    """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside."""
+    from upcycle.verify import verify as run_verify
+
+    report = run_verify(
+        dense, moe, text=text, tokens=tokens, seed=seed, dtype=dtype, atol=atol, min_agreement=min_agreement
+    )
+    table = Table(title=f"verify {dense} vs {moe} ({report.moe_class})", title_justify="left")
+    for col in ("metric", "value", "limit", "ok"):
+        table.add_column(col)
+    table.add_row("tokens", f"{report.tokens} ({report.input}, {report.dtype})", "", "")
+    table.add_row(
+        "max |Δlogits|",
+        f"{report.max_abs_diff:.3e}",
+        f"≤ {atol:g}",
+        "yes" if report.max_abs_diff <= atol else "NO",
+    )
+    table.add_row("mean KL(dense‖moe)", f"{report.mean_kl:.3e}", "", "")
+    table.add_row(
+        "top-1 agreement",
+        f"{report.top1_agreement:.4%}",
+        f"≥ {min_agreement:.2%}",
+        "yes" if report.top1_agreement >= min_agreement else "NO",
+    )
+    keys_ok = not report.missing_keys and not report.unexpected_keys
+    table.add_row(
+        "missing/unexpected keys",
+        f"{len(report.missing_keys)}/{len(report.unexpected_keys)}",
+        "0/0",
+        "yes" if keys_ok else "NO",
+    )
+    out.print(table)
+    out.print("PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")
+    _emit_json(report.to_dict(), json_out)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+# --- inspect -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="A dense or MoE model: folder, Hub id, .gguf or 'smollm2'.")],
+    revision: Annotated[str | None, typer.Option(help="Hub revision.")] = None,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write the summary as JSON to this file ('-': stdout).")
+    ] = None,
+) -> None:
+    """Show family, layers, MoE placement, experts, parameters and bytes of a checkpoint."""
+    from upcycle.card import human_bytes
+    from upcycle.inspect import inspect as run_inspect
+
+    info = run_inspect(path, revision)
+    table = Table(title=f"inspect {path}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("class", f"{info['architecture']} ({info['model_type']}, {info['kind']})")
+    table.add_row("layers", str(info["layers"]))
+    if info["kind"] == "moe":
+        table.add_row("MoE layers", f"{len(info['moe_layers'])}: {', '.join(map(str, info['moe_layers']))}")
+        table.add_row("experts / top-k", f"{info['experts']} / {info['top_k']}")
+    table.add_row(
+        "parameters",
+        f"{_fmt_count(info['total_params'])} total, {_fmt_count(info['active_params'])} active per token",
+    )
+    table.add_row("bytes on disk", ", ".join(f"{k}: {human_bytes(v)}" for k, v in info["bytes_by_dtype"].items()))
+    if info["kind"] == "dense":
+        table.add_row("upcycle can convert it", "yes" if info["upcycle_supports"] else "no (unsupported family)")
+    out.print(table)
+    _emit_json(info, json_out)
+
+
+# --- entry point -------------------------------------------------------------------------------------
+
+
+def _sigterm(signum, frame):  # turn a polite kill into the same clean-up as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Console-script entry: one-line errors with exit code 2 for every bad input."""
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        app(args=argv, standalone_mode=False)
+    except UpcycleError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        err.print("interrupted; nothing was written", markup=False)
+        return 130
+    except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            out.print(exc.format_message(), markup=False, highlight=False)
+            return 2
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: upcycle {ctx.info_name} --help)" if ctx and ctx.info_name != "upcycle" else ""
+        err.print(f"error: {exc.format_message()}{hint}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written", markup=False)
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

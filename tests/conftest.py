@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny dense models of each family, built once per session and copied per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_dense
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline(tmp_path_factory):
+    """No test touches the network; the upcycle cache (GGUF materialisation) lives in a session folder."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("UPCYCLE_CACHE", str(tmp_path_factory.mktemp("upcycle-cache")))
+    yield
+
+
+@pytest.fixture(scope="session")
+def dense_store(tmp_path_factory):
+    """dense_store(family, **config_overrides) -> folder of a saved tiny random model (cached per session)."""
+    root = tmp_path_factory.mktemp("dense")
+    made: dict[str, Path] = {}
+
+    def get(family: str = "llama", **overrides) -> Path:
+        key = family + repr(sorted(overrides.items()))
+        if key not in made:
+            made[key] = make_dense(root / f"{family}-{len(made)}", family, **overrides)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture
+def dense(dense_store, tmp_path):
+    """Like dense_store, but returns a private copy the test may damage."""
+
+    def get(family: str = "llama", **overrides) -> Path:
+        src = dense_store(family, **overrides)
+        dst = tmp_path / f"src-{family}"
+        shutil.copytree(src, dst)
+        return dst
+
+    return get

@@ -1,0 +1,81 @@
+"""Tiny random dense models of every supported family, saved the way the Hub stores them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BASE = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+FAMILIES = {
+    "llama": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "mistral": dict(sliding_window=None, head_dim=16),
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=16),
+}
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = {**BASE, **FAMILIES[family], **overrides}
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def save_tokenizer(folder: Path, vocab_size: int = 128) -> None:
+    """A small byte-level BPE tokenizer, saved as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in "abcdefghijklmnopqrstuvwxyz .,'ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789":
+        if len(vocab) >= vocab_size:
+            break
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+
+
+def make_dense(
+    folder: Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    shard_size: str | None = "40KB",
+    tokenizer: bool = True,
+    **overrides,
+) -> Path:
+    """Save a random tiny dense model; by default sharded small so the index path is always exercised."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # random norms and biases, so copying them wrong shows in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
+    folder = Path(folder)
+    if shard_size:
+        model.save_pretrained(folder, max_shard_size=shard_size)
+    else:
+        model.save_pretrained(folder)
+    if tokenizer:
+        save_tokenizer(folder, config.vocab_size)
+    return folder

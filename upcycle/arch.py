@@ -1,0 +1,114 @@
+"""Architectures as data: dense families and native MoE targets, read from the JSON tables beside this file.
+
+A family says where a dense model keeps its FFN, how its attention layout is described and which native
+MoE classes can hold it exactly. A target says how a native transformers MoE class names its router and
+experts on disk and which config fields carry the MoE hyperparameters. Nothing else in the package asks
+which model type it is looking at.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+from .errors import UpcycleError
+
+FFN_ROLES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    ffn: dict[str, str]  # role -> key template with {layer}
+    ignore: tuple[str, ...]  # source keys dropped on purpose (non-persistent buffers of old checkpoints)
+    attention: str  # "full" | "global_window" | "layer_types"
+    require: dict[str, Any]  # config fields that must hold these values for an exact target to exist
+    copy_config: tuple[str, ...]
+    targets: dict[str, dict[str, Any]]  # target name -> config fields fixed for this family
+    auto_target: dict[str, str]  # "every_layer" | "some_layers" -> target name
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    model_type: str
+    architecture: str
+    interleave: bool  # can dense and MoE layers be mixed?
+    attention: str  # "global_window" | "layer_types" | "all_or_none"
+    renormalize: str  # "always" or the config field that switches top-k renormalisation on
+    config: dict[str, str]  # our notion -> the target's config field
+    set: dict[str, Any]
+    router: str
+    expert: dict[str, str]  # role -> key template with {layer} and {expert}
+    extra: tuple[dict[str, Any], ...]  # zero tensors the class expects in every MoE layer
+
+
+def _load(kind: str) -> dict[str, dict[str, Any]]:
+    tables = {}
+    for entry in sorted(files("upcycle").joinpath(kind).iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".json"):
+            data = json.loads(entry.read_text())
+            tables[data["name"]] = data
+    return tables
+
+
+@cache
+def families() -> dict[str, Family]:
+    out = {}
+    for name, d in _load("families").items():
+        out[name] = Family(
+            name=name,
+            model_types=tuple(d["model_types"]),
+            ffn=d["ffn"],
+            ignore=tuple(d.get("ignore", ())),
+            attention=d["attention"],
+            require=d.get("require", {}),
+            copy_config=tuple(d["copy_config"]),
+            targets=d["targets"],
+            auto_target=d["auto_target"],
+        )
+    return out
+
+
+@cache
+def targets() -> dict[str, Target]:
+    out = {}
+    for name, d in _load("targets").items():
+        out[name] = Target(
+            name=name,
+            model_type=d["model_type"],
+            architecture=d["architecture"],
+            interleave=d["interleave"],
+            attention=d["attention"],
+            renormalize=d["renormalize"],
+            config=d["config"],
+            set=d["set"],
+            router=d["router"],
+            expert=d["expert"],
+            extra=tuple(d["extra"]),
+        )
+    return out
+
+
+def supported_families() -> str:
+    return ", ".join(sorted(families()))
+
+
+def family_for(model_type: str | None) -> Family:
+    for fam in families().values():
+        if model_type in fam.model_types:
+            return fam
+    raise UpcycleError(
+        f"model type {model_type!r} is not supported; upcycle converts these dense families: {supported_families()}"
+    )
+
+
+def target_for_model_type(model_type: str | None) -> Target | None:
+    for tgt in targets().values():
+        if tgt.model_type == model_type:
+            return tgt
+    return None

@@ -1,0 +1,269 @@
+"""`upcycle convert`: run a plan tensor by tensor and write a complete, natively loadable MoE folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .card import build_card, source_license
+from .errors import UpcycleError
+from .outdir import check_target, staged_folder
+from .plan import ST_TO_TORCH, Plan, TensorOp, make_plan
+from .router import init_router
+from .source import Checkpoint, SourceRef, file_sha256, read_config, resolve
+from .spec import ConvertSpec
+from .writer import Entry, Placed, ShardedWriter
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out: Path | None  # None for a dry run
+    plan: Plan
+    source: SourceRef
+    recipe: dict[str, Any] | None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("upcycle")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def dense_config(folder: Path) -> dict[str, Any]:
+    """The dense config as a dict with the class defaults filled in (what the model really uses)."""
+    from transformers import AutoConfig
+
+    from .arch import family_for
+    from .plan import check_causal_lm
+
+    raw = read_config(folder)
+    check_causal_lm(raw)
+    family_for(raw.get("model_type"))  # an unsupported family fails here, with the list of supported ones
+    try:
+        cfg = AutoConfig.from_pretrained(folder)
+    except Exception as exc:  # transformers validates configs with several exception types
+        raise UpcycleError(f"{folder}/config.json could not be read by transformers: {exc}".splitlines()[0]) from None
+    return cfg.to_dict()
+
+
+def plan_for(source: SourceRef, spec: ConvertSpec) -> tuple[Checkpoint, Plan]:
+    ckpt = Checkpoint.open(source.folder)
+    cfg = dense_config(source.folder)
+    return ckpt, make_plan(cfg, ckpt.tensors, spec)
+
+
+def convert(
+    src: str,
+    out: Path,
+    spec: ConvertSpec,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    command: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ConvertResult:
+    """Convert the dense model SRC into an MoE at OUT. `progress(done_bytes, total_bytes)` is called as it goes."""
+    out = Path(out)
+    if not dry_run:
+        check_target(out, force)  # fail before any download or heavy work
+    source = resolve(src, spec.revision)
+    ckpt, plan = plan_for(source, spec)
+    if dry_run:
+        return ConvertResult(out=None, plan=plan, source=source, recipe=None)
+    with ThreadPoolExecutor(max_workers=1) as pool, staged_folder(out, force) as tmp:
+        hashes = pool.submit(lambda: {p.name: file_sha256(p) for p in ckpt.files})  # overlaps the copying
+        write_weights(ckpt, plan, spec, tmp, progress)
+        write_config(plan, tmp)
+        copy_side_files(source.folder, tmp, plan)
+        recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command or _command(src, out, spec))
+        (tmp / "upcycle.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        build_card(recipe, out.name).save(tmp / "README.md")
+    return ConvertResult(out=out, plan=plan, source=source, recipe=recipe)
+
+
+# --- weights -------------------------------------------------------------------------------------------
+
+
+def write_weights(
+    ckpt: Checkpoint,
+    plan: Plan,
+    spec: ConvertSpec,
+    folder: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        max_shard = convert_file_size_to_int(spec.max_shard_size)
+    except (ValueError, TypeError):
+        raise UpcycleError(f"--max-shard-size {spec.max_shard_size!r} is not a size such as 5GB or 500MB") from None
+    entries = [Entry(op.name, op.dtype, op.shape, op.nbytes) for op in plan.ops]
+    writer = ShardedWriter(folder, entries, max_shard, {"format": "pt"})
+    reader = _Reader(ckpt)
+    seen: dict[tuple, Placed] = {}  # identical expert tensors already on disk: copy those bytes again
+    total, done = plan.total_bytes, 0
+    try:
+        for op in plan.ops:
+            key = (op.src, op.transform, op.dtype)
+            if op.kind == "expert" and key in seen:
+                place = seen[key]
+                writer.put_range(op.name, place.path, place.offset, place.nbytes)
+            elif op.kind in ("copy", "expert") and op.transform is None and ckpt.tensors[op.src].dtype == op.dtype:
+                info = ckpt.tensors[op.src]
+                placed = writer.put_range(op.name, info.file, info.offset, info.nbytes)
+                if op.kind == "expert":
+                    seen[key] = placed
+            elif op.kind in ("copy", "expert"):
+                placed = writer.put(op.name, reader.converted(op))
+                if op.kind == "expert":
+                    seen[key] = placed
+            elif op.kind == "router":
+                weight = init_router(
+                    spec.router_init,
+                    spec.experts,
+                    op.shape[1],
+                    std=spec.router_std,
+                    seed=spec.seed,
+                    layer=op.layer,
+                    dtype=_torch_dtype(op.dtype),
+                )
+                writer.put(op.name, [_as_bytes(weight)])
+            elif op.kind == "zeros":
+                writer.put(op.name, [bytes(op.nbytes)])
+            else:
+                raise RuntimeError(f"unknown op kind {op.kind}")
+            done += op.nbytes
+            if progress:
+                progress(done, total)
+        writer.finish(plan.total_params)
+    finally:
+        writer.abort()
+
+
+def _torch_dtype(st_dtype: str):
+    import torch
+
+    return getattr(torch, ST_TO_TORCH[st_dtype])
+
+
+def _as_bytes(t) -> memoryview:
+    import torch
+
+    return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+class _Reader:
+    """Reads source tensors in row chunks and casts them, so memory stays bounded."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+
+    def converted(self, op: TensorOp) -> Iterator[memoryview]:
+        from safetensors import safe_open
+
+        info = self.ckpt.tensors[op.src]
+        dtype = _torch_dtype(op.dtype)
+        with safe_open(info.file, framework="pt") as fh:
+            sl = fh.get_slice(op.src)
+            if not info.shape:
+                yield _as_bytes(sl[...].to(dtype))
+                return
+            row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
+            step = max(1, CHUNK_BYTES // row_bytes)
+            for start in range(0, info.shape[0], step):
+                yield _as_bytes(sl[start : start + step].to(dtype))
+
+
+# --- config, tokenizer, recipe ---------------------------------------------------------------------------
+
+
+def write_config(plan: Plan, folder: Path) -> None:
+    from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in plan.config.items() if k != "model_type"}
+    config = AutoConfig.for_model(plan.config["model_type"], **kwargs)
+    written = config.to_dict()
+    for key, value in plan.config.items():
+        if key in ("model_type", "dtype"):
+            continue
+        if written.get(key) != value and getattr(config, key, None) != value:
+            raise RuntimeError(f"{plan.target} config dropped {key}={value!r} (got {written.get(key)!r})")
+    config.save_pretrained(folder)
+
+
+def copy_side_files(src: Path, dst: Path, plan: Plan) -> None:
+    from transformers import GenerationConfig
+
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    gen = src / "generation_config.json"
+    if gen.is_file():
+        shutil.copyfile(gen, dst / "generation_config.json")
+    else:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(dst)
+        GenerationConfig.from_model_config(cfg).save_pretrained(dst)
+
+
+def _command(src: str, out: Path, spec: ConvertSpec) -> str:
+    parts = ["upcycle", "convert", src, str(out)]
+    defaults = ConvertSpec()
+    for key, value in spec.to_dict().items():
+        if value != getattr(defaults, key) and value is not None:
+            if key == "layers":
+                value = ",".join(map(str, value))
+            parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+def make_recipe(
+    source: SourceRef,
+    ckpt: Checkpoint,
+    plan: Plan,
+    spec: ConvertSpec,
+    hashes: dict[str, str],
+    command: str,
+) -> dict[str, Any]:
+    return {
+        "tool": {"name": "upcycle", "version": _version()},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "source": {
+            "id": source.id,
+            "kind": source.kind,
+            "revision": source.revision,
+            "gguf_sha256": file_sha256(source.gguf_file) if source.gguf_file else None,
+            "license": source.license or source_license(source.folder),
+            "config_sha256": file_sha256(ckpt.folder / "config.json"),
+            "files_sha256": hashes,
+        },
+        "recipe": spec.to_dict(),
+        "plan": plan.summary(),
+        "dtype": plan.config["dtype"],
+        "config": plan.config,
+    }

