@@ -9,6 +9,8 @@ import json
 import shlex
 import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,12 +48,32 @@ def _emit_json(data: dict[str, Any], target: str | None) -> None:
         Path(target).write_text(text)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from upcycle import __version__
+
+        out.print(f"upcycle {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Turn a dense causal LM into a native transformers Mixture-of-Experts checkpoint."""
+
+
 # --- convert -----------------------------------------------------------------------------------------
 
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(help="Dense model: a folder, a Hub id (org/name), a .gguf file, or 'smollm2'.")],
+    src: Annotated[
+        str,
+        typer.Argument(metavar="SRC", help="Dense model: a folder, a Hub id (org/name), a .gguf file, or 'smollm2'."),
+    ],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the MoE checkpoint to.")],
     experts: Annotated[int | None, typer.Option(help="Experts per MoE layer. [default: 8]")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Experts each token is routed to. [default: 2]")] = None,
@@ -106,27 +128,24 @@ def convert(
         _print_plan(result.plan, title=f"Plan (dry run, nothing written): {src} -> {out_dir}")
         _emit_json(result.plan.summary(), json_out)
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("converting"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("convert", total=None)
-        result = run_convert(
-            src,
-            out_dir,
-            spec,
-            force=force,
-            command=command,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+    with _byte_progress("converting") as progress:
+        result = run_convert(src, out_dir, spec, force=force, command=command, progress=progress)
     _print_plan(result.plan, title=f"Wrote {out_dir}")
     _emit_json(result.recipe["plan"] if result.recipe else result.plan.summary(), json_out)
+
+
+@contextmanager
+def _byte_progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on a terminal; nothing at all in a pipe or a log file."""
+    if not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _print_plan(plan, title: str) -> None:
@@ -137,7 +156,8 @@ def _print_plan(plan, title: str) -> None:
     table.add_column()
     moe = plan.moe_layers
     table.add_row("family -> target", f"{plan.family} -> {plan.architecture}")
-    table.add_row("MoE layers", f"{len(moe)} of {plan.num_layers}: {', '.join(map(str, moe))}")
+    placement = "all" if len(moe) == plan.num_layers else ", ".join(map(str, moe))
+    table.add_row("MoE layers", f"{len(moe)} of {plan.num_layers}: {placement}")
     table.add_row("experts / top-k", f"{plan.experts} / {plan.top_k}")
     table.add_row("exact at init", "yes" if plan.exact else "no")
     kinds: dict[str, int] = {}
@@ -158,8 +178,10 @@ def _print_plan(plan, title: str) -> None:
 
 @app.command()
 def verify(
-    dense: Annotated[str, typer.Argument(help="The dense source (folder, Hub id, .gguf or 'smollm2').")],
-    moe: Annotated[str, typer.Argument(help="The converted MoE (folder or Hub id).")],
+    dense: Annotated[
+        str, typer.Argument(metavar="DENSE", help="The dense source (folder, Hub id, .gguf or 'smollm2').")
+    ],
+    moe: Annotated[str, typer.Argument(metavar="MOE", help="The converted MoE (folder or Hub id).")],
     text: Annotated[Path | None, typer.Option(help="Text file to run; default: seeded random token ids.")] = None,
     tokens: Annotated[int, typer.Option(help="Tokens to compare (capped by the models' context).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the random token ids.")] = 0,
@@ -212,7 +234,9 @@ def verify(
 
 @app.command()
 def inspect(
-    path: Annotated[str, typer.Argument(help="A dense or MoE model: folder, Hub id, .gguf or 'smollm2'.")],
+    path: Annotated[
+        str, typer.Argument(metavar="PATH", help="A dense or MoE model: folder, Hub id, .gguf or 'smollm2'.")
+    ],
     revision: Annotated[str | None, typer.Option(help="Hub revision.")] = None,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write the summary as JSON to this file ('-': stdout).")
@@ -229,7 +253,9 @@ def inspect(
     table.add_row("class", f"{info['architecture']} ({info['model_type']}, {info['kind']})")
     table.add_row("layers", str(info["layers"]))
     if info["kind"] == "moe":
-        table.add_row("MoE layers", f"{len(info['moe_layers'])}: {', '.join(map(str, info['moe_layers']))}")
+        moe = info["moe_layers"]
+        placement = "all" if len(moe) == info["layers"] else ", ".join(map(str, moe))
+        table.add_row("MoE layers", f"{len(moe)} of {info['layers']}: {placement}")
         table.add_row("experts / top-k", f"{info['experts']} / {info['top_k']}")
     table.add_row(
         "parameters",
@@ -253,7 +279,7 @@ def run(argv: list[str] | None = None) -> int:
     """Console-script entry: one-line errors with exit code 2 for every bad input."""
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # returns the code of a typer.Exit raised by a command
     except UpcycleError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
@@ -273,7 +299,9 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written", markup=False)
         return 130
-    return 0
+    if code == 130:  # typer turns Ctrl-C inside a command into Exit(130)
+        err.print("interrupted; nothing was written", markup=False)
+    return code if isinstance(code, int) else 0
 
 
 def main() -> None:

@@ -60,8 +60,8 @@ def dense_config(folder: Path) -> dict[str, Any]:
     from .plan import check_causal_lm
 
     raw = read_config(folder)
-    check_causal_lm(raw)
     family_for(raw.get("model_type"))  # an unsupported family fails here, with the list of supported ones
+    check_causal_lm(raw)
     try:
         cfg = AutoConfig.from_pretrained(folder)
     except Exception as exc:  # transformers validates configs with several exception types

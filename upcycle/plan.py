@@ -193,8 +193,8 @@ def _order(name: str) -> tuple[int, int, str]:
 
 def make_plan(cfg: dict[str, Any], tensors: dict[str, TensorInfo], spec: ConvertSpec) -> Plan:
     """Decide the target config and every tensor written. `cfg` is the dense config with defaults filled."""
-    check_causal_lm(cfg)
     family = family_for(cfg.get("model_type"))
+    check_causal_lm(cfg)
     for key, wanted in family.require.items():
         if cfg.get(key, wanted) != wanted:
             raise UpcycleError(

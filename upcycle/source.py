@@ -297,7 +297,7 @@ def weight_files(folder: Path) -> list[Path]:
     others = sorted(folder.glob("*.safetensors"))
     if len(others) == 1:
         return others
-    if any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
+    if any(next(folder.glob(pattern), None) is not None for pattern in ("*.bin", "*.pt", "*.pth")):
         raise UpcycleError(
             f"{folder} holds PyTorch pickle weights (.bin/.pt); upcycle reads safetensors only. Convert them "
             "first: AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(DIR) loads them with "

@@ -47,13 +47,15 @@ class VerifyReport:
 def _load(src: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our table is the report; per-tensor loading bars are noise here
     folder = resolve(src).folder
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=getattr(torch, dtype), output_loading_info=True
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UpcycleError(f"transformers could not load {src}: {exc}".splitlines()[0]) from None
     return folder, model.eval(), info
 
