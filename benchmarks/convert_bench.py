@@ -86,6 +86,8 @@ MODELS: dict[str, ModelShape] = {
     "0.1b": ModelShape(hidden=512, intermediate=2048, layers=16, heads=8, kv_heads=4),  # 96M
     "0.5b": ModelShape(hidden=1024, intermediate=4096, layers=28, heads=16, kv_heads=8),  # 506M
     "1b": ModelShape(hidden=2048, intermediate=8192, layers=16, heads=16, kv_heads=8),  # 1.14B
+    # Few layers, a 1 GB embedding and head: the largest single tensors, for the casting path (e8k2-f32).
+    "wide-vocab": ModelShape(hidden=2048, intermediate=2048, layers=2, heads=16, kv_heads=8, vocab=256000),  # 1.08B
 }
 CONFIGS: dict[str, list[str]] = {
     "e8k2": ["--experts", "8", "--top-k", "2"],  # every layer MoE -> Mixtral
@@ -248,9 +250,9 @@ def fail(what: str, run: ChildRun, log: Path) -> None:
 def bench_config(
     upcycle: list[str], dense: Path, work: Path, config: str, repeats: int, keep: bool
 ) -> tuple[list[Run], ChildRun]:
-    out, copy = work / f"out-{config}", work / f"copy-{config}"
+    name = f"{dense.name.removeprefix('dense-')}-{config}"
+    out, copy, log = work / f"out-{name}", work / f"copy-{name}", work / f"log-{name}.txt"
     flags = CONFIGS[config]
-    log = work / f"log-{dense.name}-{config}.txt"
     log.unlink(missing_ok=True)
     dry = run_child([*upcycle, "convert", str(dense), str(out), *flags, "--dry-run"], log)
     if dry.returncode:
@@ -421,9 +423,10 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def default_results_path() -> Path:
+def default_results_path(tag: str | None) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or "cpu"
-    return HERE / "results" / f"convert_{slug}-{os.cpu_count()}c_{datetime.now(UTC):%Y%m}.json"
+    suffix = f"_{tag}" if tag else ""
+    return HERE / "results" / f"convert_{slug}-{os.cpu_count()}c_{datetime.now(UTC):%Y%m}{suffix}.json"
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -438,6 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dense-shards", type=int, default=3, help="safetensors files the dense model is cut into")
     p.add_argument("--upcycle", default=None, help="the upcycle command (default: the one beside this python)")
     p.add_argument("--results", type=Path, default=None, help="JSON results file (default: benchmarks/results/…)")
+    p.add_argument("--tag", default=None, help="suffix for the default results file name, e.g. cast")
     p.add_argument("--keep", action="store_true", help="keep the converted outputs")
     p.add_argument("--remove-dense", action="store_true", help="also remove the generated dense models")
     args = p.parse_args(argv)
@@ -492,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                     "shape": asdict(shape),
                     "params": shape.params,
                     "dense_bytes": dense_bytes,
+                    "dense_prepare_s": gen_s,
                     "config": config,
                     "flags": CONFIGS[config],
                     "dry_run": asdict(dry),
@@ -519,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "summary": summary(results),
     }
-    path = args.results or default_results_path()
+    path = args.results or default_results_path(args.tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print("\nEvery run:\n")

@@ -101,6 +101,10 @@ def convert(
         str | None,
         typer.Option("--json", help="Also write the plan summary as JSON to this file ('-': stdout)."),
     ] = None,
+    push_to_hub: Annotated[
+        str | None, typer.Option("--push-to-hub", metavar="REPO_ID", help="Publish OUT to this Hub repo when done.")
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,
 ) -> None:
     """Convert a dense causal LM into a Mixture-of-Experts checkpoint."""
     from upcycle.convert import convert as run_convert
@@ -129,8 +133,19 @@ def convert(
         _emit_json(result.plan.summary(), json_out)
         return
     with _byte_progress("converting") as progress:
-        result = run_convert(src, out_dir, spec, force=force, command=command, progress=progress)
+        result = run_convert(
+            src,
+            out_dir,
+            spec,
+            force=force,
+            command=command,
+            progress=progress,
+            push_to_hub=push_to_hub,
+            private=private,
+        )
     _print_plan(result.plan, title=f"Wrote {out_dir}")
+    if result.pushed is not None:
+        out.print(f"Pushed {len(result.pushed.files)} files to {result.pushed.repo_id}: {result.pushed.url}")
     _emit_json(result.recipe["plan"] if result.recipe else result.plan.summary(), json_out)
 
 
@@ -191,12 +206,23 @@ def verify(
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write the report as JSON to this file ('-': stdout).")
     ] = None,
+    record: Annotated[
+        bool, typer.Option("--record/--no-record", help="Store the result in MOE's upcycle.json and model card.")
+    ] = True,
 ) -> None:
     """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside."""
     from upcycle.verify import verify as run_verify
 
     report = run_verify(
-        dense, moe, text=text, tokens=tokens, seed=seed, dtype=dtype, atol=atol, min_agreement=min_agreement
+        dense,
+        moe,
+        text=text,
+        tokens=tokens,
+        seed=seed,
+        dtype=dtype,
+        atol=atol,
+        min_agreement=min_agreement,
+        record=record,
     )
     table = Table(title=f"verify {dense} vs {moe} ({report.moe_class})", title_justify="left")
     for col in ("metric", "value", "limit", "ok"):
@@ -266,6 +292,56 @@ def inspect(
         table.add_row("upcycle can convert it", "yes" if info["upcycle_supports"] else "no (unsupported family)")
     out.print(table)
     _emit_json(info, json_out)
+
+
+# --- push --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `upcycle convert` (or train).")],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub repo to publish to, e.g. me/my-moe.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", "--branch", help="Branch to push to (created if missing).")
+    ] = None,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
+    include_checkpoints: Annotated[
+        bool, typer.Option("--include-checkpoints", help="Also upload checkpoints/ (never optimizer states).")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List every file and its size; upload nothing.")] = False,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write the file list as JSON to this file ('-': stdout).")
+    ] = None,
+) -> None:
+    """Publish a converted model to the Hugging Face Hub."""
+    from upcycle.card import human_bytes
+    from upcycle.hub import push as run_push
+
+    result = run_push(
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
+        include_checkpoints=include_checkpoints,
+        dry_run=dry_run,
+    )
+    verb = "Would upload" if dry_run else "Uploaded"
+    table = Table(title=f"{verb} {result.folder} -> {repo_id}", title_justify="left")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for path, size in result.files:
+        table.add_row(path, human_bytes(size))
+    table.add_row("total", human_bytes(result.total_bytes), style="bold")
+    out.print(table)
+    if result.skipped:
+        out.print(f"left out: {', '.join(result.skipped)}")
+    if result.url:
+        out.print(f"{'Pull request' if result.pr_url else 'Commit'}: {result.pr_url or result.url}")
+    _emit_json(result.to_dict(), json_out)
 
 
 # --- entry point -------------------------------------------------------------------------------------

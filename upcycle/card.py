@@ -1,13 +1,26 @@
-"""The model card (README.md) written beside a converted model, built with huggingface_hub's ModelCard."""
+"""The model card (README.md) of a converted model, built with huggingface_hub's ModelCard.
+
+The card is rendered from `upcycle.json`, so it can be rendered again when something is added to the
+recipe (a verify result, the Hub repo it is pushed to). It is re-rendered only while it is exactly what
+upcycle wrote: `upcycle.json` keeps the SHA-256 of the card it generated, and a card edited by hand is
+left alone.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+RECIPE = "upcycle.json"
+CARD = "README.md"
+SHARED_TEXT = {"qwen2_moe": "none (Qwen2-MoE's always-on shared expert is written with size 0, so it adds nothing)"}
 METHOD_TEXT = {"clone": "every expert is a copy of the dense FFN (sparse upcycling, Komatsuzaki et al. 2022)"}
 
 
@@ -26,7 +39,7 @@ def human_bytes(n: int) -> str:
 
 
 def source_license(folder: Path) -> str | None:
-    readme = Path(folder) / "README.md"
+    readme = Path(folder) / CARD
     if not readme.is_file():
         return None
     try:
@@ -35,50 +48,113 @@ def source_license(folder: Path) -> str | None:
         return None
 
 
-def _layers_text(layers: list[int], num_layers: int) -> str:
-    if len(layers) == num_layers:
-        return "all"
-    return ", ".join(map(str, layers))
+def _is_hub_id(source: dict[str, Any]) -> bool:
+    sid = source["id"]
+    return source["kind"] in ("hub", "gguf") and "/" in sid and not Path(sid).is_absolute() and not Path(sid).exists()
 
 
-def build_card(recipe: dict[str, Any], out_name: str) -> ModelCard:
-    """`recipe` is the content of upcycle.json."""
+def build_card(recipe: dict[str, Any], name: str, repo_id: str | None = None) -> ModelCard:
+    """Render the card from the content of upcycle.json; `name` is the folder name, `repo_id` where it lives."""
     src, spec, plan = recipe["source"], recipe["recipe"], recipe["plan"]
-    source_id = src["id"]
-    is_hub_id = src["kind"] in ("hub", "gguf") and "/" in source_id and not Path(source_id).exists()
+    hub = _is_hub_id(src)
     tags = ["moe", "upcycled", "upcycle", "mixture-of-experts", plan["target"]]
     data = ModelCardData(
-        base_model=source_id if is_hub_id else None,
+        base_model=src["id"] if hub else None,
+        base_model_relation="finetune" if hub else None,
         library_name="transformers",
         license=src.get("license"),
         tags=tags,
         pipeline_tag="text-generation",
+        datasets=recipe.get("training", {}).get("datasets") or None,
+    )
+    layers = plan["moe_layers"]
+    moe_layers_text = (
+        f"all {plan['layers']} layers"
+        if len(layers) == plan["layers"]
+        else f"{len(layers)} of {plan['layers']}: " + ", ".join(map(str, layers))
+    )
+    router_text = (
+        f"`random`: normal with std {spec['router_std']}, seed {spec['seed']}"
+        if spec["router_init"] == "random"
+        else "`zero`: uniform routing at the start"
     )
     template = files("upcycle").joinpath("card_template.md").read_text()
     return ModelCard.from_template(
         data,
         template_str=template,
-        model_name=out_name,
-        source_id=source_id,
-        source_link=f"https://huggingface.co/{source_id}" if is_hub_id else source_id,
+        model_name=repo_id or name,
+        source_md=f"[{src['id']}](https://huggingface.co/{src['id']})" if hub else f"`{src['id']}`",
         source_revision=src.get("revision"),
         family=plan["family"],
+        dense_params=_count(plan["dense_params"]),
         architecture=plan["architecture"],
         init=spec["init"],
         method_text=METHOD_TEXT.get(spec["init"], spec["init"]),
         experts=plan["experts"],
         top_k=plan["top_k"],
-        moe_layers_text=_layers_text(plan["moe_layers"], plan["layers"]),
-        num_layers=plan["layers"],
-        router_init=spec["router_init"],
-        router_std=spec["router_std"],
-        seed=spec["seed"],
+        renormalized=True,
+        shared_text=SHARED_TEXT.get(plan["target"], "none"),
+        tool_version=recipe["tool"]["version"],
+        moe_layers_text=moe_layers_text,
+        router_text=router_text,
         total_params=_count(plan["total_params"]),
         active_params=_count(plan["active_params"]),
-        dense_params=_count(plan["dense_params"]),
         dtype=recipe["dtype"],
         size_text=human_bytes(plan["bytes"]),
         exact=plan["exact_at_init"],
-        repo_hint=f"path/to/{out_name}",
+        verify=recipe.get("verify"),
+        repo_hint=repo_id or name,
         command=recipe["command"],
     )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_card_and_recipe(folder: Path, recipe: dict[str, Any], repo_id: str | None = None) -> None:
+    """Write README.md and upcycle.json together; the recipe remembers which card it generated."""
+    text = str(build_card(recipe, recipe.get("name") or Path(folder).name, repo_id))
+    recipe = recipe | {"card_sha256": _sha(text)}
+    _atomic_write(Path(folder) / CARD, text)
+    _atomic_write(Path(folder) / RECIPE, json.dumps(recipe, indent=2) + "\n")
+
+
+def read_recipe(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / RECIPE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def card_is_generated(folder: Path, recipe: dict[str, Any]) -> bool:
+    card = Path(folder) / CARD
+    return card.is_file() and recipe.get("card_sha256") == _sha(card.read_text())
+
+
+def update_recipe(folder: Path, repo_id: str | None = None, **fields: Any) -> bool:
+    """Add fields to upcycle.json and re-render the card if it was not edited. Returns True if it was."""
+    recipe = read_recipe(folder)
+    if recipe is None:
+        return False
+    regenerate = card_is_generated(folder, recipe)
+    recipe |= fields
+    if regenerate:
+        write_card_and_recipe(folder, recipe, repo_id or recipe.get("hub_repo"))
+    else:
+        _atomic_write(Path(folder) / RECIPE, json.dumps(recipe, indent=2) + "\n")
+    return regenerate

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .card import build_card, source_license
+from .card import source_license, write_card_and_recipe
 from .errors import UpcycleError
 from .outdir import check_target, staged_folder
 from .plan import ST_TO_TORCH, Plan, TensorOp, make_plan
@@ -41,6 +40,7 @@ class ConvertResult:
     plan: Plan
     source: SourceRef
     recipe: dict[str, Any] | None
+    pushed: Any = None  # hub.PushResult when --push-to-hub was given
 
 
 def _version() -> str:
@@ -84,11 +84,17 @@ def convert(
     dry_run: bool = False,
     command: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> ConvertResult:
     """Convert the dense model SRC into an MoE at OUT. `progress(done_bytes, total_bytes)` is called as it goes."""
     out = Path(out)
     if not dry_run:
         check_target(out, force)  # fail before any download or heavy work
+        if push_to_hub:
+            from .hub import require_token
+
+            require_token()
     source = resolve(src, spec.revision)
     ckpt, plan = plan_for(source, spec)
     if dry_run:
@@ -99,9 +105,13 @@ def convert(
         write_config(plan, tmp)
         copy_side_files(source.folder, tmp, plan)
         recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command or _command(src, out, spec))
-        (tmp / "upcycle.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        build_card(recipe, out.name).save(tmp / "README.md")
-    return ConvertResult(out=out, plan=plan, source=source, recipe=recipe)
+        write_card_and_recipe(tmp, recipe | {"name": out.name})
+    pushed = None
+    if push_to_hub:
+        from .hub import push
+
+        pushed = push(out, push_to_hub, private=private)
+    return ConvertResult(out=out, plan=plan, source=source, recipe=recipe, pushed=pushed)
 
 
 # --- weights -------------------------------------------------------------------------------------------

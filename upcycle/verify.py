@@ -102,7 +102,9 @@ def verify(
     dtype: str = "float32",
     atol: float = 1e-3,
     min_agreement: float = 0.999,
+    record: bool = False,
 ) -> VerifyReport:
+    """Compare logits; with `record`, store the report in MOE's upcycle.json and model card (local folders)."""
     import torch
 
     if dtype not in DTYPES:
@@ -122,7 +124,7 @@ def verify(
         a = dense_model(input_ids=ids).logits
         b = moe_model(input_ids=ids).logits
     max_abs, kl, agree = compare_logits(a, b)
-    return VerifyReport(
+    report = VerifyReport(
         dense=dense,
         moe=moe,
         moe_class=type(moe_model).__name__,
@@ -137,3 +139,8 @@ def verify(
         missing_keys=tuple(sorted(info.get("missing_keys", ()))),
         unexpected_keys=tuple(sorted(info.get("unexpected_keys", ()))),
     )
+    if record and Path(moe).is_dir():
+        from .card import update_recipe
+
+        update_recipe(Path(moe), verify=report.to_dict())
+    return report
