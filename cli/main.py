@@ -130,7 +130,8 @@ def convert(
     if dry_run:
         result = run_convert(src, out_dir, spec, dry_run=True)
         _print_plan(result.plan, title=f"Plan (dry run, nothing written): {src} -> {out_dir}")
-        _emit_json(result.plan.summary(), json_out)
+        _gguf_note(result.source)
+        _emit_json(result.plan.summary() | {"config": result.plan.config, "ops": result.plan.op_table()}, json_out)
         return
     with _byte_progress("converting") as progress:
         result = run_convert(
@@ -144,6 +145,7 @@ def convert(
             private=private,
         )
     _print_plan(result.plan, title=f"Wrote {out_dir}")
+    _gguf_note(result.source)
     if result.pushed is not None:
         out.print(f"Pushed {len(result.pushed.files)} files to {result.pushed.repo_id}: {result.pushed.url}")
     _emit_json(result.recipe["plan"] if result.recipe else result.plan.summary(), json_out)
@@ -163,6 +165,23 @@ def _byte_progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def _short(path: Path) -> str:
+    """A path as a person would type it: ~ for the home folder."""
+    home, text = str(Path.home()), str(path)
+    return "~" + text[len(home) :] if text.startswith(home + "/") else text
+
+
+def _gguf_note(source) -> None:
+    if source.kind == "gguf":
+        err.print(
+            f"note: the GGUF source was loaded whole through transformers and dequantized to float32, "
+            f"not streamed (cached in {_short(source.folder)})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def _print_plan(plan, title: str) -> None:
     from upcycle.card import human_bytes
 
@@ -175,10 +194,15 @@ def _print_plan(plan, title: str) -> None:
     table.add_row("MoE layers", f"{len(moe)} of {plan.num_layers}: {placement}")
     table.add_row("experts / top-k", f"{plan.experts} / {plan.top_k}")
     table.add_row("exact at init", "yes" if plan.exact else "no")
-    kinds: dict[str, int] = {}
+    kinds: dict[str, list[int]] = {}
     for op in plan.ops:
-        kinds[op.kind] = kinds.get(op.kind, 0) + 1
-    table.add_row("tensors written", f"{len(plan.ops)} (" + ", ".join(f"{v} {k}" for k, v in kinds.items()) + ")")
+        count_bytes = kinds.setdefault(op.kind, [0, 0])
+        count_bytes[0] += 1
+        count_bytes[1] += op.nbytes
+    table.add_row(
+        "tensors written",
+        f"{len(plan.ops)}: " + ", ".join(f"{n} {kind} ({human_bytes(b)})" for kind, (n, b) in kinds.items()),
+    )
     table.add_row(
         "parameters",
         f"{_fmt_count(plan.dense_params)} dense -> {_fmt_count(plan.total_params)} total, "

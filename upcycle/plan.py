@@ -78,6 +78,13 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(op.nbytes for op in self.ops)
 
+    def op_table(self) -> list[dict[str, Any]]:
+        """Every tensor written, in order: name, shape, dtype, kind and source tensor."""
+        return [
+            {"name": op.name, "shape": list(op.shape), "dtype": op.dtype, "kind": op.kind, "src": op.src}
+            for op in self.ops
+        ]
+
     def summary(self) -> dict[str, Any]:
         return {
             "family": self.family,
