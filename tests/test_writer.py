@@ -63,3 +63,20 @@ def test_writer_roundtrip_from_buffers_and_file_ranges(tmp_path):
         assert ((out / shard).read_bytes()[:8] != b"") and int.from_bytes(
             (out / shard).read_bytes()[:8], "little"
         ) % 8 == 0
+
+
+def test_copy_without_copy_file_range(tmp_path, monkeypatch):
+    """The portable path (macOS has no copy_file_range) gives the same bytes."""
+    import os
+
+    from upcycle.writer import copy_range
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 1000)
+    monkeypatch.delattr(os, "copy_file_range")
+    fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        copy_range(src, 1000, 50_000, fd)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "dst.bin").read_bytes() == src.read_bytes()[1000:51_000]

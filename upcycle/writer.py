@@ -65,23 +65,30 @@ def _header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
 
 
 def copy_range(src: Path, offset: int, length: int, dst_fd: int) -> None:
-    """Append `length` bytes of `src` from `offset` to the file open at dst_fd."""
+    """Append `length` bytes of `src` from `offset` to the file open at dst_fd.
+
+    On Linux the kernel copies (copy_file_range: no trip through Python memory, reflinks where the file
+    system has them); elsewhere, or where the file system refuses, plain reads and writes in 16 MiB pieces.
+    """
+    truncated = f"{src} ended early while copying; the file is truncated"
     src_fd = os.open(src, os.O_RDONLY)
     try:
         done = 0
-        try:
-            while done < length:
-                n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
-                if n == 0:
-                    raise UpcycleError(f"{src} ended early while copying; the file is truncated")
-                done += n
-        except OSError:  # file systems without copy_file_range: plain reads and writes
-            while done < length:
-                chunk = os.pread(src_fd, min(16 << 20, length - done), offset + done)
-                if not chunk:
-                    raise UpcycleError(f"{src} ended early while copying; the file is truncated") from None
-                _write_all(dst_fd, chunk)
-                done += len(chunk)
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < length:
+                    n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
+                    if n == 0:
+                        raise UpcycleError(truncated)
+                    done += n
+            except OSError:
+                pass  # e.g. EXDEV or EINVAL on some file systems: finish below
+        while done < length:
+            chunk = os.pread(src_fd, min(16 << 20, length - done), offset + done)
+            if not chunk:
+                raise UpcycleError(truncated)
+            _write_all(dst_fd, chunk)
+            done += len(chunk)
     finally:
         os.close(src_fd)
 
