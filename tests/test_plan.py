@@ -185,3 +185,17 @@ def test_recipe_then_flags(tmp_path):
     recipe.write_text("expert: 16\n")
     with pytest.raises(UpcycleError, match="unknown key 'expert'"):
         build_spec(load_recipe(recipe))
+
+
+def test_architecture_tables_are_consistent():
+    from upcycle.arch import FFN_ROLES, families, targets
+
+    assert set(families()) == {"llama", "mistral", "qwen2", "qwen3"}
+    for fam in families().values():
+        assert set(fam.ffn) == set(FFN_ROLES) and all("{layer}" in t for t in fam.ffn.values())
+        assert set(fam.auto_target.values()) <= set(fam.targets) <= set(targets())
+    for tgt in targets().values():
+        assert set(tgt.expert) == set(FFN_ROLES)
+        assert all("{layer}" in t and "{expert}" in t for t in tgt.expert.values())
+        assert {"experts", "top_k", "expert_size"} <= set(tgt.config)
+        assert tgt.interleave == ("dense_layers" in tgt.config)

@@ -9,7 +9,7 @@ which model type it is looking at.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -47,51 +47,32 @@ class Target:
     extra: tuple[dict[str, Any], ...]  # zero tensors the class expects in every MoE layer
 
 
-def _load(kind: str) -> dict[str, dict[str, Any]]:
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _load(kind: str, cls: type) -> dict[str, Any]:
+    """Every JSON table in upcycle/<kind>/, as frozen `cls` records keyed by name (keys are the field names)."""
     tables = {}
     for entry in sorted(files("upcycle").joinpath(kind).iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".json"):
             data = json.loads(entry.read_text())
-            tables[data["name"]] = data
+            known = {f.name for f in fields(cls)}
+            unknown = set(data) - known
+            if unknown:
+                raise ValueError(f"{kind}/{entry.name}: unknown keys {sorted(unknown)}")
+            tables[data["name"]] = cls(**{k: _freeze(v) for k, v in data.items()})
     return tables
 
 
 @cache
 def families() -> dict[str, Family]:
-    out = {}
-    for name, d in _load("families").items():
-        out[name] = Family(
-            name=name,
-            model_types=tuple(d["model_types"]),
-            ffn=d["ffn"],
-            ignore=tuple(d.get("ignore", ())),
-            attention=d["attention"],
-            require=d.get("require", {}),
-            copy_config=tuple(d["copy_config"]),
-            targets=d["targets"],
-            auto_target=d["auto_target"],
-        )
-    return out
+    return _load("families", Family)
 
 
 @cache
 def targets() -> dict[str, Target]:
-    out = {}
-    for name, d in _load("targets").items():
-        out[name] = Target(
-            name=name,
-            model_type=d["model_type"],
-            architecture=d["architecture"],
-            interleave=d["interleave"],
-            attention=d["attention"],
-            renormalize=d["renormalize"],
-            config=d["config"],
-            set=d["set"],
-            router=d["router"],
-            expert=d["expert"],
-            extra=tuple(d["extra"]),
-        )
-    return out
+    return _load("targets", Target)
 
 
 def supported_families() -> str:
