@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,6 +89,7 @@ def convert(
 ) -> ConvertResult:
     """Convert the dense model SRC into an MoE at OUT. `progress(done_bytes, total_bytes)` is called as it goes."""
     out = Path(out)
+    max_shard = shard_size(spec.max_shard_size)
     if not dry_run:
         check_target(out, force)  # fail before any download or heavy work
         if push_to_hub:
@@ -99,13 +100,16 @@ def convert(
     ckpt, plan = plan_for(source, spec)
     if dry_run:
         return ConvertResult(out=None, plan=plan, source=source, recipe=None)
-    with ThreadPoolExecutor(max_workers=1) as pool, staged_folder(out, force) as tmp:
-        hashes = pool.submit(lambda: {p.name: file_sha256(p) for p in ckpt.files})  # overlaps the copying
-        write_weights(ckpt, plan, spec, tmp, progress)
-        write_config(plan, tmp)
-        copy_side_files(source.folder, tmp, plan)
-        recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command or _command(src, out, spec))
-        write_card_and_recipe(tmp, recipe | {"name": out.name})
+    hashes = BackgroundHashes(ckpt.files)  # overlaps the copying; stopped at once if the conversion fails
+    try:
+        with staged_folder(out, force) as tmp:
+            write_weights(ckpt, plan, spec, tmp, max_shard, progress)
+            write_config(plan, tmp)
+            copy_side_files(source.folder, tmp, plan)
+            recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command or _command(src, out, spec))
+            write_card_and_recipe(tmp, recipe | {"name": out.name})
+    finally:
+        hashes.cancel()
     pushed = None
     if push_to_hub:
         from .hub import push
@@ -117,19 +121,56 @@ def convert(
 # --- weights -------------------------------------------------------------------------------------------
 
 
+def shard_size(text: str) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(text)
+    except (ValueError, TypeError):
+        size = 0
+    if not isinstance(size, int) or size <= 0:
+        raise UpcycleError(f"--max-shard-size {text!r} is not a size such as 5GB or 500MB")
+    return size
+
+
+class BackgroundHashes:
+    """SHA-256 of the source files, computed in a daemon thread while the weights are copied."""
+
+    def __init__(self, paths: list[Path]):
+        self._stop = threading.Event()
+        self._done: dict[str, str] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(list(paths),), daemon=True)
+        self._thread.start()
+
+    def _run(self, paths: list[Path]) -> None:
+        try:
+            for p in paths:
+                digest = file_sha256(p, stop=self._stop)
+                if digest is None:
+                    return
+                self._done[p.name] = digest
+        except BaseException as exc:  # reported by result()
+            self._error = exc
+
+    def result(self) -> dict[str, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return dict(self._done)
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
 def write_weights(
     ckpt: Checkpoint,
     plan: Plan,
     spec: ConvertSpec,
     folder: Path,
+    max_shard: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        max_shard = convert_file_size_to_int(spec.max_shard_size)
-    except (ValueError, TypeError):
-        raise UpcycleError(f"--max-shard-size {spec.max_shard_size!r} is not a size such as 5GB or 500MB") from None
     entries = [Entry(op.name, op.dtype, op.shape, op.nbytes) for op in plan.ops]
     writer = ShardedWriter(folder, entries, max_shard, {"format": "pt"})
     reader = _Reader(ckpt)

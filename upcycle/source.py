@@ -13,6 +13,7 @@ import json
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,14 +160,18 @@ def _hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file; free for Hub cache files, whose blob name already is the hash."""
+def file_sha256(path: Path, stop: threading.Event | None = None) -> str | None:
+    """SHA-256 of a file; free for Hub cache files, whose blob name already is the hash.
+
+    Returns None if `stop` is set before it is done."""
     real = path.resolve()
     if real != path.absolute() and re.fullmatch(r"[0-9a-f]{64}", real.name) and real.parent.name == "blobs":
         return real.name
     digest = hashlib.sha256()
     with open(real, "rb") as fh:
         while chunk := fh.read(8 << 20):
+            if stop is not None and stop.is_set():
+                return None
             digest.update(chunk)
     return digest.hexdigest()
 
