@@ -242,3 +242,35 @@ print(json.dumps(res))
         cls, diff = res[str(out)]
         assert cls == ("Qwen3MoeForCausalLM" if family == "qwen3" else "Qwen2MoeForCausalLM")
         assert diff <= 1e-5
+
+
+def test_cast_in_small_pieces_is_exact(tmp_path, monkeypatch):
+    """Casting streams through a small buffer; piece boundaries (mid-row) change nothing."""
+    from safetensors.torch import save_file
+
+    import upcycle.convert as conv
+    from upcycle.source import read_header
+
+    t = torch.randn(37, 11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    save_file({"w": t, "v": torch.randn(5)}, tmp_path / "x.safetensors")
+    info = {i.name: i for i in read_header(tmp_path / "x.safetensors")}["w"]
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 52)  # 13 float32 values: pieces cut rows in the middle
+    pieces = [bytes(p) for p in conv.cast_chunks(info, "F32")]
+    assert len(pieces) > 10
+    got = torch.frombuffer(bytearray(b"".join(pieces)), dtype=torch.float32).reshape(37, 11)
+    assert torch.equal(got, t.float())
+
+
+def test_output_has_the_usual_permissions(dense_store, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "moe"
+        convert(str(dense_store("llama")), out, build_spec(experts=2))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for name in ("README.md", "upcycle.json", "config.json", "model.safetensors.index.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name

@@ -18,6 +18,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .outdir import current_umask
+
 RECIPE = "upcycle.json"
 CARD = "README.md"
 SHARED_TEXT = {"qwen2_moe": "none (Qwen2-MoE's always-on shared expert is written with size 0, so it adds nothing)"}
@@ -113,6 +115,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; keep the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

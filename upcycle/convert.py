@@ -13,9 +13,9 @@ from typing import Any
 from .card import source_license, write_card_and_recipe
 from .errors import UpcycleError
 from .outdir import check_target, staged_folder
-from .plan import ST_TO_TORCH, Plan, TensorOp, make_plan
+from .plan import ST_TO_TORCH, Plan, make_plan
 from .router import init_router
-from .source import Checkpoint, SourceRef, file_sha256, read_config, resolve
+from .source import DTYPE_BYTES, Checkpoint, SourceRef, TensorInfo, file_sha256, read_config, resolve
 from .spec import ConvertSpec
 from .writer import Entry, Placed, ShardedWriter
 
@@ -31,7 +31,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20  # large enough to amortise Python, small enough for fast writes
 
 
 @dataclass(frozen=True)
@@ -173,22 +173,22 @@ def write_weights(
 ) -> None:
     entries = [Entry(op.name, op.dtype, op.shape, op.nbytes) for op in plan.ops]
     writer = ShardedWriter(folder, entries, max_shard, {"format": "pt"})
-    reader = _Reader(ckpt)
     seen: dict[tuple, Placed] = {}  # identical expert tensors already on disk: copy those bytes again
     total, done = plan.total_bytes, 0
     try:
         for op in plan.ops:
             key = (op.src, op.transform, op.dtype)
-            if op.kind == "expert" and key in seen:
+            if op.kind in ("copy", "expert") and op.transform is not None:
+                raise RuntimeError(f"{op.name}: transform {op.transform!r} has no executor yet")
+            if op.kind == "expert" and key in seen:  # the same bytes are already in the output: copy them
                 place = seen[key]
                 writer.put_range(op.name, place.path, place.offset, place.nbytes)
-            elif op.kind in ("copy", "expert") and op.transform is None and ckpt.tensors[op.src].dtype == op.dtype:
-                info = ckpt.tensors[op.src]
-                placed = writer.put_range(op.name, info.file, info.offset, info.nbytes)
-                if op.kind == "expert":
-                    seen[key] = placed
             elif op.kind in ("copy", "expert"):
-                placed = writer.put(op.name, reader.converted(op))
+                info = ckpt.tensors[op.src]
+                if info.dtype == op.dtype:
+                    placed = writer.put_range(op.name, info.file, info.offset, info.nbytes)
+                else:
+                    placed = writer.put(op.name, cast_chunks(info, op.dtype))
                 if op.kind == "expert":
                     seen[key] = placed
             elif op.kind == "router":
@@ -226,26 +226,33 @@ def _as_bytes(t) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
-class _Reader:
-    """Reads source tensors in row chunks and casts them, so memory stays bounded."""
+def cast_chunks(info: TensorInfo, dtype: str) -> Iterator[memoryview]:
+    """The bytes of a source tensor cast to `dtype`, read in pieces of at most CHUNK_BYTES (in or out).
 
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
+    Reads go through a reused buffer with plain file reads, not through a memory map, so memory stays at
+    a few chunks whatever the tensor's size (a mapped 1 GB embedding would stay resident until done).
+    """
+    import torch
 
-    def converted(self, op: TensorOp) -> Iterator[memoryview]:
-        from safetensors import safe_open
-
-        info = self.ckpt.tensors[op.src]
-        dtype = _torch_dtype(op.dtype)
-        with safe_open(info.file, framework="pt") as fh:
-            sl = fh.get_slice(op.src)
-            if not info.shape:
-                yield _as_bytes(sl[...].to(dtype))
-                return
-            row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
-            step = max(1, CHUNK_BYTES // row_bytes)
-            for start in range(0, info.shape[0], step):
-                yield _as_bytes(sl[start : start + step].to(dtype))
+    src_dtype, dst_dtype = _torch_dtype(info.dtype), _torch_dtype(dtype)
+    numel = info.nbytes // DTYPE_BYTES[info.dtype]
+    if numel == 0:
+        return
+    per_item = max(DTYPE_BYTES[info.dtype], DTYPE_BYTES[dtype])
+    step = max(1, CHUNK_BYTES // per_item)  # elements per piece; row boundaries do not matter for a cast
+    buf = bytearray(min(numel, step) * DTYPE_BYTES[info.dtype])
+    with open(info.file, "rb", buffering=0) as fh:
+        for start in range(0, numel, step):
+            count = min(step, numel - start)
+            view = memoryview(buf)[: count * DTYPE_BYTES[info.dtype]]
+            fh.seek(info.offset + start * DTYPE_BYTES[info.dtype])
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise UpcycleError(f"{info.file} ended early while reading {info.name}; the file is truncated")
+                got += n
+            yield _as_bytes(torch.frombuffer(view, dtype=src_dtype).to(dst_dtype))
 
 
 # --- config, tokenizer, recipe ---------------------------------------------------------------------------

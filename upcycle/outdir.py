@@ -19,6 +19,12 @@ def check_target(out: Path, force: bool) -> None:
         raise UpcycleError(f"the folder {out.parent} does not exist; create it first")
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed."""
@@ -26,6 +32,7 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     check_target(out, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; OUT gets the usual mode
         yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

@@ -93,10 +93,13 @@ def copy_range(src: Path, offset: int, length: int, dst_fd: int) -> None:
         os.close(src_fd)
 
 
+WRITE_SLICE = 8 << 20  # single writes much larger than this are measurably slower (benchmarks/README.md)
+
+
 def _write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
     while view:
-        n = os.write(fd, view)
+        n = os.write(fd, view[:WRITE_SLICE])
         view = view[n:]
 
 
