@@ -18,10 +18,12 @@ Results go to stdout as a markdown table and to a JSON file under benchmarks/res
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -87,7 +89,7 @@ MODELS: dict[str, ModelShape] = {
     "0.5b": ModelShape(hidden=1024, intermediate=4096, layers=28, heads=16, kv_heads=8),  # 506M
     "1b": ModelShape(hidden=2048, intermediate=8192, layers=16, heads=16, kv_heads=8),  # 1.14B
     # Few layers, a 1 GB embedding and head: the largest single tensors, for the casting path (e8k2-f32).
-    "wide-vocab": ModelShape(hidden=2048, intermediate=2048, layers=2, heads=16, kv_heads=8, vocab=256000),  # 1.08B
+    "wide-vocab": ModelShape(hidden=2048, intermediate=2048, layers=2, heads=16, kv_heads=8, vocab=256000),  # 1.10B
 }
 CONFIGS: dict[str, list[str]] = {
     "e8k2": ["--experts", "8", "--top-k", "2"],  # every layer MoE -> Mixtral
@@ -335,6 +337,38 @@ def disk_of(path: Path) -> dict[str, Any]:
     }
 
 
+def code_state() -> dict[str, Any]:
+    """Which upcycle was measured: git commit, whether the tree is dirty, and a hash of the package sources."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("upcycle")
+    if spec is None or spec.origin is None:
+        return {"found": False}
+    pkg = Path(spec.origin).parent
+    digest = hashlib.sha256()
+    for folder in (pkg, pkg.parent / "cli"):
+        for file in sorted(folder.rglob("*")):
+            if file.is_file() and file.suffix in (".py", ".json", ".md"):
+                digest.update(str(file.relative_to(pkg.parent)).encode() + b"\0" + file.read_bytes() + b"\0")
+    commit = _git(pkg.parent, "rev-parse", "HEAD")
+    status = _git(pkg.parent, "status", "--porcelain", "--", "upcycle", "cli")
+    return {
+        "path": str(pkg),
+        "sources_sha256": digest.hexdigest(),
+        "git_commit": commit or None,
+        "git_dirty": bool(status) if commit else None,
+    }
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    """stdout of a git command in repo, or None when git or the repository is missing."""
+    try:
+        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def machine(work: Path) -> dict[str, Any]:
     cp = subprocess.run(["cp", "--version"], capture_output=True, text=True).stdout.splitlines()
     return {
@@ -458,7 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def upcycle_command(given: str | None) -> list[str]:
     if given:
-        return given.split()
+        return shlex.split(given)
     beside = Path(sys.executable).parent / "upcycle"
     found = str(beside) if beside.is_file() else shutil.which("upcycle")
     if not found:
@@ -480,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     if free < need * 1.1:
         raise SystemExit("not enough free space; pass --work on a larger disk or use smaller --models")
 
+    code_before = code_state()
     results: list[dict[str, Any]] = []
     for model in args.models:
         shape = MODELS[model]
@@ -506,10 +541,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.remove_dense:
             shutil.rmtree(dense, ignore_errors=True)
 
+    code = code_state()
+    code["changed_during_run"] = code["sources_sha256"] != code_before.get("sources_sha256")
     report = {
         "benchmark": "upcycle convert vs cp -r",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(work),
+        "upcycle_code": code,
         "work": str(work),
         "repeats": args.repeats,
         "notes": [
@@ -518,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             "convert s and cp -r s are the child's wall time; +sync s is a following os.sync(), which "
             "flushes what the child left dirty in the page cache.",
             "peak RSS is ru_maxrss of that one child (os.wait4 in a small helper process, so the benchmark's "
-            "own memory is not inherited).",
+            "own memory is not inherited; the helper's ~11 MiB is, which is all cp -r shows).",
             "dry_run is `upcycle convert --dry-run`: imports, header reading and planning, no weights written.",
         ],
         "results": results,
@@ -532,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nBest of {args.repeats} (smallest times, largest peak RSS):\n")
     print(summary_table(report["summary"]))
     print(f"\nresults written to {path}")
+    if code["changed_during_run"]:
+        print("warning: the upcycle sources changed during the run; the runs measured different code")
     return 0
 
 
