@@ -251,3 +251,26 @@ def test_convert_push_to_hub_without_token_fails_before_writing(dense_store, tmp
     out = tmp_path / "never"
     code, _, err = _run(capsys, ["convert", dense_store("llama"), out, "--push-to-hub", "me/x"])
     assert code == 2 and "hf auth login" in err and not out.exists()
+
+
+def test_card_after_training_record(moe):
+    """What `upcycle train` will add to upcycle.json shows in the card and its metadata."""
+    from upcycle.card import update_recipe
+
+    training = {
+        "datasets": ["debian/jargon-text"],
+        "steps": 30,
+        "tokens": 122880,
+        "seq_len": 256,
+        "recipe": {"lr": 1e-4, "aux_loss_coef": 0.01, "z_loss_coef": 0.001},
+        "final_eval": {"loss": 3.2109, "perplexity": 24.8},
+        "expert_load": [{"layer": 1, "cv": 0.12, "max": 0.31, "min": 0.19}],
+        "command": "upcycle train tiny-moe --data jargon.txt --out run --steps 30",
+    }
+    assert update_recipe(moe, training=training)  # the card was generated, so it is rendered again
+    card = ModelCard.load(moe / "README.md")
+    assert card.data.datasets == ["debian/jargon-text"]
+    text = card.text
+    assert "## Training" in text and "30 steps, 122880 tokens" in text
+    assert "loss 3.2109, perplexity 24.80" in text and "| 1 | 0.120 | 0.310 / 0.190 |" in text
+    assert "upcycle train tiny-moe" in text and "The router is untrained" not in text

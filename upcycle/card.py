@@ -1,5 +1,9 @@
 """The model card (README.md) of a converted model, built with huggingface_hub's ModelCard.
 
+Training adds a `training` record to upcycle.json (`update_recipe(folder, training={...})`) with keys
+`datasets` (list), `steps`, `tokens`, `seq_len`, `recipe` (option -> value), `final_eval` ({loss,
+perplexity}), `expert_load` (rows of {layer, cv, max, min}) and `command`; the card then shows them.
+
 The card is rendered from `upcycle.json`, so it can be rendered again when something is added to the
 recipe (a verify result, the Hub repo it is pushed to). It is re-rendered only while it is exactly what
 upcycle wrote: `upcycle.json` keeps the SHA-256 of the card it generated, and a card edited by hand is
@@ -105,6 +109,7 @@ def build_card(recipe: dict[str, Any], name: str, repo_id: str | None = None) ->
         size_text=human_bytes(plan["bytes"]),
         exact=plan["exact_at_init"],
         verify=recipe.get("verify"),
+        training=recipe.get("training"),
         repo_hint=repo_id or name,
         command=recipe["command"],
     )
