@@ -353,8 +353,9 @@ def push(
         include_checkpoints=include_checkpoints,
         dry_run=dry_run,
     )
-    verb = "Would upload" if dry_run else "Uploaded"
-    table = Table(title=f"{verb} {result.folder} -> {repo_id}", title_justify="left")
+    verb = "Would upload (dry run, nothing sent)" if dry_run else "Uploaded"
+    out.print(f"{verb}: {result.folder} -> {repo_id}", markup=False, highlight=False)
+    table = Table()
     table.add_column("file")
     table.add_column("size", justify="right")
     for path, size in result.files:
