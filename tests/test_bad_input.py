@@ -422,3 +422,21 @@ def test_inspect_missing_path(capsys, tmp_path):
 
 def test_no_arguments_at_all(capsys, out):
     expect_error(capsys, ["convert"], "SRC")
+
+
+def test_out_that_would_delete_the_source(capsys, dense):
+    src = dense("llama")
+    before = sorted(p.name for p in src.iterdir())
+    expect_error(capsys, ["convert", src, src, "--force"], "delete the source")
+    expect_error(capsys, ["convert", src / "config.json", src, "--force"], "")  # a file is not a source
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_not_enough_disk(capsys, monkeypatch, dense_store, out):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    expect_error(capsys, ["convert", dense_store("llama"), out], "GB free")
+    assert_clean(out)

@@ -100,6 +100,7 @@ def convert(
     ckpt, plan = plan_for(source, spec)
     if dry_run:
         return ConvertResult(out=None, plan=plan, source=source, recipe=None)
+    check_room(source, out, plan)
     hashes = BackgroundHashes(ckpt.files)  # overlaps the copying; stopped at once if the conversion fails
     try:
         with staged_folder(out, force) as tmp:
@@ -119,6 +120,20 @@ def convert(
 
 
 # --- weights -------------------------------------------------------------------------------------------
+
+
+def check_room(source: SourceRef, out: Path, plan: Plan) -> None:
+    """Refuse an OUT that would replace or contain the source, or that the disk cannot hold."""
+    src, dst = source.folder.resolve(), out.resolve()
+    if src == dst or dst in src.parents:
+        raise UpcycleError(f"{out} holds the source model; replacing it would delete the source. Choose another OUT")
+    free = shutil.disk_usage(dst.parent).free
+    need = plan.total_bytes + (64 << 20)  # weights plus room for the side files
+    if free < need:
+        raise UpcycleError(
+            f"{dst.parent} has {free / 1e9:.2f} GB free, but the MoE needs {need / 1e9:.2f} GB; "
+            "free some space or choose another OUT"
+        )
 
 
 def shard_size(text: str) -> int:
