@@ -8,6 +8,7 @@ a 70B model costs nothing and `--dry-run` shows exactly what a conversion would 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,28 +212,9 @@ def make_plan(cfg: dict[str, Any], tensors: dict[str, TensorInfo], spec: Convert
     num_layers = int(cfg["num_hidden_layers"])
     moe = moe_layer_indices(num_layers, spec)
     target = choose_target(family, spec, all_layers=len(moe) == num_layers)
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    intermediate = int(cfg["intermediate_size"])
-
-    # Every FFN tensor must be there, with the shape the config says.
-    expected_shape = {
-        "gate": (intermediate, hidden),
-        "up": (intermediate, hidden),
-        "down": (hidden, intermediate),
-    }
-    ffn_keys: dict[str, tuple[int, str]] = {}
-    for layer in range(num_layers):
-        for role in FFN_ROLES:
-            key = family.ffn[role].format(layer=layer)
-            info = tensors.get(key)
-            if info is None:
-                raise UpcycleError(f"the checkpoint has no tensor {key}; it is incomplete or not a {family.name} model")
-            if info.shape != expected_shape[role]:
-                raise UpcycleError(
-                    f"{key} has shape {list(info.shape)}, but the config implies {list(expected_shape[role])}; "
-                    "config.json and the weights disagree"
-                )
-            ffn_keys[key] = (layer, role)
+    ffn = ffn_index(family, cfg, tensors)
+    ignore = [re.compile(re.escape(p).replace(r"\{layer\}", r"\d+") + "$") for p in family.ignore]
+    kept = {name: info for name, info in tensors.items() if not any(p.match(name) for p in ignore)}
 
     def out_dtype(src_dtype: str) -> str:
         if spec.dtype == "auto" or src_dtype not in FLOAT_DTYPES:
@@ -240,43 +222,84 @@ def make_plan(cfg: dict[str, Any], tensors: dict[str, TensorInfo], spec: Convert
         return TORCH_TO_ST[spec.dtype]
 
     model_dtype = out_dtype(tensors[family.ffn["gate"].format(layer=0)].dtype)
-    ignore = [re.compile(re.escape(p).replace(r"\{layer\}", r"\d+") + "$") for p in family.ignore]
+    ops = tensor_ops(family, target, kept, ffn, moe, spec, out_dtype, model_dtype, hidden=int(cfg["hidden_size"]))
+    return Plan(
+        family=family.name,
+        target=target.name,
+        architecture=target.architecture,
+        num_layers=num_layers,
+        moe_layers=moe,
+        experts=spec.experts,
+        top_k=spec.top_k,
+        config=target_config(family, target, cfg, spec, moe, model_dtype),
+        ops=tuple(ops),
+        exact=spec.init in expert_methods.EXACT,
+        dense_params=sum(_numel(t.shape) for t in kept.values()),
+    )
+
+
+def ffn_index(family: Family, cfg: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, tuple[int, str]]:
+    """FFN key -> (layer, role), after checking that every FFN tensor is there with the shape the config says."""
+    hidden, intermediate = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    expected = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
+    index: dict[str, tuple[int, str]] = {}
+    for layer in range(int(cfg["num_hidden_layers"])):
+        for role in FFN_ROLES:
+            key = family.ffn[role].format(layer=layer)
+            info = tensors.get(key)
+            if info is None:
+                raise UpcycleError(f"the checkpoint has no tensor {key}; it is incomplete or not a {family.name} model")
+            if info.shape != expected[role]:
+                raise UpcycleError(
+                    f"{key} has shape {list(info.shape)}, but the config implies {list(expected[role])}; "
+                    "config.json and the weights disagree"
+                )
+            index[key] = (layer, role)
+    return index
+
+
+def tensor_ops(
+    family: Family,
+    target: Target,
+    tensors: dict[str, TensorInfo],
+    ffn: dict[str, tuple[int, str]],
+    moe: tuple[int, ...],
+    spec: ConvertSpec,
+    out_dtype: Callable[[str], str],
+    model_dtype: str,
+    hidden: int,
+) -> list[TensorOp]:
+    """Every tensor written, in streaming order: embeddings, then layer by layer, then the final norm and head.
+
+    Within an MoE layer the router and the target's fixed extras take the FFN's place, and the experts close
+    the layer, expert by expert, so that one expert's tensors sit together on disk.
+    """
     make_expert = expert_methods.METHODS[spec.init]
     moe_set = set(moe)
-    # Ops are grouped by (section, layer): embeddings, then each layer, then the final norm and head.
-    groups: dict[tuple[int, int], list[TensorOp]] = {}
+    groups: dict[tuple[int, int], list[TensorOp]] = {}  # (section, layer) -> ops
     for name in sorted(tensors, key=_order):
-        if any(p.match(name) for p in ignore):
-            continue
-        info = tensors[name]
         group = groups.setdefault(_order(name)[:2], [])
-        if name in ffn_keys and ffn_keys[name][0] in moe_set:
-            layer, role = ffn_keys[name]
-            if role == "gate":  # stands for the whole FFN: the router and the target's fixed extras
-                group.append(
-                    TensorOp(
-                        target.router.format(layer=layer),
-                        (spec.experts, hidden),
-                        model_dtype,
-                        "router",
-                        layer=layer,
-                    )
-                )
-                for extra in target.extra:
-                    shape = tuple(hidden if d == "hidden_size" else int(d) for d in extra["shape"])
-                    group.append(TensorOp(extra["name"].format(layer=layer), shape, model_dtype, "zeros", layer=layer))
+        if name not in ffn or ffn[name][0] not in moe_set:
+            group.append(TensorOp(name, tensors[name].shape, out_dtype(tensors[name].dtype), "copy", src=name))
             continue
-        group.append(TensorOp(name, info.shape, out_dtype(info.dtype), "copy", src=name))
-    # Experts close their layer, expert by expert, so one expert's tensors sit together on disk.
+        layer, role = ffn[name]
+        if role == "gate":  # the gate tensor stands for the whole FFN
+            group.append(
+                TensorOp(target.router.format(layer=layer), (spec.experts, hidden), model_dtype, "router", layer=layer)
+            )
+            for extra in target.extra:
+                shape = tuple(hidden if d == "hidden_size" else int(d) for d in extra["shape"])
+                group.append(TensorOp(extra["name"].format(layer=layer), shape, model_dtype, "zeros", layer=layer))
     for layer in moe:
-        group = groups.setdefault((1, layer), [])
+        group = groups[(1, layer)]
         for e in range(spec.experts):
             for role in FFN_ROLES:
                 src = family.ffn[role].format(layer=layer)
                 built = make_expert(role, tensors[src].shape, e, spec.experts)
+                name = target.expert[role].format(layer=layer, expert=e)
                 group.append(
                     TensorOp(
-                        target.expert[role].format(layer=layer, expert=e),
+                        name,
                         built.shape,
                         out_dtype(tensors[src].dtype),
                         "expert",
@@ -286,12 +309,17 @@ def make_plan(cfg: dict[str, Any], tensors: dict[str, TensorInfo], spec: Convert
                         transform=built.transform,
                     )
                 )
-    final = [op for key in sorted(groups) for op in groups[key]]
+    return [op for key in sorted(groups) for op in groups[key]]
 
-    types, window = read_attention(family, cfg)
+
+def target_config(
+    family: Family, target: Target, cfg: dict[str, Any], spec: ConvertSpec, moe: tuple[int, ...], model_dtype: str
+) -> dict[str, Any]:
+    """The target class's config: every dense hyperparameter copied explicitly, then the MoE fields."""
+    num_layers, intermediate = int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])
     config: dict[str, Any] = {k: cfg[k] for k in family.copy_config if k in cfg}
-    config["head_dim"] = int(cfg.get("head_dim") or hidden // heads)
-    config.update(write_attention(target, types, window))
+    config["head_dim"] = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+    config.update(write_attention(target, *read_attention(family, cfg)))
     config.update(target.set)
     config.update(family.targets[target.name])
     config[target.config["experts"]] = spec.experts
@@ -299,25 +327,11 @@ def make_plan(cfg: dict[str, Any], tensors: dict[str, TensorInfo], spec: Convert
     config[target.config["expert_size"]] = expert_methods.INTERMEDIATE_SIZE[spec.init](intermediate, spec.experts)
     if target.interleave:
         config[target.config["dense_size"]] = intermediate
-        config[target.config["dense_layers"]] = [i for i in range(num_layers) if i not in moe_set]
+        config[target.config["dense_layers"]] = [i for i in range(num_layers) if i not in set(moe)]
     config["model_type"] = target.model_type
     config["architectures"] = [target.architecture]
     config["dtype"] = ST_TO_TORCH.get(model_dtype, "float32")
-
-    dense_params = sum(_numel(t.shape) for n, t in tensors.items() if not any(p.match(n) for p in ignore))
-    return Plan(
-        family=family.name,
-        target=target.name,
-        architecture=target.architecture,
-        num_layers=num_layers,
-        moe_layers=moe,
-        experts=spec.experts,
-        top_k=spec.top_k,
-        config=config,
-        ops=tuple(final),
-        exact=spec.init in expert_methods.EXACT,
-        dense_params=dense_params,
-    )
+    return config
 
 
 def _numel(shape: tuple[int, ...]) -> int:
