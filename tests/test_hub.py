@@ -75,3 +75,47 @@ def test_hub_revision_and_missing_repo(dense_store, hub_cache, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     ok = convert("tiny-org/tiny-llama", tmp_path / "c", build_spec(revision=COMMIT, experts=2))
     assert ok.source.revision == COMMIT
+
+
+def test_inspect_hub_id_reads_headers_only(dense_store, tmp_path, monkeypatch):
+    """Online, inspect asks the Hub for safetensors headers and config.json: never for the weights."""
+    import huggingface_hub
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata
+    from huggingface_hub.utils import TensorInfo as HubTensorInfo
+
+    from upcycle.source import read_header
+
+    out = tmp_path / "moe"
+    convert(str(dense_store("llama")), out, build_spec(experts=4, every=2))
+    files = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        infos = read_header(shard)
+        base = min(i.offset for i in infos) if infos else 0
+        files[shard.name] = SafetensorsFileMetadata(
+            metadata={},
+            tensors={
+                i.name: HubTensorInfo(
+                    dtype=i.dtype, shape=list(i.shape), data_offsets=(i.offset - base, i.offset - base + i.nbytes)
+                )
+                for i in infos
+            },
+        )
+    weight_map = {name: f for f, m in files.items() for name in m.tensors}
+    meta = SafetensorsRepoMetadata(metadata=None, sharded=True, weight_map=weight_map, files_metadata=files)
+    asked = []
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", lambda repo, revision=None: meta)
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda repo, name, revision=None: asked.append(name) or str(out / name)
+    )
+
+    def no_snapshot(*args, **kwargs):
+        raise AssertionError("inspect must not download the weights")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_snapshot)
+    remote = inspect("tiny-org/remote-moe")
+    local = inspect(str(out))
+    assert asked == ["config.json"]
+    for key in ("kind", "family", "moe_layers", "experts", "top_k", "total_params", "active_params", "bytes"):
+        assert remote[key] == local[key], key
+    assert remote["moe_layers"] == [1, 3] and remote["experts"] == 4

@@ -1,13 +1,20 @@
-"""`upcycle inspect`: what a dense or MoE checkpoint holds, read from its config and headers only."""
+"""`upcycle inspect`: what a dense or MoE checkpoint holds, read from its config and headers only.
+
+For a Hub id it asks the Hub for the safetensors headers (huggingface_hub's get_safetensors_metadata), so
+inspecting a 140 GB model downloads a few kilobytes; in offline mode it reads the local cache.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from .arch import families, target_for_model_type
-from .source import Checkpoint, resolve
+from .errors import UpcycleError
+from .source import EMBEDDED, Checkpoint, TensorInfo, looks_like_repo_id, resolve
 
 EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.")
 FUSED_EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
@@ -21,10 +28,40 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _remote(repo_id: str, revision: str | None) -> tuple[dict[str, Any], dict[str, TensorInfo], int] | None:
+    """Config and tensor index of a Hub repo from its safetensors headers alone (no weights downloaded).
+
+    None when the Hub cannot be asked (offline mode): the local cache is used instead."""
+    from huggingface_hub import constants, get_safetensors_metadata, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision)).read_text())
+        meta = get_safetensors_metadata(repo_id, revision=revision)
+    except RepositoryNotFoundError:
+        raise UpcycleError(f"{repo_id} was not found on the Hub (private? log in with `hf auth login`)") from None
+    except NotASafetensorsRepoError:
+        raise UpcycleError(f"{repo_id} has no safetensors weights on the Hub") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise UpcycleError(f"could not read {repo_id} from the Hub: {str(exc).splitlines()[0]}") from None
+    tensors = {}
+    for filename, file_meta in meta.files_metadata.items():
+        for name, t in file_meta.tensors.items():
+            start, end = t.data_offsets
+            tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), Path(filename), start, end - start)
+    return config, tensors, len(meta.files_metadata)
+
+
 def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
-    source = resolve(path, revision)
-    ckpt = Checkpoint.open(source.folder)
-    cfg = ckpt.config
+    remote = None
+    if not Path(path).expanduser().exists() and path not in EMBEDDED and looks_like_repo_id(path):
+        remote = _remote(path, revision)
+    if remote is None:
+        ckpt = Checkpoint.open(resolve(path, revision).folder)
+        remote = (ckpt.config, ckpt.tensors, len(ckpt.files))
+    cfg, tensors, n_files = remote
     model_type = cfg.get("model_type")
     target = target_for_model_type(model_type)
     dense_family = next((f.name for f in families().values() if model_type in f.model_types), None)
@@ -32,7 +69,7 @@ def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
     per_expert: dict[int, int] = defaultdict(int)  # layer -> parameters of one expert
     experts_seen: dict[int, set[int]] = defaultdict(set)
     total, by_dtype = 0, defaultdict(int)
-    for name, info in ckpt.tensors.items():
+    for name, info in tensors.items():
         n = _numel(info.shape)
         total += n
         by_dtype[info.dtype] += info.nbytes
@@ -65,5 +102,5 @@ def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
         "active_params": active,
         "bytes_by_dtype": dict(sorted(by_dtype.items())),
         "bytes": sum(by_dtype.values()),
-        "files": len(ckpt.files),
+        "files": n_files,
     }

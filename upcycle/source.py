@@ -95,7 +95,7 @@ def resolve(src: str, revision: str | None = None) -> SourceRef:
             gguf_file=gguf,
             license=info["license"],
         )
-    if _looks_like_repo_id(src):
+    if looks_like_repo_id(src):
         return _from_hub(src, revision)
     raise UpcycleError(
         f"{src} does not exist; give a model folder, a .gguf file, a Hub id (org/name) "
@@ -117,7 +117,7 @@ def embedded_gguf(name: str) -> Path:
     return Path(str(found[0].locate()))
 
 
-def _looks_like_repo_id(src: str) -> bool:
+def looks_like_repo_id(src: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", src) is not None and ".." not in src
 
 
