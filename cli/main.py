@@ -274,6 +274,8 @@ def verify(
     )
     out.print(table)
     out.print("PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")
+    if report.recorded:
+        out.print(f"result stored in {moe}: {report.recorded}", markup=False, highlight=False)
     _emit_json(report.to_dict(), json_out)
     if not report.passed:
         raise typer.Exit(1)

@@ -274,3 +274,15 @@ def test_card_after_training_record(moe):
     assert "## Training" in text and "30 steps, 122880 tokens" in text
     assert "loss 3.2109, perplexity 24.80" in text and "| 1 | 0.120 | 0.310 / 0.190 |" in text
     assert "upcycle train tiny-moe" in text and "The router is untrained" not in text
+
+
+def test_verify_on_a_read_only_folder_still_reports(moe, dense_store, monkeypatch):
+    import upcycle.card
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(upcycle.card, "update_recipe", read_only)
+    report = verify(str(dense_store("llama")), str(moe), record=True)
+    assert report.passed and report.recorded == "not recorded (Permission denied)"
+    assert "verify" not in json.loads((moe / "upcycle.json").read_text())

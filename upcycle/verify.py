@@ -27,6 +27,7 @@ class VerifyReport:
     min_agreement: float
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
+    recorded: str | None = None  # where the report was stored in MOE's folder, if it was
 
     @property
     def passed(self) -> bool:
@@ -41,6 +42,7 @@ class VerifyReport:
         d = asdict(self)
         d["missing_keys"], d["unexpected_keys"] = list(self.missing_keys), list(self.unexpected_keys)
         d["passed"] = self.passed
+        d.pop("recorded")
         return d
 
 
@@ -140,7 +142,14 @@ def verify(
         unexpected_keys=tuple(sorted(info.get("unexpected_keys", ()))),
     )
     if record and Path(moe).is_dir():
-        from .card import update_recipe
+        from dataclasses import replace
 
-        update_recipe(Path(moe), verify=report.to_dict())
+        from .card import read_recipe, update_recipe
+
+        if read_recipe(Path(moe)) is not None:
+            try:
+                card = update_recipe(Path(moe), verify=report.to_dict())
+            except OSError as exc:  # a read-only folder: the check itself still stands
+                return replace(report, recorded=f"not recorded ({exc.strerror})")
+            report = replace(report, recorded="upcycle.json and README.md" if card else "upcycle.json")
     return report
