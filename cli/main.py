@@ -182,6 +182,10 @@ def _gguf_note(source) -> None:
         )
 
 
+def _placement(moe: list[int] | tuple[int, ...], num_layers: int) -> str:
+    return f"{len(moe)} of {num_layers}: " + ("all" if len(moe) == num_layers else ", ".join(map(str, moe)))
+
+
 def _print_plan(plan, title: str) -> None:
     from upcycle.card import human_bytes
 
@@ -190,8 +194,7 @@ def _print_plan(plan, title: str) -> None:
     table.add_column()
     moe = plan.moe_layers
     table.add_row("family -> target", f"{plan.family} -> {plan.architecture}")
-    placement = "all" if len(moe) == plan.num_layers else ", ".join(map(str, moe))
-    table.add_row("MoE layers", f"{len(moe)} of {plan.num_layers}: {placement}")
+    table.add_row("MoE layers", _placement(moe, plan.num_layers))
     table.add_row("experts / top-k", f"{plan.experts} / {plan.top_k}")
     table.add_row("exact at init", "yes" if plan.exact else "no")
     kinds: dict[str, list[int]] = {}
@@ -305,9 +308,7 @@ def inspect(
     table.add_row("class", f"{info['architecture']} ({info['model_type']}, {info['kind']})")
     table.add_row("layers", str(info["layers"]))
     if info["kind"] == "moe":
-        moe = info["moe_layers"]
-        placement = "all" if len(moe) == info["layers"] else ", ".join(map(str, moe))
-        table.add_row("MoE layers", f"{len(moe)} of {info['layers']}: {placement}")
+        table.add_row("MoE layers", _placement(info["moe_layers"], info["layers"]))
         table.add_row("experts / top-k", f"{info['experts']} / {info['top_k']}")
     table.add_row(
         "parameters",

@@ -23,6 +23,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .outdir import current_umask
+from .source import looks_like_repo_id
 
 RECIPE = "upcycle.json"
 CARD = "README.md"
@@ -55,13 +56,14 @@ def source_license(folder: Path) -> str | None:
 
 
 def _is_hub_id(source: dict[str, Any]) -> bool:
-    sid = source["id"]
-    return source["kind"] in ("hub", "gguf") and "/" in sid and not Path(sid).is_absolute() and not Path(sid).exists()
+    """Hub sources and embedded models name a Hub repo; a .gguf file given by path does not."""
+    return source["kind"] in ("hub", "gguf") and looks_like_repo_id(source["id"]) and not Path(source["id"]).exists()
 
 
-def build_card(recipe: dict[str, Any], name: str, repo_id: str | None = None) -> ModelCard:
-    """Render the card from the content of upcycle.json; `name` is the folder name, `repo_id` where it lives."""
+def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
+    """Render the card from the content of upcycle.json; `name` is the folder name, used until it is pushed."""
     src, spec, plan = recipe["source"], recipe["recipe"], recipe["plan"]
+    repo_id = recipe.get("hub_repo")
     hub = _is_hub_id(src)
     tags = ["moe", "upcycled", "upcycle", "mixture-of-experts", plan["target"]]
     data = ModelCardData(
@@ -131,9 +133,9 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_card_and_recipe(folder: Path, recipe: dict[str, Any], repo_id: str | None = None) -> None:
+def write_card_and_recipe(folder: Path, recipe: dict[str, Any]) -> None:
     """Write README.md and upcycle.json together; the recipe remembers which card it generated."""
-    text = str(build_card(recipe, recipe.get("name") or Path(folder).name, repo_id))
+    text = str(build_card(recipe, recipe.get("name") or Path(folder).name))
     recipe = recipe | {"card_sha256": _sha(text)}
     _atomic_write(Path(folder) / CARD, text)
     _atomic_write(Path(folder) / RECIPE, json.dumps(recipe, indent=2) + "\n")
@@ -154,7 +156,7 @@ def card_is_generated(folder: Path, recipe: dict[str, Any]) -> bool:
     return card.is_file() and recipe.get("card_sha256") == _sha(card.read_text())
 
 
-def update_recipe(folder: Path, repo_id: str | None = None, **fields: Any) -> bool:
+def update_recipe(folder: Path, **fields: Any) -> bool:
     """Add fields to upcycle.json and re-render the card if it was not edited. Returns True if it was."""
     recipe = read_recipe(folder)
     if recipe is None:
@@ -162,7 +164,7 @@ def update_recipe(folder: Path, repo_id: str | None = None, **fields: Any) -> bo
     regenerate = card_is_generated(folder, recipe)
     recipe |= fields
     if regenerate:
-        write_card_and_recipe(folder, recipe, repo_id or recipe.get("hub_repo"))
+        write_card_and_recipe(folder, recipe)
     else:
         _atomic_write(Path(folder) / RECIPE, json.dumps(recipe, indent=2) + "\n")
     return regenerate

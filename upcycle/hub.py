@@ -9,11 +9,11 @@ saved login) and is never printed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .card import CARD, card_is_generated, read_recipe, update_recipe
+from .card import CARD, update_recipe
 from .errors import UpcycleError
 from .source import read_header, weight_files
 
@@ -141,10 +141,8 @@ def push(
     root = model_root(folder)
     check_complete(root)
     token = None if dry_run else _token()
-    if not dry_run:  # the card's loading snippet names the repo it now lives in (unless edited by hand)
-        recipe = read_recipe(root)
-        if recipe is not None and card_is_generated(root, recipe):
-            update_recipe(root, repo_id=repo_id, hub_repo=repo_id)
+    if not dry_run:  # record the repo; a generated card's loading snippet then names it
+        update_recipe(root, hub_repo=repo_id)
     files, skipped = files_to_push(folder, root, include_checkpoints)
     result = PushResult(repo_id, root, files, private, revision, dry_run, skipped=skipped)
     if dry_run:
@@ -187,6 +185,4 @@ def push(
             ) from None
         raise UpcycleError(f"the upload to {repo_id} failed: {str(exc).splitlines()[0]}") from None
     url = getattr(info, "commit_url", None) or str(repo_url)
-    return PushResult(
-        repo_id, root, files, private, revision, False, url=url, pr_url=getattr(info, "pr_url", None), skipped=skipped
-    )
+    return replace(result, url=url, pr_url=getattr(info, "pr_url", None))

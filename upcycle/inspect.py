@@ -7,6 +7,7 @@ inspecting a 140 GB model downloads a few kilobytes; in offline mode it reads th
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -19,13 +20,6 @@ from .source import EMBEDDED, Checkpoint, TensorInfo, looks_like_repo_id, resolv
 EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.")
 FUSED_EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _remote(repo_id: str, revision: str | None) -> tuple[dict[str, Any], dict[str, TensorInfo], int] | None:
@@ -70,7 +64,7 @@ def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
     experts_seen: dict[int, set[int]] = defaultdict(set)
     total, by_dtype = 0, defaultdict(int)
     for name, info in tensors.items():
-        n = _numel(info.shape)
+        n = math.prod(info.shape)
         total += n
         by_dtype[info.dtype] += info.nbytes
         if m := EXPERT_KEY.search(name):

@@ -7,6 +7,7 @@ a 70B model costs nothing and `--dry-run` shows exactly what a conversion would 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,10 +37,7 @@ class TensorOp:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -234,7 +232,7 @@ def make_plan(cfg: dict[str, Any], tensors: dict[str, TensorInfo], spec: Convert
         config=target_config(family, target, cfg, spec, moe, model_dtype),
         ops=tuple(ops),
         exact=spec.init in expert_methods.EXACT,
-        dense_params=sum(_numel(t.shape) for t in kept.values()),
+        dense_params=sum(math.prod(t.shape) for t in kept.values()),
     )
 
 
@@ -332,10 +330,3 @@ def target_config(
     config["architectures"] = [target.architecture]
     config["dtype"] = ST_TO_TORCH.get(model_dtype, "float32")
     return config
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -339,10 +340,7 @@ def read_header(file: Path) -> list[TensorInfo]:
                 tuple(int(d) for d in meta["shape"]),
                 meta["data_offsets"],
             )
-            numel = 1
-            for d in shape:
-                numel *= d
-            ok = dtype in DTYPE_BYTES and 0 <= start <= end and end - start == numel * DTYPE_BYTES[dtype]
+            ok = dtype in DTYPE_BYTES and 0 <= start <= end and end - start == math.prod(shape) * DTYPE_BYTES[dtype]
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
