@@ -33,7 +33,7 @@ err = Console(stderr=True)
 
 
 def _fmt_count(n: int) -> str:
-    from upcycle.card import _count
+    from upcycle.publish.card import _count
 
     return _count(n)
 
@@ -107,8 +107,8 @@ def convert(
     private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,
 ) -> None:
     """Convert a dense causal LM into a Mixture-of-Experts checkpoint."""
-    from upcycle.convert import convert as run_convert
-    from upcycle.spec import build_spec, load_recipe
+    from upcycle.convert.pipeline import convert as run_convert
+    from upcycle.convert.spec import build_spec, load_recipe
 
     recipe = load_recipe(config) if config else None
     spec = build_spec(
@@ -187,7 +187,7 @@ def _placement(moe: list[int] | tuple[int, ...], num_layers: int) -> str:
 
 
 def _print_plan(plan, title: str) -> None:
-    from upcycle.card import human_bytes
+    from upcycle.publish.card import human_bytes
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -238,7 +238,7 @@ def verify(
     ] = True,
 ) -> None:
     """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside."""
-    from upcycle.verify import verify as run_verify
+    from upcycle.report.verify import verify as run_verify
 
     report = run_verify(
         dense,
@@ -298,8 +298,8 @@ def inspect(
     ] = None,
 ) -> None:
     """Show family, layers, MoE placement, experts, parameters and bytes of a checkpoint."""
-    from upcycle.card import human_bytes
-    from upcycle.inspect import inspect as run_inspect
+    from upcycle.publish.card import human_bytes
+    from upcycle.report.inspect import inspect as run_inspect
 
     info = run_inspect(path, revision)
     table = Table(title=f"inspect {path}", show_header=False, title_justify="left")
@@ -343,8 +343,8 @@ def push(
     ] = None,
 ) -> None:
     """Publish a converted model to the Hugging Face Hub."""
-    from upcycle.card import human_bytes
-    from upcycle.hub import push as run_push
+    from upcycle.publish.card import human_bytes
+    from upcycle.publish.hub import push as run_push
 
     result = run_push(
         folder,

@@ -281,7 +281,7 @@ def test_hub_id_not_in_offline_cache(capsys, monkeypatch, tmp_path, out):
 
 
 def _fail_after(monkeypatch, calls: int, exc: BaseException) -> list[int]:
-    from upcycle.writer import ShardedWriter
+    from upcycle.convert.writer import ShardedWriter
 
     original = ShardedWriter.put_range
     seen = [0]
@@ -342,7 +342,7 @@ def test_sigkill_midway_never_leaves_a_partial_out(dense_store, tmp_path, out):
             import sys
             import time
 
-            from upcycle.writer import ShardedWriter
+            from upcycle.convert.writer import ShardedWriter
 
             original = ShardedWriter.put_range
 

@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from upcycle.spec import load_recipe
+from upcycle.convert.spec import load_recipe
 from upcycle_cli.main import run
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

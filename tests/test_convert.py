@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from upcycle.convert import convert
-from upcycle.spec import build_spec
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
 
 CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
@@ -248,7 +248,7 @@ def test_cast_in_small_pieces_is_exact(tmp_path, monkeypatch):
     """Casting streams through a small buffer; piece boundaries (mid-row) change nothing."""
     from safetensors.torch import save_file
 
-    import upcycle.convert as conv
+    import upcycle.convert.pipeline as conv
     from upcycle.source import read_header
 
     t = torch.randn(37, 11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

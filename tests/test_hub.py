@@ -11,10 +11,10 @@ from pathlib import Path
 import huggingface_hub.constants as hub_constants
 import pytest
 
-from upcycle.convert import convert
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
 from upcycle.errors import UpcycleError
-from upcycle.inspect import inspect
-from upcycle.spec import build_spec
+from upcycle.report.inspect import inspect
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

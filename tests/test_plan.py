@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from upcycle.convert.plan import make_plan, moe_layer_indices
+from upcycle.convert.spec import build_spec
 from upcycle.errors import UpcycleError
-from upcycle.plan import make_plan, moe_layer_indices
 from upcycle.source import TensorInfo
-from upcycle.spec import build_spec
 
 LLAMA3_70B = dict(
     model_type="llama",
@@ -176,7 +176,7 @@ def test_spec_validation(kwargs, match):
 
 
 def test_recipe_then_flags(tmp_path):
-    from upcycle.spec import load_recipe
+    from upcycle.convert.spec import load_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("experts: 16\ntop-k: 4\nevery: 2\nrouter_init: zero\n")

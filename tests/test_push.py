@@ -12,9 +12,9 @@ import huggingface_hub
 import pytest
 from huggingface_hub import HfApi, ModelCard
 
-from upcycle.convert import convert
-from upcycle.spec import build_spec
-from upcycle.verify import verify
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
+from upcycle.report.verify import verify
 from upcycle_cli.main import run
 
 
@@ -255,7 +255,7 @@ def test_convert_push_to_hub_without_token_fails_before_writing(dense_store, tmp
 
 def test_card_after_training_record(moe):
     """What `upcycle train` will add to upcycle.json shows in the card and its metadata."""
-    from upcycle.card import update_recipe
+    from upcycle.publish.card import update_recipe
 
     training = {
         "datasets": ["debian/jargon-text"],
@@ -277,12 +277,12 @@ def test_card_after_training_record(moe):
 
 
 def test_verify_on_a_read_only_folder_still_reports(moe, dense_store, monkeypatch):
-    import upcycle.card
+    import upcycle.publish.card
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(upcycle.card, "update_recipe", read_only)
+    monkeypatch.setattr(upcycle.publish.card, "update_recipe", read_only)
     report = verify(str(dense_store("llama")), str(moe), record=True)
     assert report.passed and report.recorded == "not recorded (Permission denied)"
     assert "verify" not in json.loads((moe / "upcycle.json").read_text())

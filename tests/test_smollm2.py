@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from upcycle.convert import convert
-from upcycle.inspect import inspect
-from upcycle.spec import build_spec
-from upcycle.verify import verify
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
+from upcycle.report.inspect import inspect
+from upcycle.report.verify import verify
 
 REAL_TEXT = Path(__file__).parent.parent / "README.md"
 

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from upcycle.convert.writer import Entry, ShardedWriter, plan_shards
 from upcycle.source import read_header
-from upcycle.writer import Entry, ShardedWriter, plan_shards
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -69,7 +69,7 @@ def test_copy_without_copy_file_range(tmp_path, monkeypatch):
     """The portable path (macOS has no copy_file_range) gives the same bytes."""
     import os
 
-    from upcycle.writer import copy_range
+    from upcycle.convert.writer import copy_range
 
     src = tmp_path / "src.bin"
     src.write_bytes(bytes(range(256)) * 1000)

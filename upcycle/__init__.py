@@ -2,8 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .convert.spec import ConvertSpec, build_spec
 from .errors import UpcycleError
-from .spec import ConvertSpec, build_spec
 
 try:
     __version__ = version("upcycle")

@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .card import source_license, write_card_and_recipe
-from .errors import UpcycleError
-from .outdir import check_target, staged_folder
+from ..errors import UpcycleError
+from ..outdir import check_target, staged_folder
+from ..publish.card import source_license, write_card_and_recipe
+from ..source import DTYPE_BYTES, Checkpoint, SourceRef, TensorInfo, file_sha256, read_config, resolve
 from .plan import ST_TO_TORCH, Plan, make_plan
-from .router import init_router
-from .source import DTYPE_BYTES, Checkpoint, SourceRef, TensorInfo, file_sha256, read_config, resolve
+from .router_init import init_router
 from .spec import ConvertSpec
 from .writer import Entry, Placed, ShardedWriter
 
@@ -56,7 +56,7 @@ def dense_config(folder: Path) -> dict[str, Any]:
     """The dense config as a dict with the class defaults filled in (what the model really uses)."""
     from transformers import AutoConfig
 
-    from .arch import family_for
+    from ..arch import family_for
     from .plan import check_causal_lm
 
     raw = read_config(folder)
@@ -93,7 +93,7 @@ def convert(
     if not dry_run:
         check_target(out, force)  # fail before any download or heavy work
         if push_to_hub:
-            from .hub import require_token
+            from ..publish.hub import require_token
 
             require_token()
     source = resolve(src, spec.revision)
@@ -113,7 +113,7 @@ def convert(
         hashes.cancel()
     pushed = None
     if push_to_hub:
-        from .hub import push
+        from ..publish.hub import push
 
         pushed = push(out, push_to_hub, private=private)
     return ConvertResult(out=out, plan=plan, source=source, recipe=recipe, pushed=pushed)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UpcycleError
+from ..errors import UpcycleError
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import experts as expert_methods
-from .arch import FFN_ROLES, Family, Target, family_for, targets
-from .errors import UpcycleError
-from .source import DTYPE_BYTES, TensorInfo
+from ..arch import FFN_ROLES, Family, Target, family_for, targets
+from ..convert import methods as expert_methods
+from ..errors import UpcycleError
+from ..source import DTYPE_BYTES, TensorInfo
 from .spec import ConvertSpec
 
 TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}

@@ -22,8 +22,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .outdir import current_umask
-from .source import looks_like_repo_id
+from ..outdir import current_umask
+from ..source import looks_like_repo_id
 
 RECIPE = "upcycle.json"
 CARD = "README.md"
@@ -86,7 +86,7 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         if spec["router_init"] == "random"
         else "`zero`: uniform routing at the start"
     )
-    template = files("upcycle").joinpath("card_template.md").read_text()
+    template = files("upcycle.publish").joinpath("card_template.md").read_text()
     return ModelCard.from_template(
         data,
         template_str=template,

@@ -13,9 +13,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .arch import families, target_for_model_type
-from .errors import UpcycleError
-from .source import EMBEDDED, Checkpoint, TensorInfo, looks_like_repo_id, resolve
+from ..arch import families, target_for_model_type
+from ..errors import UpcycleError
+from ..source import EMBEDDED, Checkpoint, TensorInfo, looks_like_repo_id, resolve
 
 EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.")
 FUSED_EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")

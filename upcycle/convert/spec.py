@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .errors import UpcycleError
+from ..errors import UpcycleError
 
 Init = Literal["clone"]
 RouterInit = Literal["random", "zero"]

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import UpcycleError
+from ..source import read_header, weight_files
 from .card import CARD, update_recipe
-from .errors import UpcycleError
-from .source import read_header, weight_files
 
 # Never uploaded: optimizer and scheduler states, RNG states, temporary and hidden files.
 NEVER = ("optimizer", "scheduler", "rng_state", "trainer_state")

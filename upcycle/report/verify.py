@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UpcycleError
-from .source import resolve
+from ..errors import UpcycleError
+from ..source import resolve
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -144,7 +144,7 @@ def verify(
     if record and Path(moe).is_dir():
         from dataclasses import replace
 
-        from .card import read_recipe, update_recipe
+        from ..publish.card import read_recipe, update_recipe
 
         if read_recipe(Path(moe)) is not None:
             try:

@@ -1,0 +1,1 @@
+"""`upcycle convert`: source -> plan -> expert methods and router init -> streaming writer (pipeline.py drives it)."""
