@@ -45,6 +45,7 @@ class Target:
     router: str
     expert: dict[str, str]  # role -> key template with {layer} and {expert}
     extra: tuple[dict[str, Any], ...]  # zero tensors the class expects in every MoE layer
+    modules: dict[str, str]  # "router" | "experts" -> module path with {layer} in the loaded (in-memory) model
 
 
 def _freeze(value: Any) -> Any:

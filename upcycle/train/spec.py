@@ -1,0 +1,202 @@
+"""What the user asked `upcycle train` for: every option, from flags and/or a YAML file (`--config run.yaml`).
+
+The field names are the YAML keys and, with dashes, the flag names; they are part of the interface.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from ..errors import UpcycleError
+
+TrainWhat = Literal["all", "experts", "non-experts", "router"]
+DType = Literal["auto", "bf16", "fp32"]
+BalanceScope = Literal["global", "micro"]
+ExpertsImpl = Literal["grouped_mm", "eager", "batched_mm", "deepgemm", "sonicmoe"]
+
+CHOICES = {
+    "train": get_args(TrainWhat),
+    "dtype": get_args(DType),
+    "balance_scope": get_args(BalanceScope),
+    "experts_impl": get_args(ExpertsImpl),
+}
+DTYPE_ALIASES = {"bfloat16": "bf16", "float32": "fp32"}
+INTS = (
+    "seq_len",
+    "micro_batch",
+    "grad_accum",
+    "steps",
+    "tokens",
+    "warmup",
+    "eval_every",
+    "save_every",
+    "keep_last",
+    "log_every",
+    "seed",
+)
+FLOATS = (
+    "lr",
+    "min_lr",
+    "weight_decay",
+    "clip",
+    "aux_loss_coef",
+    "z_loss_coef",
+    "capacity_factor",
+    "jitter",
+    "router_lr_scale",
+    "gpu_mem",
+    "eval_fraction",
+)
+BOOLS = ("router_noise", "grad_checkpointing", "compile", "tensorboard")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Every option of `upcycle train` except MODEL, --out, --resume, --force and --dry-run (how to run, not what)."""
+
+    data: str | None = None  # a file, a folder of files, a saved dataset or a datasets Hub id
+    text_field: str = "text"
+    eval_data: str | None = None  # else a held-out `eval_fraction` of DATA
+    eval_fraction: float = 0.01
+    seq_len: int = 2048  # capped at the model's max_position_embeddings, with a note
+    micro_batch: int = 4
+    grad_accum: int = 1
+    steps: int | None = None  # exactly one of steps / tokens
+    tokens: int | None = None
+    lr: float = 1e-4
+    min_lr: float | None = None  # default 10% of lr
+    warmup: int | None = None  # default 1% of steps
+    weight_decay: float = 0.1  # not on norms, biases, embeddings or routers
+    clip: float = 1.0
+    aux_loss_coef: float = 0.01  # α: Switch balance loss
+    z_loss_coef: float = 0.001  # β: ST-MoE router z-loss
+    balance_scope: BalanceScope = "global"
+    capacity_factor: float | None = None  # None: no token dropping
+    jitter: float = 0.0  # ε of the router input jitter
+    router_noise: bool = False  # noisy top-k (Shazeer 2017)
+    train: TrainWhat = "all"
+    router_lr_scale: float = 1.0
+    dtype: DType = "auto"  # bf16 on GPU, fp32 on CPU
+    experts_impl: ExpertsImpl = "grouped_mm"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int | None = None  # default: 10% of the steps
+    save_every: int | None = None  # default: 10% of the steps
+    keep_last: int = 2
+    log_every: int = 10
+    tensorboard: bool = False
+    seed: int = 0
+    gpu_mem: float | None = None  # GiB, for --dry-run's fit check
+    push_to_hub: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise UpcycleError(f"--{_flag(name)} {getattr(self, name)!r} is not one of: {', '.join(choices)}")
+        for name in INTS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UpcycleError(f"--{_flag(name)} {value!r} must be a whole number")
+        for name in FLOATS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise UpcycleError(f"--{_flag(name)} {value!r} must be a number")
+            if value is not None and not math.isfinite(value):
+                raise UpcycleError(f"--{_flag(name)} {value!r} must be a finite number")
+        for name in BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise UpcycleError(f"{name} {getattr(self, name)!r} must be true or false")
+        positive = ("seq_len", "micro_batch", "grad_accum", "steps", "tokens", "eval_every", "save_every", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UpcycleError(f"--{_flag(name)} {value} must be 1 or more")
+        if self.steps is not None and self.tokens is not None:
+            raise UpcycleError("give --steps or --tokens, not both")
+        if self.lr <= 0:
+            raise UpcycleError(f"--lr {self.lr} must be positive")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise UpcycleError(f"--min-lr {self.min_lr} must be between 0 and --lr ({self.lr})")
+        for name in ("weight_decay", "clip", "aux_loss_coef", "z_loss_coef", "jitter", "router_lr_scale"):
+            if getattr(self, name) < 0:
+                raise UpcycleError(f"--{_flag(name)} {getattr(self, name)} must not be negative")
+        if self.warmup is not None and self.warmup < 0:
+            raise UpcycleError(f"--warmup {self.warmup} must not be negative")
+        if self.jitter >= 1:
+            raise UpcycleError(f"--jitter {self.jitter} must be below 1 (ST-MoE uses 0.01)")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise UpcycleError(f"--capacity-factor {self.capacity_factor} must be positive (1.0-1.25 is typical)")
+        if not 0 < self.eval_fraction < 1:
+            raise UpcycleError(f"--eval-fraction {self.eval_fraction} must be between 0 and 1")
+        if self.keep_last < 1:
+            raise UpcycleError(f"--keep-last {self.keep_last} must be 1 or more")
+        if self.gpu_mem is not None and self.gpu_mem <= 0:
+            raise UpcycleError(f"--gpu-mem {self.gpu_mem} must be a positive number of GiB")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # --- derived values (the defaults that depend on other options) ---------------------------------------
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.seq_len * self.micro_batch * self.grad_accum * world_size
+
+    def total_steps(self, world_size: int = 1) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.tokens is not None:
+            return max(1, math.ceil(self.tokens / self.tokens_per_step(world_size)))
+        raise UpcycleError("say how long to train: --steps N or --tokens N")
+
+    def warmup_steps(self, total: int) -> int:
+        return self.warmup if self.warmup is not None else max(0, round(0.01 * total))
+
+    def final_lr(self) -> float:
+        return self.min_lr if self.min_lr is not None else 0.1 * self.lr
+
+    def every(self, name: str, total: int) -> int:
+        """eval_every / save_every, defaulting to a tenth of the run."""
+        value = getattr(self, name)
+        return value if value is not None else max(1, total // 10)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def load_run_config(path: Path) -> dict[str, Any]:
+    """Read a YAML run config; keys are TrainSpec fields (dashes or underscores). Errors name line and column."""
+    import yaml
+
+    if not path.is_file():
+        raise UpcycleError(f"run config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UpcycleError(f"run config {path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise UpcycleError(f"run config {path} must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_train_spec(config: dict[str, Any] | None = None, **flags: Any) -> TrainSpec:
+    """Defaults, then the YAML config, then the flags that were given (not None): later wins."""
+    known = {f.name for f in fields(TrainSpec)}
+    merged: dict[str, Any] = {}
+    for source, values in (("config", config or {}), ("flag", flags)):
+        for key, value in values.items():
+            if key not in known:
+                if source == "config":
+                    raise UpcycleError(f"unknown key {key!r} in the run config; known keys: {', '.join(sorted(known))}")
+                continue
+            if value is not None:
+                merged[key] = value
+    if isinstance(merged.get("dtype"), str):
+        merged["dtype"] = DTYPE_ALIASES.get(merged["dtype"], merged["dtype"])
+    return TrainSpec(**merged)
