@@ -13,7 +13,6 @@ import re
 import shlex
 import signal
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +21,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from upcycle.errors import UpcycleError, describe_os_error
 
 
-class _Command(typer.core.TyperCommand):
+class _Command(TyperCommand):
     """Usage lines as people write them: `SRC OUT`, not typer's `{SRC} {OUT}` for required arguments."""
 
     def collect_usage_pieces(self, ctx) -> list[str]:
@@ -277,20 +277,17 @@ def verify(
     from upcycle.report.verify import verify as run_verify
 
     _json_owns_stdout(json_out)
-    with warnings.catch_warnings():
-        # torch warns when transformers builds Qwen2-MoE's shared expert, which upcycle gives size 0 on purpose
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op", UserWarning)
-        report = run_verify(
-            dense,
-            moe,
-            text=text,
-            tokens=tokens,
-            seed=seed,
-            dtype=dtype,
-            atol=atol,
-            min_agreement=min_agreement,
-            record=record,
-        )
+    report = run_verify(
+        dense,
+        moe,
+        text=text,
+        tokens=tokens,
+        seed=seed,
+        dtype=dtype,
+        atol=atol,
+        min_agreement=min_agreement,
+        record=record,
+    )
     table = Table()
     for col in ("metric", "value", "limit", "ok"):
         table.add_column(col)

@@ -20,12 +20,6 @@ class UpcycleError(Exception):
     exit_code = EXIT_BAD_INPUT
 
 
-class EnvironmentFault(UpcycleError):
-    """A fault of the machine rather than of the input (a full disk, a failing device)."""
-
-    exit_code = EXIT_ENVIRONMENT
-
-
 _ACCESS = "give your user access to it (chmod, chown) or choose another path"
 _CHECK = "check the path"
 _SPACE = "free some space or choose an OUT on another disk, then run again"

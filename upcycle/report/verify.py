@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,11 @@ def _load(src: str, dtype: str):
     folder = resolve(src).folder
     Checkpoint.open(folder)  # config and every shard readable and whole, else an error that names the file
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=getattr(torch, dtype), output_loading_info=True
-        )
+        with warnings.catch_warnings():  # Qwen2-MoE's shared expert has size 0 on purpose (README); torch warns
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op", UserWarning)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=getattr(torch, dtype), output_loading_info=True
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         if getattr(exc, "errno", None):
             raise  # the file system refused: the CLI names the file and says what to do
