@@ -22,7 +22,7 @@ class UpcycleError(Exception):
 
 _ACCESS = "give your user access to it (chmod, chown) or choose another path"
 _CHECK = "check the path"
-_SPACE = "free some space or choose an OUT on another disk, then run again"
+_SPACE = "free some space on that disk or write somewhere else (another OUT), then run again"
 
 # errno -> (exit code, what happened, what to do)
 OS_ERRORS: dict[int, tuple[int, str, str]] = {
