@@ -1,11 +1,15 @@
 """The `upcycle` command: a thin Typer layer; each command calls one library function.
 
-Bad input raises UpcycleError in the library; here it becomes one line on stderr and exit code 2.
+Bad input raises UpcycleError in the library, and the operating system raises OSError; here either becomes
+one line on stderr, with exit code 2 (the user can fix it) or 3 (the machine is at fault). With `--json -`,
+stdout carries the JSON alone and everything meant for people goes to stderr.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shlex
 import signal
 import sys
@@ -17,10 +21,25 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, describe_os_error
 
-app = typer.Typer(
+
+class _Command(TyperCommand):
+    """Usage lines as people write them: `SRC OUT`, not typer's `{SRC} {OUT}` for required arguments."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+class _App(typer.Typer):
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
     name="upcycle",
     help="Turn a dense causal LM into a native transformers Mixture-of-Experts checkpoint.",
     add_completion=False,
@@ -28,8 +47,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console()
+out = Console()  # stdout, or stderr while stdout carries JSON (see _json_owns_stdout)
 err = Console(stderr=True)
+
+
+def _json_owns_stdout(json_out: str | None) -> None:
+    """With `--json -`, stdout is for the JSON alone: the tables and notes go to stderr."""
+    out.file = sys.stderr if json_out == "-" else None  # None: rich's default, the current sys.stdout
+
+
+def _say(console: Console, text: str, **style: Any) -> None:
+    """One plain line: no markup in paths, no wrapping, no padding."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True, **style)
+
+
+def _show(title: str, table: Table) -> None:
+    """A title line, then the table (a rich table title is padded with spaces to the table's width)."""
+    _say(out, title)
+    out.print(table)
 
 
 def _fmt_count(n: int) -> str:
@@ -110,6 +145,7 @@ def convert(
     from upcycle.convert.pipeline import convert as run_convert
     from upcycle.convert.spec import build_spec, load_recipe
 
+    _json_owns_stdout(json_out)
     recipe = load_recipe(config) if config else None
     spec = build_spec(
         recipe,
@@ -147,7 +183,7 @@ def convert(
     _print_plan(result.plan, title=f"Wrote {out_dir}")
     _gguf_note(result.source)
     if result.pushed is not None:
-        out.print(f"Pushed {len(result.pushed.files)} files to {result.pushed.repo_id}: {result.pushed.url}")
+        _say(out, f"Pushed {len(result.pushed.files)} files to {result.pushed.repo_id}: {result.pushed.url}")
     _emit_json(result.recipe["plan"] if result.recipe else result.plan.summary(), json_out)
 
 
@@ -189,7 +225,7 @@ def _placement(moe: list[int] | tuple[int, ...], num_layers: int) -> str:
 def _print_plan(plan, title: str) -> None:
     from upcycle.publish.card import human_bytes
 
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column()
     moe = plan.moe_layers
@@ -212,7 +248,7 @@ def _print_plan(plan, title: str) -> None:
         f"{_fmt_count(plan.active_params)} active per token",
     )
     table.add_row("bytes on disk", human_bytes(plan.total_bytes) + f" ({plan.config['dtype']})")
-    out.print(table)
+    _show(title, table)
 
 
 # --- verify ------------------------------------------------------------------------------------------
@@ -240,6 +276,7 @@ def verify(
     """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside."""
     from upcycle.report.verify import verify as run_verify
 
+    _json_owns_stdout(json_out)
     report = run_verify(
         dense,
         moe,
@@ -251,7 +288,7 @@ def verify(
         min_agreement=min_agreement,
         record=record,
     )
-    table = Table(title=f"verify {dense} vs {moe} ({report.moe_class})", title_justify="left")
+    table = Table()
     for col in ("metric", "value", "limit", "ok"):
         table.add_column(col)
     table.add_row("tokens", f"{report.tokens} ({report.input}, {report.dtype})", "", "")
@@ -275,10 +312,10 @@ def verify(
         "0/0",
         "yes" if keys_ok else "NO",
     )
-    out.print(table)
-    out.print("PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")
+    _show(f"verify {dense} vs {moe} ({report.moe_class})", table)
+    _say(out, "PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")
     if report.recorded:
-        out.print(f"result stored in {moe}: {report.recorded}", markup=False, highlight=False)
+        _say(out, f"result stored in {moe}: {report.recorded}")
     _emit_json(report.to_dict(), json_out)
     if not report.passed:
         raise typer.Exit(1)
@@ -301,8 +338,9 @@ def inspect(
     from upcycle.publish.card import human_bytes
     from upcycle.report.inspect import inspect as run_inspect
 
+    _json_owns_stdout(json_out)
     info = run_inspect(path, revision)
-    table = Table(title=f"inspect {path}", show_header=False, title_justify="left")
+    table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("class", f"{info['architecture']} ({info['model_type']}, {info['kind']})")
@@ -317,7 +355,7 @@ def inspect(
     table.add_row("bytes on disk", ", ".join(f"{k}: {human_bytes(v)}" for k, v in info["bytes_by_dtype"].items()))
     if info["kind"] == "dense":
         table.add_row("upcycle can convert it", "yes" if info["upcycle_supports"] else "no (unsupported family)")
-    out.print(table)
+    _show(f"inspect {path}", table)
     _emit_json(info, json_out)
 
 
@@ -346,6 +384,7 @@ def push(
     from upcycle.publish.card import human_bytes
     from upcycle.publish.hub import push as run_push
 
+    _json_owns_stdout(json_out)
     result = run_push(
         folder,
         repo_id,
@@ -357,7 +396,7 @@ def push(
         dry_run=dry_run,
     )
     verb = "Would upload (dry run, nothing sent)" if dry_run else "Uploaded"
-    out.print(f"{verb}: {result.folder} -> {repo_id}", markup=False, highlight=False)
+    _say(out, f"{verb}: {result.folder} -> {repo_id}")
     table = Table()
     table.add_column("file")
     table.add_column("size", justify="right")
@@ -366,45 +405,84 @@ def push(
     table.add_row("total", human_bytes(result.total_bytes), style="bold")
     out.print(table)
     if result.skipped:
-        out.print(f"left out: {', '.join(result.skipped)}")
+        _say(out, f"left out: {', '.join(result.skipped)}")
     if result.url:
-        out.print(f"{'Pull request' if result.pr_url else 'Commit'}: {result.pr_url or result.url}")
+        _say(out, f"{'Pull request' if result.pr_url else 'Commit'}: {result.pr_url or result.url}")
     _emit_json(result.to_dict(), json_out)
 
 
 # --- entry point -------------------------------------------------------------------------------------
 
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # SIGTERM: 128 + SIGTERM
+_terminated = False
 
-def _sigterm(signum, frame):  # turn a polite kill into the same clean-up as Ctrl-C
+
+def _sigterm(signum, frame):
+    """Turn a polite kill into the same clean-up as Ctrl-C, remembering which it was for the exit code."""
+    global _terminated
+    _terminated = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second kill must not cut the clean-up short
     raise KeyboardInterrupt
 
 
+def _interrupted() -> int:
+    _say(err, f"{'terminated' if _terminated else 'interrupted'}; nothing was written")
+    return EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED
+
+
+class _Notes(logging.Handler):
+    """The library's notes (logger "upcycle", e.g. a stale temporary folder removed) as `note: ...` on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _say(err, f"note: {record.getMessage()}")
+
+
+def _notes_to_stderr() -> None:
+    logger = logging.getLogger("upcycle")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _Notes) for h in logger.handlers):
+        logger.addHandler(_Notes())
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Console-script entry: one-line errors with exit code 2 for every bad input."""
-    signal.signal(signal.SIGTERM, _sigterm)
+    """Console-script entry: every failure is one line on stderr and an exit code (README: Exit codes)."""
+    global _terminated
+    _terminated = False
+    _notes_to_stderr()
+    previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        code = app(args=argv, standalone_mode=False)  # returns the code of a typer.Exit raised by a command
+        return _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        out.file = None
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        # returns the code of a typer.Exit raised by a command; the name, however Python was started
+        code = app(args=argv, prog_name="upcycle", standalone_mode=False)
     except UpcycleError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        return 2
+        _say(err, f"error: {exc}")
+        return exc.exit_code
+    except OSError as exc:  # anything the file system refused, wherever it happened
+        code, message = describe_os_error(exc)
+        _say(err, f"error: {message}")
+        return code
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
-        err.print("interrupted; nothing was written", markup=False)
-        return 130
+    except (typer.Abort, KeyboardInterrupt):
+        return _interrupted()
     except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         if type(exc).__name__ == "NoArgsIsHelpError":
-            out.print(exc.format_message(), markup=False, highlight=False)
+            _say(out, exc.format_message())
             return 2
         ctx = getattr(exc, "ctx", None)
         hint = f" (see: upcycle {ctx.info_name} --help)" if ctx and ctx.info_name != "upcycle" else ""
-        err.print(f"error: {exc.format_message()}{hint}", markup=False, highlight=False, soft_wrap=True)
+        _say(err, f"error: {exc.format_message()}{hint}")
         return 2
-    except KeyboardInterrupt:
-        err.print("interrupted; nothing was written", markup=False)
-        return 130
-    if code == 130:  # typer turns Ctrl-C inside a command into Exit(130)
-        err.print("interrupted; nothing was written", markup=False)
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C inside a command into Exit(130)
+        return _interrupted()
     return code if isinstance(code, int) else 0
 
 

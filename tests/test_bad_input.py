@@ -243,12 +243,14 @@ def test_damaged_weights(capsys, dense, out, damage, needle):
     "text, needle",
     [
         ("experts: 4\nbogus_key: 1\n", "bogus_key"),
-        ("experts: [4, 8\ntop_k: 2\n", "not valid YAML"),
+        ("experts: [4, 8\ntop_k: 2\n", "not valid YAML at line 2, column 6"),
         ("- experts\n- 4\n", "mapping"),
         ("experts: many\n", "--experts"),
+        ("experts: 4.7\n", "--experts 4.7 must be a whole number"),
+        ("router_std: wide\n", "--router-std 'wide' must be a number"),
         (None, "does not exist"),
     ],
-    ids=["unknown-key", "not-yaml", "not-a-mapping", "bad-value", "missing"],
+    ids=["unknown-key", "not-yaml", "not-a-mapping", "bad-value", "not-whole", "not-a-number", "missing"],
 )
 def test_bad_recipe(capsys, dense_store, tmp_path, out, text, needle):
     recipe = tmp_path / "recipe.yaml"
@@ -334,7 +336,7 @@ def test_interrupt_says_so(capsys, monkeypatch, dense_store, out):
     assert "interrupted; nothing was written" in cap.err
 
 
-def test_sigkill_midway_never_leaves_a_partial_out(dense_store, tmp_path, out):
+def test_sigkill_midway_never_leaves_a_partial_out(capsys, dense_store, tmp_path, out):
     script = tmp_path / "slow_convert.py"
     script.write_text(
         textwrap.dedent(
@@ -385,9 +387,13 @@ def test_sigkill_midway_never_leaves_a_partial_out(dense_store, tmp_path, out):
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists(), "a killed conversion left a partial OUT"
-    # the stale temporary folder of the killed run does not stand in the way of the next one
+    stale = leftovers(out)
+    assert len(stale) == 1 and f".tmp-{proc.pid}@" in stale[0].name  # the folder names the run that made it
+    # the next conversion to the same OUT removes the killed run's folder, and says so
     assert run(["convert", str(dense_store("llama")), str(out)]) == 0
     assert (out / "config.json").is_file()
+    assert not leftovers(out)
+    assert f"removed a stale temporary folder {stale[0]} left by a killed run" in capsys.readouterr().err
 
 
 # --- the exact shape of stderr ------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def test_mixed_sliding_layers_refused_where_the_target_cannot_express_them():
         (dict(dtype="int8"), "--dtype"),
         (dict(router_std=-1.0), "--router-std"),
         (dict(layers="a,b"), "--layers"),
-        (dict(experts="8"), "must be a number"),
+        (dict(experts="8"), "must be a whole number"),
     ],
 )
 def test_spec_validation(kwargs, match):

@@ -50,7 +50,8 @@ class ConvertSpec:
         for name, kind in NUMBERS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):
-                raise UpcycleError(f"--{name.replace('_', '-')} {value!r} must be a number")
+                what = "a whole number" if kind is int else "a number"
+                raise UpcycleError(f"--{name.replace('_', '-')} {value!r} must be {what}")
         if self.experts < 2:
             raise UpcycleError(f"--experts {self.experts}: an MoE layer needs at least 2 experts")
         if not 1 <= self.top_k <= self.experts:
@@ -88,7 +89,10 @@ def load_recipe(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UpcycleError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UpcycleError(f"recipe {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise UpcycleError(f"recipe {path} must be a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -108,6 +112,10 @@ def build_spec(recipe: dict[str, Any] | None = None, **flags: Any) -> ConvertSpe
                 merged[key] = value
     if "layers" in merged:
         merged["layers"] = parse_layers(merged["layers"])
+    for name, kind in NUMBERS.items():  # YAML reads `experts: 8.0` as a float; it is still a whole number
+        value = merged.get(name)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            merged[name] = int(value)
     try:
         return ConvertSpec(**merged)
     except TypeError as exc:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UpcycleError
-from ..source import resolve
+from ..source import Checkpoint, resolve
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -53,11 +54,16 @@ def _load(src: str, dtype: str):
 
     hf_logging.disable_progress_bar()  # our table is the report; per-tensor loading bars are noise here
     folder = resolve(src).folder
+    Checkpoint.open(folder)  # config and every shard readable and whole, else an error that names the file
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=getattr(torch, dtype), output_loading_info=True
-        )
+        with warnings.catch_warnings():  # Qwen2-MoE's shared expert has size 0 on purpose (README); torch warns
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op", UserWarning)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=getattr(torch, dtype), output_loading_info=True
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if getattr(exc, "errno", None):
+            raise  # the file system refused: the CLI names the file and says what to do
         raise UpcycleError(f"transformers could not load {src}: {exc}".splitlines()[0]) from None
     return folder, model.eval(), info
 
@@ -75,6 +81,8 @@ def input_ids(dense_folder: Path, vocab_size: int, *, text: Path | None, tokens:
     try:
         tokenizer = AutoTokenizer.from_pretrained(dense_folder)
     except (OSError, ValueError) as exc:
+        if getattr(exc, "errno", None):
+            raise  # the file system refused: the CLI names the file and says what to do
         raise UpcycleError(f"the dense model has no usable tokenizer for --text: {exc}".splitlines()[0]) from None
     ids = tokenizer(text.read_text(errors="replace"), return_tensors="pt").input_ids[:, :tokens]
     if ids.shape[1] < 2:
