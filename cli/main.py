@@ -89,7 +89,8 @@ def convert(
         str | None, typer.Option(help="Native class: auto, mixtral, qwen2_moe, qwen3_moe. [default: auto]")
     ] = None,
     dtype: Annotated[
-        str | None, typer.Option(help="auto (as the source), bfloat16, float16, float32. [default: auto]")
+        str | None,
+        typer.Option(help="auto (as the source), bfloat16, float16, float32 (or bf16, fp16, fp32). [default: auto]"),
     ] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB or 500MB. [default: 5GB]")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of SRC.")] = None,

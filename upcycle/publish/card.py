@@ -84,7 +84,7 @@ def _source_md(source: dict[str, Any], base: str | None) -> str:
     if base == source["id"]:
         return f"[{base}](https://huggingface.co/{base})"
     local = f"`{source['id']}`"
-    return f"{local} (made from [{base}](https://huggingface.co/{base}))" if base else local
+    return f"{local}, made from [{base}](https://huggingface.co/{base})" if base else local
 
 
 def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
