@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shlex
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -125,7 +124,8 @@ def convert(
         str | None, typer.Option(help="Native class: auto, mixtral, qwen2_moe, qwen3_moe. [default: auto]")
     ] = None,
     dtype: Annotated[
-        str | None, typer.Option(help="auto (as the source), bfloat16, float16, float32. [default: auto]")
+        str | None,
+        typer.Option(help="auto (as the source), bfloat16, float16, float32 (or bf16, fp16, fp32). [default: auto]"),
     ] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB or 500MB. [default: 5GB]")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of SRC.")] = None,
@@ -140,6 +140,10 @@ def convert(
         str | None, typer.Option("--push-to-hub", metavar="REPO_ID", help="Publish OUT to this Hub repo when done.")
     ] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,
+    base_model: Annotated[
+        str | None,
+        typer.Option("--base-model", metavar="ORG/NAME", help="Hub model SRC was made from, for the model card."),
+    ] = None,
 ) -> None:
     """Convert a dense causal LM into a Mixture-of-Experts checkpoint."""
     from upcycle.convert.pipeline import convert as run_convert
@@ -162,9 +166,8 @@ def convert(
         max_shard_size=max_shard_size,
         revision=revision,
     )
-    command = shlex.join(["upcycle", *sys.argv[1:]]) if sys.argv[1:2] == ["convert"] else None
     if dry_run:
-        result = run_convert(src, out_dir, spec, dry_run=True)
+        result = run_convert(src, out_dir, spec, dry_run=True, base_model=base_model)
         _print_plan(result.plan, title=f"Plan (dry run, nothing written): {src} -> {out_dir}")
         _gguf_note(result.source)
         _emit_json(result.plan.summary() | {"config": result.plan.config, "ops": result.plan.op_table()}, json_out)
@@ -175,10 +178,10 @@ def convert(
             out_dir,
             spec,
             force=force,
-            command=command,
             progress=progress,
             push_to_hub=push_to_hub,
             private=private,
+            base_model=base_model,
         )
     _print_plan(result.plan, title=f"Wrote {out_dir}")
     _gguf_note(result.source)
@@ -209,9 +212,15 @@ def _short(path: Path) -> str:
 
 def _gguf_note(source) -> None:
     if source.kind == "gguf":
+        done = (
+            f"was loaded whole through transformers and dequantized to float32, not streamed (cached in "
+            f"{_short(source.folder)})"
+            if source.folder
+            else "is not dequantized yet: this plan comes from its metadata; the conversion loads it whole "
+            "through transformers into float32 and caches that"
+        )
         err.print(
-            f"note: the GGUF source was loaded whole through transformers and dequantized to float32, "
-            f"not streamed (cached in {_short(source.folder)})",
+            f"note: the GGUF source {done}",
             markup=False,
             highlight=False,
             soft_wrap=True,
@@ -233,6 +242,9 @@ def _print_plan(plan, title: str) -> None:
     table.add_row("MoE layers", _placement(moe, plan.num_layers))
     table.add_row("experts / top-k", f"{plan.experts} / {plan.top_k}")
     table.add_row("exact at init", "yes" if plan.exact else "no")
+    for cast in plan.casts:
+        measured = " (measured on the weights)" if cast.check is not None else ""
+        table.add_row("cast", cast.describe() + measured)
     kinds: dict[str, list[int]] = {}
     for op in plan.ops:
         count_bytes = kinds.setdefault(op.kind, [0, 0])
@@ -249,6 +261,8 @@ def _print_plan(plan, title: str) -> None:
     )
     table.add_row("bytes on disk", human_bytes(plan.total_bytes) + f" ({plan.config['dtype']})")
     _show(title, table)
+    for note in plan.notes:
+        err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
 # --- verify ------------------------------------------------------------------------------------------
@@ -353,6 +367,9 @@ def inspect(
         f"{_fmt_count(info['total_params'])} total, {_fmt_count(info['active_params'])} active per token",
     )
     table.add_row("bytes on disk", ", ".join(f"{k}: {human_bytes(v)}" for k, v in info["bytes_by_dtype"].items()))
+    if info.get("format") == "gguf":
+        quant = f"{info['file_type']}; tensor types {', '.join(info['quantization'])}"
+        table.add_row("GGUF file", f"{human_bytes(info['file_bytes'])} ({quant}); read from its header only")
     if info["kind"] == "dense":
         table.add_row("upcycle can convert it", "yes" if info["upcycle_supports"] else "no (unsupported family)")
     _show(f"inspect {path}", table)

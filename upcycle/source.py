@@ -15,6 +15,8 @@ import os
 import re
 import struct
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,14 +58,19 @@ DTYPE_BYTES = {
     "F8_E5M2": 1,
 }
 MAX_HEADER = 100 * 1024 * 1024
+HUB_TIMEOUT_S = 5.0  # huggingface_hub's default is 10 s per request
 
 
 @dataclass(frozen=True)
 class SourceRef:
-    """A resolved source: `folder` holds config.json and safetensors weights."""
+    """A resolved source: `folder` holds config.json and safetensors weights.
 
-    folder: Path
-    id: str  # what identifies the source to a reader: Hub id, path, or upstream id of an embedded model
+    `id` is what may be published about the source: a Hub id, the upstream id of an embedded model, or the
+    bare name of a local folder or file, never its path.
+    """
+
+    folder: Path | None  # None: a GGUF file not dequantized yet (resolve(..., materialize=False))
+    id: str
     kind: str  # "folder" | "hub" | "gguf"
     revision: str | None = None  # commit hash for Hub sources
     gguf_file: Path | None = None
@@ -77,31 +84,53 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def resolve(src: str, revision: str | None = None) -> SourceRef:
-    """Turn SRC into a local folder, downloading from the Hub or materialising a GGUF file if needed."""
+def resolve(src: str, revision: str | None = None, *, materialize: bool = True, local_only: bool = False) -> SourceRef:
+    """Turn SRC into a local folder, downloading from the Hub or materialising a GGUF file if needed.
+
+    `materialize=False` leaves a GGUF file that is not cached yet as it is (folder None), so that a dry
+    run writes nothing; `local_only` reads Hub ids from the local cache without asking the Hub.
+    """
     path = Path(src).expanduser()
     if path.is_dir():
-        return SourceRef(folder=path, id=str(path), kind="folder")
+        return local_folder(path)
     if path.is_file() and path.suffix == ".gguf":
-        return SourceRef(folder=materialize_gguf(path), id=str(path), kind="gguf", gguf_file=path)
+        return _gguf(path, path.name, None, materialize)
     if path.exists():
         raise UpcycleError(f"{src} is a file; give a model folder, a Hub id (org/name) or a .gguf file")
     if src in EMBEDDED:
         info = EMBEDDED[src]
-        gguf = embedded_gguf(src)
-        return SourceRef(
-            folder=materialize_gguf(gguf),
-            id=info["base_model"],
-            kind="gguf",
-            gguf_file=gguf,
-            license=info["license"],
-        )
+        return _gguf(embedded_gguf(src), info["base_model"], info["license"], materialize)
     if looks_like_repo_id(src):
-        return _from_hub(src, revision)
+        return _from_hub(src, revision, local_only=local_only)
     raise UpcycleError(
         f"{src} does not exist; give a model folder, a .gguf file, a Hub id (org/name) "
         f"or one of the embedded models: {', '.join(EMBEDDED)}"
     )
+
+
+def local_folder(path: Path) -> SourceRef:
+    """A local model folder, known by its name only; a huggingface_hub cache snapshot by its repo and commit."""
+    path = Path(os.path.abspath(path))
+    snapshot = hub_snapshot(path)
+    if snapshot is not None:
+        return SourceRef(folder=path, id=snapshot[0], kind="hub", revision=snapshot[1])
+    return SourceRef(folder=path, id=path.name, kind="folder")
+
+
+def hub_snapshot(path: Path) -> tuple[str, str] | None:
+    """(repo id, commit) when `path` is .../models--org--name/snapshots/<commit> in a Hub cache, else None."""
+    path = Path(os.path.abspath(path))
+    repo = path.parent.parent.name
+    in_cache = path.parent.name == "snapshots" and repo.startswith("models--")
+    if not in_cache or not re.fullmatch(r"[0-9a-f]{40}", path.name):
+        return None
+    repo_id = "/".join(repo.removeprefix("models--").split("--"))  # the cache writes org/name as org--name
+    return (repo_id, path.name) if looks_like_repo_id(repo_id) else None
+
+
+def _gguf(gguf: Path, id_: str, license_: str | None, materialize: bool) -> SourceRef:
+    folder = materialize_gguf(gguf) if materialize else cached_gguf(gguf)
+    return SourceRef(folder=folder, id=id_, kind="gguf", gguf_file=gguf, license=license_)
 
 
 def embedded_gguf(name: str) -> Path:
@@ -122,8 +151,8 @@ def looks_like_repo_id(src: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", src) is not None and ".." not in src
 
 
-def _from_hub(repo_id: str, revision: str | None) -> SourceRef:
-    from huggingface_hub import snapshot_download
+def _from_hub(repo_id: str, revision: str | None, *, local_only: bool = False) -> SourceRef:
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -133,7 +162,14 @@ def _from_hub(repo_id: str, revision: str | None) -> SourceRef:
     )
 
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        with quiet_hub():
+            folder = snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=HUB_PATTERNS,
+                etag_timeout=hub_timeout(),
+                local_files_only=local_only,
+            )
     except GatedRepoError:
         raise UpcycleError(
             f"{repo_id} is gated; accept its terms on the Hub, then log in (`hf auth login` or HF_TOKEN)"
@@ -145,14 +181,57 @@ def _from_hub(repo_id: str, revision: str | None) -> SourceRef:
     except RevisionNotFoundError:
         raise UpcycleError(f"revision {revision!r} of {repo_id} does not exist; check --revision") from None
     except LocalEntryNotFoundError:
-        raise UpcycleError(
-            f"{repo_id} is not a local folder and is not in the Hub cache ({_hub_cache()}), and the Hub "
-            "cannot be reached; download it first or unset HF_HUB_OFFLINE"
-        ) from None
+        if constants.HF_HUB_OFFLINE:
+            raise UpcycleError(
+                f"{repo_id} is not a local folder and is not in the Hub cache ({_hub_cache()}); HF_HUB_OFFLINE "
+                "is set, so upcycle reads only that cache: download the model first, or unset HF_HUB_OFFLINE"
+            ) from None
+        raise UpcycleError(hub_unreachable(repo_id)) from None
     except (HfHubHTTPError, OSError) as exc:
         raise UpcycleError(f"could not download {repo_id} from the Hub: {exc}".splitlines()[0]) from None
     folder_path = Path(folder)
     return SourceRef(folder=folder_path, id=repo_id, kind="hub", revision=folder_path.name)
+
+
+def hub_unreachable(repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    return (
+        f"{repo_id} is not a local folder, and the Hub ({constants.ENDPOINT}) cannot be reached to fetch it; "
+        f"check the network, or set HF_HUB_OFFLINE=1 to use the Hub cache ({_hub_cache()}), which does not hold it"
+    )
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's transport errors (connection refused, timeouts, DNS): huggingface_hub raises them as is."""
+    from importlib import import_module
+
+    found: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):  # huggingface_hub 2.x uses httpx2, 1.x httpx
+        with suppress(ImportError, AttributeError):
+            found.append(import_module(module).TransportError)
+    return tuple(found)
+
+
+def hub_timeout() -> float:
+    """Seconds to wait for the Hub's answer about a file: short, unless HF_HUB_ETAG_TIMEOUT says otherwise."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_ETAG_TIMEOUT if "HF_HUB_ETAG_TIMEOUT" in os.environ else HUB_TIMEOUT_S
+
+
+@contextmanager
+def quiet_hub() -> Iterator[None]:
+    """Silence huggingface_hub's own log lines (retry notices) while upcycle reports the outcome in one line."""
+    import logging
+
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR + 10)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _hub_cache() -> str:
@@ -177,13 +256,23 @@ def file_sha256(path: Path, stop: threading.Event | None = None) -> str | None:
     return digest.hexdigest()
 
 
+def _gguf_cache(gguf: Path) -> Path:
+    return cache_dir() / "gguf" / file_sha256(gguf)[:16]
+
+
+def cached_gguf(gguf: Path) -> Path | None:
+    """The dequantized folder of a GGUF file if an earlier run made it, else None (nothing is written)."""
+    target = _gguf_cache(gguf)
+    return target if (target / "config.json").is_file() else None
+
+
 def materialize_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file into a plain safetensors folder (cached by the file's hash).
 
     GGUF files are loaded whole through transformers, not streamed: this needs memory for the full
     model in float32, which is fine for the small models GGUF is used for here.
     """
-    target = cache_dir() / "gguf" / file_sha256(gguf)[:16]
+    target = _gguf_cache(gguf)
     if (target / "config.json").is_file():
         return target
     import shutil

@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UpcycleError
 from ..outdir import check_target, staged_folder
-from ..publish.card import source_license, write_card_and_recipe
-from ..source import DTYPE_BYTES, Checkpoint, SourceRef, TensorInfo, file_sha256, read_config, resolve
-from .plan import ST_TO_TORCH, Plan, make_plan
+from ..publish.card import hub_card_license, source_license, write_card_and_recipe
+from ..source import (
+    DTYPE_BYTES,
+    EMBEDDED,
+    Checkpoint,
+    SourceRef,
+    TensorInfo,
+    file_sha256,
+    looks_like_repo_id,
+    read_config,
+    resolve,
+)
+from .plan import LOSSLESS, ST_TO_TORCH, CastCheck, Plan, make_plan
 from .router_init import init_router
 from .spec import ConvertSpec
 from .writer import Entry, Placed, ShardedWriter
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -52,8 +66,8 @@ def _version() -> str:
         return "0+unknown"
 
 
-def dense_config(folder: Path) -> dict[str, Any]:
-    """The dense config as a dict with the class defaults filled in (what the model really uses)."""
+def dense_config(folder: Path) -> PretrainedConfig:
+    """The dense config (a transformers config, class defaults filled in: what the model really uses)."""
     from transformers import AutoConfig
 
     from ..arch import family_for
@@ -63,16 +77,97 @@ def dense_config(folder: Path) -> dict[str, Any]:
     family_for(raw.get("model_type"))  # an unsupported family fails here, with the list of supported ones
     check_causal_lm(raw)
     try:
-        cfg = AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder)
     except Exception as exc:  # transformers validates configs with several exception types
         raise UpcycleError(f"{folder}/config.json could not be read by transformers: {exc}".splitlines()[0]) from None
-    return cfg.to_dict()
 
 
-def plan_for(source: SourceRef, spec: ConvertSpec) -> tuple[Checkpoint, Plan]:
+def gguf_config(gguf: Path) -> PretrainedConfig:
+    """The config transformers derives from a GGUF file's metadata (no tensor is read)."""
+    from transformers import AutoConfig
+
+    from ..arch import family_for
+
+    try:
+        cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many types for unreadable GGUF files
+        raise UpcycleError(f"could not read {gguf.name} as a GGUF model: {exc}".splitlines()[0]) from None
+    family_for(cfg.model_type)
+    return cfg
+
+
+def class_keys(cfg: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """Every key (with its shape) that the dense class holds for `cfg`, and the tied ones a checkpoint may omit.
+
+    The model is built on the meta device, so this costs no memory whatever the model's size.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as exc:  # transformers rejects inconsistent configs with several exception types
+        raise UpcycleError(f"transformers cannot build this {cfg.model_type} model: {exc}".splitlines()[0]) from None
+    unique = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}, frozenset(tied)
+
+
+@dataclass(frozen=True)
+class Dense:
+    """What a plan is made from: the dense config, the source tensor index and the keys the class holds."""
+
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    expected: frozenset[str]
+    optional: frozenset[str]
+    checkpoint: Checkpoint | None  # None for a GGUF file not dequantized yet: its tensors come from the config
+
+    def plan(self, spec: ConvertSpec, measured: dict[tuple[str, str], CastCheck] | None = None) -> Plan:
+        return make_plan(
+            self.config, self.tensors, spec, expected=self.expected, optional=self.optional, measured=measured
+        )
+
+
+def read_dense(source: SourceRef) -> Dense:
+    if source.folder is None:  # GGUF, dry run: the tensors it will hold once dequantized to float32
+        cfg = gguf_config(source.gguf_file)
+        keys, tied = class_keys(cfg)
+        tensors = {
+            name: TensorInfo(name, "F32", shape, source.gguf_file, 0, math.prod(shape) * 4)
+            for name, shape in keys.items()
+            if name not in tied  # save_pretrained writes tied weights once
+        }
+        return Dense(cfg.to_dict(), tensors, frozenset(keys), tied, None)
     ckpt = Checkpoint.open(source.folder)
     cfg = dense_config(source.folder)
-    return ckpt, make_plan(cfg, ckpt.tensors, spec)
+    keys, tied = class_keys(cfg)
+    return Dense(cfg.to_dict(), ckpt.tensors, frozenset(keys), tied, ckpt)
+
+
+def plan_for(source: SourceRef, spec: ConvertSpec, *, measure: bool = True) -> tuple[Dense, Plan]:
+    """The plan for SOURCE; with `measure`, lossy dtype casts are measured on the weights (a read-only pass)."""
+    dense = read_dense(source)
+    plan = dense.plan(spec)
+    if measure and plan.lossy_casts() and dense.checkpoint is not None:
+        plan = dense.plan(spec, measure_casts(dense.tensors, plan))
+    return dense, plan
+
+
+def check_not_source(src: str, out: Path) -> None:
+    """Refuse an OUT that is, holds or lies inside a local source folder, before any work is done."""
+    path = Path(src).expanduser()
+    if not path.is_dir():
+        return
+    s, o = path.resolve(), Path(out).expanduser().resolve()
+    if s == o or o in s.parents:
+        raise UpcycleError(f"{out} holds the source model; replacing it would delete the source. Choose another OUT")
+    if s in o.parents:
+        raise UpcycleError(
+            f"{out} lies inside the source model {src}; upcycle does not write into a source folder. "
+            "Choose an OUT outside it"
+        )
 
 
 def convert(
@@ -82,32 +177,42 @@ def convert(
     *,
     force: bool = False,
     dry_run: bool = False,
-    command: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     push_to_hub: str | None = None,
     private: bool = False,
+    base_model: str | None = None,
 ) -> ConvertResult:
-    """Convert the dense model SRC into an MoE at OUT. `progress(done_bytes, total_bytes)` is called as it goes."""
+    """Convert the dense model SRC into an MoE at OUT. `progress(done_bytes, total_bytes)` is called as it goes.
+
+    `base_model` names the Hub model a local source was made from, for the card's metadata.
+    """
     out = Path(out)
     max_shard = shard_size(spec.max_shard_size)
+    if base_model is not None and not looks_like_repo_id(base_model):
+        raise UpcycleError(f"--base-model {base_model!r} is not a Hub id; give it as org/name")
+    check_not_source(src, out)
     if not dry_run:
         check_target(out, force)  # fail before any download or heavy work
         if push_to_hub:
             from ..publish.hub import require_token
 
             require_token()
-    source = resolve(src, spec.revision)
-    ckpt, plan = plan_for(source, spec)
+    source = resolve(src, spec.revision, materialize=not dry_run)
+    dense, plan = plan_for(source, spec, measure=dry_run)
     if dry_run:
         return ConvertResult(out=None, plan=plan, source=source, recipe=None)
+    ckpt = dense.checkpoint
     check_room(source, out, plan)
     hashes = BackgroundHashes(ckpt.files)  # overlaps the copying; stopped at once if the conversion fails
     try:
         with staged_folder(out, force) as tmp:
-            write_weights(ckpt, plan, spec, tmp, max_shard, progress)
+            measured = write_weights(ckpt, plan, spec, tmp, max_shard, progress)
+            plan = dense.plan(spec, measured) if plan.lossy_casts() else plan
             write_config(plan, tmp)
             copy_side_files(source.folder, tmp, plan)
-            recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command or _command(src, out, spec))
+            label = src if src in EMBEDDED else source.id  # how the command names the source: never a path
+            command = _command(label, out, spec, source, base_model)
+            recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command, base_model)
             write_card_and_recipe(tmp, recipe | {"name": out.name})
     finally:
         hashes.cancel()
@@ -123,10 +228,15 @@ def convert(
 
 
 def check_room(source: SourceRef, out: Path, plan: Plan) -> None:
-    """Refuse an OUT that would replace or contain the source, or that the disk cannot hold."""
+    """Refuse an OUT that would replace, contain or lie inside the source, or that the disk cannot hold."""
     src, dst = source.folder.resolve(), out.resolve()
     if src == dst or dst in src.parents:
         raise UpcycleError(f"{out} holds the source model; replacing it would delete the source. Choose another OUT")
+    if src in dst.parents:
+        raise UpcycleError(
+            f"{out} lies inside the source model's folder; upcycle does not write into a source folder. "
+            "Choose an OUT outside it"
+        )
     free = shutil.disk_usage(dst.parent).free
     need = plan.total_bytes + (64 << 20)  # weights plus room for the side files
     if free < need:
@@ -185,7 +295,9 @@ def write_weights(
     folder: Path,
     max_shard: int,
     progress: Callable[[int, int], None] | None = None,
-) -> None:
+) -> dict[tuple[str, str], CastCheck]:
+    """Write every tensor of the plan; returns what the lossy casts did to the values they cast."""
+    meter = CastMeter()
     entries = [Entry(op.name, op.dtype, op.shape, op.nbytes) for op in plan.ops]
     writer = ShardedWriter(folder, entries, max_shard, {"format": "pt"})
     seen: dict[tuple, Placed] = {}  # identical expert tensors already on disk: copy those bytes again
@@ -203,7 +315,8 @@ def write_weights(
                 if info.dtype == op.dtype:
                     placed = writer.put_range(op.name, info.file, info.offset, info.nbytes)
                 else:
-                    placed = writer.put(op.name, cast_chunks(info, op.dtype))
+                    lossy = (info.dtype, op.dtype) not in LOSSLESS
+                    placed = writer.put(op.name, cast_chunks(info, op.dtype, meter if lossy else None))
                 if op.kind == "expert":
                     seen[key] = placed
             elif op.kind == "router":
@@ -227,6 +340,7 @@ def write_weights(
         writer.finish(plan.total_params)
     finally:
         writer.abort()
+    return meter.result()
 
 
 def _torch_dtype(st_dtype: str):
@@ -241,33 +355,80 @@ def _as_bytes(t) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
-def cast_chunks(info: TensorInfo, dtype: str) -> Iterator[memoryview]:
-    """The bytes of a source tensor cast to `dtype`, read in pieces of at most CHUNK_BYTES (in or out).
+def read_chunks(info: TensorInfo, out_item_bytes: int = 0) -> Iterator:
+    """A source tensor as flat torch tensors of at most CHUNK_BYTES each (counting the larger of the item sizes
+    in and out), read through one reused buffer.
 
-    Reads go through a reused buffer with plain file reads, not through a memory map, so memory stays at
-    a few chunks whatever the tensor's size (a mapped 1 GB embedding would stay resident until done).
+    Reads are plain file reads, not a memory map, so memory stays at a few chunks whatever the tensor's size
+    (a mapped 1 GB embedding would stay resident until done). Each piece is only valid until the next one.
     """
     import torch
 
-    src_dtype, dst_dtype = _torch_dtype(info.dtype), _torch_dtype(dtype)
-    numel = info.nbytes // DTYPE_BYTES[info.dtype]
+    src_dtype, item = _torch_dtype(info.dtype), DTYPE_BYTES[info.dtype]
+    numel = info.nbytes // item
     if numel == 0:
         return
-    per_item = max(DTYPE_BYTES[info.dtype], DTYPE_BYTES[dtype])
-    step = max(1, CHUNK_BYTES // per_item)  # elements per piece; row boundaries do not matter for a cast
-    buf = bytearray(min(numel, step) * DTYPE_BYTES[info.dtype])
+    step = max(1, CHUNK_BYTES // max(item, out_item_bytes))  # row boundaries do not matter element-wise
+    buf = bytearray(min(numel, step) * item)
     with open(info.file, "rb", buffering=0) as fh:
         for start in range(0, numel, step):
             count = min(step, numel - start)
-            view = memoryview(buf)[: count * DTYPE_BYTES[info.dtype]]
-            fh.seek(info.offset + start * DTYPE_BYTES[info.dtype])
+            view = memoryview(buf)[: count * item]
+            fh.seek(info.offset + start * item)
             got = 0
             while got < len(view):
                 n = fh.readinto(view[got:])
                 if not n:
                     raise UpcycleError(f"{info.file} ended early while reading {info.name}; the file is truncated")
                 got += n
-            yield _as_bytes(torch.frombuffer(view, dtype=src_dtype).to(dst_dtype))
+            yield torch.frombuffer(view, dtype=src_dtype)
+
+
+def cast_chunks(info: TensorInfo, dtype: str, meter: CastMeter | None = None) -> Iterator[memoryview]:
+    """The bytes of a source tensor cast to `dtype`, piece by piece; `meter` tallies what the cast changes."""
+    for x in read_chunks(info, DTYPE_BYTES[dtype]):
+        y = x.to(_torch_dtype(dtype))
+        if meter is not None:
+            meter.add(info.dtype, dtype, x, y)
+        yield _as_bytes(y)
+
+
+class CastMeter:
+    """Tallies, per (source dtype, written dtype), what a cast does to the values: rounding and overflow."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]] = ()) -> None:
+        # pair -> [values, largest |x|, rounded, overflow]; `pairs` get a record even if no value is cast
+        self._acc: dict[tuple[str, str], list] = {pair: [0, 0.0, 0, 0] for pair in pairs}
+
+    def add(self, src: str, dst: str, x, y) -> None:
+        import torch
+
+        finite = torch.isfinite(x)
+        overflow = torch.isinf(y) & finite
+        rounded = (y.to(x.dtype) != x) & finite & ~overflow
+        acc = self._acc.setdefault((src, dst), [0, 0.0, 0, 0])
+        acc[0] += x.numel()
+        if x.numel():
+            acc[1] = max(acc[1], float(x.abs().masked_fill(~finite, 0).max()))
+        acc[2] += int(rounded.sum())
+        acc[3] += int(overflow.sum())
+
+    def result(self) -> dict[tuple[str, str], CastCheck]:
+        return {pair: CastCheck(pair[0], pair[1], n, big, r, o) for pair, (n, big, r, o) in self._acc.items()}
+
+
+def measure_casts(tensors: dict[str, TensorInfo], plan: Plan) -> dict[tuple[str, str], CastCheck]:
+    """Measure the plan's lossy casts on the source weights, reading each cast tensor once, writing nothing."""
+    lossy = set(plan.lossy_casts())
+    meter = CastMeter(lossy)
+    done: set[str] = set()
+    for op in plan.ops:
+        if op.src is None or op.src in done or (tensors[op.src].dtype, op.dtype) not in lossy:
+            continue
+        done.add(op.src)
+        for _ in cast_chunks(tensors[op.src], op.dtype, meter):
+            pass
+    return meter.result()
 
 
 # --- config, tokenizer, recipe ---------------------------------------------------------------------------
@@ -303,14 +464,20 @@ def copy_side_files(src: Path, dst: Path, plan: Plan) -> None:
         GenerationConfig.from_model_config(cfg).save_pretrained(dst)
 
 
-def _command(src: str, out: Path, spec: ConvertSpec) -> str:
-    parts = ["upcycle", "convert", src, str(out)]
+def _command(label: str, out: Path, spec: ConvertSpec, source: SourceRef, base_model: str | None) -> str:
+    """The command that reproduces the model, naming the source and OUT without their folders."""
+    parts = ["upcycle", "convert", label, out.name]
     defaults = ConvertSpec()
-    for key, value in spec.to_dict().items():
+    options = spec.to_dict()
+    if source.kind == "hub" and source.revision:
+        options["revision"] = source.revision  # pin the commit that was converted
+    for key, value in options.items():
         if value != getattr(defaults, key) and value is not None:
             if key == "layers":
                 value = ",".join(map(str, value))
             parts.append(f"--{key.replace('_', '-')} {value}")
+    if base_model:
+        parts.append(f"--base-model {base_model}")
     return " ".join(parts)
 
 
@@ -321,7 +488,12 @@ def make_recipe(
     spec: ConvertSpec,
     hashes: dict[str, str],
     command: str,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
+    """upcycle.json: how the model was made. Local sources are named by their folder or file name only."""
+    if base_model is None and source.kind in ("hub", "gguf") and looks_like_repo_id(source.id):
+        base_model = source.id
+    license_ = source.license or source_license(source.folder) or (base_model and hub_card_license(base_model))
     return {
         "tool": {"name": "upcycle", "version": _version()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -330,8 +502,9 @@ def make_recipe(
             "id": source.id,
             "kind": source.kind,
             "revision": source.revision,
+            "base_model": base_model,
             "gguf_sha256": file_sha256(source.gguf_file) if source.gguf_file else None,
-            "license": source.license or source_license(source.folder),
+            "license": license_ or None,
             "config_sha256": file_sha256(ckpt.folder / "config.json"),
             "files_sha256": hashes,
         },

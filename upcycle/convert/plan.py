@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,67 @@ from .spec import ConvertSpec
 TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
 FLOAT_DTYPES = set(ST_TO_TORCH)
+# Casts that keep every value: each value of the source dtype is also a value of the wider one.
+LOSSLESS = {("BF16", "F32"), ("F16", "F32")}
+DTYPE_MAX = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F32": 3.4028234663852886e38}  # largest finite
+
+
+@dataclass(frozen=True)
+class CastCheck:
+    """What casting the source's floating tensors from `src` to `dst` does to their values, measured on them."""
+
+    src: str  # safetensors dtypes, e.g. "BF16" -> "F16"
+    dst: str
+    values: int  # values cast
+    largest: float  # largest finite |x| in the source
+    rounded: int  # finite values that the cast changed but kept finite
+    overflow: int  # finite values that became ±inf
+
+    @property
+    def exact(self) -> bool:
+        return self.rounded == 0 and self.overflow == 0
+
+
+@dataclass(frozen=True)
+class Cast:
+    """One source dtype -> written dtype pair of the plan, with what is known about its cost."""
+
+    src: str
+    dst: str
+    lossless: bool  # exact by the dtypes alone (an upcast)
+    check: CastCheck | None = None  # measured on the weights (downcasts only)
+
+    @property
+    def exact(self) -> bool:
+        return self.lossless or (self.check is not None and self.check.exact)
+
+    def describe(self) -> str:
+        head = f"{self.src}→{self.dst}"
+        if self.lossless:
+            return f"{head}: exact (every {self.src} value is a {self.dst} value)"
+        if self.check is None:
+            return f"{head}: not measured; the cast may round values or overflow to inf"
+        c = self.check
+        top = DTYPE_MAX[self.dst]  # casts only ever go to the three dtypes --dtype offers
+        limit = f"{top:g}" if top < 1e6 else f"{top:.3g}"
+        return (
+            f"{head}: largest |x| {c.largest:.4g} ({self.dst} max {limit}), "
+            f"{c.rounded:,} of {c.values:,} values rounded, {c.overflow:,} overflow"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.check
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "exact": self.exact,
+            "measured": c is not None,
+            "values": c.values if c else None,
+            "largest_abs": c.largest if c else None,
+            "rounded": c.rounded if c else None,
+            "overflow": c.overflow if c else None,
+            "text": self.describe(),
+        }
 
 
 @dataclass(frozen=True)
@@ -57,7 +118,12 @@ class Plan:
     ops: tuple[TensorOp, ...]
     exact: bool  # does the MoE compute what the dense model computed at initialisation?
     dense_params: int
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())  # things the user should know that are not errors
+    casts: tuple[Cast, ...] = field(default=())  # dtype changes of copied and expert tensors
+
+    def lossy_casts(self) -> list[tuple[str, str]]:
+        """Dtype pairs whose cost has to be measured on the weights before the plan can claim exactness."""
+        return [(c.src, c.dst) for c in self.casts if not c.lossless]
 
     @property
     def total_params(self) -> int:
@@ -94,6 +160,7 @@ class Plan:
             "experts": self.experts,
             "top_k": self.top_k,
             "exact_at_init": self.exact,
+            "casts": [c.to_dict() for c in self.casts],
             "tensors": len(self.ops),
             "dense_params": self.dense_params,
             "total_params": self.total_params,
@@ -197,8 +264,21 @@ def _order(name: str) -> tuple[int, int, str]:
     return (0 if "embed" in name else 2, 0, name)
 
 
-def make_plan(cfg: dict[str, Any], tensors: dict[str, TensorInfo], spec: ConvertSpec) -> Plan:
-    """Decide the target config and every tensor written. `cfg` is the dense config with defaults filled."""
+def make_plan(
+    cfg: dict[str, Any],
+    tensors: dict[str, TensorInfo],
+    spec: ConvertSpec,
+    *,
+    expected: Collection[str] | None = None,
+    optional: Collection[str] = (),
+    measured: Mapping[tuple[str, str], CastCheck] | None = None,
+) -> Plan:
+    """Decide the target config and every tensor written. `cfg` is the dense config with defaults filled.
+
+    `expected` is every key the dense class holds for this config (None: not checked), `optional` the keys
+    among them that may be absent (tied weights). `measured` holds what each lossy dtype cast costs, as
+    measured on the weights; without it a lossy cast is not claimed exact.
+    """
     family = family_for(cfg.get("model_type"))
     check_causal_lm(cfg)
     for key, wanted in family.require.items():
@@ -208,11 +288,10 @@ def make_plan(cfg: dict[str, Any], tensors: dict[str, TensorInfo], spec: Convert
                 f"(upcycle needs {key}={wanted!r})"
             )
     num_layers = int(cfg["num_hidden_layers"])
+    kept, notes = account_for(family, tensors, num_layers, expected, optional)
     moe = moe_layer_indices(num_layers, spec)
     target = choose_target(family, spec, all_layers=len(moe) == num_layers)
-    ffn = ffn_index(family, cfg, tensors)
-    ignore = [re.compile(re.escape(p).replace(r"\{layer\}", r"\d+") + "$") for p in family.ignore]
-    kept = {name: info for name, info in tensors.items() if not any(p.match(name) for p in ignore)}
+    ffn = ffn_index(family, cfg, kept)
 
     def out_dtype(src_dtype: str) -> str:
         if spec.dtype == "auto" or src_dtype not in FLOAT_DTYPES:
@@ -221,6 +300,8 @@ def make_plan(cfg: dict[str, Any], tensors: dict[str, TensorInfo], spec: Convert
 
     model_dtype = out_dtype(tensors[family.ffn["gate"].format(layer=0)].dtype)
     ops = tensor_ops(family, target, kept, ffn, moe, spec, out_dtype, model_dtype, hidden=int(cfg["hidden_size"]))
+    pairs = sorted({(kept[op.src].dtype, op.dtype) for op in ops if op.src and kept[op.src].dtype != op.dtype})
+    casts = tuple(Cast(a, b, (a, b) in LOSSLESS, (measured or {}).get((a, b))) for a, b in pairs)
     return Plan(
         family=family.name,
         target=target.name,
@@ -231,9 +312,59 @@ def make_plan(cfg: dict[str, Any], tensors: dict[str, TensorInfo], spec: Convert
         top_k=spec.top_k,
         config=target_config(family, target, cfg, spec, moe, model_dtype),
         ops=tuple(ops),
-        exact=spec.init in expert_methods.EXACT,
+        exact=spec.init in expert_methods.EXACT and all(c.exact for c in casts),
         dense_params=sum(math.prod(t.shape) for t in kept.values()),
+        notes=notes,
+        casts=casts,
     )
+
+
+def _and_more(names: list[str]) -> str:
+    return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
+def account_for(
+    family: Family,
+    tensors: dict[str, TensorInfo],
+    num_layers: int,
+    expected: Collection[str] | None,
+    optional: Collection[str],
+) -> tuple[dict[str, TensorInfo], tuple[str, ...]]:
+    """The tensors the plan writes, after checking that every source tensor is one the model really uses.
+
+    A tensor nobody accounts for would be copied into the MoE and then silently ignored by transformers
+    (or, past the last layer, silently dropped), so it is an error. Only the family's known harmless extras
+    (old checkpoints' rotary `inv_freq` buffers) are left out, with a note.
+    """
+    ignore = [re.compile(re.escape(p).replace(r"\{layer\}", r"\d+") + "$") for p in family.ignore]
+    ignored = sorted((n for n in tensors if any(p.match(n) for p in ignore)), key=_order)
+    kept = {name: info for name, info in tensors.items() if name not in set(ignored)}
+    beyond = sorted((n for n in kept if (_layer_of(n) or 0) >= num_layers), key=_order)
+    if beyond:
+        last = max(_layer_of(n) for n in beyond)
+        raise UpcycleError(
+            f"the weights hold {_and_more(beyond)} of layers up to {last}, but config.json says "
+            f"num_hidden_layers={num_layers}: config.json and the weights disagree; fix num_hidden_layers "
+            "or use the config that came with these weights"
+        )
+    if expected is not None:
+        unknown = sorted(set(kept) - set(expected), key=_order)
+        if unknown:
+            raise UpcycleError(
+                f"the weights hold {_and_more(unknown)}, which a {family.name} model with this config.json does "
+                "not have: config.json and the weights disagree (or the checkpoint is not a plain "
+                f"{family.name} model); upcycle will not drop weights silently"
+            )
+        missing = sorted(set(expected) - set(kept) - set(optional), key=_order)
+        if missing:
+            raise UpcycleError(
+                f"the checkpoint has no tensor {_and_more(missing)}, which this config.json requires: "
+                "config.json and the weights disagree, or the checkpoint is incomplete"
+            )
+    notes = ()
+    if ignored:
+        notes = (f"left out {_and_more(ignored)}: a buffer transformers recomputes and does not load",)
+    return kept, notes
 
 
 def ffn_index(family: Family, cfg: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, tuple[int, str]]:

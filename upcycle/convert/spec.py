@@ -20,6 +20,7 @@ CHOICES = {
     "target": get_args(TargetName),
     "dtype": get_args(DType),
 }
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 NUMBERS = {"experts": int, "top_k": int, "every": int, "seed": int, "router_std": (int, float)}
 
 
@@ -116,6 +117,8 @@ def build_spec(recipe: dict[str, Any] | None = None, **flags: Any) -> ConvertSpe
         value = merged.get(name)
         if kind is int and isinstance(value, float) and value.is_integer():
             merged[name] = int(value)
+    if isinstance(merged.get("dtype"), str):
+        merged["dtype"] = DTYPE_ALIASES.get(merged["dtype"], merged["dtype"])
     try:
         return ConvertSpec(**merged)
     except TypeError as exc:

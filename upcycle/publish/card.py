@@ -28,6 +28,11 @@ from ..source import looks_like_repo_id
 RECIPE = "upcycle.json"
 CARD = "README.md"
 SHARED_TEXT = {"qwen2_moe": "none (Qwen2-MoE's always-on shared expert is written with size 0, so it adds nothing)"}
+# Peak RSS of a process that loads the MoE with AutoModelForCausalLM.from_pretrained (default load): about
+# 0.4 GB for Python, torch and transformers plus 2.2 times the weights' size on disk. Measured (README,
+# "Memory to load the MoE"): 0.37 GB for a 0.9 MB tiny MoE, 0.59 GB for 112 MB, 6.29 GB for the 2.77 GB
+# SmolLM2 MoE.
+LOAD_MEMORY_BASE, LOAD_MEMORY_FACTOR = 400_000_000, 2.2
 METHOD_TEXT = {"clone": "every expert is a copy of the dense FFN (sparse upcycling, Komatsuzaki et al. 2022)"}
 
 
@@ -55,20 +60,42 @@ def source_license(folder: Path) -> str | None:
         return None
 
 
-def _is_hub_id(source: dict[str, Any]) -> bool:
-    """Hub sources and embedded models name a Hub repo; a .gguf file given by path does not."""
-    return source["kind"] in ("hub", "gguf") and looks_like_repo_id(source["id"]) and not Path(source["id"]).exists()
+def hub_card_license(repo_id: str) -> str | None:
+    """The license in the card of a Hub model that is in the local Hub cache; None if it is not (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, CARD)
+    except Exception:  # an odd repo id or cache layout must not stop a conversion
+        return None
+    return source_license(Path(path).parent) if isinstance(path, str) else None
+
+
+def _base_model(source: dict[str, Any]) -> str | None:
+    """The Hub model this one derives from. upcycle.json files written before `base_model` was recorded:
+    Hub sources and embedded models name a Hub repo; a local folder or a .gguf file given by path does not."""
+    if "base_model" in source:
+        return source["base_model"]
+    hub = source["kind"] in ("hub", "gguf") and looks_like_repo_id(source["id"]) and not Path(source["id"]).exists()
+    return source["id"] if hub else None
+
+
+def _source_md(source: dict[str, Any], base: str | None) -> str:
+    if base == source["id"]:
+        return f"[{base}](https://huggingface.co/{base})"
+    local = f"`{source['id']}`"
+    return f"{local}, made from [{base}](https://huggingface.co/{base})" if base else local
 
 
 def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
     """Render the card from the content of upcycle.json; `name` is the folder name, used until it is pushed."""
     src, spec, plan = recipe["source"], recipe["recipe"], recipe["plan"]
     repo_id = recipe.get("hub_repo")
-    hub = _is_hub_id(src)
+    base = _base_model(src)
     tags = ["moe", "upcycled", "upcycle", "mixture-of-experts", plan["target"]]
     data = ModelCardData(
-        base_model=src["id"] if hub else None,
-        base_model_relation="finetune" if hub else None,
+        base_model=base,
+        base_model_relation="finetune" if base else None,
         library_name="transformers",
         license=src.get("license"),
         tags=tags,
@@ -91,7 +118,7 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         data,
         template_str=template,
         model_name=repo_id or name,
-        source_md=f"[{src['id']}](https://huggingface.co/{src['id']})" if hub else f"`{src['id']}`",
+        source_md=_source_md(src, base),
         source_revision=src.get("revision"),
         family=plan["family"],
         dense_params=_count(plan["dense_params"]),
@@ -110,6 +137,9 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         dtype=recipe["dtype"],
         size_text=human_bytes(plan["bytes"]),
         exact=plan["exact_at_init"],
+        casts=[c["text"].replace("|", "\\|") for c in plan.get("casts", []) if "text" in c],  # inside a table
+        lossy_casts=[c["text"] for c in plan.get("casts", []) if not c["exact"] and "text" in c],
+        load_memory=human_bytes(int(LOAD_MEMORY_BASE + LOAD_MEMORY_FACTOR * plan["bytes"])),
         verify=recipe.get("verify"),
         training=recipe.get("training"),
         repo_hint=repo_id or name,

@@ -139,7 +139,7 @@ def verify(
         moe=moe,
         moe_class=type(moe_model).__name__,
         tokens=int(ids.numel()),
-        input=f"text:{text}" if text else f"random:{seed}",
+        input=f"text:{Path(text).name}" if text else f"random:{seed}",
         dtype=dtype,
         max_abs_diff=max_abs,
         mean_kl=kl,
@@ -156,7 +156,10 @@ def verify(
 
         if read_recipe(Path(moe)) is not None:
             try:
-                card = update_recipe(Path(moe), verify=report.to_dict())
+                # what is recorded may be published: local models by their folder name, never their path
+                dense_id = Path(dense).name if Path(dense).expanduser().exists() else dense
+                public = {"dense": dense_id, "moe": Path(moe).name}
+                card = update_recipe(Path(moe), verify=report.to_dict() | public)
             except OSError as exc:  # a read-only folder: the check itself still stands
                 return replace(report, recorded=f"not recorded ({exc.strerror})")
             report = replace(report, recorded="upcycle.json and README.md" if card else "upcycle.json")
