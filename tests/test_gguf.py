@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -35,7 +36,9 @@ def test_inspect_gguf_reads_the_header_only(capsys, empty_cache):
     gguf = embedded_gguf("smollm2")
     capsys.readouterr()
     assert run(["inspect", "smollm2", "--json", "-"]) == 0
-    shown = capsys.readouterr().out
+    cap = capsys.readouterr()
+    shown = cap.err  # with --json -, stdout carries the JSON alone and the table goes to stderr
+    assert json.loads(cap.out)["format"] == "gguf"
     assert _written(empty_cache) == []
 
     from upcycle.report.inspect import inspect
