@@ -369,7 +369,7 @@ def routing(
     from rich import box
 
     table = Table(
-        title=f"routing {data['model']} ({data['architecture']}): {data['tokens']} tokens of {data['text']}, "
+        title=f"routing {data['model']}: {data['tokens']} tokens of {data['text']}, "
         f"top-{data['top_k']} of {data['experts']} experts",
         title_justify="left",
         box=box.SIMPLE_HEAD,

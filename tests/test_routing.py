@@ -396,3 +396,43 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, hand_moe, dense_store,
     out.mkdir()
     expect_error(capsys, ["routing", hand_moe, "--text", text_file, "--out", out], "--force")
     assert list(out.iterdir()) == []
+
+
+def test_token_text_shows_the_bytes_of_a_split_character(tmp_path):
+    """A byte-level BPE with no merges splits 'é' into two byte tokens; alone each decodes to U+FFFD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from upcycle.report.routing import _byte_decoder, token_text
+
+    vocab = {ch: i for i, ch in enumerate(sorted(_byte_decoder()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    ids = fast("aé", add_special_tokens=False).input_ids
+    assert [token_text(fast, i) for i in ids] == ["a", "<c3>", "<a9>"]
+    assert fast.decode(ids) == "aé"
+
+
+@pytest.mark.parametrize(
+    ("family", "spec", "moe_layers"),
+    [("llama", dict(every=2), [1, 3]), ("qwen3", dict(layers="0,2,3"), [0, 2, 3])],
+    ids=["qwen2_moe-every2", "qwen3_moe-some-layers"],
+)
+def test_dense_layers_are_skipped(family, spec, moe_layers, dense_store, tmp_path):
+    out = tmp_path / "moe"
+    convert(str(dense_store(family)), out, build_spec(experts=EXPERTS, top_k=TOP_K, **spec))
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(3, 128, (90,), generator=torch.Generator().manual_seed(1))
+    stats = routing_stats(model, ids, seq_len=32)
+    assert list(stats.layers) == moe_layers
+    assert stats.layers[moe_layers[0]]["consistency"] is None
+    for layer in moe_layers:
+        assert int(stats.records[layer].counts.sum()) == 90 * TOP_K
+        assert stats.records[layer].indices.shape == (90, TOP_K)
+        assert stats.layers[layer]["weight_cosine"] == pytest.approx(1.0, abs=1e-6)
+        assert stats.layers[layer]["output_cosine"] == pytest.approx(1.0, abs=1e-6)
+    later = stats.records[moe_layers[1]].indices[:, 0] == stats.records[moe_layers[0]].indices[:, 0]
+    assert stats.layers[moe_layers[1]]["consistency"] == float(later.double().mean())
+    assert stats.load_matrix().sum(dim=1).tolist() == pytest.approx([1.0] * len(moe_layers))

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def routing(
         seq_len=seq_len,
         batch_size=batch_size,
         sample_tokens=sample_tokens,
-        decode=lambda token: tokenizer.decode([token]),
+        decode=lambda token: token_text(tokenizer, token),
         progress=progress,
     )
     name = ref.id if ref.kind == "hub" else Path(model).expanduser().resolve().name
@@ -205,6 +206,27 @@ def tokenize(tokenizer, text: Path, max_tokens: int) -> tuple[list[int], list[st
     if len(ids) < 2:
         raise UpcycleError(f"--text {text} gives {len(ids)} token(s); routing needs at least 2")
     return ids, pieces
+
+
+def token_text(tokenizer, token: int) -> str:
+    """One token as a reader should see it: its decoded text, or for a piece of a multi-byte character (which
+    decodes alone to U+FFFD) its bytes, e.g. <e2 94>, read from the byte-level vocabulary entry."""
+    text = tokenizer.decode([token])
+    if "\ufffd" not in text:
+        return text
+    raw = tokenizer.convert_ids_to_tokens(token) or ""
+    decoder = _byte_decoder()
+    if raw and all(ch in decoder for ch in raw):
+        return "<" + " ".join(f"{decoder[ch]:02x}" for ch in raw) + ">"
+    return raw or text  # e.g. SentencePiece byte fallback: <0xE2> is already readable
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: printable bytes stand for themselves, the others for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
 
 
 def _load(folder: Path, model: str, dtype: str, device: str):

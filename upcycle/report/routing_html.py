@@ -85,7 +85,7 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #111; }}
 header {{ position: sticky; top: 0; background: #fff; padding: .5em 0; border-bottom: 1px solid #ccc; }}
 #legend span {{ display: inline-block; padding: 1px 6px; margin: 2px; border-radius: 3px; font-size: 90%; }}
 #text {{ white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.7; margin-top: 1em; }}
-.t {{ border-radius: 2px; }}
+.t {{ border-radius: 2px; box-shadow: inset -1px 0 #fff; }}
 .t:hover {{ outline: 2px solid #000; }}
 {css_experts}
 </style>

@@ -53,9 +53,9 @@ def write_load_png(path: Path, load: torch.Tensor, layers: list[int], title: str
                 far = abs(value - uniform) > 0.6 * (top - uniform if value > uniform else uniform)
                 colour = "white" if far else "black"
                 ax.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=size, color=colour)
-    bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
-    bar.set_label("share of top-k assignments (cells: %)")
-    bar.set_ticks([0.0, uniform, top], labels=["0", f"uniform 1/E = {uniform:.3g}", f"{top:.3g}"])
+    bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, aspect=max(20, 1.5 * num_layers))
+    bar.set_label("share of the layer's top-k assignments, %")
+    bar.set_ticks([0.0, uniform, top], labels=["0", f"uniform 1/E = {100 * uniform:.3g}", f"{100 * top:.3g}"])
     bar.ax.axhline(uniform, color="black", linewidth=1.0)
     fig.savefig(path, dpi=DPI)
     width, height = figure_size(num_layers, num_experts)
