@@ -376,6 +376,125 @@ def inspect(
     _emit_json(info, json_out)
 
 
+# --- routing -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def routing(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="An MoE: folder or Hub id (e.g. written by convert).")],
+    text: Annotated[Path, typer.Option(help="Text file to route (tokenised with the model's tokenizer).")],
+    out_dir: Annotated[Path, typer.Option("--out", metavar="REPORT_DIR", help="Folder for the report.")],
+    max_tokens: Annotated[int, typer.Option(help="Route at most this many tokens of the text.")] = 32768,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per block. [default: the model's context, at most 2048]")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Blocks per forward pass.")] = 4,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16, float16.")
+    ] = "auto",
+    sample_tokens: Annotated[int, typer.Option(help="Tokens each expert is run on for the output divergence.")] = 512,
+    html_tokens: Annotated[int, typer.Option(help="Tokens shown in tokens.html (the first N).")] = 4096,
+    force: Annotated[bool, typer.Option("--force", help="Replace REPORT_DIR if it exists.")] = False,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Also write routing.json's content to this file ('-': stdout).")
+    ] = None,
+) -> None:
+    """Where an MoE routes the tokens of a text: load, entropy, specialisation, divergence (JSON, PNG, HTML)."""
+    from upcycle.report.routing import FILES
+    from upcycle.report.routing import routing as run_routing
+
+    console = err if json_out == "-" else out  # with --json -, stdout carries the JSON only
+    with _token_progress() as progress:
+        report = run_routing(
+            model,
+            text,
+            out_dir,
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            sample_tokens=sample_tokens,
+            html_tokens=html_tokens,
+            force=force,
+            progress=progress,
+        )
+    data = report.data
+    from rich import box
+
+    table = Table(
+        title=f"routing {data['model']}: {data['tokens']} tokens of {data['text']}, "
+        f"top-{data['top_k']} of {data['experts']} experts",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    headers = (
+        "layer",
+        "load\nCV",
+        "most\nloaded",
+        "least\nloaded",
+        "entropy",
+        "same\ntop-1",
+        "weight\ncos",
+        "output\ncos",
+    )
+    for col in headers:
+        table.add_column(col, justify="left" if col.endswith("loaded") else "right", no_wrap=True)
+
+    def share(layer: dict, key: str) -> str:
+        expert = layer[key]
+        return f"{expert} ({layer['experts'][expert]['load']:.1%})"
+
+    def num(value: float | None, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    for layer in data["layers"]:
+        table.add_row(
+            str(layer["layer"]),
+            f"{layer['cv']:.3f}",
+            share(layer, "max_expert"),
+            share(layer, "min_expert"),
+            f"{layer['entropy_norm']:.3f}",
+            num(layer["consistency"], ".1%"),
+            num(layer["weight_cosine"], ".5f"),
+            num(layer["output_cosine"], ".5f"),
+        )
+    console.print(table)
+    console.print(
+        f"most/least: expert (its share of the top-k assignments; uniform is 1/{data['experts']} = "
+        f"{1 / data['experts']:.1%}); entropy: mean router entropy / ln E (1 = uniform probabilities); same top-1: "
+        "tokens whose top-1 expert is the previous MoE layer's; cos: mean pairwise cosine of the experts' weights "
+        "and outputs (1 = identical)",
+        markup=False,
+        highlight=False,
+    )
+    console.print(f"Wrote {report.out}: {', '.join(FILES)}", markup=False, highlight=False)
+    _emit_json(data, json_out)
+
+
+@contextmanager
+def _token_progress() -> Iterator[Callable[[int, int], None] | None]:
+    """A token counter on a terminal while the model runs; nothing in a pipe or a log file."""
+    if not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("routing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("routing", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 # --- push --------------------------------------------------------------------------------------------
 
 
