@@ -1,0 +1,67 @@
+"""Router losses and load figures: pure float32 functions of what RouterTap recorded (no model code).
+
+Legend: T tokens, E experts, k experts per token, L MoE layers.
+
+balance (Switch Transformer): E·Σᵢ fᵢ·Pᵢ per layer, fᵢ the fraction of the layer's top-k assignments that went to
+expert i (counted from the router's choice, before capacity dropping; no gradient), Pᵢ the mean router
+probability of expert i. A balanced router gives 1 for any k (transformers' built-in aux loss pools the layers
+and gives k). z (ST-MoE): mean over tokens of logsumexp(logits)², which keeps the logits small.
+Both are averaged over the MoE layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .routing_hooks import LayerRouting
+
+
+def expert_counts(r: LayerRouting, num_experts: int) -> torch.Tensor:
+    """(E,) float32, no grad: top-k assignments per expert, dropped ones included."""
+    return torch.bincount(r.indices.reshape(-1), minlength=num_experts).float()  # (E,)
+
+
+def balance_loss(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Switch: E·Σᵢ fᵢ·Pᵢ with f = counts / Σ counts (no grad) and P = mean_t softmax(logits) (float32, grad)."""
+    num_experts = logits.shape[-1]
+    counts = counts.detach().float()  # (E,)
+    f = counts / counts.sum().clamp_min(1.0)  # (E,) sums to 1
+    p = torch.softmax(logits.float(), dim=-1).mean(dim=0)  # (T, E) -> (E,)
+    return num_experts * torch.sum(f * p)  # ()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE: mean over the T tokens of logsumexp(logits)², float32."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()  # (T, E) -> (T,) -> ()
+
+
+def router_losses(
+    records: dict[int, LayerRouting], counts: dict[int, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(balance, z), each averaged over the MoE layers.
+
+    counts: per-layer expert counts to use for f (the loop sums them over ranks and micro-batches); None uses
+    each record's own counts. P always comes from the local logits, which carry the gradient.
+    """
+    if not records:
+        raise ValueError("no router records: run a forward with a RouterTap installed before computing the losses")
+    balance, z = [], []
+    for layer, r in records.items():
+        layer_counts = counts[layer] if counts is not None else expert_counts(r, r.logits.shape[-1])
+        balance.append(balance_loss(r.logits, layer_counts.to(r.logits.device)))
+        z.append(z_loss(r.logits))
+    return torch.stack(balance).mean(), torch.stack(z).mean()  # (L,) -> (), (L,) -> ()
+
+
+def load_stats(counts: torch.Tensor) -> dict:
+    """Share of assignments per expert and its spread: cv = population std / mean (0 when perfectly balanced)."""
+    counts = counts.detach().double()  # (E,)
+    load = counts / counts.sum().clamp_min(1.0)  # (E,)
+    mean = load.mean()
+    cv = load.std(correction=0) / mean if mean > 0 else torch.zeros(())
+    return {"load": load.tolist(), "cv": float(cv), "max": float(load.max()), "min": float(load.min())}
+
+
+def dropped_fraction(r: LayerRouting) -> float:
+    """Share of the T·k assignments that capacity dropped."""
+    return int((~r.keep).sum()) / r.keep.numel() if r.keep.numel() else 0.0
