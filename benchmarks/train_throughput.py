@@ -7,14 +7,15 @@ batch for both models. Per run it records:
 
 - tokens/s over the timed steps (after warm-up steps), and each step's time;
 - peak memory: on GPU torch.cuda.max_memory_allocated; on CPU the child's peak RSS (VmHWM) above its RSS after a
-  warm-up on a one-layer copy, i.e. what the step itself needed, comparable with upcycle.train.memory's estimate;
+  warm-up on a one-layer copy, less the file-backed RSS of the checkpoint that from_pretrained leaves mapped
+  (reclaimable page cache), i.e. what the step itself needed, comparable with upcycle.train.memory's estimate;
 - FLOPs per token = 6·N_active + 12·L·d_attn·S (torchtitan's count: N_active without the input embedding table,
   routed experts counted top_k/num_experts of their size; causal attention counted in full), and MFU = FLOPs/token ×
   tokens/s ÷ peak. The peak is the GPU's datasheet dense bf16/fp32 figure (--peak-tflops overrides it); on CPU there
   is no datasheet figure worth using, so the peak is *measured*: the best torch.mm rate at this dtype and thread count.
 
-The routing hooks of `upcycle train` (RouterTap + balance/z losses) are included when upcycle.train.routing_hooks
-provides them; otherwise the plain model step is measured, and the JSON says which ("step").
+The MoE step includes the routing hooks of `upcycle train`: a RouterTap on every router and the balance and z
+losses (coefficients 0.01 and 0.001) added to the LM loss, as the training loop does.
 
     python benchmarks/train_throughput.py                                   # CPU: sizes cpu + tiny, fp32
     python benchmarks/train_throughput.py --device cuda --dtype bf16 --sizes smollm2   # one H100
@@ -86,7 +87,7 @@ class Size:
 
 SIZES = {
     # Runs in a minute or two per model on 2 CPU cores.
-    "cpu": Size(hidden=512, ffn=1536, layers=8, heads=8, kv_heads=4, vocab=8192, seq=256, batch=8,
+    "cpu": Size(hidden=512, ffn=1536, layers=8, heads=8, kv_heads=4, vocab=8192, seq=256, batch=4,
                 impls=("eager", "grouped_mm")),
     # batched_mm copies a weight matrix per (token, expert): only at this size.
     "tiny": Size(hidden=128, ffn=384, layers=2, heads=4, kv_heads=2, vocab=2048, seq=128, batch=4,
@@ -144,13 +145,14 @@ def _rss(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
 
-def routing_step_hooks(model: Any) -> Any:
-    """RouterTap + losses from upcycle.train when that code exists; None means the plain model step is measured."""
-    try:
-        from upcycle.train import losses, routing_hooks  # noqa: F401
-    except ImportError:
-        return None
-    return None  # wired in once train-core's interface is merged (see benchmarks/README.md)
+def routing_hooks(model: Any) -> tuple[Any, Any]:
+    """(RouterTap, router_losses) from upcycle.train for an MoE, so the step pays for our hooks and losses."""
+    from upcycle.arch import target_for_model_type
+    from upcycle.train.losses import router_losses
+    from upcycle.train.routing_hooks import tap_model
+
+    target = target_for_model_type(model.config.model_type)
+    return tap_model(model, target), router_losses
 
 
 def child(job: dict[str, Any]) -> dict[str, Any]:
@@ -170,12 +172,12 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         small(ids, labels=ids).loss.backward()
         torch.optim.AdamW(small.parameters()).step()
         del small
-    base = _rss("VmRSS:")
+    base, base_file = _rss("VmRSS:"), _rss("RssFile:")
     model = AutoModelForCausalLM.from_pretrained(job["model"], **kwargs).to(device)
     model.train()
     # what transformers actually dispatches to (it may fall back silently), not what was asked for
     impl_got = model.config._experts_implementation if job["impl"] != "dense" else "dense"
-    hooks = routing_step_hooks(model)
+    tap, router_losses = routing_hooks(model) if job["impl"] != "dense" else (None, None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
@@ -193,11 +195,15 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         with autocast:
             out = model(ids, labels=ids)
-        out.loss.backward()
+        loss = out.loss
+        if tap is not None:  # --aux-loss-coef and --z-loss-coef defaults of upcycle train
+            balance, z = router_losses(tap.pop())
+            loss = loss + 0.01 * balance + 0.001 * z
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = out.loss.detach()
+        loss = loss.detach()
         del out
         sync()
         if i >= job["warmup"]:
@@ -205,7 +211,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
             losses.append(float(loss))
     result = {
         "experts_impl": impl_got,
-        "step": "model + RouterTap + losses" if hooks else "plain model (forward with labels, no routing hooks)",
+        "step": "forward, backward, clip 1.0, AdamW" + (" + RouterTap, balance and z losses" if tap else ""),
         "step_s": times,
         "tokens_per_step": job["batch"] * job["seq"],
         "tokens_per_s": job["batch"] * job["seq"] * len(times) / sum(times),
@@ -218,9 +224,12 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         result["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB
         result["peak_kind"] = "torch.cuda.max_memory_allocated"
     else:
-        result["peak_mib"] = (_rss("VmHWM:") - base) / MIB
+        # from_pretrained leaves the safetensors file mapped: page cache, counted in RSS but reclaimable
+        file_backed = _rss("RssFile:") - base_file
+        result["peak_mib"] = (_rss("VmHWM:") - base - file_backed) / MIB
         result["peak_rss_mib"] = _rss("VmHWM:") / MIB
-        result["peak_kind"] = "peak RSS above the warmed-up process"
+        result["file_backed_mib"] = file_backed / MIB
+        result["peak_kind"] = "peak RSS above the warmed-up process, less the mapped checkpoint (file-backed RSS)"
     return result
 
 
