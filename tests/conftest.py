@@ -11,9 +11,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from realtext import RealTextUnavailable, cache_root, jargon_file
 from tiny import make_dense
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Read before _offline points UPCYCLE_CACHE at a session folder: the real text outlives the session.
+USER_CACHE = os.environ.get("UPCYCLE_CACHE")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -50,3 +53,12 @@ def dense(dense_store, tmp_path):
         return dst
 
     return get
+
+
+@pytest.fixture(scope="session")
+def jargon_text() -> Path:
+    """The Jargon File as plain text (1.6 M characters), fetched once from Debian into a persistent cache."""
+    try:
+        return jargon_file(cache_root(USER_CACHE))
+    except RealTextUnavailable as exc:
+        pytest.skip(f"no real text: {exc}")

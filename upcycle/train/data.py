@@ -1,0 +1,704 @@
+"""Training text -> tokenised, packed, cached blocks of `seq_len` token ids, and which blocks each rank reads.
+
+What DATA may be: a `.txt`, `.jsonl`/`.json` or `.parquet` file (the text ones may be `.gz`/`.bz2`/`.xz`
+compressed), a folder of those (read recursively in sorted path order; hidden files and other extensions are
+skipped), a folder written by `datasets`' `save_to_disk`, or a `datasets` Hub id, `org/name` or `org/name:config`
+(its "train" split, read through the datasets cache, so HF_HUB_OFFLINE works once it is cached).
+
+What a document is: a row of a json(l)/parquet file or dataset (its `text_field`), and for `.txt` files a
+*paragraph*, i.e. text between blank lines (`datasets`' text builder with `sample_by="paragraph"`; the newlines
+around a paragraph are dropped, the ones inside kept). Paragraphs rather than whole files so that a single long
+text can still give a held-out eval set of documents the training never sees. Empty or whitespace-only documents
+are skipped. Each document is tokenised without special tokens and followed by the tokenizer's EOS; the stream
+of all documents is cut into blocks of `seq_len` tokens (blocks may straddle documents; the last
+`n_tokens % seq_len` tokens are unused).
+
+Cache: one folder per key under `cache_dir`, the key being the sha256 of the tokenizer (its serialised
+tokenizers backend), the EOS id, the data identity (file names relative to DATA, sizes and mtimes, not contents,
+so a run over 100 GB starts at once; a saved dataset by its files, a Hub dataset by its fingerprint),
+`text_field`, `seq_len` and the eval settings. It holds `train.bin` and `eval.bin` (flat token ids, the smallest of
+uint16/uint32/int64 that holds the vocabulary) and `meta.json`. The folder is built beside its final name and
+renamed into place, so a killed run leaves no entry that looks complete; entries that fail the size check are
+rebuilt. Reading streams the files through `datasets` (`streaming=True` + `map(batched=True)`), writing ids in
+pieces: neither the text nor the ids are ever held whole in memory, and no Arrow copy of the text is made.
+
+Eval split without `eval_data`: a seeded permutation of the documents; its first `eval_fraction` of them (at least
+one, and as many more as it takes to fill one block) form the eval stream, the rest the train stream, each kept in
+document order. The two never share a document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..errors import UpcycleError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+FORMAT = 1  # bump when the cache layout or the meaning of a key changes
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSED = (".gz", ".bz2", ".xz")  # datasets decompresses these on the fly (not for parquet)
+BATCH_DOCS = 1000  # documents per tokeniser call and per write
+COPY_TOKENS = 1 << 24  # tokens per piece when splitting the stream into train and eval
+EXTENSIONS = ".txt, .jsonl, .json or .parquet"
+
+Progress = Callable[[str, int, int], None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What prepare() returns
+
+
+@dataclass(frozen=True)
+class TokenBlocks:
+    """Packed blocks of seq_len token ids, memory-mapped from the cache."""
+
+    path: Path
+    seq_len: int
+    n_blocks: int
+    n_tokens: int  # tokens in the file; the last n_tokens % seq_len belong to no block
+    dtype: str = "uint32"  # how the ids are stored on disk; blocks come out as int64
+
+    @cached_property
+    def _ids(self) -> np.memmap:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled memmap would carry its whole content: send the fields and map again on the other side.
+        return {k: v for k, v in self.__dict__.items() if k != "_ids"}
+
+    def block(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.n_blocks:
+            raise IndexError(f"block {i} out of range: there are {self.n_blocks}")
+        start = i * self.seq_len
+        return torch.from_numpy(self._ids[start : start + self.seq_len].astype(np.int64))  # (seq_len,)
+
+    def blocks(self, idx: Sequence[int]) -> torch.Tensor:
+        rows = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_blocks):
+            raise IndexError(f"block ids {list(idx)} out of range: there are {self.n_blocks}")
+        grid = self._ids[: self.n_blocks * self.seq_len].reshape(self.n_blocks, self.seq_len)
+        return torch.from_numpy(grid[rows].astype(np.int64))  # (len(idx), seq_len)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What was read, for the run record (names only, never absolute paths)."""
+
+    sources: list[str]  # DATA's file names (a folder's files as folder/relative/name), or the dataset name or id
+    documents: int  # documents read from DATA, including any held out for eval
+    train_tokens: int
+    eval_tokens: int
+    cache_hit: bool
+    key: str
+    eval_sources: list[str] = field(default_factory=list)  # --eval-data's names; empty when held out from DATA
+    eval_documents: int = 0  # documents in the eval stream
+    dtype: str = "uint32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which blocks each rank reads
+
+
+class BlockSampler:
+    """Which blocks each rank reads at each step: a pure function of (step, micro, rank), so resuming at step s
+    needs no state.
+
+    The blocks form an endless stream of epochs, each a permutation of all blocks drawn from a torch.Generator
+    seeded by (seed, epoch). Step s takes the next B = micro_batch·grad_accum·world_size of them; micro-batch m
+    of rank r is the B-slice's chunk number m·world_size + r. So the global batch of a step does not depend on
+    how it is spread over ranks and micro-batches, and every block is read once per epoch.
+    """
+
+    def __init__(
+        self,
+        n_blocks: int,
+        *,
+        micro_batch: int,
+        grad_accum: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if n_blocks < 1:
+            raise UpcycleError("there are no blocks to train on; give more text or a smaller --seq-len")
+        if micro_batch < 1 or grad_accum < 1 or world_size < 1:
+            raise UpcycleError("--micro-batch, --grad-accum and the world size must be 1 or more")
+        if not 0 <= rank < world_size:
+            raise UpcycleError(f"rank {rank} is outside a world of {world_size} processes")
+        self.n_blocks = n_blocks
+        self.micro_batch = micro_batch
+        self.grad_accum = grad_accum
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.global_batch = micro_batch * grad_accum * world_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        """Block ids of this rank's micro-batch `micro` (0 ≤ micro < grad_accum) of step `step`."""
+        if step < 0:
+            raise IndexError(f"step {step} is negative")
+        if not 0 <= micro < self.grad_accum:
+            raise IndexError(f"micro-batch {micro} out of range: grad_accum is {self.grad_accum}")
+        start = step * self.global_batch + (micro * self.world_size + self.rank) * self.micro_batch
+        out = []
+        for pos in range(start, start + self.micro_batch):
+            epoch, offset = divmod(pos, self.n_blocks)
+            out.append(int(self._perm(epoch)[offset]))
+        return out
+
+    def epoch(self, step: int) -> int:
+        """The epoch that step `step`'s first block belongs to."""
+        return step * self.global_batch // self.n_blocks
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a step spans at most two epochs unless blocks are fewer than B
+                self._perms.pop(next(iter(self._perms)))
+            gen = torch.Generator().manual_seed(_seed("blocks", self.seed, epoch))
+            self._perms[epoch] = torch.randperm(self.n_blocks, generator=gen).numpy()
+        return self._perms[epoch]
+
+
+def _seed(*parts: object) -> int:
+    """A 63-bit generator seed from several values, without the collisions of seed·K + epoch."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# prepare()
+
+
+def prepare(
+    data: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    *,
+    text_field: str = "text",
+    eval_data: str | None = None,
+    eval_fraction: float = 0.01,
+    cache_dir: Path,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> tuple[TokenBlocks, TokenBlocks, DataInfo]:
+    """Train and eval blocks of DATA, tokenised once and cached; see the module docstring for the rules.
+
+    Under torchrun, call it on rank 0 first and on the other ranks after a barrier (then a cache hit).
+    `progress(stage, done, total)` is called while building: stage "tokenise" or "tokenise eval" counts
+    documents (total 0 when unknown, as for streamed files), "split" counts tokens.
+    """
+    if not data:
+        raise UpcycleError("give the training text: --data FILE, FOLDER or a datasets Hub id")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise UpcycleError(f"--seq-len {seq_len!r} must be a whole number, 1 or more")
+    if eval_data is None and not 0 < eval_fraction < 1:
+        raise UpcycleError(f"--eval-fraction {eval_fraction} must be between 0 and 1")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UpcycleError("the model's tokenizer has no EOS token, which packing needs between documents")
+    train_src = _open_source(data, "--data")
+    eval_src = _open_source(eval_data, "--eval-data") if eval_data else None
+    dtype = _token_dtype(len(tokenizer))
+    key = _cache_key(tokenizer, eos, train_src, eval_src, text_field, seq_len, eval_fraction, seed)
+
+    root = Path(cache_dir)
+    entry = root / key
+    meta = _read_entry(entry, key)
+    hit = meta is not None
+    if meta is None:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root, key)
+        tmp = root / f"{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            job = _Job(tmp, tokenizer, eos, dtype, text_field, seq_len, progress)
+            meta = _build(job, key, train_src, eval_src, eval_fraction, seed)
+            _publish(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        meta = _read_entry(entry, key)
+        if meta is None:  # only if something removed or damaged it between the rename and now
+            raise UpcycleError(f"the token cache {entry.name} was damaged while it was written; run again")
+
+    def blocks(name: str) -> TokenBlocks:
+        n = meta[f"{name}_tokens"]
+        return TokenBlocks(entry / f"{name}.bin", seq_len, n // seq_len, n, meta["dtype"])
+
+    info = DataInfo(
+        sources=train_src.names,
+        documents=meta["documents"],
+        train_tokens=meta["train_tokens"],
+        eval_tokens=meta["eval_tokens"],
+        cache_hit=hit,
+        key=key,
+        eval_sources=eval_src.names if eval_src else [],
+        eval_documents=meta["eval_documents"],
+        dtype=meta["dtype"],
+    )
+    return blocks("train"), blocks("eval"), info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources: what the user named, resolved without reading any text
+
+
+@dataclass
+class _Source:
+    flag: str  # "--data" or "--eval-data", for messages
+    label: str  # what the user typed, for messages
+    names: list[str]  # for the record
+    identity: Any  # for the cache key
+    groups: list[tuple[str, list[Path]]] = field(default_factory=list)  # (builder, files) runs of local files
+    saved: Path | None = None  # a save_to_disk folder
+    dataset: Any = None  # a datasets.Dataset loaded from the Hub cache
+
+
+def _open_source(arg: str, flag: str) -> _Source:
+    path = Path(arg).expanduser()
+    if path.is_file():
+        builder = _builder(path)
+        if builder is None:
+            raise UpcycleError(
+                f"{flag} {arg}: unknown extension {path.suffix or '(none)'}; "
+                f"give {EXTENSIONS} files, a folder of them, a saved dataset or a datasets Hub id"
+            )
+        return _Source(flag, arg, [path.name], [_stat(path, path.name)], groups=[(builder, [path])])
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            identity = ["saved", *(_stat(p, p.relative_to(path).as_posix()) for p in files)]
+            return _Source(flag, arg, [path.name], identity, saved=path)
+        return _folder(path, arg, flag)
+    if _looks_like_path(arg):
+        raise UpcycleError(f"{flag} {arg} does not exist")
+    return _hub(arg, flag)
+
+
+def _builder(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes = suffixes[:-1]
+        if suffixes and suffixes[-1] == ".parquet":
+            return None
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _folder(path: Path, arg: str, flag: str) -> _Source:
+    def visible(p: Path) -> bool:
+        return p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+
+    found = sorted((p for p in path.rglob("*") if visible(p)), key=lambda p: p.relative_to(path).as_posix())
+    files = [p for p in found if _builder(p)]
+    if not files:
+        other = sorted({"".join(p.suffixes[-1:]) or "(none)" for p in found})
+        seen = f" (it holds {', '.join(other)})" if other else " (it is empty)"
+        raise UpcycleError(f"{flag} {arg}: the folder has no {EXTENSIONS} files{seen}")
+    groups: list[tuple[str, list[Path]]] = []
+    for p in files:  # consecutive files of one format are read by one builder, keeping the sorted order
+        builder = _builder(p)
+        if groups and groups[-1][0] == builder:
+            groups[-1][1].append(p)
+        else:
+            groups.append((builder, [p]))
+    rel = [f"{path.name}/{p.relative_to(path).as_posix()}" for p in files]
+    return _Source(flag, arg, rel, [_stat(p, r) for p, r in zip(files, rel, strict=True)], groups=groups)
+
+
+def _stat(path: Path, name: str) -> list[Any]:
+    st = path.stat()
+    return [name, st.st_size, st.st_mtime_ns]
+
+
+def _looks_like_path(arg: str) -> bool:
+    """A Hub id is `name` or `org/name` (plus `:config`); a data extension, a leading ./~ or two slashes: a path."""
+    return (
+        arg.startswith((".", "/", "~"))
+        or arg.count("/") > 1
+        or "\\" in arg
+        or _builder(Path(arg)) is not None
+        or Path(arg).suffix.lower() in COMPRESSED
+    )
+
+
+def _hub(arg: str, flag: str) -> _Source:
+    """`org/name` or `org/name:config`, loaded through the datasets cache (downloaded first when online)."""
+    import datasets
+
+    name, _, config = arg.partition(":")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or bool(
+        getattr(datasets.config, "HF_HUB_OFFLINE", False)
+    )
+    try:
+        with _quiet_datasets():
+            loaded = datasets.load_dataset(name, config or None)
+    except Exception as exc:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ValueError)
+        missing = isinstance(exc, ConnectionError | FileNotFoundError) or "NotFound" in type(exc).__name__
+        if offline and missing:
+            raise UpcycleError(
+                f"{flag} {arg} is neither a local path nor a dataset in the datasets cache, and HF_HUB_OFFLINE "
+                "is set; give a local file or folder, or fetch the dataset once while online"
+            ) from None
+        raise UpcycleError(f"{flag} {arg}: could not load it as a datasets Hub id: {_first_line(exc)}") from None
+    dataset = _train_split(loaded, flag, arg)
+    return _Source(flag, arg, [arg], ["hub", arg, dataset._fingerprint], dataset=dataset)
+
+
+def _train_split(loaded: Any, flag: str, label: str) -> Any:
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise UpcycleError(f"{flag} {label} has no 'train' split (it has: {', '.join(loaded)})")
+        return loaded["train"]
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    raise UpcycleError(f"{flag} {label} is not a datasets Dataset")
+
+
+def _token_dtype(vocab: int) -> str:
+    if vocab <= 1 << 16:
+        return "uint16"
+    return "uint32" if vocab <= 1 << 32 else "int64"
+
+
+def _cache_key(
+    tokenizer: Any,
+    eos: int,
+    train: _Source,
+    evals: _Source | None,
+    text_field: str,
+    seq_len: int,
+    eval_fraction: float,
+    seed: int,
+) -> str:
+    split = {"data": evals.identity} if evals else {"fraction": eval_fraction, "seed": seed}
+    record = {
+        "format": FORMAT,
+        "tokenizer": _tokenizer_hash(tokenizer),
+        "eos": eos,
+        "data": train.identity,
+        "text_field": text_field,
+        "seq_len": seq_len,
+        "eval": split,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _tokenizer_hash(tokenizer: Any) -> str:
+    """The tokenizer's whole definition (vocabulary, merges, normaliser, added tokens), hashed."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:  # a slow tokenizer: its vocabulary and settings stand in for the files
+        settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if isinstance(v, str | int | bool)}
+        text = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()), settings], default=str)
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{len(tokenizer)}\n{text}".encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cache entry
+
+
+def _read_entry(entry: Path, key: str) -> dict[str, Any] | None:
+    """The entry's meta if it is complete and consistent; a damaged entry is removed so it can be rebuilt."""
+    if not entry.is_dir():
+        return None
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        ok = meta["format"] == FORMAT and meta["key"] == key
+        for name in ("train", "eval"):
+            ok = ok and (entry / f"{name}.bin").stat().st_size == meta[f"{name}_tokens"] * itemsize
+        ok = ok and meta["train_tokens"] >= meta["seq_len"] and meta["eval_tokens"] >= meta["seq_len"]
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if ok:
+        return meta
+    shutil.rmtree(entry, ignore_errors=True)
+    return None
+
+
+def _remove_stale(root: Path, key: str) -> None:
+    """Half-built folders of this key left by runs that were killed (their process is gone)."""
+    for tmp in root.glob(f"{key}.tmp-*"):
+        try:
+            pid = int(tmp.name.split(".tmp-")[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
+def _publish(tmp: Path, entry: Path) -> None:
+    try:
+        os.rename(tmp, entry)
+    except OSError:
+        if not entry.is_dir():  # not a lost race with another process building the same entry
+            raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building an entry
+
+
+class _Writer:
+    """Appends arrays to a flat binary file, counting items; flushed to disk before the entry is published."""
+
+    def __init__(self, path: Path, dtype: str) -> None:
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.count = 0
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+
+    def write(self, values: np.ndarray) -> None:
+        values.astype(self.dtype, copy=False).tofile(self._file)
+        self.count += len(values)
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+@dataclass
+class _Job:
+    """What building one cache entry needs, passed around as one thing."""
+
+    tmp: Path  # the entry's folder while it is built
+    tokenizer: Any
+    eos: int
+    dtype: str
+    text_field: str
+    seq_len: int
+    progress: Progress | None
+
+    def tokenise(self, src: _Source, out: _Writer, lengths: _Writer | None, stage: str) -> int:
+        """Stream SRC's documents through the tokenizer into OUT (and their lengths into LENGTHS); -> documents."""
+        documents = 0
+        total = len(src.dataset) if src.dataset is not None else 0
+        limit = np.iinfo(out.dtype).max
+        for ids in _token_lists(src, self.tokenizer, self.eos, self.text_field, self.tmp / "hf"):
+            flat = ids.flatten().to_numpy(zero_copy_only=False)  # (tokens,) the batch's documents, each + EOS
+            if flat.size and int(flat.max()) > limit:
+                raise UpcycleError(f"the tokenizer produced id {int(flat.max())}, beyond its own vocabulary")
+            out.write(flat)
+            if lengths is not None:
+                lengths.write(ids.value_lengths().to_numpy(zero_copy_only=False))
+            documents += len(ids)
+            if self.progress:
+                self.progress(stage, documents, total)
+        self.check_enough(src, documents, out.count)
+        return documents
+
+    def check_enough(self, src: _Source, documents: int, tokens: int) -> None:
+        if documents == 0:
+            raise UpcycleError(f"{src.flag} {src.label} holds no text (0 non-empty documents)")
+        if tokens < self.seq_len:
+            raise UpcycleError(
+                f"{src.flag} {src.label} has only {tokens} tokens, fewer than one block of --seq-len {self.seq_len}; "
+                f"give more text or a --seq-len of at most {tokens}"
+            )
+
+    def split(self, src: _Source, eval_fraction: float, seed: int) -> tuple[int, int, int]:
+        """Hold out a seeded `eval_fraction` of the documents (enough for a block): all.bin -> train/eval.bin.
+
+        Returns (train tokens, eval tokens, eval documents)."""
+        lengths = np.fromfile(self.tmp / "docs.bin", dtype=np.int64)  # (docs,) tokens of each document, EOS included
+        n_docs, total = len(lengths), int(lengths.sum())
+        gen = torch.Generator().manual_seed(_seed("eval", seed))
+        order = torch.randperm(n_docs, generator=gen).numpy()
+        filled = np.cumsum(lengths[order])  # (docs,) eval tokens if the first i+1 documents of `order` are held out
+        count = max(1, round(eval_fraction * n_docs), int(np.searchsorted(filled, self.seq_len)) + 1)
+        if count >= n_docs or total - int(filled[count - 1]) < self.seq_len:
+            raise UpcycleError(
+                f"{src.flag} {src.label} has {total} tokens in {n_docs} documents, too few to hold out an eval "
+                f"block of --seq-len {self.seq_len} and keep one to train on; give a smaller --seq-len, more text "
+                "or --eval-data"
+            )
+        held = np.zeros(n_docs, dtype=bool)
+        held[order[:count]] = True
+
+        offsets = np.concatenate([[0], np.cumsum(lengths)])  # (docs+1,) token offset of each document
+        change = np.flatnonzero(held[1:] != held[:-1]) + 1
+        starts, ends = np.concatenate([[0], change]), np.concatenate([change, [n_docs]])
+        source = np.memmap(self.tmp / "all.bin", dtype=self.dtype, mode="r", shape=(total,))
+        train, evals = _Writer(self.tmp / "train.bin", self.dtype), _Writer(self.tmp / "eval.bin", self.dtype)
+        with contextlib.closing(train), contextlib.closing(evals):
+            for first, stop in zip(starts, ends, strict=True):  # runs of documents on the same side
+                out = evals if held[first] else train
+                lo, hi = int(offsets[first]), int(offsets[stop])
+                for piece in range(lo, hi, COPY_TOKENS):
+                    out.write(np.asarray(source[piece : min(hi, piece + COPY_TOKENS)]))
+                if self.progress:
+                    self.progress("split", train.count + evals.count, total)
+        del source
+        return train.count, evals.count, count
+
+
+def _build(
+    job: _Job, key: str, train_src: _Source, eval_src: _Source | None, eval_fraction: float, seed: int
+) -> dict[str, Any]:
+    """Write train.bin, eval.bin and meta.json into job.tmp; -> the meta."""
+    if eval_src is not None:
+        with contextlib.closing(_Writer(job.tmp / "train.bin", job.dtype)) as train:
+            documents = job.tokenise(train_src, train, None, "tokenise")
+        with contextlib.closing(_Writer(job.tmp / "eval.bin", job.dtype)) as evals:
+            eval_documents = job.tokenise(eval_src, evals, None, "tokenise eval")
+        train_tokens, eval_tokens = train.count, evals.count
+    else:
+        stream, lengths = _Writer(job.tmp / "all.bin", job.dtype), _Writer(job.tmp / "docs.bin", "int64")
+        with contextlib.closing(stream), contextlib.closing(lengths):
+            documents = job.tokenise(train_src, stream, lengths, "tokenise")
+        train_tokens, eval_tokens, eval_documents = job.split(train_src, eval_fraction, seed)
+        (job.tmp / "all.bin").unlink()
+        (job.tmp / "docs.bin").unlink()
+    shutil.rmtree(job.tmp / "hf", ignore_errors=True)  # datasets' lock files
+    meta = {
+        "format": FORMAT,
+        "key": key,
+        "dtype": job.dtype,
+        "seq_len": job.seq_len,
+        "eos": job.eos,
+        "documents": documents,
+        "eval_documents": eval_documents,
+        "train_tokens": train_tokens,
+        "eval_tokens": eval_tokens,
+        "sources": train_src.names,
+        "eval_sources": eval_src.names if eval_src else [],
+        "eval_fraction": None if eval_src else eval_fraction,
+        "seed": None if eval_src else seed,
+    }
+    (job.tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def _token_lists(src: _Source, tokenizer: Any, eos: int, text_field: str, hf_cache: Path) -> Iterator[Any]:
+    """Per batch, an Arrow list array: one list of token ids (EOS appended) per non-empty document."""
+    import datasets
+    import pyarrow as pa
+
+    def encoder(column: str, label: str, strip_newlines: bool) -> Callable[[pa.Table], pa.Table]:
+        def encode(batch: pa.Table) -> pa.Table:
+            values = batch.column(column)
+            if not (
+                pa.types.is_string(values.type)
+                or pa.types.is_large_string(values.type)
+                or pa.types.is_null(values.type)
+            ):
+                raise UpcycleError(
+                    f"{src.flag}: field {column!r} of {label} holds {values.type}, not text; "
+                    "pick another with --text-field"
+                )
+            texts = []
+            for text in values.to_pylist():
+                if strip_newlines and text is not None:
+                    text = text.strip("\n")
+                if text is not None and text.strip():
+                    texts.append(text)
+            enc = (
+                tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False) if texts else {}
+            )
+            ids = [[*doc, eos] for doc in enc.get("input_ids", []) if doc]
+            return pa.table({"ids": pa.array(ids, type=pa.list_(pa.int64()))})
+
+        return encode
+
+    def stream(ds: Any, columns: list[str], column: str, label: str, strip: bool) -> Iterator[Any]:
+        # Arrow in, Arrow out: the map never turns rows into Python dicts, which would cost 3x the tokenising.
+        encode = encoder(column, label, strip)
+        mapped = ds.with_format("arrow").map(encode, batched=True, batch_size=BATCH_DOCS, remove_columns=columns)
+        for table in mapped.iter(batch_size=BATCH_DOCS):
+            yield table.column("ids").combine_chunks()
+
+    with _quiet_datasets():
+        for builder, files in src.groups:
+            label = ", ".join(p.name for p in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            options = {"sample_by": "paragraph"} if builder == "text" else {}
+            column = "text" if builder == "text" else text_field
+            try:
+                ds = datasets.load_dataset(
+                    builder,
+                    data_files=[str(p) for p in files],
+                    split="train",
+                    streaming=True,
+                    cache_dir=str(hf_cache),
+                    **options,
+                )
+                first = next(iter(ds), None)
+                if first is None:
+                    continue
+                _check_field(list(first), column, src.flag, label)
+                yield from stream(ds, list(first), column, label, builder == "text")
+            except (ValueError, OSError, pa.ArrowException, datasets.exceptions.DatasetGenerationError) as exc:
+                if isinstance(exc, UnicodeDecodeError):
+                    raise UpcycleError(f"{src.flag}: {label} is not UTF-8 text ({_first_line(exc)})") from None
+                raise UpcycleError(f"{src.flag}: could not read {label} as {builder}: {_first_line(exc)}") from None
+        if src.saved is not None or src.dataset is not None:
+            ds = src.dataset if src.dataset is not None else _load_saved(src)
+            _check_field(ds.column_names, text_field, src.flag, src.label)
+            ds = ds.select_columns([text_field]).to_iterable_dataset()
+            yield from stream(ds, [text_field], text_field, src.label, False)
+
+
+def _check_field(fields: list[str], column: str, flag: str, label: str) -> None:
+    if column not in fields:
+        raise UpcycleError(
+            f"{flag}: {label} has no field {column!r} (its fields: {', '.join(fields) or 'none'}); "
+            "pick one with --text-field"
+        )
+
+
+def _load_saved(src: _Source) -> Any:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(src.saved))
+    except (OSError, ValueError) as exc:
+        raise UpcycleError(f"{src.flag} {src.label}: not a readable saved dataset: {_first_line(exc)}") from None
+    return _train_split(loaded, src.flag, src.label)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets logs read failures at error level and draws progress bars; prepare() reports through UpcycleError."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    level = ds_logging.get_verbosity()
+    bars = not datasets.are_progress_bars_disabled()
+    ds_logging.set_verbosity(ds_logging.CRITICAL + 10)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
