@@ -489,6 +489,8 @@ def train(
         push_to_hub=push_to_hub,
     )
     result = run_train(model, out_dir, spec, resume=resume, force=force, dry_run=dry_run, console=err)
+    if not result.is_main:  # under torchrun, rank 0 prints and writes --json
+        return
     if dry_run:
         _print_train_plan(result.plan, title=f"Plan (dry run, nothing written): {model}")
         _emit_json(result.plan, json_out)
@@ -523,7 +525,31 @@ def _print_train_plan(plan: dict[str, Any], title: str) -> None:
     )
     table.add_row("device", f"{plan['device']}, {plan['dtype']}, experts {plan['experts_impl']}")
     table.add_row("eval / save", f"every {plan['eval_every']} / {plan['save_every']} steps")
+    if plan.get("memory"):
+        _memory_rows(table, plan["memory"])
     out.print(table)
+
+
+def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
+    """[train-dist] the estimate of upcycle.train.memory, per process."""
+
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    parts = [("weights", "weights"), ("grads", "grads"), ("AdamW", "optimizer"), ("working copies", "working")]
+    states = ", ".join(f"{label} {gib(mem[key])}" for label, key in parts if mem[key])
+    table.add_row("memory per process", f"{states} ({mem['precision']} precision, {mem['world_size']} process(es))")
+    table.add_row(
+        "activations",
+        f"{gib(mem['activations'])} ({gib(mem['activations_checkpointed'])} with --grad-checkpointing) "
+        f"+ logits {gib(mem['logits'])}, at {mem['tokens']:,} tokens per micro-batch",
+    )
+    verdict = "fits" if mem["fits"] else "does NOT fit"
+    line = f"{gib(mem['total'])}: {verdict} in {gib(mem['available'])} ({mem['available_what']})"
+    if not mem["grad_checkpointing"]:
+        ok = "fits" if mem["fits_with_checkpointing"] else "does not fit"
+        line += f"; with --grad-checkpointing {gib(mem['total_with_checkpointing'])}, {ok}"
+    table.add_row("peak estimate", line)
 
 
 def _print_train_summary(summary: dict[str, Any], title: str) -> None:

@@ -14,7 +14,7 @@ from tiny import tiny_config
 
 from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
-from upcycle.train.memory import GiB, available_memory, estimate, model_shape
+from upcycle.train.memory import GiB, available_memory, estimate, model_shape, precision_for
 from upcycle.train.spec import TrainSpec
 
 MIXTRAL = dict(num_local_experts=8, num_experts_per_tok=2)
@@ -50,13 +50,27 @@ def test_fsdp_shards_states_and_adds_gathered_layers():
     spec = TrainSpec(seq_len=16, micro_batch=2, dtype="bf16")
     one = estimate(cfg, spec, trainable_params=1001, total_params=2001, on_gpu=True)
     four = estimate(cfg, spec, trainable_params=1001, total_params=2001, world_size=4, on_gpu=True)
-    assert one.precision == four.precision == "mixed"
+    assert (one.precision, four.precision) == ("pure-bf16", "mixed")  # what upcycle train runs (precision_for)
     assert (four.weights, four.grads, four.optimizer) == (2001, 1001, 2002)  # ceil(n·bytes / 4)
     shape = model_shape(cfg)
     layer = shape.layer_params(moe=True)
     assert four.working == (shape.root_params + 2 * layer) * 2 + layer * 4
     # activations are per rank (micro_batch is per rank): not divided
     assert (four.activations, four.logits) == (one.activations, one.logits)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "on_gpu", "world_size", "expected"),
+    [
+        ("auto", False, 1, "fp32"),
+        ("auto", True, 1, "pure-bf16"),  # one process: the model is loaded in bf16, AdamW moments follow it
+        ("auto", True, 2, "mixed"),  # FSDP2: fp32 shards, bf16 compute
+        ("bf16", False, 2, "pure-bf16"),  # no mixed-precision policy on CPU
+        ("fp32", True, 8, "fp32"),
+    ],
+)
+def test_precision_follows_the_training_loop(dtype, on_gpu, world_size, expected):
+    assert precision_for(TrainSpec(dtype=dtype), on_gpu, world_size) == expected
 
 
 def test_logits_term_and_linear_in_tokens():
@@ -211,3 +225,26 @@ def test_estimate_tracks_peak_rss_of_real_steps(upcycled_256):
         assert 0.6 <= ratio <= 1.5, (name, est[name] >> 20, measured[name]["peak"] >> 20)
     per_token = (est["mb8"] - est["mb4"]) / (measured["mb8"]["peak"] - measured["mb4"]["peak"])
     assert 0.5 <= per_token <= 2.0, per_token
+
+
+def test_dry_run_plan_carries_the_estimate(dense, tmp_path, capsys):
+    """`upcycle train --dry-run` reports this module's figures, and --gpu-mem decides whether they fit."""
+    from upcycle.train import loop
+    from upcycle.train.spec import build_train_spec
+    from upcycle_cli.main import run
+
+    moe = tmp_path / "moe"
+    convert(str(dense("llama")), moe, build_spec(experts=4, top_k=2))
+    spec = build_train_spec(data="unused.txt", steps=2, seq_len=64, micro_batch=2, gpu_mem=0.001)
+    plan = loop.train(str(moe), None, spec, dry_run=True).plan
+    mem = plan["memory"]
+    cfg = json.loads((moe / "config.json").read_text())
+    expected = estimate(
+        cfg, spec, trainable_params=plan["params_trainable"], total_params=plan["params_total"], on_gpu=False
+    )
+    assert {k: mem[k] for k in expected.to_dict()} == expected.to_dict()
+    assert (mem["available"], mem["fits"]) == (int(0.001 * GiB), mem["total"] <= 0.001 * GiB)
+    capsys.readouterr()
+    args = ["train", str(moe), "--data", "unused.txt", "--steps", "2", "--seq-len", "64", "--dry-run"]
+    assert run([*args, "--gpu-mem", "64"]) == 0
+    assert "fits in 64.00 GiB (--gpu-mem 64 GiB)" in " ".join(capsys.readouterr().out.split())

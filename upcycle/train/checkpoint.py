@@ -150,9 +150,12 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     tensors: dict[str, torch.Tensor] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically: model (native format, from_pretrained loads it), tokenizer,
-    optimizer, scheduler, RNG states and trainer_state.json (last, though the rename is what makes it count)."""
+    optimizer, scheduler, RNG states and trainer_state.json (last, though the rename is what makes it count).
+    model_state / optimizer_state: full states gathered from FSDP shards, used instead of the module's own."""
     import torch
     from safetensors.torch import save_file
 
@@ -162,9 +165,9 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / OPTIMIZER)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER)
         torch.save(rng_state(), tmp / RNG)
         if tensors:
@@ -286,13 +289,14 @@ def write_final(
     source_folder: Path,
     recipe_fields: dict[str, Any],
     fallback_recipe: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """final/: the trained model in the native format, its tokenizer, and upcycle.json + model card. The source's
     recipe and card are carried over and extended with `recipe_fields` (the `training` record); a source that
     upcycle did not write gets `fallback_recipe` + `recipe_fields` as its upcycle.json."""
     final = Path(run_dir) / FINAL
     with staged_folder(final, force=True) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)  # model_state: gathered from FSDP shards
         tokenizer.save_pretrained(tmp)
         for name in (RECIPE, CARD):
             if (Path(source_folder) / name).is_file():

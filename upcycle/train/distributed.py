@@ -202,17 +202,21 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env
     return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
 
 
-def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor], env: DistEnv) -> None:
-    """Load a full state dict that rank 0 read (others pass {}) into the (sharded) model. Collective under FSDP."""
+def load_full_model_state(
+    model: nn.Module, state: dict[str, torch.Tensor], env: DistEnv, *, from_rank0: bool = True
+) -> None:
+    """Load a full state dict into the (sharded) model. from_rank0: only rank 0 read it (the others pass {}) and
+    broadcasts it; False: every rank holds the whole dict and keeps its own shard. Collective under FSDP."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, state, options=_options(broadcast_from_rank0=env.distributed))
+    set_model_state_dict(model, state, options=_options(broadcast_from_rank0=from_rank0 and env.distributed))
 
 
 def load_full_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], env: DistEnv
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], env: DistEnv, *, from_rank0: bool = True
 ) -> None:
-    """Load an optimizer state from full_optimizer_state (rank 0 holds it, others pass {}). Collective under FSDP."""
+    """Load an optimizer state written from full_optimizer_state; from_rank0 as in load_full_model_state."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=_options(broadcast_from_rank0=env.distributed))
+    options = _options(broadcast_from_rank0=from_rank0 and env.distributed)
+    set_optimizer_state_dict(model, optimizer, state, options=options)

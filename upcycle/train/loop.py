@@ -13,6 +13,7 @@ optimizer and scheduler states and the RNG state to continue exactly where the r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -26,7 +27,19 @@ from ..errors import UpcycleError
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
 from .data import BlockSampler, prepare
-from .distributed import DistEnv, all_reduce_sum, barrier, destroy, init_distributed, wrap_model
+from .distributed import (  # [train-dist] FSDP2 helpers
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    destroy,
+    full_model_state,
+    full_optimizer_state,
+    grad_norm_value,
+    init_distributed,
+    load_full_optimizer_state,
+    mixed_precision,
+    wrap_model,
+)
 from .losses import dropped_fraction, expert_counts, load_stats, router_losses
 from .metrics import Display, MetricsLog, truncate_metrics
 from .optim import build_optimizer, build_scheduler, module_params, param_groups, set_trainable
@@ -69,6 +82,7 @@ class TrainResult:
     summary: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     pushed: Any = None  # PushResult with --push-to-hub
+    is_main: bool = True  # [train-dist] under torchrun only rank 0 reports
 
 
 # --- the model ------------------------------------------------------------------------------------------
@@ -194,10 +208,22 @@ def training_command(model: str, run_dir: Path, spec: TrainSpec) -> str:
 # --- the plan -------------------------------------------------------------------------------------------
 
 
-def memory_plan(model: nn.Module, spec: TrainSpec, env: DistEnv) -> dict[str, Any] | None:
-    """Memory per GPU (weights, gradients, AdamW states, activations with and without grad checkpointing) and
-    whether it fits the GPU present or --gpu-mem. Provided by upcycle/train/memory.py; until it lands, None."""
-    return None
+def memory_plan(config: dict[str, Any], params: tuple[int, int], spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
+    """Memory per process (weights, gradients, AdamW states, activations with and without grad checkpointing) and
+    whether it fits the GPU present, --gpu-mem, or on CPU the RAM available (upcycle/train/memory.py)."""
+    from .memory import available_memory, estimate  # [train-dist]
+
+    on_gpu = env.device.type == "cuda"
+    est = estimate(
+        config, spec, trainable_params=params[1], total_params=params[0], world_size=env.world_size, on_gpu=on_gpu
+    )
+    available, what = available_memory(spec.gpu_mem)
+    return est.to_dict() | {
+        "available": available,
+        "available_what": what,
+        "fits": est.fits(available),
+        "fits_with_checkpointing": est.fits(available, checkpointed=True),
+    }
 
 
 def make_plan(
@@ -327,7 +353,7 @@ def train_step(run: Run, step: int) -> StepResult:
     grad_norm = float("nan")
     if finite:
         max_norm = spec.clip if spec.clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
+        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(run.params, max_norm))  # [train-dist] DTensor
         if not math.isfinite(grad_norm):
             finite, reason = False, f"gradient norm is not finite ({grad_norm})"
     group = run.optimizer.param_groups[0]
@@ -448,12 +474,11 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
             note(capped)
         meta = _meta_model(source.folder)
         tap, layers = attach_routing(meta, target, config, spec)
-        plan = make_plan(
-            model, config, target, layers, count_params(meta, list(tap.noise_modules.parameters())), spec, env, dtype
-        )
-        plan["memory"] = memory_plan(meta, spec, env)
+        params = count_params(meta, list(tap.noise_modules.parameters()))
+        plan = make_plan(model, config, target, layers, params, spec, env, dtype)
+        plan["memory"] = memory_plan(config, params, spec, env)
         tap.remove()
-        return TrainResult(plan=plan, notes=notes)
+        return TrainResult(plan=plan, notes=notes, is_main=env.is_main)
 
     run_dir = Path(run_dir)
     resume_from = _check_run_dir(run_dir, resume=resume, force=force)
@@ -479,7 +504,16 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
             "data (or start a new run with --force)"
         )
 
-    net = load_model(resume_from or source.folder, dtype, spec, env.device)
+    if env.distributed and spec.router_noise:  # [train-dist] noise weights live outside FSDP's shards
+        raise UpcycleError("--router-noise is not supported under torchrun yet; train in one process or drop it")
+    if state is not None and int(state.state.get("world_size", 1)) != env.world_size:  # [train-dist]
+        raise UpcycleError(
+            f"{resume_from} was written by {state.state.get('world_size', 1)} process(es) and this run has "
+            f"{env.world_size}; resume with the same torchrun --nproc-per-node"
+        )
+    # [train-dist] under FSDP2's mixed-precision policy the shards stay fp32 (the master weights), compute is bf16
+    load_dtype = torch.float32 if mixed_precision(env, spec) is not None else dtype
+    net = load_model(resume_from or source.folder, load_dtype, spec, env.device)
     impl = experts_implementation(net)
     torch.manual_seed(spec.seed)
     tap, layers = attach_routing(net, target, config, spec)
@@ -520,7 +554,10 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
     )
     start = 0
     if state is not None:
-        optimizer.load_state_dict(state.optimizer)
+        if env.distributed:  # [train-dist] saved by name as full tensors; each rank takes its shard
+            load_full_optimizer_state(net, optimizer, state.optimizer, env, from_rank0=False)
+        else:
+            optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         if noise:
             tap.noise_modules.load_state_dict({k.removeprefix("noise."): v for k, v in state.tensors.items()})
@@ -536,7 +573,8 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
 
     summary = _loop(run, run_dir, model, source, tokenizer, info, plan, state, resume, force, display)
     summary["experts_implementation"] = impl
-    result = TrainResult(plan=plan, run_dir=run_dir, final=run_dir / ckpt.FINAL, summary=summary, notes=notes)
+    final = run_dir / ckpt.FINAL
+    result = TrainResult(plan=plan, run_dir=run_dir, final=final, summary=summary, notes=notes, is_main=env.is_main)
     if spec.push_to_hub and env.is_main:
         from ..publish.hub import push
 
@@ -613,8 +651,11 @@ def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, r
     skipped: list[int] = []
     in_a_row = 0
     trained_tokens, train_time = 0, 0.0
-    with ckpt.run_directory(run_dir, resume=resume, force=force) as rd:
-        if resume:
+    # [train-dist] rank 0 owns RUN_DIR; the other ranks start once it exists
+    owner = ckpt.run_directory(run_dir, resume=resume, force=force) if env.is_main else contextlib.nullcontext()
+    with owner as rd:
+        barrier(env)
+        if resume and env.is_main:
             truncate_metrics(run_dir, start)
         log = MetricsLog(run_dir, tensorboard=spec.tensorboard, start_step=start) if env.is_main else None
         display.start(start, total)
@@ -674,12 +715,14 @@ def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, r
                         display.eval(eval_record)
                 if step % save_every == 0 or step == total:
                     _save(run, run_dir, step, tokenizer, saved_state | {"tokens": step * tokens_per_step})
-                    rd.checkpoint_written()
+                    if rd is not None:
+                        rd.checkpoint_written()
         finally:
             display.close()
             if log:
                 log.close()
         final = None
+        model_state = full_model_state(run.model, env) if env.distributed else None  # [train-dist] collective
         if env.is_main:
             training = _training_record(run, model_name, run_dir, info, plan, last_eval)
             fallback = {"tool": {"name": "upcycle", "version": __version__}, "source": {"id": plan["model"]}}
@@ -688,6 +731,7 @@ def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, r
                 model=run.model,
                 tokenizer=tokenizer,
                 source_folder=source.folder,
+                model_state=model_state,
                 recipe_fields={"training": training, "name": Path(run_dir).name, "hub_repo": None},
                 fallback_recipe=fallback,
             )
@@ -736,6 +780,9 @@ def _json_float(x: float) -> float | None:
 
 
 def _save(run: Run, run_dir: Path, step: int, tokenizer, state: dict[str, Any]) -> None:
+    # [train-dist] under FSDP every rank joins the gathering of the full states; rank 0 writes them
+    model_state = full_model_state(run.model, run.env) if run.env.distributed else None
+    optimizer_state = full_optimizer_state(run.model, run.optimizer, run.env) if run.env.distributed else None
     if run.env.is_main:
         tensors = {f"noise.{k}": v for k, v in run.tap.noise_modules.state_dict().items()}
         ckpt.save_checkpoint(
@@ -747,6 +794,8 @@ def _save(run: Run, run_dir: Path, step: int, tokenizer, state: dict[str, Any]) 
             scheduler=run.scheduler,
             state=state,
             tensors=tensors,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
         ckpt.prune(run_dir, run.spec.keep_last)
     barrier(run.env)

@@ -63,20 +63,25 @@ PRECISIONS: dict[str, PrecisionBytes] = {
     # fp32 everywhere (CPU default).
     "fp32": PrecisionBytes(param=4, grad=4, optimizer=8, compute=4, working=0, step_temp=4),
     # fp32 parameters, grads and AdamW; matmuls in bf16: FSDP2's MixedPrecisionPolicy(param_dtype=bf16,
-    # reduce_dtype=fp32), or torch.autocast on one process (its cast cache keeps a bf16 copy of every weight).
-    # The assumption for --dtype bf16 (see precision_for).
+    # reduce_dtype=fp32) (--dtype bf16 under torchrun), or torch.autocast on one process (its cast cache keeps a
+    # bf16 copy of every weight; the benchmark's bf16 step).
     "mixed": PrecisionBytes(param=4, grad=4, optimizer=8, compute=2, working=2, step_temp=4),
     # bf16 parameters and grads, fp32 master weights and moments in the optimizer (Megatron-style).
     "bf16": PrecisionBytes(param=2, grad=2, optimizer=12, compute=2, working=0, step_temp=4),
-    # bf16 everything, as torch.optim.AdamW does on a model simply loaded in bf16 (moments in the param dtype).
+    # bf16 everything, as torch.optim.AdamW does on a model simply loaded in bf16 (moments in the param dtype):
+    # `upcycle train --dtype bf16` on one process.
     "pure-bf16": PrecisionBytes(param=2, grad=2, optimizer=4, compute=2, working=0, step_temp=2),
 }
 
 
-def precision_for(spec: TrainSpec, on_gpu: bool) -> Precision:
-    """The recipe `upcycle train` runs with: --dtype bf16 keeps fp32 master parameters and computes in bf16."""
+def precision_for(spec: TrainSpec, on_gpu: bool, world_size: int = 1) -> Precision:
+    """The recipe `upcycle train` runs with. One process with --dtype bf16 loads the model in bf16 and AdamW keeps
+    its moments in bf16 ("pure-bf16"); under torchrun on GPUs the model stays fp32 and FSDP2's mixed-precision
+    policy computes in bf16 ("mixed")."""
     dtype = spec.dtype if spec.dtype != "auto" else ("bf16" if on_gpu else "fp32")
-    return "mixed" if dtype == "bf16" else "fp32"
+    if dtype == "fp32":
+        return "fp32"
+    return "mixed" if on_gpu and world_size > 1 else "pure-bf16"
 
 
 @dataclass(frozen=True)
@@ -244,7 +249,7 @@ def estimate(
         import torch
 
         on_gpu = torch.cuda.is_available()
-    precision = precision or precision_for(spec, on_gpu)
+    precision = precision or precision_for(spec, on_gpu, world_size)
     p = PRECISIONS[precision]
     shape = model_shape(config)
     tokens = spec.micro_batch * spec.seq_len
