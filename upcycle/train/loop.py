@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,8 +114,12 @@ def load_model(folder: Path, dtype: torch.dtype, spec: TrainSpec, device: torch.
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    placement = {"device_map": str(device)} if device.type == "cuda" else {}  # straight onto the GPU
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation=spec.experts_impl)
+        with _quiet_zero_init():
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, experts_implementation=spec.experts_impl, **placement
+            )
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         raise UpcycleError(f"transformers could not load {folder}: {exc}".splitlines()[0]) from None
     impl = experts_implementation(model)
@@ -125,11 +131,19 @@ def load_model(folder: Path, dtype: torch.dtype, spec: TrainSpec, device: torch.
     return model.to(device)
 
 
+@contextmanager
+def _quiet_zero_init() -> Iterator[None]:
+    """Qwen2-MoE's size-0 shared expert makes torch warn that initialising it does nothing; true, and noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        yield
+
+
 def experts_implementation(model: nn.Module) -> str:
+    """The experts kernel transformers settled on (it may differ from the one asked for)."""
     getter = getattr(model, "get_experts_implementation", None)
-    if getter is not None:
-        return str(getter().get("")) or "eager"
-    return str(getattr(model.config, "_experts_implementation", None) or "eager")
+    value = getter().get("") if getter is not None else getattr(model.config, "_experts_implementation", None)
+    return str(value) if value else "eager"
 
 
 def moe_shape(config: dict[str, Any], target: Target) -> tuple[int, int, bool]:
@@ -159,6 +173,16 @@ def attach_routing(model: nn.Module, target: Target, config: dict[str, Any], spe
     noise = list(tap.noise_modules.parameters())
     set_trainable(model, target, layers, spec.train, noise)
     return tap, layers
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: frozen inputs need no grad hack). transformers 5.24
+    renamed gradient_checkpointing_enable; 5.23 has only the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_params(model: nn.Module, extra: list[nn.Parameter]) -> tuple[int, int]:
@@ -246,7 +270,7 @@ def _meta_model(folder: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
+    with torch.device("meta"), _quiet_zero_init():
         return AutoModelForCausalLM.from_config(cfg)
 
 
@@ -457,8 +481,6 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
 
     run_dir = Path(run_dir)
     resume_from = _check_run_dir(run_dir, resume=resume, force=force)
-    if capped:
-        note(capped)
     if spec.push_to_hub:
         from ..publish.hub import require_token
 
@@ -473,6 +495,8 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
 
     tokenizer = _tokenizer(source)
     train_blocks, eval_blocks, info = _data(spec, tokenizer, env)
+    if capped:  # after every refusal, so that bad input gets one line
+        note(capped)
     if state is not None and state.state.get("data_key") not in (None, info.key):
         raise UpcycleError(
             f"the text behind --data {spec.data} changed since {resume_from} was written; resume with the same "
@@ -488,7 +512,7 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
     plan = make_plan(model, config, target, layers, params_count, spec, env, dtype)
     plan["experts_impl"] = impl
     if spec.grad_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(net)
     net = wrap_model(net, env, spec)
     if spec.compile:
         net.compile()
