@@ -317,21 +317,19 @@ def train_step(run: Run, step: int) -> StepResult:
     device = env.device
     model.train()
     run.optimizer.zero_grad(set_to_none=True)
-    counts = {layer: torch.zeros(run.experts, device=device) for layer in run.layers}  # (E,) over the step
-    sums = torch.zeros(4 + len(run.layers), dtype=torch.float64, device=device)  # loss, lm, balance, z, dropped...
+    counts = torch.zeros(len(run.layers), run.experts, device=device)  # (L, E) assignments over the step
+    sums = torch.zeros(4 + len(run.layers), dtype=torch.float64, device=device)  # loss, lm, balance, z, dropped (L)
     for micro in range(spec.grad_accum):
         idx = run.sampler.indices(step - 1, micro)
         ids = run.train_blocks.blocks(idx).to(device)  # (micro_batch, seq_len)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         records = run.tap.pop()
-        local = {layer: expert_counts(r, run.experts).to(counts[layer].dtype) for layer, r in records.items()}
-        if spec.balance_scope == "global":
-            for layer in run.layers:  # f over the step's micro-batches so far, on every rank
-                counts[layer] += all_reduce_sum(local[layer].clone(), env)
-            balance, z = router_losses(records, {layer: counts[layer] for layer in run.layers})
+        local = torch.stack([expert_counts(records[layer], run.experts) for layer in run.layers]).to(counts)  # (L, E)
+        if spec.balance_scope == "global":  # f over the step's micro-batches so far, on every rank: one all-reduce
+            counts += all_reduce_sum(local, env)
+            balance, z = router_losses(records, dict(zip(run.layers, counts, strict=True)))
         else:
-            for layer in run.layers:
-                counts[layer] += local[layer]
+            counts += local
             balance, z = router_losses(records, None)
         lm = out.loss.float()
         loss = lm + spec.aux_loss_coef * balance.float() + spec.z_loss_coef * z.float()
@@ -342,8 +340,7 @@ def train_step(run: Run, step: int) -> StepResult:
             dropped = [dropped_fraction(records[layer]) for layer in run.layers]
             sums += torch.cat([terms.double(), torch.tensor(dropped, dtype=torch.float64, device=device)])
     if spec.balance_scope != "global":
-        for layer in run.layers:
-            all_reduce_sum(counts[layer], env)
+        all_reduce_sum(counts, env)  # the logged load covers every rank either way
     sums = all_reduce_sum(sums, env) / (spec.grad_accum * env.world_size)
     loss_v, lm_v, bal_v, z_v = (float(x) for x in sums[:4])
     finite = all(math.isfinite(v) for v in (loss_v, lm_v, bal_v, z_v))
@@ -363,7 +360,8 @@ def train_step(run: Run, step: int) -> StepResult:
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
         run.scheduler.step()
     dropped_v = {layer: float(v) for layer, v in zip(run.layers, sums[4:], strict=True)}
-    return StepResult(finite, reason, loss_v, lm_v, bal_v, z_v, grad_norm, counts, dropped_v, lr)
+    per_layer = dict(zip(run.layers, counts, strict=True))
+    return StepResult(finite, reason, loss_v, lm_v, bal_v, z_v, grad_norm, per_layer, dropped_v, lr)
 
 
 def evaluate(run: Run) -> dict[str, Any] | None:
@@ -488,6 +486,11 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
     state = ckpt.load_training_state(resume_from) if resume_from else None
     if state is not None:
         ckpt.check_resumable(state.state["fixed"], ckpt.fixed_options(spec), resume_from)
+        if state.state.get("world_size", 1) != env.world_size:
+            raise UpcycleError(
+                f"{resume_from} was written by {state.state.get('world_size', 1)} process(es) and this run has "
+                f"{env.world_size}; the global batch and its data order would change. Resume with the same number"
+            )
         if state.step >= total:
             raise UpcycleError(
                 f"the run in {run_dir} already reached step {state.step}; pass a larger --steps to train further"
