@@ -526,3 +526,68 @@ def test_library_refuses_resume_and_force_together(moe_store, text, tmp_path):
             resume=True,
             force=True,
         )
+
+
+# --- routing options, activation checkpointing, publishing ------------------------------------------------
+
+
+def test_noise_and_capacity_resume_exactly_and_stay_out_of_final(moe_store, text, tmp_path):
+    """Noisy top-k, capacity and jitter together: drops are logged, the noise weights live in the checkpoints
+    only, and a run resumed from an earlier checkpoint repeats the same steps exactly."""
+    src = moe_store("mixtral")
+    options = dict(data=str(text), steps=6, save_every=3, eval_every=6, router_noise=True, capacity_factor=1.0)
+    options |= dict(jitter=0.01, keep_last=3)
+    train(src, tmp_path / "a", **options)
+    records = train_records(tmp_path / "a")
+    assert all(row["dropped"] > 0 for r in records for row in r["layers"])
+    with safe_open(tmp_path / "a" / "checkpoints" / "step-3" / "trainer_state.safetensors", "pt") as fh:
+        assert sorted(fh.keys()) == [f"noise.{i}.weight" for i in range(4)]
+    assert tensors(tmp_path / "a" / "final").keys() == tensors(src).keys()
+
+    b = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", b)
+    shutil.rmtree(b / "checkpoints" / "step-6")
+    shutil.rmtree(b / "final")
+    result = loop.train(str(src), b, build_train_spec(**{**SMALL, **options}), resume=True)
+    assert result.summary["resumed_from"] == 3
+    resumed = train_records(b)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for r, s in zip(records, resumed, strict=True):  # every figure of steps 4-6 again, bit for bit
+        assert {**r, "tokens_per_s": None} == {**s, "tokens_per_s": None}
+    a_final, b_final = tensors(tmp_path / "a" / "final"), tensors(b / "final")
+    assert all(torch.equal(a_final[k], b_final[k]) for k in a_final)
+
+
+def test_grad_checkpointing_gives_the_same_steps(moe_store, text, tmp_path):
+    common = dict(data=str(text), steps=3, save_every=3, eval_every=3, jitter=0.01)
+    train(moe_store("mixtral"), tmp_path / "plain", **common)
+    train(moe_store("mixtral"), tmp_path / "ckpt", grad_checkpointing=True, **common)
+    plain, ckpt = train_records(tmp_path / "plain"), train_records(tmp_path / "ckpt")
+    for key in ("loss", "lm", "balance", "z", "grad_norm"):
+        assert [r[key] for r in ckpt] == pytest.approx([r[key] for r in plain], rel=1e-5), key
+    assert [r["layers"][0]["load"] for r in ckpt] == [r["layers"][0]["load"] for r in plain]  # one record per forward
+
+
+def test_push_to_hub_publishes_final(moe_store, text, tmp_path, monkeypatch, capsys):
+    from test_push import FakeHub
+
+    hub = FakeHub(monkeypatch)
+    out = tmp_path / "run"
+    args = ["train", str(moe_store("mixtral")), "--data", str(text), "--out", str(out), "--steps", "2"]
+    code, stdout, err = cli([*args, "--seq-len", "32", "--push-to-hub", "me/trained-moe"], capsys)
+    assert code == 0, err
+    (upload,) = hub.named("upload_folder")
+    assert Path(upload["folder_path"]) == out / "final" and upload["repo_id"] == "me/trained-moe"
+    assert "checkpoints/" not in json.dumps(upload["allow_patterns"])
+    assert json.loads((out / "final" / "upcycle.json").read_text())["hub_repo"] == "me/trained-moe"
+    assert "Pushed" in stdout and "hf_test_token_never_shown" not in stdout + err
+
+
+def test_push_to_hub_without_a_token_fails_before_training(moe_store, text, tmp_path, monkeypatch, capsys):
+    from test_push import FakeHub
+
+    FakeHub(monkeypatch, token=None)
+    out = tmp_path / "run"
+    args = ["train", str(moe_store("mixtral")), "--data", str(text), "--out", str(out), "--steps", "2"]
+    assert "no Hugging Face token" in _bad(capsys, [*args, "--push-to-hub", "me/trained-moe"])
+    assert not out.exists()

@@ -17,6 +17,8 @@ import contextlib
 import math
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,8 +128,12 @@ def load_model(folder: Path, dtype: torch.dtype, spec: TrainSpec, device: torch.
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    placement = {"device_map": str(device)} if device.type == "cuda" else {}  # straight onto the GPU
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation=spec.experts_impl)
+        with _quiet_zero_init():
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, experts_implementation=spec.experts_impl, **placement
+            )
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         raise UpcycleError(f"transformers could not load {folder}: {exc}".splitlines()[0]) from None
     impl = experts_implementation(model)
@@ -139,11 +145,19 @@ def load_model(folder: Path, dtype: torch.dtype, spec: TrainSpec, device: torch.
     return model.to(device)
 
 
+@contextmanager
+def _quiet_zero_init() -> Iterator[None]:
+    """Qwen2-MoE's size-0 shared expert makes torch warn that initialising it does nothing; true, and noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        yield
+
+
 def experts_implementation(model: nn.Module) -> str:
+    """The experts kernel transformers settled on (it may differ from the one asked for)."""
     getter = getattr(model, "get_experts_implementation", None)
-    if getter is not None:
-        return str(getter().get("")) or "eager"
-    return str(getattr(model.config, "_experts_implementation", None) or "eager")
+    value = getter().get("") if getter is not None else getattr(model.config, "_experts_implementation", None)
+    return str(value) if value else "eager"
 
 
 def moe_shape(config: dict[str, Any], target: Target) -> tuple[int, int, bool]:
@@ -173,6 +187,16 @@ def attach_routing(model: nn.Module, target: Target, config: dict[str, Any], spe
     noise = list(tap.noise_modules.parameters())
     set_trainable(model, target, layers, spec.train, noise)
     return tap, layers
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: frozen inputs need no grad hack). transformers 5.24
+    renamed gradient_checkpointing_enable; 5.23 has only the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_params(model: nn.Module, extra: list[nn.Parameter]) -> tuple[int, int]:
@@ -272,7 +296,7 @@ def _meta_model(folder: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
+    with torch.device("meta"), _quiet_zero_init():
         return AutoModelForCausalLM.from_config(cfg)
 
 
@@ -319,21 +343,19 @@ def train_step(run: Run, step: int) -> StepResult:
     device = env.device
     model.train()
     run.optimizer.zero_grad(set_to_none=True)
-    counts = {layer: torch.zeros(run.experts, device=device) for layer in run.layers}  # (E,) over the step
-    sums = torch.zeros(4 + len(run.layers), dtype=torch.float64, device=device)  # loss, lm, balance, z, dropped...
+    counts = torch.zeros(len(run.layers), run.experts, device=device)  # (L, E) assignments over the step
+    sums = torch.zeros(4 + len(run.layers), dtype=torch.float64, device=device)  # loss, lm, balance, z, dropped (L)
     for micro in range(spec.grad_accum):
         idx = run.sampler.indices(step - 1, micro)
         ids = run.train_blocks.blocks(idx).to(device)  # (micro_batch, seq_len)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         records = run.tap.pop()
-        local = {layer: expert_counts(r, run.experts).to(counts[layer].dtype) for layer, r in records.items()}
-        if spec.balance_scope == "global":
-            for layer in run.layers:  # f over the step's micro-batches so far, on every rank
-                counts[layer] += all_reduce_sum(local[layer].clone(), env)
-            balance, z = router_losses(records, {layer: counts[layer] for layer in run.layers})
+        local = torch.stack([expert_counts(records[layer], run.experts) for layer in run.layers]).to(counts)  # (L, E)
+        if spec.balance_scope == "global":  # f over the step's micro-batches so far, on every rank: one all-reduce
+            counts += all_reduce_sum(local, env)
+            balance, z = router_losses(records, dict(zip(run.layers, counts, strict=True)))
         else:
-            for layer in run.layers:
-                counts[layer] += local[layer]
+            counts += local
             balance, z = router_losses(records, None)
         lm = out.loss.float()
         loss = lm + spec.aux_loss_coef * balance.float() + spec.z_loss_coef * z.float()
@@ -344,8 +366,7 @@ def train_step(run: Run, step: int) -> StepResult:
             dropped = [dropped_fraction(records[layer]) for layer in run.layers]
             sums += torch.cat([terms.double(), torch.tensor(dropped, dtype=torch.float64, device=device)])
     if spec.balance_scope != "global":
-        for layer in run.layers:
-            all_reduce_sum(counts[layer], env)
+        all_reduce_sum(counts, env)  # the logged load covers every rank either way
     sums = all_reduce_sum(sums, env) / (spec.grad_accum * env.world_size)
     loss_v, lm_v, bal_v, z_v = (float(x) for x in sums[:4])
     finite = all(math.isfinite(v) for v in (loss_v, lm_v, bal_v, z_v))
@@ -365,7 +386,8 @@ def train_step(run: Run, step: int) -> StepResult:
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
         run.scheduler.step()
     dropped_v = {layer: float(v) for layer, v in zip(run.layers, sums[4:], strict=True)}
-    return StepResult(finite, reason, loss_v, lm_v, bal_v, z_v, grad_norm, counts, dropped_v, lr)
+    per_layer = dict(zip(run.layers, counts, strict=True))
+    return StepResult(finite, reason, loss_v, lm_v, bal_v, z_v, grad_norm, per_layer, dropped_v, lr)
 
 
 def evaluate(run: Run) -> dict[str, Any] | None:
@@ -482,8 +504,6 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
 
     run_dir = Path(run_dir)
     resume_from = _check_run_dir(run_dir, resume=resume, force=force)
-    if capped:
-        note(capped)
     if spec.push_to_hub:
         from ..publish.hub import require_token
 
@@ -491,6 +511,11 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
     state = ckpt.load_training_state(resume_from) if resume_from else None
     if state is not None:
         ckpt.check_resumable(state.state["fixed"], ckpt.fixed_options(spec), resume_from)
+        if state.state.get("world_size", 1) != env.world_size:
+            raise UpcycleError(
+                f"{resume_from} was written by {state.state.get('world_size', 1)} process(es) and this run has "
+                f"{env.world_size}; the global batch and its data order would change. Resume with the same number"
+            )
         if state.step >= total:
             raise UpcycleError(
                 f"the run in {run_dir} already reached step {state.step}; pass a larger --steps to train further"
@@ -498,6 +523,8 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
 
     tokenizer = _tokenizer(source)
     train_blocks, eval_blocks, info = _data(spec, tokenizer, env)
+    if capped:  # after every refusal, so that bad input gets one line
+        note(capped)
     if state is not None and state.state.get("data_key") not in (None, info.key):
         raise UpcycleError(
             f"the text behind --data {spec.data} changed since {resume_from} was written; resume with the same "
@@ -506,11 +533,6 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
 
     if env.distributed and spec.router_noise:  # [train-dist] noise weights live outside FSDP's shards
         raise UpcycleError("--router-noise is not supported under torchrun yet; train in one process or drop it")
-    if state is not None and int(state.state.get("world_size", 1)) != env.world_size:  # [train-dist]
-        raise UpcycleError(
-            f"{resume_from} was written by {state.state.get('world_size', 1)} process(es) and this run has "
-            f"{env.world_size}; resume with the same torchrun --nproc-per-node"
-        )
     # [train-dist] under FSDP2's mixed-precision policy the shards stay fp32 (the master weights), compute is bf16
     load_dtype = torch.float32 if mixed_precision(env, spec) is not None else dtype
     net = load_model(resume_from or source.folder, load_dtype, spec, env.device)
@@ -522,7 +544,7 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
     plan = make_plan(model, config, target, layers, params_count, spec, env, dtype)
     plan["experts_impl"] = impl
     if spec.grad_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(net)
     net = wrap_model(net, env, spec)
     if spec.compile:
         net.compile()
