@@ -163,7 +163,10 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    # "pure": the weights (and so AdamW's moments) in the run's dtype, as `upcycle train` holds them in one
+    # process; "mixed": fp32 weights and AdamW with a bf16 autocast, as under FSDP2's mixed-precision policy
+    pure_bf16 = job["dtype"] == "bf16" and job["precision"] == "pure"
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if pure_bf16 else torch.float32}
     if job["impl"] != "dense":
         kwargs["experts_implementation"] = job["impl"]
     if device.type == "cpu":  # imports and first-call allocations out of the measured peak
@@ -178,11 +181,12 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     # what transformers actually dispatches to (it may fall back silently), not what was asked for
     impl_got = model.config._experts_implementation if job["impl"] != "dense" else "dense"
     tap, router_losses = routing_hooks(model) if job["impl"] != "dense" else (None, None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    fused = True if device.type == "cuda" else None  # as upcycle.train.optim.build_optimizer
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     batches = [torch.randint(0, vocab, (job["batch"], job["seq"]), generator=gen).to(device) for _ in range(4)]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["dtype"] == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["dtype"] == "bf16" and not pure_bf16)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -278,12 +282,15 @@ def peak_for(device: str, dtype: str, threads: int | None, given: float | None) 
     return measured, f"measured torch.mm {dtype} peak on this CPU, {threads or os.cpu_count()} threads"
 
 
-def estimate_mib(config: dict[str, Any], size: Size, dtype: str, device: str, params: int) -> float:
+def estimate_mib(config: dict[str, Any], size: Size, dtype: str, precision: str, device: str, params: int) -> float:
     from upcycle.train.memory import estimate
     from upcycle.train.spec import TrainSpec
 
     spec = TrainSpec(seq_len=size.seq, micro_batch=size.batch, dtype=dtype)
-    est = estimate(config, spec, trainable_params=params, total_params=params, on_gpu=device == "cuda")
+    recipe = "fp32" if dtype == "fp32" else ("pure-bf16" if precision == "pure" else "mixed")
+    est = estimate(
+        config, spec, trainable_params=params, total_params=params, on_gpu=device == "cuda", precision=recipe
+    )
     return est.total / MIB
 
 
@@ -358,6 +365,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument(
+        "--precision",
+        choices=("pure", "mixed"),
+        default="pure",
+        help="with bf16: weights and AdamW in bf16 as upcycle train on one process (pure), or fp32 + autocast (mixed)",
+    )
     p.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)} (default: cpu,tiny / smollm2)")
     p.add_argument("--impls", default=None, help="override every size's experts implementations (comma list)")
     p.add_argument("--batch", type=int, default=None, help="override the sizes' micro-batch")
@@ -396,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         dense_tps = None
         for model, folder, impl in [("dense", dense, "dense")] + [("moe 8x top-2", moe, i) for i in impls]:
             cfg = json.loads((folder / "config.json").read_text())
-            job = dict(name=name, model=str(folder), impl=impl, device=args.device, dtype=dtype, seq=size.seq,
-                       batch=size.batch, steps=steps, warmup=warmup, threads=args.threads)  # fmt: skip
+            job = dict(name=name, model=str(folder), impl=impl, device=args.device, dtype=dtype,
+                       precision=args.precision, seq=size.seq, batch=size.batch, steps=steps, warmup=warmup,
+                       threads=args.threads)  # fmt: skip
             res = run_child(job)
             fpt, active, _ = flops_per_token(cfg, size.seq)
             dense_tps = dense_tps or res["tokens_per_s"]
@@ -410,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 "flops_per_token": fpt,
                 "mfu": fpt * res["tokens_per_s"] / (peak * 1e12),
                 "vs_dense": res["tokens_per_s"] / dense_tps,
-                "estimate_mib": estimate_mib(cfg, size, dtype, args.device, res["params"]),
+                "estimate_mib": estimate_mib(cfg, size, dtype, args.precision, args.device, res["params"]),
             }
             rows.append(row)
             print(f"{name:8s} {model:13s} {res['experts_impl']:10s} {res['tokens_per_s']:10,.0f} tokens/s  "
@@ -429,7 +443,12 @@ def main(argv: list[str] | None = None) -> int:
                 "when": datetime.now(UTC).isoformat(timespec="seconds"),
                 "device": args.device,
                 "dtype": dtype,
-                "precision": "fp32" if dtype == "fp32" else "fp32 params + AdamW, bf16 autocast",
+                "precision": "fp32"
+                if dtype == "fp32"
+                else {
+                    "pure": "bf16 weights and AdamW moments (upcycle train, one process)",
+                    "mixed": "fp32 weights and AdamW, bf16 autocast",
+                }[args.precision],
                 "steps": steps,
                 "warmup": warmup,
                 "threads": args.threads,
