@@ -547,6 +547,215 @@ def push(
     _emit_json(result.to_dict(), json_out)
 
 
+# --- train -------------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="An upcycled MoE: a folder or a Hub id.")],
+    data: Annotated[
+        str | None, typer.Option(help="Text: .txt/.jsonl/.json/.parquet, a folder of them, or a datasets id.")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", metavar="RUN_DIR", help="The run directory.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML run config; flags given here win.")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Text field of .jsonl/.json/.parquet. [default: text]")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="Held-out text. [default: a held-out share of DATA]")] = None,
+    eval_fraction: Annotated[float | None, typer.Option(help="Share of DATA held out. [default: 0.01]")] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per sequence (capped at the model's limit). [2048]")
+    ] = None,
+    micro_batch: Annotated[int | None, typer.Option(help="Sequences per forward pass. [default: 4]")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step. [default: 1]")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (or give --tokens).")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Tokens to train on (or give --steps).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate. [default: 1e-4]")] = None,
+    min_lr: Annotated[float | None, typer.Option(help="Learning rate at the end. [default: 10% of --lr]")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Linear warmup steps. [default: 1% of the steps]")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW decay (not on norms, biases, embeddings, routers). [default: 0.1]")
+    ] = None,
+    clip: Annotated[float | None, typer.Option(help="Gradient norm clip; 0 turns it off. [default: 1.0]")] = None,
+    aux_loss_coef: Annotated[float | None, typer.Option(help="α of the balance loss. [default: 0.01]")] = None,
+    z_loss_coef: Annotated[float | None, typer.Option(help="β of the router z-loss. [default: 0.001]")] = None,
+    balance_scope: Annotated[
+        str | None, typer.Option(help="Expert counts of the balance loss: global or micro. [default: global]")
+    ] = None,
+    capacity_factor: Annotated[
+        float | None, typer.Option(help="Drop assignments over C = factor·tokens·k/E per expert. [default: off]")
+    ] = None,
+    jitter: Annotated[float | None, typer.Option(help="Router input jitter ε. [default: 0]")] = None,
+    router_noise: Annotated[
+        bool | None, typer.Option("--router-noise/--no-router-noise", help="Noisy top-k routing. [default: off]")
+    ] = None,
+    train_what: Annotated[
+        str | None, typer.Option("--train", help="What trains: all, experts, non-experts, router. [default: all]")
+    ] = None,
+    router_lr_scale: Annotated[float | None, typer.Option(help="Router lr = lr × this. [default: 1]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32.")] = None,
+    experts_impl: Annotated[
+        str | None, typer.Option(help="transformers experts kernel: grouped_mm or eager. [default: grouped_mm]")
+    ] = None,
+    grad_checkpointing: Annotated[
+        bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations.")
+    ] = None,
+    compile_model: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
+    ] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps. [default: 10% of the steps]")] = None,
+    save_every: Annotated[
+        int | None, typer.Option(help="Checkpoint every N steps. [default: 10% of the steps]")
+    ] = None,
+    keep_last: Annotated[int | None, typer.Option(help="Complete checkpoints kept. [default: 2]")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log every N steps. [default: 10]")] = None,
+    tensorboard: Annotated[
+        bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard events.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the data order and every random draw. [default: 0]")] = None,
+    gpu_mem: Annotated[float | None, typer.Option(help="GiB per GPU for --dry-run's fit check.")] = None,
+    push_to_hub: Annotated[
+        str | None, typer.Option("--push-to-hub", metavar="REPO_ID", help="Publish final/ when the run succeeds.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue RUN_DIR from its newest checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace RUN_DIR if it exists.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Also write the summary as JSON to this file ('-': stdout).")
+    ] = None,
+) -> None:
+    """Continue pretraining an upcycled MoE on text; checkpoints, metrics and final/ go to RUN_DIR."""
+    from upcycle.train.loop import train as run_train
+    from upcycle.train.spec import build_train_spec, load_run_config
+
+    spec = build_train_spec(
+        load_run_config(config) if config else None,
+        data=data,
+        text_field=text_field,
+        eval_data=eval_data,
+        eval_fraction=eval_fraction,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        steps=steps,
+        tokens=tokens,
+        lr=lr,
+        min_lr=min_lr,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        clip=clip,
+        aux_loss_coef=aux_loss_coef,
+        z_loss_coef=z_loss_coef,
+        balance_scope=balance_scope,
+        capacity_factor=capacity_factor,
+        jitter=jitter,
+        router_noise=router_noise,
+        train=train_what,
+        router_lr_scale=router_lr_scale,
+        dtype=dtype,
+        experts_impl=experts_impl,
+        grad_checkpointing=grad_checkpointing,
+        compile=compile_model,
+        eval_every=eval_every,
+        save_every=save_every,
+        keep_last=keep_last,
+        log_every=log_every,
+        tensorboard=tensorboard,
+        seed=seed,
+        gpu_mem=gpu_mem,
+        push_to_hub=push_to_hub,
+    )
+    result = run_train(model, out_dir, spec, resume=resume, force=force, dry_run=dry_run, console=err)
+    if not result.is_main:  # under torchrun, rank 0 prints and writes --json
+        return
+    if dry_run:
+        _print_train_plan(result.plan, title=f"Plan (dry run, nothing written): {model}")
+        _emit_json(result.plan, json_out)
+        return
+    _print_train_summary(result.summary, title=f"Trained {model} -> {out_dir}")
+    if result.pushed is not None:
+        out.print(f"Pushed {len(result.pushed.files)} files to {result.pushed.repo_id}: {result.pushed.url}")
+    _emit_json(result.summary, json_out)
+
+
+def _print_train_plan(plan: dict[str, Any], title: str) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", f"{plan['model']} ({plan['architecture']})")
+    table.add_row("MoE layers", _placement(plan["moe_layers"], plan["layers"]))
+    table.add_row("experts / top-k", f"{plan['experts']} / {plan['top_k']}")
+    table.add_row(
+        "parameters",
+        f"{_fmt_count(plan['params_total'])} total, {_fmt_count(plan['params_trainable'])} trainable "
+        f"(--train {plan['train']})",
+    )
+    table.add_row(
+        "batch",
+        f"{plan['tokens_per_step']:,} tokens per step = {plan['micro_batch']} × {plan['seq_len']} tokens "
+        f"× {plan['grad_accum']} accumulation × {plan['world_size']} process(es)",
+    )
+    table.add_row("steps", f"{plan['steps']:,} ({_fmt_count(plan['tokens'])} tokens)")
+    table.add_row(
+        "lr schedule",
+        f"{plan['warmup']} warmup steps to {plan['lr']:g}, cosine to {plan['min_lr']:g}",
+    )
+    table.add_row("device", f"{plan['device']}, {plan['dtype']}, experts {plan['experts_impl']}")
+    table.add_row("eval / save", f"every {plan['eval_every']} / {plan['save_every']} steps")
+    if plan.get("memory"):
+        _memory_rows(table, plan["memory"])
+    out.print(table)
+
+
+def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
+    """[train-dist] the estimate of upcycle.train.memory, per process."""
+
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    parts = [("weights", "weights"), ("grads", "grads"), ("AdamW", "optimizer"), ("working copies", "working")]
+    states = ", ".join(f"{label} {gib(mem[key])}" for label, key in parts if mem[key])
+    table.add_row("memory per process", f"{states} ({mem['precision']} precision, {mem['world_size']} process(es))")
+    table.add_row(
+        "activations",
+        f"{gib(mem['activations'])} ({gib(mem['activations_checkpointed'])} with --grad-checkpointing) "
+        f"+ logits {gib(mem['logits'])}, at {mem['tokens']:,} tokens per micro-batch",
+    )
+    verdict = "fits" if mem["fits"] else "does NOT fit"
+    line = f"{gib(mem['total'])}: {verdict} in {gib(mem['available'])} ({mem['available_what']})"
+    if not mem["grad_checkpointing"]:
+        ok = "fits" if mem["fits_with_checkpointing"] else "does not fit"
+        line += f"; with --grad-checkpointing {gib(mem['total_with_checkpointing'])}, {ok}"
+    table.add_row("peak estimate", line)
+
+
+def _print_train_summary(summary: dict[str, Any], title: str) -> None:
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("final train loss", num(summary["train_loss"], ".4f"))
+    table.add_row("eval loss / perplexity", f"{num(summary['eval_loss'], '.4f')} / {num(summary['perplexity'], '.2f')}")
+    table.add_row("steps / tokens", f"{summary['steps']:,} / {summary['tokens']:,}")
+    table.add_row("tokens/s", num(summary["tokens_per_s"], ",.0f") + f" (experts {summary['experts_implementation']})")
+    if summary["skipped_steps"]:
+        table.add_row("skipped steps", ", ".join(map(str, summary["skipped_steps"])))
+    table.add_row("final model", str(summary["final"]))
+    out.print(table)
+    if summary["expert_load"]:
+        load = Table(title="expert load at the end (share of routed assignments)", title_justify="left")
+        for col in ("MoE layer", "CV", "most loaded", "least loaded"):
+            load.add_column(col, justify="right")
+        for row in summary["expert_load"]:
+            load.add_row(
+                str(row["layer"]),
+                f"{row['cv']:.3f}",
+                f"expert {row['most']}: {row['max']:.3f}",
+                f"expert {row['least']}: {row['min']:.3f}",
+            )
+        out.print(load)
+
+
 # --- entry point -------------------------------------------------------------------------------------
 
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it

@@ -1,0 +1,469 @@
+"""Benchmark a training step: the dense parent against its upcycled MoE (8 experts, top-2, every layer).
+
+For each model size it writes (once, then reuses) a random dense Llama with `save_pretrained`, converts it with
+`upcycle convert` (upcycle.convert.pipeline.convert), and then, in a fresh child process per (model, experts
+implementation), times forward + backward + gradient clipping + AdamW step on random token ids at the same shape and
+batch for both models. Per run it records:
+
+- tokens/s over the timed steps (after warm-up steps), and each step's time;
+- peak memory: on GPU torch.cuda.max_memory_allocated; on CPU the child's peak RSS (VmHWM) above its RSS after a
+  warm-up on a one-layer copy, less the file-backed RSS of the checkpoint that from_pretrained leaves mapped
+  (reclaimable page cache), i.e. what the step itself needed, comparable with upcycle.train.memory's estimate;
+- FLOPs per token = 6·N_active + 12·L·d_attn·S (torchtitan's count: N_active without the input embedding table,
+  routed experts counted top_k/num_experts of their size; causal attention counted in full), and MFU = FLOPs/token ×
+  tokens/s ÷ peak. The peak is the GPU's datasheet dense bf16/fp32 figure (--peak-tflops overrides it); on CPU there
+  is no datasheet figure worth using, so the peak is *measured*: the best torch.mm rate at this dtype and thread count.
+
+The MoE step includes the routing hooks of `upcycle train`: a RouterTap on every router and the balance and z
+losses (coefficients 0.01 and 0.001) added to the LM loss, as the training loop does.
+
+    python benchmarks/train_throughput.py                                   # CPU: sizes cpu + tiny, fp32
+    python benchmarks/train_throughput.py --device cuda --dtype bf16 --sizes smollm2   # one H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+MIB = 1 << 20
+
+# Datasheet dense peaks in TFLOPS (no sparsity), by a substring of torch.cuda.get_device_name and the dtype.
+GPU_PEAKS = {
+    ("H100 PCIe", "bf16"): 756.0,
+    ("H100", "bf16"): 989.4,  # SXM
+    ("H200", "bf16"): 989.4,
+    ("A100", "bf16"): 312.0,
+    ("H100 PCIe", "fp32"): 51.0,
+    ("H100", "fp32"): 67.0,
+    ("H200", "fp32"): 67.0,
+    ("A100", "fp32"): 19.5,
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    """A Llama shape and the batch it is trained at."""
+
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    seq: int
+    batch: int
+    impls: tuple[str, ...]
+    tied: bool = False
+
+    def config(self) -> dict[str, Any]:
+        return dict(
+            hidden_size=self.hidden,
+            intermediate_size=self.ffn,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            vocab_size=self.vocab,
+            max_position_embeddings=max(self.seq, 2048),
+            tie_word_embeddings=self.tied,
+            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+
+
+SIZES = {
+    # Runs in a minute or two per model on 2 CPU cores.
+    "cpu": Size(hidden=512, ffn=1536, layers=8, heads=8, kv_heads=4, vocab=8192, seq=256, batch=4,
+                impls=("eager", "grouped_mm")),
+    # batched_mm copies a weight matrix per (token, expert): only at this size.
+    "tiny": Size(hidden=128, ffn=384, layers=2, heads=4, kv_heads=2, vocab=2048, seq=128, batch=4,
+                 impls=("eager", "grouped_mm", "batched_mm")),
+    # SmolLM2-135M's shape (tied embeddings); for one H100 at bf16.
+    "smollm2": Size(hidden=576, ffn=1536, layers=30, heads=9, kv_heads=3, vocab=49152, seq=2048, batch=8,
+                    impls=("eager", "grouped_mm"), tied=True),
+}  # fmt: skip
+
+
+# --- models ---------------------------------------------------------------------------------------------
+
+
+def make_models(size: Size, work: Path) -> tuple[Path, Path]:
+    """The dense parent (random, fp32) and its 8-expert top-2 MoE, written once under `work` and reused."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from upcycle.convert.pipeline import convert
+    from upcycle.convert.spec import build_spec
+
+    tag = f"h{size.hidden}-f{size.ffn}-l{size.layers}-v{size.vocab}{'-tied' if size.tied else ''}"
+    dense, moe = work / f"dense-{tag}", work / f"moe8x2-{tag}"
+    if not (dense / "config.json").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **size.config()))
+        model.save_pretrained(dense)
+    if not (moe / "config.json").is_file():
+        convert(str(dense), moe, build_spec(experts=8, top_k=2), force=True)
+    return dense, moe
+
+
+def flops_per_token(config: dict[str, Any], seq: int) -> tuple[int, int, int]:
+    """(FLOPs per token, N_active, total parameters) from the config: 6·N_active + 12·L·d_attn·S."""
+    from upcycle.train.memory import model_shape
+
+    s = model_shape(config)
+    h = s.hidden
+    attn = 2 * h * s.d_q + 2 * h * s.d_kv + 2 * h  # q, o, k, v projections and the two norms
+    dense_ffn = 3 * h * s.dense_ffn
+    moe_total = s.experts * (3 * h * s.expert_ffn + h) + 3 * h * s.shared_ffn
+    moe_active = s.top_k * 3 * h * s.expert_ffn + s.experts * h + 3 * h * s.shared_ffn
+    dense_layers = s.layers - s.moe_layers
+    head = s.vocab * h + h  # lm_head (tied or not: the matmul happens either way) + final norm
+    active = s.layers * attn + dense_layers * dense_ffn + s.moe_layers * moe_active + head
+    total = s.root_params + s.layers * attn + dense_layers * dense_ffn + s.moe_layers * moe_total
+    return 6 * active + 12 * s.layers * s.d_q * seq, active, total
+
+
+# --- the child: one (model, implementation) run ---------------------------------------------------------
+
+
+def _rss(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def routing_hooks(model: Any) -> tuple[Any, Any]:
+    """(RouterTap, router_losses) from upcycle.train for an MoE, so the step pays for our hooks and losses."""
+    from upcycle.arch import target_for_model_type
+    from upcycle.train.losses import router_losses
+    from upcycle.train.routing_hooks import tap_model
+
+    target = target_for_model_type(model.config.model_type)
+    return tap_model(model, target), router_losses
+
+
+def child(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(job["device"])
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    torch.manual_seed(0)
+    # "pure": the weights (and so AdamW's moments) in the run's dtype, as `upcycle train` holds them in one
+    # process; "mixed": fp32 weights and AdamW with a bf16 autocast, as under FSDP2's mixed-precision policy
+    pure_bf16 = job["dtype"] == "bf16" and job["precision"] == "pure"
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if pure_bf16 else torch.float32}
+    if job["impl"] != "dense":
+        kwargs["experts_implementation"] = job["impl"]
+    if device.type == "cpu":  # imports and first-call allocations out of the measured peak
+        small = AutoModelForCausalLM.from_pretrained(job["model"], num_hidden_layers=1, **kwargs)
+        ids = torch.randint(0, 64, (1, 8))
+        small(ids, labels=ids).loss.backward()
+        torch.optim.AdamW(small.parameters()).step()
+        del small
+    base, base_file = _rss("VmRSS:"), _rss("RssFile:")
+    model = AutoModelForCausalLM.from_pretrained(job["model"], **kwargs).to(device)
+    model.train()
+    # what transformers actually dispatches to (it may fall back silently), not what was asked for
+    impl_got = model.config._experts_implementation if job["impl"] != "dense" else "dense"
+    tap, router_losses = routing_hooks(model) if job["impl"] != "dense" else (None, None)
+    fused = True if device.type == "cuda" else None  # as upcycle.train.optim.build_optimizer
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    batches = [torch.randint(0, vocab, (job["batch"], job["seq"]), generator=gen).to(device) for _ in range(4)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["dtype"] == "bf16" and not pure_bf16)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times, losses = [], []
+    for i in range(job["warmup"] + job["steps"]):
+        ids = batches[i % len(batches)]
+        sync()
+        t0 = time.perf_counter()
+        with autocast:
+            out = model(ids, labels=ids)
+        loss = out.loss
+        if tap is not None:  # --aux-loss-coef and --z-loss-coef defaults of upcycle train
+            balance, z = router_losses(tap.pop())
+            loss = loss + 0.01 * balance + 0.001 * z
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        del out
+        sync()
+        if i >= job["warmup"]:
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+    result = {
+        "experts_impl": impl_got,
+        "step": "forward, backward, clip 1.0, AdamW" + (" + RouterTap, balance and z losses" if tap else ""),
+        "step_s": times,
+        "tokens_per_step": job["batch"] * job["seq"],
+        "tokens_per_s": job["batch"] * job["seq"] * len(times) / sum(times),
+        "median_step_s": statistics.median(times),
+        "loss_last": losses[-1],
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    if device.type == "cuda":
+        result["peak_mib"] = torch.cuda.max_memory_allocated() / MIB
+        result["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB
+        result["peak_kind"] = "torch.cuda.max_memory_allocated"
+    else:
+        # from_pretrained leaves the safetensors file mapped: page cache, counted in RSS but reclaimable
+        file_backed = _rss("RssFile:") - base_file
+        result["peak_mib"] = (_rss("VmHWM:") - base - file_backed) / MIB
+        result["peak_rss_mib"] = _rss("VmHWM:") / MIB
+        result["file_backed_mib"] = file_backed / MIB
+        result["peak_kind"] = "peak RSS above the warmed-up process, less the mapped checkpoint (file-backed RSS)"
+    return result
+
+
+# --- the parent -----------------------------------------------------------------------------------------
+
+
+def matmul_peak_tflops(device: str, dtype: str, threads: int | None, seconds: float = 3.0) -> float:
+    """Best torch.mm rate seen (TFLOPS) for square matrices at this dtype: the CPU's measured peak."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    best = 0.0
+    for n in (1024, 2048, 4096) if device == "cpu" else (8192,):
+        a = torch.randn(n, n, dtype=dt, device=device)
+        b = torch.randn(n, n, dtype=dt, device=device)
+        torch.mm(a, b)
+        end = time.perf_counter() + seconds / 3
+        while time.perf_counter() < end:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10 if device == "cuda" else 1):
+                torch.mm(a, b)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt_s = (time.perf_counter() - t0) / (10 if device == "cuda" else 1)
+            best = max(best, 2 * n**3 / dt_s / 1e12)
+    return best
+
+
+def peak_for(device: str, dtype: str, threads: int | None, given: float | None) -> tuple[float, str]:
+    if given:
+        return given, f"--peak-tflops {given:g}"
+    if device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+        for (part, dt), tflops in GPU_PEAKS.items():
+            if part in name and dt == dtype:
+                return tflops, f"datasheet dense {dtype} peak of {name}"
+        measured = matmul_peak_tflops(device, dtype, threads)
+        return measured, f"measured torch.mm peak on {name} (no datasheet entry)"
+    measured = matmul_peak_tflops(device, dtype, threads)
+    return measured, f"measured torch.mm {dtype} peak on this CPU, {threads or os.cpu_count()} threads"
+
+
+def estimate_mib(config: dict[str, Any], size: Size, dtype: str, precision: str, device: str, params: int) -> float:
+    from upcycle.train.memory import estimate
+    from upcycle.train.spec import TrainSpec
+
+    spec = TrainSpec(seq_len=size.seq, micro_batch=size.batch, dtype=dtype)
+    recipe = "fp32" if dtype == "fp32" else ("pure-bf16" if precision == "pure" else "mixed")
+    est = estimate(
+        config, spec, trainable_params=params, total_params=params, on_gpu=device == "cuda", precision=recipe
+    )
+    return est.total / MIB
+
+
+def run_child(job: dict[str, Any]) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if job["threads"]:
+        env["OMP_NUM_THREADS"] = str(job["threads"])
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True, env=env
+    )
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"child failed for {job['name']} / {job['impl']}:\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "os": platform.platform(),
+        "load_avg_at_start": os.getloadavg(),
+        "versions": {name: _pkg(name) for name in ("torch", "transformers", "upcycle")},
+    }
+    info["versions"]["python"] = platform.python_version()
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / (1 << 30)
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--", "../upcycle"], capture_output=True)
+    info["upcycle_commit"] = commit.stdout.strip() or None
+    info["upcycle_dirty"] = bool(dirty.stdout.strip())
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _pkg(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def table(rows: list[dict[str, Any]], mfu_label: str) -> str:
+    head = (
+        "| size | model | experts impl | params | active | tokens/step | tokens/s | × dense | peak MiB "
+        f"| estimate MiB | GFLOPs/token | {mfu_label} |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['model']} | {r['experts_impl']} | {r['params'] / 1e6:.1f}M | {r['active'] / 1e6:.1f}M "
+            f"| {r['tokens_per_step']} | {r['tokens_per_s']:,.0f} | {r['vs_dense']:.2f} | {r['peak_mib']:,.0f} "
+            f"| {r['estimate_mib']:,.0f} | {r['flops_per_token'] / 1e9:.3f} | {100 * r['mfu']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument(
+        "--precision",
+        choices=("pure", "mixed"),
+        default="pure",
+        help="with bf16: weights and AdamW in bf16 as upcycle train on one process (pure), or fp32 + autocast (mixed)",
+    )
+    p.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)} (default: cpu,tiny / smollm2)")
+    p.add_argument("--impls", default=None, help="override every size's experts implementations (comma list)")
+    p.add_argument("--batch", type=int, default=None, help="override the sizes' micro-batch")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 4 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 5 on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="MFU against this peak instead")
+    p.add_argument("--work", type=Path, default=HERE / "_work", help="where the models are written and reused")
+    p.add_argument("--results", type=Path, default=None, help="JSON output (default: benchmarks/results/...)")
+    p.add_argument("--tag", default=None, help="suffix of the default JSON name")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    on_gpu = args.device == "cuda"
+    dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    sizes = (args.sizes or ("smollm2" if on_gpu else "cpu,tiny")).split(",")
+    steps = args.steps or (20 if on_gpu else 4)
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    args.work.mkdir(parents=True, exist_ok=True)
+    info = machine(args.device)
+    peak, peak_label = peak_for(args.device, dtype, args.threads, args.peak_tflops)
+    print(f"MFU peak: {peak:.3f} TFLOPS ({peak_label})", flush=True)
+    rows: list[dict[str, Any]] = []
+    for name in sizes:
+        size = SIZES[name]
+        if args.batch:
+            size = Size(**{**asdict(size), "batch": args.batch})
+        dense, moe = make_models(size, args.work)
+        impls = tuple(args.impls.split(",")) if args.impls else size.impls
+        dense_tps = None
+        for model, folder, impl in [("dense", dense, "dense")] + [("moe 8x top-2", moe, i) for i in impls]:
+            cfg = json.loads((folder / "config.json").read_text())
+            job = dict(name=name, model=str(folder), impl=impl, device=args.device, dtype=dtype,
+                       precision=args.precision, seq=size.seq, batch=size.batch, steps=steps, warmup=warmup,
+                       threads=args.threads)  # fmt: skip
+            res = run_child(job)
+            fpt, active, _ = flops_per_token(cfg, size.seq)
+            dense_tps = dense_tps or res["tokens_per_s"]
+            row = {
+                "size": name,
+                "model": model,
+                **res,
+                "shape": asdict(size),
+                "active": active,
+                "flops_per_token": fpt,
+                "mfu": fpt * res["tokens_per_s"] / (peak * 1e12),
+                "vs_dense": res["tokens_per_s"] / dense_tps,
+                "estimate_mib": estimate_mib(cfg, size, dtype, args.precision, args.device, res["params"]),
+            }
+            rows.append(row)
+            print(f"{name:8s} {model:13s} {res['experts_impl']:10s} {res['tokens_per_s']:10,.0f} tokens/s  "
+                  f"peak {res['peak_mib']:8,.0f} MiB (estimate {row['estimate_mib']:,.0f})", flush=True)  # fmt: skip
+    mfu_label = "MFU (vs measured mm peak)" if not on_gpu and not args.peak_tflops else "MFU"
+    print()
+    print(table(rows, mfu_label))
+    slug = re.sub(r"[^a-z0-9]+", "-", (info.get("gpu") or _cpu_model()).lower()).strip("-")
+    where = f"{slug}-{os.cpu_count()}c" if not on_gpu else slug
+    suffix = f"_{args.tag}" if args.tag else ""
+    out = args.results or HERE / "results" / f"train_{where}_{dtype}_{datetime.now(UTC):%Y%m}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                "device": args.device,
+                "dtype": dtype,
+                "precision": "fp32"
+                if dtype == "fp32"
+                else {
+                    "pure": "bf16 weights and AdamW moments (upcycle train, one process)",
+                    "mixed": "fp32 weights and AdamW, bf16 autocast",
+                }[args.precision],
+                "steps": steps,
+                "warmup": warmup,
+                "threads": args.threads,
+                "peak_tflops": peak,
+                "peak_label": peak_label,
+                "flops_formula": "6*N_active + 12*L*d_attn*S (N_active without the input embedding)",
+                "machine": info,
+                "runs": rows,
+            },
+            indent=1,
+        )
+    )
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Data parallelism: one process is the plain path; full state dicts resume exactly; torchrun + FSDP2 on CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
+from upcycle.train.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    broadcast_object,
+    full_model_state,
+    full_optimizer_state,
+    gather_objects,
+    init_distributed,
+    load_full_model_state,
+    load_full_optimizer_state,
+    mean_over_ranks,
+    wrap_model,
+)
+from upcycle.train.metrics import read_metrics
+from upcycle.train.spec import TrainSpec
+from upcycle_cli.main import run
+
+
+def test_one_process_is_the_plain_path(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    env = init_distributed(device="cpu")
+    assert env == DistEnv(world_size=1, rank=0, local_rank=0, device=torch.device("cpu"))
+    assert env.is_main and not env.distributed
+    model = torch.nn.Linear(3, 2)
+    assert wrap_model(model, env, TrainSpec()) is model
+    t = torch.tensor([1.5, 2.0])
+    assert all_reduce_sum(t, env) is t and t.tolist() == [1.5, 2.0]
+    assert mean_over_ranks({"lm": 2.5, "z": 0.25}, env) == {"lm": 2.5, "z": 0.25}
+    assert gather_objects({"a": 1}, env) == [{"a": 1}]
+    assert broadcast_object("x", env) == "x"
+
+
+def _step(model, opt, ids):
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def test_full_states_resume_exactly_through_safe_files(dense, tmp_path):
+    """Model via save_pretrained(state_dict=full) (safetensors), AdamW via torch.save, both read back safely."""
+    from transformers import AutoModelForCausalLM
+
+    moe = tmp_path / "moe"
+    convert(str(dense("llama")), moe, build_spec(experts=4, top_k=2))
+    env = DistEnv()
+    torch.manual_seed(0)
+    batches = [torch.randint(0, 128, (2, 16)) for _ in range(3)]
+
+    def fresh():
+        model = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)
+        model.train()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    model, opt = fresh()
+    for ids in batches[:2]:
+        _step(model, opt, ids)
+    model.save_pretrained(tmp_path / "ckpt", state_dict=full_model_state(model, env))
+    torch.save(full_optimizer_state(model, opt, env), tmp_path / "ckpt" / "optimizer.pt")
+    expected = _step(model, opt, batches[2])
+
+    resumed, opt2 = fresh()
+    state = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).state_dict()
+    load_full_model_state(resumed, state, env)
+    load_full_optimizer_state(resumed, opt2, torch.load(tmp_path / "ckpt" / "optimizer.pt", weights_only=True), env)
+    assert _step(resumed, opt2, batches[2]) == expected
+
+
+# --- torchrun: 2 processes, gloo, FSDP2 on CPU ------------------------------------------------------------------
+
+STEPS = 6
+ARGS = ["--steps", str(STEPS), "--seq-len", "32", "--lr", "3e-3", "--log-every", "1", "--eval-every", "3"]
+ARGS += ["--save-every", "3", "--keep-last", "2"]
+TERMS = ("loss", "lm", "balance", "z", "grad_norm", "lr")
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    return subprocess.run([*cmd, "-m", "upcycle_cli.main", "train", *args], capture_output=True, text=True, env=env)
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def runs(dense_store, jargon_text, tmp_path_factory):
+    """A tiny Mixtral (4 experts, top-2) trained 6 steps on real text: in one process with micro-batch 4, and
+    under torchrun in 2 processes with micro-batch 2 (the same global batch)."""
+    root = tmp_path_factory.mktemp("dist")
+    text = root / "jargon.txt"
+    head = jargon_text.read_text()[:60_000]
+    text.write_text(head[: head.rindex("\n\n")] + "\n")
+    moe = root / "moe"
+    convert(str(dense_store("llama")), moe, build_spec(experts=4, top_k=2))
+    common = [str(moe), "--data", str(text), *ARGS]
+    assert run(["train", *common, "--micro-batch", "4", "--out", str(root / "one")]) == 0
+    two = torchrun(*common, "--micro-batch", "2", "--out", str(root / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    return {"root": root, "common": common, "one": root / "one", "two": root / "two", "stdout": two.stdout}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(runs):
+    one, two = records(runs["one"], "train"), records(runs["two"], "train")
+    assert [r["step"] for r in two] == list(range(1, STEPS + 1))
+    for a, b in zip(one, two, strict=True):
+        for key in TERMS:
+            assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+        for la, lb in zip(a["layers"], b["layers"], strict=True):  # expert load counted over both ranks
+            assert la["load"] == lb["load"]
+    evals = zip(records(runs["one"], "eval"), records(runs["two"], "eval"), strict=True)
+    assert all(abs(a["eval_loss"] - b["eval_loss"]) <= 1e-5 for a, b in evals)
+    assert runs["stdout"].count("Trained ") == 1  # only rank 0 reports
+
+
+@pytest.mark.slow
+def test_two_process_final_loads_natively_with_the_same_logits(runs):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(runs["one"] / "final")
+    got, info = AutoModelForCausalLM.from_pretrained(runs["two"] / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert type(got).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, ref.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (ref(ids).logits - got(ids).logits).abs().max().item()
+    assert diff <= 1e-5
+    assert sorted(p.name for p in (runs["two"] / "checkpoints").iterdir()) == ["step-3", "step-6"]
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_exactly(runs):
+    """From its step-3 checkpoint (full states gathered by rank 0), a torchrun run continues bit for bit."""
+    resumed = runs["root"] / "resumed"
+    shutil.copytree(runs["two"], resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-6")
+    shutil.rmtree(resumed / "final")
+    done = torchrun(*runs["common"], "--micro-batch", "2", "--out", str(resumed), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming after step 3" in done.stderr
+    expected, got = records(runs["two"], "train"), records(resumed, "train")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for key in TERMS:
+        assert [r[key] for r in got] == [r[key] for r in expected], key

@@ -1,0 +1,306 @@
+"""The run directory on disk: atomic step checkpoints, what exact resume needs, and final/ in the native format.
+
+A checkpoint is complete when its folder is named `checkpoints/step-N`: it is written under a hidden temporary
+name beside that and renamed into place only once every file is there, so a run killed at any moment leaves
+either a complete checkpoint or a hidden leftover that the next `--resume` removes. Tensors go through
+safetensors (the model, via save_pretrained) or torch.save read back with weights_only=True (optimizer,
+scheduler and RNG states: plain tensors, numbers and lists).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UpcycleError
+from ..outdir import current_umask, staged_folder
+from ..publish.card import CARD, RECIPE, update_recipe
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+STATE = "trainer_state.json"  # step, tokens, the spec and what the data was
+STATE_TENSORS = "trainer_state.safetensors"  # training-only weights that are not part of the model (router noise)
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+RNG = "rng_state.pt"
+STEP_DIR = re.compile(r"step-(\d+)")
+
+# Options that fix the data order or the model being trained: a resumed run must not change them.
+RESUME_FIXED = (
+    "data",
+    "text_field",
+    "eval_data",
+    "eval_fraction",
+    "seq_len",
+    "micro_batch",
+    "grad_accum",
+    "seed",
+    "train",
+    "router_noise",
+    # optimizer.load_state_dict brings back each group's lr and weight decay: a new value would be ignored
+    "lr",
+    "weight_decay",
+    "router_lr_scale",
+)
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = STEP_DIR.fullmatch(entry.name)
+        if match and entry.is_dir() and (entry / STATE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Delete what a killed run left half-written: hidden folders under checkpoints/ and beside final/."""
+    for parent in (Path(run_dir) / CHECKPOINTS, Path(run_dir)):
+        if parent.is_dir():
+            for entry in parent.iterdir():
+                if entry.name.startswith(".") and (".tmp-" in entry.name or ".old-" in entry.name):
+                    shutil.rmtree(entry, ignore_errors=True)
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename out of the way first, so an interrupted delete never leaves a damaged folder under its real name."""
+    doomed = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def prune(run_dir: Path, keep_last: int) -> list[int]:
+    """Keep the newest `keep_last` complete checkpoints; returns the steps deleted."""
+    found = checkpoints(run_dir)
+    doomed = found[:-keep_last] if keep_last > 0 else found
+    for _, path in doomed:
+        _remove_tree(path)
+    return [step for step, _ in doomed]
+
+
+# --- RNG --------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a step draws from: torch's CPU generator and, on a GPU, each CUDA generator.
+    (The data order is a pure function of the step, so it needs no state.)"""
+    import torch
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- step checkpoints -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides the model weights."""
+
+    folder: Path
+    state: dict[str, Any]  # trainer_state.json
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    tensors: dict[str, Any] = field(default_factory=dict)  # trainer_state.safetensors
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    tensors: dict[str, torch.Tensor] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write checkpoints/step-N atomically: model (native format, from_pretrained loads it), tokenizer,
+    optimizer, scheduler, RNG states and trainer_state.json (last, though the rename is what makes it count).
+    model_state / optimizer_state: full states gathered from FSDP shards, used instead of the module's own."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        model.save_pretrained(tmp, state_dict=model_state)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+        torch.save(rng_state(), tmp / RNG)
+        if tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / STATE_TENSORS)
+        (tmp / STATE).write_text(json.dumps(state | {"step": step}, indent=2) + "\n")
+        if final.exists():  # a step folder from an abandoned later part of the run (resumed before it)
+            _remove_tree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_training_state(folder: Path) -> TrainingState:
+    import torch
+
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / STATE).read_text())
+        optimizer = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
+        scheduler = torch.load(folder / SCHEDULER, weights_only=True, map_location="cpu")
+        rng = torch.load(folder / RNG, weights_only=True, map_location="cpu")
+    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
+        raise UpcycleError(
+            f"the checkpoint {folder} is damaged ({exc}); remove it to resume from an older one"
+        ) from None
+    tensors = {}
+    if (folder / STATE_TENSORS).is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(folder / STATE_TENSORS)
+    return TrainingState(folder, state, optimizer, scheduler, rng, tensors)
+
+
+def fixed_options(spec: Any) -> dict[str, Any]:
+    """The options a resumed run must keep, with local data paths made absolute (the cwd may have changed)."""
+    fixed = {name: getattr(spec, name) for name in RESUME_FIXED}
+    for name in ("data", "eval_data"):
+        if fixed[name] is not None and Path(fixed[name]).expanduser().exists():
+            fixed[name] = str(Path(fixed[name]).expanduser().resolve())
+    return fixed
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
+    """Refuse to resume with options that change the data order or the model being trained."""
+    for name in RESUME_FIXED:
+        if saved.get(name) != current.get(name):
+            raise UpcycleError(
+                f"--{name.replace('_', '-')} is {current.get(name)!r} but the run in {folder.parent.parent} was "
+                f"started with {saved.get(name)!r}; resume with the same value (or start a new run with --force)"
+            )
+
+
+# --- the run directory ------------------------------------------------------------------------------------
+
+
+class RunDir:
+    """RUN_DIR's lifetime. A new run creates it only once every check has passed. With --force the previous run
+    is moved aside (a hidden folder beside it) and deleted once the new run has written its first checkpoint; if
+    the new run fails before that, the new folder is removed and the previous run is put back."""
+
+    def __init__(self, path: Path, *, resume: bool, force: bool) -> None:
+        self.path = Path(path)
+        self.resume = resume
+        self.force = force
+        self._aside: Path | None = None
+        self._kept = resume  # a resumed run already has checkpoints worth keeping
+
+    def open(self) -> None:
+        if self.resume:
+            remove_partial(self.path)
+            return
+        if self.path.exists():
+            if not self.force:
+                raise UpcycleError(f"{self.path} already exists; pass --resume to continue it or --force to replace it")
+            self._aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
+            os.replace(self.path, self._aside / "previous")
+        self.path.mkdir()
+
+    def checkpoint_written(self) -> None:
+        """The new run now holds something worth keeping: the previous run can go."""
+        self._kept = True
+        if self._aside is not None:
+            shutil.rmtree(self._aside, ignore_errors=True)
+            self._aside = None
+
+    def close(self, ok: bool) -> None:
+        if ok or self._kept:
+            self.checkpoint_written()
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._aside is not None:
+            os.replace(self._aside / "previous", self.path)
+            shutil.rmtree(self._aside, ignore_errors=True)
+            self._aside = None
+
+
+@contextmanager
+def run_directory(path: Path, *, resume: bool, force: bool) -> Iterator[RunDir]:
+    run = RunDir(path, resume=resume, force=force)
+    run.open()
+    ok = False
+    try:
+        yield run
+        ok = True
+    finally:
+        run.close(ok)
+
+
+# --- final/ ---------------------------------------------------------------------------------------------
+
+
+def write_final(
+    run_dir: Path,
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    source_folder: Path,
+    recipe_fields: dict[str, Any],
+    fallback_recipe: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """final/: the trained model in the native format, its tokenizer, and upcycle.json + model card. The source's
+    recipe and card are carried over and extended with `recipe_fields` (the `training` record); a source that
+    upcycle did not write gets `fallback_recipe` + `recipe_fields` as its upcycle.json."""
+    final = Path(run_dir) / FINAL
+    with staged_folder(final, force=True) as tmp:
+        model.save_pretrained(tmp, state_dict=model_state)  # model_state: gathered from FSDP shards
+        tokenizer.save_pretrained(tmp)
+        for name in (RECIPE, CARD):
+            if (Path(source_folder) / name).is_file():
+                shutil.copyfile(Path(source_folder) / name, tmp / name)
+        if not update_recipe(tmp, **recipe_fields) and not (tmp / RECIPE).is_file():
+            (tmp / RECIPE).write_text(json.dumps(fallback_recipe | recipe_fields, indent=2) + "\n")
+    return final

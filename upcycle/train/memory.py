@@ -1,0 +1,313 @@
+"""What one training step needs in memory per GPU (or in RAM on CPU), before the run starts (`--dry-run`).
+
+Terms, each in bytes per rank:
+
+- weights, grads and optimizer states, from the parameter counts and the precision (`PRECISIONS`); with FSDP
+  (world_size > 1) all three are sharded, so they are divided by world_size, and the gathered working set of
+  the root and two decoder layers (the one running and the one prefetched) is added;
+- activations saved for backward, counted tensor by tensor for a Llama-style decoder block with a SwiGLU FFN or a
+  top-k MoE FFN run by transformers' `grouped_mm`/`eager` experts and SDPA attention (no s² term);
+- the logits and the cross-entropy over them, usually the largest single term;
+- with gradient checkpointing: one saved input per layer plus one layer's activations, recomputed in backward.
+
+Activation formula (elements per token, `a` = bytes of the compute dtype), adapted from Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models", Sec. 4.1 (their 34·s·b·h + 5·a·s²·b for a
+GPT block: no dropout masks here, RMSNorm instead of LayerNorm, SwiGLU, grouped-query attention, and flash/SDPA
+attention so the s² scores are never stored):
+
+    RMSNorm (x2 per layer)   2h fp32 (input upcast, normalised) + h·a (scaled output, the next matmul's input)
+    attention                (3·d_q + 2·d_kv)·a   q, k after RoPE; v; SDPA output; its contiguous copy for o_proj
+    dense SwiGLU FFN         4·i·a                gate out, silu(gate), up out, their product (down_proj's input)
+    MoE FFN, per token       E·(a + 4) + k·(2h + 4·i_e)·a
+                             router logits and fp32 softmax; per routed copy of the token: the gathered input,
+                             gate_up out (2·i_e), silu (i_e), product (i_e) and the expert output kept for the
+                             routing-weight multiply
+    logits                   V·(a + 4·[a≠4] + 4 + 8)  logits, their fp32 copy, log-softmax saved by
+                             cross-entropy, and in backward the fp32 gradients of both (transient, at the peak)
+
+The peak is taken as weights + grads + optimizer states + working copies + max(activations + logits, the
+optimizer step's temporaries): an upper bound, since the gradients fill up while backward frees the activations.
+Not counted: the CUDA context and allocator fragmentation (leave ~1-2 GiB on a GPU), the data pipeline, and
+the interpreter itself (~0.5 GiB of RSS on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from ..arch import target_for_model_type
+from .spec import TrainSpec
+
+GiB = 1 << 30
+FP32 = 4
+
+Precision = Literal["fp32", "mixed", "bf16", "pure-bf16"]
+
+
+@dataclass(frozen=True)
+class PrecisionBytes:
+    """Bytes per parameter under one precision recipe."""
+
+    param: int  # the parameters as stored (and sharded) between steps
+    grad: int  # per trainable parameter
+    optimizer: int  # per trainable parameter: AdamW's two moments, plus an fp32 master copy where params are bf16
+    compute: int  # activations
+    working: int  # per parameter: the low-precision copy the matmuls use, alive through forward and backward
+    step_temp: int  # per trainable parameter: foreach AdamW's temporary (sqrt of the second moment), GPU only
+
+
+PRECISIONS: dict[str, PrecisionBytes] = {
+    # fp32 everywhere (CPU default).
+    "fp32": PrecisionBytes(param=4, grad=4, optimizer=8, compute=4, working=0, step_temp=4),
+    # fp32 parameters, grads and AdamW; matmuls in bf16: FSDP2's MixedPrecisionPolicy(param_dtype=bf16,
+    # reduce_dtype=fp32) (--dtype bf16 under torchrun), or torch.autocast on one process (its cast cache keeps a
+    # bf16 copy of every weight; the benchmark's bf16 step).
+    "mixed": PrecisionBytes(param=4, grad=4, optimizer=8, compute=2, working=2, step_temp=4),
+    # bf16 parameters and grads, fp32 master weights and moments in the optimizer (Megatron-style).
+    "bf16": PrecisionBytes(param=2, grad=2, optimizer=12, compute=2, working=0, step_temp=4),
+    # bf16 everything, as torch.optim.AdamW does on a model simply loaded in bf16 (moments in the param dtype):
+    # `upcycle train --dtype bf16` on one process.
+    "pure-bf16": PrecisionBytes(param=2, grad=2, optimizer=4, compute=2, working=0, step_temp=2),
+}
+
+
+def precision_for(spec: TrainSpec, on_gpu: bool, world_size: int = 1) -> Precision:
+    """The recipe `upcycle train` runs with. One process with --dtype bf16 loads the model in bf16 and AdamW keeps
+    its moments in bf16 ("pure-bf16"); under torchrun on GPUs the model stays fp32 and FSDP2's mixed-precision
+    policy computes in bf16 ("mixed")."""
+    dtype = spec.dtype if spec.dtype != "auto" else ("bf16" if on_gpu else "fp32")
+    if dtype == "fp32":
+        return "fp32"
+    return "mixed" if on_gpu and world_size > 1 else "pure-bf16"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the activation formula needs from a config; dense models have no MoE layers."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dense_ffn: int
+    moe_layers: int = 0
+    experts: int = 0
+    top_k: int = 0
+    expert_ffn: int = 0
+    shared_ffn: int = 0
+    tied_embeddings: bool = False
+
+    @property
+    def d_q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def d_kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_params(self, moe: bool) -> int:
+        """Parameters of one decoder layer (biases and q/k norms left out: they are tiny)."""
+        h = self.hidden
+        attn = 2 * h * self.d_q + 2 * h * self.d_kv + 2 * h
+        if not moe:
+            return attn + 3 * h * self.dense_ffn
+        return attn + self.experts * (3 * h * self.expert_ffn + h) + 3 * h * self.shared_ffn
+
+    @property
+    def root_params(self) -> int:
+        """Embeddings, final norm and LM head: what FSDP's root unit holds."""
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2) + self.hidden
+
+
+def model_shape(config: Any) -> ModelShape:
+    """Read a ModelShape from a transformers config (object or dict); MoE fields are found through the target tables."""
+    cfg = config if isinstance(config, dict) else config.to_dict()
+    h = int(cfg["hidden_size"])
+    heads = int(cfg["num_attention_heads"])
+    layers = int(cfg["num_hidden_layers"])
+    common = dict(
+        hidden=h,
+        layers=layers,
+        heads=heads,
+        kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or h // heads),
+        vocab=int(cfg["vocab_size"]),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+    target = target_for_model_type(cfg.get("model_type"))
+    if target is None:
+        return ModelShape(dense_ffn=int(cfg["intermediate_size"]), **common)
+    fields = target.config
+    experts = int(cfg[fields["experts"]])
+    dense_layers = set(cfg.get(fields.get("dense_layers", ""), None) or [])
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    moe = [i for i in range(layers) if i not in dense_layers and experts > 0 and (i + 1) % step == 0]
+    dense_ffn = int(cfg[fields["dense_size"]]) if "dense_size" in fields else int(cfg[fields["expert_size"]])
+    return ModelShape(
+        dense_ffn=dense_ffn,
+        moe_layers=len(moe),
+        experts=experts,
+        top_k=int(cfg[fields["top_k"]]),
+        expert_ffn=int(cfg[fields["expert_size"]]),
+        shared_ffn=int(cfg.get("shared_expert_intermediate_size") or 0),
+        **common,
+    )
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, compute: int, moe: bool) -> int:
+    """Bytes one decoder layer saves for backward, per token (see the module docstring for each term)."""
+    h, a = shape.hidden, compute
+    norms = 2 * (2 * h * FP32 + h * a)
+    attention = (3 * shape.d_q + 2 * shape.d_kv) * a
+    if not moe:
+        return norms + attention + 4 * shape.dense_ffn * a
+    router = shape.experts * (a + FP32)
+    routed = shape.top_k * (2 * h + 4 * shape.expert_ffn) * a
+    shared = 4 * shape.shared_ffn * a + (h * a if shape.shared_ffn else 0)
+    return norms + attention + router + routed + shared
+
+
+def logits_bytes_per_token(shape: ModelShape, compute: int) -> int:
+    upcast = FP32 if compute != FP32 else 0
+    return shape.vocab * (compute + upcast + FP32 + 2 * FP32)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per rank for one training step; `total` is the figure to compare with the memory available."""
+
+    precision: str
+    world_size: int
+    tokens: int  # per micro-batch on this rank: micro_batch × seq_len
+    grad_checkpointing: bool
+    weights: int
+    grads: int
+    optimizer: int  # AdamW moments (+ fp32 master weights)
+    working: int  # bf16 working copies of the weights, or FSDP's gathered root + two layers
+    optimizer_step: int  # foreach AdamW's temporaries during optimizer.step() (freed activations by then)
+    activations: int  # without checkpointing: every layer's saved tensors + the final norm
+    activations_checkpointed: int  # with checkpointing: each layer's input + one layer recomputed + final norm
+    logits: int
+
+    @property
+    def states(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.working
+
+    @property
+    def total_without_checkpointing(self) -> int:
+        return self.states + max(self.activations + self.logits, self.optimizer_step)
+
+    @property
+    def total_with_checkpointing(self) -> int:
+        return self.states + max(self.activations_checkpointed + self.logits, self.optimizer_step)
+
+    @property
+    def total(self) -> int:
+        return self.total_with_checkpointing if self.grad_checkpointing else self.total_without_checkpointing
+
+    def fits(self, available_bytes: int, checkpointed: bool | None = None) -> bool:
+        """Whether the step fits in `available_bytes` (with the run's own checkpointing setting unless given)."""
+        ckpt = self.grad_checkpointing if checkpointed is None else checkpointed
+        return (self.total_with_checkpointing if ckpt else self.total_without_checkpointing) <= available_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(
+            states=self.states,
+            total=self.total,
+            total_without_checkpointing=self.total_without_checkpointing,
+            total_with_checkpointing=self.total_with_checkpointing,
+        )
+        return out
+
+
+def estimate(
+    config: Any,
+    spec: TrainSpec,
+    *,
+    trainable_params: int,
+    total_params: int,
+    world_size: int = 1,
+    precision: Precision | None = None,
+    on_gpu: bool | None = None,
+) -> MemoryEstimate:
+    """Memory per rank for `spec` on a model with this config (a transformers config, object or dict).
+
+    precision: the recipe (PRECISIONS); by default the one `upcycle train` uses for spec.dtype on this device
+    (on_gpu defaults to whether CUDA is available). micro_batch and seq_len are per rank, as in the run.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if not 0 <= trainable_params <= total_params:
+        raise ValueError(f"trainable_params ({trainable_params}) must be between 0 and total_params ({total_params})")
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    precision = precision or precision_for(spec, on_gpu, world_size)
+    p = PRECISIONS[precision]
+    shape = model_shape(config)
+    tokens = spec.micro_batch * spec.seq_len
+    a = p.compute
+
+    dense_layers = shape.layers - shape.moe_layers
+    per_token = dense_layers * layer_activation_bytes_per_token(shape, a, moe=False)
+    per_token += shape.moe_layers * layer_activation_bytes_per_token(shape, a, moe=True)
+    biggest_layer = layer_activation_bytes_per_token(shape, a, moe=shape.moe_layers > 0)
+    final_norm = 2 * shape.hidden * FP32 + shape.hidden * a
+    layer_inputs = shape.layers * shape.hidden * a
+
+    biggest_layer_params = shape.layer_params(moe=shape.moe_layers > 0)
+    if world_size > 1:
+        # FSDP2: the root stays gathered through the step; two layers in compute dtype, one layer's full grads.
+        working = (shape.root_params + 2 * biggest_layer_params) * a + biggest_layer_params * p.grad
+    else:
+        working = total_params * p.working
+    step_temp = trainable_params * p.step_temp if on_gpu else biggest_layer_params * FP32  # CPU: per-tensor loop
+
+    def shard(n: int) -> int:
+        return math.ceil(n / world_size)
+
+    return MemoryEstimate(
+        precision=precision,
+        world_size=world_size,
+        tokens=tokens,
+        grad_checkpointing=spec.grad_checkpointing,
+        weights=shard(total_params * p.param),
+        grads=shard(trainable_params * p.grad),
+        optimizer=shard(trainable_params * p.optimizer),
+        working=working,
+        optimizer_step=shard(step_temp) if on_gpu else step_temp,
+        activations=tokens * (per_token + final_norm),
+        activations_checkpointed=tokens * (layer_inputs + biggest_layer + final_norm),
+        logits=tokens * logits_bytes_per_token(shape, a),
+    )
+
+
+def available_memory(gpu_mem: float | None = None) -> tuple[int, str]:
+    """(bytes, what they are): `--gpu-mem` GiB when given, else the free memory of GPU 0, else the RAM available."""
+    if gpu_mem is not None:
+        return int(gpu_mem * GiB), f"--gpu-mem {gpu_mem:g} GiB"
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(0)
+        return int(free), f"GPU 0: {torch.cuda.get_device_name(0)} ({total / GiB:.1f} GiB, {free / GiB:.1f} GiB free)"
+    return _ram_available(), "RAM"
+
+
+def _ram_available() -> int:
+    """MemAvailable from /proc/meminfo (Linux); elsewhere the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,153 @@
+"""What a run reports: metrics.jsonl (+ TensorBoard) in RUN_DIR, and the progress a person watches.
+
+Records are plain dicts, one JSON object per line, with `kind` "train", "skip" or "eval" (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Forget what a killed run logged after the checkpoint it resumes from, so the file shows one curve."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run may be cut short
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{METRICS}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class MetricsLog:
+    """Appends records to RUN_DIR/metrics.jsonl (flushed each time, so a killed run keeps what it logged) and,
+    with --tensorboard, writes the same numbers as TensorBoard scalars under RUN_DIR/tensorboard."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, start_step: int = 0) -> None:
+        self._file = open(Path(run_dir) / METRICS, "a")  # noqa: SIM115 - closed in close()
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides events a killed run wrote after the checkpoint this run resumes from
+            self._tb = SummaryWriter(
+                str(Path(run_dir) / TENSORBOARD), purge_step=start_step + 1 if start_step else None
+            )
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is None:
+            return
+        step, prefix = record["step"], record["kind"]
+        for key, value in record.items():
+            if key not in ("step", "kind") and isinstance(value, int | float) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{prefix}/{key}", value, step)
+        for row in record.get("layers", []):
+            self._tb.add_scalar(f"router/cv/layer_{row['layer']}", row["cv"], step)
+            self._tb.add_scalar(f"router/dropped/layer_{row['layer']}", row["dropped"], step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _si(x: float) -> str:
+    for unit, size in (("M", 1e6), ("K", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def train_line(r: dict[str, Any], total: int) -> str:
+    return (
+        f"step {r['step']}/{total}  loss {r['loss']:.4f}  lm {r['lm']:.4f}  balance {r['balance']:.4f}  "
+        f"z {r['z']:.4f}  lr {r['lr']:.2e}  grad-norm {r['grad_norm']:.3f}  {_si(r['tokens_per_s'])} tok/s"
+    )
+
+
+def eval_line(r: dict[str, Any]) -> str:
+    ppl = r["perplexity"]
+    return f"eval at step {r['step']}: loss {r['eval_loss']:.4f}, perplexity {ppl:.2f}" + (
+        "" if math.isfinite(ppl) else " (overflow)"
+    )
+
+
+class Display:
+    """A rich progress bar with the key figures on a terminal, one plain line per logged step otherwise; silent
+    without a console (library use, tests)."""
+
+    def __init__(self, console: Any | None) -> None:
+        self.console = console
+        self._bar = None
+        self._task = None
+        self._total = 0
+
+    def _print(self, text: str) -> None:
+        if self.console is not None:
+            target = self._bar.console if self._bar is not None else self.console
+            target.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        self._print(f"note: {text}")
+
+    def info(self, text: str) -> None:
+        self._print(text)
+
+    def start(self, start_step: int, total: int) -> None:
+        self._total = total
+        if self.console is None or not self.console.is_terminal:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[figures]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("train", total=total, completed=start_step, figures="")
+
+    def train(self, record: dict[str, Any], logged: bool) -> None:
+        if self._bar is not None:
+            figures = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {_si(record['tokens_per_s'])} tok/s"
+            self._bar.update(self._task, completed=record["step"], figures=figures)
+        elif logged:
+            self._print(train_line(record, self._total))
+
+    def skip(self, record: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=record["step"])
+        self._print(f"step {record['step']}: {record['reason']}; step skipped (no update)")
+
+    def eval(self, record: dict[str, Any]) -> None:
+        self._print(eval_line(record))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

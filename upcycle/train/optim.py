@@ -1,0 +1,97 @@
+"""What trains and how fast: freezing (--train), AdamW parameter groups and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..arch import Target
+    from .spec import TrainSpec
+
+
+def module_params(model: nn.Module, template: str, layers: Iterable[int]) -> list[nn.Parameter]:
+    """The parameters of the module at `template` (a path with {layer}) in every MoE layer."""
+    return [p for layer in layers for p in model.get_submodule(template.format(layer=layer)).parameters()]
+
+
+def set_trainable(
+    model: nn.Module, target: Target, layers: list[int], what: str, router_extra: Iterable[nn.Parameter] = ()
+) -> None:
+    """requires_grad by --train: all | experts (expert weights only) | non-experts (all but the experts, routers
+    included) | router (routers and their noise weights only). `router_extra` are router-side parameters that live
+    outside the model (the noisy top-k weights)."""
+    router_extra = list(router_extra)
+    experts = {id(p) for p in module_params(model, target.modules["experts"], layers)}
+    routers = {id(p) for p in module_params(model, target.modules["router"], layers)}
+    routers |= {id(p) for p in router_extra}
+    for p in [*model.parameters(), *router_extra]:
+        if what == "all":
+            p.requires_grad_(True)
+        elif what == "experts":
+            p.requires_grad_(id(p) in experts)
+        elif what == "non-experts":
+            p.requires_grad_(id(p) not in experts)
+        elif what == "router":
+            p.requires_grad_(id(p) in routers)
+        else:
+            raise ValueError(f"unknown --train {what!r}")
+
+
+def param_groups(
+    model: nn.Module,
+    router_params: Iterable[nn.Parameter],
+    spec: TrainSpec,
+) -> list[dict]:
+    """AdamW groups over the trainable parameters, in a fixed order (optimizer state is matched by position):
+    decayed weights; norms, biases and embeddings without decay; routers (and their noise weights) without decay
+    at lr · router_lr_scale. Empty groups are left out."""
+    router_params = list(router_params)
+    router_ids = {id(p) for p in router_params}
+    embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():  # parameters() yields a tied weight once
+        if not p.requires_grad or id(p) in router_ids or id(p) in seen:
+            continue
+        seen.add(id(p))
+        # 1-D tensors are norm weights and biases; embeddings are lookups, decaying them shrinks rare tokens
+        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    routers = [p for p in router_params if p.requires_grad]
+    groups = [
+        {"params": decay, "weight_decay": spec.weight_decay, "lr": spec.lr, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr": spec.lr, "name": "no_decay"},
+        {"params": routers, "weight_decay": 0.0, "lr": spec.lr * spec.router_lr_scale, "name": "router"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(index: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr for the optimizer step with 0-based `index`: linear warmup to 1 over `warmup`
+    steps, then a cosine from 1 down to `min_ratio` at the last step."""
+    if index < warmup:
+        return (index + 1) / warmup
+    decay_steps = total - warmup - 1  # the last step lands exactly on min_ratio
+    progress = min(1.0, (index - warmup) / decay_steps) if decay_steps > 0 else 0.0
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    import torch
+
+    if not groups:
+        from ..errors import UpcycleError
+
+        raise UpcycleError("nothing to train: --train froze every parameter")
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" or None)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    import torch
+
+    warmup = spec.warmup_steps(total)
+    min_ratio = spec.final_lr() / spec.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, total, warmup, min_ratio))
