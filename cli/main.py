@@ -228,8 +228,24 @@ def verify(
     tokens: Annotated[int, typer.Option(help="Tokens to compare (capped by the models' context).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the random token ids.")] = 0,
     dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
-    atol: Annotated[float, typer.Option(help="Largest allowed max |Δlogits|.")] = 1e-3,
-    min_agreement: Annotated[float, typer.Option(help="Smallest allowed top-1 agreement (0..1).")] = 0.999,
+    atol: Annotated[
+        float | None,
+        typer.Option(
+            help="Largest allowed max |Δlogits|. [default: 1e-3 in float32; 1/16 (bfloat16) or 1/128 (float16) "
+            "of the largest dense logit]"
+        ),
+    ] = None,
+    min_agreement: Annotated[
+        float | None,
+        typer.Option(help="Smallest allowed top-1 agreement (0..1). [default: 0.999 float32, 0.85 bf16, 0.95 fp16]"),
+    ] = None,
+    layerwise: Annotated[
+        bool,
+        typer.Option("--layerwise", help="Hold one layer at a time and check every copied tensor against its source."),
+    ] = False,
+    whole: Annotated[
+        bool, typer.Option("--whole", help="Load both models whole; refuse if they do not fit in memory.")
+    ] = False,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write the report as JSON to this file ('-': stdout).")
     ] = None,
@@ -237,9 +253,13 @@ def verify(
         bool, typer.Option("--record/--no-record", help="Store the result in MOE's upcycle.json and model card.")
     ] = True,
 ) -> None:
-    """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside."""
+    """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside.
+
+    Loads both models whole when they fit in memory, and goes layer by layer otherwise."""
     from upcycle.report.verify import verify as run_verify
 
+    if layerwise and whole:
+        raise UpcycleError("--layerwise and --whole exclude each other; give one (or neither: chosen by memory)")
     report = run_verify(
         dense,
         moe,
@@ -249,39 +269,102 @@ def verify(
         dtype=dtype,
         atol=atol,
         min_agreement=min_agreement,
+        mode="layerwise" if layerwise else "whole" if whole else "auto",
         record=record,
+        notify=lambda note: err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True),
     )
-    table = Table(title=f"verify {dense} vs {moe} ({report.moe_class})", title_justify="left")
+    _print_verify(report, title=f"verify {dense} vs {moe} ({report.moe_class})")
+    if report.recorded:
+        out.print(f"result stored in {moe}: {report.recorded}", markup=False, highlight=False)
+    _emit_json(report.to_dict(), json_out)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _ok(good: bool) -> str:
+    return "yes" if good else "NO"
+
+
+def _print_verify(report, title: str) -> None:
+    from upcycle.publish.card import human_bytes
+
+    if report.layers:
+        layers = Table(title="layer by layer (MoE block vs dense MLP on the same input)", title_justify="left")
+        for col in ("layer", "FFN", "block max |Δ|", "limit", "hidden max |Δ|", "ok"):
+            layers.add_column(col)
+        for row in report.layers:
+            block = row.block_max_abs_diff is not None
+            layers.add_row(
+                str(row.layer),
+                "MoE" if row.moe else "dense",
+                f"{row.block_max_abs_diff:.3e}" if block else "",
+                f"≤ {row.block_limit:.2e}" if block else "",
+                f"{row.hidden_max_abs_diff:.3e}",
+                _ok(row.passed) if block else "",
+            )
+        out.print(layers)
+    limits = report.limits
+    table = Table(title=title, title_justify="left")
     for col in ("metric", "value", "limit", "ok"):
         table.add_column(col)
+    table.add_row("mode", report.mode + (" (one layer in memory at a time)" if report.layers else ""), "", "")
     table.add_row("tokens", f"{report.tokens} ({report.input}, {report.dtype})", "", "")
+    if report.tensor_check is not None:
+        check = report.tensor_check
+        cast = f", {check.cast} after the cast" if check.cast else ""
+        table.add_row(
+            "copied tensors",
+            f"{check.equal} of {check.compared} equal to the source{cast} ({human_bytes(check.bytes_read)} read)",
+            "all",
+            _ok(check.passed),
+        )
+    if report.layers:
+        worst = [row for row in report.layers if row.block_max_abs_diff is not None]
+        failed = [str(row.layer) for row in worst if not row.passed]
+        table.add_row(
+            "MoE blocks within limit",
+            f"{len(worst) - len(failed)} of {len(worst)}" + (f"; failed: layer {', '.join(failed)}" if failed else ""),
+            f"max |Δ| ≤ {limits.layer_rtol:g} × max |dense MLP output|",
+            _ok(not failed),
+        )
     table.add_row(
         "max |Δlogits|",
         f"{report.max_abs_diff:.3e}",
-        f"≤ {atol:g}",
-        "yes" if report.max_abs_diff <= atol else "NO",
+        f"≤ {report.atol:.3g} ({limits.rule})" if limits else f"≤ {report.atol:g}",
+        _ok(report.max_abs_diff <= report.atol),
     )
     table.add_row("mean KL(dense‖moe)", f"{report.mean_kl:.3e}", "", "")
     table.add_row(
         "top-1 agreement",
         f"{report.top1_agreement:.4%}",
-        f"≥ {min_agreement:.2%}",
-        "yes" if report.top1_agreement >= min_agreement else "NO",
+        f"≥ {report.min_agreement:.2%}",
+        _ok(report.top1_agreement >= report.min_agreement),
     )
     keys_ok = not report.missing_keys and not report.unexpected_keys
     table.add_row(
         "missing/unexpected keys",
         f"{len(report.missing_keys)}/{len(report.unexpected_keys)}",
         "0/0",
-        "yes" if keys_ok else "NO",
+        _ok(keys_ok),
     )
     out.print(table)
+    if report.tensor_check is not None:
+        check = report.tensor_check
+        problems = [("differs from its source", check.mismatched), ("missing", check.missing)]
+        for what, names in [*problems, ("not in the plan", check.unexpected)]:
+            for name in names[:10]:
+                out.print(f"tensor {what}: {name}", markup=False, highlight=False, soft_wrap=True)
+            if len(names) > 10:
+                out.print(f"... and {len(names) - 10} more tensors {what} (all in --json)", markup=False)
+    for row in report.layers:
+        if not row.passed:
+            out.print(
+                f"layer {row.layer}: MoE block max |Δ| {row.block_max_abs_diff:.3e} > limit {row.block_limit:.2e}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
     out.print("PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")
-    if report.recorded:
-        out.print(f"result stored in {moe}: {report.recorded}", markup=False, highlight=False)
-    _emit_json(report.to_dict(), json_out)
-    if not report.passed:
-        raise typer.Exit(1)
 
 
 # --- inspect -----------------------------------------------------------------------------------------
