@@ -7,6 +7,7 @@ Two ways, same logits. `whole` loads both models with transformers and runs them
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Callable
@@ -38,6 +39,8 @@ LAYER_RTOL = {"float32": 1e-5, "bfloat16": 16 * 2.0**-8, "float16": 16 * 2.0**-1
 MEMORY_ENV = "UPCYCLE_MEMORY_LIMIT"  # a size ("8GB", "500MB" or bytes): the memory verify may plan with
 BASE_BYTES = 600 << 20  # the interpreter with torch and transformers imported
 LOAD_OVERHEAD = 1.2  # transformers' loading (fusing experts, casting) on top of the weights, as measured
+HEADROOM = 0.9  # plan with 90% of the available memory: other processes may grow meanwhile
+MMAP_THRESHOLD = 1 << 20  # allocations from this size up get their own mapping, returned to the system on free
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,23 @@ def _cgroup_room() -> int:
     return 1 << 62 if limit == "max" else max(0, int(limit) - used)
 
 
+def keep_heap_small() -> None:
+    """Give tensors of 1 MiB and more their own mapping, so that freeing one returns its memory at once.
+
+    glibc raises its mmap threshold each time a large block is freed, so later tensors come from the heap,
+    which it seldom shrinks: loading a model (each expert cast, stacked, concatenated) or streaming layer after
+    layer then leaves ~30% of what passed through resident. Fixing the threshold stops that (no-op off glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def whole_model_bytes(dense: Checkpoint, moe: Checkpoint, dtype: str, tokens: int, vocab: int) -> int:
     """What a whole-model verify takes: the larger model's weights at the compute dtype (the two are loaded one
     after the other) with the loader's transient copies, both logits tensors, and the interpreter."""
@@ -177,7 +197,7 @@ def whole_model_bytes(dense: Checkpoint, moe: Checkpoint, dtype: str, tokens: in
 def choose_mode(mode: str, need: int, available: int) -> tuple[str, str | None]:
     from ..publish.card import human_bytes
 
-    fits = need <= available
+    fits = need <= available * HEADROOM
     if mode == "whole" and not fits:
         raise UpcycleError(
             f"loading the models whole needs ~{human_bytes(need)}, but {human_bytes(available)} is available; "
@@ -268,6 +288,7 @@ def verify(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our table is the report; per-tensor loading bars are noise here
+    keep_heap_small()
     if dtype not in DTYPES:
         raise UpcycleError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
     if mode not in MODES:
@@ -302,6 +323,7 @@ def verify(
             _, model, _ = _load(dense, dtype)
             a = model(input_ids=ids).logits
             del model
+            gc.collect()  # a model holds reference cycles: free it now, not at some later collection
             _, model, info = _load(moe, dtype)
             b = model(input_ids=ids).logits
         moe_class = type(model).__name__

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +344,6 @@ class StreamedModel:
             if unit.layer is not None:
                 after_layer(unit.layer, output[0] if isinstance(output, tuple) else output)
             unit.module.to("meta")  # drop the weights
-            release_memory()
 
         for unit in self.units:
             hooks.append(unit.module.register_forward_pre_hook(lambda module, args, u=unit: self.load(u)))
@@ -357,25 +356,6 @@ class StreamedModel:
                 hook.remove()
             for unit in self.units:
                 unit.module.to("meta")
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the system. glibc raises its mmap threshold after large frees, so the
-    next layers' tensors come from the heap, and without a trim each layer leaves ~30% of itself resident."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@cache
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        return None
 
 
 def run_layerwise(dense_folder: Path, moe_folder: Path, ids, dtype: str, layer_rtol: float) -> LayerwiseRun:
