@@ -213,17 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=HERE / "_work", help="work folder (dense model, MoE, logs)")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated dtype:mode[:UPCYCLE_MEMORY_LIMIT]")
     p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--layers", type=int, default=SHAPE["layers"], help="decoder layers (24 as Qwen2.5-0.5B)")
     p.add_argument("--results", type=Path, default=None, help="JSON results file (default: benchmarks/results/…)")
     p.add_argument("--keep", action="store_true", help="keep the dense model and the MoE (about 6.5 GB)")
     args = p.parse_args(argv)
     runs = [r.split(":") for r in args.runs.split(",") if r.strip()]
+    SHAPE["layers"] = args.layers
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     need = 7 * GB  # dense bf16 ~1 GB, MoE bf16 ~5.4 GB
     if shutil.disk_usage(work).free < need:
         raise SystemExit(f"{work} has less than {need / GB:.0f} GB free; pass --work on a larger disk")
     upcycle = upcycle_command(None)
-    dense, moe, log = work / "dense-qwen2-0.5b", work / "moe-qwen2-0.5b-e8", work / "log-verify.txt"
+    name = f"qwen2-h{SHAPE['hidden']}-l{SHAPE['layers']}"
+    dense, moe, log = work / f"dense-{name}", work / f"moe-{name}-e8", work / "log-verify.txt"
     log.unlink(missing_ok=True)
     start = time.perf_counter()
     make_dense(dense)

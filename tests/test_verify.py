@@ -200,7 +200,7 @@ def test_auto_switches_to_layerwise_with_a_note(dense_store, tmp_path, capsys, m
     assert all(row["block_max_abs_diff"] <= row["block_limit"] for row in data["layers"] if row["moe"])
     assert data["tensor_check"]["equal"] == data["tensor_check"]["compared"] > 0
     assert data["limits"]["layer_rtol"] == 1e-5 and data["limits"]["atol"] == 1e-3
-    assert "layer by layer" in captured.out and "copied tensors" in captured.out
+    assert "MoE layers: the block against the dense MLP" in captured.out and "copied tensors" in captured.out
     # recorded: upcycle.json keeps the new fields, the card says how it was checked
     recorded = json.loads((out / "upcycle.json").read_text())["verify"]
     assert recorded["mode"] == "layerwise" and recorded["tensor_check"] == data["tensor_check"]

@@ -13,10 +13,13 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UpcycleError
 from ..source import DTYPE_BYTES, Checkpoint, resolve
+
+if TYPE_CHECKING:
+    from .verify_layerwise import LayerRow, TensorCheck
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("auto", "whole", "layerwise")
@@ -89,8 +92,8 @@ class VerifyReport:
     mode_note: str | None = None  # why auto chose layerwise
     logit_scale: float = 0.0  # max |dense logit|
     limits: Limits | None = None
-    layers: tuple = ()  # layerwise: verify_layerwise.LayerRow per decoder layer
-    tensor_check: Any = None  # layerwise: verify_layerwise.TensorCheck
+    layers: tuple[LayerRow, ...] = ()  # layerwise: one row per decoder layer
+    tensor_check: TensorCheck | None = None  # layerwise: the copied tensors against their source
     recorded: str | None = field(default=None)  # where the report was stored in MOE's folder, if it was
 
     @property
@@ -314,7 +317,7 @@ def verify(
     if note and notify:
         notify(note)
 
-    layers: tuple = ()
+    layers: tuple[LayerRow, ...] = ()
     tensor_check = None
     if chosen == "whole":
         import torch

@@ -390,9 +390,13 @@ def run_layerwise(dense_folder: Path, moe_folder: Path, ids, dtype: str, layer_r
     hidden: dict[int, Any] = {}
     mlp_io: dict[int, tuple[Any, Any]] = {}
     hooks = []
+
+    def keep_mlp_io(i: int, module, args, kwargs, output) -> None:
+        mlp_io[i] = (args[0] if args else next(iter(kwargs.values())), output)
+
     for i in moe_layers:
         mlp = dense.model.get_submodule(mlp_path.format(layer=i))
-        hooks.append(mlp.register_forward_hook(lambda m, args, out, i=i: mlp_io.__setitem__(i, (args[0], out))))
+        hooks.append(mlp.register_forward_hook(partial(keep_mlp_io, i), with_kwargs=True))
     try:
         dense_logits = dense.run(ids, lambda i, out: hidden.__setitem__(i, out))
     finally:
