@@ -278,8 +278,24 @@ def verify(
     tokens: Annotated[int, typer.Option(help="Tokens to compare (capped by the models' context).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the random token ids.")] = 0,
     dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
-    atol: Annotated[float, typer.Option(help="Largest allowed max |Δlogits|.")] = 1e-3,
-    min_agreement: Annotated[float, typer.Option(help="Smallest allowed top-1 agreement (0..1).")] = 0.999,
+    atol: Annotated[
+        float | None,
+        typer.Option(
+            help="Largest allowed max |Δlogits|. [default: 1e-3 in float32; 1/16 (bfloat16) or 1/128 (float16) "
+            "of the largest dense logit]"
+        ),
+    ] = None,
+    min_agreement: Annotated[
+        float | None,
+        typer.Option(help="Smallest allowed top-1 agreement (0..1). [default: 0.999 float32, 0.85 bf16, 0.95 fp16]"),
+    ] = None,
+    layerwise: Annotated[
+        bool,
+        typer.Option("--layerwise", help="Hold one layer at a time and check every copied tensor against its source."),
+    ] = False,
+    whole: Annotated[
+        bool, typer.Option("--whole", help="Load both models whole; refuse if they do not fit in memory.")
+    ] = False,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write the report as JSON to this file ('-': stdout).")
     ] = None,
@@ -287,9 +303,13 @@ def verify(
         bool, typer.Option("--record/--no-record", help="Store the result in MOE's upcycle.json and model card.")
     ] = True,
 ) -> None:
-    """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside."""
+    """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside.
+
+    Loads both models whole when they fit in memory, and goes layer by layer otherwise."""
     from upcycle.report.verify import verify as run_verify
 
+    if layerwise and whole:
+        raise UpcycleError("--layerwise and --whole exclude each other; give one (or neither: chosen by memory)")
     _json_owns_stdout(json_out)
     report = run_verify(
         dense,
@@ -300,39 +320,96 @@ def verify(
         dtype=dtype,
         atol=atol,
         min_agreement=min_agreement,
+        mode="layerwise" if layerwise else "whole" if whole else "auto",
         record=record,
+        notify=lambda note: err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True),
     )
+    _print_verify(report, title=f"verify {dense} vs {moe} ({report.moe_class})")
+    if report.recorded:
+        _say(out, f"result stored in {moe}: {report.recorded}")
+    _emit_json(report.to_dict(), json_out)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _ok(good: bool) -> str:
+    return "yes" if good else "NO"
+
+
+def _print_verify(report, title: str) -> None:
+    from upcycle.publish.card import human_bytes
+
+    moe_rows = [row for row in report.layers if row.block_max_abs_diff is not None]
+    if moe_rows:
+        layers = Table()
+        for col in ("layer", "block max |Δ|", "limit", "hidden max |Δ| after", "ok"):
+            layers.add_column(col)
+        for row in moe_rows:
+            layers.add_row(
+                str(row.layer),
+                f"{row.block_max_abs_diff:.3e}",
+                f"≤ {row.block_limit:.2e}",
+                f"{row.hidden_max_abs_diff:.3e}",
+                _ok(row.passed),
+            )
+        _show("MoE layers: the block against the dense MLP on the same input", layers)
+    limits = report.limits
     table = Table()
     for col in ("metric", "value", "limit", "ok"):
         table.add_column(col)
+    table.add_row("mode", report.mode, "", "")
     table.add_row("tokens", f"{report.tokens} ({report.input}, {report.dtype})", "", "")
+    if report.tensor_check is not None:
+        check = report.tensor_check
+        cast = f", {check.cast} after the cast" if check.cast else ""
+        table.add_row(
+            "copied tensors",
+            f"{check.equal} of {check.compared} equal to the source{cast} ({human_bytes(check.bytes_read)} read)",
+            "all",
+            _ok(check.passed),
+        )
+    if report.layers:
+        worst = [row for row in report.layers if row.block_max_abs_diff is not None]
+        failed = [str(row.layer) for row in worst if not row.passed]
+        table.add_row(
+            "MoE blocks within limit",
+            f"{len(worst) - len(failed)} of {len(worst)}" + (f"; failed: layer {', '.join(failed)}" if failed else ""),
+            f"≤ {limits.layer_rtol:g} × max |MLP output|",
+            _ok(not failed),
+        )
     table.add_row(
         "max |Δlogits|",
         f"{report.max_abs_diff:.3e}",
-        f"≤ {atol:g}",
-        "yes" if report.max_abs_diff <= atol else "NO",
+        f"≤ {report.atol:.3g} ({limits.rule})" if limits else f"≤ {report.atol:g}",
+        _ok(report.max_abs_diff <= report.atol),
     )
     table.add_row("mean KL(dense‖moe)", f"{report.mean_kl:.3e}", "", "")
     table.add_row(
         "top-1 agreement",
         f"{report.top1_agreement:.4%}",
-        f"≥ {min_agreement:.2%}",
-        "yes" if report.top1_agreement >= min_agreement else "NO",
+        f"≥ {report.min_agreement:.2%}",
+        _ok(report.top1_agreement >= report.min_agreement),
     )
     keys_ok = not report.missing_keys and not report.unexpected_keys
     table.add_row(
         "missing/unexpected keys",
         f"{len(report.missing_keys)}/{len(report.unexpected_keys)}",
         "0/0",
-        "yes" if keys_ok else "NO",
+        _ok(keys_ok),
     )
-    _show(f"verify {dense} vs {moe} ({report.moe_class})", table)
+    _show(title, table)
+    if report.tensor_check is not None:
+        check = report.tensor_check
+        problems = [("differs from its source", check.mismatched), ("missing", check.missing)]
+        for what, names in [*problems, ("not in the plan", check.unexpected)]:
+            for name in names[:10]:
+                _say(out, f"tensor {what}: {name}")
+            if len(names) > 10:
+                _say(out, f"... and {len(names) - 10} more tensors {what} (all in --json)")
+    for row in report.layers:
+        if not row.passed:
+            _say(out, f"layer {row.layer}: MoE block max |Δ| {row.block_max_abs_diff:.3e} > limit {row.block_limit:.2e}")
     _say(out, "PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")
-    if report.recorded:
-        _say(out, f"result stored in {moe}: {report.recorded}")
-    _emit_json(report.to_dict(), json_out)
-    if not report.passed:
-        raise typer.Exit(1)
 
 
 # --- inspect -----------------------------------------------------------------------------------------

@@ -1,16 +1,77 @@
-"""`upcycle verify`: prove on logits that an MoE computes what its dense source computed."""
+"""`upcycle verify`: prove on logits that an MoE computes what its dense source computed.
+
+Two ways, same logits. `whole` loads both models with transformers and runs them. `layerwise`
+(verify_layerwise.py) holds one layer at a time and also checks every copied tensor against its source.
+`auto` takes whole when both models fit in the available memory, and layerwise otherwise.
+"""
 
 from __future__ import annotations
 
+import gc
+import math
+import os
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UpcycleError
-from ..source import Checkpoint, resolve
+from ..source import DTYPE_BYTES, Checkpoint, resolve
+
+if TYPE_CHECKING:
+    from .verify_layerwise import LayerRow, TensorCheck
 
 DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("auto", "whole", "layerwise")
+ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+# Unit roundoff of each compute dtype: half the distance from 1 to the next number (2^-(mantissa bits + 1)).
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+# float32 keeps its absolute limits: a correct conversion differs there by float32 rounding alone (~1e-5).
+# In bfloat16/float16 the MoE rounds where the dense model did not (each expert's weighted output is rounded
+# to the dtype before the top-k sum), and this compounds over the layers: the limit is 16 unit roundoffs of
+# the logit scale (max |dense logit|). Measured on SmolLM2-135M (README, benchmarks): a correct Qwen2-MoE
+# conversion differs by 0.023 of the scale in bfloat16 (5.8 u) and 0.003 in float16 (6.2 u), about what
+# running the dense model itself in that dtype costs against float32 (0.025-0.036 in bfloat16).
+REDUCED_RTOL = 16
+MIN_AGREEMENT = {"float32": 0.999, "bfloat16": 0.85, "float16": 0.95}
+FLOAT32_ATOL = 1e-3
+# One MoE block against the dense MLP on the same input: a relative limit on max |Δ| / max |dense MLP output|.
+LAYER_RTOL = {"float32": 1e-5, "bfloat16": 16 * 2.0**-8, "float16": 16 * 2.0**-11}
+
+MEMORY_ENV = "UPCYCLE_MEMORY_LIMIT"  # a size ("8GB", "500MB" or bytes): the memory verify may plan with
+BASE_BYTES = 600 << 20  # the interpreter with torch and transformers imported
+LOAD_OVERHEAD = 1.2  # transformers' loading (fusing experts, casting) on top of the weights, as measured
+HEADROOM = 0.9  # plan with 90% of the available memory: other processes may grow meanwhile
+MMAP_THRESHOLD = 1 << 20  # allocations from this size up get their own mapping, returned to the system on free
+
+
+@dataclass(frozen=True)
+class Limits:
+    atol: float  # largest allowed max |Δlogits|, absolute
+    min_agreement: float
+    layer_rtol: float | None  # layerwise: largest allowed max |Δ| of an MoE block, relative to its output scale
+    rule: str  # how atol was set, for the report
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def limits_for(
+    dtype: str, logit_scale: float, *, atol: float | None, min_agreement: float | None, layerwise: bool = False
+) -> Limits:
+    """The limits of a dtype, with --atol/--min-agreement given explicitly taking precedence."""
+    if atol is not None:
+        applied, rule = atol, "given (--atol)"
+    elif dtype == "float32":
+        applied, rule = FLOAT32_ATOL, "float32"
+    else:
+        rtol = REDUCED_RTOL * UNIT_ROUNDOFF[dtype]
+        applied, rule = rtol * logit_scale, f"{dtype}: {rtol:g} × max |dense logit| {logit_scale:.3g}"
+    agreement = MIN_AGREEMENT[dtype] if min_agreement is None else min_agreement
+    layer_rtol = LAYER_RTOL[dtype] if layerwise else None
+    return Limits(atol=applied, min_agreement=agreement, layer_rtol=layer_rtol, rule=rule)
 
 
 @dataclass(frozen=True)
@@ -24,11 +85,21 @@ class VerifyReport:
     max_abs_diff: float
     mean_kl: float  # mean over positions of KL(dense ‖ moe), in nats
     top1_agreement: float
-    atol: float
+    atol: float  # the limits applied (also in `limits`, with how they were set)
     min_agreement: float
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
-    recorded: str | None = None  # where the report was stored in MOE's folder, if it was
+    mode: str = "whole"  # "whole" | "layerwise"
+    mode_note: str | None = None  # why auto chose layerwise
+    logit_scale: float = 0.0  # max |dense logit|
+    limits: Limits | None = None
+    layers: tuple[LayerRow, ...] = ()  # layerwise: one row per decoder layer
+    tensor_check: TensorCheck | None = None  # layerwise: the copied tensors against their source
+    recorded: str | None = field(default=None)  # where the report was stored in MOE's folder, if it was
+
+    @property
+    def layers_passed(self) -> bool:
+        return all(row.passed for row in self.layers)
 
     @property
     def passed(self) -> bool:
@@ -37,22 +108,118 @@ class VerifyReport:
             and not self.unexpected_keys
             and self.max_abs_diff <= self.atol
             and self.top1_agreement >= self.min_agreement
+            and self.layers_passed
+            and (self.tensor_check is None or self.tensor_check.passed)
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["missing_keys"], d["unexpected_keys"] = list(self.missing_keys), list(self.unexpected_keys)
+        d["limits"] = self.limits.to_dict() if self.limits else None
+        d["layers"] = [asdict(row) | {"passed": row.passed} for row in self.layers]
+        d["tensor_check"] = self.tensor_check.to_dict() if self.tensor_check is not None else None
         d["passed"] = self.passed
         d.pop("recorded")
         return d
 
 
+# --- memory --------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = int(text) if text.strip().isdigit() else convert_file_size_to_int(text.strip())
+    except (ValueError, TypeError):
+        size = 0
+    if not isinstance(size, int) or size <= 0:
+        raise UpcycleError(f"{MEMORY_ENV}={text!r} is not a size such as 8GB or 500MB")
+    return size
+
+
+def available_memory() -> int:
+    """Bytes this process can still take: MemAvailable, within the cgroup's limit; UPCYCLE_MEMORY_LIMIT overrides."""
+    given = os.environ.get(MEMORY_ENV)
+    if given:
+        return parse_size(given)
+    try:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except ImportError:
+        available = _meminfo_available()
+    return min(available, _cgroup_room())
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62  # unknown: do not refuse on a guess
+
+
+def _cgroup_room() -> int:
+    """Room left under a cgroup v2 memory limit (containers), or unlimited."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return 1 << 62
+    return 1 << 62 if limit == "max" else max(0, int(limit) - used)
+
+
+def keep_heap_small() -> None:
+    """Give tensors of 1 MiB and more their own mapping, so that freeing one returns its memory at once.
+
+    glibc raises its mmap threshold each time a large block is freed, so later tensors come from the heap,
+    which it seldom shrinks: loading a model (each expert cast, stacked, concatenated) or streaming layer after
+    layer then leaves ~30% of what passed through resident. Fixing the threshold stops that (no-op off glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def whole_model_bytes(dense: Checkpoint, moe: Checkpoint, dtype: str, tokens: int, vocab: int) -> int:
+    """What a whole-model verify takes: the larger model's weights at the compute dtype (the two are loaded one
+    after the other) with the loader's transient copies, both logits tensors, and the interpreter."""
+    params = max(sum(math.prod(t.shape) for t in ckpt.tensors.values()) for ckpt in (dense, moe))
+    weights = params * DTYPE_BYTES[ST_DTYPE[dtype]]
+    activations = 3 * tokens * vocab * 4  # both models' logits, and the float32 head output being computed
+    return int(weights * LOAD_OVERHEAD) + activations + BASE_BYTES
+
+
+def choose_mode(mode: str, need: int, available: int) -> tuple[str, str | None]:
+    from ..publish.card import human_bytes
+
+    fits = need <= available * HEADROOM
+    if mode == "whole" and not fits:
+        raise UpcycleError(
+            f"loading the models whole needs ~{human_bytes(need)}, but {human_bytes(available)} is available; "
+            "use --layerwise, which holds one layer at a time"
+        )
+    if mode == "auto" and not fits:
+        note = f"loading the models whole needs ~{human_bytes(need)}, {human_bytes(available)} available"
+        return "layerwise", note + ": verifying layer by layer"
+    return ("whole" if mode == "auto" else mode), None
+
+
+# --- inputs and comparison ---------------------------------------------------------------------------
+
+
 def _load(src: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our table is the report; per-tensor loading bars are noise here
     folder = resolve(src).folder
     Checkpoint.open(folder)  # config and every shard readable and whole, else an error that names the file
     try:
@@ -90,16 +257,24 @@ def input_ids(dense_folder: Path, vocab_size: int, *, text: Path | None, tokens:
     return ids
 
 
-def compare_logits(dense_logits, moe_logits) -> tuple[float, float, float]:
-    """max |Δ|, mean KL(dense ‖ moe) and top-1 agreement over every position (computed in float64)."""
+def compare_logits(dense_logits, moe_logits, rows: int = 32) -> tuple[float, float, float]:
+    """max |Δ|, mean KL(dense ‖ moe) and top-1 agreement over every position (float64, `rows` positions at a
+    time, so a 150k vocabulary does not need several float64 copies of all the logits at once)."""
     import torch
 
-    a, b = dense_logits.double().flatten(0, -2), moe_logits.double().flatten(0, -2)
-    max_abs = (a - b).abs().max().item()
-    logp, logq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).mean().item()
-    agree = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
-    return max_abs, kl, agree
+    a_all, b_all = dense_logits.flatten(0, -2), moe_logits.flatten(0, -2)
+    max_abs, kl_sum, agree = 0.0, 0.0, 0
+    for start in range(0, a_all.shape[0], rows):
+        a, b = a_all[start : start + rows].double(), b_all[start : start + rows].double()
+        max_abs = max(max_abs, (a - b).abs().max().item())
+        logp, logq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        kl_sum += (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).sum().item()
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum().item())
+    n = a_all.shape[0]
+    return max_abs, kl_sum / n, agree / n
+
+
+# --- the command ---------------------------------------------------------------------------------------
 
 
 def verify(
@@ -110,44 +285,95 @@ def verify(
     tokens: int = 256,
     seed: int = 0,
     dtype: str = "float32",
-    atol: float = 1e-3,
-    min_agreement: float = 0.999,
+    atol: float | None = None,
+    min_agreement: float | None = None,
+    mode: str = "auto",
     record: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> VerifyReport:
-    """Compare logits; with `record`, store the report in MOE's upcycle.json and model card (local folders)."""
-    import torch
+    """Compare logits; with `record`, store the report in MOE's upcycle.json and model card (local folders).
 
+    `atol`/`min_agreement` left as None take the limits of `dtype`; `notify` receives a one-line note when
+    auto mode switches to layerwise."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our table is the report; per-tensor loading bars are noise here
+    keep_heap_small()
     if dtype not in DTYPES:
         raise UpcycleError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    if mode not in MODES:
+        raise UpcycleError(f"verify mode {mode!r} is not one of: {', '.join(MODES)}")
     if tokens < 2:
         raise UpcycleError(f"--tokens {tokens} must be at least 2")
-    dense_folder, dense_model, _ = _load(dense, dtype)
-    _, moe_model, info = _load(moe, dtype)
-    vocab = dense_model.config.vocab_size
-    if moe_model.config.vocab_size != vocab:
+    dense_folder, moe_folder = resolve(dense).folder, resolve(moe).folder
+    dense_ckpt, moe_ckpt = Checkpoint.open(dense_folder), Checkpoint.open(moe_folder)
+    try:
+        dense_cfg, moe_cfg = AutoConfig.from_pretrained(dense_folder), AutoConfig.from_pretrained(moe_folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UpcycleError(f"transformers could not read a config: {exc}".splitlines()[0]) from None
+    vocab = dense_cfg.vocab_size
+    if moe_cfg.vocab_size != vocab:
         raise UpcycleError(
-            f"the vocabularies differ ({vocab} vs {moe_model.config.vocab_size}); {moe} was not made from {dense}"
+            f"the vocabularies differ ({vocab} vs {moe_cfg.vocab_size}); {moe} was not made from {dense}"
         )
-    limit = min(dense_model.config.max_position_embeddings, moe_model.config.max_position_embeddings)
+    limit = min(dense_cfg.max_position_embeddings, moe_cfg.max_position_embeddings)
     ids = input_ids(dense_folder, vocab, text=text, tokens=min(tokens, limit), seed=seed)
-    with torch.no_grad():
-        a = dense_model(input_ids=ids).logits
-        b = moe_model(input_ids=ids).logits
+
+    need = whole_model_bytes(dense_ckpt, moe_ckpt, dtype, int(ids.numel()), vocab)
+    chosen, note = choose_mode(mode, need, available_memory() if mode != "layerwise" else need)
+    if note and notify:
+        notify(note)
+
+    layers: tuple[LayerRow, ...] = ()
+    tensor_check = None
+    if chosen == "whole":
+        import torch
+
+        with torch.no_grad():  # one model at a time: the dense one is gone before the MoE loads
+            _, model, _ = _load(dense, dtype)
+            a = model(input_ids=ids).logits
+            del model
+            gc.collect()  # a model holds reference cycles: free it now, not at some later collection
+            _, model, info = _load(moe, dtype)
+            b = model(input_ids=ids).logits
+        moe_class = type(model).__name__
+        del model
+        missing = tuple(sorted(info.get("missing_keys", ())))
+        unexpected = tuple(sorted(info.get("unexpected_keys", ())))
+    else:
+        from ..publish.card import read_recipe
+        from .verify_layerwise import check_tensors, conversion_plan, run_layerwise
+
+        recipe = read_recipe(moe_folder)
+        plan = conversion_plan(dense_ckpt, moe_ckpt, recipe)
+        tensor_check = check_tensors(plan, dense_ckpt, moe_ckpt, strict_dtype=recipe is not None)
+        run = run_layerwise(dense_folder, moe_folder, ids, dtype, LAYER_RTOL[dtype])
+        a, b, layers, moe_class = run.dense_logits, run.moe_logits, run.rows, run.moe_class
+        missing, unexpected = run.missing_keys, run.unexpected_keys
     max_abs, kl, agree = compare_logits(a, b)
+    scale = a.double().abs().max().item()
+    limits = limits_for(dtype, scale, atol=atol, min_agreement=min_agreement, layerwise=chosen == "layerwise")
     report = VerifyReport(
         dense=dense,
         moe=moe,
-        moe_class=type(moe_model).__name__,
+        moe_class=moe_class,
         tokens=int(ids.numel()),
         input=f"text:{Path(text).name}" if text else f"random:{seed}",
         dtype=dtype,
         max_abs_diff=max_abs,
         mean_kl=kl,
         top1_agreement=agree,
-        atol=atol,
-        min_agreement=min_agreement,
-        missing_keys=tuple(sorted(info.get("missing_keys", ()))),
-        unexpected_keys=tuple(sorted(info.get("unexpected_keys", ()))),
+        atol=limits.atol,
+        min_agreement=limits.min_agreement,
+        missing_keys=missing,
+        unexpected_keys=unexpected,
+        mode=chosen,
+        mode_note=note,
+        logit_scale=scale,
+        limits=limits,
+        layers=layers,
+        tensor_check=tensor_check,
     )
     if record and Path(moe).is_dir():
         from dataclasses import replace

@@ -1,0 +1,436 @@
+"""`upcycle verify --layerwise`: the whole-model proof, holding one layer in memory at a time.
+
+Two checks, both streamed from the safetensors shards.
+
+* Tensors. Every tensor the conversion copied is compared with its source through the byte ranges of the
+  shards, in pieces: byte for byte, or after the cast the conversion made (`convert --dtype`). What came
+  from where is the conversion plan, rebuilt from upcycle.json's recipe (or, without one, from the MoE
+  config), so the experts are checked against the dense FFN they were cloned from.
+* Forward. Each model's own transformers class is built on the meta device (no memory), and its own forward
+  runs with hooks that load a unit (the embedding, one decoder layer, the final norm, the head) just before
+  it runs and drop it right after. The MoE's per-expert keys are fused by transformers' own loader. The
+  dense run records each layer's output and, for MoE layers, the input and output of its MLP; the MoE run
+  feeds that same input to its MoE block, the module users run, and compares. The end-to-end hidden states
+  and logits are compared as the whole-model verify compares them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ..arch import family_for, target_for_model_type
+from ..errors import UpcycleError
+from ..source import Checkpoint, TensorInfo
+
+CHUNK = 16 << 20  # bytes per read when comparing tensors: memory stays flat whatever the tensor size
+
+
+# --- the tensor check ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    compared: int  # copied tensors (attention, norms, embeddings, dense FFNs, experts) compared with their source
+    equal: int  # of those, equal to the source: byte for byte, or after the conversion's cast
+    cast: int  # of those compared, how many were compared after a cast
+    zeros: int  # tensors the target needs as zeros (e.g. Qwen2-MoE's empty shared expert), checked to be zero
+    skipped: int  # tensors built rather than copied (routers): nothing to compare them with
+    bytes_read: int  # bytes of the MoE read
+    mismatched: tuple[str, ...] = ()  # MoE tensors that differ from their source (or have the wrong shape/dtype)
+    missing: tuple[str, ...] = ()  # planned, absent from the MoE
+    unexpected: tuple[str, ...] = ()  # in the MoE, not planned
+
+    @property
+    def passed(self) -> bool:
+        return not (self.mismatched or self.missing or self.unexpected)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "compared": self.compared,
+            "equal": self.equal,
+            "cast": self.cast,
+            "zeros": self.zeros,
+            "skipped": self.skipped,
+            "bytes_read": self.bytes_read,
+            "mismatched": list(self.mismatched),
+            "missing": list(self.missing),
+            "unexpected": list(self.unexpected),
+            "passed": self.passed,
+        }
+
+
+def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] | None):
+    """The plan that made MOE from DENSE: from upcycle.json's recipe, or inferred from the MoE config."""
+    from ..convert.pipeline import dense_config
+    from ..convert.plan import make_plan
+    from ..convert.spec import ConvertSpec, build_spec
+
+    if recipe is not None and isinstance(recipe.get("recipe"), dict):
+        spec = build_spec(None, **recipe["recipe"])
+    else:
+        target = target_for_model_type(moe.config.get("model_type"))
+        if target is None:
+            raise UpcycleError(
+                f"{moe.folder} is a {moe.config.get('model_type')!r} model, which upcycle does not write, and has no "
+                "upcycle.json; --layerwise cannot tell which dense tensor each tensor came from (use --whole)"
+            )
+        n = int(moe.config["num_hidden_layers"])
+        dense_layers = set(moe.config.get(target.config.get("dense_layers", ""), None) or ())
+        spec = ConvertSpec(
+            experts=int(moe.config[target.config["experts"]]),
+            top_k=int(moe.config[target.config["top_k"]]),
+            layers=tuple(i for i in range(n) if i not in dense_layers) if dense_layers else None,
+            target=target.name,
+        )
+    try:
+        return make_plan(dense_config(dense.folder), dense.tensors, spec)
+    except UpcycleError as exc:
+        raise UpcycleError(f"--layerwise could not rebuild the conversion plan: {exc}") from None
+
+
+def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: bool) -> TensorCheck:
+    """Compare every planned tensor of MOE with its source, streaming; `strict_dtype`: the plan knows the dtypes."""
+    planned = {op.name for op in plan.ops}
+    mismatched: list[str] = []
+    compared = equal = cast = zeros = skipped = read = 0
+    for op in plan.ops:
+        got = moe.tensors.get(op.name)
+        if got is None:
+            continue
+        if got.shape != op.shape or (strict_dtype and got.dtype != op.dtype):
+            mismatched.append(op.name)
+            continue
+        if op.kind == "router" or op.transform is not None:
+            skipped += 1
+            continue
+        read += got.nbytes
+        if op.kind == "zeros":
+            zeros += 1
+            ok = all_zero(got)
+        else:
+            src = dense.tensors[op.src]
+            compared += 1
+            if src.dtype == got.dtype:
+                ok = same_bytes(src, got)
+            else:
+                cast += 1
+                ok = cast_equal(src, got)
+            equal += ok
+        if not ok:
+            mismatched.append(op.name)
+    return TensorCheck(
+        compared=compared,
+        equal=equal,
+        cast=cast,
+        zeros=zeros,
+        skipped=skipped,
+        bytes_read=read,
+        mismatched=tuple(mismatched),
+        missing=tuple(sorted(planned - moe.tensors.keys())),
+        unexpected=tuple(sorted(moe.tensors.keys() - planned)),
+    )
+
+
+def _pieces(info: TensorInfo, step: int = CHUNK) -> Iterator[bytes]:
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        for start in range(0, info.nbytes, step):
+            piece = os.pread(fd, min(step, info.nbytes - start), info.offset + start)
+            if len(piece) < min(step, info.nbytes - start):
+                raise UpcycleError(f"{info.file} ended early while reading {info.name}; the file is truncated")
+            yield piece
+    finally:
+        os.close(fd)
+
+
+def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
+    return a.nbytes == b.nbytes and all(x == y for x, y in zip(_pieces(a), _pieces(b), strict=True))
+
+
+def cast_equal(src: TensorInfo, dst: TensorInfo) -> bool:
+    """Is DST the source cast to DST's dtype, as the conversion casts it (piece by piece, same rounding)?"""
+    from ..convert.pipeline import cast_chunks
+
+    fd = os.open(dst.file, os.O_RDONLY)
+    try:
+        done = 0
+        for piece in cast_chunks(src, dst.dtype):
+            if done + len(piece) > dst.nbytes or os.pread(fd, len(piece), dst.offset + done) != piece:
+                return False
+            done += len(piece)
+        return done == dst.nbytes
+    finally:
+        os.close(fd)
+
+
+def all_zero(info: TensorInfo) -> bool:
+    return all(not piece.strip(b"\0") for piece in _pieces(info))
+
+
+# --- the forward check --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    layer: int
+    moe: bool
+    block_max_abs_diff: float | None  # MoE block vs dense MLP on the same input (MoE layers)
+    block_scale: float | None  # max |dense MLP output| of that input
+    block_limit: float | None
+    hidden_max_abs_diff: float  # hidden states after the layer, each model run on its own from the tokens
+
+    @property
+    def passed(self) -> bool:
+        return self.block_max_abs_diff is None or self.block_max_abs_diff <= self.block_limit
+
+
+@dataclass(frozen=True)
+class LayerwiseRun:
+    dense_logits: Any  # [1, T, V]
+    moe_logits: Any  # [1, T, V]
+    rows: tuple[LayerRow, ...]
+    moe_class: str
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+
+
+@dataclass
+class _Unit:
+    prefix: str  # module path in the model, e.g. model.layers.3
+    module: Any
+    layer: int | None  # index of a decoder layer
+    keys: list[str]  # checkpoint keys that load into it
+    tied: list[tuple[str, str]]  # (parameter, checkpoint key of the parameter it is tied to)
+
+
+def _units(module, prefix: str = "") -> Iterator[tuple[str, Any, int | None]]:
+    """The pieces loaded one at a time: each element of a ModuleList (the decoder layers), and every other
+    child that holds weights (embedding, final norm, head). Weightless children (rotary tables) are skipped."""
+    import torch
+
+    for name, child in module.named_children():
+        path = prefix + name
+        if isinstance(child, torch.nn.ModuleList):
+            for i, layer in enumerate(child):
+                yield f"{path}.{i}", layer, i
+        elif any(isinstance(m, torch.nn.ModuleList) for m in child.modules()):
+            yield from _units(child, path + ".")
+        elif child.state_dict():
+            yield path, child, None
+
+
+def _common_path(paths: list[str]) -> str:
+    """The module that holds all these modules: their longest common dotted prefix."""
+    parts = [p.split(".") for p in paths]
+    common = parts[0]
+    for other in parts[1:]:
+        n = 0
+        while n < min(len(common), len(other)) and common[n] == other[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(common)
+
+
+class StreamedModel:
+    """A transformers model built on the meta device whose units are read from the shards only while they run."""
+
+    def __init__(self, folder: Path, dtype: str, label: str):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError:  # pragma: no cover - the pinned transformers 5.x has them
+            raise UpcycleError("--layerwise needs transformers' 5.x weight loader; upgrade transformers") from None
+
+        self.ckpt = Checkpoint.open(folder)
+        self.dtype = getattr(torch, dtype)
+        try:
+            config = AutoConfig.from_pretrained(folder)
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "initializing zero-element tensors": size-0 experts
+                model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise UpcycleError(f"transformers could not build {label}: {exc}".splitlines()[0]) from None
+        self.model = model.eval()
+        self.config = config
+        self.mapping = get_model_conversion_mapping(model)
+        self._materialize_buffers()
+
+        meta_state = model.state_dict()
+        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        self.units = [_Unit(p, m, i, [], []) for p, m, i in _units(model)]
+        by_prefix = sorted(self.units, key=lambda u: len(u.prefix), reverse=True)
+        self.stray: list[str] = []  # checkpoint keys that belong to no parameter of the model
+        plain: dict[str, str] = {}  # parameter -> checkpoint key, where no fusing is involved
+        for key in self.ckpt.tensors:
+            name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+            unit = next((u for u in by_prefix if name.startswith(u.prefix + ".")), None)
+            if unit is None or name not in meta_state:
+                self.stray.append(key)
+                continue
+            unit.keys.append(key)
+            if pattern is None:
+                plain[name] = key
+        for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+            unit = next((u for u in by_prefix if target.startswith(u.prefix + ".")), None)
+            if unit is not None and target not in plain and source in plain:
+                unit.tied.append((target, plain[source]))
+        self.missing: set[str] = set()
+
+    def _materialize_buffers(self) -> None:
+        """Non-persistent buffers (rotary tables) are computed, not stored: build them as from_pretrained does."""
+        import torch
+
+        owners = set()
+        for name, buf in list(self.model.named_non_persistent_buffers()):
+            owner, _, attr = name.rpartition(".")
+            self.model.get_submodule(owner)._buffers[attr] = torch.empty_like(buf, device="cpu")
+            owners.add(owner)
+        for owner in owners:
+            self.model._init_weights(self.model.get_submodule(owner))
+
+    def load(self, unit: _Unit) -> None:
+        """Read the unit's tensors and hand them to transformers' loader (renaming, fusing experts, casting)."""
+        import torch
+        from safetensors import safe_open
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        state: dict[str, Any] = {}
+        with ExitStack() as stack:
+            files: dict[Path, Any] = {}
+
+            def read(key: str):
+                info = self.ckpt.tensors[key]
+                if info.file not in files:
+                    files[info.file] = stack.enter_context(safe_open(info.file, framework="pt"))
+                return files[info.file].get_tensor(key)
+
+            for key in unit.keys:
+                state[key] = read(key)
+            for target, key in unit.tied:
+                state[target] = read(key)
+        load_config = LoadStateDictConfig(dtype=self.dtype, weight_mapping=self.mapping)
+        convert_and_load_state_dict_in_model(self.model, state, load_config)
+        del state
+        for name, tensor in list(unit.module.named_parameters()) + list(unit.module.named_buffers()):
+            if tensor.is_meta:  # not in the checkpoint (or the wrong shape): zeros, so the forward still runs
+                self.missing.add(f"{unit.prefix}.{name}")
+                owner, _, attr = name.rpartition(".")
+                holder = unit.module.get_submodule(owner)
+                value = torch.zeros(tensor.shape, dtype=tensor.dtype)
+                if attr in holder._parameters:
+                    holder._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+                else:
+                    holder._buffers[attr] = value
+
+    def run(self, ids, after_layer: Callable[[int, Any], None]):
+        """The model's own forward on `ids`; after_layer(index, output) runs while that decoder layer is loaded."""
+        import torch
+
+        hooks = []
+
+        def after(unit: _Unit, module, args, output) -> None:
+            if unit.layer is not None:
+                after_layer(unit.layer, output[0] if isinstance(output, tuple) else output)
+            unit.module.to("meta")  # drop the weights
+
+        for unit in self.units:
+            hooks.append(unit.module.register_forward_pre_hook(lambda module, args, u=unit: self.load(u)))
+            hooks.append(unit.module.register_forward_hook(partial(after, unit)))
+        try:
+            with torch.no_grad():
+                return self.model(input_ids=ids, use_cache=False).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for unit in self.units:
+                unit.module.to("meta")
+
+
+def run_layerwise(dense_folder: Path, moe_folder: Path, ids, dtype: str, layer_rtol: float) -> LayerwiseRun:
+    """Both forwards, one unit in memory at a time; per-layer differences and both models' logits."""
+    dense = StreamedModel(dense_folder, dtype, "the dense model")
+    if dense.stray == list(dense.ckpt.tensors):
+        raise UpcycleError(f"none of the tensors of {dense_folder} fits its own model class; the checkpoint is broken")
+    family = family_for(dense.config.model_type)
+    mlp_path = _common_path([key.rsplit(".", 1)[0] for key in family.ffn.values()])  # model.layers.{layer}.mlp
+    moe = StreamedModel(moe_folder, dtype, "the MoE")
+    target = target_for_model_type(moe.config.model_type)
+    if target is None:
+        raise UpcycleError(
+            f"{moe_folder} is a {moe.config.model_type!r} model, not one of the MoE classes upcycle writes; "
+            "--layerwise cannot find its MoE blocks (use --whole)"
+        )
+    if moe.config.num_hidden_layers != dense.config.num_hidden_layers:
+        raise UpcycleError(
+            f"the MoE has {moe.config.num_hidden_layers} layers and the dense model {dense.config.num_hidden_layers}; "
+            "it was not made from this dense model"
+        )
+    block_path = _common_path(list(target.modules.values()))  # the block holding router and experts
+    moe_layers = []
+    for i in range(dense.config.num_hidden_layers):
+        try:
+            moe.model.get_submodule(target.modules["experts"].format(layer=i))
+            moe_layers.append(i)
+        except AttributeError:
+            pass
+
+    # Dense pass: each layer's output, and the MLP's input and output where the MoE has a block.
+    hidden: dict[int, Any] = {}
+    mlp_io: dict[int, tuple[Any, Any]] = {}
+    hooks = []
+
+    def keep_mlp_io(i: int, module, args, kwargs, output) -> None:
+        mlp_io[i] = (args[0] if args else next(iter(kwargs.values())), output)
+
+    for i in moe_layers:
+        mlp = dense.model.get_submodule(mlp_path.format(layer=i))
+        hooks.append(mlp.register_forward_hook(partial(keep_mlp_io, i), with_kwargs=True))
+    try:
+        dense_logits = dense.run(ids, lambda i, out: hidden.__setitem__(i, out))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if dense.missing:
+        first = sorted(dense.missing)[0]
+        raise UpcycleError(
+            f"the dense checkpoint has no tensor for {first} ({len(dense.missing)} missing); it is incomplete"
+        )
+
+    # MoE pass: the block on the dense MLP's input while its layer is loaded, and the drift after each layer.
+    rows: dict[int, LayerRow] = {}
+
+    def after_moe_layer(i: int, out) -> None:
+        block_diff = scale = limit = None
+        if i in mlp_io:
+            x, want = mlp_io.pop(i)
+            got = moe.model.get_submodule(block_path.format(layer=i))(x)
+            block_diff = _max_abs(got, want)
+            scale = want.double().abs().max().item()
+            limit = layer_rtol * scale if scale > 0 else layer_rtol
+        rows[i] = LayerRow(i, i in moe_layers, block_diff, scale, limit, _max_abs(out, hidden.pop(i)))
+
+    moe_logits = moe.run(ids, after_moe_layer)
+    return LayerwiseRun(
+        dense_logits=dense_logits,
+        moe_logits=moe_logits,
+        rows=tuple(rows[i] for i in sorted(rows)),
+        moe_class=type(moe.model).__name__,
+        missing_keys=tuple(sorted(moe.missing)),
+        unexpected_keys=tuple(sorted(moe.stray)),
+    )
+
+
+def _max_abs(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
