@@ -408,7 +408,8 @@ def _print_verify(report, title: str) -> None:
                 _say(out, f"... and {len(names) - 10} more tensors {what} (all in --json)")
     for row in report.layers:
         if not row.passed:
-            _say(out, f"layer {row.layer}: MoE block max |Δ| {row.block_max_abs_diff:.3e} > limit {row.block_limit:.2e}")
+            worse = f"MoE block max |Δ| {row.block_max_abs_diff:.3e} > limit {row.block_limit:.2e}"
+            _say(out, f"layer {row.layer}: {worse}")
     _say(out, "PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")
 
 
