@@ -90,7 +90,7 @@ def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] |
             target=target.name,
         )
     try:
-        return make_plan(dense_config(dense.folder), dense.tensors, spec)
+        return make_plan(dense_config(dense.folder).to_dict(), dense.tensors, spec)
     except UpcycleError as exc:
         raise UpcycleError(f"--layerwise could not rebuild the conversion plan: {exc}") from None
 
