@@ -123,6 +123,7 @@ class Plan:
     notes: tuple[str, ...] = field(default=())  # things the user should know that are not errors
     casts: tuple[Cast, ...] = field(default=())  # dtype changes of copied and expert tensors
     exact_text: str = ""  # why the MoE is (or is not) exact at init, as the expert method sees it
+    method_exact: bool = True  # exact as far as the expert method and its scales go (casts aside)
 
     def lossy_casts(self) -> list[tuple[str, str]]:
         """Dtype pairs whose cost has to be measured on the weights before the plan can claim exactness."""
@@ -171,6 +172,7 @@ class Plan:
             "top_k": self.top_k,
             "exact_at_init": self.exact,
             "exact_why": self.exact_text,
+            "method_exact": self.method_exact,
             "casts": [c.to_dict() for c in self.casts],
             "tensors": len(self.ops),
             "dense_params": self.dense_params,
@@ -332,6 +334,7 @@ def make_plan(
         notes=notes,
         casts=casts,
         exact_text=exact_text,
+        method_exact=layout.exact and scales_exact,
     )
 
 
