@@ -54,7 +54,7 @@ SPLIT_BY_TEXT = {"random": "at random", "cluster": "by balanced k-means on the n
 NOISE_TEXT = "; each weight is then multiplied by an independent N(1, {noise:g}) draw"
 SHARED_EXPERT_TEXT = {
     "split": (
-        "{shared} of the {parts} neuron groups form Qwen2-MoE's always-on shared expert; its sigmoid gate "
+        "Qwen2-MoE's always-on shared expert holds {shared} of the {parts} neuron groups; its sigmoid gate "
         "starts at zero and lets half through, so its down_proj is doubled"
     ),
     "full": (

@@ -59,10 +59,10 @@ def exactness(spec: ConvertSpec, scale: float) -> tuple[bool, str]:
     n, k = spec.experts, spec.top_k
     scaled = f"down_proj scaled by {scale:g}"
     if k == n and zero_router(spec):
-        tail = " plus the shared part (down_proj x2 against its gate's 1/2)" if spec.shared_experts else ""
+        shared = " and the shared part (down_proj x2 against its gate's 1/2)" if spec.shared_experts else ""
         return True, (
             f"the {n} experts hold disjoint parts of the FFN's neurons ({scaled}); with top-k = N and a zero "
-            f"router each runs with weight 1/N, so they add up to the dense FFN{tail}"
+            f"router each runs with weight 1/N, so they{shared} add up to the dense FFN"
         )
     if k == n:
         return (
