@@ -410,3 +410,21 @@ def test_split_plan_for_a_70b_model_keeps_the_parameter_count():
     assert plan.total_params == plan.dense_params + 80 * 8 * 8192
     idle = 80 * (8 - 2) * 3 * 8192 * 3584  # per layer, 6 of 8 experts of 3 x [3584, 8192] each sit out
     assert plan.active_params == plan.total_params - idle
+
+
+@pytest.mark.parametrize(
+    "family, spec",
+    [
+        ("llama", dict(init="split", experts=4, top_k=4, router_init="zero")),
+        ("qwen2", dict(init="split", experts=3, top_k=3, shared_experts=1, router_init="zero")),
+        ("qwen3", dict(experts=4, top_k=2, routing="softmax-topk", router_init="zero")),
+    ],
+    ids=["split", "split-shared", "softmax-topk"],
+)
+def test_verify_passes_exact_methods(family, spec, dense_store, tmp_path, capsys):
+    src, out = dense_store(family), tmp_path / "moe"
+    assert convert(str(src), out, build_spec(**spec)).plan.exact
+    capsys.readouterr()
+    assert run(["verify", str(src), str(out), "--json", "-", "--atol", "1e-5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["max_abs_diff"] <= 1e-5 and report["top1_agreement"] == 1.0
