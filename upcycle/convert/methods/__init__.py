@@ -39,6 +39,7 @@ class LayerBuilder:
         self.dense, self.seed, self.layer = dense, seed, layer
         self._partitions: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._dropped: dict[tuple[int, float], torch.Tensor] = {}
+        self._moments: dict[str, tuple[float, float]] = {}
 
     def tensor(self, role: str, transform: tuple) -> torch.Tensor:
         kind, *args = transform
@@ -54,7 +55,10 @@ class LayerBuilder:
             if key not in self._dropped:  # the same neurons in gate, up and down
                 neurons = self.dense["gate"].shape[0]
                 self._dropped = {key: drop.dropped(neurons, ratio, self.seed, self.layer, expert_index)}
-            return drop.reinit(self.dense[role], role, self._dropped[key], self.seed, self.layer, expert_index, scale)
+            if role not in self._moments:  # once per layer and role, not once per expert
+                self._moments[role] = drop.stats(self.dense[role])
+            dense, idx, moments = self.dense[role], self._dropped[key], self._moments[role]
+            return drop.reinit(dense, role, idx, moments, self.seed, self.layer, expert_index, scale)
         if kind == "noise":
             expert_index, sigma, scale = args
             return noise.perturb(self.dense[role], role, sigma, self.seed, self.layer, expert_index, scale)

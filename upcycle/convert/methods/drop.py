@@ -35,12 +35,27 @@ def dropped(neurons: int, ratio: float, seed: int, layer: int, expert_index: int
     return torch.randperm(neurons, generator=generator(seed, "drop", layer, expert_index))[:count].sort().values
 
 
-def reinit(dense: torch.Tensor, role: str, idx: torch.Tensor, seed: int, layer: int, expert_index: int, scale: float):
-    """The dense tensor with neurons `idx` drawn anew from N(mean, std) of the whole dense matrix."""
+def stats(dense: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of the whole dense matrix, the distribution re-initialised neurons are drawn from."""
+    w = dense.float()
+    return w.mean().item(), w.std().item()
+
+
+def reinit(
+    dense: torch.Tensor,
+    role: str,
+    idx: torch.Tensor,
+    moments: tuple[float, float],
+    seed: int,
+    layer: int,
+    expert_index: int,
+    scale: float,
+) -> torch.Tensor:
+    """The dense tensor with neurons `idx` drawn anew from N(mean, std) = `moments` of the dense matrix."""
     import torch
 
     w = dense.float().clone()
-    mean, std = w.mean().item(), w.std().item()
+    mean, std = moments
     shape = (w.shape[0], len(idx)) if role == "down" else (len(idx), w.shape[1])
     fresh = torch.empty(shape).normal_(mean, std, generator=generator(seed, "drop", layer, expert_index, role))
     if role == "down":
