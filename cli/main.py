@@ -116,7 +116,32 @@ def convert(
         typer.Option(help="Layer i becomes MoE iff (i+1) % EVERY == 0; 2 = layers 1,3,5... [default: 1]"),
     ] = None,
     layers: Annotated[str | None, typer.Option(help="Explicit MoE layers, e.g. 1,5,9 (overrides --every).")] = None,
-    init: Annotated[str | None, typer.Option(help="Expert construction: clone. [default: clone]")] = None,
+    init: Annotated[
+        str | None, typer.Option(help="Expert construction: clone, split, drop or fine-grained. [default: clone]")
+    ] = None,
+    split_by: Annotated[
+        str | None,
+        typer.Option(help="With --init split: how neurons are grouped, random or cluster. [default: random]"),
+    ] = None,
+    drop_ratio: Annotated[
+        float | None,
+        typer.Option(help="With --init drop: fraction of neurons re-initialised per expert. [default: 0.5]"),
+    ] = None,
+    noise: Annotated[
+        float | None, typer.Option(help="With --init clone: std of multiplicative N(1, σ) noise on the experts.")
+    ] = None,
+    granularity: Annotated[
+        int | None, typer.Option(help="With --init fine-grained: parts each FFN is cut into (divides N and top-k).")
+    ] = None,
+    shared_experts: Annotated[
+        int | None, typer.Option(help="Always-on shared expert from the dense FFN (qwen2_moe only). [default: 0]")
+    ] = None,
+    routing: Annotated[
+        str | None,
+        typer.Option(
+            help="topk-softmax (renormalise the kept weights) or softmax-topk (Qwen targets). [default: topk-softmax]"
+        ),
+    ] = None,
     router_init: Annotated[str | None, typer.Option(help="Router weights: random or zero. [default: random]")] = None,
     router_std: Annotated[float | None, typer.Option(help="Std of a random router. [default: 0.02]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for every random choice. [default: 0]")] = None,
@@ -158,6 +183,12 @@ def convert(
         every=every,
         layers=layers,
         init=init,
+        split_by=split_by,
+        drop_ratio=drop_ratio,
+        noise=noise,
+        granularity=granularity,
+        shared_experts=shared_experts,
+        routing=routing,
         router_init=router_init,
         router_std=router_std,
         seed=seed,

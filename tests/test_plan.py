@@ -161,7 +161,7 @@ def test_mixed_sliding_layers_refused_where_the_target_cannot_express_them():
         (dict(experts=4, top_k=5), "--top-k 5"),
         (dict(top_k=0), "--top-k 0"),
         (dict(every=0), "--every 0"),
-        (dict(init="split"), "--init 'split'"),
+        (dict(init="moefication"), "--init 'moefication'"),
         (dict(router_init="kmeans"), "--router-init"),
         (dict(target="llama4"), "--target"),
         (dict(dtype="int8"), "--dtype"),

@@ -9,7 +9,7 @@ which model type it is looking at.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -46,6 +46,9 @@ class Target:
     expert: dict[str, str]  # role -> key template with {layer} and {expert}
     extra: tuple[dict[str, Any], ...]  # zero tensors the class expects in every MoE layer
     modules: dict[str, str]  # "router" | "experts" -> module path with {layer} in the loaded (in-memory) model
+    # the always-on shared expert, where the class has one: role -> key template (among `extra`), and "size" ->
+    # the config field of its intermediate size
+    shared: dict[str, str] = field(default_factory=dict)
 
 
 def _freeze(value: Any) -> Any:

@@ -25,6 +25,7 @@ from ..source import (
     read_config,
     resolve,
 )
+from .methods import LayerBuilder
 from .plan import LOSSLESS, ST_TO_TORCH, CastCheck, Plan, make_plan
 from .router_init import init_router
 from .spec import ConvertSpec
@@ -301,23 +302,29 @@ def write_weights(
     entries = [Entry(op.name, op.dtype, op.shape, op.nbytes) for op in plan.ops]
     writer = ShardedWriter(folder, entries, max_shard, {"format": "pt"})
     seen: dict[tuple, Placed] = {}  # identical expert tensors already on disk: copy those bytes again
+    layers = LayerFFNs(ckpt, plan, spec.seed)
     total, done = plan.total_bytes, 0
     try:
         for op in plan.ops:
             key = (op.src, op.transform, op.dtype)
-            if op.kind in ("copy", "expert") and op.transform is not None:
-                raise RuntimeError(f"{op.name}: transform {op.transform!r} has no executor yet")
-            if op.kind == "expert" and key in seen:  # the same bytes are already in the output: copy them
+            if op.kind in ("expert", "shared") and key in seen:  # the same bytes are already in the output
                 place = seen[key]
                 writer.put_range(op.name, place.path, place.offset, place.nbytes)
-            elif op.kind in ("copy", "expert"):
+            elif op.kind in ("expert", "shared") and op.transform is not None:  # computed from the layer's FFN
+                built = layers.builder(op.layer).tensor(op.role, op.transform)
+                written = built.to(_torch_dtype(op.dtype))
+                src_dtype = ckpt.tensors[op.src].dtype
+                if src_dtype != op.dtype and (src_dtype, op.dtype) not in LOSSLESS:
+                    meter.add(src_dtype, op.dtype, built, written)
+                seen[key] = writer.put(op.name, [_as_bytes(written)])
+            elif op.kind in ("copy", "expert", "shared"):
                 info = ckpt.tensors[op.src]
                 if info.dtype == op.dtype:
                     placed = writer.put_range(op.name, info.file, info.offset, info.nbytes)
                 else:
                     lossy = (info.dtype, op.dtype) not in LOSSLESS
                     placed = writer.put(op.name, cast_chunks(info, op.dtype, meter if lossy else None))
-                if op.kind == "expert":
+                if op.kind in ("expert", "shared"):
                     seen[key] = placed
             elif op.kind == "router":
                 weight = init_router(
@@ -328,6 +335,7 @@ def write_weights(
                     seed=spec.seed,
                     layer=op.layer,
                     dtype=_torch_dtype(op.dtype),
+                    group=op.transform[1] if op.transform else 1,
                 )
                 writer.put(op.name, [_as_bytes(weight)])
             elif op.kind == "zeros":
@@ -341,6 +349,30 @@ def write_weights(
     finally:
         writer.abort()
     return meter.result()
+
+
+class LayerFFNs:
+    """The dense FFN tensors of one MoE layer at a time, for the expert methods that compute from them.
+
+    A layer's gate/up/down are loaded when its first computed expert tensor is asked for and dropped when the
+    next layer's are, so memory holds one layer's FFN (plus one expert) whatever the model's size.
+    """
+
+    def __init__(self, ckpt: Checkpoint, plan: Plan, seed: int):
+        self.ckpt, self.seed = ckpt, seed
+        self.keys: dict[int, dict[str, str]] = {}  # layer -> role -> source key
+        for op in plan.ops:
+            if op.role is not None:
+                self.keys.setdefault(op.layer, {})[op.role] = op.src
+        self._layer: int | None = None
+        self._builder: LayerBuilder | None = None
+
+    def builder(self, layer: int) -> LayerBuilder:
+        if layer != self._layer:
+            self._builder = None  # free the previous layer first
+            dense = {role: self.ckpt.load(key) for role, key in self.keys[layer].items()}
+            self._builder, self._layer = LayerBuilder(dense, self.seed, layer), layer
+        return self._builder
 
 
 def _torch_dtype(st_dtype: str):

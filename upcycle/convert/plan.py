@@ -17,6 +17,7 @@ from ..arch import FFN_ROLES, Family, Target, family_for, targets
 from ..convert import methods as expert_methods
 from ..errors import UpcycleError
 from ..source import DTYPE_BYTES, TensorInfo
+from .methods.base import power_of_two
 from .spec import ConvertSpec
 
 TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -90,11 +91,12 @@ class TensorOp:
     name: str  # key written
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype written
-    kind: str  # "copy" | "expert" | "router" | "zeros"
-    src: str | None = None  # source key for copy/expert
+    kind: str  # "copy" | "expert" | "shared" | "router" | "zeros"
+    src: str | None = None  # source key for copy/expert/shared
     layer: int | None = None
     expert: int | None = None
-    transform: tuple | None = None
+    transform: tuple | None = None  # expert/shared: how it is computed (None: the source bytes); router: row sharing
+    role: str | None = None  # expert/shared: gate, up or down
 
     @property
     def numel(self) -> int:
@@ -120,6 +122,8 @@ class Plan:
     dense_params: int
     notes: tuple[str, ...] = field(default=())  # things the user should know that are not errors
     casts: tuple[Cast, ...] = field(default=())  # dtype changes of copied and expert tensors
+    exact_text: str = ""  # why the MoE is (or is not) exact at init, as the expert method sees it
+    method_exact: bool = True  # exact as far as the expert method and its scales go (casts aside)
 
     def lossy_casts(self) -> list[tuple[str, str]]:
         """Dtype pairs whose cost has to be measured on the weights before the plan can claim exactness."""
@@ -146,7 +150,14 @@ class Plan:
     def op_table(self) -> list[dict[str, Any]]:
         """Every tensor written, in order: name, shape, dtype, kind and source tensor."""
         return [
-            {"name": op.name, "shape": list(op.shape), "dtype": op.dtype, "kind": op.kind, "src": op.src}
+            {
+                "name": op.name,
+                "shape": list(op.shape),
+                "dtype": op.dtype,
+                "kind": op.kind,
+                "src": op.src,
+                "transform": list(op.transform) if op.transform else None,
+            }
             for op in self.ops
         ]
 
@@ -160,6 +171,8 @@ class Plan:
             "experts": self.experts,
             "top_k": self.top_k,
             "exact_at_init": self.exact,
+            "exact_why": self.exact_text,
+            "method_exact": self.method_exact,
             "casts": [c.to_dict() for c in self.casts],
             "tensors": len(self.ops),
             "dense_params": self.dense_params,
@@ -291,7 +304,10 @@ def make_plan(
     kept, notes = account_for(family, tensors, num_layers, expected, optional)
     moe = moe_layer_indices(num_layers, spec)
     target = choose_target(family, spec, all_layers=len(moe) == num_layers)
+    check_target_options(target, spec)
     ffn = ffn_index(family, cfg, kept)
+    hidden, intermediate = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    layout = expert_methods.layout(spec, hidden, intermediate)
 
     def out_dtype(src_dtype: str) -> str:
         if spec.dtype == "auto" or src_dtype not in FLOAT_DTYPES:
@@ -299,9 +315,10 @@ def make_plan(
         return TORCH_TO_ST[spec.dtype]
 
     model_dtype = out_dtype(tensors[family.ffn["gate"].format(layer=0)].dtype)
-    ops = tensor_ops(family, target, kept, ffn, moe, spec, out_dtype, model_dtype, hidden=int(cfg["hidden_size"]))
+    ops = tensor_ops(family, target, kept, ffn, moe, layout, out_dtype, model_dtype, hidden)
     pairs = sorted({(kept[op.src].dtype, op.dtype) for op in ops if op.src and kept[op.src].dtype != op.dtype})
     casts = tuple(Cast(a, b, (a, b) in LOSSLESS, (measured or {}).get((a, b))) for a, b in pairs)
+    scales_exact, exact_text = scaling_rounds(layout, model_dtype)
     return Plan(
         family=family.name,
         target=target.name,
@@ -310,13 +327,40 @@ def make_plan(
         moe_layers=moe,
         experts=spec.experts,
         top_k=spec.top_k,
-        config=target_config(family, target, cfg, spec, moe, model_dtype),
+        config=target_config(family, target, cfg, spec, moe, model_dtype, layout),
         ops=tuple(ops),
-        exact=spec.init in expert_methods.EXACT and all(c.exact for c in casts),
+        exact=layout.exact and scales_exact and all(c.exact for c in casts),
         dense_params=sum(math.prod(t.shape) for t in kept.values()),
         notes=notes,
         casts=casts,
+        exact_text=exact_text,
+        method_exact=layout.exact and scales_exact,
     )
+
+
+def check_target_options(target: Target, spec: ConvertSpec) -> None:
+    """Routing and shared-expert options that the chosen native class must be able to hold."""
+    if not spec.renormalize and target.renormalize == "always":
+        raise UpcycleError(
+            f"--routing softmax-topk keeps the top-k weights unnormalised, but {target.name} always renormalises "
+            "them; use --target qwen2_moe (or qwen3_moe for Qwen3) or --routing topk-softmax"
+        )
+    if spec.shared_experts and not target.shared:
+        have = [t.name for t in targets().values() if t.shared]
+        raise UpcycleError(
+            f"--shared-experts needs a target class with a shared expert ({', '.join(have)}); "
+            f"{target.name} has none. Use --target {have[0]} or leave --shared-experts out"
+        )
+
+
+def scaling_rounds(layout: expert_methods.Layout, dtype: str) -> tuple[bool, str]:
+    """Scaling down_proj by a power of two rounds nothing; by another factor it rounds once per value, which
+    float32 absorbs (below 1e-7 relative) but a 16-bit dtype does not. -> (exact kept, explanation)."""
+    odd = sorted(x for x in layout.scales() if not power_of_two(x))
+    if not odd or dtype in ("F32", "F64"):
+        return True, layout.why
+    factors = ", ".join(f"{x:g}" for x in odd)
+    return False, f"{layout.why}; but scaling down_proj by {factors} rounds {dtype} values, so only approximately"
 
 
 def _and_more(names: list[str]) -> str:
@@ -393,7 +437,7 @@ def tensor_ops(
     tensors: dict[str, TensorInfo],
     ffn: dict[str, tuple[int, str]],
     moe: tuple[int, ...],
-    spec: ConvertSpec,
+    layout: expert_methods.Layout,
     out_dtype: Callable[[str], str],
     model_dtype: str,
     hidden: int,
@@ -403,8 +447,18 @@ def tensor_ops(
     Within an MoE layer the router and the target's fixed extras take the FFN's place, and the experts close
     the layer, expert by expert, so that one expert's tensors sit together on disk.
     """
-    make_expert = expert_methods.METHODS[spec.init]
+    experts = len(layout.experts)
+    router_rows = ("rows", layout.router_group) if layout.router_group > 1 else None
+    shared_roles = {name: role for role, name in target.shared.items() if role in FFN_ROLES} if layout.shared else {}
     moe_set = set(moe)
+
+    def ffn_op(name: str, layer: int, role: str, built: expert_methods.ExpertTensor, kind: str, e: int | None):
+        src = family.ffn[role].format(layer=layer)
+        dtype = out_dtype(tensors[src].dtype)
+        return TensorOp(
+            name, built.shape, dtype, kind, src=src, layer=layer, expert=e, transform=built.transform, role=role
+        )
+
     groups: dict[tuple[int, int], list[TensorOp]] = {}  # (section, layer) -> ops
     for name in sorted(tensors, key=_order):
         group = groups.setdefault(_order(name)[:2], [])
@@ -413,36 +467,33 @@ def tensor_ops(
             continue
         layer, role = ffn[name]
         if role == "gate":  # the gate tensor stands for the whole FFN
-            group.append(
-                TensorOp(target.router.format(layer=layer), (spec.experts, hidden), model_dtype, "router", layer=layer)
-            )
+            name = target.router.format(layer=layer)
+            group.append(TensorOp(name, (experts, hidden), model_dtype, "router", layer=layer, transform=router_rows))
             for extra in target.extra:
+                name = extra["name"].format(layer=layer)
+                if extra["name"] in shared_roles:  # the shared expert, built like the routed ones
+                    role = shared_roles[extra["name"]]
+                    group.append(ffn_op(name, layer, role, layout.shared[role], "shared", None))
+                    continue
                 shape = tuple(hidden if d == "hidden_size" else int(d) for d in extra["shape"])
-                group.append(TensorOp(extra["name"].format(layer=layer), shape, model_dtype, "zeros", layer=layer))
+                group.append(TensorOp(name, shape, model_dtype, "zeros", layer=layer))
     for layer in moe:
         group = groups[(1, layer)]
-        for e in range(spec.experts):
+        for e, built in enumerate(layout.experts):
             for role in FFN_ROLES:
-                src = family.ffn[role].format(layer=layer)
-                built = make_expert(role, tensors[src].shape, e, spec.experts)
                 name = target.expert[role].format(layer=layer, expert=e)
-                group.append(
-                    TensorOp(
-                        name,
-                        built.shape,
-                        out_dtype(tensors[src].dtype),
-                        "expert",
-                        src=src,
-                        layer=layer,
-                        expert=e,
-                        transform=built.transform,
-                    )
-                )
+                group.append(ffn_op(name, layer, role, built[role], "expert", e))
     return [op for key in sorted(groups) for op in groups[key]]
 
 
 def target_config(
-    family: Family, target: Target, cfg: dict[str, Any], spec: ConvertSpec, moe: tuple[int, ...], model_dtype: str
+    family: Family,
+    target: Target,
+    cfg: dict[str, Any],
+    spec: ConvertSpec,
+    moe: tuple[int, ...],
+    model_dtype: str,
+    layout: expert_methods.Layout,
 ) -> dict[str, Any]:
     """The target class's config: every dense hyperparameter copied explicitly, then the MoE fields."""
     num_layers, intermediate = int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])
@@ -453,7 +504,11 @@ def target_config(
     config.update(family.targets[target.name])
     config[target.config["experts"]] = spec.experts
     config[target.config["top_k"]] = spec.top_k
-    config[target.config["expert_size"]] = expert_methods.INTERMEDIATE_SIZE[spec.init](intermediate, spec.experts)
+    config[target.config["expert_size"]] = layout.expert_size
+    if target.shared:
+        config[target.shared["size"]] = layout.shared_size
+    if target.renormalize != "always":
+        config[target.renormalize] = spec.renormalize
     if target.interleave:
         config[target.config["dense_size"]] = intermediate
         config[target.config["dense_layers"]] = [i for i in range(num_layers) if i not in set(moe)]

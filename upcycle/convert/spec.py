@@ -8,8 +8,10 @@ from typing import Any, Literal, get_args
 
 from ..errors import UpcycleError
 
-Init = Literal["clone"]
+Init = Literal["clone", "split", "drop", "fine-grained"]
 RouterInit = Literal["random", "zero"]
+Routing = Literal["topk-softmax", "softmax-topk"]
+SplitBy = Literal["random", "cluster", "coactivation"]
 TargetName = Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -17,11 +19,22 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 CHOICES = {
     "init": get_args(Init),
     "router_init": get_args(RouterInit),
+    "routing": get_args(Routing),
     "target": get_args(TargetName),
     "dtype": get_args(DType),
 }
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-NUMBERS = {"experts": int, "top_k": int, "every": int, "seed": int, "router_std": (int, float)}
+NUMBERS = {"experts": int, "top_k": int, "every": int, "seed": int, "router_std": (int, float), "shared_experts": int}
+# Method options: None means "not given" (each has a default under the --init it belongs to, see below).
+METHOD_NUMBERS = {"drop_ratio": (int, float), "noise": (int, float), "granularity": int}
+# option -> the --init values it applies to
+APPLIES_TO = {
+    "split_by": ("split",),
+    "drop_ratio": ("drop",),
+    "noise": ("clone",),
+    "granularity": ("fine-grained",),
+}
+DEFAULT_SPLIT_BY, DEFAULT_DROP_RATIO = "random", 0.5
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,12 @@ class ConvertSpec:
     init: Init = "clone"
     router_init: RouterInit = "random"
     router_std: float = 0.02
+    routing: Routing = "topk-softmax"
+    split_by: SplitBy | None = None
+    drop_ratio: float | None = None
+    noise: float | None = None
+    granularity: int | None = None
+    shared_experts: int = 0
     seed: int = 0
     target: TargetName = "auto"
     dtype: DType = "auto"
@@ -63,6 +82,43 @@ class ConvertSpec:
             raise UpcycleError(f"--router-std {self.router_std} must not be negative")
         if self.layers is not None and not self.layers:
             raise UpcycleError("--layers is empty; list layer indices such as 1,5,9")
+        self._check_method_options()
+
+    def _check_method_options(self) -> None:
+        """Checks of the method options that need no model (those that do live in the methods, at plan time)."""
+        if self.split_by is not None and self.split_by not in get_args(SplitBy):
+            raise UpcycleError(f"--split-by {self.split_by!r} is not one of: {', '.join(get_args(SplitBy))}")
+        for name, kind in METHOD_NUMBERS.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                what = "a whole number" if kind is int else "a number"
+                raise UpcycleError(f"--{name.replace('_', '-')} {value!r} must be {what}")
+        for name, inits in APPLIES_TO.items():
+            if getattr(self, name) is not None and self.init not in inits:
+                raise UpcycleError(
+                    f"--{name.replace('_', '-')} applies to --init {' or '.join(inits)}, not --init {self.init}"
+                )
+        if self.drop_ratio is not None and not 0 < self.drop_ratio < 1:
+            raise UpcycleError(
+                f"--drop-ratio {self.drop_ratio} must lie strictly between 0 and 1 (0.5: half the neurons)"
+            )
+        if self.noise is not None and self.noise <= 0:
+            raise UpcycleError(f"--noise {self.noise} must be positive (the std of the multiplicative noise)")
+        if self.shared_experts < 0:
+            raise UpcycleError(f"--shared-experts {self.shared_experts} must be 0 or more")
+
+    @property
+    def split_method(self) -> str:
+        return self.split_by or DEFAULT_SPLIT_BY
+
+    @property
+    def drop(self) -> float:
+        return DEFAULT_DROP_RATIO if self.drop_ratio is None else float(self.drop_ratio)
+
+    @property
+    def renormalize(self) -> bool:
+        """Are the kept top-k routing weights renormalised to sum to one?"""
+        return self.routing == "topk-softmax"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -113,7 +169,7 @@ def build_spec(recipe: dict[str, Any] | None = None, **flags: Any) -> ConvertSpe
                 merged[key] = value
     if "layers" in merged:
         merged["layers"] = parse_layers(merged["layers"])
-    for name, kind in NUMBERS.items():  # YAML reads `experts: 8.0` as a float; it is still a whole number
+    for name, kind in (NUMBERS | METHOD_NUMBERS).items():  # YAML reads `experts: 8.0` as a float: a whole number
         value = merged.get(name)
         if kind is int and isinstance(value, float) and value.is_integer():
             merged[name] = int(value)

@@ -33,7 +33,57 @@ SHARED_TEXT = {"qwen2_moe": "none (Qwen2-MoE's always-on shared expert is writte
 # "Memory to load the MoE"): 0.37 GB for a 0.9 MB tiny MoE, 0.59 GB for 112 MB, 6.29 GB for the 2.77 GB
 # SmolLM2 MoE.
 LOAD_MEMORY_BASE, LOAD_MEMORY_FACTOR = 400_000_000, 2.2
-METHOD_TEXT = {"clone": "every expert is a copy of the dense FFN (sparse upcycling, Komatsuzaki et al. 2022)"}
+METHOD_TEXT = {
+    "clone": "every expert is a copy of the dense FFN (sparse upcycling, Komatsuzaki et al. 2022)",
+    "split": (
+        "the dense FFN's intermediate neurons are partitioned into disjoint groups, one expert each, grouped "
+        "{split_by}; down_proj is rescaled so the parts add up to the dense FFN (LLaMA-MoE, Zhu et al. 2024)"
+    ),
+    "drop": (
+        "every expert is a copy of the dense FFN with a random {drop_ratio:g} of its neurons (rows of gate/up, "
+        "columns of down) re-initialised from a normal with the dense matrix's mean and std, drawn per expert "
+        "(Drop-Upcycling, Nakamura et al. 2025)"
+    ),
+    "fine-grained": (
+        "each dense FFN is cut into {granularity} contiguous parts of its neurons, each part replicated; the "
+        "parts of one replica share a router row, so top-k keeps whole replicas, and down_proj is scaled by "
+        "{granularity} (fine-grained upcycling as in Megatron-Core)"
+    ),
+}
+SPLIT_BY_TEXT = {"random": "at random", "cluster": "by balanced k-means on the neurons' gate/up weight rows"}
+NOISE_TEXT = "; each weight is then multiplied by an independent N(1, {noise:g}) draw"
+SHARED_EXPERT_TEXT = {
+    "split": (
+        "Qwen2-MoE's always-on shared expert holds {shared} of the {parts} neuron groups; its sigmoid gate "
+        "starts at zero and lets half through, so its down_proj is doubled"
+    ),
+    "full": (
+        "the dense FFN, as Qwen2-MoE's always-on shared expert; its sigmoid gate starts at zero and lets half "
+        "through, and the routed experts' down_proj is halved, so the two halves add up to the dense FFN"
+    ),
+}
+
+
+def method_text(spec: dict[str, Any]) -> str:
+    """What the expert method did, with its parameters (upcycle.json files from before a key existed: defaults)."""
+    init = spec["init"]
+    values = {
+        "split_by": SPLIT_BY_TEXT.get(spec.get("split_by") or "random", spec.get("split_by")),
+        "drop_ratio": spec.get("drop_ratio") or 0.5,
+        "granularity": spec.get("granularity"),
+    }
+    text = METHOD_TEXT.get(init, init).format(**values)
+    if spec.get("noise"):
+        text += NOISE_TEXT.format(noise=spec["noise"])
+    return text
+
+
+def shared_text(spec: dict[str, Any], plan: dict[str, Any]) -> str:
+    shared = spec.get("shared_experts") or 0
+    if not shared:
+        return SHARED_TEXT.get(plan["target"], "none")
+    kind = "split" if spec["init"] == "split" else "full"
+    return SHARED_EXPERT_TEXT[kind].format(shared=shared, parts=plan["experts"] + shared)
 
 
 def _count(n: int) -> str:
@@ -124,11 +174,11 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         dense_params=_count(plan["dense_params"]),
         architecture=plan["architecture"],
         init=spec["init"],
-        method_text=METHOD_TEXT.get(spec["init"], spec["init"]),
+        method_text=method_text(spec),
         experts=plan["experts"],
         top_k=plan["top_k"],
-        renormalized=True,
-        shared_text=SHARED_TEXT.get(plan["target"], "none"),
+        renormalized=spec.get("routing", "topk-softmax") == "topk-softmax",
+        shared_text=shared_text(spec, plan),
         tool_version=recipe["tool"]["version"],
         moe_layers_text=moe_layers_text,
         router_text=router_text,
@@ -137,6 +187,8 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         dtype=recipe["dtype"],
         size_text=human_bytes(plan["bytes"]),
         exact=plan["exact_at_init"],
+        exact_why=plan.get("exact_why"),
+        method_exact=plan.get("method_exact", True),
         casts=[c["text"].replace("|", "\\|") for c in plan.get("casts", []) if "text" in c],  # inside a table
         lossy_casts=[c["text"] for c in plan.get("casts", []) if not c["exact"] and "text" in c],
         load_memory=human_bytes(int(LOAD_MEMORY_BASE + LOAD_MEMORY_FACTOR * plan["bytes"])),

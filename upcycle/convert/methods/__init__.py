@@ -1,20 +1,68 @@
-"""Expert construction methods, one module each: how each expert's FFN tensors are made from the dense FFN.
+"""Expert construction methods, one module each: how each MoE layer's experts are made from its dense FFN.
 
-A method returns, for one FFN tensor (role gate/up/down) and one expert, the shape of the expert's tensor
-and the transform that produces it from the dense tensor. `None` means "the same bytes": the writer then
-copies the source byte range without materialising the tensor.
+Planning is pure: `layout(spec, hidden, intermediate)` says, for every expert and role, the tensor's shape and
+the transform that makes it (None: the dense bytes themselves, copied without being read), plus what the
+result keeps of the dense model. Execution is one layer at a time: `LayerBuilder` holds one layer's dense
+gate/up/down and computes any expert tensor from them, a pure function of (dense tensors, seed, layer,
+transform), so memory stays at one layer's FFN whatever the model's size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from . import clone
-from .base import ExpertTensor
+from . import clone, drop, fine_grained, noise, split
+from .base import Expert, ExpertTensor, Layout
 
-METHODS: dict[str, Callable[[str, tuple[int, ...], int, int], ExpertTensor]] = {"clone": clone.clone}
-INTERMEDIATE_SIZE: dict[str, Callable[[int, int], int]] = {"clone": clone.intermediate_size}
-# Methods whose MoE computes exactly what the dense FFN computed, whatever the router says.
-EXACT = {"clone"}
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["EXACT", "INTERMEDIATE_SIZE", "METHODS", "ExpertTensor"]
+    from ..spec import ConvertSpec
+
+LAYOUTS: dict[str, Callable[[ConvertSpec, int, int], Layout]] = {
+    "clone": clone.layout,
+    "split": split.layout,
+    "drop": drop.layout,
+    "fine-grained": fine_grained.layout,
+}
+
+
+def layout(spec: ConvertSpec, hidden: int, intermediate: int) -> Layout:
+    return LAYOUTS[spec.init](spec, hidden, intermediate)
+
+
+class LayerBuilder:
+    """Computes transformed expert tensors (float32) of one MoE layer from that layer's dense FFN tensors."""
+
+    def __init__(self, dense: dict[str, torch.Tensor], seed: int, layer: int):
+        self.dense, self.seed, self.layer = dense, seed, layer
+        self._partitions: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._dropped: dict[tuple[int, float], torch.Tensor] = {}
+        self._moments: dict[str, tuple[float, float]] = {}
+
+    def tensor(self, role: str, transform: tuple) -> torch.Tensor:
+        kind, *args = transform
+        if kind == "parts":
+            by, parts, chosen, scale = args
+            key = (by, parts)
+            if key not in self._partitions:  # k-means once per layer, not once per expert
+                self._partitions[key] = split.partition(self.dense, by, parts, self.seed, self.layer)
+            return split.take(self.dense[role], role, self._partitions[key], chosen, scale)
+        if kind == "drop":
+            expert_index, ratio, scale = args
+            key = (expert_index, ratio)
+            if key not in self._dropped:  # the same neurons in gate, up and down
+                neurons = self.dense["gate"].shape[0]
+                self._dropped = {key: drop.dropped(neurons, ratio, self.seed, self.layer, expert_index)}
+            if role not in self._moments:  # once per layer and role, not once per expert
+                self._moments[role] = drop.stats(self.dense[role])
+            dense, idx, moments = self.dense[role], self._dropped[key], self._moments[role]
+            return drop.reinit(dense, role, idx, moments, self.seed, self.layer, expert_index, scale)
+        if kind == "noise":
+            expert_index, sigma, scale = args
+            return noise.perturb(self.dense[role], role, sigma, self.seed, self.layer, expert_index, scale)
+        raise ValueError(f"unknown expert transform {transform!r}")
+
+
+__all__ = ["LAYOUTS", "Expert", "ExpertTensor", "LayerBuilder", "Layout", "layout"]

@@ -1,0 +1,144 @@
+"""Measure each expert method on the embedded SmolLM2: closeness to the dense model, conversion time, peak RSS.
+
+For each method it runs `upcycle convert smollm2 OUT <flags>` in a child process (wall time and that child's
+peak RSS from os.wait4), then `upcycle verify smollm2 OUT --text README.md --json - --no-record`, which runs
+the same tokens of the project's README through the dense model and the MoE in float32. Results go to stdout
+as a markdown table and to benchmarks/results/methods_<yyyymm>.json.
+
+    python benchmarks/methods_bench.py                 # every method below
+    python benchmarks/methods_bench.py --only split8-top2,drop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CONFIGS = ROOT / "configs"
+
+# name -> convert flags (every layer MoE; Llama sources go to Mixtral unless a flag says otherwise)
+METHODS = {
+    "clone": ["--experts", "8", "--top-k", "2"],
+    "clone-noise0.01": ["--experts", "8", "--top-k", "2", "--noise", "0.01"],
+    "clone-softmax-topk-zero": [
+        "--experts",
+        "8",
+        "--top-k",
+        "2",
+        "--routing",
+        "softmax-topk",
+        "--router-init",
+        "zero",
+        "--target",
+        "qwen2_moe",
+    ],
+    "clone-shared": ["--experts", "8", "--top-k", "2", "--shared-experts", "1", "--target", "qwen2_moe"],
+    "drop-r0.5": ["--config", str(CONFIGS / "drop-upcycling-r0.5.yaml")],
+    "split8-top2": ["--config", str(CONFIGS / "llama-moe-split8-top2.yaml")],
+    "split8-top2-cluster": ["--config", str(CONFIGS / "llama-moe-split8-top2.yaml"), "--split-by", "cluster"],
+    "split16-top4": ["--config", str(CONFIGS / "llama-moe-split16-top4.yaml")],
+    "split8-top8-zero": ["--init", "split", "--experts", "8", "--top-k", "8", "--router-init", "zero"],
+    "fine-grained-64-g8-top8": ["--config", str(CONFIGS / "fine-grained-virtual-groups.yaml")],
+    "shared-split-15+1-top3": ["--config", str(CONFIGS / "shared-expert-split.yaml")],
+}
+
+
+def run_child(argv: list[str]) -> tuple[float, float, str, str, int]:
+    """Run argv under a tiny helper that reports the child's own wall time and ru_maxrss."""
+    helper = (
+        "import os, sys, time, json\n"
+        "t = time.perf_counter(); pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+        "_, status, usage = os.wait4(pid, 0)\n"
+        "sys.stderr.write(json.dumps({'wall': time.perf_counter() - t, 'rss': usage.ru_maxrss * 1024,"
+        " 'rc': os.waitstatus_to_exitcode(status)}) + '\\n')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", helper, *argv], capture_output=True, text=True)
+    stats = json.loads(proc.stderr.strip().splitlines()[-1])
+    return stats["wall"], stats["rss"] / 1e9, proc.stdout, proc.stderr, stats["rc"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated method names (default: all)")
+    parser.add_argument("--work", type=Path, default=HERE / "_work" / "methods")
+    parser.add_argument("--tokens", type=int, default=1024)
+    args = parser.parse_args()
+    upcycle = str(Path(sys.executable).parent / "upcycle")
+    names = args.only.split(",") if args.only else list(METHODS)
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        out = args.work / name
+        shutil.rmtree(out, ignore_errors=True)
+        wall, rss, _, err, rc = run_child([upcycle, "convert", "smollm2", str(out), *METHODS[name]])
+        if rc != 0:
+            print(f"{name}: convert failed: {err.strip().splitlines()[-2:]}", file=sys.stderr)
+            continue
+        plan = json.loads((out / "upcycle.json").read_text())["plan"]
+        verify = subprocess.run(
+            [
+                upcycle,
+                "verify",
+                "smollm2",
+                str(out),
+                "--text",
+                str(ROOT / "README.md"),
+                "--tokens",
+                str(args.tokens),
+                "--json",
+                "-",
+                "--no-record",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        report = json.loads(verify.stdout)
+        size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e9
+        rows.append(
+            {
+                "method": name,
+                "flags": " ".join(
+                    a if not a.startswith(str(ROOT)) else os.path.relpath(a, ROOT) for a in METHODS[name]
+                ),
+                "exact_at_init": plan["exact_at_init"],
+                "max_abs_diff": report["max_abs_diff"],
+                "mean_kl": report["mean_kl"],
+                "top1_agreement": report["top1_agreement"],
+                "tokens": report["tokens"],
+                "convert_s": wall,
+                "peak_rss_gb": rss,
+                "output_gb": size,
+                "total_params": plan["total_params"],
+                "active_params": plan["active_params"],
+            }
+        )
+        r = rows[-1]
+        print(
+            f"| {name} | {'yes' if r['exact_at_init'] else 'no'} | {r['max_abs_diff']:.3g} | {r['mean_kl']:.3g} | "
+            f"{100 * r['top1_agreement']:.1f}% | {wall:.1f} | {rss:.2f} | {size:.2f} |",
+            flush=True,
+        )
+        shutil.rmtree(out, ignore_errors=True)
+    results = HERE / "results" / f"methods_{datetime.now(UTC):%Y%m}.json"
+    results.write_text(
+        json.dumps(
+            {"created": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(), "rows": rows},
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {results.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Fine-grained upcycling (Megatron-Core's granular upcycling; Qwen1.5-MoE style): each FFN is cut into G
+contiguous parts of its neurons, and the G parts are replicated R times, N = G x R experts. Expert e holds
+part e mod G of replica e div G.
+
+The G experts of one replica (a virtual group) share one router row, so they get the same routing weight
+and, with top-k a multiple of G, top-k keeps whole replicas. A replica's parts add up to the dense FFN; with
+down_proj scaled by G and renormalised weights the MoE computes the dense FFN for any (non-tied) router.
+
+Only down_proj is scaled. Megatron-Core also offers a cube-root scale on each of gate, up and down; through
+SwiGLU that is not exact (silu(c z) != c silu(z)), while the down-only scale is exact, so that is the one here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...errors import UpcycleError
+from .base import Layout, expert, parts_transform, routing_factor, zero_router
+from .split import check_divides
+
+if TYPE_CHECKING:
+    from ..spec import ConvertSpec
+
+
+def layout(spec: ConvertSpec, hidden: int, intermediate: int) -> Layout:
+    g, n, k = spec.granularity, spec.experts, spec.top_k
+    if g is None:
+        raise UpcycleError("--init fine-grained needs --granularity G, the number of parts each FFN is cut into")
+    if g < 1:
+        raise UpcycleError(f"--granularity {g} must be 1 or more")
+    if n % g:
+        raise UpcycleError(f"--experts {n} must be a multiple of --granularity {g} (N = G x replicas)")
+    if k % g:
+        raise UpcycleError(
+            f"--top-k {k} must be a multiple of --granularity {g}, so that each token gets whole replicas of the FFN"
+        )
+    if spec.shared_experts:
+        raise UpcycleError(
+            "--shared-experts with --init fine-grained is not available yet; use --init split or clone for a "
+            "shared expert"
+        )
+    fits = [d for d in range(1, intermediate + 1) if intermediate % d == 0 and n % d == 0 and k % d == 0]
+    check_divides(intermediate, g, "--granularity", fits)
+    size, scale = intermediate // g, g * routing_factor(spec)
+    experts = tuple(
+        expert(
+            hidden,
+            size,
+            parts_transform("contiguous", g, (e % g,), 1.0),
+            parts_transform("contiguous", g, (e % g,), scale),
+        )
+        for e in range(n)
+    )
+    return Layout(size, experts, *exactness(spec, g, scale), router_group=g)
+
+
+def exactness(spec: ConvertSpec, g: int, scale: float) -> tuple[bool, str]:
+    scaled, k = f"down_proj scaled by {scale:g}", spec.top_k
+    if k == spec.experts:
+        return True, f"every expert runs; each replica's {g} parts ({scaled}) add up to the dense FFN, weights to one"
+    if spec.renormalize and not zero_router(spec):
+        return True, (
+            f"router rows are shared within each virtual group of {g} experts, so top-{k} keeps whole replicas "
+            f"of the FFN, whose parts ({scaled}) add up to the dense FFN; the kept weights sum to one"
+        )
+    if spec.renormalize:
+        return False, (
+            "a zero router ties every logit, so torch.topk, not the virtual groups, decides which parts each "
+            "token keeps; use --router-init random for an exact start"
+        )
+    return False, (
+        f"without renormalisation the kept weights only sum to k/N under a zero router ({scaled} for that), "
+        "whose tied logits leave the choice of parts to torch.topk"
+    )
