@@ -735,6 +735,10 @@ def train(
     from upcycle.train.loop import train as run_train
     from upcycle.train.spec import build_train_spec, load_run_config
 
+    global _interrupt_note
+    if not dry_run:  # a training run keeps what it has checkpointed; say so if it is stopped
+        _interrupt_note = f"{out_dir} keeps its complete checkpoints: continue with --resume"
+
     spec = build_train_spec(
         load_run_config(config) if config else None,
         data=data,
@@ -870,6 +874,7 @@ def _print_train_summary(summary: dict[str, Any], title: str) -> None:
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 EXIT_TERMINATED = 143  # SIGTERM: 128 + SIGTERM
 _terminated = False
+_interrupt_note = "nothing was written"
 
 
 def _sigterm(signum, frame):
@@ -881,7 +886,7 @@ def _sigterm(signum, frame):
 
 
 def _interrupted() -> int:
-    _say(err, f"{'terminated' if _terminated else 'interrupted'}; nothing was written")
+    _say(err, f"{'terminated' if _terminated else 'interrupted'}; {_interrupt_note}")
     return EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED
 
 
@@ -901,8 +906,8 @@ def _notes_to_stderr() -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """Console-script entry: every failure is one line on stderr and an exit code (README: Exit codes)."""
-    global _terminated
-    _terminated = False
+    global _terminated, _interrupt_note
+    _terminated, _interrupt_note = False, "nothing was written"
     _notes_to_stderr()
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
