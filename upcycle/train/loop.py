@@ -458,9 +458,14 @@ def train(
 
     `console` (a rich Console) receives notes and progress; None keeps the library silent."""
     env = init_distributed()
+    finished = False
     try:
-        return _train(model, run_dir, spec, env, resume=resume, force=force, dry_run=dry_run, console=console)
+        result = _train(model, run_dir, spec, env, resume=resume, force=force, dry_run=dry_run, console=console)
+        finished = True
+        return result
     finally:
+        if finished:  # every rank done with its collectives before any tears the process group down
+            barrier(env)
         destroy(env)
 
 
