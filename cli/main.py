@@ -490,9 +490,17 @@ def inspect(
 
 @app.command()
 def routing(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="An MoE: folder or Hub id (e.g. written by convert).")],
-    text: Annotated[Path, typer.Option(help="Text file to route (tokenised with the model's tokenizer).")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="An MoE (folder or Hub id), or a RUN_DIR of `upcycle train` (divergence.png)."
+        ),
+    ],
     out_dir: Annotated[Path, typer.Option("--out", metavar="REPORT_DIR", help="Folder for the report.")],
+    text: Annotated[
+        Path | None,
+        typer.Option(help="Text file to route (tokenised with the model's tokenizer); optional for a RUN_DIR."),
+    ] = None,
     max_tokens: Annotated[int, typer.Option(help="Route at most this many tokens of the text.")] = 32768,
     seq_len: Annotated[
         int | None, typer.Option(help="Tokens per block. [default: the model's context, at most 2048]")
@@ -512,23 +520,25 @@ def routing(
     """Where an MoE routes the tokens of a text: load, entropy, specialisation, divergence (JSON, PNG, HTML)."""
     from upcycle.report.routing import FILES
     from upcycle.report.routing import routing as run_routing
+    from upcycle.report.routing_run import is_run_dir
 
     console = err if json_out == "-" else out  # with --json -, stdout carries the JSON only
+    options = dict(
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        sample_tokens=sample_tokens,
+        html_tokens=html_tokens,
+    )
+    if is_run_dir(model):
+        _routing_run(Path(model), text, out_dir, force, options, json_out, console)
+        return
+    if text is None:
+        raise UpcycleError("say what text to route: --text FILE (only a RUN_DIR of `upcycle train` needs none)")
     with _token_progress() as progress:
-        report = run_routing(
-            model,
-            text,
-            out_dir,
-            max_tokens=max_tokens,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            sample_tokens=sample_tokens,
-            html_tokens=html_tokens,
-            force=force,
-            progress=progress,
-        )
+        report = run_routing(model, text, out_dir, force=force, progress=progress, **options)
     data = report.data
     from rich import box
 
@@ -580,6 +590,33 @@ def routing(
         highlight=False,
     )
     console.print(f"Wrote {report.out}: {', '.join(FILES)}", markup=False, highlight=False)
+    _emit_json(data, json_out)
+
+
+def _routing_run(run_dir: Path, text, out_dir: Path, force: bool, options, json_out, console) -> None:
+    from upcycle.report.routing import FILES
+    from upcycle.report.routing_run import routing_run
+
+    with _token_progress() as progress:
+        report = routing_run(run_dir, out_dir, text=text, force=force, progress=progress, **options)
+    data = report.data
+    table = Table(title=f"run {data['run']}: expert load and divergence", title_justify="left")
+    for col in ("MoE layer", "load CV first → last", "weight cos first → last", "records (load / cos)"):
+        table.add_column(col, justify="right")
+    for layer in sorted({*data["load_cv"], *data["weight_cosine"]}, key=int):
+        cv, cos = data["load_cv"].get(layer, []), data["weight_cosine"].get(layer, [])
+        table.add_row(
+            layer,
+            f"{cv[0][1]:.3f} → {cv[-1][1]:.3f}" if cv else "-",
+            f"{cos[0][1]:.5f} → {cos[-1][1]:.5f}" if cos else "-",
+            f"{len(cv)} / {len(cos)}",
+        )
+    console.print(table)
+    if data["weight_cosine_from_checkpoints"]:
+        steps = ", ".join(map(str, data["weight_cosine_from_checkpoints"]))
+        console.print(f"weight cosine computed from the checkpoints of steps {steps}", markup=False, highlight=False)
+    files = ["divergence.png", "divergence.json"] + (list(FILES) if "routing" in data else [])
+    console.print(f"Wrote {report.out}: {', '.join(files)}", markup=False, highlight=False)
     _emit_json(data, json_out)
 
 

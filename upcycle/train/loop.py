@@ -46,6 +46,7 @@ from .losses import dropped_fraction, expert_counts, load_stats, router_losses
 from .metrics import Display, MetricsLog, truncate_metrics
 from .optim import build_optimizer, build_scheduler, module_params, param_groups, set_trainable
 from .routing_hooks import RouterTap, find_routers
+from .routing_log import divergence_record, write_load_png
 from .spec import TrainSpec
 
 if TYPE_CHECKING:
@@ -313,6 +314,7 @@ class Run:
     tap: Any
     layers: list[int]
     experts: int
+    target: Target
     optimizer: torch.optim.Optimizer
     scheduler: Any
     params: list[nn.Parameter]
@@ -572,6 +574,7 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
         tap=tap,
         layers=layers,
         experts=plan["experts"],
+        target=target,
         optimizer=optimizer,
         scheduler=scheduler,
         params=[p for g in groups for p in g["params"]],
@@ -686,6 +689,8 @@ def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, r
             truncate_metrics(run_dir, start)
         log = MetricsLog(run_dir, tensorboard=spec.tensorboard, start_step=start) if env.is_main else None
         display.start(start, total)
+        if start == 0:
+            _log_divergence(run, log, 0, display)  # the starting point: 1.0 for cloned experts
         if state is not None:
             ckpt.restore_rng(state.rng)  # last, so nothing above draws from the restored generators
         try:
@@ -744,6 +749,7 @@ def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, r
                     _save(run, run_dir, step, tokenizer, saved_state | {"tokens": step * tokens_per_step})
                     if rd is not None:
                         rd.checkpoint_written()
+                    _log_divergence(run, log, step, display)
         finally:
             display.close()
             if log:
@@ -765,6 +771,8 @@ def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, r
         barrier(env)
     # the expert load at the end: over the final evaluation, else over the last training step
     load = layer_rows(last_eval["counts"]) if last_eval else (last_train["layers"] if last_train else [])
+    if env.is_main:
+        _write_load_png(run_dir, load, plan, last_eval)
     return {
         "run_dir": str(run_dir),
         "final": str(final) if final else None,
@@ -800,6 +808,30 @@ def _load_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _log_divergence(run: Run, log: MetricsLog | None, step: int, display: Display) -> None:
+    """A `divergence` record (mean pairwise cosine of each MoE layer's expert weights) at the start and each save.
+    Under FSDP the experts are sharded across ranks, so it is skipped (once, with a note) rather than gathered."""
+    if log is None:
+        return
+    if run.env.distributed:
+        if step == 0:
+            display.note(
+                "expert divergence is not logged under torchrun; `upcycle routing RUN_DIR` reads it "
+                "from the checkpoints"
+            )
+        return
+    log.write(divergence_record(run.model, run.target, run.layers, step))
+
+
+def _write_load_png(run_dir: Path, load: list[dict[str, Any]], plan: dict[str, Any], last_eval) -> None:
+    what = (
+        f"{last_eval['eval_tokens']:,} held-out tokens at step {last_eval['step']}"
+        if last_eval
+        else "the last training step"
+    )
+    write_load_png(run_dir, load, f"{what}, top-{plan['top_k']} of {plan['experts']} experts")
 
 
 def _json_float(x: float) -> float | None:

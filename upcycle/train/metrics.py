@@ -1,6 +1,7 @@
 """What a run reports: metrics.jsonl (+ TensorBoard) in RUN_DIR, and the progress a person watches.
 
-Records are plain dicts, one JSON object per line, with `kind` "train", "skip" or "eval" (see README).
+Records are plain dicts, one JSON object per line, with `kind` "train", "skip", "eval" or "divergence" (see
+README).
 """
 
 from __future__ import annotations
@@ -62,9 +63,19 @@ class MetricsLog:
         for key, value in record.items():
             if key not in ("step", "kind") and isinstance(value, int | float) and not isinstance(value, bool):
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
-        for row in record.get("layers", []):
+        import torch
+
+        layers = record.get("layers", [])
+        if isinstance(layers, dict):  # divergence: {layer: mean pairwise weight cosine}
+            for layer, value in layers.items():
+                self._tb.add_scalar(f"divergence/weight_cosine/layer_{layer}", value, step)
+            layers = []
+        for row in layers:
             self._tb.add_scalar(f"router/cv/layer_{row['layer']}", row["cv"], step)
-            self._tb.add_scalar(f"router/dropped/layer_{row['layer']}", row["dropped"], step)
+            if "dropped" in row:
+                self._tb.add_scalar(f"router/dropped/layer_{row['layer']}", row["dropped"], step)
+            # the E load shares of the layer as a distribution: a wide one is an unbalanced layer
+            self._tb.add_histogram(f"router/load/layer_{row['layer']}", torch.tensor(row["load"]), step)
         self._tb.flush()
 
     def close(self) -> None:
