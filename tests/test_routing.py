@@ -26,9 +26,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from upcycle.arch import targets
 from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
-from upcycle.report.routing_divergence import experts_at
-from upcycle.report.routing_plots import DPI, figure_size
 from upcycle.report.routing_stats import LIFT_MIN_OCCURRENCES, routing_stats
+from upcycle.train.divergence import experts_at
+from upcycle.train.load_plot import DPI, figure_size
 from upcycle_cli.main import run
 
 EXPERTS, TOP_K = 4, 2

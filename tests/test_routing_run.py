@@ -13,9 +13,9 @@ import pytest
 
 from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
-from upcycle.report.routing_plots import DPI, figure_size
 from upcycle.report.routing_run import FIGURE_SIZE, checkpoint_cosine
 from upcycle.train.checkpoint import checkpoints
+from upcycle.train.load_plot import DPI, figure_size
 from upcycle.train.metrics import read_metrics
 from upcycle_cli.main import run
 

@@ -1,7 +1,7 @@
 """`upcycle routing MODEL --text FILE --out REPORT_DIR`: where an MoE sends the tokens of a text.
 
 Loads the MoE, tokenises the text with its tokenizer, runs it through routing_stats.py, and writes
-routing.json (figures), load.png (routing_plots.py) and tokens.html (routing_html.py) into REPORT_DIR,
+routing.json (figures), load.png (train/load_plot.py) and tokens.html (routing_html.py) into REPORT_DIR,
 built beside it and renamed into place.
 """
 
@@ -114,8 +114,8 @@ def routing(
         "layers": [{"layer": layer, **figures} for layer, figures in stats.layers.items()],
     }
 
+    from ..train.load_plot import write_load_png
     from .routing_html import write_tokens_html
-    from .routing_plots import write_load_png
 
     with staged_folder(out, force) as tmp:
         (tmp / "routing.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

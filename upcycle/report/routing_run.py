@@ -21,8 +21,8 @@ from ..arch import Target, target_for_model_type
 from ..errors import UpcycleError
 from ..outdir import check_target, staged_folder
 from ..train.checkpoint import FINAL, checkpoints
+from ..train.divergence import weight_cosine
 from ..train.metrics import METRICS
-from .routing_divergence import weight_cosine
 
 DPI = 100
 FIGURE_SIZE = (9.0, 7.0)  # inches; at DPI the PNG's exact size in pixels

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..arch import Target, target_for_model_type
 from ..errors import UpcycleError
+from ..train.divergence import experts_at, output_cosine, weight_cosine
 from ..train.losses import expert_counts, load_stats
 from ..train.routing_hooks import find_routers, route_topk, tap_model
-from .routing_divergence import experts_at, output_cosine, weight_cosine
 
 TOP_TOKENS = 10  # rows per expert in each token table
 LIFT_MIN_OCCURRENCES = 5  # a token seen fewer times has a meaningless lift (one occurrence gives the maximum)

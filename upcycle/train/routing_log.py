@@ -22,7 +22,7 @@ LOAD_PNG = "load.png"
 def divergence_record(model: nn.Module, target: Target, layers: list[int], step: int) -> dict[str, Any]:
     """{"kind": "divergence", "step", "layers": {layer: mean pairwise weight cosine}, "mean"} from the model in
     memory (one process: the weights are whole here; under FSDP the caller skips it)."""
-    from ..report.routing_divergence import experts_at, weight_cosine
+    from .divergence import experts_at, weight_cosine
 
     per_layer = {str(layer): weight_cosine(experts_at(model, target, layer)) for layer in layers}
     mean = sum(per_layer.values()) / len(per_layer) if per_layer else None
@@ -35,7 +35,7 @@ def write_load_png(run_dir: Path, rows: list[dict[str, Any]], what: str) -> Path
         return None
     import torch
 
-    from ..report.routing_plots import write_load_png as draw
+    from .load_plot import write_load_png as draw
 
     load = torch.tensor([row["load"] for row in rows], dtype=torch.float64)  # (L, E), rows sum to 1
     layers = [row["layer"] for row in rows]
