@@ -50,8 +50,9 @@ def test_fsdp_shards_states_and_adds_gathered_layers():
     spec = TrainSpec(seq_len=16, micro_batch=2, dtype="bf16")
     one = estimate(cfg, spec, trainable_params=1001, total_params=2001, on_gpu=True)
     four = estimate(cfg, spec, trainable_params=1001, total_params=2001, world_size=4, on_gpu=True)
-    assert (one.precision, four.precision) == ("pure-bf16", "mixed")  # what upcycle train runs (precision_for)
+    assert (one.precision, four.precision) == ("mixed", "mixed")  # what upcycle train runs (precision_for)
     assert (four.weights, four.grads, four.optimizer) == (2001, 1001, 2002)  # ceil(n·bytes / 4)
+    assert one.working == 2001 * 2  # one process: autocast's bf16 copy of every weight
     shape = model_shape(cfg)
     layer = shape.layer_params(moe=True)
     assert four.working == (shape.root_params + 2 * layer) * 2 + layer * 4
@@ -63,9 +64,10 @@ def test_fsdp_shards_states_and_adds_gathered_layers():
     ("dtype", "on_gpu", "world_size", "expected"),
     [
         ("auto", False, 1, "fp32"),
-        ("auto", True, 1, "pure-bf16"),  # one process: the model is loaded in bf16, AdamW moments follow it
+        ("auto", True, 1, "mixed"),  # one process: fp32 weights and AdamW, bf16 matmuls under autocast
         ("auto", True, 2, "mixed"),  # FSDP2: fp32 shards, bf16 compute
-        ("bf16", False, 2, "pure-bf16"),  # no mixed-precision policy on CPU
+        ("bf16", False, 2, "mixed"),  # no FSDP policy on CPU: autocast
+        ("bf16", False, 1, "mixed"),
         ("fp32", True, 8, "fp32"),
     ],
 )

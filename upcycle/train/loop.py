@@ -124,6 +124,33 @@ def compute_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def compute_context(env: DistEnv, spec: TrainSpec, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """What forward runs under. The weights and AdamW states are always float32 (master weights: a bf16 weight
+    rounds away updates below ~0.4% of itself, so lr ~1e-4 would barely move it); with a bf16 compute dtype the
+    matmuls run in bf16 through FSDP2's mixed-precision policy under torchrun on GPUs, else through autocast."""
+    import torch
+
+    if dtype == torch.float32 or mixed_precision(env, spec) is not None:
+        return contextlib.nullcontext()
+    _grouped_mm_autocast(env.device.type, dtype)
+    return torch.autocast(env.device.type, dtype=dtype)
+
+
+_AUTOCAST_GROUPED_MM: set[str] = set()
+
+
+def _grouped_mm_autocast(device_type: str, dtype: torch.dtype) -> None:
+    """grouped_mm has no autocast rule (torch 2.13; pytorch#174763), and transformers' experts kernel casts its
+    input to the weight dtype, so under autocast with float32 weights the experts would silently run in float32.
+    Registering the rule makes autocast cast both operands to `dtype`, as it does for F.linear (eager experts)."""
+    import torch
+
+    if device_type in _AUTOCAST_GROUPED_MM:
+        return
+    torch.library.register_autocast("aten::_grouped_mm", device_type, dtype)
+    _AUTOCAST_GROUPED_MM.add(device_type)
+
+
 def load_model(folder: Path, dtype: torch.dtype, spec: TrainSpec, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -321,6 +348,7 @@ class Run:
     train_blocks: Any
     eval_blocks: Any
     sampler: Any
+    compute: Any = contextlib.nullcontext  # () -> the context forward runs under (compute_context)
 
 
 @dataclass
@@ -350,7 +378,8 @@ def train_step(run: Run, step: int) -> StepResult:
     for micro in range(spec.grad_accum):
         idx = run.sampler.indices(step - 1, micro)
         ids = run.train_blocks.blocks(idx).to(device)  # (micro_batch, seq_len)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
+        with run.compute():  # forward only: backward follows the dtypes autocast chose
+            out = model(input_ids=ids, labels=ids, use_cache=False)
         records = run.tap.pop()
         local = torch.stack([expert_counts(records[layer], run.experts) for layer in run.layers]).to(counts)  # (L, E)
         if spec.balance_scope == "global":  # f over the step's micro-batches so far, on every rank: one all-reduce
@@ -411,7 +440,8 @@ def evaluate(run: Run) -> dict[str, Any] | None:
             idx = list(range(first, min(first + spec.micro_batch, blocks.n_blocks)))
             weight = 1.0 if idx else 0.0
             ids = blocks.blocks(idx or [0]).to(env.device)  # every rank runs the same number of forwards
-            out = model(input_ids=ids, labels=ids, use_cache=False)
+            with run.compute():
+                out = model(input_ids=ids, labels=ids, use_cache=False)
             predicted = ids.shape[0] * (ids.shape[1] - 1)
             loss_sum += out.loss.double() * predicted * weight
             n_pred += predicted * weight
@@ -540,9 +570,8 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
 
     if env.distributed and spec.router_noise:  # [train-dist] noise weights live outside FSDP's shards
         raise UpcycleError("--router-noise is not supported under torchrun yet; train in one process or drop it")
-    # [train-dist] under FSDP2's mixed-precision policy the shards stay fp32 (the master weights), compute is bf16
-    load_dtype = torch.float32 if mixed_precision(env, spec) is not None else dtype
-    net = load_model(resume_from or source.folder, load_dtype, spec, env.device)
+    # float32 weights (the master weights) whatever the compute dtype: see compute_context
+    net = load_model(resume_from or source.folder, torch.float32, spec, env.device)
     impl = experts_implementation(net)
     torch.manual_seed(spec.seed)
     tap, layers = attach_routing(net, target, config, spec)
@@ -581,6 +610,7 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
         train_blocks=train_blocks,
         eval_blocks=eval_blocks,
         sampler=sampler,
+        compute=lambda: compute_context(env, spec, dtype),
     )
     start = 0
     if state is not None:
@@ -756,6 +786,10 @@ def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, r
                 log.close()
         final = None
         model_state = full_model_state(run.model, env) if env.distributed else None  # [train-dist] collective
+        if not env.distributed:  # final/ in the compute dtype (bf16 halves it); checkpoints keep the fp32 masters
+            import torch
+
+            run.model.to(getattr(torch, plan["dtype"]))
         if env.is_main:
             training = _training_record(run, model_name, run_dir, info, plan, last_eval)
             fallback = {"tool": {"name": "upcycle", "version": __version__}, "source": {"id": plan["model"]}}

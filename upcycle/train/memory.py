@@ -68,20 +68,17 @@ PRECISIONS: dict[str, PrecisionBytes] = {
     "mixed": PrecisionBytes(param=4, grad=4, optimizer=8, compute=2, working=2, step_temp=4),
     # bf16 parameters and grads, fp32 master weights and moments in the optimizer (Megatron-style).
     "bf16": PrecisionBytes(param=2, grad=2, optimizer=12, compute=2, working=0, step_temp=4),
-    # bf16 everything, as torch.optim.AdamW does on a model simply loaded in bf16 (moments in the param dtype):
-    # `upcycle train --dtype bf16` on one process.
+    # bf16 everything, as torch.optim.AdamW does on a model simply loaded in bf16 (moments in the param dtype);
+    # not what `upcycle train` runs, kept for comparison.
     "pure-bf16": PrecisionBytes(param=2, grad=2, optimizer=4, compute=2, working=0, step_temp=2),
 }
 
 
 def precision_for(spec: TrainSpec, on_gpu: bool, world_size: int = 1) -> Precision:
-    """The recipe `upcycle train` runs with. One process with --dtype bf16 loads the model in bf16 and AdamW keeps
-    its moments in bf16 ("pure-bf16"); under torchrun on GPUs the model stays fp32 and FSDP2's mixed-precision
-    policy computes in bf16 ("mixed")."""
+    """The recipe `upcycle train` runs with: with a bf16 compute dtype the model stays fp32 and the matmuls run in
+    bf16 ("mixed"), through FSDP2's mixed-precision policy under torchrun on GPUs, else through autocast."""
     dtype = spec.dtype if spec.dtype != "auto" else ("bf16" if on_gpu else "fp32")
-    if dtype == "fp32":
-        return "fp32"
-    return "mixed" if on_gpu and world_size > 1 else "pure-bf16"
+    return "fp32" if dtype == "fp32" else "mixed"
 
 
 @dataclass(frozen=True)
