@@ -95,6 +95,8 @@ class VerifyReport:
     limits: Limits | None = None
     layers: tuple[LayerRow, ...] = ()  # layerwise: one row per decoder layer
     tensor_check: TensorCheck | None = None  # layerwise: the copied tensors against their source
+    plan_exact: bool | None = None  # upcycle.json's claim: exact at init? (None: no upcycle.json)
+    plan_why: str | None = None  # the plan's reason, so a non-exact method's failure surprises no one
     recorded: str | None = field(default=None)  # where the report was stored in MOE's folder, if it was
 
     @property
@@ -325,6 +327,11 @@ def verify(
     if note and notify:
         notify(note)
 
+    from ..publish.card import read_recipe
+
+    recipe = read_recipe(moe_folder)
+    claim = (recipe or {}).get("plan") or {}
+    plan_exact = claim.get("exact_at_init") if isinstance(claim.get("exact_at_init"), bool) else None
     layers: tuple[LayerRow, ...] = ()
     tensor_check = None
     if chosen == "whole":
@@ -342,12 +349,11 @@ def verify(
         missing = tuple(sorted(info.get("missing_keys", ())))
         unexpected = tuple(sorted(info.get("unexpected_keys", ())))
     else:
-        from ..publish.card import read_recipe
         from .verify_layerwise import check_tensors, conversion_plan, run_layerwise
 
-        recipe = read_recipe(moe_folder)
-        plan = conversion_plan(dense_ckpt, moe_ckpt, recipe)
-        tensor_check = check_tensors(plan, dense_ckpt, moe_ckpt, strict_dtype=recipe is not None)
+        plan, spec = conversion_plan(dense_ckpt, moe_ckpt, recipe)
+        strict = recipe is not None
+        tensor_check = check_tensors(plan, dense_ckpt, moe_ckpt, strict_dtype=strict, seed=spec.seed)
         run = run_layerwise(dense_folder, moe_folder, ids, dtype, LAYER_RTOL[dtype])
         a, b, layers, moe_class = run.dense_logits, run.moe_logits, run.rows, run.moe_class
         missing, unexpected = run.missing_keys, run.unexpected_keys
@@ -374,6 +380,8 @@ def verify(
         limits=limits,
         layers=layers,
         tensor_check=tensor_check,
+        plan_exact=plan_exact,
+        plan_why=(str(claim.get("exact_why") or "") or None) if plan_exact is not None else None,
     )
     if record and Path(moe).is_dir():
         from dataclasses import replace

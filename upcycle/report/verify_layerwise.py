@@ -5,7 +5,9 @@ Two checks, both streamed from the safetensors shards.
 * Tensors. Every tensor the conversion copied is compared with its source through the byte ranges of the
   shards, in pieces: byte for byte, or after the cast the conversion made (`convert --dtype`). What came
   from where is the conversion plan, rebuilt from upcycle.json's recipe (or, without one, from the MoE
-  config), so the experts are checked against the dense FFN they were cloned from.
+  config), so the experts are checked against the dense FFN they were cloned from. Expert tensors that an
+  expert method computes (split, drop, fine-grained, noise, scaled down_proj) are recomputed by the
+  converter's own code, one layer's dense FFN at a time, and compared byte for byte.
 * Forward. Each model's own transformers class is built on the meta device (no memory), and its own forward
   runs with hooks that load a unit (the embedding, one decoder layer, the final norm, the head) just before
   it runs and drop it right after. The MoE's per-expert keys are fused by transformers' own loader. The
@@ -37,11 +39,12 @@ CHUNK = 16 << 20  # bytes per read when comparing tensors: memory stays flat wha
 
 @dataclass(frozen=True)
 class TensorCheck:
-    compared: int  # copied tensors (attention, norms, embeddings, dense FFNs, experts) compared with their source
-    equal: int  # of those, equal to the source: byte for byte, or after the conversion's cast
+    compared: int  # copied or computed tensors (attention, norms, embeddings, dense FFNs, experts) compared
+    equal: int  # of those, equal to the source (byte for byte, or after the cast), or to their recomputation
     cast: int  # of those compared, how many were compared after a cast
+    computed: int  # of those compared, expert tensors a method computes: recomputed and compared
     zeros: int  # tensors the target needs as zeros (e.g. Qwen2-MoE's empty shared expert), checked to be zero
-    skipped: int  # tensors built rather than copied (routers): nothing to compare them with
+    skipped: int  # routers: drawn at random by design, nothing to compare them with
     bytes_read: int  # bytes of the MoE read
     mismatched: tuple[str, ...] = ()  # MoE tensors that differ from their source (or have the wrong shape/dtype)
     missing: tuple[str, ...] = ()  # planned, absent from the MoE
@@ -56,6 +59,7 @@ class TensorCheck:
             "compared": self.compared,
             "equal": self.equal,
             "cast": self.cast,
+            "computed": self.computed,
             "zeros": self.zeros,
             "skipped": self.skipped,
             "bytes_read": self.bytes_read,
@@ -67,7 +71,8 @@ class TensorCheck:
 
 
 def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] | None):
-    """The plan that made MOE from DENSE: from upcycle.json's recipe, or inferred from the MoE config."""
+    """The plan that made MOE from DENSE, and its spec: from upcycle.json's recipe, or inferred from the MoE
+    config (then plain cloning: a method's computed experts cannot be told apart without the recipe)."""
     from ..convert.pipeline import dense_config
     from ..convert.plan import make_plan
     from ..convert.spec import ConvertSpec, build_spec
@@ -90,16 +95,20 @@ def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] |
             target=target.name,
         )
     try:
-        return make_plan(dense_config(dense.folder).to_dict(), dense.tensors, spec)
+        return make_plan(dense_config(dense.folder).to_dict(), dense.tensors, spec), spec
     except UpcycleError as exc:
         raise UpcycleError(f"--layerwise could not rebuild the conversion plan: {exc}") from None
 
 
-def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: bool) -> TensorCheck:
-    """Compare every planned tensor of MOE with its source, streaming; `strict_dtype`: the plan knows the dtypes."""
+def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: bool, seed: int = 0) -> TensorCheck:
+    """Compare every planned tensor of MOE with its source, streaming; `strict_dtype`: the plan knows the dtypes;
+    `seed`: the conversion's, which the seeded methods (split by cluster, drop, noise) drew with."""
+    from ..convert.pipeline import LayerFFNs
+
     planned = {op.name for op in plan.ops}
     mismatched: list[str] = []
-    compared = equal = cast = zeros = skipped = read = 0
+    layers = LayerFFNs(dense, plan, seed)  # ops run layer by layer: one layer's dense FFN is held at a time
+    compared = equal = cast = computed = zeros = skipped = read = 0
     for op in plan.ops:
         got = moe.tensors.get(op.name)
         if got is None:
@@ -107,13 +116,18 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
         if got.shape != op.shape or (strict_dtype and got.dtype != op.dtype):
             mismatched.append(op.name)
             continue
-        if op.kind == "router" or op.transform is not None:
+        if op.kind == "router":
             skipped += 1
             continue
         read += got.nbytes
         if op.kind == "zeros":
             zeros += 1
             ok = all_zero(got)
+        elif op.transform is not None:  # computed by the expert method: recompute it as the converter did
+            compared += 1
+            computed += 1
+            ok = same_as_computed(layers, op, got)
+            equal += ok
         else:
             src = dense.tensors[op.src]
             compared += 1
@@ -129,6 +143,7 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
         compared=compared,
         equal=equal,
         cast=cast,
+        computed=computed,
         zeros=zeros,
         skipped=skipped,
         bytes_read=read,
@@ -168,6 +183,22 @@ def cast_equal(src: TensorInfo, dst: TensorInfo) -> bool:
         return done == dst.nbytes
     finally:
         os.close(fd)
+
+
+def same_as_computed(layers, op, got: TensorInfo) -> bool:
+    """Is GOT the tensor the converter computes for OP (the method's float32 result cast to the written dtype)?"""
+    import torch
+
+    from ..convert.plan import ST_TO_TORCH
+
+    built = layers.builder(op.layer).tensor(op.role, op.transform)
+    want = built.to(getattr(torch, ST_TO_TORCH[op.dtype])).contiguous().view(torch.uint8).reshape(-1).numpy()
+    done = 0
+    for piece in _pieces(got):
+        if want[done : done + len(piece)].tobytes() != piece:
+            return False
+        done += len(piece)
+    return done == want.size
 
 
 def all_zero(info: TensorInfo) -> bool:
