@@ -142,7 +142,16 @@ def convert(
             help="topk-softmax (renormalise the kept weights) or softmax-topk (Qwen targets). [default: topk-softmax]"
         ),
     ] = None,
-    router_init: Annotated[str | None, typer.Option(help="Router weights: random or zero. [default: random]")] = None,
+    router_init: Annotated[
+        str | None,
+        typer.Option(help="Router weights: random, zero or kmeans (from --calibration text). [default: random]"),
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help="With --router-init kmeans: a plain text file the dense model is run on.")
+    ] = None,
+    calibration_tokens: Annotated[
+        int | None, typer.Option(help="With --router-init kmeans: tokens of the text used. [default: 4096]")
+    ] = None,
     router_std: Annotated[float | None, typer.Option(help="Std of a random router. [default: 0.02]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for every random choice. [default: 0]")] = None,
     target: Annotated[
@@ -191,6 +200,8 @@ def convert(
         routing=routing,
         router_init=router_init,
         router_std=router_std,
+        calibration=str(calibration) if calibration is not None else None,
+        calibration_tokens=calibration_tokens,
         seed=seed,
         target=target,
         dtype=dtype,

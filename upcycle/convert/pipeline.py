@@ -204,16 +204,24 @@ def convert(
         return ConvertResult(out=None, plan=plan, source=source, recipe=None)
     ckpt = dense.checkpoint
     check_room(source, out, plan)
+    routers, calibration = None, None
+    if spec.router_init == "kmeans":  # a read-only pass over the dense model, before anything is written
+        from .calibrate import router_rows
+
+        routers, tokens = router_rows(source.folder, ckpt, plan, spec, Path(spec.calibration))
+        calibration = {"file": Path(spec.calibration).name, "tokens": tokens}
     hashes = BackgroundHashes(ckpt.files)  # overlaps the copying; stopped at once if the conversion fails
     try:
         with staged_folder(out, force) as tmp:
-            measured = write_weights(ckpt, plan, spec, tmp, max_shard, progress)
+            measured = write_weights(ckpt, plan, spec, tmp, max_shard, progress, routers)
             plan = dense.plan(spec, measured) if plan.lossy_casts() else plan
             write_config(plan, tmp)
             copy_side_files(source.folder, tmp, plan)
             label = src if src in EMBEDDED else source.id  # how the command names the source: never a path
             command = _command(label, out, spec, source, base_model)
             recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command, base_model)
+            if calibration:
+                recipe["calibration"] = calibration
             write_card_and_recipe(tmp, recipe | {"name": out.name})
     finally:
         hashes.cancel()
@@ -296,8 +304,12 @@ def write_weights(
     folder: Path,
     max_shard: int,
     progress: Callable[[int, int], None] | None = None,
+    routers: dict | None = None,
 ) -> dict[tuple[str, str], CastCheck]:
-    """Write every tensor of the plan; returns what the lossy casts did to the values they cast."""
+    """Write every tensor of the plan; returns what the lossy casts did to the values they cast.
+
+    `routers` (layer -> [E, H] float32) holds router rows computed beforehand (--router-init kmeans).
+    """
     meter = CastMeter()
     entries = [Entry(op.name, op.dtype, op.shape, op.nbytes) for op in plan.ops]
     writer = ShardedWriter(folder, entries, max_shard, {"format": "pt"})
@@ -326,6 +338,8 @@ def write_weights(
                     placed = writer.put(op.name, cast_chunks(info, op.dtype, meter if lossy else None))
                 if op.kind in ("expert", "shared"):
                     seen[key] = placed
+            elif op.kind == "router" and routers is not None:
+                writer.put(op.name, [_as_bytes(routers[op.layer].to(_torch_dtype(op.dtype)))])
             elif op.kind == "router":
                 weight = init_router(
                     spec.router_init,

@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 from ..errors import UpcycleError
 
 Init = Literal["clone", "split", "drop", "fine-grained"]
-RouterInit = Literal["random", "zero"]
+RouterInit = Literal["random", "zero", "kmeans"]
 Routing = Literal["topk-softmax", "softmax-topk"]
 SplitBy = Literal["random", "cluster", "coactivation"]
 TargetName = Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe"]
@@ -24,7 +24,15 @@ CHOICES = {
     "dtype": get_args(DType),
 }
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-NUMBERS = {"experts": int, "top_k": int, "every": int, "seed": int, "router_std": (int, float), "shared_experts": int}
+NUMBERS = {
+    "experts": int,
+    "top_k": int,
+    "every": int,
+    "seed": int,
+    "router_std": (int, float),
+    "shared_experts": int,
+    "calibration_tokens": int,
+}
 # Method options: None means "not given" (each has a default under the --init it belongs to, see below).
 METHOD_NUMBERS = {"drop_ratio": (int, float), "noise": (int, float), "granularity": int}
 # option -> the --init values it applies to
@@ -48,6 +56,8 @@ class ConvertSpec:
     init: Init = "clone"
     router_init: RouterInit = "random"
     router_std: float = 0.02
+    calibration: str | None = None  # text file for --router-init kmeans
+    calibration_tokens: int = 4096
     routing: Routing = "topk-softmax"
     split_by: SplitBy | None = None
     drop_ratio: float | None = None
@@ -80,9 +90,20 @@ class ConvertSpec:
             raise UpcycleError(f"--every {self.every} must be 1 or more (1 = every layer, 2 = every other)")
         if self.router_std < 0:
             raise UpcycleError(f"--router-std {self.router_std} must not be negative")
+        self._check_calibration()
         if self.layers is not None and not self.layers:
             raise UpcycleError("--layers is empty; list layer indices such as 1,5,9")
         self._check_method_options()
+
+    def _check_calibration(self) -> None:
+        if self.router_init == "kmeans" and not self.calibration:
+            raise UpcycleError(
+                "--router-init kmeans needs calibration text: give --calibration FILE (a plain text file)"
+            )
+        if self.calibration and self.router_init != "kmeans":
+            raise UpcycleError(f"--calibration applies to --router-init kmeans, not --router-init {self.router_init}")
+        if self.calibration_tokens < 1:
+            raise UpcycleError(f"--calibration-tokens {self.calibration_tokens} must be 1 or more")
 
     def _check_method_options(self) -> None:
         """Checks of the method options that need no model (those that do live in the methods, at plan time)."""
@@ -124,6 +145,8 @@ class ConvertSpec:
         d = asdict(self)
         d.pop("extra")
         d["layers"] = list(self.layers) if self.layers is not None else None
+        if self.calibration:  # a file name, never a local path
+            d["calibration"] = Path(self.calibration).name
         return d
 
 

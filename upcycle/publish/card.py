@@ -158,11 +158,10 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         if len(layers) == plan["layers"]
         else f"{len(layers)} of {plan['layers']}: " + ", ".join(map(str, layers))
     )
-    router_text = (
-        f"`random`: normal with std {spec['router_std']}, seed {spec['seed']}"
-        if spec["router_init"] == "random"
-        else "`zero`: uniform routing at the start"
-    )
+    router_text = {
+        "random": f"`random`: normal with std {spec['router_std']}, seed {spec['seed']}",
+        "kmeans": f"`kmeans`: from the dense model's FFN inputs on `{spec.get('calibration')}`, seed {spec['seed']}",
+    }.get(spec["router_init"], "`zero`: uniform routing at the start")
     template = files("upcycle.publish").joinpath("card_template.md").read_text()
     return ModelCard.from_template(
         data,

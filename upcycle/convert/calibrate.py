@@ -1,0 +1,189 @@
+"""`--router-init kmeans`: router rows from the dense model's own FFN inputs on calibration text.
+
+One forward pass of the dense model (transformers, float32, CPU) over the first N tokens of the text captures,
+with a forward pre-hook on each MoE layer's dense `mlp`, the hidden state the router will see (after the
+post-attention norm). Per layer the rows are then:
+- clone, drop (and noise): the k-means centroids of those inputs, one per expert: a token is routed to the
+  experts whose centroid it points towards most;
+- fine-grained: k-means with one centroid per virtual group, shared by the group's parts (as the random router
+  shares its rows), which keeps the plan's exactness claim;
+- split: for each expert e the ridge least-squares direction w_e with x . w_e ~ ||FFN_e(x)||, centred across
+  experts (least squares is linear in its targets, so this regresses each expert's norm minus the mean expert
+  norm: a common component would shift every logit alike and route nothing).
+Every row is then scaled to the norm a random row has, router_std * sqrt(hidden), so the logits start at the
+random router's scale and only their direction is learnt from data: training settings tuned for the random
+router (learning rate, z-loss) see the same magnitudes.
+
+Memory: the captured inputs of every MoE layer at once, tokens x hidden x layers float32 (4096 tokens of
+SmolLM2-135M: 4096 x 576 x 30 x 4 B = 283 MB), plus the dense model in float32 for the pass.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import UpcycleError
+from .methods import LayerBuilder
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..source import Checkpoint
+    from .plan import Plan
+    from .spec import ConvertSpec
+
+LLOYD_ITERS = 50  # a fixed cap; the loop stops earlier once no assignment changes
+RIDGE = 1e-3  # ridge lambda, relative to the mean eigenvalue of X^T X
+CHUNK = 512  # tokens per forward pass (at most the model's max_position_embeddings)
+
+
+def calibration_ids(folder: Path, text_file: Path, tokens: int) -> torch.Tensor:
+    """The first `tokens` token ids of the calibration text: [T]."""
+    from transformers import AutoTokenizer
+
+    if not text_file.is_file():
+        raise UpcycleError(f"--calibration {text_file.name}: no such file; give a plain text file")
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UpcycleError(f"--calibration {text_file.name} is not UTF-8 text; give a plain text file") from None
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return ids[:tokens]
+
+
+def capture(model, ids: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """Each MoE layer's FFN input over the calibration ids: layer -> [T, H] float32.
+
+    The ids are run in independent chunks of at most CHUNK tokens (each chunk starts a new sequence).
+    """
+    import torch
+
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    hooks = [
+        model.model.layers[i].mlp.register_forward_pre_hook(
+            lambda _m, args, i=i: seen[i].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        )
+        for i in layers
+    ]
+    chunk = min(CHUNK, getattr(model.config, "max_position_embeddings", CHUNK))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), chunk):
+                model(input_ids=ids[start : start + chunk][None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: torch.cat(xs).float() for i, xs in seen.items()}
+
+
+def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = LLOYD_ITERS) -> torch.Tensor:
+    """Centroids [k, D] of x [T, D]: k-means++ seeding, then Lloyd iterations until no assignment changes."""
+    import torch
+
+    first = int(torch.randint(len(x), (1,), generator=gen))
+    centroids = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)  # [T]: squared distance to the nearest centroid so far
+    for _ in range(1, k):
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
+        pick = int(torch.multinomial(probs, 1, generator=gen))
+        centroids.append(x[pick])
+        d2 = torch.minimum(d2, ((x - x[pick]) ** 2).sum(1))
+    c = torch.stack(centroids)  # [k, D]
+    labels = torch.full((len(x),), -1, dtype=torch.long)
+    for _ in range(iters):
+        new = torch.cdist(x, c).argmin(1)  # [T]
+        if torch.equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            members = x[labels == j]
+            if len(members):  # an empty cluster keeps its centroid
+                c[j] = members.mean(0)
+    return c
+
+
+def norm_directions(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """Ridge least squares: x [T, H], y [T, E] -> w [E, H] minimising ||x w^T - y||^2 + lam ||w||^2."""
+    import torch
+
+    gram = x.T.double() @ x.double()  # [H, H]
+    lam = ridge * float(gram.diagonal().mean())
+    w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x.T.double() @ y.double())  # [H, E]
+    return w.T.float()
+
+
+def scaled(rows: torch.Tensor, norm: float) -> torch.Tensor:
+    """Each row [E, H] scaled to `norm` (a zero row stays zero)."""
+    lengths = rows.norm(dim=1, keepdim=True)
+    return rows / lengths.clamp_min(1e-30) * norm
+
+
+def expert_norms(x: torch.Tensor, builder: LayerBuilder, experts: list[dict], act) -> torch.Tensor:
+    """||FFN_e(x)|| of each routed expert over x [T, H]: [T, E]. `experts[e]` maps role -> transform."""
+    import torch
+
+    cols = []
+    for transforms in experts:
+        w = {
+            role: builder.dense[role].float() if t is None else builder.tensor(role, t)
+            for role, t in transforms.items()
+        }
+        out = (act(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T  # [T, I_e] -> [T, H]
+        cols.append(out.norm(dim=1))
+    return torch.stack(cols, 1)
+
+
+def router_rows(
+    folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec, text_file: Path
+) -> tuple[dict[int, torch.Tensor], int]:
+    """Router weight [E, H] (float32) of every MoE layer, and how many calibration tokens made them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .router_init import layer_generator
+
+    ids = calibration_ids(folder, text_file, spec.calibration_tokens)
+    groups = {op.layer: (op.transform[1] if op.transform else 1) for op in plan.ops if op.kind == "router"}
+    need = spec.experts if spec.init == "split" else spec.experts // max(groups.values(), default=1)
+    if len(ids) < max(need, 2):
+        raise UpcycleError(
+            f"--calibration {text_file.name} gives {len(ids)} tokens, fewer than the {need} the router needs "
+            "(one per cluster); give a longer text"
+        )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    inputs = capture(model, ids, tuple(sorted(groups)))
+    hidden = model.config.hidden_size
+    target_norm = spec.router_std * math.sqrt(hidden)  # the expected norm of a random N(0, std^2) row
+    routed = _routed_transforms(plan)
+    keys = {}
+    for op in plan.ops:
+        if op.role is not None:
+            keys.setdefault(op.layer, {})[op.role] = op.src
+    rows: dict[int, torch.Tensor] = {}
+    for layer, group in groups.items():
+        x = inputs.pop(layer)  # [T, H]; freed once this layer is done
+        if spec.init == "split":
+            dense = {role: ckpt.load(key) for role, key in keys[layer].items()}
+            builder = LayerBuilder(dense, spec.seed, layer)
+            act = model.model.layers[layer].mlp.act_fn
+            with torch.no_grad():
+                y = expert_norms(x, builder, routed[layer], act)  # [T, E]
+            w = norm_directions(x, y)  # [E, H]
+            rows[layer] = scaled(w - w.mean(0, keepdim=True), target_norm)
+        else:
+            c = kmeans(x, spec.experts // group, layer_generator(spec.seed, layer))  # [E/G, H]
+            rows[layer] = scaled(c, target_norm).repeat_interleave(group, dim=0)  # [E, H]
+    return rows, len(ids)
+
+
+def _routed_transforms(plan: Plan) -> dict[int, list[dict]]:
+    """layer -> for each routed expert in order, role -> transform (None: the dense tensor)."""
+    found: dict[int, dict[int, dict]] = {}
+    for op in plan.ops:
+        if op.kind == "expert":
+            found.setdefault(op.layer, {}).setdefault(op.expert, {})[op.role] = op.transform
+    return {layer: [by[e] for e in sorted(by)] for layer, by in found.items()}
