@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import UpcycleError
+from ..options import read_yaml_options
 
 Init = Literal["clone", "split", "drop", "fine-grained"]
 RouterInit = Literal["random", "zero", "kmeans"]
@@ -162,20 +163,7 @@ def parse_layers(text: str | list[int] | tuple[int, ...] | None) -> tuple[int, .
 
 def load_recipe(path: Path) -> dict[str, Any]:
     """Read a YAML recipe; its keys are ConvertSpec fields (dashes or underscores)."""
-    import yaml
-
-    if not path.is_file():
-        raise UpcycleError(f"recipe {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UpcycleError(f"recipe {path} is not valid YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise UpcycleError(f"recipe {path} must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return read_yaml_options(path, "recipe")
 
 
 def build_spec(recipe: dict[str, Any] | None = None, **flags: Any) -> ConvertSpec:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import UpcycleError
+from ..options import read_yaml_options
 
 TrainWhat = Literal["all", "experts", "non-experts", "router"]
 DType = Literal["auto", "bf16", "fp32"]
@@ -169,20 +170,7 @@ def _flag(name: str) -> str:
 
 def load_run_config(path: Path) -> dict[str, Any]:
     """Read a YAML run config; keys are TrainSpec fields (dashes or underscores). Errors name line and column."""
-    import yaml
-
-    if not path.is_file():
-        raise UpcycleError(f"run config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UpcycleError(f"run config {path} is not valid YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise UpcycleError(f"run config {path} must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return read_yaml_options(path, "run config")
 
 
 def build_train_spec(config: dict[str, Any] | None = None, **flags: Any) -> TrainSpec:

@@ -1,0 +1,26 @@
+"""YAML option files (convert recipes, train run configs): one reader, errors that name line and column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import UpcycleError
+
+
+def read_yaml_options(path: Path, what: str) -> dict[str, Any]:
+    """The mapping in the YAML file PATH, keys with dashes turned into underscores; `what` names it in errors."""
+    import yaml
+
+    if not path.is_file():
+        raise UpcycleError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UpcycleError(f"{what} {path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise UpcycleError(f"{what} {path} must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
