@@ -159,16 +159,8 @@ def plan_for(source: SourceRef, spec: ConvertSpec, *, measure: bool = True) -> t
 def check_not_source(src: str, out: Path) -> None:
     """Refuse an OUT that is, holds or lies inside a local source folder, before any work is done."""
     path = Path(src).expanduser()
-    if not path.is_dir():
-        return
-    s, o = path.resolve(), Path(out).expanduser().resolve()
-    if s == o or o in s.parents:
-        raise UpcycleError(f"{out} holds the source model; replacing it would delete the source. Choose another OUT")
-    if s in o.parents:
-        raise UpcycleError(
-            f"{out} lies inside the source model {src}; upcycle does not write into a source folder. "
-            "Choose an OUT outside it"
-        )
+    if path.is_dir():
+        refuse_overlap(path, Path(out).expanduser(), out, f"the source model {src}")
 
 
 def convert(
@@ -236,16 +228,21 @@ def convert(
 # --- weights -------------------------------------------------------------------------------------------
 
 
+def refuse_overlap(src: Path, out: Path, shown: Path | str, where: str) -> None:
+    """Refuse an OUT that is the source folder, holds it, or lies inside it (`where` names the source)."""
+    s, o = src.resolve(), out.resolve()
+    if s == o or o in s.parents:
+        raise UpcycleError(f"{shown} holds the source model; replacing it would delete the source. Choose another OUT")
+    if s in o.parents:
+        raise UpcycleError(
+            f"{shown} lies inside {where}; upcycle does not write into a source folder. Choose an OUT outside it"
+        )
+
+
 def check_room(source: SourceRef, out: Path, plan: Plan) -> None:
     """Refuse an OUT that would replace, contain or lie inside the source, or that the disk cannot hold."""
-    src, dst = source.folder.resolve(), out.resolve()
-    if src == dst or dst in src.parents:
-        raise UpcycleError(f"{out} holds the source model; replacing it would delete the source. Choose another OUT")
-    if src in dst.parents:
-        raise UpcycleError(
-            f"{out} lies inside the source model's folder; upcycle does not write into a source folder. "
-            "Choose an OUT outside it"
-        )
+    refuse_overlap(source.folder, out, out, "the source model's folder")
+    dst = out.resolve()
     free = shutil.disk_usage(dst.parent).free
     need = plan.total_bytes + (64 << 20)  # weights plus room for the side files
     if free < need:
