@@ -25,6 +25,10 @@ FAMILIES = {
     "mistral": dict(sliding_window=None, head_dim=16),
     "qwen2": dict(),
     "qwen3": dict(head_dim=16),
+    # Phi-3 stores q|k|v and gate|up fused; its pad id (32000) must fit the tiny vocabulary
+    "phi3": dict(pad_token_id=0),
+    # Gemma v1: tied embeddings and head_dim ≠ hidden/heads, as in the real 2B/7B (256 ≠ 2048/8)
+    "gemma": dict(head_dim=16, pad_token_id=0, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"),
 }
 
 

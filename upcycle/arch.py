@@ -30,6 +30,14 @@ class Family:
     copy_config: tuple[str, ...]
     targets: dict[str, dict[str, Any]]  # target name -> config fields fixed for this family
     auto_target: dict[str, str]  # "every_layer" | "some_layers" -> target name
+    # fused source tensor (key template) -> its row blocks, in order: [part key template, [config fields whose
+    # product is the block's row count]]; a row block of a row-major tensor is a contiguous byte range
+    views: dict[str, list] = field(default_factory=dict)
+    # element-wise changes to copied tensors: {"keys": [...], "add": c | "multiply_sqrt": field, "in": "float32"
+    # (computed in float32, then cast) | "weight" (in the written dtype, as the dense model does it), "why": ...}
+    transforms: tuple[dict[str, Any], ...] = ()
+    untie: dict[str, str] = field(default_factory=dict)  # tied key -> key it shares, written apart when tied
+    caveats: str = ""  # one line for the family table (inspect --families, README)
 
 
 @dataclass(frozen=True)

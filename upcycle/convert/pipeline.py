@@ -144,7 +144,15 @@ def read_dense(source: SourceRef) -> Dense:
     ckpt = Checkpoint.open(source.folder)
     cfg = dense_config(source.folder)
     keys, tied = class_keys(cfg)
-    return Dense(cfg.to_dict(), ckpt.tensors, frozenset(keys), tied, ckpt)
+    return Dense(cfg.to_dict(), ckpt.tensors, frozenset(keys), tied, with_family_views(ckpt, cfg.to_dict()))
+
+
+def with_family_views(ckpt: Checkpoint, cfg: dict[str, Any]) -> Checkpoint:
+    """CKPT, able to read the family's views and untied aliases too (the keys plans name as sources)."""
+    from ..arch import family_for
+    from .views import ViewCheckpoint
+
+    return ViewCheckpoint.of(ckpt, family_for(cfg.get("model_type")), cfg)
 
 
 def plan_for(source: SourceRef, spec: ConvertSpec, *, measure: bool = True) -> tuple[Dense, Plan]:
@@ -152,7 +160,7 @@ def plan_for(source: SourceRef, spec: ConvertSpec, *, measure: bool = True) -> t
     dense = read_dense(source)
     plan = dense.plan(spec)
     if measure and plan.lossy_casts() and dense.checkpoint is not None:
-        plan = dense.plan(spec, measure_casts(dense.tensors, plan))
+        plan = dense.plan(spec, measure_casts(dense.checkpoint.tensors, plan))
     return dense, plan
 
 
@@ -326,6 +334,8 @@ def write_weights(
                 if src_dtype != op.dtype and (src_dtype, op.dtype) not in LOSSLESS:
                     meter.add(src_dtype, op.dtype, built, written)
                 seen[key] = writer.put(op.name, [_as_bytes(written)])
+            elif op.values is not None:  # a copied tensor the family changes element-wise (Gemma's 1+w)
+                writer.put(op.name, transform_chunks(ckpt.tensors[op.src], op.dtype, op.values))
             elif op.kind in ("copy", "expert", "shared"):
                 info = ckpt.tensors[op.src]
                 if info.dtype == op.dtype:
@@ -434,6 +444,14 @@ def cast_chunks(info: TensorInfo, dtype: str, meter: CastMeter | None = None) ->
         if meter is not None:
             meter.add(info.dtype, dtype, x, y)
         yield _as_bytes(y)
+
+
+def transform_chunks(info: TensorInfo, dtype: str, values: tuple) -> Iterator[memoryview]:
+    """The source tensor changed element-wise (views.apply_values) and written in `dtype`, piece by piece."""
+    from .views import apply_values
+
+    for x in read_chunks(info, max(DTYPE_BYTES[dtype], 4)):  # float32 arithmetic may be needed on the way
+        yield _as_bytes(apply_values(x, values, _torch_dtype(dtype)))
 
 
 class CastMeter:

@@ -97,6 +97,7 @@ class TensorOp:
     expert: int | None = None
     transform: tuple | None = None  # expert/shared: how it is computed (None: the source bytes); router: row sharing
     role: str | None = None  # expert/shared: gate, up or down
+    values: tuple | None = None  # copy: an element-wise change of the source values (views.value_transform)
 
     @property
     def numel(self) -> int:
@@ -157,6 +158,7 @@ class Plan:
                 "kind": op.kind,
                 "src": op.src,
                 "transform": list(op.transform) if op.transform else None,
+                **({"values": list(op.values)} if op.values else {}),
             }
             for op in self.ops
         ]
@@ -295,13 +297,16 @@ def make_plan(
     family = family_for(cfg.get("model_type"))
     check_causal_lm(cfg)
     for key, wanted in family.require.items():
-        if cfg.get(key, wanted) != wanted:
+        if config_value(cfg, key, wanted) != wanted:
             raise UpcycleError(
-                f"this {family.name} model has {key}={cfg.get(key)!r}; no native MoE class holds that exactly "
+                f"this {family.name} model has {key}={config_value(cfg, key, wanted)!r}; no native MoE class holds "
+                "that exactly "
                 f"(upcycle needs {key}={wanted!r})"
             )
     num_layers = int(cfg["num_hidden_layers"])
     kept, notes = account_for(family, tensors, num_layers, expected, optional)
+    dense_params = sum(math.prod(t.shape) for t in kept.values())
+    kept, notes = family_sources(family, cfg, kept, notes)
     moe = moe_layer_indices(num_layers, spec)
     target = choose_target(family, spec, all_layers=len(moe) == num_layers)
     check_target_options(target, spec)
@@ -314,11 +319,14 @@ def make_plan(
             return src_dtype
         return TORCH_TO_ST[spec.dtype]
 
-    model_dtype = out_dtype(tensors[family.ffn["gate"].format(layer=0)].dtype)
+    model_dtype = out_dtype(kept[family.ffn["gate"].format(layer=0)].dtype)
     ops = tensor_ops(family, target, kept, ffn, moe, layout, out_dtype, model_dtype, hidden)
+    ops, values_exact = with_values(family, cfg, ops)
     pairs = sorted({(kept[op.src].dtype, op.dtype) for op in ops if op.src and kept[op.src].dtype != op.dtype})
     casts = tuple(Cast(a, b, (a, b) in LOSSLESS, (measured or {}).get((a, b))) for a, b in pairs)
     scales_exact, exact_text = scaling_rounds(layout, model_dtype)
+    if not values_exact:
+        exact_text += f"; but the {family.name} values rewritten in float32 (e.g. 1+w) are rounded in {model_dtype}"
     return Plan(
         family=family.name,
         target=target.name,
@@ -329,13 +337,50 @@ def make_plan(
         top_k=spec.top_k,
         config=target_config(family, target, cfg, spec, moe, model_dtype, layout),
         ops=tuple(ops),
-        exact=layout.exact and scales_exact and all(c.exact for c in casts),
-        dense_params=sum(math.prod(t.shape) for t in kept.values()),
+        exact=layout.exact and scales_exact and values_exact and all(c.exact for c in casts),
+        dense_params=dense_params,
         notes=notes,
         casts=casts,
         exact_text=exact_text,
         method_exact=layout.exact and scales_exact,
     )
+
+
+def config_value(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A config field; a dotted key reads inside a dict field (rope_parameters.partial_rotary_factor)."""
+    value: Any = cfg
+    for part in key.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            return default
+        value = value[part]
+    return value
+
+
+def family_sources(
+    family: Family, cfg: dict[str, Any], kept: dict[str, TensorInfo], notes: tuple[str, ...]
+) -> tuple[dict[str, TensorInfo], tuple[str, ...]]:
+    """The source tensors as the plan sees them: fused tensors as their views, tied keys the family writes
+    apart as aliases (checked against the dense class before this, under their stored keys)."""
+    from .views import family_notes, untied, with_views
+
+    untie = untied(family, cfg, kept)
+    return with_views(family, cfg, kept), notes + family_notes(family, cfg, kept, untie)
+
+
+def with_values(family: Family, cfg: dict[str, Any], ops: list[TensorOp]) -> tuple[list[TensorOp], bool]:
+    """Copy ops of tensors the family changes element-wise get their change; -> (ops, still exact?)."""
+    from dataclasses import replace
+
+    from .views import transform_exact, value_transform
+
+    out, exact = [], True
+    for op in ops:
+        values = value_transform(family, cfg, op.src) if op.kind == "copy" else None
+        if values is not None:
+            op = replace(op, values=values)
+            exact = exact and transform_exact(values, op.dtype)
+        out.append(op)
+    return out, exact
 
 
 def check_target_options(target: Target, spec: ConvertSpec) -> None:

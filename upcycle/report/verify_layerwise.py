@@ -103,8 +103,9 @@ def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] |
 def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: bool, seed: int = 0) -> TensorCheck:
     """Compare every planned tensor of MOE with its source, streaming; `strict_dtype`: the plan knows the dtypes;
     `seed`: the conversion's, which the seeded methods (split by cluster, drop, noise) drew with."""
-    from ..convert.pipeline import LayerFFNs
+    from ..convert.pipeline import LayerFFNs, dense_config, with_family_views
 
+    dense = with_family_views(dense, dense_config(dense.folder).to_dict())  # fused tensors read as their views
     planned = {op.name for op in plan.ops}
     mismatched: list[str] = []
     layers = LayerFFNs(dense, plan, seed)  # ops run layer by layer: one layer's dense FFN is held at a time
@@ -123,6 +124,10 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
         if op.kind == "zeros":
             zeros += 1
             ok = all_zero(got)
+        elif op.values is not None:  # changed element-wise by the family (Gemma's 1+w): redo it, piece by piece
+            compared += 1
+            ok = transformed_equal(dense.tensors[op.src], got, op.values)
+            equal += ok
         elif op.transform is not None:  # computed by the expert method: recompute it as the converter did
             compared += 1
             computed += 1
@@ -177,6 +182,22 @@ def cast_equal(src: TensorInfo, dst: TensorInfo) -> bool:
     try:
         done = 0
         for piece in cast_chunks(src, dst.dtype):
+            if done + len(piece) > dst.nbytes or os.pread(fd, len(piece), dst.offset + done) != piece:
+                return False
+            done += len(piece)
+        return done == dst.nbytes
+    finally:
+        os.close(fd)
+
+
+def transformed_equal(src: TensorInfo, dst: TensorInfo, values: tuple) -> bool:
+    """Is DST the source changed element-wise as the family says and written in DST's dtype?"""
+    from ..convert.pipeline import transform_chunks
+
+    fd = os.open(dst.file, os.O_RDONLY)
+    try:
+        done = 0
+        for piece in transform_chunks(src, dst.dtype, values):
             if done + len(piece) > dst.nbytes or os.pread(fd, len(piece), dst.offset + done) != piece:
                 return False
             done += len(piece)
