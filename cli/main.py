@@ -468,18 +468,29 @@ def _print_verify(report, title: str) -> None:
 @app.command()
 def inspect(
     path: Annotated[
-        str, typer.Argument(metavar="PATH", help="A dense or MoE model: folder, Hub id, .gguf or 'smollm2'.")
-    ],
+        str | None,
+        typer.Argument(metavar="[PATH]", help="A dense or MoE model: folder, Hub id, .gguf or 'smollm2'."),
+    ] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision.")] = None,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write the summary as JSON to this file ('-': stdout).")
     ] = None,
+    families: Annotated[
+        bool, typer.Option("--families", help="List every dense family upcycle converts: targets, exactness, caveats.")
+    ] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="With --families: print the README's Markdown table.")
+    ] = False,
 ) -> None:
-    """Show family, layers, MoE placement, experts, parameters and bytes of a checkpoint."""
+    """Show family, layers, MoE placement, experts, parameters and bytes of a checkpoint (or, with --families,
+    the table of supported dense families)."""
     from upcycle.publish.card import human_bytes
     from upcycle.report.inspect import inspect as run_inspect
 
     _json_owns_stdout(json_out)
+    if families or path is None:
+        _family_table(json_out, markdown, given=path)
+        return
     info = run_inspect(path, revision)
     table = Table(show_header=False)
     table.add_column(style="bold")
@@ -501,6 +512,24 @@ def inspect(
         table.add_row("upcycle can convert it", "yes" if info["upcycle_supports"] else "no (unsupported family)")
     _show(f"inspect {path}", table)
     _emit_json(info, json_out)
+
+
+def _family_table(json_out: str | None, markdown: bool, given: str | None) -> None:
+    from upcycle.report.families import COLUMNS, family_markdown, family_rows
+
+    if given is not None:
+        raise UpcycleError(f"inspect --families lists the families; give PATH ({given}) without --families")
+    if markdown:
+        sys.stdout.write(family_markdown())
+        return
+    table = Table()
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    rows = family_rows()
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in COLUMNS))
+    _show("dense families upcycle converts", table)
+    _emit_json({"families": rows}, json_out)
 
 
 # --- routing -----------------------------------------------------------------------------------------

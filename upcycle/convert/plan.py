@@ -326,7 +326,9 @@ def make_plan(
     casts = tuple(Cast(a, b, (a, b) in LOSSLESS, (measured or {}).get((a, b))) for a, b in pairs)
     scales_exact, exact_text = scaling_rounds(layout, model_dtype)
     if not values_exact:
-        exact_text += f"; but the {family.name} values rewritten in float32 (e.g. 1+w) are rounded in {model_dtype}"
+        rounded = f"the {family.name} values the dense model keeps in float32 (e.g. 1+w) are rounded to {model_dtype}"
+        exact_text += f"; but {rounded}"
+        notes += (f"not exact: {rounded}, so the MoE is close to the dense model, not equal; --dtype float32 is exact",)
     return Plan(
         family=family.name,
         target=target.name,
