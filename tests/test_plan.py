@@ -124,7 +124,7 @@ def test_refusals():
     tensors = fake_tensors(LLAMA3_70B)
     with pytest.raises(UpcycleError, match="attention_bias"):
         make_plan(LLAMA3_70B | {"attention_bias": True}, tensors, build_spec())
-    with pytest.raises(UpcycleError, match=r"not supported.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UpcycleError, match=r"not supported.*gemma, llama, mistral, phi3, qwen2, qwen3"):
         make_plan(LLAMA3_70B | {"model_type": "gpt2"}, tensors, build_spec())
     with pytest.raises(UpcycleError, match="not a causal language model"):
         make_plan(LLAMA3_70B | {"architectures": ["LlamaForSequenceClassification"]}, tensors, build_spec())
