@@ -124,7 +124,7 @@ def test_refusals():
     tensors = fake_tensors(LLAMA3_70B)
     with pytest.raises(UpcycleError, match="attention_bias"):
         make_plan(LLAMA3_70B | {"attention_bias": True}, tensors, build_spec())
-    with pytest.raises(UpcycleError, match=r"not supported.*gemma, llama, mistral, phi3, qwen2, qwen3"):
+    with pytest.raises(UpcycleError, match=r"not supported.*gemma.*llama.*phi3.*qwen3"):
         make_plan(LLAMA3_70B | {"model_type": "gpt2"}, tensors, build_spec())
     with pytest.raises(UpcycleError, match="not a causal language model"):
         make_plan(LLAMA3_70B | {"architectures": ["LlamaForSequenceClassification"]}, tensors, build_spec())
@@ -190,7 +190,7 @@ def test_recipe_then_flags(tmp_path):
 def test_architecture_tables_are_consistent():
     from upcycle.arch import FFN_ROLES, families, targets
 
-    assert set(families()) == {"llama", "mistral", "qwen2", "qwen3"}
+    assert {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"} <= set(families())
     for fam in families().values():
         assert set(fam.ffn) == set(FFN_ROLES) and all("{layer}" in t for t in fam.ffn.values())
         assert set(fam.auto_target.values()) <= set(fam.targets) <= set(targets())
