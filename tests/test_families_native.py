@@ -226,3 +226,19 @@ def test_inspect_families_cli(capsys):
     assert run(["inspect", "--families", "--json", "-"]) == 0
     listed = [row["family"] for row in json.loads(capsys.readouterr().out)["families"]]
     assert {"phi3", "gemma", "llama"} <= set(listed)
+
+
+def test_phi3_kmeans_split_router(sources, tmp_path):
+    """The calibrated router of a split reads the activation from the config (Phi3MLP has no act_fn)."""
+    src, out = sources("phi3-sliding"), tmp_path / "moe"
+    text = tmp_path / "cal.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    convert(
+        str(src),
+        out,
+        build_spec(init="split", experts=4, top_k=2, every=2, router_init="kmeans", calibration=str(text)),
+    )
+    router = Checkpoint.open(out).load("model.layers.1.mlp.gate.weight")  # [E, H], from the calibration
+    assert router.shape == (4, 32) and torch.isfinite(router).all() and router.abs().sum() > 0
+    report = verify(str(src), str(out), tokens=TOKENS, mode="layerwise")
+    assert report.tensor_check.passed and report.tensor_check.skipped > 0  # routers are not compared

@@ -153,6 +153,8 @@ def router_rows(
             f"--calibration {text_file.name} gives {len(ids)} tokens, fewer than the {need} the router needs "
             "(one per cluster); give a longer text"
         )
+    from transformers.activations import ACT2FN
+
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
     inputs = capture(model, ids, tuple(sorted(groups)))
@@ -169,7 +171,7 @@ def router_rows(
         if spec.init == "split":
             dense = {role: ckpt.load(key) for role, key in keys[layer].items()}
             builder = LayerBuilder(dense, spec.seed, layer)
-            act = model.model.layers[layer].mlp.act_fn
+            act = ACT2FN[model.config.hidden_act]  # from the config: Phi-3's MLP names it activation_fn
             with torch.no_grad():
                 y = expert_norms(x, builder, routed[layer], act)  # [T, E]
             w = norm_directions(x, y)  # [E, H]
