@@ -242,3 +242,34 @@ def test_phi3_kmeans_split_router(sources, tmp_path):
     assert router.shape == (4, 32) and torch.isfinite(router).all() and router.abs().sum() > 0
     report = verify(str(src), str(out), tokens=TOKENS, mode="layerwise")
     assert report.tensor_check.passed and report.tensor_check.skipped > 0  # routers are not compared
+
+
+def test_missing_fused_tensor_named_by_its_stored_key(capsys, tmp_path):
+    """The dense class's key check runs on the stored (fused) keys, before the views exist."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_dense(tmp_path / "phi3", "phi3", tokenizer=False, shard_size=None)
+    weights = load_file(src / "model.safetensors")
+    del weights["model.layers.2.self_attn.qkv_proj.weight"]
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    expect_error(capsys, ["convert", src, out], "no tensor model.layers.2.self_attn.qkv_proj.weight")
+    assert_clean(out)
+
+
+def test_phi3_hub_style_longrope_config(tmp_path):
+    """Phi-3.5-mini's config.json spells longrope the 4.x way (rope_scaling with "type", top-level rope_theta and
+    original_max_position_embeddings); transformers reads it, and the MoE gets the same rotary tables."""
+    src = make_dense(tmp_path / "phi35", "phi3", **LONGROPE)
+    raw = json.loads((src / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw["rope_theta"] = rope["rope_theta"]
+    raw["rope_scaling"] = {"type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+    (src / "config.json").write_text(json.dumps(raw))
+    out = tmp_path / "moe"
+    convert(str(src), out, build_spec(experts=2, top_k=1, every=2))
+    assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
+    ids = _ids()
+    dense, _ = _logits(src, ids)
+    moe, _ = _logits(out, ids)
+    assert (dense - moe).abs().max().item() <= 1e-5

@@ -181,6 +181,7 @@ class Plan:
             "total_params": self.total_params,
             "active_params": self.active_params,
             "bytes": self.total_bytes,
+            "notes": list(self.notes),
         }
 
 
