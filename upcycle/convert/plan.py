@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..arch import FFN_ROLES, Family, Target, family_for, targets
@@ -19,6 +19,7 @@ from ..errors import UpcycleError
 from ..source import DTYPE_BYTES, TensorInfo
 from .methods.base import power_of_two
 from .spec import ConvertSpec
+from .views import family_notes, transform_exact, untied, value_transform, with_views
 
 TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
@@ -301,8 +302,7 @@ def make_plan(
         if config_value(cfg, key, wanted) != wanted:
             raise UpcycleError(
                 f"this {family.name} model has {key}={config_value(cfg, key, wanted)!r}; no native MoE class holds "
-                "that exactly "
-                f"(upcycle needs {key}={wanted!r})"
+                f"that exactly (upcycle needs {key}={wanted!r})"
             )
     num_layers = int(cfg["num_hidden_layers"])
     kept, notes = account_for(family, tensors, num_layers, expected, optional)
@@ -364,18 +364,12 @@ def family_sources(
 ) -> tuple[dict[str, TensorInfo], tuple[str, ...]]:
     """The source tensors as the plan sees them: fused tensors as their views, tied keys the family writes
     apart as aliases (checked against the dense class before this, under their stored keys)."""
-    from .views import family_notes, untied, with_views
-
     untie = untied(family, cfg, kept)
     return with_views(family, cfg, kept), notes + family_notes(family, cfg, kept, untie)
 
 
 def with_values(family: Family, cfg: dict[str, Any], ops: list[TensorOp]) -> tuple[list[TensorOp], bool]:
     """Copy ops of tensors the family changes element-wise get their change; -> (ops, still exact?)."""
-    from dataclasses import replace
-
-    from .views import transform_exact, value_transform
-
     out, exact = [], True
     for op in ops:
         values = value_transform(family, cfg, op.src) if op.kind == "copy" else None
