@@ -469,7 +469,7 @@ def _print_verify(report, title: str) -> None:
 def inspect(
     path: Annotated[
         str | None,
-        typer.Argument(metavar="[PATH]", help="A dense or MoE model: folder, Hub id, .gguf or 'smollm2'."),
+        typer.Argument(metavar="PATH", help="A dense or MoE model: folder, Hub id, .gguf or 'smollm2'."),
     ] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision.")] = None,
     json_out: Annotated[
