@@ -159,6 +159,10 @@ def test_gemma_tensors_and_config(sources, tmp_path):
     vocab, hidden = emb.shape
     assert result.plan.total_params - result.plan.dense_params > vocab * hidden  # the untied head counts
     assert any(f"+{vocab * hidden:,} parameters" in n and "lm_head.weight" in n for n in result.plan.notes)
+    table = {row["name"]: row for row in result.plan.op_table()}  # what --dry-run --json lists
+    assert table["model.norm.weight"]["values"] == ["add", 1.0, "float32"]
+    assert table["model.embed_tokens.weight"]["values"] == ["mul", float(scale), "weight"]
+    assert "values" not in table["lm_head.weight"] and table["lm_head.weight"]["src"] == "lm_head.weight"
 
 
 def test_gemma_legacy_gelu_becomes_tanh(tmp_path):
@@ -273,3 +277,10 @@ def test_phi3_hub_style_longrope_config(tmp_path):
     dense, _ = _logits(src, ids)
     moe, _ = _logits(out, ids)
     assert (dense - moe).abs().max().item() <= 1e-5
+
+
+def test_gemma_bidirectional_attention_refused(capsys, tmp_path):
+    src = make_dense(tmp_path / "gemma", "gemma", use_bidirectional_attention=True, tokenizer=False)
+    out = tmp_path / "out"
+    expect_error(capsys, ["convert", src, out], "use_bidirectional_attention=True")
+    assert_clean(out)
