@@ -25,6 +25,12 @@ FAMILIES = {
     "mistral": dict(sliding_window=None, head_dim=16),
     "qwen2": dict(),
     "qwen3": dict(head_dim=16),
+    # OLMo 2's eps (1e-5) and rope theta differ from FlexOlmo's defaults (1e-6, 5e5): copying them is tested
+    "olmo2": dict(rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # every Granite multiplier away from 1, so that dropping one shows in the logits
+    "granite": dict(
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0
+    ),
 }
 
 

@@ -123,6 +123,12 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
         if op.kind == "zeros":
             zeros += 1
             ok = all_zero(got)
+        elif op.kind == "fused":  # every expert's part, at its place in the fused tensor
+            compared += 1
+            computed += any(part.transform is not None for part in op.parts)
+            cast += any(dense.tensors[part.src].dtype != got.dtype for part in op.parts)
+            ok = fused_equal(layers, dense, op, got)
+            equal += ok
         elif op.transform is not None:  # computed by the expert method: recompute it as the converter did
             compared += 1
             computed += 1
@@ -199,6 +205,24 @@ def same_as_computed(layers, op, got: TensorInfo) -> bool:
             return False
         done += len(piece)
     return done == want.size
+
+
+def fused_equal(layers, dense: Checkpoint, op, got: TensorInfo) -> bool:
+    """Is each part of the fused tensor GOT what the converter wrote for it (copied, cast or computed)?"""
+    offset = 0
+    for part in op.parts:
+        piece = TensorInfo(part.name, got.dtype, part.shape, got.file, got.offset + offset, part.nbytes)
+        offset += part.nbytes
+        src = dense.tensors[part.src]
+        if part.transform is not None:
+            ok = same_as_computed(layers, part, piece)
+        elif src.dtype == got.dtype:
+            ok = same_bytes(src, piece)
+        else:
+            ok = cast_equal(src, piece)
+        if not ok:
+            return False
+    return offset == got.nbytes
 
 
 def all_zero(info: TensorInfo) -> bool:
