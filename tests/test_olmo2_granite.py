@@ -1,5 +1,6 @@
-"""OLMo 2 → FlexOlmo and Granite → GraniteMoe (fused experts on disk): exact after reload, verified whole and layer by
-layer, every expert method placed right in the fused tensors, seeded, trainable and routable."""
+"""OLMo 2 → FlexOlmo, Granite → GraniteMoe (fused experts on disk), Ernie 4.5 → Ernie4.5-MoE and HunYuan dense →
+HunYuan-MoE: exact after reload, verified whole and layer by layer, every expert method placed right in the fused
+tensors, seeded, trainable and routable; the MoE siblings found inexact are refused with their reason."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_bad_input import assert_clean, expect_error
-from transformers import AutoModelForCausalLM
+from tiny import BASE
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
@@ -24,25 +26,23 @@ from upcycle_cli.main import run
 IDS = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))
 GRANITE_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
 
-# (family, config overrides, spec, target class)
+# (family, config overrides, spec, target class, MoE layers)
+EVERY = (0, 1, 2, 3)
+FINE = dict(experts=4, top_k=2, init="fine-grained", granularity=2, router_std=1.0)
+SPLIT = dict(experts=4, top_k=4, init="split", router_init="zero")
 CASES = [
-    ("olmo2", {}, dict(experts=4, top_k=2), "FlexOlmoForCausalLM"),
-    ("olmo2", {"tie_word_embeddings": True}, dict(experts=4, top_k=2), "FlexOlmoForCausalLM"),
-    ("olmo2", {"attention_bias": True}, dict(experts=3, top_k=1, router_std=1.0), "FlexOlmoForCausalLM"),
-    ("granite", {}, dict(experts=4, top_k=2), "GraniteMoeForCausalLM"),
-    (
-        "granite",
-        {"tie_word_embeddings": True, "attention_bias": True},
-        dict(experts=4, top_k=2),
-        "GraniteMoeForCausalLM",
-    ),
-    ("granite", {}, dict(experts=4, top_k=4, init="split", router_init="zero"), "GraniteMoeForCausalLM"),
-    (
-        "granite",
-        {},
-        dict(experts=4, top_k=2, init="fine-grained", granularity=2, router_std=1.0),
-        "GraniteMoeForCausalLM",
-    ),
+    ("olmo2", {}, dict(experts=4, top_k=2), "FlexOlmoForCausalLM", EVERY),
+    ("olmo2", {"tie_word_embeddings": True}, dict(experts=4, top_k=2), "FlexOlmoForCausalLM", EVERY),
+    ("olmo2", {"attention_bias": True}, dict(experts=3, top_k=1, router_std=1.0), "FlexOlmoForCausalLM", EVERY),
+    ("granite", {}, dict(experts=4, top_k=2), "GraniteMoeForCausalLM", EVERY),
+    ("granite", {"tie_word_embeddings": True, "attention_bias": True}, dict(experts=4), "GraniteMoeForCausalLM", EVERY),
+    ("granite", {}, SPLIT, "GraniteMoeForCausalLM", EVERY),
+    ("granite", {}, FINE, "GraniteMoeForCausalLM", EVERY),
+    ("ernie4_5", {}, dict(experts=4, top_k=2), "Ernie4_5_MoeForCausalLM", EVERY),
+    ("ernie4_5", {"tie_word_embeddings": True}, dict(experts=4, every=2), "Ernie4_5_MoeForCausalLM", (1, 3)),
+    ("ernie4_5", {}, dict(experts=4, top_k=2, layers="1,2"), "Ernie4_5_MoeForCausalLM", (1, 2)),
+    ("hunyuan_v1_dense", {}, dict(experts=4, top_k=2), "HunYuanMoEV1ForCausalLM", EVERY),
+    ("hunyuan_v1_dense", {"attention_bias": True}, SPLIT, "HunYuanMoEV1ForCausalLM", EVERY),
 ]
 
 
@@ -62,11 +62,11 @@ def logits(folder: Path) -> tuple[torch.Tensor, object, dict]:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[2].items())}")
 def test_exact_after_reload_and_verified(case, dense_store, tmp_path):
-    family, overrides, spec, cls = case
+    family, overrides, spec, cls, moe_layers = case
     src = dense_store(family, **overrides)
     out = tmp_path / "moe"
     result = convert(str(src), out, build_spec(**spec))
-    assert result.plan.exact and result.plan.moe_layers == (0, 1, 2, 3)
+    assert result.plan.exact and result.plan.moe_layers == moe_layers
     dense_logits, dense_model, _ = logits(src)
     moe_logits, moe_model, info = logits(out)
     assert type(moe_model).__name__ == cls
@@ -77,18 +77,25 @@ def test_exact_after_reload_and_verified(case, dense_store, tmp_path):
     assert moe_cfg.rms_norm_eps == dense_cfg.rms_norm_eps
     assert moe_cfg.rope_parameters["rope_theta"] == dense_cfg.rope_parameters["rope_theta"] == 10000.0
     assert moe_cfg.tie_word_embeddings == dense_cfg.tie_word_embeddings
-    assert moe_cfg.attention_bias == dense_cfg.attention_bias
+    assert getattr(moe_cfg, "attention_bias", None) == getattr(dense_cfg, "attention_bias", None)
+    assert moe_cfg.head_dim == (getattr(dense_cfg, "head_dim", None) or 8)
     if family == "granite":
         for key in GRANITE_MULTIPLIERS:
             assert getattr(moe_cfg, key) == getattr(dense_cfg, key) != 1.0
-    else:
+    if family == "olmo2":
         assert moe_cfg.norm_topk_prob is True and dense_cfg.rms_norm_eps == 1e-5
+    if family == "ernie4_5":  # the MoE layers as Ernie's range: start, end and step
+        assert (moe_cfg.moe_layer_start_index, moe_cfg.moe_layer_end_index) == (moe_layers[0], moe_layers[-1])
+        assert moe_cfg.moe_layer_interval == spec.get("every", 1) and moe_cfg.moe_num_shared_experts == 0
+    blocks = [i for i, layer in enumerate(moe_model.model.layers) if hasattr(getattr(layer, "mlp", None), "experts")]
+    assert family == "granite" or tuple(blocks) == moe_layers
     for mode in ("whole", "layerwise"):
         report = verify(str(src), str(out), mode=mode)
         assert report.passed and report.max_abs_diff <= 1e-5, (mode, report.max_abs_diff)
     check = report.tensor_check
-    assert check.passed and check.equal == check.compared > 0 and check.skipped == 4  # the 4 routers
-    assert all(row.block_max_abs_diff <= 1e-5 for row in report.layers)
+    assert check.passed and check.equal == check.compared > 0 and check.skipped == len(moe_layers)  # the routers
+    assert all(row.block_max_abs_diff <= 1e-5 for row in report.layers if row.moe)
+    assert [row.layer for row in report.layers if row.moe] == list(moe_layers)
 
 
 def test_granite_on_disk_layout_is_what_save_pretrained_writes(dense_store, tmp_path):
@@ -192,6 +199,9 @@ def test_fused_layout_is_seeded(spec, dense_store, tmp_path):
         ("granite", {"mlp_bias": True}, [], "mlp_bias=True; no native MoE class holds that exactly"),
         ("granite", {}, ["--routing", "softmax-topk"], "granitemoe, the only native MoE class for a granite model"),
         ("olmo2", {}, ["--target", "mixtral"], "a olmo2 model has no exact mixtral form"),
+        ("ernie4_5", {"use_bias": True}, [], "use_bias=True; no native MoE class holds that exactly"),
+        ("ernie4_5", {}, ["--layers", "0,3"], "layers 0,3 are not such a set"),
+        ("hunyuan_v1_dense", {}, ["--every", "2"], "hunyuan_v1_moe makes every layer MoE"),
     ],
 )
 def test_refusals_are_one_line(family, overrides, flags, needle, dense_store, tmp_path, capsys):
@@ -210,8 +220,22 @@ def test_softmax_topk_on_flex_olmo_is_exact_with_a_zero_router(dense_store, tmp_
     assert (logits(src)[0] - logits(out)[0]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize(
+    ("model_type", "sibling", "why"),
+    [("exaone4", "exaone_moe", "is a pre-norm block"), ("olmo3", "flex_olmo", "has no sliding-window attention")],
+)
+def test_inexact_siblings_are_refused_with_the_reason(model_type, sibling, why, tmp_path, capsys):
+    config = AutoConfig.for_model(model_type, **{**BASE, "head_dim": 8, "sliding_window": 16})
+    src = tmp_path / "dense"
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)  # a real tiny checkpoint of the family
+    out = tmp_path / "moe"
+    line = expect_error(capsys, ["convert", src, out], f"{model_type} has no exact native MoE target")
+    assert f"its sibling {sibling} {why}" in line and "--target generic" in line
+    assert_clean(out)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["olmo2", "granite"])
+@pytest.mark.parametrize("family", ["olmo2", "granite", "ernie4_5", "hunyuan_v1_dense"])
 def test_train_and_routing_find_the_experts(family, dense_store, tmp_path):
     src = dense_store(family)
     moe = tmp_path / "moe"

@@ -31,6 +31,8 @@ FAMILIES = {
     "granite": dict(
         embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0
     ),
+    "ernie4_5": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "hunyuan_v1_dense": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 

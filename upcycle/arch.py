@@ -53,6 +53,9 @@ class Target:
     # whose rows each expert contributes, in order ([E, sum of the roles' rows, cols]; GraniteMoe's input_linear
     # holds each expert's gate rows then its up rows). Empty: one key per expert and role (`expert`).
     fused: dict[str, list[str]] = field(default_factory=dict)
+    # MoE layers given as one range and a step (Ernie 4.5): "start" | "end" | "interval" -> config field; the MoE
+    # layers are then i in [start, end] with (i + 1) % interval == 0. Empty: dense layers listed (`dense_layers`).
+    layer_range: dict[str, str] = field(default_factory=dict)
 
 
 def _freeze(value: Any) -> Any:

@@ -496,7 +496,8 @@ def tensor_ops(
                     role = shared_roles[extra["name"]]
                     group.append(ffn_op(name, layer, role, layout.shared[role], "shared", None))
                     continue
-                shape = tuple(hidden if d == "hidden_size" else int(d) for d in extra["shape"])
+                dims = {"hidden_size": hidden, "experts": experts, "expert_size": layout.expert_size}
+                shape = tuple(dims[d] if isinstance(d, str) else int(d) for d in extra["shape"])
                 group.append(TensorOp(name, shape, model_dtype, "zeros", layer=layer))
     for layer in moe:
         group = groups[(1, layer)]
@@ -508,6 +509,20 @@ def tensor_ops(
                 name = target.expert[role].format(layer=layer, expert=e)
                 group.append(ffn_op(name, layer, role, built[role], "expert", e))
     return [op for key in sorted(groups) for op in groups[key]]
+
+
+def layer_range(target: Target, moe: tuple[int, ...]) -> dict[str, int]:
+    """The target's range fields for these MoE layers: start, end and the step `interval`, the largest step that
+    divides every (i + 1); any step that fits divides it, so if it selects other layers too, none fits."""
+    interval = math.gcd(*(i + 1 for i in moe))
+    start, end = min(moe), max(moe)
+    if tuple(i for i in range(start, end + 1) if (i + 1) % interval == 0) != tuple(sorted(moe)):
+        raise UpcycleError(
+            f"{target.name} makes MoE every n-th layer of one range of layers; layers "
+            f"{','.join(map(str, moe))} are not such a set. Use --every N, or --layers with consecutive layers"
+        )
+    fields = {"start": start, "end": end, "interval": interval}
+    return {target.layer_range[k]: v for k, v in fields.items()}
 
 
 def fused_ops(target: Target, layer: int, layout: expert_methods.Layout, ffn_op: Callable) -> list[TensorOp]:
@@ -552,7 +567,10 @@ def target_config(
         config[target.renormalize] = spec.renormalize
     if target.interleave:
         config[target.config["dense_size"]] = intermediate
-        config[target.config["dense_layers"]] = [i for i in range(num_layers) if i not in set(moe)]
+        if "dense_layers" in target.config:
+            config[target.config["dense_layers"]] = [i for i in range(num_layers) if i not in set(moe)]
+    if target.layer_range:
+        config.update(layer_range(target, moe))
     config["model_type"] = target.model_type
     config["architectures"] = [target.architecture]
     config["dtype"] = ST_TO_TORCH.get(model_dtype, "float32")
