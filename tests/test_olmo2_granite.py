@@ -17,8 +17,9 @@ from test_bad_input import assert_clean, expect_error
 from tiny import BASE
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from upcycle.arch import targets
 from upcycle.convert.pipeline import convert
-from upcycle.convert.spec import build_spec
+from upcycle.convert.spec import CHOICES, build_spec
 from upcycle.report.verify import verify
 from upcycle.train.metrics import read_metrics
 from upcycle_cli.main import run
@@ -210,6 +211,31 @@ def test_refusals_are_one_line(family, overrides, flags, needle, dense_store, tm
     line = expect_error(capsys, ["convert", src, out, "--experts", "4", *flags], needle)
     assert needle in line
     assert_clean(out)
+
+
+def test_every_target_table_is_a_target_choice():
+    assert set(CHOICES["target"]) == {"auto", *targets()}
+
+
+@pytest.mark.parametrize(
+    ("family", "flags"),
+    [("granite", ["--target", "granitemoe"]), ("ernie4_5", ["--every", "2"]), ("olmo2", ["--target", "flex_olmo"])],
+)
+def test_cli_and_layerwise_without_upcycle_json(family, flags, dense_store, tmp_path, capsys):
+    """Without upcycle.json, --layerwise infers the plan from the MoE config: fused experts, Ernie's layer range;
+    inspect finds the experts in either layout."""
+    src = dense_store(family)
+    out = tmp_path / "moe"
+    assert run(["convert", str(src), str(out), "--experts", "4", *flags]) == 0
+    (out / "upcycle.json").unlink()
+    report = verify(str(src), str(out), mode="layerwise")
+    moe_layers = [row.layer for row in report.layers if row.moe]
+    assert report.passed and report.tensor_check.passed and report.max_abs_diff <= 1e-5
+    assert moe_layers == ([1, 3] if family == "ernie4_5" else [0, 1, 2, 3])
+    capsys.readouterr()
+    assert run(["inspect", str(out), "--json", "-"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "moe" and info["experts"] == 4 and info["moe_layers"] == moe_layers
 
 
 def test_softmax_topk_on_flex_olmo_is_exact_with_a_zero_router(dense_store, tmp_path):

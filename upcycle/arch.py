@@ -30,6 +30,7 @@ class Family:
     copy_config: tuple[str, ...]
     targets: dict[str, dict[str, Any]]  # target name -> config fields fixed for this family
     auto_target: dict[str, str]  # "every_layer" | "some_layers" -> target name
+    caveats: str = ""  # one line for the family table (inspect --families, README)
 
 
 @dataclass(frozen=True)

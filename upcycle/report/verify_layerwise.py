@@ -88,6 +88,9 @@ def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] |
             )
         n = int(moe.config["num_hidden_layers"])
         dense_layers = set(moe.config.get(target.config.get("dense_layers", ""), None) or ())
+        if target.layer_range:  # MoE layers as a range and a step (Ernie 4.5)
+            start, end, step = (int(moe.config[target.layer_range[k]]) for k in ("start", "end", "interval"))
+            dense_layers = {i for i in range(n) if not (start <= i <= end and (i + 1) % step == 0)}
         spec = ConvertSpec(
             experts=int(moe.config[target.config["experts"]]),
             top_k=int(moe.config[target.config["top_k"]]),
