@@ -88,6 +88,10 @@ def test_exact_after_reload_and_verified(case, dense_store, tmp_path):
     if family == "ernie4_5":  # the MoE layers as Ernie's range: start, end and step
         assert (moe_cfg.moe_layer_start_index, moe_cfg.moe_layer_end_index) == (moe_layers[0], moe_layers[-1])
         assert moe_cfg.moe_layer_interval == spec.get("every", 1) and moe_cfg.moe_num_shared_experts == 0
+    if family == "hunyuan_v1_dense":  # the always-on shared MLP adds nothing: zeros, and the card says so
+        shared = moe_model.model.layers[0].mlp.shared_mlp
+        assert all(not p.any() for p in shared.parameters()) and shared.down_proj.weight.shape[0] == 32
+        assert "shared MLP is written as zeros" in (out / "README.md").read_text()
     blocks = [i for i, layer in enumerate(moe_model.model.layers) if hasattr(getattr(layer, "mlp", None), "experts")]
     assert family == "granite" or tuple(blocks) == moe_layers
     for mode in ("whole", "layerwise"):
@@ -203,6 +207,7 @@ def test_fused_layout_is_seeded(spec, dense_store, tmp_path):
         ("ernie4_5", {"use_bias": True}, [], "use_bias=True; no native MoE class holds that exactly"),
         ("ernie4_5", {}, ["--layers", "0,3"], "layers 0,3 are not such a set"),
         ("hunyuan_v1_dense", {}, ["--every", "2"], "hunyuan_v1_moe makes every layer MoE"),
+        ("hunyuan_v1_dense", {}, ["--shared-experts", "1"], "no native MoE class for a hunyuan_v1_dense model has"),
     ],
 )
 def test_refusals_are_one_line(family, overrides, flags, needle, dense_store, tmp_path, capsys):

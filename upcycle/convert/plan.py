@@ -366,6 +366,11 @@ def check_target_options(target: Target, spec: ConvertSpec, family: Family | Non
             f"--routing softmax-topk keeps the top-k weights unnormalised, but {target.name} always renormalises "
             "them; use --target qwen2_moe (or qwen3_moe for Qwen3) or --routing topk-softmax"
         )
+    if spec.shared_experts and not target.shared and mine and not any(t.shared for t in mine):
+        raise UpcycleError(
+            f"--shared-experts needs a target class with a shared expert that upcycle fills, and no native MoE class "
+            f"for a {family.name} model has one; leave --shared-experts out"
+        )
     if spec.shared_experts and not target.shared:
         have = [t.name for t in targets().values() if t.shared]
         raise UpcycleError(
