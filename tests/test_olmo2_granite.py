@@ -202,12 +202,12 @@ def test_fused_layout_is_seeded(spec, dense_store, tmp_path):
         ("olmo2", {}, ["--layers", "0,1"], "make every layer MoE (--every 1"),
         ("granite", {}, ["--every", "2"], "granitemoe makes every layer MoE"),
         ("granite", {"mlp_bias": True}, [], "mlp_bias=True; no native MoE class holds that exactly"),
-        ("granite", {}, ["--routing", "softmax-topk"], "granitemoe, the only native MoE class for a granite model"),
+        ("granite", {}, ["--routing", "softmax-topk"], "granitemoe, the only native MoE class for granite models"),
         ("olmo2", {}, ["--target", "mixtral"], "a olmo2 model has no exact mixtral form"),
         ("ernie4_5", {"use_bias": True}, [], "use_bias=True; no native MoE class holds that exactly"),
         ("ernie4_5", {}, ["--layers", "0,3"], "layers 0,3 are not such a set"),
         ("hunyuan_v1_dense", {}, ["--every", "2"], "hunyuan_v1_moe makes every layer MoE"),
-        ("hunyuan_v1_dense", {}, ["--shared-experts", "1"], "no native MoE class for a hunyuan_v1_dense model has"),
+        ("hunyuan_v1_dense", {}, ["--shared-experts", "1"], "no native MoE class for hunyuan_v1_dense models has"),
     ],
 )
 def test_refusals_are_one_line(family, overrides, flags, needle, dense_store, tmp_path, capsys):

@@ -225,7 +225,7 @@ def choose_target(family: Family, spec: ConvertSpec, all_layers: bool) -> Target
         if not choices:
             raise UpcycleError(
                 f"{name} makes every layer MoE (it has no dense layers), and it is the only native MoE class "
-                f"that holds a {family.name} model exactly; make every layer MoE (--every 1, no --layers)"
+                f"that holds {family.name} models exactly; make every layer MoE (--every 1, no --layers)"
             )
         raise UpcycleError(
             f"{name} makes every layer MoE, but --every/--layers leaves dense layers; use --target "
@@ -359,7 +359,7 @@ def check_target_options(target: Target, spec: ConvertSpec, family: Family | Non
     if not spec.renormalize and target.renormalize == "always" and only_renormalising:
         raise UpcycleError(
             f"--routing softmax-topk keeps the top-k weights unnormalised, but {target.name}, the only native MoE "
-            f"class for a {family.name} model, always renormalises them; use --routing topk-softmax"
+            f"class for {family.name} models, always renormalises them; use --routing topk-softmax"
         )
     if not spec.renormalize and target.renormalize == "always":
         raise UpcycleError(
@@ -369,7 +369,7 @@ def check_target_options(target: Target, spec: ConvertSpec, family: Family | Non
     if spec.shared_experts and not target.shared and mine and not any(t.shared for t in mine):
         raise UpcycleError(
             f"--shared-experts needs a target class with a shared expert that upcycle fills, and no native MoE class "
-            f"for a {family.name} model has one; leave --shared-experts out"
+            f"for {family.name} models has one; leave --shared-experts out"
         )
     if spec.shared_experts and not target.shared:
         have = [t.name for t in targets().values() if t.shared]
