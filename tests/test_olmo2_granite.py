@@ -207,7 +207,12 @@ def test_fused_layout_is_seeded(spec, dense_store, tmp_path):
         ("ernie4_5", {"use_bias": True}, [], "use_bias=True; no native MoE class holds that exactly"),
         ("ernie4_5", {}, ["--layers", "0,3"], "layers 0,3 are not such a set"),
         ("hunyuan_v1_dense", {}, ["--every", "2"], "hunyuan_v1_moe makes every layer MoE"),
-        ("hunyuan_v1_dense", {}, ["--shared-experts", "1"], "no native MoE class for hunyuan_v1_dense models has"),
+        (
+            "hunyuan_v1_dense",
+            {},
+            ["--shared-experts", "1"],
+            "hunyuan_v1_moe has none, and no native MoE class for hunyuan_v1_dense models",
+        ),
     ],
 )
 def test_refusals_are_one_line(family, overrides, flags, needle, dense_store, tmp_path, capsys):

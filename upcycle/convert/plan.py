@@ -368,8 +368,8 @@ def check_target_options(target: Target, spec: ConvertSpec, family: Family | Non
         )
     if spec.shared_experts and not target.shared and mine and not any(t.shared for t in mine):
         raise UpcycleError(
-            f"--shared-experts needs a target class with a shared expert that upcycle fills, and no native MoE class "
-            f"for {family.name} models has one; leave --shared-experts out"
+            f"--shared-experts needs a target class with a shared expert that upcycle fills; {target.name} has none, "
+            f"and no native MoE class for {family.name} models has one; leave --shared-experts out"
         )
     if spec.shared_experts and not target.shared:
         have = [t.name for t in targets().values() if t.shared]
