@@ -242,6 +242,9 @@ def test_cli_and_layerwise_without_upcycle_json(family, flags, dense_store, tmp_
     moe_layers = [row.layer for row in report.layers if row.moe]
     assert report.passed and report.tensor_check.passed and report.max_abs_diff <= 1e-5
     assert moe_layers == ([1, 3] if family == "ernie4_5" else [0, 1, 2, 3])
+    assert (
+        run(["verify", str(src), str(out), "--whole"]) == 0 and run(["verify", str(src), str(out), "--layerwise"]) == 0
+    )
     capsys.readouterr()
     assert run(["inspect", str(out), "--json", "-"]) == 0
     info = json.loads(capsys.readouterr().out)
