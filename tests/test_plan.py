@@ -124,7 +124,7 @@ def test_refusals():
     tensors = fake_tensors(LLAMA3_70B)
     with pytest.raises(UpcycleError, match="attention_bias"):
         make_plan(LLAMA3_70B | {"attention_bias": True}, tensors, build_spec())
-    with pytest.raises(UpcycleError, match=r"not supported.*gemma.*llama.*phi3.*qwen3"):
+    with pytest.raises(UpcycleError, match=r"not supported.*gemma.*llama.*olmo2.*phi3.*qwen3"):
         make_plan(LLAMA3_70B | {"model_type": "gpt2"}, tensors, build_spec())
     with pytest.raises(UpcycleError, match="not a causal language model"):
         make_plan(LLAMA3_70B | {"architectures": ["LlamaForSequenceClassification"]}, tensors, build_spec())
@@ -190,12 +190,17 @@ def test_recipe_then_flags(tmp_path):
 def test_architecture_tables_are_consistent():
     from upcycle.arch import FFN_ROLES, families, targets
 
-    assert {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"} <= set(families())
+    named = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "granite", "ernie4_5", "hunyuan_v1_dense"}
+    assert named <= set(families())
     for fam in families().values():
         assert set(fam.ffn) == set(FFN_ROLES) and all("{layer}" in t for t in fam.ffn.values())
         assert set(fam.auto_target.values()) <= set(fam.targets) <= set(targets())
     for tgt in targets().values():
-        assert set(tgt.expert) == set(FFN_ROLES)
-        assert all("{layer}" in t and "{expert}" in t for t in tgt.expert.values())
+        if tgt.fused:  # one tensor per fused key, each role in exactly one of them
+            assert not tgt.expert and sorted(r for roles in tgt.fused.values() for r in roles) == sorted(FFN_ROLES)
+            assert all("{layer}" in t and "{expert}" not in t for t in tgt.fused)
+        else:
+            assert set(tgt.expert) == set(FFN_ROLES)
+            assert all("{layer}" in t and "{expert}" in t for t in tgt.expert.values())
         assert {"experts", "top_k", "expert_size"} <= set(tgt.config)
-        assert tgt.interleave == ("dense_layers" in tgt.config)
+        assert tgt.interleave == ("dense_layers" in tgt.config or bool(tgt.layer_range))

@@ -29,6 +29,14 @@ FAMILIES = {
     "phi3": dict(pad_token_id=0),
     # Gemma v1: tied embeddings and head_dim ≠ hidden/heads, as in the real 2B/7B (256 ≠ 2048/8)
     "gemma": dict(head_dim=16, pad_token_id=0, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"),
+    # OLMo 2's eps (1e-5) and rope theta differ from FlexOlmo's defaults (1e-6, 5e5): copying them is tested
+    "olmo2": dict(rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # every Granite multiplier away from 1, so that dropping one shows in the logits
+    "granite": dict(
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0
+    ),
+    "ernie4_5": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "hunyuan_v1_dense": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 

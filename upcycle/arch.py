@@ -57,6 +57,13 @@ class Target:
     # the always-on shared expert, where the class has one: role -> key template (among `extra`), and "size" ->
     # the config field of its intermediate size
     shared: dict[str, str] = field(default_factory=dict)
+    # experts stored fused on disk, all experts of a layer in one tensor: key template with {layer} -> the roles
+    # whose rows each expert contributes, in order ([E, sum of the roles' rows, cols]; GraniteMoe's input_linear
+    # holds each expert's gate rows then its up rows). Empty: one key per expert and role (`expert`).
+    fused: dict[str, list[str]] = field(default_factory=dict)
+    # MoE layers given as one range and a step (Ernie 4.5): "start" | "end" | "interval" -> config field; the MoE
+    # layers are then i in [start, end] with (i + 1) % interval == 0. Empty: dense layers listed (`dense_layers`).
+    layer_range: dict[str, str] = field(default_factory=dict)
 
 
 def _freeze(value: Any) -> Any:
@@ -91,10 +98,22 @@ def supported_families() -> str:
     return ", ".join(sorted(families()))
 
 
+@cache
+def refused() -> dict[str, dict[str, str]]:
+    """Dense model types checked against their transformers MoE sibling and found inexact: model type ->
+    {"target": the sibling's model type, "why": what the sibling cannot hold}."""
+    return json.loads(files("upcycle").joinpath("refused.json").read_text())["refused"]
+
+
 def family_for(model_type: str | None) -> Family:
     for fam in families().values():
         if model_type in fam.model_types:
             return fam
+    if model_type in refused():
+        no = refused()[model_type]
+        raise UpcycleError(
+            f"{model_type} has no exact native MoE target: its sibling {no['target']} {no['why']}; use --target generic"
+        )
     raise UpcycleError(
         f"model type {model_type!r} is not supported; upcycle converts these dense families: {supported_families()}"
     )

@@ -162,7 +162,7 @@ def router_rows(
     target_norm = spec.router_std * math.sqrt(hidden)  # the expected norm of a random N(0, std^2) row
     routed = _routed_transforms(plan)
     keys = {}
-    for op in plan.ops:
+    for op in plan.flat_ops():
         if op.role is not None:
             keys.setdefault(op.layer, {})[op.role] = op.src
     rows: dict[int, torch.Tensor] = {}
@@ -185,7 +185,7 @@ def router_rows(
 def _routed_transforms(plan: Plan) -> dict[int, list[dict]]:
     """layer -> for each routed expert in order, role -> transform (None: the dense tensor)."""
     found: dict[int, dict[int, dict]] = {}
-    for op in plan.ops:
+    for op in plan.flat_ops():
         if op.kind == "expert":
             found.setdefault(op.layer, {}).setdefault(op.expert, {})[op.role] = op.transform
     return {layer: [by[e] for e in sorted(by)] for layer, by in found.items()}

@@ -361,6 +361,8 @@ def write_weights(
                 writer.put(op.name, [_as_bytes(weight)])
             elif op.kind == "zeros":
                 writer.put(op.name, [bytes(op.nbytes)])
+            elif op.kind == "fused":
+                writer.put(op.name, fused_pieces(op, ckpt, writer, layers, seen, meter))
             else:
                 raise RuntimeError(f"unknown op kind {op.kind}")
             done += op.nbytes
@@ -370,6 +372,30 @@ def write_weights(
     finally:
         writer.abort()
     return meter.result()
+
+
+def fused_pieces(op, ckpt: Checkpoint, writer: ShardedWriter, layers: LayerFFNs, seen: dict, meter: CastMeter):
+    """The bytes of a fused expert tensor, part by part (expert by expert): a source byte range where a part is the
+    dense tensor unchanged, bytes already written where an equal part is on disk, else the part computed or cast."""
+    for part in op.parts:
+        key = (part.src, part.transform, part.dtype)
+        if key in seen:
+            yield seen[key]
+            continue
+        here = writer.tell()
+        info = ckpt.tensors[part.src]
+        if part.transform is not None:
+            built = layers.builder(part.layer).tensor(part.role, part.transform)
+            written = built.to(_torch_dtype(part.dtype))
+            if info.dtype != part.dtype and (info.dtype, part.dtype) not in LOSSLESS:
+                meter.add(info.dtype, part.dtype, built, written)
+            yield _as_bytes(written)
+        elif info.dtype == part.dtype:
+            yield Placed(info.file, info.offset, info.nbytes)
+        else:
+            lossy = (info.dtype, part.dtype) not in LOSSLESS
+            yield from cast_chunks(info, part.dtype, meter if lossy else None)
+        seen[key] = Placed(here.path, here.offset, part.nbytes)
 
 
 class LayerFFNs:
@@ -382,7 +408,7 @@ class LayerFFNs:
     def __init__(self, ckpt: Checkpoint, plan: Plan, seed: int):
         self.ckpt, self.seed = ckpt, seed
         self.keys: dict[int, dict[str, str]] = {}  # layer -> role -> source key
-        for op in plan.ops:
+        for op in plan.flat_ops():
             if op.role is not None:
                 self.keys.setdefault(op.layer, {})[op.role] = op.src
         self._layer: int | None = None

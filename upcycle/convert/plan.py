@@ -92,13 +92,14 @@ class TensorOp:
     name: str  # key written
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype written
-    kind: str  # "copy" | "expert" | "shared" | "router" | "zeros"
+    kind: str  # "copy" | "expert" | "shared" | "router" | "zeros" | "fused"
     src: str | None = None  # source key for copy/expert/shared
     layer: int | None = None
     expert: int | None = None
     transform: tuple | None = None  # expert/shared: how it is computed (None: the source bytes); router: row sharing
     role: str | None = None  # expert/shared: gate, up or down
     values: tuple | None = None  # copy: an element-wise change of the source values (views.value_transform)
+    parts: tuple[TensorOp, ...] = ()  # fused: the expert tensors whose bytes, in order, make this one
 
     @property
     def numel(self) -> int:
@@ -139,11 +140,15 @@ class Plan:
     def active_params(self) -> int:
         """Parameters used per token: everything but the experts a token is not routed to."""
         per_expert: dict[int, int] = {}
-        for op in self.ops:
+        for op in self.flat_ops():
             if op.kind == "expert" and op.expert == 0:
                 per_expert[op.layer] = per_expert.get(op.layer, 0) + op.numel
         idle = sum((self.experts - self.top_k) * n for n in per_expert.values())
         return self.total_params - idle
+
+    def flat_ops(self) -> list[TensorOp]:
+        """The ops with each fused tensor replaced by its per-expert parts (what the expert methods compute)."""
+        return [part for op in self.ops for part in (op.parts or (op,))]
 
     @property
     def total_bytes(self) -> int:
@@ -221,6 +226,11 @@ def choose_target(family: Family, spec: ConvertSpec, all_layers: bool) -> Target
     target = targets()[name]
     if not all_layers and not target.interleave:
         choices = [t for t in family.targets if targets()[t].interleave]
+        if not choices:
+            raise UpcycleError(
+                f"{name} makes every layer MoE (it has no dense layers), and it is the only native MoE class "
+                f"that holds {family.name} models exactly; make every layer MoE (--every 1, no --layers)"
+            )
         raise UpcycleError(
             f"{name} makes every layer MoE, but --every/--layers leaves dense layers; use --target "
             f"{' or '.join(choices) or 'auto'} or make every layer MoE (--every 1)"
@@ -261,6 +271,10 @@ def write_attention(target: Target, types: list[str], window: int | None) -> dic
     uniform = sliding.pop()
     if target.attention == "global_window":
         return {"sliding_window": window if uniform else None}
+    if target.attention == "none":  # the class has no sliding window (FlexOlmo, GraniteMoe)
+        if uniform:
+            raise UpcycleError(f"the model uses sliding-window attention, which {target.name} does not have")
+        return {}
     if target.attention == "all_or_none":
         return {"use_sliding_window": uniform} | ({"sliding_window": window} if uniform else {})
     raise ValueError(f"unknown attention layout {target.attention!r}")
@@ -310,7 +324,7 @@ def make_plan(
     kept, notes = family_sources(family, cfg, kept, notes)
     moe = moe_layer_indices(num_layers, spec)
     target = choose_target(family, spec, all_layers=len(moe) == num_layers)
-    check_target_options(target, spec)
+    check_target_options(target, spec, family)
     ffn = ffn_index(family, cfg, kept)
     hidden, intermediate = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
     layout = expert_methods.layout(spec, hidden, intermediate)
@@ -380,12 +394,24 @@ def with_values(family: Family, cfg: dict[str, Any], ops: list[TensorOp]) -> tup
     return out, exact
 
 
-def check_target_options(target: Target, spec: ConvertSpec) -> None:
+def check_target_options(target: Target, spec: ConvertSpec, family: Family | None = None) -> None:
     """Routing and shared-expert options that the chosen native class must be able to hold."""
+    mine = [targets()[t] for t in family.targets] if family is not None else []
+    only_renormalising = bool(mine) and all(t.renormalize == "always" for t in mine)
+    if not spec.renormalize and target.renormalize == "always" and only_renormalising:
+        raise UpcycleError(
+            f"--routing softmax-topk keeps the top-k weights unnormalised, but {target.name}, the only native MoE "
+            f"class for {family.name} models, always renormalises them; use --routing topk-softmax"
+        )
     if not spec.renormalize and target.renormalize == "always":
         raise UpcycleError(
             f"--routing softmax-topk keeps the top-k weights unnormalised, but {target.name} always renormalises "
             "them; use --target qwen2_moe (or qwen3_moe for Qwen3) or --routing topk-softmax"
+        )
+    if spec.shared_experts and not target.shared and mine and not any(t.shared for t in mine):
+        raise UpcycleError(
+            f"--shared-experts needs a target class with a shared expert that upcycle fills; {target.name} has none, "
+            f"and no native MoE class for {family.name} models has one; leave --shared-experts out"
         )
     if spec.shared_experts and not target.shared:
         have = [t.name for t in targets().values() if t.shared]
@@ -517,15 +543,50 @@ def tensor_ops(
                     role = shared_roles[extra["name"]]
                     group.append(ffn_op(name, layer, role, layout.shared[role], "shared", None))
                     continue
-                shape = tuple(hidden if d == "hidden_size" else int(d) for d in extra["shape"])
+                dims = {"hidden_size": hidden, "experts": experts, "expert_size": layout.expert_size}
+                shape = tuple(dims[d] if isinstance(d, str) else int(d) for d in extra["shape"])
                 group.append(TensorOp(name, shape, model_dtype, "zeros", layer=layer))
     for layer in moe:
         group = groups[(1, layer)]
+        if target.fused:  # all experts of a layer in one tensor per fused key
+            group.extend(fused_ops(target, layer, layout, ffn_op))
+            continue
         for e, built in enumerate(layout.experts):
             for role in FFN_ROLES:
                 name = target.expert[role].format(layer=layer, expert=e)
                 group.append(ffn_op(name, layer, role, built[role], "expert", e))
     return [op for key in sorted(groups) for op in groups[key]]
+
+
+def layer_range(target: Target, moe: tuple[int, ...]) -> dict[str, int]:
+    """The target's range fields for these MoE layers: start, end and the step `interval`, the largest step that
+    divides every (i + 1); any step that fits divides it, so if it selects other layers too, none fits."""
+    interval = math.gcd(*(i + 1 for i in moe))
+    start, end = min(moe), max(moe)
+    if tuple(i for i in range(start, end + 1) if (i + 1) % interval == 0) != tuple(sorted(moe)):
+        raise UpcycleError(
+            f"{target.name} makes MoE every n-th layer of one range of layers; layers "
+            f"{','.join(map(str, moe))} are not such a set. Use --every N, or --layers with consecutive layers"
+        )
+    fields = {"start": start, "end": end, "interval": interval}
+    return {target.layer_range[k]: v for k, v in fields.items()}
+
+
+def fused_ops(target: Target, layer: int, layout: expert_methods.Layout, ffn_op: Callable) -> list[TensorOp]:
+    """The fused expert tensors of one MoE layer: each [E, rows, cols] holds, expert by expert, that expert's
+    tensors of the fused key's roles stacked along the rows (the same tensors the per-expert layout writes)."""
+    ops = []
+    for template, roles in target.fused.items():
+        name = template.format(layer=layer)
+        parts = tuple(
+            ffn_op(f"{name}[{e}].{role}", layer, role, built[role], "expert", e)
+            for e, built in enumerate(layout.experts)
+            for role in roles
+        )
+        rows = sum(p.shape[0] for p in parts[: len(roles)])  # expert 0's parts: one per role
+        shape = (len(layout.experts), rows, parts[0].shape[1])
+        ops.append(TensorOp(name, shape, parts[0].dtype, "fused", layer=layer, parts=parts))
+    return ops
 
 
 def target_config(
@@ -553,7 +614,10 @@ def target_config(
         config[target.renormalize] = spec.renormalize
     if target.interleave:
         config[target.config["dense_size"]] = intermediate
-        config[target.config["dense_layers"]] = [i for i in range(num_layers) if i not in set(moe)]
+        if "dense_layers" in target.config:
+            config[target.config["dense_layers"]] = [i for i in range(num_layers) if i not in set(moe)]
+    if target.layer_range:
+        config.update(layer_range(target, moe))
     config["model_type"] = target.model_type
     config["architectures"] = [target.architecture]
     config["dtype"] = ST_TO_TORCH.get(model_dtype, "float32")

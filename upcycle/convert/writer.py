@@ -143,10 +143,19 @@ class ShardedWriter:
         copy_range(src, offset, length, self._fd)
         return self._placed(entry)
 
+    def tell(self) -> Placed:
+        """Where the next byte goes (called from the chunks a put is consuming: where that chunk lands)."""
+        return Placed(self.folder / self.names[self._shard], os.lseek(self._fd, 0, os.SEEK_CUR), 0)
+
     def put(self, name: str, chunks: Iterable) -> Placed:
+        """Write `name` from its chunks in order: buffers, or `Placed` byte ranges of a file (copied by the kernel)."""
         entry = self._next(name)
         written = 0
         for chunk in chunks:
+            if isinstance(chunk, Placed):
+                copy_range(chunk.path, chunk.offset, chunk.nbytes, self._fd)
+                written += chunk.nbytes
+                continue
             view = memoryview(chunk).cast("B")
             _write_all(self._fd, view)
             written += len(view)

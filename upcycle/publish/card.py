@@ -27,7 +27,10 @@ from ..source import looks_like_repo_id
 
 RECIPE = "upcycle.json"
 CARD = "README.md"
-SHARED_TEXT = {"qwen2_moe": "none (Qwen2-MoE's always-on shared expert is written with size 0, so it adds nothing)"}
+SHARED_TEXT = {
+    "qwen2_moe": "none (Qwen2-MoE's always-on shared expert is written with size 0, so it adds nothing)",
+    "hunyuan_v1_moe": "none (HunYuan-MoE's always-on shared MLP is written as zeros, so it adds nothing)",
+}
 # Peak RSS of a process that loads the MoE with AutoModelForCausalLM.from_pretrained (default load): about
 # 0.4 GB for Python, torch and transformers plus 2.2 times the weights' size on disk. Measured (README,
 # "Memory to load the MoE"): 0.37 GB for a 0.9 MB tiny MoE, 0.59 GB for 112 MB, 6.29 GB for the 2.77 GB

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..arch import families, target_for_model_type
+from ..arch import Target, families, target_for_model_type
 from ..errors import UpcycleError
 from ..source import (
     EMBEDDED,
@@ -30,6 +30,15 @@ from ..source import (
 EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.")
 FUSED_EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _fused_key(target: Target | None, name: str) -> re.Match | None:
+    """A key of the target class's own fused expert layout on disk (GraniteMoe's input_linear/output_linear)."""
+    for template in target.fused if target else ():
+        pattern = re.escape(template).replace(re.escape("{layer}"), r"(\d+)")
+        if m := re.fullmatch(pattern, name):
+            return m
+    return None
 
 
 def _remote(repo_id: str, revision: str | None) -> tuple[dict[str, Any], dict[str, TensorInfo], int] | None:
@@ -99,7 +108,7 @@ def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
             experts_seen[layer].add(e)
             if e == 0:
                 per_expert[layer] += n
-        elif (m := FUSED_EXPERT_KEY.search(name)) and info.shape:
+        elif ((m := FUSED_EXPERT_KEY.search(name)) or (m := _fused_key(target, name))) and info.shape:
             layer = int(m.group(1))
             experts_seen[layer].update(range(info.shape[0]))
             per_expert[layer] += n // info.shape[0]

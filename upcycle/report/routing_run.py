@@ -155,7 +155,12 @@ def checkpoint_cosine(folder: Path) -> dict[int, float]:
     out = {}
     for layer in layers:
         fused = target.modules["experts"].format(layer=layer)
-        if f"{fused}.gate_up_proj" in where:
+        if target.fused:  # the class's own fused keys on disk (GraniteMoe): [E, rows of the roles, cols] each
+            parts = {}
+            for template, roles in target.fused.items():
+                parts |= dict(zip(roles, read(template.format(layer=layer)).chunk(len(roles), dim=1), strict=True))
+            gate_up, down = torch.cat([parts["gate"], parts["up"]], dim=1), parts["down"]  # (E, 2I, H), (E, H, I)
+        elif f"{fused}.gate_up_proj" in where:
             gate_up, down = read(f"{fused}.gate_up_proj"), read(f"{fused}.down_proj")  # (E, 2I, H), (E, H, I)
         else:
 

@@ -88,6 +88,9 @@ def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] |
             )
         n = int(moe.config["num_hidden_layers"])
         dense_layers = set(moe.config.get(target.config.get("dense_layers", ""), None) or ())
+        if target.layer_range:  # MoE layers as a range and a step (Ernie 4.5)
+            start, end, step = (int(moe.config[target.layer_range[k]]) for k in ("start", "end", "interval"))
+            dense_layers = {i for i in range(n) if not (start <= i <= end and (i + 1) % step == 0)}
         spec = ConvertSpec(
             experts=int(moe.config[target.config["experts"]]),
             top_k=int(moe.config[target.config["top_k"]]),
@@ -127,6 +130,12 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
         elif op.values is not None:  # changed element-wise by the family (Gemma's 1+w): redo it, piece by piece
             compared += 1
             ok = transformed_equal(dense.tensors[op.src], got, op.values)
+            equal += ok
+        elif op.kind == "fused":  # every expert's part, at its place in the fused tensor
+            compared += 1
+            computed += any(part.transform is not None for part in op.parts)
+            cast += any(dense.tensors[part.src].dtype != got.dtype for part in op.parts)
+            ok = fused_equal(layers, dense, op, got)
             equal += ok
         elif op.transform is not None:  # computed by the expert method: recompute it as the converter did
             compared += 1
@@ -220,6 +229,24 @@ def same_as_computed(layers, op, got: TensorInfo) -> bool:
             return False
         done += len(piece)
     return done == want.size
+
+
+def fused_equal(layers, dense: Checkpoint, op, got: TensorInfo) -> bool:
+    """Is each part of the fused tensor GOT what the converter wrote for it (copied, cast or computed)?"""
+    offset = 0
+    for part in op.parts:
+        piece = TensorInfo(part.name, got.dtype, part.shape, got.file, got.offset + offset, part.nbytes)
+        offset += part.nbytes
+        src = dense.tensors[part.src]
+        if part.transform is not None:
+            ok = same_as_computed(layers, part, piece)
+        elif src.dtype == got.dtype:
+            ok = same_bytes(src, piece)
+        else:
+            ok = cast_equal(src, piece)
+        if not ok:
+            return False
+    return offset == got.nbytes
 
 
 def all_zero(info: TensorInfo) -> bool:

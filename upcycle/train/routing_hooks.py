@@ -35,6 +35,15 @@ class LayerRouting:
     keep: torch.Tensor  # (T, k) bool: False for assignments dropped by capacity (all True when capacity is off)
 
 
+def router_weight(module: nn.Module) -> torch.Tensor | None:
+    """The router's [E, H] weight: its own `weight`, or the one matrix it holds (HunYuan's gate keeps it in `wg`)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight if weight.dim() == 2 else None
+    matrices = [p for p in module.parameters() if p.dim() == 2]
+    return matrices[0] if len(matrices) == 1 else None
+
+
 def find_routers(model: nn.Module, target: Target) -> dict[int, nn.Module]:
     """MoE layer index -> router module, from target.modules["router"]; only layers that exist (dense ones skipped)."""
     template = target.modules["router"]
@@ -45,8 +54,7 @@ def find_routers(model: nn.Module, target: Target) -> dict[int, nn.Module]:
             module = model.get_submodule(template.format(layer=layer))
         except AttributeError:
             continue  # a dense layer (Qwen-MoE mlp_only_layers / decoder_sparse_step) has no router
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        if router_weight(module) is not None:
             routers[layer] = module
     if not routers:
         raise UpcycleError(
@@ -136,7 +144,7 @@ class RouterTap:
         self._records: dict[int, list[LayerRouting]] = {}
         self._handles: list[Any] = []
         for layer, router in sorted(routers.items()):
-            weight = router.weight
+            weight = router_weight(router)
             if tuple(weight.shape) != (num_experts, hidden_size):
                 raise UpcycleError(
                     f"router of layer {layer} has weight shape {tuple(weight.shape)}, "
