@@ -1,4 +1,5 @@
-"""`--router-init kmeans`: router rows from the dense model's own FFN inputs on calibration text.
+"""What the conversion learns by running the dense model: `--router-init kmeans` and `--split-by coactivation`
+(from calibration text), `--router-init hidden` (from per-expert prompts).
 
 One forward pass of the dense model (transformers, float32, CPU) over the first N tokens of the text captures,
 with a forward pre-hook on each MoE layer's dense `mlp`, the hidden state the router will see (after the
@@ -10,6 +11,9 @@ post-attention norm). Per layer the rows are then:
 - split: for each expert e the ridge least-squares direction w_e with x . w_e ~ ||FFN_e(x)||, centred across
   experts (least squares is linear in its targets, so this regresses each expert's norm minus the mean expert
   norm: a common component would shift every logit alike and route nothing).
+For --split-by coactivation, each layer's co-activation graph is built from the same captured inputs and cut
+into balanced neuron groups (methods/split.py), one layer at a time. For --router-init hidden, row e is the mean
+FFN input over every token of expert e's prompts (each prompt its own forward pass).
 Every row is then scaled to the norm a random row has, router_std * sqrt(hidden), so the logits start at the
 random router's scale and only their direction is learnt from data: training settings tuned for the random
 router (learning rate, z-loss) see the same magnitudes.
