@@ -23,12 +23,16 @@ HERE = Path(__file__).resolve().parent
 METHODS = {
     "clone": dict(init="clone"),
     "drop r=0.5": dict(init="drop", drop_ratio=0.5),
+    "split 8 top-2 random": dict(init="split", split_by="random"),
+    "split 8 top-2 cluster": dict(init="split", split_by="cluster"),
     "split 8 top-2 coactivation": dict(init="split", split_by="coactivation"),
 }
 ROUTERS = {
     "clone": ("random", "kmeans", "hidden"),
     "drop r=0.5": ("random", "kmeans", "hidden"),
-    "split 8 top-2 coactivation": ("random",),
+    "split 8 top-2 random": ("random",),
+    "split 8 top-2 cluster": ("random",),
+    "split 8 top-2 coactivation": ("random", "kmeans"),
 }
 
 
@@ -49,7 +53,7 @@ def main() -> None:
         for router in ROUTERS[method]:
             if only is not None and f"{method}/{router}" not in only:
                 continue
-            out = args.work / f"{options['init']}-{router}"
+            out = args.work / f"{options['init']}-{options.get('split_by', '')}-{router}"
             shutil.rmtree(out, ignore_errors=True)
             extra: dict = {}
             if router == "kmeans" or options.get("split_by") == "coactivation":

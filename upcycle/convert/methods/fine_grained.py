@@ -11,7 +11,7 @@ down_proj scaled by G and renormalised weights the MoE computes the dense FFN fo
 - cube-root: gate, up and down each x s^(1/3), as Megatron-Core's upcycling_utils does for gated linear units.
   Up and down are linear, so they give s^(2/3); the last s^(1/3) would have to pass through the activation,
   act(c z) = c act(z), which holds for ReLU (positively homogeneous) but not for SiLU or GELU: silu(c z) is
-  c silu(z) only for z >> 0, and e.g. silu(1.587 * -1) = -0.268 against 1.587 * silu(-1) = -0.427. So it is
+  c silu(z) only for z >> 0, and e.g. silu(1.587 * -1) = -0.269 against 1.587 * silu(-1) = -0.427. So it is
   never claimed exact (every supported family gates with SiLU); benchmarks/README.md measures how far off.
 """
 
