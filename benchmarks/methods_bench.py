@@ -47,6 +47,12 @@ METHODS = {
     "split16-top4": ["--config", str(CONFIGS / "llama-moe-split16-top4.yaml")],
     "split8-top8-zero": ["--init", "split", "--experts", "8", "--top-k", "8", "--router-init", "zero"],
     "fine-grained-64-g8-top8": ["--config", str(CONFIGS / "fine-grained-virtual-groups.yaml")],
+    "fine-grained-64-g8-top8-cube-root": [
+        "--config",
+        str(CONFIGS / "fine-grained-virtual-groups.yaml"),
+        "--fine-grained-scale",
+        "cube-root",
+    ],
     "shared-split-15+1-top3": ["--config", str(CONFIGS / "shared-expert-split.yaml")],
 }
 
@@ -72,6 +78,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated method names (default: all)")
     parser.add_argument("--work", type=Path, default=HERE / "_work" / "methods")
     parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--results", type=Path, help="JSON to write (default: results/methods_<yyyymm>.json)")
     args = parser.parse_args()
     upcycle = str(Path(sys.executable).parent / "upcycle")
     names = args.only.split(",") if args.only else list(METHODS)
@@ -129,7 +136,7 @@ def main() -> None:
             flush=True,
         )
         shutil.rmtree(out, ignore_errors=True)
-    results = HERE / "results" / f"methods_{datetime.now(UTC):%Y%m}.json"
+    results = args.results or HERE / "results" / f"methods_{datetime.now(UTC):%Y%m}.json"
     results.write_text(
         json.dumps(
             {"created": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(), "rows": rows},
@@ -137,7 +144,7 @@ def main() -> None:
         )
         + "\n"
     )
-    print(f"wrote {results.relative_to(ROOT)}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

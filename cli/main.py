@@ -121,7 +121,10 @@ def convert(
     ] = None,
     split_by: Annotated[
         str | None,
-        typer.Option(help="With --init split: how neurons are grouped, random or cluster. [default: random]"),
+        typer.Option(
+            help="With --init split: how neurons are grouped: random, cluster, or coactivation (MoEfication's "
+            "co-activation graph on --calibration text). [default: random]"
+        ),
     ] = None,
     drop_ratio: Annotated[
         float | None,
@@ -132,6 +135,13 @@ def convert(
     ] = None,
     granularity: Annotated[
         int | None, typer.Option(help="With --init fine-grained: parts each FFN is cut into (divides N and top-k).")
+    ] = None,
+    fine_grained_scale: Annotated[
+        str | None,
+        typer.Option(
+            help="With --init fine-grained: down (scale down_proj by G: exact) or cube-root (gate, up and down "
+            "each by G^(1/3), Megatron-Core: not exact through SiLU). [default: down]"
+        ),
     ] = None,
     shared_experts: Annotated[
         int | None, typer.Option(help="Always-on shared expert from the dense FFN (qwen2_moe only). [default: 0]")
@@ -144,13 +154,23 @@ def convert(
     ] = None,
     router_init: Annotated[
         str | None,
-        typer.Option(help="Router weights: random, zero or kmeans (from --calibration text). [default: random]"),
+        typer.Option(
+            help="Router weights: random, zero, kmeans (from --calibration text) or hidden (mean hidden state of "
+            "each expert's --expert-prompts). [default: random]"
+        ),
+    ] = None,
+    expert_prompts: Annotated[
+        Path | None,
+        typer.Option(help="With --router-init hidden: a YAML (or JSON) list with one list of prompts per expert."),
     ] = None,
     calibration: Annotated[
-        Path | None, typer.Option(help="With --router-init kmeans: a plain text file the dense model is run on.")
+        Path | None,
+        typer.Option(
+            help="With --router-init kmeans or --split-by coactivation: a plain text file the dense model is run on."
+        ),
     ] = None,
     calibration_tokens: Annotated[
-        int | None, typer.Option(help="With --router-init kmeans: tokens of the text used. [default: 4096]")
+        int | None, typer.Option(help="With --calibration: tokens of the text used. [default: 4096]")
     ] = None,
     router_std: Annotated[float | None, typer.Option(help="Std of a random router. [default: 0.02]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for every random choice. [default: 0]")] = None,
@@ -200,12 +220,14 @@ def convert(
         drop_ratio=drop_ratio,
         noise=noise,
         granularity=granularity,
+        fine_grained_scale=fine_grained_scale,
         shared_experts=shared_experts,
         routing=routing,
         router_init=router_init,
         router_std=router_std,
         calibration=str(calibration) if calibration is not None else None,
         calibration_tokens=calibration_tokens,
+        expert_prompts=str(expert_prompts) if expert_prompts is not None else None,
         seed=seed,
         target=target,
         dtype=dtype,

@@ -44,6 +44,10 @@ CASES = [
     ("qwen2", dict(init="fine-grained", granularity=4, experts=8, top_k=4, router_std=1.0), True),
     ("qwen3", dict(init="fine-grained", granularity=2, experts=4, top_k=2, router_std=1.0, every=2), True),
     ("qwen2", dict(init="fine-grained", granularity=2, experts=4, top_k=4, router_init="zero"), True),
+    ("llama", dict(init="fine-grained", granularity=2, experts=4, top_k=2, fine_grained_scale="down"), True),
+    # Megatron's cube root on gate, up and down: not exact through SiLU
+    ("llama", dict(init="fine-grained", granularity=2, experts=4, top_k=2, fine_grained_scale="cube-root"), False),
+    ("qwen3", dict(init="fine-grained", granularity=4, experts=8, top_k=4, fine_grained_scale="cube-root"), False),
     # drop and noise: never exact
     ("llama", dict(init="drop", experts=4), False),
     ("mistral", dict(init="drop", experts=4, drop_ratio=0.25), False),
@@ -276,6 +280,38 @@ def test_one_layer_at_a_time(dense_store, tmp_path, monkeypatch):
     assert loads == want
 
 
+@pytest.mark.parametrize(
+    "routing, router, factor, exact",
+    [("topk-softmax", "random", 2.0, True), ("softmax-topk", "zero", 2.0 * 4 / 2, False)],  # G, G N / k
+)
+def test_fine_grained_cube_root_scales_every_matrix(routing, router, factor, exact, dense_store, tmp_path):
+    """--fine-grained-scale cube-root: gate, up and down of each part are the dense part x s^(1/3), as
+    Megatron-Core writes them; the down-only scale puts all of s on down_proj. Neither touches anything else."""
+    src = dense_store("qwen2")
+    dense = tensors(src)
+    c = factor ** (1 / 3)
+    kw = dict(init="fine-grained", granularity=2, experts=4, top_k=2, routing=routing)
+    for mode, want in (("cube-root", dict(gate=c, up=c, down=c)), ("down", dict(gate=1.0, up=1.0, down=factor))):
+        out = tmp_path / mode
+        plan = convert(str(src), out, build_spec(fine_grained_scale=mode, router_init=router, **kw)).plan
+        assert plan.exact is (exact and mode == "down"), plan.exact_text
+        moe = tensors(out)
+        half = INTERMEDIATE // 2
+        for e in range(4):
+            part = slice((e % 2) * half, (e % 2 + 1) * half)
+            prefix = f"model.layers.0.mlp.experts.{e}"
+            g, u, d = (dense[f"model.layers.0.mlp.{r}_proj.weight"] for r in ("gate", "up", "down"))
+            torch.testing.assert_close(moe[f"{prefix}.gate_proj.weight"], g[part] * want["gate"], rtol=0, atol=0)
+            torch.testing.assert_close(moe[f"{prefix}.up_proj.weight"], u[part] * want["up"], rtol=0, atol=0)
+            torch.testing.assert_close(moe[f"{prefix}.down_proj.weight"], d[:, part] * want["down"], rtol=0, atol=0)
+    # what the cube root costs: the activation is not positively homogeneous, so the MoE drifts from the dense
+    dense_logits, _, _ = run_model(src)
+    diffs = {mode: (dense_logits - run_model(tmp_path / mode)[0]).abs().max().item() for mode in ("down", "cube-root")}
+    print(f"{routing}: max |dlogits| {diffs}")
+    if exact:
+        assert diffs["down"] <= 1e-5 < diffs["cube-root"]
+
+
 def test_fine_grained_replicas_are_byte_copies(dense_store, tmp_path):
     """Replicas of one part are computed once; the later ones copy the bytes already written."""
     out = tmp_path / "moe"
@@ -380,6 +416,8 @@ def test_every_recipe(recipe, dense_store, tmp_path, capsys):
         ("llama", ["--init", "split", "--split-by", "coactivation"], "coactivation"),
         ("llama", ["--init", "split", "--split-by", "graph"], "--split-by"),
         ("llama", ["--init", "clone", "--granularity", "2"], "--granularity applies"),
+        ("llama", ["--fine-grained-scale", "down"], "--fine-grained-scale applies to --init fine-grained"),
+        ("llama", ["--init", "fine-grained", "--granularity", "2", "--fine-grained-scale", "sqrt"], "cube-root"),
         ("llama", ["--shared-experts", "1"], "--shared-experts"),  # every layer: Mixtral
         ("mistral", ["--shared-experts", "1", "--target", "mixtral"], "mixtral has none"),
         ("qwen3", ["--shared-experts", "1"], "qwen3_moe has none"),

@@ -1,4 +1,5 @@
-"""`--router-init kmeans`: router rows from the dense model's own FFN inputs on calibration text.
+"""What the conversion learns by running the dense model: `--router-init kmeans` and `--split-by coactivation`
+(from calibration text), `--router-init hidden` (from per-expert prompts).
 
 One forward pass of the dense model (transformers, float32, CPU) over the first N tokens of the text captures,
 with a forward pre-hook on each MoE layer's dense `mlp`, the hidden state the router will see (after the
@@ -10,6 +11,9 @@ post-attention norm). Per layer the rows are then:
 - split: for each expert e the ridge least-squares direction w_e with x . w_e ~ ||FFN_e(x)||, centred across
   experts (least squares is linear in its targets, so this regresses each expert's norm minus the mean expert
   norm: a common component would shift every logit alike and route nothing).
+For --split-by coactivation, each layer's co-activation graph is built from the same captured inputs and cut
+into balanced neuron groups (methods/split.py), one layer at a time. For --router-init hidden, row e is the mean
+FFN input over every token of expert e's prompts (each prompt its own forward pass).
 Every row is then scaled to the norm a random row has, router_std * sqrt(hidden), so the logits start at the
 random router's scale and only their direction is learnt from data: training settings tuned for the random
 router (learning rate, z-loss) see the same magnitudes.
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import UpcycleError
 from .methods import LayerBuilder
+from .prompts import read_expert_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -136,41 +141,85 @@ def expert_norms(x: torch.Tensor, builder: LayerBuilder, experts: list[dict], ac
     return torch.stack(cols, 1)
 
 
-def router_rows(
-    folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec, text_file: Path
-) -> tuple[dict[int, torch.Tensor], int]:
-    """Router weight [E, H] (float32) of every MoE layer, and how many calibration tokens made them."""
+def calibrate(
+    folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec
+) -> tuple[dict[int, torch.Tensor] | None, dict[int, dict] | None, dict]:
+    """What the conversion needs from running the dense model, before anything is written:
+    router rows (layer -> [E, H] float32) for --router-init kmeans/hidden, neuron partitions (layer -> (by, parts)
+    -> groups) for --split-by coactivation, and what to record in upcycle.json about the text used."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .router_init import layer_generator
-
-    ids = calibration_ids(folder, text_file, spec.calibration_tokens)
     groups = {op.layer: (op.transform[1] if op.transform else 1) for op in plan.ops if op.kind == "router"}
-    need = spec.experts if spec.init == "split" else spec.experts // max(groups.values(), default=1)
-    if len(ids) < max(need, 2):
-        raise UpcycleError(
-            f"--calibration {text_file.name} gives {len(ids)} tokens, fewer than the {need} the router needs "
-            "(one per cluster); give a longer text"
-        )
-    from transformers.activations import ACT2FN
-
+    prompts = None
+    if spec.router_init == "hidden":  # read the file before the model: a bad file fails fast
+        group = max(groups.values(), default=1)
+        what = f"replica rows (--experts / --granularity = {spec.experts // group})" if group > 1 else "experts"
+        prompts = read_expert_prompts(Path(spec.expert_prompts), spec.experts // group, what)
+    ids = calibration_ids(folder, Path(spec.calibration), spec.calibration_tokens) if spec.calibration else None
+    if ids is not None:
+        need = 2
+        if spec.router_init == "kmeans":
+            need = spec.experts if spec.init == "split" else spec.experts // max(groups.values(), default=1)
+        if len(ids) < max(need, 2):
+            raise UpcycleError(
+                f"--calibration {Path(spec.calibration).name} gives {len(ids)} tokens, fewer than the {max(need, 2)} "
+                "the conversion needs (one per cluster, at least 2); give a longer text"
+            )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
-    inputs = capture(model, ids, tuple(sorted(groups)))
-    hidden = model.config.hidden_size
-    target_norm = spec.router_std * math.sqrt(hidden)  # the expected norm of a random N(0, std^2) row
-    routed = _routed_transforms(plan)
-    keys = {}
+    records: dict = {}
+    routers = partitions = None
+    if ids is not None:
+        inputs = capture(model, ids, tuple(sorted(groups)))
+        records["calibration"] = {"file": Path(spec.calibration).name, "tokens": len(ids)}
+        if spec.split_by == "coactivation":
+            partitions = coactivation_partitions(inputs, ckpt, plan, spec, model)
+        if spec.router_init == "kmeans":
+            routers = kmeans_rows(inputs, ckpt, plan, spec, model, groups, partitions)
+    if prompts is not None:
+        routers, tokens = hidden_rows(folder, model, prompts, spec, groups)
+        records["expert_prompts"] = {
+            "file": Path(spec.expert_prompts).name,
+            "prompts": sum(map(len, prompts)),
+            "tokens": tokens,
+        }
+    return routers, partitions, records
+
+
+def _dense_keys(plan: Plan) -> dict[int, dict[str, str]]:
+    """layer -> role -> source key of its dense FFN tensors."""
+    keys: dict[int, dict[str, str]] = {}
     for op in plan.flat_ops():
         if op.role is not None:
             keys.setdefault(op.layer, {})[op.role] = op.src
+    return keys
+
+
+def kmeans_rows(
+    inputs: dict[int, torch.Tensor],
+    ckpt: Checkpoint,
+    plan: Plan,
+    spec: ConvertSpec,
+    model,
+    groups: dict[int, int],
+    partitions: dict[int, dict] | None,
+) -> dict[int, torch.Tensor]:
+    """--router-init kmeans: each layer's rows from its captured FFN inputs (freed as each layer is done)."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    from .router_init import layer_generator
+
+    target_norm = spec.router_std * math.sqrt(model.config.hidden_size)  # a random N(0, std^2) row's norm
+    routed = _routed_transforms(plan)
+    keys = _dense_keys(plan)
     rows: dict[int, torch.Tensor] = {}
     for layer, group in groups.items():
-        x = inputs.pop(layer)  # [T, H]; freed once this layer is done
+        x = inputs.pop(layer)  # [T, H]
         if spec.init == "split":
             dense = {role: ckpt.load(key) for role, key in keys[layer].items()}
-            builder = LayerBuilder(dense, spec.seed, layer)
+            builder = LayerBuilder(dense, spec.seed, layer, (partitions or {}).get(layer))
             act = ACT2FN[model.config.hidden_act]  # from the config: Phi-3's MLP names it activation_fn
             with torch.no_grad():
                 y = expert_norms(x, builder, routed[layer], act)  # [T, E]
@@ -179,7 +228,71 @@ def router_rows(
         else:
             c = kmeans(x, spec.experts // group, layer_generator(spec.seed, layer))  # [E/G, H]
             rows[layer] = scaled(c, target_norm).repeat_interleave(group, dim=0)  # [E, H]
-    return rows, len(ids)
+    return rows
+
+
+def hidden_rows(
+    folder: Path, model, prompts: list[list[str]], spec: ConvertSpec, groups: dict[int, int]
+) -> tuple[dict[int, torch.Tensor], int]:
+    """--router-init hidden (mergekit-moe's hidden gate, averaged over tokens): row e of every MoE layer is the
+    mean FFN input over all tokens of expert e's prompts, scaled to a random row's norm. Returns the rows and
+    how many prompt tokens made them."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    layers = tuple(sorted(groups))
+    hidden = model.config.hidden_size
+    sums = {layer: torch.zeros(len(prompts), hidden, dtype=torch.float64) for layer in layers}  # [E', H]
+    total = 0
+    for e, texts in enumerate(prompts):
+        count = 0
+        for text in texts:
+            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            if not len(ids):
+                raise UpcycleError(f"--expert-prompts: a prompt of expert {e} gives no tokens; give some text")
+            for layer, x in capture(model, ids, layers).items():  # x [T, H]
+                sums[layer][e] += x.double().sum(0)
+            count += len(ids)
+        for layer in layers:
+            sums[layer][e] /= count
+        total += count
+    target_norm = spec.router_std * math.sqrt(hidden)
+    rows = {
+        layer: scaled(sums[layer].float(), target_norm).repeat_interleave(groups[layer], dim=0)  # [E, H]
+        for layer in layers
+    }
+    return rows, total
+
+
+def coactivation_partitions(
+    inputs: dict[int, torch.Tensor], ckpt: Checkpoint, plan: Plan, spec: ConvertSpec, model
+) -> dict[int, dict]:
+    """--split-by coactivation: per MoE layer (one at a time), the balanced partition of its neurons that keeps
+    co-activated neurons together: layer -> {("coactivation", parts): [groups of neuron indices]}."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    from .methods.base import generator
+    from .methods.split import coactivation_graph, graph_partition
+
+    wanted = {
+        (op.layer, op.transform[2])
+        for op in plan.flat_ops()
+        if op.kind in ("expert", "shared") and op.transform and op.transform[:2] == ("parts", "coactivation")
+    }
+    keys = _dense_keys(plan)
+    share = min(spec.top_k / spec.experts, 0.5)
+    found: dict[int, dict] = {}
+    for layer, parts in sorted(wanted):
+        gate, up = (ckpt.load(keys[layer][role]).float() for role in ("gate", "up"))
+        act = ACT2FN[model.config.hidden_act]
+        with torch.no_grad():
+            w = coactivation_graph(inputs[layer], gate, up, act, share)  # [I, I]
+        labels = graph_partition(w, parts, generator(spec.seed, "coactivation", layer))
+        groups = [torch.nonzero(labels == c).squeeze(1) for c in range(parts)]
+        found.setdefault(layer, {})[("coactivation", parts)] = groups
+    return found
 
 
 def _routed_transforms(plan: Plan) -> dict[int, list[dict]]:

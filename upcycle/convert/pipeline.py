@@ -204,24 +204,22 @@ def convert(
         return ConvertResult(out=None, plan=plan, source=source, recipe=None)
     ckpt = dense.checkpoint
     check_room(source, out, plan)
-    routers, calibration = None, None
-    if spec.router_init == "kmeans":  # a read-only pass over the dense model, before anything is written
-        from .calibrate import router_rows
+    routers, partitions, calibration = None, None, {}
+    if spec.calibration or spec.router_init == "hidden":  # a read-only pass over the dense model, before writing
+        from .calibrate import calibrate
 
-        routers, tokens = router_rows(source.folder, ckpt, plan, spec, Path(spec.calibration))
-        calibration = {"file": Path(spec.calibration).name, "tokens": tokens}
+        routers, partitions, calibration = calibrate(source.folder, ckpt, plan, spec)
     hashes = BackgroundHashes(ckpt.files)  # overlaps the copying; stopped at once if the conversion fails
     try:
         with staged_folder(out, force) as tmp:
-            measured = write_weights(ckpt, plan, spec, tmp, max_shard, progress, routers)
+            measured = write_weights(ckpt, plan, spec, tmp, max_shard, progress, routers, partitions)
             plan = dense.plan(spec, measured) if plan.lossy_casts() else plan
             write_config(plan, tmp)
             copy_side_files(source.folder, tmp, plan)
             label = src if src in EMBEDDED else source.id  # how the command names the source: never a path
             command = _command(label, out, spec, source, base_model)
             recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command, base_model)
-            if calibration:
-                recipe["calibration"] = calibration
+            recipe |= calibration  # which text (by name) and how many tokens made routers or partitions
             write_card_and_recipe(tmp, recipe | {"name": out.name})
     finally:
         hashes.cancel()
@@ -310,16 +308,18 @@ def write_weights(
     max_shard: int,
     progress: Callable[[int, int], None] | None = None,
     routers: dict | None = None,
+    partitions: dict | None = None,
 ) -> dict[tuple[str, str], CastCheck]:
     """Write every tensor of the plan; returns what the lossy casts did to the values they cast.
 
-    `routers` (layer -> [E, H] float32) holds router rows computed beforehand (--router-init kmeans).
+    `routers` (layer -> [E, H] float32) holds router rows computed beforehand (--router-init kmeans/hidden),
+    `partitions` (layer -> (by, parts) -> neuron groups) the --split-by coactivation groups.
     """
     meter = CastMeter()
     entries = [Entry(op.name, op.dtype, op.shape, op.nbytes) for op in plan.ops]
     writer = ShardedWriter(folder, entries, max_shard, {"format": "pt"})
     seen: dict[tuple, Placed] = {}  # identical expert tensors already on disk: copy those bytes again
-    layers = LayerFFNs(ckpt, plan, spec.seed)
+    layers = LayerFFNs(ckpt, plan, spec.seed, partitions)
     total, done = plan.total_bytes, 0
     try:
         for op in plan.ops:
@@ -405,8 +405,8 @@ class LayerFFNs:
     next layer's are, so memory holds one layer's FFN (plus one expert) whatever the model's size.
     """
 
-    def __init__(self, ckpt: Checkpoint, plan: Plan, seed: int):
-        self.ckpt, self.seed = ckpt, seed
+    def __init__(self, ckpt: Checkpoint, plan: Plan, seed: int, partitions: dict | None = None):
+        self.ckpt, self.seed, self.partitions = ckpt, seed, partitions or {}
         self.keys: dict[int, dict[str, str]] = {}  # layer -> role -> source key
         for op in plan.flat_ops():
             if op.role is not None:
@@ -418,7 +418,8 @@ class LayerFFNs:
         if layer != self._layer:
             self._builder = None  # free the previous layer first
             dense = {role: self.ckpt.load(key) for role, key in self.keys[layer].items()}
-            self._builder, self._layer = LayerBuilder(dense, self.seed, layer), layer
+            built = LayerBuilder(dense, self.seed, layer, self.partitions.get(layer))
+            self._builder, self._layer = built, layer
         return self._builder
 
 

@@ -10,9 +10,10 @@ from ..errors import UpcycleError
 from ..options import read_yaml_options
 
 Init = Literal["clone", "split", "drop", "fine-grained"]
-RouterInit = Literal["random", "zero", "kmeans"]
+RouterInit = Literal["random", "zero", "kmeans", "hidden"]
 Routing = Literal["topk-softmax", "softmax-topk"]
 SplitBy = Literal["random", "cluster", "coactivation"]
+FineGrainedScale = Literal["down", "cube-root"]
 TargetName = Literal[
     "auto", "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "granitemoe", "ernie4_5_moe", "hunyuan_v1_moe"
 ]
@@ -44,8 +45,11 @@ APPLIES_TO = {
     "drop_ratio": ("drop",),
     "noise": ("clone",),
     "granularity": ("fine-grained",),
+    "fine_grained_scale": ("fine-grained",),
 }
 DEFAULT_SPLIT_BY, DEFAULT_DROP_RATIO = "random", 0.5
+# Settled by benchmarks/fine_grained_scale.py (see benchmarks/README.md): exact, and no worse after training.
+DEFAULT_FINE_GRAINED_SCALE = "down"
 
 
 @dataclass(frozen=True)
@@ -59,13 +63,15 @@ class ConvertSpec:
     init: Init = "clone"
     router_init: RouterInit = "random"
     router_std: float = 0.02
-    calibration: str | None = None  # text file for --router-init kmeans
+    calibration: str | None = None  # text file for --router-init kmeans and --split-by coactivation
     calibration_tokens: int = 4096
     routing: Routing = "topk-softmax"
     split_by: SplitBy | None = None
     drop_ratio: float | None = None
     noise: float | None = None
     granularity: int | None = None
+    fine_grained_scale: FineGrainedScale | None = None
+    expert_prompts: str | None = None  # YAML/JSON file for --router-init hidden
     shared_experts: int = 0
     seed: int = 0
     target: TargetName = "auto"
@@ -99,12 +105,29 @@ class ConvertSpec:
         self._check_method_options()
 
     def _check_calibration(self) -> None:
-        if self.router_init == "kmeans" and not self.calibration:
-            raise UpcycleError(
-                "--router-init kmeans needs calibration text: give --calibration FILE (a plain text file)"
+        users = [
+            flag
+            for flag, used in (
+                ("--router-init kmeans", self.router_init == "kmeans"),
+                ("--split-by coactivation", self.split_by == "coactivation"),
             )
-        if self.calibration and self.router_init != "kmeans":
-            raise UpcycleError(f"--calibration applies to --router-init kmeans, not --router-init {self.router_init}")
+            if used
+        ]
+        if users and not self.calibration:
+            raise UpcycleError(f"{users[0]} needs calibration text: give --calibration FILE (a plain text file)")
+        if self.calibration and not users:
+            raise UpcycleError(
+                "--calibration applies to --router-init kmeans or --split-by coactivation, "
+                f"not --router-init {self.router_init}"
+            )
+        if self.router_init == "hidden" and not self.expert_prompts:
+            raise UpcycleError(
+                "--router-init hidden needs --expert-prompts FILE: a YAML list with one list of prompts per expert"
+            )
+        if self.expert_prompts and self.router_init != "hidden":
+            raise UpcycleError(
+                f"--expert-prompts applies to --router-init hidden, not --router-init {self.router_init}"
+            )
         if self.calibration_tokens < 1:
             raise UpcycleError(f"--calibration-tokens {self.calibration_tokens} must be 1 or more")
 
@@ -112,6 +135,9 @@ class ConvertSpec:
         """Checks of the method options that need no model (those that do live in the methods, at plan time)."""
         if self.split_by is not None and self.split_by not in get_args(SplitBy):
             raise UpcycleError(f"--split-by {self.split_by!r} is not one of: {', '.join(get_args(SplitBy))}")
+        scales = get_args(FineGrainedScale)
+        if self.fine_grained_scale is not None and self.fine_grained_scale not in scales:
+            raise UpcycleError(f"--fine-grained-scale {self.fine_grained_scale!r} is not one of: {', '.join(scales)}")
         for name, kind in METHOD_NUMBERS.items():
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
@@ -136,6 +162,10 @@ class ConvertSpec:
         return self.split_by or DEFAULT_SPLIT_BY
 
     @property
+    def scale_mode(self) -> str:
+        return self.fine_grained_scale or DEFAULT_FINE_GRAINED_SCALE
+
+    @property
     def drop(self) -> float:
         return DEFAULT_DROP_RATIO if self.drop_ratio is None else float(self.drop_ratio)
 
@@ -148,8 +178,9 @@ class ConvertSpec:
         d = asdict(self)
         d.pop("extra")
         d["layers"] = list(self.layers) if self.layers is not None else None
-        if self.calibration:  # a file name, never a local path
-            d["calibration"] = Path(self.calibration).name
+        for name in ("calibration", "expert_prompts"):  # a file name, never a local path
+            if d[name]:
+                d[name] = Path(d[name]).name
         return d
 
 

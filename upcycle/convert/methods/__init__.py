@@ -35,9 +35,16 @@ def layout(spec: ConvertSpec, hidden: int, intermediate: int) -> Layout:
 class LayerBuilder:
     """Computes transformed expert tensors (float32) of one MoE layer from that layer's dense FFN tensors."""
 
-    def __init__(self, dense: dict[str, torch.Tensor], seed: int, layer: int):
+    def __init__(
+        self,
+        dense: dict[str, torch.Tensor],
+        seed: int,
+        layer: int,
+        partitions: dict[tuple[str, int], list[torch.Tensor]] | None = None,
+    ):
+        """`partitions`: neuron groups computed beforehand, (by, parts) -> groups (--split-by coactivation)."""
         self.dense, self.seed, self.layer = dense, seed, layer
-        self._partitions: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._partitions: dict[tuple[str, int], list[torch.Tensor]] = dict(partitions or {})
         self._dropped: dict[tuple[int, float], torch.Tensor] = {}
         self._moments: dict[str, tuple[float, float]] = {}
 

@@ -6,8 +6,13 @@ The G experts of one replica (a virtual group) share one router row, so they get
 and, with top-k a multiple of G, top-k keeps whole replicas. A replica's parts add up to the dense FFN; with
 down_proj scaled by G and renormalised weights the MoE computes the dense FFN for any (non-tied) router.
 
-Only down_proj is scaled. Megatron-Core also offers a cube-root scale on each of gate, up and down; through
-SwiGLU that is not exact (silu(c z) != c silu(z)), while the down-only scale is exact, so that is the one here.
+`--fine-grained-scale` says where the factor s (G, times N/k under softmax-topk) goes:
+- down: down_proj x s. Exact: the FFN is linear in down_proj.
+- cube-root: gate, up and down each x s^(1/3), as Megatron-Core's upcycling_utils does for gated linear units.
+  Up and down are linear, so they give s^(2/3); the last s^(1/3) would have to pass through the activation,
+  act(c z) = c act(z), which holds for ReLU (positively homogeneous) but not for SiLU or GELU: silu(c z) is
+  c silu(z) only for z >> 0, and e.g. silu(1.587 * -1) = -0.269 against 1.587 * silu(-1) = -0.427. So it is
+  never claimed exact (every supported family gates with SiLU); benchmarks/README.md measures how far off.
 """
 
 from __future__ import annotations
@@ -42,16 +47,27 @@ def layout(spec: ConvertSpec, hidden: int, intermediate: int) -> Layout:
     fits = [d for d in range(1, intermediate + 1) if intermediate % d == 0 and n % d == 0 and k % d == 0]
     check_divides(intermediate, g, "--granularity", fits)
     size, scale = intermediate // g, g * routing_factor(spec)
+    gate_up, down = (1.0, scale) if spec.scale_mode == "down" else (scale ** (1 / 3),) * 2
     experts = tuple(
         expert(
             hidden,
             size,
-            parts_transform("contiguous", g, (e % g,), 1.0),
-            parts_transform("contiguous", g, (e % g,), scale),
+            parts_transform("contiguous", g, (e % g,), gate_up),
+            parts_transform("contiguous", g, (e % g,), down),
         )
         for e in range(n)
     )
-    return Layout(size, experts, *exactness(spec, g, scale), router_group=g)
+    exact, why = exactness(spec, g, scale)
+    if spec.scale_mode == "cube-root":
+        exact, why = (
+            False,
+            (
+                f"gate, up and down_proj are each scaled by {scale:g}^(1/3) = {down:.4g} (Megatron-Core's cube root); "
+                "the gate's share passes through SiLU, and silu(c z) != c silu(z), so the parts do not add up to the "
+                "dense FFN (use --fine-grained-scale down for an exact start)"
+            ),
+        )
+    return Layout(size, experts, exact, why, router_group=g)
 
 
 def exactness(spec: ConvertSpec, g: int, scale: float) -> tuple[bool, str]:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..spec import ConvertSpec
 
 KMEANS_ITERS = 25
+REFINE_ROUNDS = 20  # cap on the balanced reassignment rounds of graph_partition (each must raise the score)
 
 
 def check_divides(intermediate: int, parts: int, what: str, suggest: list[int]) -> None:
@@ -33,11 +34,6 @@ def check_divides(intermediate: int, parts: int, what: str, suggest: list[int]) 
 
 def layout(spec: ConvertSpec, hidden: int, intermediate: int) -> Layout:
     by, n, s = spec.split_method, spec.experts, spec.shared_experts
-    if by == "coactivation":
-        raise UpcycleError(
-            "--split-by coactivation groups neurons that fire together on calibration text, which upcycle "
-            "cannot run yet; use --split-by random or cluster"
-        )
     parts = n + s
     what = f"--experts + --shared-experts ({n} + {s})" if s else "--experts"
     check_divides(intermediate, parts, what, [m - s for m in range(s + 2, intermediate + 1) if intermediate % m == 0])
@@ -92,6 +88,8 @@ def partition(dense: dict[str, torch.Tensor], by: str, parts: int, seed: int, la
         features = torch.cat([dense["gate"], dense["up"]], dim=1).float()  # [I, 2H]: a neuron's input weights
         labels = balanced_kmeans(features, parts, generator(seed, "cluster", layer))
         return [torch.nonzero(labels == c).squeeze(1) for c in range(parts)]
+    if by == "coactivation":  # needs the dense model run on calibration text: computed beforehand (calibrate.py)
+        raise ValueError("the coactivation partition is computed from calibration text and handed to LayerBuilder")
     raise ValueError(f"unknown partition {by!r}")
 
 
@@ -145,3 +143,68 @@ def take(dense: torch.Tensor, role: str, groups: list[torch.Tensor], chosen: tup
     if role == "down":
         return dense.float()[:, idx] * scale  # [H, I] -> [H, |idx|]
     return dense.float()[idx] * scale  # [I, H] -> [|idx|, H]
+
+
+# --- coactivation (MoEfication, Zhang et al. 2022): a balanced partition of the co-activation graph ---------
+
+
+def coactivation_graph(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act, share: float, chunk: int = 1024
+) -> torch.Tensor:
+    """Edge weights [I, I] between the FFN's neurons from its inputs x [T, H] on calibration text.
+
+    MoEfication's neurons are ReLUs, which fire (output > 0) on few tokens; a SwiGLU neuron's output
+    act(gate x) * (up x) is never exactly zero, so here a neuron fires on a token when its |output| is among the
+    token's largest, as many neurons as the token will run after the split (share = top-k / N of them, at most
+    half). The weight of an edge is how much more often the two neurons fire together than chance would have
+    them: P(i and j) - P(i) P(j), clamped at 0, with no self-loops (frequent neurons would otherwise attach to all).
+    """
+    import torch
+
+    neurons = gate.shape[0]
+    count = max(1, round(share * neurons))
+    both = torch.zeros(neurons, neurons, dtype=torch.float64)  # [I, I]: tokens on which i and j both fire
+    for xs in x.split(chunk):
+        h = (act(xs @ gate.T) * (xs @ up.T)).abs()  # [t, I]
+        fires = torch.zeros_like(h).scatter_(1, h.topk(count, dim=1).indices, 1.0)  # [t, I] 0/1
+        both += (fires.T @ fires).double()
+    p = both.diagonal() / len(x)  # [I]: how often each neuron fires
+    w = (both / len(x) - p[:, None] * p[None, :]).clamp_min(0)
+    w.fill_diagonal_(0)
+    return w.float()
+
+
+def graph_partition(w: torch.Tensor, parts: int, gen: torch.Generator, rounds: int = REFINE_ROUNDS) -> torch.Tensor:
+    """Labels [I] of a partition of the graph w [I, I] into `parts` groups of equal size with a large weight
+    inside the groups: a hand-written stand-in for the METIS call of MoEfication.
+
+    Spectral start (the normalised-cut relaxation): the top `parts` eigenvectors of D^-1/2 W D^-1/2, rows
+    normalised, grouped by balanced k-means. Then rounds of balanced reassignment: each neuron is offered the
+    group it is most connected to (balanced_assign on the affinities W @ onehot), kept while the total weight
+    inside the groups grows.
+    """
+    import torch
+
+    size = w.shape[0] // parts
+    d = w.sum(1).double().clamp_min(1e-12).rsqrt()  # [I]
+    _, vecs = torch.linalg.eigh(d[:, None] * w.double() * d[None, :])  # ascending eigenvalues
+    emb = vecs[:, -parts:]  # [I, P]
+    emb = (emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
+    best = balanced_kmeans(emb, parts, gen)
+    best_score = inside_weight(w, best)
+    for _ in range(rounds):
+        onehot = torch.nn.functional.one_hot(best, parts).to(w.dtype)  # [I, P]
+        labels = balanced_assign(-(w @ onehot), size)  # most connected first
+        score = inside_weight(w, labels)
+        if score <= best_score:
+            break
+        best, best_score = labels, score
+    return best
+
+
+def inside_weight(w: torch.Tensor, labels: torch.Tensor) -> float:
+    """Total edge weight between neurons of the same group."""
+    import torch
+
+    onehot = torch.nn.functional.one_hot(labels).to(torch.float64)  # [I, P]
+    return float((onehot.T @ w.double() @ onehot).trace())

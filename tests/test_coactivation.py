@@ -1,0 +1,188 @@
+"""`--split-by coactivation` (MoEfication): neurons that fire together on calibration text share an expert.
+
+The partition maths is checked on planted groups; the conversion is checked against a co-activation graph
+built here independently (the FFN's intermediate activations from a forward pre-hook on each dense
+`down_proj`), and for exactness, balance, disjointness and seeding on tiny models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_bad_input import assert_clean, expect_error
+from test_methods import INTERMEDIATE, _rows, run_model, shard_hashes, tensors
+from test_router_init import TEXT, TOKENS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from upcycle.arch import targets
+from upcycle.convert.methods.base import generator
+from upcycle.convert.methods.split import coactivation_graph, graph_partition, inside_weight
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
+from upcycle.source import Checkpoint
+
+
+@pytest.fixture
+def calib(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def spec(calib, **kw):
+    return build_spec(init="split", split_by="coactivation", calibration=str(calib), calibration_tokens=TOKENS, **kw)
+
+
+def planted(groups: int, size: int, hidden: int = 32, tokens: int = 600, seed: int = 0):
+    """An FFN whose neurons come in `groups` hidden groups (shuffled): the neurons of group g respond to
+    direction g of the input, and each token points along one direction. Returns x, gate, up, act, labels."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.linalg.qr(torch.randn(hidden, hidden, generator=g))[0][:groups]  # [G, H] orthonormal
+    truth = torch.randperm(groups * size, generator=g) % groups  # [I]: the planted group of each neuron
+    gate = 3 * directions[truth] + 0.05 * torch.randn(groups * size, hidden, generator=g)  # [I, H]
+    up = directions[truth] + 0.05 * torch.randn(groups * size, hidden, generator=g)
+    which = torch.randint(groups, (tokens,), generator=g)
+    x = directions[which] * (1 + torch.rand(tokens, 1, generator=g)) + 0.1 * torch.randn(tokens, hidden, generator=g)
+    return x, gate, up, torch.nn.functional.silu, truth
+
+
+def same_partition(labels: torch.Tensor, truth: torch.Tensor) -> bool:
+    """Equal up to renaming the groups."""
+    pairs = set(zip(labels.tolist(), truth.tolist(), strict=True))
+    return len(pairs) == len(set(labels.tolist())) == len(set(truth.tolist()))
+
+
+@pytest.mark.parametrize("groups, size", [(2, 4), (4, 16), (8, 8)])
+def test_planted_groups_are_recovered(groups, size):
+    x, gate, up, act, truth = planted(groups, size)
+    w = coactivation_graph(x, gate, up, act, share=1 / groups)
+    labels = graph_partition(w, groups, generator(0, "test"))
+    assert torch.bincount(labels).tolist() == [size] * groups
+    assert same_partition(labels, truth), (labels.tolist(), truth.tolist())
+
+
+def test_partition_is_balanced_and_beats_random():
+    """On a graph with no planted structure every group still gets I/P neurons, and the weight kept inside
+    the groups is above what random balanced groups keep."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(96, 96, generator=g)
+    w = ((a + a.T) / 2).fill_diagonal_(0)
+    labels = graph_partition(w, 6, generator(0, "test"))
+    assert torch.bincount(labels, minlength=6).tolist() == [16] * 6
+    rand = [inside_weight(w, torch.randperm(96, generator=g) % 6) for _ in range(20)]
+    print(f"inside weight: partition {inside_weight(w, labels):.1f}, random {min(rand):.1f}..{max(rand):.1f}")
+    assert inside_weight(w, labels) > max(rand)
+
+
+def test_graph_is_coactivation_above_chance():
+    """Two neurons that always fire together get a positive edge; a neuron and its anti-twin get none."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(50, 1)  # [100, 2]: two kinds of token
+    gate = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0], [0.0, 5.0]])  # neurons 0, 1 on kind 0; 2, 3 on 1
+    w = coactivation_graph(x, gate, torch.ones(4, 2), torch.nn.functional.silu, share=0.5)
+    assert w[0, 1] == pytest.approx(0.25) and w[2, 3] == pytest.approx(0.25)  # P(both) 1/2 - P(i)P(j) 1/4
+    assert w[0, 2] == 0 and w[1, 3] == 0 and (w.diagonal() == 0).all()
+
+
+def activations(src, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Each layer's intermediate activations act(gate x) * (up x) over the calibration tokens: [T, I]."""
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"][:TOKENS]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    for i in layers:
+        model.model.layers[i].mlp.down_proj.register_forward_pre_hook(lambda _m, a, i=i: seen[i].append(a[0][0]))
+    chunk = min(512, model.config.max_position_embeddings)
+    with torch.no_grad():
+        for s in range(0, len(ids), chunk):
+            model(input_ids=torch.tensor([ids[s : s + chunk]]))
+    return {i: torch.cat(h) for i, h in seen.items()}
+
+
+@pytest.mark.parametrize(
+    "family, kw",
+    [
+        ("llama", dict(experts=4, top_k=2)),
+        ("qwen2", dict(experts=3, top_k=2, shared_experts=1)),
+    ],
+)
+def test_experts_are_the_coactivation_groups(family, kw, dense_store, calib, tmp_path):
+    src, out = dense_store(family), tmp_path / "moe"
+    plan = convert(str(src), out, spec(calib, **kw)).plan
+    dense, moe = tensors(src), tensors(out)
+    n, s = kw["experts"], kw.get("shared_experts", 0)
+    parts, size = n + s, INTERMEDIATE // (n + s)
+    target = targets()[plan.target]
+    acts = activations(src, plan.moe_layers)
+    for layer in plan.moe_layers:
+        gate = dense[f"model.layers.{layer}.mlp.gate_proj.weight"]
+        groups = [sorted(_rows(gate, moe[target.expert["gate"].format(layer=layer, expert=e)])) for e in range(n)]
+        if s:
+            groups.append(sorted(_rows(gate, moe[target.shared["gate"].format(layer=layer)])))
+        flat = sorted(i for g in groups for i in g)
+        assert flat == list(range(INTERMEDIATE))  # disjoint, and together every neuron
+        assert [len(g) for g in groups[:n]] == [size] * n  # balanced
+        # the graph rebuilt here from the activations: fires = among each token's top k/N (at most 1/2) by |act|
+        h = acts[layer].abs()  # [T, I]
+        count = round(min(kw["top_k"] / n, 0.5) * INTERMEDIATE)
+        fires = torch.zeros_like(h).scatter_(1, h.topk(count, 1).indices, 1.0)
+        p = fires.mean(0)
+        w = (fires.T @ fires / len(h) - p[:, None] * p[None]).clamp_min(0).fill_diagonal_(0)
+        want = graph_partition(w, parts, generator(0, "coactivation", layer))
+        want_groups = sorted(torch.nonzero(want == c).squeeze(1).tolist() for c in range(parts))
+        assert sorted(groups) == want_groups
+        keep = inside_weight(w, want)
+        rand = max(inside_weight(w, torch.randperm(INTERMEDIATE) % parts) for _ in range(10))
+        print(f"{family} layer {layer}: co-activation inside groups {keep:.3f}, best of 10 random {rand:.3f}")
+        assert keep > rand
+
+
+@pytest.mark.parametrize(
+    "family, kw",
+    [
+        ("llama", dict(experts=4, top_k=4)),
+        ("mistral", dict(experts=8, top_k=8, every=2)),
+        ("qwen2", dict(experts=3, top_k=3, shared_experts=1)),
+        ("qwen3", dict(experts=4, top_k=4)),
+    ],
+)
+def test_exact_with_all_experts_and_a_zero_router(family, kw, dense_store, calib, tmp_path):
+    src, out = dense_store(family), tmp_path / "moe"
+    plan = convert(str(src), out, spec(calib, router_init="zero", **kw)).plan
+    assert plan.exact, plan.exact_text
+    dense_logits, _, _ = run_model(src)
+    moe_logits, _, info = run_model(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (dense_logits - moe_logits).abs().max().item() <= 1e-5
+
+
+def test_with_a_kmeans_router(dense_store, calib, tmp_path):
+    """Both calibration users at once: one pass, the split router regressed on the coactivation experts."""
+    out = tmp_path / "moe"
+    convert(str(dense_store("qwen3")), out, spec(calib, experts=4, top_k=2, router_init="kmeans"))
+    moe_logits, _, info = run_model(out)
+    assert not info["missing_keys"] and torch.isfinite(moe_logits).all()
+
+
+def test_seeded(dense_store, calib, tmp_path):
+    src = dense_store("mistral")
+    for name in ("a", "b"):
+        convert(str(src), tmp_path / name, spec(calib, experts=4, seed=3))
+    assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
+
+
+def test_one_layer_at_a_time(dense_store, calib, tmp_path, monkeypatch):
+    """The partition pass reads each layer's gate and up once, layer after layer; the writer then streams."""
+    loads: list[str] = []
+    real = Checkpoint.load
+    monkeypatch.setattr(Checkpoint, "load", lambda self, name: loads.append(name) or real(self, name))
+    convert(str(dense_store("llama")), tmp_path / "moe", spec(calib, experts=4))
+    partition = [f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up")]
+    write = [f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up", "down")]
+    assert loads == partition + write
+
+
+def test_needs_calibration(capsys, dense_store, tmp_path):
+    out = tmp_path / "out"
+    argv = ["convert", dense_store("llama"), out, "--init", "split", "--split-by", "coactivation"]
+    expect_error(capsys, argv, "--split-by coactivation needs calibration text")
+    assert_clean(out)
