@@ -111,11 +111,15 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
     dense = with_family_views(dense, dense_config(dense.folder).to_dict())  # fused tensors read as their views
     planned = {op.name for op in plan.ops}
     mismatched: list[str] = []
-    layers = LayerFFNs(dense, plan, seed)  # ops run layer by layer: one layer's dense FFN is held at a time
+    partitions, unrecovered = written_partitions(plan, dense, moe)
+    layers = LayerFFNs(dense, plan, seed, partitions)  # ops run layer by layer: one layer's FFN is held at a time
     compared = equal = cast = computed = zeros = skipped = read = 0
     for op in plan.ops:
         got = moe.tensors.get(op.name)
         if got is None:
+            continue
+        if any(_by_coactivation(part) and part.layer in unrecovered for part in (op.parts or (op,))):
+            mismatched.append(op.name)  # its gate rows are not a partition of the dense neurons
             continue
         if got.shape != op.shape or (strict_dtype and got.dtype != op.dtype):
             mismatched.append(op.name)
@@ -165,6 +169,80 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
         missing=tuple(sorted(planned - moe.tensors.keys())),
         unexpected=tuple(sorted(moe.tensors.keys() - planned)),
     )
+
+
+def _by_coactivation(op) -> bool:
+    return bool(op.transform) and tuple(op.transform[:2]) == ("parts", "coactivation")
+
+
+def _written(plan, moe: Checkpoint):
+    """name -> where its bytes are in MOE, for plain tensors and for the per-expert parts of fused ones."""
+    where: dict[str, TensorInfo] = {}
+    for op in plan.ops:
+        got = moe.tensors.get(op.name)
+        if got is None:
+            continue
+        offset = 0
+        for part in op.parts or (op,):
+            where[part.name] = TensorInfo(part.name, got.dtype, part.shape, got.file, got.offset + offset, part.nbytes)
+            offset += part.nbytes
+    return where
+
+
+def _load(info: TensorInfo):
+    import torch
+
+    from ..convert.plan import ST_TO_TORCH
+
+    raw = bytearray(b"".join(_pieces(info)))
+    return torch.frombuffer(raw, dtype=getattr(torch, ST_TO_TORCH[info.dtype])).view(info.shape)
+
+
+def written_partitions(plan, dense: Checkpoint, moe: Checkpoint) -> tuple[dict[int, dict], set[int]]:
+    """The --split-by coactivation neuron groups, read back from the MoE itself.
+
+    They came from calibration text the check does not have, but each expert's gate rows are dense gate rows:
+    each is found by its bytes, which gives the groups; up and down are then recomputed from those groups and
+    compared like any computed tensor. -> (layer -> {("coactivation", parts): groups}, layers whose gate rows are
+    not a balanced partition of the dense neurons)."""
+    import torch
+
+    from ..convert.plan import ST_TO_TORCH
+
+    gates: dict[int, list] = {}
+    for op in plan.flat_ops():
+        if op.role == "gate" and _by_coactivation(op):
+            gates.setdefault(op.layer, []).append(op)
+    where = _written(plan, moe)
+    found: dict[int, dict] = {}
+    bad: set[int] = set()
+    for layer, ops in gates.items():
+        parts = ops[0].transform[2]
+        source = dense.load(ops[0].src).float()  # [I, H]
+        size = source.shape[0] // parts
+        groups: dict[int, torch.Tensor] = {}
+        ok = True
+        for op in ops:
+            info = where.get(op.name)
+            if info is None:
+                continue
+            _, _, _, chosen, scale = op.transform
+            rows = (source * scale).to(getattr(torch, ST_TO_TORCH[info.dtype]))
+            index = {bytes(r.contiguous().view(torch.uint8).numpy()): i for i, r in enumerate(rows)}
+            got = _load(info)
+            idx = torch.tensor([index.get(bytes(r.contiguous().view(torch.uint8).numpy()), -1) for r in got])
+            for j, g in enumerate(chosen):
+                seg = idx[j * size : (j + 1) * size]
+                if g in groups and not torch.equal(groups[g], seg):
+                    ok = False
+                groups[g] = seg
+        covered = torch.cat(list(groups.values())).sort().values if groups else torch.empty(0, dtype=torch.long)
+        ok = ok and len(groups) == parts and torch.equal(covered, torch.arange(source.shape[0]))
+        if ok:
+            found[layer] = {("coactivation", parts): [groups[g] for g in range(parts)]}
+        else:
+            bad.add(layer)
+    return found, bad
 
 
 def _pieces(info: TensorInfo, step: int = CHUNK) -> Iterator[bytes]:
