@@ -13,7 +13,7 @@ Init = Literal["clone", "split", "drop", "fine-grained"]
 RouterInit = Literal["random", "zero", "kmeans"]
 Routing = Literal["topk-softmax", "softmax-topk"]
 SplitBy = Literal["random", "cluster", "coactivation"]
-TargetName = Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe"]
+TargetName = Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "generic"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 

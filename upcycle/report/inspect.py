@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..arch import families, target_for_model_type
+from ..arch import families, target_for_config
 from ..errors import UpcycleError
 from ..source import (
     EMBEDDED,
@@ -84,7 +84,7 @@ def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
         remote = (ckpt.config, ckpt.tensors, len(ckpt.files))
     cfg, tensors, n_files = remote
     model_type = cfg.get("model_type")
-    target = target_for_model_type(model_type)
+    target = target_for_config(cfg)
     dense_family = next((f.name for f in families().values() if model_type in f.model_types), None)
 
     per_expert: dict[int, int] = defaultdict(int)  # layer -> parameters of one expert
