@@ -266,8 +266,12 @@ def make_generic_plan(
     casts = tuple(Cast(a, b, (a, b) in LOSSLESS, (measured or {}).get((a, b))) for a, b in pairs)
     scales_exact, exact_text = scaling_rounds(layout, model_dtype)
     why = native_refusal(family, cfg)
-    chosen = f"{why}: writing upcycle's generic MoE wrapper. " if spec.target == "auto" and why else ""
-    notes = (*notes, f"{chosen}{ARCHITECTURE} needs trust_remote_code=True outside upcycle: {WHY_REMOTE_CODE}")
+    why = f"{why}, so --target auto writes" if spec.target == "auto" and why else "this is"
+    notes = (
+        *notes,
+        f"{why} upcycle's generic MoE wrapper ({ARCHITECTURE}: the dense {family.name} model with MoE blocks in "
+        f"place of its MLPs). {WHY_REMOTE_CODE}",
+    )
     return Plan(
         family=family.name,
         target=GENERIC,

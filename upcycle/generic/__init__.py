@@ -23,8 +23,9 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_upcycle_moe.UpcycleMoeForCausalLM",
 }
 WHY_REMOTE_CODE = (
-    "transformers has no MoE class for this architecture, so the folder carries upcycle's wrapper code "
-    "(configuration_upcycle_moe.py, modeling_upcycle_moe.py); other programs load it with trust_remote_code=True"
+    "transformers does not ship that class: the folder carries its code (configuration_upcycle_moe.py, "
+    "modeling_upcycle_moe.py), and other programs load it with "
+    "AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); upcycle's own commands need no flag"
 )
 
 
