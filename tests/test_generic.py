@@ -30,6 +30,7 @@ from upcycle_cli.main import run
 # family -> config overrides of the tiny model (tests/tiny.py holds each family's quirks)
 CASES = {
     "gpt2": {},
+    "qwen3": {},  # with a shared expert: no native class has one for Qwen3 (SHARED below)
     "gemma2": {},
     "llama-bias": dict(attention_bias=True, mlp_bias=True),
     "phi": {},
@@ -37,6 +38,14 @@ CASES = {
     "gemma3_text": {},
 }
 MODEL_TYPE = {"llama-bias": "llama"}
+# Qwen3 + an always-on shared expert (Qwen2-MoE's sigmoid-gated kind): clone (routed down_proj halved) and split
+SHARED = {
+    "qwen3": [dict(shared_experts=1), dict(shared_experts=1, init="split", experts=3, top_k=3, router_init="zero")]
+}
+
+
+def options_of(case: str) -> list[dict]:
+    return SHARED.get(case, [{}])
 
 
 def dense_of(dense_store, case: str) -> Path:
@@ -45,18 +54,19 @@ def dense_of(dense_store, case: str) -> Path:
 
 @pytest.fixture(scope="session")
 def generic_store(dense_store, tmp_path_factory):
-    """generic_store(case, every) -> a tiny dense model of CASE converted with --target generic, 4 experts, top-2."""
+    """generic_store(case, every, **options) -> a tiny dense model of CASE converted with --target generic (4 experts,
+    top-2 unless OPTIONS say otherwise)."""
     root = tmp_path_factory.mktemp("generic")
-    made: dict[tuple[str, int], Path] = {}
+    made: dict[tuple, Path] = {}
 
-    def get(case: str, every: int = 1) -> Path:
-        if (case, every) not in made:
-            out = root / f"{case}-every{every}"
-            convert(
-                str(dense_of(dense_store, case)), out, build_spec(target="generic", experts=4, top_k=2, every=every)
-            )
-            made[(case, every)] = out
-        return made[(case, every)]
+    def get(case: str, every: int = 1, **options) -> Path:
+        key = (case, every, *sorted(options.items()))
+        if key not in made:
+            out = root / "-".join([case, f"every{every}", *(f"{k}{v}" for k, v in sorted(options.items()))])
+            spec = build_spec(**{"target": "generic", "experts": 4, "top_k": 2, "every": every} | options)
+            convert(str(dense_of(dense_store, case)), out, spec)
+            made[key] = out
+        return made[key]
 
     return get
 
@@ -131,7 +141,7 @@ def test_a_fresh_interpreter_without_upcycle_loads_every_family_exactly(generic_
 @pytest.mark.parametrize("every", [1, 2])
 @pytest.mark.parametrize("case", list(CASES))
 def test_upcycle_verify_passes_without_trust_remote_code(case, every, generic_store, dense_store, tmp_path, capsys):
-    moe = generic_store(case, every)
+    moe = generic_store(case, every, **options_of(case)[-1])
     report = tmp_path / "verify.json"
     code = run(["verify", str(dense_of(dense_store, case)), str(moe), "--json", str(report), "--no-record"])
     assert code == 0, capsys.readouterr()
@@ -141,7 +151,7 @@ def test_upcycle_verify_passes_without_trust_remote_code(case, every, generic_st
     assert data["missing_keys"] == [] and data["unexpected_keys"] == []
 
 
-def test_experts_keep_the_dense_mlp_names_layout_and_bytes(generic_store, dense_store):
+def test_experts_keep_the_dense_mlp_names_layout_and_bytes(generic_store, dense_store, tmp_path):
     moe, dense = keys_of(generic_store("gpt2", 2)), keys_of(dense_of(dense_store, "gpt2"))
     for layer in (1, 3):
         base = f"transformer.h.{layer}.mlp"
@@ -166,8 +176,28 @@ def test_experts_keep_the_dense_mlp_names_layout_and_bytes(generic_store, dense_
     card = (folder / "README.md").read_text()
     assert 'from_pretrained("gpt2-every2", trust_remote_code=True)' in card and "- custom_code" in card
     assert "**`trust_remote_code=True`**: transformers has no MoE class that holds" in card
+    assert run(["inspect", str(folder), "--json", str(tmp_path / "inspect.json")]) == 0
+    shown = json.loads((tmp_path / "inspect.json").read_text())
+    assert shown["moe_layers"] == [1, 3] and shown["experts"] == 4 and shown["kind"] == "moe"
     for name in CODE_FILES:
         assert (folder / name).read_text() == (Path(__file__).parent.parent / "upcycle/generic" / name).read_text()
+
+
+def test_qwen3_gets_a_shared_expert_through_the_generic_path(generic_store, dense_store, tmp_path, capsys):
+    qwen3 = dense_of(dense_store, "qwen3")
+    assert run(["convert", str(qwen3), str(tmp_path / "out"), "--shared-experts", "1"]) == 2
+    assert "--target generic, upcycle's own wrapper, also holds one" in " ".join(capsys.readouterr().err.split())
+    moe, dense = keys_of(generic_store("qwen3", 2, shared_experts=1)), keys_of(qwen3)
+    for layer in (1, 3):
+        base = f"model.layers.{layer}.mlp"
+        assert torch.equal(moe[f"{base}.shared_expert_gate.weight"], torch.zeros(1, 32))  # sigmoid(0) = 1/2
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(moe[f"{base}.shared_expert.{name}.weight"], dense[f"{base}.{name}.weight"])
+        for e in range(4):  # the routed half: down_proj halved, so the two halves add up to the dense FFN
+            assert torch.equal(moe[f"{base}.experts.{e}.down_proj.weight"], dense[f"{base}.down_proj.weight"] / 2)
+            assert torch.equal(moe[f"{base}.experts.{e}.up_proj.weight"], dense[f"{base}.up_proj.weight"])
+    config = json.loads((generic_store("qwen3", 2, shared_experts=1) / "config.json").read_text())
+    assert config["shared_expert_intermediate_size"] == config["moe_intermediate_size"] == 64
 
 
 def test_auto_takes_the_generic_path_only_when_no_native_target_is_exact(dense_store, tmp_path, capsys):

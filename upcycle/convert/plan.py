@@ -359,7 +359,8 @@ def check_target_options(target: Target, spec: ConvertSpec) -> None:
         have = [t.name for t in targets().values() if t.shared]
         raise UpcycleError(
             f"--shared-experts needs a target class with a shared expert ({', '.join(have)}); "
-            f"{target.name} has none. Use --target {have[0]} or leave --shared-experts out"
+            f"{target.name} has none. Use --target {have[0]} or leave --shared-experts out (--target generic, "
+            "upcycle's own wrapper, also holds one: it needs trust_remote_code=True outside upcycle)"
         )
 
 

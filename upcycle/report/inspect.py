@@ -27,7 +27,7 @@ from ..source import (
     resolve,
 )
 
-EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.")
+EXPERT_KEY = re.compile(r"\.(?:layers|h)\.(\d+)\..*\.experts\.(\d+)\.")  # h: GPT-2 (--target generic)
 FUSED_EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
 
