@@ -174,7 +174,8 @@ def test_experts_keep_the_dense_mlp_names_layout_and_bytes(generic_store, dense_
     assert config["mlp"]["transposed"] is True and config["mlp"]["gate"] is None
     assert config["n_embd"] == config["hidden_size"] == 32  # the dense fields, and the standard names beside them
     card = (folder / "README.md").read_text()
-    assert 'from_pretrained("gpt2-every2", trust_remote_code=True)' in card and "- custom_code" in card
+    assert 'AutoModelForCausalLM.from_pretrained("gpt2-every2", trust_remote_code=True)' in card
+    assert 'AutoTokenizer.from_pretrained("gpt2-every2", trust_remote_code=True)' in card and "- custom_code" in card
     assert "**`trust_remote_code=True`**: transformers has no MoE class that holds" in card
     assert run(["inspect", str(folder), "--json", str(tmp_path / "inspect.json")]) == 0
     shown = json.loads((tmp_path / "inspect.json").read_text())

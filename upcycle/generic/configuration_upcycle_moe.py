@@ -1,8 +1,8 @@
 """Configuration of upcycle's generic MoE wrapper: a dense model's own config plus the MoE fields.
 
 This file is shipped beside the weights of every `--target generic` checkpoint, so it imports only transformers.
-The dense model's fields are kept flat (config.json reads like the dense model's, plus `dense_model_type` and the
-MoE fields); `dense_config()` rebuilds the dense model's own config class from them.
+The dense model's fields are kept flat: config.json reads like the dense model's, plus `dense_model_type`, the
+`mlp` description and the MoE fields, and the dense model's classes read this config as they read their own.
 """
 
 from __future__ import annotations
@@ -10,21 +10,20 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-BASE_FIELDS = frozenset(f.name for f in fields(PreTrainedConfig))
-MOE_FIELDS = (
-    "dense_model_type",
-    "mlp",
-    "num_experts",
-    "num_experts_per_tok",
-    "norm_topk_prob",
-    "moe_layers",
-    "moe_intermediate_size",
-    "shared_expert_intermediate_size",
-    "router_aux_loss_coef",
-    "output_router_logits",
-)
+# Fields of every config (and kwargs its __init__ handles): this config's own, never handed to the dense class.
+OWN_FIELDS = frozenset(f.name for f in fields(PreTrainedConfig)) | {
+    "auto_map",
+    "transformers_version",
+    "_name_or_path",
+    "name_or_path",
+    "attn_implementation",
+    "experts_implementation",
+    "torch_dtype",
+    "output_attentions",
+}
 
 
 class UpcycleMoeConfig(PreTrainedConfig):
@@ -48,12 +47,8 @@ class UpcycleMoeConfig(PreTrainedConfig):
         output_router_logits: bool = False,
         **kwargs: Any,
     ) -> None:
-        dense_cls = type(AutoConfig.for_model(dense_model_type))
-        own = set(BASE_FIELDS) | {"auto_map", "transformers_version", "_name_or_path", "name_or_path"}
-        own |= {"attn_implementation", "experts_implementation", "torch_dtype", "output_attentions"}
-        dense_kwargs = {k: v for k, v in kwargs.items() if k not in own}
-        base_kwargs = {k: v for k, v in kwargs.items() if k in own}
-        dense = dense_cls(**dense_kwargs)
+        # the dense config class fills defaults and derived values (layer types, RoPE parameters) as it always does
+        dense = CONFIG_MAPPING[dense_model_type](**{k: v for k, v in kwargs.items() if k not in OWN_FIELDS})
         self.dense_model_type = dense_model_type
         self.mlp = dict(mlp or {})
         self.num_experts = num_experts
@@ -64,19 +59,12 @@ class UpcycleMoeConfig(PreTrainedConfig):
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
         self.router_aux_loss_coef = router_aux_loss_coef
         self.output_router_logits = output_router_logits
-        super().__init__(**base_kwargs)
-        # The dense model's own fields, after its class filled defaults and derived values (layer types, rope).
+        super().__init__(**{k: v for k, v in kwargs.items() if k in OWN_FIELDS})
         for key, value in dense.to_dict().items():
-            if key not in own and key != "model_type":
+            if key not in OWN_FIELDS and key != "model_type":
                 setattr(self, key, value)
         for alias, name in dense.attribute_map.items():  # hidden_size for GPT-2's n_embd, and so on
             setattr(self, alias, getattr(dense, name))
-
-    def dense_config(self) -> PreTrainedConfig:
-        """The dense model's own config class, with the dense fields of this config."""
-        dense_cls = type(AutoConfig.for_model(self.dense_model_type))
-        names = {f.name for f in fields(dense_cls)} - BASE_FIELDS
-        return dense_cls(**{k: v for k, v in self.__dict__.items() if k in names})
 
 
 __all__ = ["UpcycleMoeConfig"]

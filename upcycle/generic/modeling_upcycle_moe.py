@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.integrations import use_experts_implementation
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .configuration_upcycle_moe import UpcycleMoeConfig
@@ -217,8 +218,7 @@ class UpcycleMoeForCausalLM(PreTrainedModel):
 
     def __new__(cls, config: UpcycleMoeConfig, *args, **kwargs):
         if cls is UpcycleMoeForCausalLM:
-            dense_config_class = type(AutoConfig.for_model(config.dense_model_type))
-            cls = _moe_class(MODEL_FOR_CAUSAL_LM_MAPPING[dense_config_class])
+            cls = _moe_class(MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[config.dense_model_type]])
         return super().__new__(cls)
 
     def __init__(self, config: UpcycleMoeConfig, *args, **kwargs) -> None:
