@@ -96,6 +96,10 @@ FRESH = textwrap.dedent(
         default = moe.config._experts_implementation
         with torch.no_grad():
             want, got = dense(ids).logits, moe(ids).logits
+            same_generation = torch.equal(  # the dense class's own cache and generation, sliding windows included
+                dense.generate(ids[:1], max_new_tokens=6, do_sample=False),
+                moe.generate(ids[:1], max_new_tokens=6, do_sample=False),
+            )
             moe.set_experts_implementation("eager")
             eager = moe(ids).logits
         print(json.dumps({
@@ -107,6 +111,7 @@ FRESH = textwrap.dedent(
             "eager_vs_default": float((eager - got).abs().max()),
             "default": default,
             "finite": bool(torch.isfinite(got).all()),
+            "same_generation": same_generation,
         }))
     print(json.dumps({"upcycle_imported": any(m == "upcycle" or m.startswith("upcycle.") for m in sys.modules)}))
     """
@@ -133,7 +138,7 @@ def test_a_fresh_interpreter_without_upcycle_loads_every_family_exactly(generic_
         assert row["class"] == "UpcycleMoeForCausalLM", row
         assert row["missing"] == [] and row["unexpected"] == [], row
         assert row["finite"] and row["delta"] <= 1e-5, row
-        assert row["default"] == "grouped_mm", row
+        assert row["default"] == "grouped_mm" and row["same_generation"], row
         assert row["eager_vs_default"] <= 1e-6, row
 
 
@@ -149,6 +154,24 @@ def test_upcycle_verify_passes_without_trust_remote_code(case, every, generic_st
     assert data["passed"] and data["moe_class"] == "UpcycleMoeForCausalLM" and data["plan_exact"]
     assert data["max_abs_diff"] <= 1e-5 and data["top1_agreement"] == 1.0
     assert data["missing_keys"] == [] and data["unexpected_keys"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, options", [("gpt2", {}), ("qwen3", SHARED["qwen3"][1])])
+def test_layerwise_verify_checks_every_copied_tensor(case, options, generic_store, dense_store, tmp_path, capsys):
+    moe = generic_store(case, 2, **options)
+    report = tmp_path / "verify.json"
+    code = run(
+        ["verify", str(dense_of(dense_store, case)), str(moe), "--layerwise", "--json", str(report), "--no-record"]
+    )
+    assert code == 0, capsys.readouterr()
+    data = json.loads(report.read_text())
+    assert data["mode"] == "layerwise" and data["max_abs_diff"] <= 1e-5
+    check = data["tensor_check"]
+    assert check["passed"] and check["compared"] > 0 and check["mismatched"] == [] and check["missing"] == []
+    assert check["equal"] == check["compared"] and (check["computed"] > 0) == (case == "qwen3"), check  # split
+    assert [row["layer"] for row in data["layers"] if row["moe"]] == [1, 3]
+    assert all(row["passed"] for row in data["layers"])
 
 
 def test_experts_keep_the_dense_mlp_names_layout_and_bytes(generic_store, dense_store, tmp_path):
