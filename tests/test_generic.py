@@ -300,3 +300,27 @@ def test_an_unknown_generic_family_is_refused():
         from upcycle.convert.plan import make_plan
 
         make_plan({"model_type": "bert"}, {}, build_spec(target="generic"))
+
+
+def test_gpt2_saved_the_original_way_converts(dense_store, tmp_path, capsys):
+    """openai-community/gpt2's own files name tensors without `transformer.` and hold the causal-mask buffers."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "gpt2-original"
+    src.mkdir()
+    dense = dense_of(dense_store, "gpt2")
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (src / name).write_bytes((dense / name).read_bytes())
+    renamed = {k.removeprefix("transformer."): v for k, v in keys_of(dense).items()}
+    for layer in range(4):
+        renamed[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(256, 256))[None, None]
+        renamed[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(renamed, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "moe"
+    assert run(["convert", str(src), str(out), "--target", "generic", "--experts", "4", "--every", "2"]) == 0
+    assert "left out h.0.attn.bias (and 7 more)" in " ".join(capsys.readouterr().err.split())
+    written = keys_of(out)
+    assert torch.equal(written["transformer.h.1.mlp.experts.2.c_fc.weight"], renamed["h.1.mlp.c_fc.weight"])
+    assert torch.equal(written["transformer.wte.weight"], renamed["wte.weight"])
+    assert not any(k.startswith("h.") or k.endswith((".attn.bias", ".attn.masked_bias")) for k in written)
+    assert run(["verify", str(src), str(out), "--no-record"]) == 0, capsys.readouterr()

@@ -41,6 +41,20 @@ def with_standard_names(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg | {alias: cfg[name] for alias, name in aliases.items() if name in cfg and alias not in cfg}
 
 
+def with_class_names(tensors: dict[str, TensorInfo], expected: Collection[str] | None) -> dict[str, TensorInfo]:
+    """Checkpoints saved before the base model had its attribute name (GPT-2's own: `h.0.attn.c_attn.weight`,
+    `wte.weight`) lack the prefix that transformers adds when it loads them (`transformer.`); so does the plan.
+    -> the class's name -> TensorInfo, whose `.name` stays the key in the file."""
+    if expected is None:
+        return tensors
+    tops = {key.split(".", 1)[0] for key in expected}
+    out = {}
+    for name, info in tensors.items():
+        known = [f"{top}.{name}" for top in tops if f"{top}.{name}" in expected] if name not in expected else []
+        out[known[0] if len(known) == 1 else name] = info
+    return out
+
+
 def native_refusal(family: Family, cfg: dict[str, Any]) -> str | None:
     """Why no native MoE class holds this dense model exactly (None: one does)."""
     if not family.targets:
@@ -166,15 +180,15 @@ def generic_ops(
 
     def ffn_op(name: str, layer: int, role: str, built, kind: str, e: int | None, bias: bool) -> TensorOp:
         weight, bias_key = mlp_tensors(mlp, layer)[role]
-        src = bias_key if bias else weight
-        shape = tensors[src].shape if bias or built.transform is None else built.shape
+        info = tensors[bias_key if bias else weight]
+        shape = info.shape if bias or built.transform is None else built.shape
         transform = None if bias else built.transform
         return TensorOp(
-            name, shape, out_dtype(tensors[src].dtype), kind, src=src, layer=layer, expert=e,
+            name, shape, out_dtype(info.dtype), kind, src=info.name, layer=layer, expert=e,
             transform=transform, role=None if bias else role,
         )  # fmt: skip
 
-    ops = [(key(n), TensorOp(n, t.shape, out_dtype(t.dtype), "copy", src=n)) for n, t in tensors.items()]
+    ops = [(key(n), TensorOp(n, t.shape, out_dtype(t.dtype), "copy", src=t.name)) for n, t in tensors.items()]
     ops = [(k, op) for k, op in ops if op.name not in replaced]
     for layer in moe:
         made = [TensorOp(f"{base[layer]}.router.weight", (experts, hidden), model_dtype, "router", layer=layer,
@@ -248,7 +262,7 @@ def make_generic_plan(
     generic_target(family.name)  # the family's table is complete
     cfg = with_standard_names(cfg)
     num_layers, hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
-    kept, notes = account_for(family, tensors, num_layers, expected, optional)
+    kept, notes = account_for(family, with_class_names(tensors, expected), num_layers, expected, optional)
     moe = moe_layer_indices(num_layers, spec)
     mlp = resolved_mlp(family, cfg)
     size = intermediate_size(family, mlp, cfg, kept)
@@ -262,7 +276,8 @@ def make_generic_plan(
 
     model_dtype = out_dtype(kept[mlp_tensors(mlp, 0)["up"][0]].dtype)
     ops = generic_ops(mlp, kept, moe, layout, out_dtype, model_dtype, hidden)
-    pairs = sorted({(kept[op.src].dtype, op.dtype) for op in ops if op.src and kept[op.src].dtype != op.dtype})
+    source = {info.name: info for info in kept.values()}  # ops name their source by its key in the file
+    pairs = sorted({(source[op.src].dtype, op.dtype) for op in ops if op.src and source[op.src].dtype != op.dtype})
     casts = tuple(Cast(a, b, (a, b) in LOSSLESS, (measured or {}).get((a, b))) for a, b in pairs)
     scales_exact, exact_text = scaling_rounds(layout, model_dtype)
     why = native_refusal(family, cfg)
