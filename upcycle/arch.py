@@ -125,7 +125,7 @@ def generic_target(family_name: str) -> Target:
         attention="kept",  # the dense model's own attention runs unchanged
         renormalize="norm_topk_prob",
         config={"experts": "num_experts", "top_k": "num_experts_per_tok", "expert_size": "moe_intermediate_size"},
-        set={"output_router_logits": False, "router_aux_loss_coef": 0.001},
+        set={},  # the wrapper computes no aux loss of its own: upcycle train's router hooks do
         router=f"{path}.router.weight",
         expert={role: f"{path}.experts.{{expert}}.{name}.weight" for role, name in names.items()},
         extra=(),

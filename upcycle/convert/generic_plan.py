@@ -239,8 +239,6 @@ def generic_target_fields(cfg, mlp, spec: ConvertSpec, moe, layout: expert_metho
         "moe_layers": list(moe),
         "moe_intermediate_size": layout.expert_size,
         "shared_expert_intermediate_size": layout.shared_size,
-        "output_router_logits": False,
-        "router_aux_loss_coef": 0.001,
     }
 
 

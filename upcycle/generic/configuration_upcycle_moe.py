@@ -29,7 +29,8 @@ OWN_FIELDS = frozenset(f.name for f in fields(PreTrainedConfig)) | {
 class UpcycleMoeConfig(PreTrainedConfig):
     """`mlp` describes the dense MLP that every MoE layer's experts copy: where it sits (`path`, with {layer}),
     its projection names (`gate` or None, `up`, `down`), `bias`, `transposed` (GPT-2's Conv1D weights are stored
-    [in, out]), `hidden_act` and `dropout` (applied to the block's output, as the dense MLP did)."""
+    [in, out]), `hidden_act` and `dropout` (applied to the block's output, as the dense MLP did). The forward adds no
+    load-balancing loss of its own (`upcycle train` computes it from the routers)."""
 
     model_type = "upcycle_moe"
 
@@ -43,8 +44,6 @@ class UpcycleMoeConfig(PreTrainedConfig):
         moe_layers: list[int] | None = None,
         moe_intermediate_size: int | None = None,
         shared_expert_intermediate_size: int = 0,
-        router_aux_loss_coef: float = 0.001,
-        output_router_logits: bool = False,
         **kwargs: Any,
     ) -> None:
         # the dense config class fills defaults and derived values (layer types, RoPE parameters) as it always does
@@ -57,8 +56,6 @@ class UpcycleMoeConfig(PreTrainedConfig):
         self.moe_layers = list(moe_layers) if moe_layers is not None else list(range(dense.num_hidden_layers))
         self.moe_intermediate_size = moe_intermediate_size
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
-        self.router_aux_loss_coef = router_aux_loss_coef
-        self.output_router_logits = output_router_logits
         super().__init__(**{k: v for k, v in kwargs.items() if k in OWN_FIELDS})
         for key, value in dense.to_dict().items():
             if key not in OWN_FIELDS and key != "model_type":
