@@ -155,7 +155,11 @@ def convert(
     router_std: Annotated[float | None, typer.Option(help="Std of a random router. [default: 0.02]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for every random choice. [default: 0]")] = None,
     target: Annotated[
-        str | None, typer.Option(help="Native class: auto, mixtral, qwen2_moe, qwen3_moe. [default: auto]")
+        str | None,
+        typer.Option(
+            help="Native class: auto, mixtral, qwen2_moe, qwen3_moe; or generic (upcycle's own wrapper, which "
+            "needs trust_remote_code outside upcycle). [default: auto]"
+        ),
     ] = None,
     dtype: Annotated[
         str | None,
