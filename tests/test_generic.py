@@ -36,6 +36,8 @@ CASES = {
     "phi": {},
     "olmo": {},
     "gemma3_text": {},
+    "glm": {},
+    "glm4": {},
 }
 MODEL_TYPE = {"llama-bias": "llama"}
 # Qwen3 + an always-on shared expert (Qwen2-MoE's sigmoid-gated kind): clone (routed down_proj halved) and split
@@ -249,6 +251,9 @@ def test_refusals_name_the_generic_path(dense_store, tmp_path, capsys):
         err = " ".join(capsys.readouterr().err.split())
         assert message in err, err
         assert not (tmp_path / "out").exists()
+    glm = str(dense_of(dense_store, "glm"))
+    assert run(["convert", glm, str(tmp_path / "out"), "--init", "drop"]) == 2
+    assert "this glm model has a fused gate_up MLP" in " ".join(capsys.readouterr().err.split())
     biased = str(dense_of(dense_store, "llama-bias"))
     assert run(["convert", biased, str(tmp_path / "out"), "--target", "mixtral"]) == 2
     assert "--target generic keeps it exactly" in " ".join(capsys.readouterr().err.split())
@@ -261,7 +266,7 @@ def test_generic_targets_are_tables_of_the_families():
         target = generic_target(fam.name)
         path = fam.mlp["path"]
         assert target.modules == {"router": f"{path}.router", "experts": f"{path}.experts"}
-        assert set(target.expert) == {r for r in ("gate", "up", "down") if fam.mlp.get(r)}
+        assert set(target.expert) == {r for r in ("gate", "up", "gate_up", "down") if fam.mlp.get(r)}
         assert all(fam.ffn[role].endswith(f".{fam.mlp[role]}.weight") for role in target.expert)
 
 

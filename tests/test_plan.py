@@ -192,7 +192,8 @@ def test_architecture_tables_are_consistent():
 
     assert {"llama", "mistral", "qwen2", "qwen3"} <= set(families())
     for fam in families().values():
-        assert set(fam.ffn) == set(FFN_ROLES) - ({"gate"} if fam.mlp and not fam.mlp["gate"] else set())
+        roles = {r for r in (*FFN_ROLES, "gate_up") if fam.mlp.get(r)} if fam.mlp else set(FFN_ROLES)
+        assert set(fam.ffn) == roles
         assert all("{layer}" in t for t in fam.ffn.values())
         assert set(fam.auto_target.values()) <= set(fam.targets) <= set(targets())
     for tgt in targets().values():

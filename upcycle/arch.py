@@ -33,8 +33,9 @@ class Family:
     targets: dict[str, dict[str, Any]]  # target name -> config fields fixed for this family
     auto_target: dict[str, str]  # "every_layer" | "some_layers" -> target name
     # the dense MLP as the generic wrapper (--target generic) copies it: "path" (module path with {layer}), projection
-    # names "gate" (null when ungated), "up", "down"; "bias" (bool, or the config field that says), "transposed"
-    # (Conv1D weights stored [in, out]), "act" and "dropout" (config fields). Empty: no generic path for the family.
+    # names "gate" (null when ungated), "up", "down" (or "gate_up", fused with gate rows first, and "down"); "bias"
+    # (bool, or the config field that says), "transposed" (Conv1D weights stored [in, out]), "act" and "dropout"
+    # (config fields). Empty: no generic path for the family.
     mlp: dict[str, Any] = field(default_factory=dict)
 
 
@@ -116,7 +117,7 @@ def generic_target(family_name: str) -> Target:
     every expert tensor keeps the dense MLP's name (its `.weight`; biases sit beside it)."""
     mlp = families()[family_name].mlp
     path = mlp["path"]
-    names = {role: mlp.get(role) for role in FFN_ROLES if mlp.get(role)}
+    names = {role: mlp.get(role) for role in (*FFN_ROLES, "gate_up") if mlp.get(role)}  # gate_up: fused
     return Target(
         name=GENERIC,
         model_type=GENERIC_MODEL_TYPE,

@@ -21,6 +21,7 @@ from ..generic import ARCHITECTURE, AUTO_MAP, MODEL_TYPE, WHY_REMOTE_CODE
 from ..source import TensorInfo
 from .spec import ConvertSpec
 
+MLP_ROLES = (*FFN_ROLES, "gate_up")  # gate_up: one fused projection, gate rows first (GLM, Phi-3)
 # Dense config entries that describe a saved file rather than the model: the wrapper's config sets its own.
 NOT_COPIED = (
     "model_type",
@@ -88,7 +89,8 @@ def resolved_mlp(family: Family, cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "path": mlp["path"],
         "gate": mlp.get("gate"),
-        "up": mlp["up"],
+        "up": mlp.get("up"),
+        "gate_up": mlp.get("gate_up"),
         "down": mlp["down"],
         "bias": bool(bias),
         "transposed": bool(mlp.get("transposed", False)),
@@ -98,16 +100,17 @@ def resolved_mlp(family: Family, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def plain(mlp: dict[str, Any]) -> bool:
-    """Gated, bias-free, weights stored [out, in]: the FFN the expert methods (split, drop, scaled down_proj) cut."""
+    """Gated (gate and up apart), bias-free, weights stored [out, in]: the FFN the expert methods (split, drop, scaled
+    down_proj) cut."""
     return bool(mlp["gate"]) and not mlp["bias"] and not mlp["transposed"]
 
 
 def mlp_tensors(mlp: dict[str, Any], layer: int) -> dict[str, tuple[str, str | None]]:
-    """role -> (weight key, bias key or None) of one layer's dense MLP."""
+    """role -> (weight key, bias key or None) of one layer's dense MLP (roles gate, up, down, or gate_up, down)."""
     base = mlp["path"].format(layer=layer)
     return {
         role: (f"{base}.{mlp[role]}.weight", f"{base}.{mlp[role]}.bias" if mlp["bias"] else None)
-        for role in FFN_ROLES
+        for role in MLP_ROLES
         if mlp.get(role)
     }
 
@@ -130,7 +133,7 @@ def intermediate_size(family: Family, mlp: dict[str, Any], cfg: dict[str, Any], 
                     f"{weight} has shape {list(shape)}, which does not fit hidden size {hidden}; "
                     "config.json and the weights disagree"
                 )
-            found.add(shape[0 if outward else 1])
+            found.add(shape[0 if outward else 1] // (2 if role == "gate_up" else 1))
     if len(found) != 1:
         raise UpcycleError(
             f"the MLPs of this {family.name} model differ in size ({sorted(found)}); upcycle needs one size"
@@ -146,7 +149,8 @@ def check_generic_options(
         raise UpcycleError(f"a {family.name} model has no generic form; use --target auto")
     computed = any(t.transform is not None for e in (*layout.experts, layout.shared or {}) for t in e.values())
     if computed and not plain(mlp):
-        kind = "a Conv1D" if mlp["transposed"] else ("an ungated" if not mlp["gate"] else "a biased")
+        kind = "a Conv1D" if mlp["transposed"] else "a fused gate_up" if mlp["gate_up"] else "an ungated"
+        kind = "a biased" if kind == "an ungated" and mlp["gate"] else kind
         raise UpcycleError(
             f"--init {spec.init}{' with --shared-experts' if spec.shared_experts else ''} computes expert weights, "
             f"which upcycle does for gated, bias-free MLPs only; this {family.name} model has {kind} MLP. "
@@ -202,9 +206,10 @@ def generic_ops(
         for e, built in enumerate(layout.experts):
             for role, (_, bias_key) in mlp_tensors(mlp, layer).items():
                 name = f"{base[layer]}.experts.{e}.{mlp[role]}"
-                made.append(ffn_op(f"{name}.weight", layer, role, built[role], "expert", e, False))
+                part = built["up"] if role == "gate_up" else built[role]  # fused: clone only, so no transform
+                made.append(ffn_op(f"{name}.weight", layer, role, part, "expert", e, False))
                 if bias_key:
-                    made.append(ffn_op(f"{name}.bias", layer, role, built[role], "expert", e, True))
+                    made.append(ffn_op(f"{name}.bias", layer, role, part, "expert", e, True))
         ops += [((1, layer, 1, i), op) for i, op in enumerate(made)]
     return [op for _, op in sorted(ops, key=lambda pair: pair[0])]
 
@@ -272,7 +277,7 @@ def make_generic_plan(
             return src_dtype
         return TORCH_TO_ST[spec.dtype]
 
-    model_dtype = out_dtype(kept[mlp_tensors(mlp, 0)["up"][0]].dtype)
+    model_dtype = out_dtype(kept[mlp_tensors(mlp, 0)["down"][0]].dtype)
     ops = generic_ops(mlp, kept, moe, layout, out_dtype, model_dtype, hidden)
     source = {info.name: info for info in kept.values()}  # ops name their source by its key in the file
     pairs = sorted({(source[op.src].dtype, op.dtype) for op in ops if op.src and source[op.src].dtype != op.dtype})

@@ -28,9 +28,10 @@ OWN_FIELDS = frozenset(f.name for f in fields(PreTrainedConfig)) | {
 
 class UpcycleMoeConfig(PreTrainedConfig):
     """`mlp` describes the dense MLP that every MoE layer's experts copy: where it sits (`path`, with {layer}),
-    its projection names (`gate` or None, `up`, `down`), `bias`, `transposed` (GPT-2's Conv1D weights are stored
-    [in, out]), `hidden_act` and `dropout` (applied to the block's output, as the dense MLP did). The forward adds no
-    load-balancing loss of its own (`upcycle train` computes it from the routers)."""
+    its projection names (`gate` or None, `up`, `down`; or one fused `gate_up`, gate rows first), `bias`,
+    `transposed` (GPT-2's Conv1D weights are stored [in, out]), `hidden_act` and `dropout` (applied to the block's
+    output, as the dense MLP did). The forward adds no load-balancing loss of its own (`upcycle train` computes it
+    from the routers)."""
 
     model_type = "upcycle_moe"
 

@@ -61,9 +61,14 @@ class UpcycleMoeRouter(nn.Module):
         return router_logits, top_value.to(router_logits.dtype), top_index
 
 
+def _gated(mlp: dict) -> bool:
+    """Gated: separate gate and up projections, or one fused `gate_up` (GLM, Phi-3: gate rows first)."""
+    return bool(mlp.get("gate") or mlp.get("gate_up"))
+
+
 def _first_name(mlp: dict) -> str:
     """The fused first projection: gate and up together for a gated MLP, up alone otherwise."""
-    return "gate_up_proj" if mlp.get("gate") else "up_proj"
+    return "gate_up_proj" if _gated(mlp) else "up_proj"
 
 
 @use_experts_implementation
@@ -77,7 +82,7 @@ class UpcycleMoeExperts(nn.Module):
         self.num_experts = config.num_experts
         self.hidden_dim = config.hidden_size
         self.intermediate_dim = size
-        first = (2 if mlp.get("gate") else 1) * size
+        first = (2 if _gated(mlp) else 1) * size
         E, H = self.num_experts, self.hidden_dim
         transposed = bool(mlp.get("transposed"))
         self.first_name = _first_name(mlp)
@@ -158,7 +163,7 @@ class UpcycleMoeBlock(nn.Module):
         self.router = UpcycleMoeRouter(config)
         self.experts = UpcycleMoeExperts(config, config.moe_intermediate_size)
         # use_experts_implementation's defaults describe a gated, bias-free [out, in] MLP; say what this one is
-        self.experts.has_gate = bool(mlp.get("gate"))
+        self.experts.has_gate = _gated(mlp)
         self.experts.has_bias = bool(mlp.get("bias"))
         self.experts.is_transposed = bool(mlp.get("transposed"))
         size = config.shared_expert_intermediate_size
@@ -179,12 +184,16 @@ class UpcycleMoeBlock(nn.Module):
 
 def conversion_mapping(mlp: dict) -> list[WeightConverter]:
     """Per-expert tensors on disk (the dense MLP's own names) <-> the fused tensors of UpcycleMoeExperts."""
-    gate, up, down, first = mlp.get("gate"), mlp["up"], mlp["down"], _first_name(mlp)
+    gate, up, down, first = mlp.get("gate"), mlp.get("up"), mlp["down"], _first_name(mlp)
     concat = 2 if mlp.get("transposed") else 1  # the output dimension of the first projection
     rules = []
     for suffix, tensor_dim in (("weight", concat), ("bias", 1)):
         tail = "" if suffix == "weight" else "_bias"
-        if gate:
+        if mlp.get("gate_up"):  # already [gate; up] per expert
+            rules.append(
+                WeightConverter(f"experts.*.{mlp['gate_up']}.{suffix}", f"experts.{first}{tail}", [MergeModulelist(0)])
+            )
+        elif gate:
             sources = [f"experts.*.{gate}.{suffix}", f"experts.*.{up}.{suffix}"]
             ops = [MergeModulelist(dim=0), Concatenate(dim=tensor_dim)]
             rules.append(WeightConverter(sources, f"experts.{first}{tail}", ops))

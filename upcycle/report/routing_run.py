@@ -162,7 +162,7 @@ def checkpoint_cosine(folder: Path) -> dict[int, float]:
             def key(role: str, e: int, layer: int = layer) -> str:
                 return target.expert[role].format(layer=layer, expert=e)
 
-            first = [role for role in ("gate", "up") if role in target.expert]  # ungated generic MLPs: up only
+            first = [r for r in ("gate", "up", "gate_up") if r in target.expert]  # generic MLPs: up, or gate_up
             gate_up = torch.stack([torch.cat([read(key(role, e)) for role in first]) for e in range(experts)])
             down = torch.stack([read(key("down", e)) for e in range(experts)])  # (E, H, I)
         out[layer] = weight_cosine(SimpleNamespace(gate_up_proj=gate_up, down_proj=down))
