@@ -178,7 +178,8 @@ def convert(
         str | None,
         typer.Option(
             help="Native class: auto, mixtral, qwen2_moe, qwen3_moe, flex_olmo, granitemoe, ernie4_5_moe, "
-            "hunyuan_v1_moe. [default: auto]"
+            "hunyuan_v1_moe; or generic (upcycle's own wrapper, which needs trust_remote_code outside upcycle). "
+            "[default: auto]"
         ),
     ] = None,
     dtype: Annotated[

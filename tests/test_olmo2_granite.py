@@ -261,16 +261,27 @@ def test_softmax_topk_on_flex_olmo_is_exact_with_a_zero_router(dense_store, tmp_
 
 @pytest.mark.parametrize(
     ("model_type", "sibling", "why"),
-    [("exaone4", "exaone_moe", "is a pre-norm block"), ("olmo3", "flex_olmo", "has no sliding-window attention")],
+    [("exaone4", "exaone_moe", "normalises each sublayer"), ("olmo3", "flex_olmo", "no sliding-window attention")],
 )
-def test_inexact_siblings_are_refused_with_the_reason(model_type, sibling, why, tmp_path, capsys):
+def test_inexact_siblings_go_to_the_generic_wrapper(model_type, sibling, why, tmp_path, capsys):
+    """No native sibling holds these exactly (the family table says why), so auto writes the generic wrapper,
+    says so, and the result computes the dense model; asking for the sibling is refused."""
+    from upcycle.arch import families
+    from upcycle.report.verify import verify
+
+    assert why in families()[model_type].caveats and sibling in families()[model_type].caveats
     config = AutoConfig.for_model(model_type, **{**BASE, "head_dim": 8, "sliding_window": 16})
     src = tmp_path / "dense"
     AutoModelForCausalLM.from_config(config).save_pretrained(src)  # a real tiny checkpoint of the family
     out = tmp_path / "moe"
-    line = expect_error(capsys, ["convert", src, out], f"{model_type} has no exact native MoE target")
-    assert f"its sibling {sibling} {why}" in line and "--target generic" in line
-    assert_clean(out)
+    result = convert(str(src), out, build_spec(experts=4, top_k=2))
+    assert result.plan.target == "generic" and result.plan.exact
+    assert any("trust_remote_code" in note for note in result.plan.notes)
+    report = verify(str(src), str(out))
+    assert report.passed and report.max_abs_diff <= 1e-5
+    line = expect_error(capsys, ["convert", src, tmp_path / "moe2", "--target", sibling], sibling)
+    assert "generic" in line
+    assert_clean(tmp_path / "moe2")
 
 
 @pytest.mark.slow

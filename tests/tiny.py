@@ -39,10 +39,43 @@ FAMILIES = {
     "hunyuan_v1_dense": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
+# Families that only `--target generic` converts, in their own field names, with the quirks that matter: GPT-2's
+# Conv1D MLP and tied embeddings, Gemma 2's sandwich norms, softcapping and sliding window, Gemma 3's per-layer-type
+# RoPE and q/k norms, Phi's partial rotary and biased ungated MLP, OLMo's non-parametric LayerNorm and clip_qkv,
+# GLM's fused gate_up MLP, partial rotary and q/k/v biases (GLM-4: also sandwich norms).
+_LLAMA_LIKE = {k: v for k, v in BASE.items() if k != "rms_norm_eps"} | {"head_dim": 16}
+GENERIC_FAMILIES = {
+    "gpt2": dict(vocab_size=128, n_embd=32, n_layer=4, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2),
+    "gemma2": dict(
+        _LLAMA_LIKE,
+        rms_norm_eps=1e-6,
+        sliding_window=8,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        pad_token_id=0,
+    ),
+    "gemma3_text": dict(
+        _LLAMA_LIKE,
+        rms_norm_eps=1e-6,
+        sliding_window=8,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        pad_token_id=0,
+    ),
+    "phi": dict(_LLAMA_LIKE, head_dim=None, num_key_value_heads=4, partial_rotary_factor=0.5),
+    "olmo": dict(_LLAMA_LIKE, clip_qkv=8.0, pad_token_id=0),
+    "glm": dict(_LLAMA_LIKE, rms_norm_eps=1e-6, partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0),
+    "glm4": dict(_LLAMA_LIKE, rms_norm_eps=1e-6, partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0),
+}
+
 
 def tiny_config(family: str, **overrides):
     from transformers import AutoConfig
 
+    if family in GENERIC_FAMILIES:
+        kwargs = {k: v for k, v in {**GENERIC_FAMILIES[family], **overrides}.items() if v is not None}
+        return AutoConfig.for_model(family, **kwargs)
     kwargs = {**BASE, **FAMILIES[family], **overrides}
     return AutoConfig.for_model(family, **kwargs)
 

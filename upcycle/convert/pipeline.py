@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UpcycleError
+from ..generic import MODEL_TYPE as GENERIC_MODEL_TYPE
+from ..generic import register as register_generic
+from ..generic import write_code as write_generic_code
 from ..outdir import check_target, staged_folder
 from ..publish.card import hub_card_license, source_license, write_card_and_recipe
 from ..source import (
@@ -525,6 +528,9 @@ def measure_casts(tensors: dict[str, TensorInfo], plan: Plan) -> dict[tuple[str,
 def write_config(plan: Plan, folder: Path) -> None:
     from transformers import AutoConfig
 
+    if plan.config.get("model_type") == GENERIC_MODEL_TYPE:  # upcycle's wrapper: its code goes beside the weights
+        register_generic()
+        write_generic_code(folder)
     kwargs = {k: v for k, v in plan.config.items() if k != "model_type"}
     config = AutoConfig.for_model(plan.config["model_type"], **kwargs)
     written = config.to_dict()

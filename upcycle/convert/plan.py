@@ -17,6 +17,7 @@ from ..arch import FFN_ROLES, Family, Target, family_for, targets
 from ..convert import methods as expert_methods
 from ..errors import UpcycleError
 from ..source import DTYPE_BYTES, TensorInfo
+from .generic_plan import make_generic_plan, wants_generic
 from .methods.base import power_of_two
 from .spec import ConvertSpec
 from .views import family_notes, transform_exact, untied, value_transform, with_views
@@ -193,7 +194,7 @@ class Plan:
 
 def check_causal_lm(config: dict[str, Any]) -> None:
     archs = config.get("architectures") or []
-    if archs and not any(str(a).endswith("ForCausalLM") for a in archs):
+    if archs and not any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):  # GPT2LMHeadModel
         raise UpcycleError(
             f"the model is a {archs[0]}, not a causal language model (…ForCausalLM); upcycle converts "
             "decoder-only causal LMs"
@@ -214,14 +215,19 @@ def moe_layer_indices(num_layers: int, spec: ConvertSpec) -> tuple[int, ...]:
     return chosen
 
 
+def _generic_hint(family: Family) -> str:
+    """How to get the model anyway, where upcycle's generic wrapper can hold it."""
+    return "; --target generic keeps it exactly, as a model that needs trust_remote_code=True" if family.mlp else ""
+
+
 def choose_target(family: Family, spec: ConvertSpec, all_layers: bool) -> Target:
     name = spec.target
     if name == "auto":
         name = family.auto_target["every_layer" if all_layers else "some_layers"]
     if name not in family.targets:
+        choices = sorted(family.targets) + (["generic"] if family.mlp else [])
         raise UpcycleError(
-            f"a {family.name} model has no exact {name} form; choose --target "
-            f"{' or '.join(sorted(family.targets))} (or auto)"
+            f"a {family.name} model has no exact {name} form; choose --target {' or '.join(choices)} (or auto)"
         )
     target = targets()[name]
     if not all_layers and not target.interleave:
@@ -312,11 +318,15 @@ def make_plan(
     """
     family = family_for(cfg.get("model_type"))
     check_causal_lm(cfg)
+    if wants_generic(family, cfg, spec):  # upcycle's own wrapper: generic_plan.py
+        return make_generic_plan(family, cfg, tensors, spec, expected=expected, optional=optional, measured=measured)
+    if not family.targets:  # a family only the generic wrapper holds: refuse the native target asked for
+        choose_target(family, spec, all_layers=True)
     for key, wanted in family.require.items():
         if config_value(cfg, key, wanted) != wanted:
             raise UpcycleError(
                 f"this {family.name} model has {key}={config_value(cfg, key, wanted)!r}; no native MoE class holds "
-                f"that exactly (upcycle needs {key}={wanted!r})"
+                f"that exactly (upcycle needs {key}={wanted!r}){_generic_hint(family)}"
             )
     num_layers = int(cfg["num_hidden_layers"])
     kept, notes = account_for(family, tensors, num_layers, expected, optional)
@@ -417,7 +427,8 @@ def check_target_options(target: Target, spec: ConvertSpec, family: Family | Non
         have = [t.name for t in targets().values() if t.shared]
         raise UpcycleError(
             f"--shared-experts needs a target class with a shared expert ({', '.join(have)}); "
-            f"{target.name} has none. Use --target {have[0]} or leave --shared-experts out"
+            f"{target.name} has none. Use --target {have[0]} or leave --shared-experts out (--target generic, "
+            "upcycle's own wrapper, also holds one: it needs trust_remote_code=True outside upcycle)"
         )
 
 

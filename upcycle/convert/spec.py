@@ -15,7 +15,7 @@ Routing = Literal["topk-softmax", "softmax-topk"]
 SplitBy = Literal["random", "cluster", "coactivation"]
 FineGrainedScale = Literal["down", "cube-root"]
 TargetName = Literal[
-    "auto", "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "granitemoe", "ernie4_5_moe", "hunyuan_v1_moe"
+    "auto", "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "granitemoe", "ernie4_5_moe", "hunyuan_v1_moe", "generic"
 ]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 

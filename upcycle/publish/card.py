@@ -22,6 +22,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..arch import GENERIC
 from ..outdir import current_umask
 from ..source import looks_like_repo_id
 
@@ -145,7 +146,8 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
     src, spec, plan = recipe["source"], recipe["recipe"], recipe["plan"]
     repo_id = recipe.get("hub_repo")
     base = _base_model(src)
-    tags = ["moe", "upcycled", "upcycle", "mixture-of-experts", plan["target"]]
+    remote_code = plan["target"] == GENERIC  # upcycle's wrapper: its code ships in the folder
+    tags = ["moe", "upcycled", "upcycle", "mixture-of-experts", plan["target"], *(["custom_code"] * remote_code)]
     data = ModelCardData(
         base_model=base,
         base_model_relation="finetune" if base else None,
@@ -175,6 +177,7 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         family=plan["family"],
         dense_params=_count(plan["dense_params"]),
         architecture=plan["architecture"],
+        remote_code=remote_code,
         init=spec["init"],
         method_text=method_text(spec),
         experts=plan["experts"],

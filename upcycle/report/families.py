@@ -20,11 +20,15 @@ def exactness(family: Family) -> str:
 def family_rows() -> list[dict[str, Any]]:
     rows = []
     for fam in sorted(families().values(), key=lambda f: f.name):
-        auto = f"{fam.auto_target['every_layer']} / {fam.auto_target['some_layers']}"
+        if fam.auto_target:
+            auto = f"{fam.auto_target['every_layer']} / {fam.auto_target['some_layers']}"
+        else:  # no native class holds the family exactly: upcycle's own wrapper (needs trust_remote_code elsewhere)
+            auto = "generic / generic"
+        names = sorted(fam.targets) + (["generic"] if fam.mlp else [])
         rows.append(
             {
                 "family": fam.name,
-                "targets": ", ".join(sorted(fam.targets)),
+                "targets": ", ".join(names),
                 "auto: every layer / some layers": auto,
                 "exact": exactness(fam),
                 "caveats": fam.caveats or "–",

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..arch import Target, families, target_for_model_type
+from ..arch import Target, families, target_for_config
 from ..errors import UpcycleError
 from ..source import (
     EMBEDDED,
@@ -27,7 +27,7 @@ from ..source import (
     resolve,
 )
 
-EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.")
+EXPERT_KEY = re.compile(r"\.(?:layers|h)\.(\d+)\..*\.experts\.(\d+)\.")  # h: GPT-2 (--target generic)
 FUSED_EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
 
@@ -93,7 +93,7 @@ def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
         remote = (ckpt.config, ckpt.tensors, len(ckpt.files))
     cfg, tensors, n_files = remote
     model_type = cfg.get("model_type")
-    target = target_for_model_type(model_type)
+    target = target_for_config(cfg)
     dense_family = next((f.name for f in families().values() if model_type in f.model_types), None)
 
     per_expert: dict[int, int] = defaultdict(int)  # layer -> parameters of one expert

@@ -15,7 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from ..arch import families, target_for_model_type, targets
+from ..arch import families, target_for_config, targets
 from ..errors import UpcycleError
 from ..outdir import check_target, staged_folder
 from ..source import read_config, resolve
@@ -60,7 +60,7 @@ def routing(
     check_target(out, force)  # before the slow part: an existing REPORT_DIR is refused at once
     ref = resolve(model)
     config = read_config(ref.folder)
-    target = _moe_target(model, config.get("model_type"))
+    target = _moe_target(model, config)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device == "cuda" and not torch.cuda.is_available():
         raise UpcycleError("--device cuda, but torch sees no CUDA device; use --device cpu")
@@ -158,8 +158,9 @@ def _check_options(
         raise UpcycleError(f"--html-tokens {html} must be at least 1")
 
 
-def _moe_target(model: str, model_type: str | None):
-    target = target_for_model_type(model_type)
+def _moe_target(model: str, config: dict):
+    model_type = config.get("model_type")
+    target = target_for_config(config)
     if target is not None:
         return target
     if any(model_type in fam.model_types for fam in families().values()):

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ..arch import Target, target_for_model_type
+from ..arch import Target, target_for_config
 from ..errors import UpcycleError
 from ..outdir import check_target, staged_folder
 from ..train.checkpoint import FINAL, checkpoints
@@ -133,7 +133,7 @@ def checkpoint_cosine(folder: Path) -> dict[int, float]:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UpcycleError(f"{folder} has no readable config.json ({exc}); remove the damaged checkpoint") from None
-    target: Target | None = target_for_model_type(config.get("model_type"))
+    target: Target | None = target_for_config(config)
     if target is None:
         raise UpcycleError(f"{folder} is a {config.get('model_type')!r} model, not an MoE upcycle trains")
     experts = int(config[target.config["experts"]])
@@ -167,7 +167,8 @@ def checkpoint_cosine(folder: Path) -> dict[int, float]:
             def key(role: str, e: int, layer: int = layer) -> str:
                 return target.expert[role].format(layer=layer, expert=e)
 
-            gate_up = torch.stack([torch.cat([read(key("gate", e)), read(key("up", e))]) for e in range(experts)])
+            first = [r for r in ("gate", "up", "gate_up") if r in target.expert]  # generic MLPs: up, or gate_up
+            gate_up = torch.stack([torch.cat([read(key(role, e)) for role in first]) for e in range(experts)])
             down = torch.stack([read(key("down", e)) for e in range(experts)])  # (E, H, I)
         out[layer] = weight_cosine(SimpleNamespace(gate_up_proj=gate_up, down_proj=down))
     return out

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import Target, target_for_model_type
+from ..arch import Target, target_for_config
 from ..errors import UpcycleError
 from ..train.divergence import experts_at, output_cosine, weight_cosine
 from ..train.losses import expert_counts, load_stats
@@ -81,7 +81,7 @@ def routing_stats(
     if seq_len < 1 or batch_size < 1:
         raise UpcycleError(f"--seq-len ({seq_len}) and --batch-size ({batch_size}) must be at least 1")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    target = target or target_for_model_type(config.model_type)
+    target = target or target_for_config(config)
     if target is None:
         raise UpcycleError(f"model type {config.model_type!r} is not a native MoE upcycle reads")
     total = ids.numel()

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..arch import family_for, target_for_model_type
+from ..arch import family_for, target_for_config
 from ..errors import UpcycleError
 from ..source import Checkpoint, TensorInfo
 
@@ -80,7 +80,7 @@ def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] |
     if recipe is not None and isinstance(recipe.get("recipe"), dict):
         spec = build_spec(None, **recipe["recipe"])
     else:
-        target = target_for_model_type(moe.config.get("model_type"))
+        target = target_for_config(moe.config)
         if target is None:
             raise UpcycleError(
                 f"{moe.folder} is a {moe.config.get('model_type')!r} model, which upcycle does not write, and has no "
@@ -523,7 +523,7 @@ def run_layerwise(dense_folder: Path, moe_folder: Path, ids, dtype: str, layer_r
     family = family_for(dense.config.model_type)
     mlp_path = _common_path([key.rsplit(".", 1)[0] for key in family.ffn.values()])  # model.layers.{layer}.mlp
     moe = StreamedModel(moe_folder, dtype, "the MoE")
-    target = target_for_model_type(moe.config.model_type)
+    target = target_for_config(moe.config)
     if target is None:
         raise UpcycleError(
             f"{moe_folder} is a {moe.config.model_type!r} model, not one of the MoE classes upcycle writes; "

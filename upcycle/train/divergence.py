@@ -2,7 +2,8 @@
 
 Cloned experts start identical (both figures 1.0); training lowers them as experts specialise. The in-memory
 experts module of every native target holds fused tensors: gate_up_proj (E, 2I, H), gate rows first, and
-down_proj (E, H, I), with the activation as `act_fn`; an expert computes down · (act(gate·x) ⊙ up·x).
+down_proj (E, H, I), with the activation as `act_fn`; an expert computes down · (act(gate·x) ⊙ up·x). upcycle's
+generic wrapper may instead hold ungated experts (up_proj, act(up·x)), biases, or GPT-2's transposed layout.
 
 Legend: E experts, H hidden size, I expert size, N sampled tokens.
 """
@@ -25,23 +26,36 @@ def experts_at(model: nn.Module, target: Target, layer: int) -> nn.Module:
         module = model.get_submodule(path)
     except AttributeError:
         raise UpcycleError(f"no experts module at {path} in this {target.architecture}") from None
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    first, down = _first(module), getattr(module, "down_proj", None)
+    transposed, width = bool(getattr(module, "is_transposed", False)), 2 if _gated(module) else 1
     ok = (
-        isinstance(gate_up, torch.Tensor)
+        isinstance(first, torch.Tensor)
         and isinstance(down, torch.Tensor)
-        and gate_up.dim() == 3
+        and first.dim() == 3
         and down.dim() == 3
-        and down.shape[0] == gate_up.shape[0]
-        and down.shape[1] == gate_up.shape[2]  # H
-        and gate_up.shape[1] == 2 * down.shape[2]  # 2I
+        and down.shape[0] == first.shape[0]
         and callable(getattr(module, "act_fn", None))
     )
+    if ok and transposed:  # upcycle's generic wrapper for Conv1D MLPs: (E, H, w·I), (E, I, H)
+        ok = down.shape[2] == first.shape[1] and first.shape[2] == width * down.shape[1]
+    elif ok:  # (E, w·I, H), (E, H, I)
+        ok = down.shape[1] == first.shape[2] and first.shape[1] == width * down.shape[2]
     if not ok:
         raise UpcycleError(
             f"the experts at {path} are not fused gate_up_proj (E, 2I, H) / down_proj (E, H, I) tensors; "
             "this transformers version lays them out differently"
         )
     return module
+
+
+def _gated(experts: nn.Module) -> bool:
+    """Native MoE experts are gated; upcycle's generic wrapper also holds ungated MLPs (GPT-2, Phi): up_proj only."""
+    return bool(getattr(experts, "has_gate", True)) and getattr(experts, "gate_up_proj", None) is not None
+
+
+def _first(experts: nn.Module) -> torch.Tensor | None:
+    """The fused first projection: gate_up_proj, or up_proj for an ungated MLP."""
+    return experts.gate_up_proj if _gated(experts) else getattr(experts, "up_proj", None)
 
 
 def mean_offdiagonal(gram: torch.Tensor) -> float:
@@ -53,9 +67,10 @@ def mean_offdiagonal(gram: torch.Tensor) -> float:
 @torch.no_grad()
 def weight_cosine(experts: nn.Module) -> float:
     """Mean pairwise cosine of the experts' flattened [gate, up, down] weights, accumulated in float64 by chunks."""
-    num = experts.gate_up_proj.shape[0]
-    gram = torch.zeros(num, num, dtype=torch.float64, device=experts.gate_up_proj.device)  # (E, E)
-    for weight in (experts.gate_up_proj, experts.down_proj):  # (E, 2I, H), (E, H, I)
+    first = _first(experts)
+    num = first.shape[0]
+    gram = torch.zeros(num, num, dtype=torch.float64, device=first.device)  # (E, E)
+    for weight in (first, experts.down_proj):  # (E, 2I, H), (E, H, I) (or another fused layout: see experts_at)
         rows = max(1, CHUNK_ELEMENTS // weight.shape[2])
         for r in range(0, weight.shape[1], rows):
             chunk = weight[:, r : r + rows].reshape(num, -1).double()  # (E, rows·cols)
@@ -66,11 +81,21 @@ def weight_cosine(experts: nn.Module) -> float:
 
 @torch.no_grad()
 def expert_outputs(experts: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
-    """(N, H) float32: one expert's output on inputs x (N, H), without routing weights."""
-    gate_up = experts.gate_up_proj[expert].float()  # (2I, H)
-    down = experts.down_proj[expert].float()  # (H, I)
-    gate, up = (x @ gate_up.T).chunk(2, dim=-1)  # (N, I), (N, I)
-    return (experts.act_fn(gate) * up) @ down.T  # (N, H)
+    """(N, H) float32: one expert's output on inputs x (N, H), without routing weights (biases included)."""
+    transposed = bool(getattr(experts, "is_transposed", False))
+
+    def linear(h: torch.Tensor, name: str) -> torch.Tensor:
+        weight = getattr(experts, name)[expert].float()  # (out, in), or (in, out) when transposed
+        bias = getattr(experts, name + "_bias", None) if getattr(experts, "has_bias", False) else None
+        y = h @ (weight if transposed else weight.T)
+        return y if bias is None else y + bias[expert].float()
+
+    if _gated(experts):
+        gate, up = linear(x, "gate_up_proj").chunk(2, dim=-1)  # (N, I), (N, I)
+        hidden = experts.act_fn(gate) * up  # (N, I)
+    else:
+        hidden = experts.act_fn(linear(x, "up_proj"))  # (N, I)
+    return linear(hidden, "down_proj")  # (N, H)
 
 
 @torch.no_grad()
@@ -80,8 +105,9 @@ def output_cosine(experts: nn.Module, x: torch.Tensor) -> float:
     Σ_{e≠f} cos(y_e, y_f) = |Σ_e ŷ_e|² − Σ_e |ŷ_e|² with ŷ = y/|y|, so only a running sum (N, H) is kept.
     An expert whose output is exactly zero counts as cosine 0 with every other.
     """
-    num = experts.gate_up_proj.shape[0]
-    x = x.to(device=experts.gate_up_proj.device, dtype=torch.float32)  # (N, H)
+    first = _first(experts)
+    num = first.shape[0]
+    x = x.to(device=first.device, dtype=torch.float32)  # (N, H)
     total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)  # (N, H) Σ_e ŷ_e
     squares = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)  # (N,) Σ_e |ŷ_e|²
     for e in range(num):

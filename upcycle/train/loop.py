@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..arch import Target, family_for, target_for_model_type
+from ..arch import Target, family_for, target_for_config
 from ..errors import UpcycleError
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
@@ -93,7 +93,7 @@ class TrainResult:
 
 def moe_target(config: dict[str, Any], model: str) -> Target:
     """The native MoE target of a model's config; a dense model is refused with the command that converts it."""
-    target = target_for_model_type(config.get("model_type"))
+    target = target_for_config(config)
     if target is not None:
         return target
     try:

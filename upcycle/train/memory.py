@@ -38,7 +38,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from ..arch import target_for_model_type
+from ..arch import target_for_config
 from .spec import TrainSpec
 
 GiB = 1 << 30
@@ -136,7 +136,7 @@ def model_shape(config: Any) -> ModelShape:
         vocab=int(cfg["vocab_size"]),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
-    target = target_for_model_type(cfg.get("model_type"))
+    target = target_for_config(cfg)
     if target is None:
         return ModelShape(dense_ffn=int(cfg["intermediate_size"]), **common)
     fields = target.config
