@@ -422,6 +422,12 @@ def check_target_options(target: Target, spec: ConvertSpec, family: Family | Non
         raise UpcycleError(
             f"--shared-experts needs a target class with a shared expert that upcycle fills; {target.name} has none, "
             f"and no native MoE class for {family.name} models has one; leave --shared-experts out"
+            + (
+                " (--target generic, upcycle's own wrapper, also holds one: it needs trust_remote_code=True outside "
+                "upcycle)"
+                if family.mlp
+                else ""
+            )
         )
     if spec.shared_experts and not target.shared:
         have = [t.name for t in targets().values() if t.shared]
