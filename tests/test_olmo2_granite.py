@@ -224,7 +224,7 @@ def test_refusals_are_one_line(family, overrides, flags, needle, dense_store, tm
 
 
 def test_every_target_table_is_a_target_choice():
-    assert set(CHOICES["target"]) == {"auto", *targets()}
+    assert set(CHOICES["target"]) == {"auto", "generic", *targets()}
 
 
 @pytest.mark.parametrize(
