@@ -12,10 +12,11 @@ checkpoints only, so the dense model trains as a Mixtral with ONE expert and top
 z-loss (their coefficients are 0 for the dense runs). The parent is pretrained from scratch the same way and
 turned back into a Llama folder, which `upcycle convert` then upcycles.
 
-Text (presets other than gpu): the Jargon File and `fortunes` from Debian packages (apt-get download, cached)
-and the source files of this Python's standard library; a byte-level BPE tokenizer trained on the training part
-with the `tokenizers` library. Documents (paragraphs) are shuffled once with a fixed seed and cut into three
-disjoint parts: held-out, parent pretraining, continuation (the arms).
+Text: the Jargon File and `fortunes` from Debian packages (apt-get download, cached) and the source files of
+this Python's standard library (~35 MB, ~11.6M tokens with the 4k BPE); a byte-level BPE tokenizer trained on the
+training parts with the `tokenizers` library (the gpu preset uses SmolLM2 and its own tokenizer). Documents
+(paragraphs) are shuffled once with a fixed seed and cut into three disjoint parts: held-out, parent
+pretraining, continuation (the arms).
 
 Outputs under benchmarks/results/: upcycle_vs_dense_<preset>.json (rewritten as each run finishes, so an
 interrupted study keeps what it finished), upcycle_vs_dense_<preset>_tokens.png and _flops.png.
@@ -121,9 +122,10 @@ PRESETS: dict[str, Preset] = {
     # sized for the 2-core machine of 2026-11-25 shared with four other jobs (see benchmarks/README.md): 1.1M
     # parameters, 0.59M of them outside the tied embedding
     "cpu": Preset(intermediate=256, kv_heads=2, parent_tokens=2_500_000, arm_tokens=500_000, evals=5),
-    # the full size: >= 10 tokens per parameter (all of them) for the parent, 3 seeds, 4M tokens per arm
+    # longer (a few hours on 2 cores): the parent to ~13.5 tokens per non-embedding parameter, 3 seeds, 5x the
+    # arm tokens; the corpus (~11.6M tokens) still holds every phase without repeating text
     "cpu-long": Preset(
-        intermediate=256, kv_heads=2, parent_tokens=12_000_000, arm_tokens=4_000_000, seeds=(0, 1, 2), evals=8
+        intermediate=256, kv_heads=2, parent_tokens=8_000_000, arm_tokens=2_500_000, seeds=(0, 1, 2), evals=8
     ),
     "gpu": Preset(
         parent="smollm2",
@@ -666,6 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: the preset's)")
+    parser.add_argument("--arm-tokens", type=int, help="tokens per arm run (default: the preset's)")
     parser.add_argument("--work", type=Path, help="default benchmarks/_work/upcycle_vs_dense/<preset>")
     parser.add_argument(
         "--results", type=Path, help="JSON path (default benchmarks/results/upcycle_vs_dense_<preset>.json)"
@@ -680,6 +683,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preset = replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.jobs:
         preset = replace(preset, jobs=args.jobs)
+    if args.arm_tokens:  # the corpus split and the parent stay the preset's, so they are reused
+        preset = replace(preset, arm_tokens=args.arm_tokens)
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -706,6 +711,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = {p: str(work / "corpus" / p) for p in ("heldout", "pretrain", "continue")}
     parent = make_parent(preset, work, data, log, record)
     record["data_tokens"] = count_tokens(parent, data, preset)
+    record["arm_epochs"] = preset.arm_tokens / record["data_tokens"]["continue"]  # above 1: the arms repeat text
     print(f"parent ready ({time.perf_counter() - t_start:.0f} s); tokens: {record['data_tokens']}", flush=True)
 
     jobs, record["active_params"], record["total_params"] = [], {}, {}
