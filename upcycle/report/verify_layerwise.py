@@ -109,6 +109,7 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
     from ..convert.pipeline import LayerFFNs, dense_config, with_family_views
 
     dense = with_family_views(dense, dense_config(dense.folder).to_dict())  # fused tensors read as their views
+    moe = per_expert_views(plan, moe)  # an MoE saved in transformers' fused layout, read under upcycle's names
     planned = {op.name for op in plan.ops}
     mismatched: list[str] = []
     partitions, unrecovered = written_partitions(plan, dense, moe)
@@ -169,6 +170,54 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
         missing=tuple(sorted(planned - moe.tensors.keys())),
         unexpected=tuple(sorted(moe.tensors.keys() - planned)),
     )
+
+
+def per_expert_views(plan, moe: Checkpoint) -> Checkpoint:
+    """MOE with transformers 5's in-memory layout (`save_pretrained(save_original_format=False)`, mergekit-moe)
+    read under the per-expert names the plan uses.
+
+    That layout keeps a layer's experts in `experts.gate_up_proj` [E, 2I, H] (each expert's gate rows, then its
+    up rows) and `experts.down_proj` [E, H, I], and the router under the module's name. Each expert's gate, up
+    and down is one contiguous byte range of those, so the tensor check reads them in place, as it reads a
+    per-expert file. A checkpoint in the per-expert layout comes back unchanged."""
+    from dataclasses import replace
+
+    from ..arch import targets
+
+    target = targets().get(plan.target)
+    if target is None or not target.modules:
+        return moe
+    tensors = dict(moe.tensors)
+    used: set[str] = set()
+    for op in plan.flat_ops():
+        if op.name in tensors or op.layer is None:
+            continue
+        if op.kind == "router":
+            fused = tensors.get(target.modules["router"].format(layer=op.layer) + ".weight")
+            if fused is not None and fused.shape == op.shape:
+                tensors[op.name] = replace(fused, name=op.name)
+                used.add(fused.name)
+            continue
+        if op.kind != "expert" or op.role not in ("gate", "up", "down"):
+            continue
+        experts = target.modules["experts"].format(layer=op.layer)
+        fused = tensors.get(f"{experts}.{'down_proj' if op.role == 'down' else 'gate_up_proj'}")
+        if fused is None or len(fused.shape) != 3:
+            continue
+        n, rows, cols = fused.shape
+        per_expert = fused.nbytes // n
+        if op.role == "down":
+            ok, start = (rows, cols) == op.shape, op.expert * per_expert
+        else:  # gate rows first, then up rows
+            ok = rows == 2 * op.shape[0] and cols == op.shape[1]
+            start = op.expert * per_expert + (per_expert // 2 if op.role == "up" else 0)
+            per_expert //= 2
+        if ok and op.expert < n:
+            tensors[op.name] = TensorInfo(op.name, fused.dtype, op.shape, fused.file, fused.offset + start, per_expert)
+            used.add(fused.name)
+    if not used:
+        return moe
+    return replace(moe, tensors={k: v for k, v in tensors.items() if k not in used})
 
 
 def _by_coactivation(op) -> bool:
