@@ -258,7 +258,7 @@ def make_generic_plan(
     measured: Mapping | None = None,
 ):
     """The Plan of a generic-wrapper conversion (see make_plan, which hands over to this)."""
-    from .plan import FLOAT_DTYPES, LOSSLESS, TORCH_TO_ST, Cast, Plan, account_for, moe_layer_indices, scaling_rounds
+    from .plan import Plan, account_for, moe_layer_indices, plan_casts, scaling_rounds, written_dtype
 
     if not family.mlp:
         raise UpcycleError(f"a {family.name} model has no generic form in upcycle; use --target auto")
@@ -272,16 +272,11 @@ def make_generic_plan(
     layout = expert_methods.layout(spec, hidden, size)
     check_generic_options(family, mlp, spec, layout)
 
-    def out_dtype(src_dtype: str) -> str:
-        if spec.dtype == "auto" or src_dtype not in FLOAT_DTYPES:
-            return src_dtype
-        return TORCH_TO_ST[spec.dtype]
-
+    out_dtype = written_dtype(spec)
     model_dtype = out_dtype(kept[mlp_tensors(mlp, 0)["down"][0]].dtype)
     ops = generic_ops(mlp, kept, moe, layout, out_dtype, model_dtype, hidden)
     source = {info.name: info for info in kept.values()}  # ops name their source by its key in the file
-    pairs = sorted({(source[op.src].dtype, op.dtype) for op in ops if op.src and source[op.src].dtype != op.dtype})
-    casts = tuple(Cast(a, b, (a, b) in LOSSLESS, (measured or {}).get((a, b))) for a, b in pairs)
+    casts = plan_casts(ops, source, measured)
     scales_exact, exact_text = scaling_rounds(layout, model_dtype)
     why = native_refusal(family, cfg)
     why = f"{why}, so --target auto writes" if spec.target == "auto" and why else "this is"

@@ -339,16 +339,11 @@ def make_plan(
     hidden, intermediate = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
     layout = expert_methods.layout(spec, hidden, intermediate)
 
-    def out_dtype(src_dtype: str) -> str:
-        if spec.dtype == "auto" or src_dtype not in FLOAT_DTYPES:
-            return src_dtype
-        return TORCH_TO_ST[spec.dtype]
-
+    out_dtype = written_dtype(spec)
     model_dtype = out_dtype(kept[family.ffn["gate"].format(layer=0)].dtype)
     ops = tensor_ops(family, target, kept, ffn, moe, layout, out_dtype, model_dtype, hidden)
     ops, values_exact = with_values(family, cfg, ops)
-    pairs = sorted({(kept[op.src].dtype, op.dtype) for op in ops if op.src and kept[op.src].dtype != op.dtype})
-    casts = tuple(Cast(a, b, (a, b) in LOSSLESS, (measured or {}).get((a, b))) for a, b in pairs)
+    casts = plan_casts(ops, kept, measured)
     scales_exact, exact_text = scaling_rounds(layout, model_dtype)
     if not values_exact:
         rounded = f"the {family.name} values the dense model keeps in float32 (e.g. 1+w) are rounded to {model_dtype}"
@@ -371,6 +366,25 @@ def make_plan(
         exact_text=exact_text,
         method_exact=layout.exact and scales_exact,
     )
+
+
+def written_dtype(spec: ConvertSpec) -> Callable[[str], str]:
+    """source dtype -> the dtype written: `--dtype` for floating tensors, the source's own otherwise."""
+
+    def out_dtype(src_dtype: str) -> str:
+        if spec.dtype == "auto" or src_dtype not in FLOAT_DTYPES:
+            return src_dtype
+        return TORCH_TO_ST[spec.dtype]
+
+    return out_dtype
+
+
+def plan_casts(
+    ops: Collection[TensorOp], source: Mapping[str, TensorInfo], measured: Mapping[tuple[str, str], CastCheck] | None
+) -> tuple[Cast, ...]:
+    """Every (source dtype, written dtype) pair the ops cast, with what `measured` knows of its cost."""
+    pairs = sorted({(source[op.src].dtype, op.dtype) for op in ops if op.src and source[op.src].dtype != op.dtype})
+    return tuple(Cast(a, b, (a, b) in LOSSLESS, (measured or {}).get((a, b))) for a, b in pairs)
 
 
 def config_value(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
