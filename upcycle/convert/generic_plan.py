@@ -60,9 +60,11 @@ def native_refusal(family: Family, cfg: dict[str, Any]) -> str | None:
     """Why no native MoE class holds this dense model exactly (None: one does)."""
     if not family.targets:
         return f"transformers has no MoE class that holds a {family.name} model exactly"
+    from .plan import config_value  # plan.py hands over to this module: import it late
+
     for key, wanted in family.require.items():
-        if cfg.get(key, wanted) != wanted:
-            return f"this {family.name} model has {key}={cfg.get(key)!r}, which no native MoE class holds"
+        if config_value(cfg, key, wanted) != wanted:
+            return f"this {family.name} model has {key}={config_value(cfg, key)!r}, which no native MoE class holds"
     return None
 
 
