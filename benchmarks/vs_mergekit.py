@@ -32,9 +32,11 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from convert_bench import MIB, _pkg, cpu_model, folder_bytes, ram_bytes, timed_sync
+from convert_bench import run_child as measure
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -71,18 +73,6 @@ ONLY_UPCYCLE: dict[str, list[str]] = {
     "shared expert 15+1, top-3": ["--config", str(CONFIGS / "shared-expert-split.yaml")],
 }
 
-# Runs argv, then prints the child's wall time and rusage as JSON on stderr. A helper process (not a fork of
-# this one) because Linux keeps ru_maxrss across exec, and this process has torch loaded.
-HELPER = (
-    "import os, sys, time, json\n"
-    "t = time.perf_counter(); pid = os.fork()\n"
-    "if pid == 0:\n"
-    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
-    "_, status, ru = os.wait4(pid, 0)\n"
-    "sys.stderr.write('\\n' + json.dumps({'wall': time.perf_counter() - t, 'rss': ru.ru_maxrss * 1024,"
-    " 'cpu': ru.ru_utime + ru.ru_stime, 'rc': os.waitstatus_to_exitcode(status)}) + '\\n')\n"
-)
-
 
 def cache_root() -> Path:
     root = os.environ.get("UPCYCLE_CACHE") or os.path.join(
@@ -92,26 +82,18 @@ def cache_root() -> Path:
 
 
 def run_child(argv: list[str], log: Path) -> dict[str, Any]:
-    """Wall time, peak RSS of the process tree, CPU time and exit code of argv; its output goes to LOG."""
-    proc = subprocess.run([sys.executable, "-c", HELPER, *argv], capture_output=True, text=True)
-    stats = json.loads(proc.stderr.strip().splitlines()[-1])
-    with log.open("a") as f:
-        f.write(f"$ {' '.join(argv)}\n{proc.stdout}{proc.stderr}\n")
-    return {"wall_s": stats["wall"], "peak_rss_bytes": stats["rss"], "cpu_s": stats["cpu"], "rc": stats["rc"]}
-
-
-def tree_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    """Wall time, peak RSS of the process tree, CPU time and exit code of argv (convert_bench's measurement)."""
+    run = measure(argv, log)
+    return {
+        "wall_s": run.wall_s,
+        "peak_rss_bytes": round(run.peak_rss_mib * MIB),
+        "cpu_s": run.user_s + run.sys_s,
+        "rc": run.returncode,
+    }
 
 
 def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-def timed_sync() -> float:
-    t = time.perf_counter()
-    os.sync()
-    return time.perf_counter() - t
 
 
 # --- the source -----------------------------------------------------------------------------------------
@@ -210,7 +192,7 @@ def one_run(tool: str, argv: list[str], out: Path, work: Path, log: Path) -> dic
     if run["rc"] != 0:
         run["error"] = _last_line(log)
         return run
-    run["output_bytes"] = tree_bytes(out)
+    run["output_bytes"] = folder_bytes(out)
     copy = work / f"cp-{tool}"
     remove(copy)
     os.sync()
@@ -288,7 +270,7 @@ def only_upcycle(src: Path, work: Path, log: Path) -> list[dict[str, Any]]:
         if run["rc"] == 0:
             plan = json.loads((out / "upcycle.json").read_text())["plan"]
             row |= {
-                "output_bytes": tree_bytes(out),
+                "output_bytes": folder_bytes(out),
                 "exact_at_init": plan.get("exact_at_init"),
                 "total_params": plan.get("total_params"),
                 "active_params": plan.get("active_params"),
@@ -305,13 +287,6 @@ def only_upcycle(src: Path, work: Path, log: Path) -> list[dict[str, Any]]:
 # --- bookkeeping ----------------------------------------------------------------------------------------
 
 
-def _pkg(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def _public(arg: str) -> str:
     return os.path.relpath(arg, ROOT) if arg.startswith(str(ROOT)) else arg
 
@@ -322,17 +297,11 @@ def _last_line(log: Path) -> str:
 
 
 def machine(mergekit_version: str | None) -> dict[str, Any]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_avg_at_start": os.getloadavg(),
-        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "ram_bytes": ram_bytes(),
         "os": platform.platform(),
         "versions": {
             "python": platform.python_version(),
@@ -402,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     src = make_source(work / f"dense-{args.size}", args.size)
-    print(f"source: {src.name}, {tree_bytes(src) / 1e9:.2f} GB ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"source: {src.name}, {folder_bytes(src) / 1e9:.2f} GB ({time.perf_counter() - t0:.0f} s)", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in tools}
     for rep in range(args.repeats):
         order = tools if rep % 2 == 0 else tools[::-1]
@@ -433,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "source": {
             "size": args.size,
             "params": meta["params"],
-            "bytes": tree_bytes(src),
+            "bytes": folder_bytes(src),
             "config": SIZES[args.size],
         },
         "job": {"upcycle_flags": " ".join(BOTH), "mergekit_config": mergekit_config(Path("DENSE"), None)},
