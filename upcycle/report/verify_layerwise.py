@@ -224,17 +224,21 @@ def _by_coactivation(op) -> bool:
     return bool(op.transform) and tuple(op.transform[:2]) == ("parts", "coactivation")
 
 
+def part_pieces(op, got: TensorInfo) -> Iterator[tuple[Any, TensorInfo]]:
+    """(part, where its bytes are in GOT) for each per-expert part of a fused op, in order (a plain op: itself)."""
+    offset = 0
+    for part in op.parts or (op,):
+        yield part, TensorInfo(part.name, got.dtype, part.shape, got.file, got.offset + offset, part.nbytes)
+        offset += part.nbytes
+
+
 def _written(plan, moe: Checkpoint):
     """name -> where its bytes are in MOE, for plain tensors and for the per-expert parts of fused ones."""
     where: dict[str, TensorInfo] = {}
     for op in plan.ops:
         got = moe.tensors.get(op.name)
-        if got is None:
-            continue
-        offset = 0
-        for part in op.parts or (op,):
-            where[part.name] = TensorInfo(part.name, got.dtype, part.shape, got.file, got.offset + offset, part.nbytes)
-            offset += part.nbytes
+        if got is not None:
+            where.update((part.name, piece) for part, piece in part_pieces(op, got))
     return where
 
 
@@ -360,10 +364,7 @@ def same_as_computed(layers, op, got: TensorInfo) -> bool:
 
 def fused_equal(layers, dense: Checkpoint, op, got: TensorInfo) -> bool:
     """Is each part of the fused tensor GOT what the converter wrote for it (copied, cast or computed)?"""
-    offset = 0
-    for part in op.parts:
-        piece = TensorInfo(part.name, got.dtype, part.shape, got.file, got.offset + offset, part.nbytes)
-        offset += part.nbytes
+    for part, piece in part_pieces(op, got):
         src = dense.tensors[part.src]
         if part.transform is not None:
             ok = same_as_computed(layers, part, piece)
@@ -373,7 +374,7 @@ def fused_equal(layers, dense: Checkpoint, op, got: TensorInfo) -> bool:
             ok = cast_equal(src, piece)
         if not ok:
             return False
-    return offset == got.nbytes
+    return sum(part.nbytes for part in op.parts) == got.nbytes
 
 
 def all_zero(info: TensorInfo) -> bool:
