@@ -193,12 +193,17 @@ def test_gemma_bf16_is_close_not_exact_and_says_so(sources, tmp_path):
     assert verify(str(src), str(wide), tokens=TOKENS, mode="whole").max_abs_diff <= 1e-5
 
 
-def test_partial_rotary_factor_refused(capsys, tmp_path):
+def test_partial_rotary_factor_has_no_native_form(capsys, tmp_path):
+    """Phi-4-mini's partial rotary: a native target asked for is refused with the way that holds it (the generic
+    wrapper, where `auto` goes; tests/test_generic.py converts and verifies it)."""
     src = make_dense(tmp_path / "phi4", "phi3", partial_rotary_factor=0.75, tokenizer=False)
     out = tmp_path / "out"
-    line = expect_error(capsys, ["convert", src, out], "partial_rotary_factor=0.75")
-    assert "no native MoE class" in line
+    line = expect_error(capsys, ["convert", src, out, "--target", "mixtral"], "partial_rotary_factor=0.75")
+    assert "no native MoE class" in line and "--target generic keeps it exactly" in line
     assert_clean(out)
+    _, plan = plan_for(resolve(str(src)), build_spec(experts=4, top_k=2))
+    assert plan.target == "generic" and plan.exact
+    assert any("partial_rotary_factor=0.75, which no native MoE class holds" in note for note in plan.notes)
 
 
 def test_fused_rows_disagreeing_with_config(capsys, tmp_path):
@@ -218,7 +223,8 @@ def test_family_table_lists_every_family_and_matches_readme():
 
     rows = {row["family"]: row for row in family_rows()}
     assert set(rows) == set(families())
-    assert rows["phi3"]["targets"] == rows["gemma"]["targets"] == "mixtral, qwen2_moe"
+    assert rows["gemma"]["targets"] == "mixtral, qwen2_moe"
+    assert rows["phi3"]["targets"] == "mixtral, qwen2_moe, generic"  # generic: Phi-4-mini's partial rotary
     assert rows["gemma"]["exact"].startswith("float32") and rows["phi3"]["exact"] == "yes"
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert family_markdown() in readme, "README's family table is stale: paste `upcycle inspect --families --markdown`"
