@@ -39,8 +39,10 @@ CASES = {
     "glm": {},
     "glm4": {},
     "phi4-mini": dict(partial_rotary_factor=0.5),  # Phi-3's class with partial rotary: no native MoE form
+    # Qwen3 with sliding-window layers above max_window_layers and full ones below: Qwen3-MoE has one window for all
+    "qwen3-mixed": dict(use_sliding_window=True, sliding_window=8, max_window_layers=2),
 }
-MODEL_TYPE = {"llama-bias": "llama", "phi4-mini": "phi3"}
+MODEL_TYPE = {"llama-bias": "llama", "phi4-mini": "phi3", "qwen3-mixed": "qwen3"}
 # Qwen3 + an always-on shared expert (Qwen2-MoE's sigmoid-gated kind): clone (routed down_proj halved) and split
 SHARED = {
     "qwen3": [dict(shared_experts=1), dict(shared_experts=1, init="split", experts=3, top_k=3, router_init="zero")]

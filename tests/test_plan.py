@@ -140,15 +140,19 @@ def test_refusals():
         make_plan(LLAMA3_70B | {"intermediate_size": 1000}, tensors, build_spec())
 
 
-def test_mixed_sliding_layers_refused_where_the_target_cannot_express_them():
+def test_mixed_sliding_layers_go_generic_where_no_native_target_expresses_them():
     qwen3 = LLAMA3_70B | {
         "model_type": "qwen3",
         "architectures": ["Qwen3ForCausalLM"],
         "sliding_window": 4096,
         "layer_types": ["sliding_attention"] * 40 + ["full_attention"] * 40,
     }
-    with pytest.raises(UpcycleError, match="mixes sliding-window and full-attention"):
-        make_plan(qwen3, fake_tensors(LLAMA3_70B), build_spec())
+    with pytest.raises(UpcycleError, match="mixes sliding-window and full-attention") as exc:
+        make_plan(qwen3, fake_tensors(LLAMA3_70B), build_spec(target="qwen3_moe"))
+    assert "no native MoE class (qwen3_moe) holds; --target generic keeps it exactly" in str(exc.value)
+    plan = make_plan(qwen3, fake_tensors(LLAMA3_70B), build_spec())  # auto: the dense class's own attention
+    assert plan.target == "generic" and plan.config["layer_types"] == qwen3["layer_types"]
+    assert any("mixes sliding-window and full-attention layers" in note for note in plan.notes)
     uniform = qwen3 | {"layer_types": ["sliding_attention"] * 80}
     plan = make_plan(uniform, fake_tensors(LLAMA3_70B), build_spec())
     assert plan.config["use_sliding_window"] is True and plan.config["sliding_window"] == 4096

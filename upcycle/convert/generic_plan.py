@@ -14,7 +14,7 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from ..arch import FFN_ROLES, GENERIC, Family, generic_target
+from ..arch import FFN_ROLES, GENERIC, Family, generic_target, targets
 from ..convert import methods as expert_methods
 from ..errors import UpcycleError
 from ..generic import ARCHITECTURE, AUTO_MAP, MODEL_TYPE, WHY_REMOTE_CODE
@@ -60,11 +60,17 @@ def native_refusal(family: Family, cfg: dict[str, Any]) -> str | None:
     """Why no native MoE class holds this dense model exactly (None: one does)."""
     if not family.targets:
         return f"transformers has no MoE class that holds a {family.name} model exactly"
-    from .plan import config_value  # plan.py hands over to this module: import it late
+    from .plan import config_value, read_attention  # plan.py hands over to this module: import it late
 
     for key, wanted in family.require.items():
         if config_value(cfg, key, wanted) != wanted:
             return f"this {family.name} model has {key}={config_value(cfg, key)!r}, which no native MoE class holds"
+    types, _ = read_attention(family, cfg)
+    if len(set(types)) > 1 and all(targets()[name].attention != "layer_types" for name in family.targets):
+        return (
+            f"this {family.name} model mixes sliding-window and full-attention layers, which no native MoE class "
+            f"({', '.join(sorted(family.targets))}) holds"
+        )
     return None
 
 

@@ -17,7 +17,7 @@ from ..arch import FFN_ROLES, Family, Target, family_for, targets
 from ..convert import methods as expert_methods
 from ..errors import UpcycleError
 from ..source import DTYPE_BYTES, TensorInfo
-from .generic_plan import make_generic_plan, wants_generic
+from .generic_plan import make_generic_plan, native_refusal, wants_generic
 from .methods.base import power_of_two
 from .spec import ConvertSpec
 from .views import family_notes, transform_exact, untied, value_transform, with_views
@@ -322,12 +322,9 @@ def make_plan(
         return make_generic_plan(family, cfg, tensors, spec, expected=expected, optional=optional, measured=measured)
     if not family.targets:  # a family only the generic wrapper holds: refuse the native target asked for
         choose_target(family, spec, all_layers=True)
-    for key, wanted in family.require.items():
-        if config_value(cfg, key, wanted) != wanted:
-            raise UpcycleError(
-                f"this {family.name} model has {key}={config_value(cfg, key, wanted)!r}; no native MoE class holds "
-                f"that exactly (upcycle needs {key}={wanted!r}){_generic_hint(family)}"
-            )
+    why = native_refusal(family, cfg)  # a config field or attention layout no native class holds exactly
+    if why is not None:
+        raise UpcycleError(f"{why}{_generic_hint(family)}")
     num_layers = int(cfg["num_hidden_layers"])
     kept, notes = account_for(family, tensors, num_layers, expected, optional)
     dense_params = sum(math.prod(t.shape) for t in kept.values())
