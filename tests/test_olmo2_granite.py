@@ -201,10 +201,15 @@ def test_fused_layout_is_seeded(spec, dense_store, tmp_path):
         ("olmo2", {}, ["--every", "2"], "flex_olmo makes every layer MoE"),
         ("olmo2", {}, ["--layers", "0,1"], "make every layer MoE (--every 1"),
         ("granite", {}, ["--every", "2"], "granitemoe makes every layer MoE"),
-        ("granite", {"mlp_bias": True}, [], "mlp_bias=True; no native MoE class holds that exactly"),
+        ("granite", {"mlp_bias": True}, [], "mlp_bias=True, which no native MoE class holds (they need mlp_bias=False"),
         ("granite", {}, ["--routing", "softmax-topk"], "granitemoe, the only native MoE class for granite models"),
         ("olmo2", {}, ["--target", "mixtral"], "a olmo2 model has no exact mixtral form"),
-        ("ernie4_5", {"use_bias": True}, [], "use_bias=True; no native MoE class holds that exactly"),
+        (
+            "ernie4_5",
+            {"use_bias": True},
+            [],
+            "use_bias=True, which no native MoE class holds (they need use_bias=False)",
+        ),
         ("ernie4_5", {}, ["--layers", "0,3"], "layers 0,3 are not such a set"),
         ("hunyuan_v1_dense", {}, ["--every", "2"], "hunyuan_v1_moe makes every layer MoE"),
         (

@@ -64,7 +64,10 @@ def native_refusal(family: Family, cfg: dict[str, Any]) -> str | None:
 
     for key, wanted in family.require.items():
         if config_value(cfg, key, wanted) != wanted:
-            return f"this {family.name} model has {key}={config_value(cfg, key)!r}, which no native MoE class holds"
+            return (
+                f"this {family.name} model has {key}={config_value(cfg, key)!r}, which no native MoE class holds "
+                f"(they need {key}={wanted!r})"
+            )
     types, _ = read_attention(family, cfg)
     if len(set(types)) > 1 and all(targets()[name].attention != "layer_types" for name in family.targets):
         return (
