@@ -12,16 +12,17 @@ checkpoints only, so the dense model trains as a Mixtral with ONE expert and top
 z-loss (their coefficients are 0 for the dense runs). The parent is pretrained from scratch the same way and
 turned back into a Llama folder, which `upcycle convert` then upcycles.
 
-Text: the Jargon File and `fortunes` from Debian packages (apt-get download, cached) and the source files of
-this Python's standard library (~35 MB, ~11.6M tokens with the 4k BPE); a byte-level BPE tokenizer trained on the
-training parts with the `tokenizers` library (the gpu preset uses SmolLM2 and its own tokenizer). Documents
-(paragraphs) are shuffled once with a fixed seed and cut into three disjoint parts: held-out, parent
-pretraining, continuation (the arms).
+Text: the Jargon File, `fortunes`, Perl's manual (perl-doc) and Git's (git-doc) from Debian packages (apt-get
+download, cached), and the source files of this Python's standard library (~47 MB, ~15.7M tokens with the 4k
+BPE); a byte-level BPE tokenizer trained on the training parts with the `tokenizers` library (the gpu preset uses
+SmolLM2 and its own tokenizer). Documents (paragraphs) are shuffled once with a fixed seed and cut into three
+disjoint parts: held-out, parent pretraining, continuation (the arms).
 
 Outputs under benchmarks/results/: upcycle_vs_dense_<preset>.json (rewritten as each run finishes, so an
 interrupted study keeps what it finished), upcycle_vs_dense_<preset>_tokens.png and _flops.png.
 
     python benchmarks/upcycle_vs_dense.py --preset cpu          # <= 45 min on 2 idle cores
+    python benchmarks/upcycle_vs_dense.py --preset cpu-long     # then: cpu's parent, 3 seeds, 2x the tokens
     python benchmarks/upcycle_vs_dense.py --preset smoke        # seconds; what the smoke test runs
 """
 
@@ -65,10 +66,13 @@ ARM_LABELS = {
     "moe-every2": "clone MoE 8×top-2, every other layer",
     "drop-r0.5": "Drop-Upcycling r=0.5, 8×top-2",
 }
-DEBIAN = {  # package -> (member folder or file, how to read it)
+DEBIAN = {  # package -> the member folder or file the text is read from
     "jargon-text": "usr/share/doc/jargon-text/jargon.txt.gz",
     "fortunes": "usr/share/games/fortunes",
+    "perl-doc": "usr/share/perl",  # Perl's manual: */pod/*.pod
+    "git-doc": "usr/share/doc/git-doc",  # Git's manual pages and guides: *.txt (AsciiDoc)
 }
+MANUALS = {"perl-doc": "*.pod", "git-doc": "*.txt"}  # package -> the files of its folder that are text
 
 
 @dataclass(frozen=True)
@@ -87,17 +91,21 @@ class Preset:
     parent_tokens: int = 12_000_000  # pretraining of the parent (scratch only)
     parent_lr: float = 3e-3
     arm_tokens: int = 2_000_000
+    continue_tokens: int | None = None  # what the continuation part of the corpus is sized for (None: arm_tokens)
     arm_lr: float = 1e-3
     warmup_frac: float = 0.02
     seeds: tuple[int, ...] = (0, 1)
     evals: int = 8  # held-out evaluations per arm run (besides the one at the start)
     heldout_bytes: int = 200_000  # text held out for evaluation (~65k tokens)
     stdlib: bool = True  # add the Python standard library's source files to the corpus
+    manuals: bool = True  # add Perl's and Git's manuals (Debian's perl-doc and git-doc) to the corpus
     text_bytes: int | None = None  # cap on the corpus (smoke)
     device: str = "cpu"
     dtype: str = "fp32"
     jobs: int = 2  # arm runs at a time (processes)
-    threads: int = 1  # torch threads per process
+    threads: int = 1  # torch threads per arm process
+    parent_threads: int = 0  # torch threads for the parent's pretraining, which runs alone (0: every core)
+    base: str | None = None  # a preset whose corpus, tokenizer, parent and converted models this one reuses
 
 
 PRESETS: dict[str, Preset] = {
@@ -116,16 +124,32 @@ PRESETS: dict[str, Preset] = {
         evals=2,
         heldout_bytes=20_000,
         stdlib=False,
+        manuals=False,
         text_bytes=300_000,
         jobs=1,
     ),
-    # sized for the 2-core machine of 2026-11-25 shared with four other jobs (see benchmarks/README.md): 1.1M
-    # parameters, 0.59M of them outside the tied embedding
-    "cpu": Preset(intermediate=256, kv_heads=2, parent_tokens=2_500_000, arm_tokens=500_000, evals=5),
-    # longer (a few hours on 2 cores): the parent to ~13.5 tokens per non-embedding parameter, 3 seeds, 5x the
-    # arm tokens; the corpus (~11.6M tokens) still holds every phase without repeating text
+    # <= 45 min on 2 idle cores (36 min measured, benchmarks/README.md): a 1.1M-parameter parent (0.59M outside
+    # the tied embedding) pretrained on 11.5M tokens, 10.3 per parameter; 1.5M tokens per arm run, 2 seeds. The
+    # corpus (~15.7M tokens) holds the pretraining and a 3.3M-token continuation part, so no phase repeats text.
+    "cpu": Preset(
+        intermediate=256,
+        kv_heads=2,
+        parent_tokens=11_500_000,
+        continue_tokens=3_000_000,
+        arm_tokens=1_500_000,
+        evals=6,
+    ),
+    # longer (~1.5 hours on 2 idle cores once `cpu` has made the parent): cpu's corpus, parent and converted
+    # models, 3 seeds and 3M tokens per arm run
     "cpu-long": Preset(
-        intermediate=256, kv_heads=2, parent_tokens=8_000_000, arm_tokens=2_500_000, seeds=(0, 1, 2), evals=8
+        intermediate=256,
+        kv_heads=2,
+        parent_tokens=11_500_000,
+        continue_tokens=3_000_000,
+        arm_tokens=3_000_000,
+        seeds=(0, 1, 2),
+        evals=8,
+        base="cpu",
     ),
     "gpu": Preset(
         parent="smollm2",
@@ -141,6 +165,18 @@ PRESETS: dict[str, Preset] = {
         threads=8,
     ),
 }
+
+# fields only the arm runs read: a preset with a `base` may differ from it in these and nothing else
+ARM_ONLY = {"arm_tokens", "arm_lr", "seeds", "evals", "jobs", "threads", "parent_threads", "base"}
+
+
+def base_mismatch(name: str) -> list[str]:
+    """Fields in which preset NAME differs from its base where it must not (it would reuse the wrong parent)."""
+    preset = PRESETS[name]
+    if preset.base is None:
+        return []
+    base = asdict(PRESETS[preset.base])
+    return [k for k, v in asdict(preset).items() if k not in ARM_ONLY and v != base[k]]
 
 
 # --- text -----------------------------------------------------------------------------------------------
@@ -198,6 +234,11 @@ def source_texts(preset: Preset) -> list[tuple[str, str]]:
         if f.is_file() and not f.is_symlink() and f.suffix not in (".dat", ".u8"):
             text = f.read_bytes().decode("utf-8", "replace").replace("\n%\n", "\n\n")  # records -> paragraphs
             out.append((f"fortunes/{f.relative_to(fortunes)}", text))
+    for package, pattern in MANUALS.items() if preset.manuals else ():
+        folder = debian_package(package) / DEBIAN[package]
+        for f in sorted(folder.rglob(pattern)):
+            if f.is_file() and not f.is_symlink():
+                out.append((f"{package}/{f.relative_to(folder)}", f.read_bytes().decode("utf-8", "replace")))
     if preset.stdlib:
         import sysconfig
 
@@ -237,7 +278,8 @@ def split_corpus(preset: Preset, folder: Path) -> dict[str, Any]:
         i += 1
     rest = docs[i:]
     # the continuation gets its share of the rest by the runs' token budgets (the parent's when pretrained)
-    share = preset.arm_tokens / (preset.arm_tokens + (preset.parent_tokens if preset.parent == "scratch" else 0))
+    cont = preset.continue_tokens or preset.arm_tokens
+    share = cont / (cont + (preset.parent_tokens if preset.parent == "scratch" else 0))
     cut = len(rest) - max(1, round(share * len(rest)))
     parts = {"heldout": heldout, "pretrain": rest[:cut], "continue": rest[cut:]}
     info: dict[str, Any] = {"sources": len(sources), "documents": len(docs), "parts": {}}
@@ -434,7 +476,7 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     from upcycle.train.spec import TrainSpec
 
     preset = Preset(**job["preset"])
-    torch.set_num_threads(preset.threads)
+    torch.set_num_threads(job.get("threads") or preset.threads)
     start_loss = heldout_loss(Path(job["model"]), job["data"], preset) if job["eval_at_start"] else None
     steps = max(1, job["tokens"] // (preset.seq_len * preset.micro_batch))
     spec = TrainSpec(
@@ -522,7 +564,9 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
         "aux": 0.0,
         "z": 0.0,
         "eval_at_start": False,
-        # one thread even when cores are free: on a loaded machine two OpenMP threads ran at half the speed of one
+        # every core: alone on an idle machine two threads train 1.8x as fast as one (on a loaded machine they
+        # ran at half the speed of one; pass --parent-threads 1 there)
+        "threads": preset.parent_threads or os.cpu_count() or 1,
         "preset": asdict(preset),
     }
     print(f"pretraining the parent: {preset.parent_tokens:,} tokens", flush=True)
@@ -589,7 +633,32 @@ def summarise(runs: list[dict[str, Any]], last: int = 2) -> dict[str, Any]:
     return out
 
 
+def curves(record: dict[str, Any], arm: str, axis: str) -> dict[int, list[tuple[float, float]]]:
+    """seed -> [(x, perplexity)] of ARM's runs; x is tokens, or training FLOPs (6 x active parameters x tokens)."""
+    runs = [r for r in record["runs"] if r["arm"] == arm]
+    scale = 6 * record["active_params"][arm] if axis == "flops" and runs else 1
+    return {r["seed"]: [(e["tokens"] * scale, math.exp(e["eval_loss"])) for e in r["evals"]] for r in runs}
+
+
+def vs_dense(record: dict[str, Any], arm: str, axis: str) -> dict[float, list[float]]:
+    """x -> ARM's perplexity against dense's at the same x (tokens or FLOPs), in %, one value per paired seed.
+    Dense's curve is interpolated linearly between its evals; points past its last eval are left out, and so are
+    the runs' starting points (x = 0)."""
+    dense, out = curves(record, "dense", axis), {}
+    for seed, points in curves(record, arm, axis).items():
+        if seed not in dense:
+            continue
+        xd, yd = zip(*dense[seed], strict=True)
+        for x, ppl in points:
+            if 0 < x <= xd[-1]:
+                i = next(j for j in range(1, len(xd)) if xd[j] >= x)
+                ref = yd[i - 1] + (yd[i] - yd[i - 1]) * (x - xd[i - 1]) / (xd[i] - xd[i - 1])
+                out.setdefault(x, []).append(100 * (ppl / ref - 1))
+    return out
+
+
 def plot(record: dict[str, Any], stem: Path) -> list[str]:
+    """One PNG per x axis (tokens, FLOPs): perplexity per arm, and beside it each arm against dense (paired)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -600,29 +669,45 @@ def plot(record: dict[str, Any], stem: Path) -> list[str]:
         ("tokens", "training tokens (continuation)"),
         ("flops", "training FLOPs (6 × active × tokens)"),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, (ax, rel) = plt.subplots(1, 2, figsize=(13, 4.8))
+        shown: list[float] = []
         for arm in ARMS:
-            runs = [r for r in record["runs"] if r["arm"] == arm]
-            if not runs:
+            per_seed = curves(record, arm, axis)
+            if not per_seed:
                 continue
-            per_x: dict[int, list[float]] = {}
-            for r in runs:
-                for e in r["evals"]:
-                    per_x.setdefault(e["tokens"], []).append(math.exp(e["eval_loss"]))
+            per_x: dict[float, list[float]] = {}
+            for points in per_seed.values():
+                for x, ppl in points:
+                    per_x.setdefault(x, []).append(ppl)
             xs = sorted(per_x)
-            scale = 6 * record["active_params"][arm] if axis == "flops" else 1
-            x = [t * scale for t in xs]
-            mean = [statistics.fmean(per_x[t]) for t in xs]
-            (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{ARM_LABELS[arm]} ({len(runs)} seed(s))")
-            if len(runs) > 1:
-                lo, hi = [min(per_x[t]) for t in xs], [max(per_x[t]) for t in xs]
-                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+            mean = [statistics.fmean(per_x[x]) for x in xs]
+            n = len(per_seed)
+            (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{ARM_LABELS[arm]} ({n} seed{'s' * (n > 1)})")
+            if n > 1:
+                ax.fill_between(
+                    xs, [min(per_x[x]) for x in xs], [max(per_x[x]) for x in xs], color=line.get_color(), alpha=0.2
+                )
+            diff = vs_dense(record, arm, axis) if arm != "dense" else {}
+            if diff:
+                dx = sorted(diff)
+                rel.plot(dx, [statistics.fmean(diff[x]) for x in dx], marker="o", ms=3, color=line.get_color())
+                lo, hi = [min(diff[x]) for x in dx], [max(diff[x]) for x in dx]
+                rel.fill_between(dx, lo, hi, color=line.get_color(), alpha=0.2)
+                shown += lo + hi
         ax.set_xlabel(label)
         ax.set_ylabel("held-out perplexity")
         ax.set_yscale("log")
         ax.set_title(f"upcycle vs dense, preset {record['preset_name']} (band: min-max over seeds)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+        rel.axhline(0, color="black", lw=1, label="dense")
+        rel.set_xlabel(label)
+        rel.set_ylabel("perplexity vs dense at the same x, % (paired by seed)")
+        rel.set_title("against dense (below 0: better than dense)", fontsize=10)
+        if shown:  # the converted models' starting points are left out: Drop-Upcycling's would flatten the rest
+            span = max(shown) - min(shown)
+            rel.set_ylim(min(min(shown), 0) - 0.1 * span, max(max(shown), 0) + 0.1 * span)
+        rel.grid(True, alpha=0.3)
         fig.tight_layout()
         path = stem.with_name(f"{stem.name}_{axis}.png")
         fig.savefig(path, dpi=110)
@@ -669,28 +754,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: the preset's)")
     parser.add_argument("--arm-tokens", type=int, help="tokens per arm run (default: the preset's)")
+    parser.add_argument("--parent-threads", type=int, help="torch threads for the parent (default: every core)")
     parser.add_argument("--work", type=Path, help="default benchmarks/_work/upcycle_vs_dense/<preset>")
     parser.add_argument(
         "--results", type=Path, help="JSON path (default benchmarks/results/upcycle_vs_dense_<preset>.json)"
     )
     parser.add_argument("--text-cache", type=Path, help="where Debian's packages are kept (default: in the cache)")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the PNGs of a saved results file")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        for png in plot(saved, args.replot.with_suffix("")):
+            print(f"wrote {_public(png)}")
+        return saved
     if args.text_cache:
         TEXT_CACHE[:] = [args.text_cache]
 
+    if base_mismatch(args.preset):
+        parser.error(f"preset {args.preset} differs from its base in {base_mismatch(args.preset)}")
     preset = PRESETS[args.preset]
     if args.seeds:
         preset = replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.jobs:
         preset = replace(preset, jobs=args.jobs)
     if args.arm_tokens:  # the corpus split and the parent stay the preset's, so they are reused
-        preset = replace(preset, arm_tokens=args.arm_tokens)
+        cont = preset.continue_tokens or preset.arm_tokens
+        preset = replace(preset, continue_tokens=cont, arm_tokens=args.arm_tokens)
+    if args.parent_threads:
+        preset = replace(preset, parent_threads=args.parent_threads)
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
-    work = (args.work or HERE / "_work" / "upcycle_vs_dense" / args.preset).resolve()
-    (work / "runs").mkdir(parents=True, exist_ok=True)
+    work = (args.work or HERE / "_work" / "upcycle_vs_dense" / (preset.base or args.preset)).resolve()
+    made_for = {k: v for k, v in json.loads(json.dumps(asdict(preset))).items() if k not in ARM_ONLY}
+    stamp = work / "made_for.json"  # what the corpus and parent in WORK were made with
+    if stamp.is_file() and json.loads(stamp.read_text()) != made_for:
+        parser.error(
+            f"{_public(str(work))} holds a corpus and parent made with other settings: remove it or pass --work"
+        )
+    (work / "runs" / args.preset).mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(made_for, indent=2))
     log = work / "log.txt"
     path = (args.results or HERE / "results" / f"upcycle_vs_dense_{args.preset}.json").resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -730,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "arm": arm,
                 "seed": seed,
                 "model": str(model),
-                "run_dir": str(work / "runs" / f"{arm}-s{seed}"),
+                "run_dir": str(work / "runs" / args.preset / f"{arm}-s{seed}"),
                 "data": data,
                 "phase": "continue",
                 "tokens": preset.arm_tokens,

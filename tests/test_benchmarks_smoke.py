@@ -127,6 +127,42 @@ def test_upcycle_vs_dense_smoke(tmp_path):
     assert parts["heldout"]["documents"] > 0 and parts["continue"]["documents"] > 0
     assert saved["data_tokens"]["continue"] >= saved["preset"]["arm_tokens"]  # no arm repeats its text
     assert saved["parent"]["tokens"] == saved["preset"]["parent_tokens"]
+    # the right-hand panel: each arm against dense at the same tokens, paired by seed, from the first eval on
+    runs = {r["arm"]: r for r in saved["runs"]}
+    paired = zip(runs["moe-all"]["evals"], runs["dense"]["evals"], strict=True)
+    expected = {e["tokens"]: 100 * (math.exp(e["eval_loss"] - d["eval_loss"]) - 1) for e, d in paired if e["tokens"]}
+    got = study.vs_dense(saved, "moe-all", "tokens")
+    assert sorted(got) == sorted(expected) and all(got[x] == [pytest.approx(v)] for x, v in expected.items())
     pngs = [tmp_path / "r_tokens.png", tmp_path / "r_flops.png"]
     for png in pngs:
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    # a preset with a `base` (as cpu-long has cpu) reuses the base's corpus, tokenizer and parent: no new pretraining
+    study.PRESETS["smoke-more"] = study.replace(study.PRESETS["smoke"], arm_tokens=4096, seeds=(1,), base="smoke")
+    try:
+        more_args = ["--preset", "smoke-more", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "m.json")]
+        more = study.main([*more_args, *args[-2:], "--arms", "dense,moe-all"])
+    finally:
+        del study.PRESETS["smoke-more"]
+    assert more["parent"] == saved["parent"] and more["corpus"] == saved["corpus"]
+    runs = sorted((r["arm"], r["seed"], r["tokens"]) for r in more["runs"])
+    assert runs == [("dense", 1, 4096), ("moe-all", 1, 4096)]
+    assert (tmp_path / "work" / "runs" / "smoke-more" / "moe-all-s1").is_dir()
+    start = {r["arm"]: r["evals"][0]["eval_loss"] for r in more["runs"]}
+    assert start["dense"] == pytest.approx(saved["parent"]["evals"][-1]["eval_loss"], abs=1e-4)
+
+
+def test_upcycle_vs_dense_presets_and_stale_work(tmp_path):
+    study = _load("upcycle_vs_dense")
+    for name, preset in study.PRESETS.items():  # a based preset differs from its base only in what the arms read
+        assert study.base_mismatch(name) == [], name
+        assert preset.base is None or study.PRESETS[preset.base].base is None
+    cpu = study.PRESETS["cpu"]
+    assert cpu.parent_tokens >= 10 * 1_100_000  # >= 10 tokens per parameter for the ~1.1M-parameter parent
+    assert (cpu.continue_tokens or 0) >= study.PRESETS["cpu-long"].arm_tokens >= cpu.arm_tokens
+    # a work folder made with other settings is refused (exit 2) before anything is read or written in it
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "made_for.json").write_text(json.dumps({"hidden": 1}))
+    with pytest.raises(SystemExit) as exc:
+        study.main(["--preset", "smoke", "--work", str(work), "--results", str(tmp_path / "r.json")])
+    assert exc.value.code == 2 and sorted(p.name for p in work.iterdir()) == ["made_for.json"]
