@@ -139,7 +139,7 @@ PRESETS: dict[str, Preset] = {
         arm_tokens=1_500_000,
         evals=6,
     ),
-    # longer (~1.5 hours on 2 idle cores once `cpu` has made the parent): cpu's corpus, parent and converted
+    # longer (~1 hour on 2 idle cores once `cpu` has made the parent): cpu's corpus, parent and converted
     # models, 3 seeds and 3M tokens per arm run
     "cpu-long": Preset(
         intermediate=256,
