@@ -108,6 +108,13 @@ class Preset:
     base: str | None = None  # a preset whose corpus, tokenizer, parent and converted models this one reuses
 
 
+# <= 45 min on 2 idle cores (36 min measured, benchmarks/README.md): a 1.1M-parameter parent (0.59M outside the
+# tied embedding) pretrained on 11.5M tokens, 10.3 per parameter; 1.5M tokens per arm run, 2 seeds. The corpus
+# (~15.7M tokens) holds the pretraining and a 3.3M-token continuation part, so no phase repeats text.
+CPU = Preset(
+    intermediate=256, kv_heads=2, parent_tokens=11_500_000, continue_tokens=3_000_000, arm_tokens=1_500_000, evals=6
+)
+
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         hidden=32,
@@ -128,29 +135,10 @@ PRESETS: dict[str, Preset] = {
         text_bytes=300_000,
         jobs=1,
     ),
-    # <= 45 min on 2 idle cores (36 min measured, benchmarks/README.md): a 1.1M-parameter parent (0.59M outside
-    # the tied embedding) pretrained on 11.5M tokens, 10.3 per parameter; 1.5M tokens per arm run, 2 seeds. The
-    # corpus (~15.7M tokens) holds the pretraining and a 3.3M-token continuation part, so no phase repeats text.
-    "cpu": Preset(
-        intermediate=256,
-        kv_heads=2,
-        parent_tokens=11_500_000,
-        continue_tokens=3_000_000,
-        arm_tokens=1_500_000,
-        evals=6,
-    ),
+    "cpu": CPU,
     # longer (~1 hour on 2 idle cores once `cpu` has made the parent): cpu's corpus, parent and converted
     # models, 3 seeds and 3M tokens per arm run
-    "cpu-long": Preset(
-        intermediate=256,
-        kv_heads=2,
-        parent_tokens=11_500_000,
-        continue_tokens=3_000_000,
-        arm_tokens=3_000_000,
-        seeds=(0, 1, 2),
-        evals=8,
-        base="cpu",
-    ),
+    "cpu-long": replace(CPU, arm_tokens=3_000_000, seeds=(0, 1, 2), evals=8, base="cpu"),
     "gpu": Preset(
         parent="smollm2",
         seq_len=1024,
