@@ -158,13 +158,18 @@ PRESETS: dict[str, Preset] = {
 ARM_ONLY = {"arm_tokens", "arm_lr", "seeds", "evals", "jobs", "threads", "parent_threads", "base"}
 
 
+def parent_settings(preset: Preset) -> dict[str, Any]:
+    """The fields the corpus, tokenizer and parent are made from (as JSON holds them: tuples become lists)."""
+    return {k: v for k, v in json.loads(json.dumps(asdict(preset))).items() if k not in ARM_ONLY}
+
+
 def base_mismatch(name: str) -> list[str]:
     """Fields in which preset NAME differs from its base where it must not (it would reuse the wrong parent)."""
     preset = PRESETS[name]
     if preset.base is None:
         return []
-    base = asdict(PRESETS[preset.base])
-    return [k for k, v in asdict(preset).items() if k not in ARM_ONLY and v != base[k]]
+    mine, base = parent_settings(preset), parent_settings(PRESETS[preset.base])
+    return [k for k, v in mine.items() if v != base[k]]
 
 
 # --- text -----------------------------------------------------------------------------------------------
@@ -775,7 +780,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
     work = (args.work or HERE / "_work" / "upcycle_vs_dense" / (preset.base or args.preset)).resolve()
-    made_for = {k: v for k, v in json.loads(json.dumps(asdict(preset))).items() if k not in ARM_ONLY}
+    made_for = parent_settings(preset)
     stamp = work / "made_for.json"  # what the corpus and parent in WORK were made with
     if stamp.is_file() and json.loads(stamp.read_text()) != made_for:
         parser.error(
