@@ -821,6 +821,13 @@ def train(
     compile_model: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
     ] = None,
+    deterministic: Annotated[
+        bool | None,
+        typer.Option(
+            "--deterministic/--no-deterministic",
+            help="Deterministic GPU kernels: a rerun or resume repeats every bit (slower). [default: off]",
+        ),
+    ] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps. [default: 10% of the steps]")] = None,
     save_every: Annotated[
         int | None, typer.Option(help="Checkpoint every N steps. [default: 10% of the steps]")
@@ -847,6 +854,7 @@ def train(
     from upcycle.train.spec import build_train_spec, load_run_config
 
     global _interrupt_note
+    _json_owns_stdout(json_out)
     if not dry_run:  # a training run keeps what it has checkpointed; say so if it is stopped
         _interrupt_note = f"{out_dir} keeps its complete checkpoints: continue with --resume"
 
@@ -878,6 +886,7 @@ def train(
         experts_impl=experts_impl,
         grad_checkpointing=grad_checkpointing,
         compile=compile_model,
+        deterministic=deterministic,
         eval_every=eval_every,
         save_every=save_every,
         keep_last=keep_last,
@@ -923,6 +932,8 @@ def _print_train_plan(plan: dict[str, Any], title: str) -> None:
         f"{plan['warmup']} warmup steps to {plan['lr']:g}, cosine to {plan['min_lr']:g}",
     )
     table.add_row("device", f"{plan['device']}, {plan['dtype']}, experts {plan['experts_impl']}")
+    if plan.get("sharding"):
+        table.add_row("sharding", plan["sharding"])
     table.add_row("eval / save", f"every {plan['eval_every']} / {plan['save_every']} steps")
     if plan.get("memory"):
         _memory_rows(table, plan["memory"])
@@ -962,6 +973,8 @@ def _print_train_summary(summary: dict[str, Any], title: str) -> None:
     table.add_row("eval loss / perplexity", f"{num(summary['eval_loss'], '.4f')} / {num(summary['perplexity'], '.2f')}")
     table.add_row("steps / tokens", f"{summary['steps']:,} / {summary['tokens']:,}")
     table.add_row("tokens/s", num(summary["tokens_per_s"], ",.0f") + f" (experts {summary['experts_implementation']})")
+    if summary.get("peak_gpu_memory_gib") is not None:
+        table.add_row("peak GPU memory", f"{summary['peak_gpu_memory_gib']:.2f} GiB (torch.cuda.max_memory_allocated)")
     if summary["skipped_steps"]:
         table.add_row("skipped steps", ", ".join(map(str, summary["skipped_steps"])))
     table.add_row("final model", str(summary["final"]))

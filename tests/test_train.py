@@ -145,10 +145,10 @@ def test_cli_prints_summary_and_json(moe_store, text, tmp_path, capsys):
     args = ["train", str(moe_store("mixtral")), "--data", str(text), "--out", str(out), "--steps", "4"]
     code, stdout, err = cli([*args, "--seq-len", "32", "--micro-batch", "2", "--log-every", "2", "--json", "-"], capsys)
     assert code == 0, err
-    summary = json.loads(stdout[stdout.index("{") :])
+    summary = json.loads(stdout)  # with --json -, stdout is the JSON alone; the tables go to stderr
     assert summary["steps"] == 4 and summary["tokens"] == 4 * 2 * 32
     assert len(summary["expert_load"]) == 4 and all(0 <= r["min"] <= r["max"] <= 1 for r in summary["expert_load"])
-    assert "final train loss" in stdout and "most loaded" in stdout
+    assert "final train loss" in err and "most loaded" in err
     assert "experts implementation grouped_mm" in err
     assert "step 2/4" in err and "step 4/4" in err  # plain lines when stderr is not a terminal
 
@@ -479,13 +479,13 @@ def test_dry_run_plans_and_writes_nothing(moe_store, text, tmp_path, capsys):
     args = ["train", str(src), "--data", str(text), "--out", str(out), "--steps", "100", "--dry-run"]
     code, stdout, err = cli([*args, "--train", "router", "--seq-len", "64", "--grad-accum", "2", "--json", "-"], capsys)
     assert code == 0, err
-    plan = json.loads(stdout[stdout.index("{") :])
+    plan = json.loads(stdout)  # stdout is the JSON alone
     model = AutoModelForCausalLM.from_pretrained(src)
     assert plan["params_total"] == sum(p.numel() for p in model.parameters())
     assert plan["params_trainable"] == sum(model.model.layers[i].mlp.gate.weight.numel() for i in (1, 3))
     assert plan["tokens_per_step"] == 64 * 4 * 2 and plan["steps"] == 100 and plan["warmup"] == 1
     assert plan["moe_layers"] == [1, 3] and plan["min_lr"] == pytest.approx(1e-5)
-    assert "lr schedule" in stdout and "1 warmup steps to 0.0001, cosine to 1e-05" in stdout
+    assert "lr schedule" in err and "1 warmup steps to 0.0001, cosine to 1e-05" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -161,3 +161,23 @@ def test_two_process_run_resumes_exactly(runs):
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for key in TERMS:
         assert [r[key] for r in got] == [r[key] for r in expected], key
+
+
+@pytest.mark.slow
+def test_torchrun_with_one_process_shards_with_fsdp2_and_matches_the_plain_run(runs):
+    """torchrun --nproc-per-node 1 takes the FSDP2 path (the only way to run it on one GPU), with the same losses."""
+    import json
+
+    dry = torchrun(*runs["common"], "--micro-batch", "4", "--dry-run", "--json", "-", nproc=1)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    plan = json.loads(dry.stdout)  # stdout is the JSON alone
+    assert plan["sharding"] == "FSDP2 over gloo, 1 process" and plan["world_size"] == 1
+    plain = run(["train", *runs["common"], "--micro-batch", "4", "--dry-run", "--json", str(runs["root"] / "p.json")])
+    assert plain == 0 and json.loads((runs["root"] / "p.json").read_text())["sharding"] is None
+    out = runs["root"] / "torchrun-one"
+    done = torchrun(*runs["common"], "--micro-batch", "4", "--out", str(out), nproc=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, got = records(runs["one"], "train"), records(out, "train")
+    for a, b in zip(one, got, strict=True):
+        for key in TERMS:
+            assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])

@@ -3,6 +3,7 @@ autocast (the experts' grouped_mm included), final/ written in bf16."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -28,6 +29,26 @@ def test_grouped_mm_runs_in_bf16_under_autocast():
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, F.grouped_mm(x.bfloat16(), w.bfloat16(), offs=offs))
     assert F.grouped_mm(x, w, offs=offs).dtype == torch.float32  # outside autocast nothing changes
+
+
+def test_one_process_on_a_gpu_runs_under_autocast_and_fsdp_casts_under_torchrun(monkeypatch):
+    """Found on an H200: a one-process GPU run took FSDP2's mixed-precision policy as its bf16 path, but nothing is
+    wrapped in one process, so the whole step ran in float32 (2-4x slower, and beyond the memory plan)."""
+    from upcycle.train import loop
+    from upcycle.train.distributed import mixed_precision
+
+    asked: list[str] = []
+    monkeypatch.setattr(loop, "enable_grouped_mm_autocast", lambda device_type, dtype: asked.append(device_type))
+    gpu = torch.device("cuda", 0)
+    one = DistEnv(device=gpu)
+    assert mixed_precision(one, BF16) is None  # one process: no FSDP, so no policy to rely on
+    ctx = compute_context(one, BF16, torch.bfloat16)
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+    assert asked == ["cuda"]  # and grouped_mm follows it
+    launched = DistEnv(device=gpu, launched=True)  # torchrun, even with one process: FSDP2 casts the weights
+    assert mixed_precision(launched, BF16).param_dtype == torch.bfloat16
+    assert isinstance(compute_context(launched, BF16, torch.bfloat16), contextlib.nullcontext)
+    assert mixed_precision(DistEnv(device=torch.device("cpu"), launched=True), BF16) is None  # gloo: autocast
 
 
 def test_fp32_compute_has_no_autocast():

@@ -290,13 +290,23 @@ def write_final(
     recipe_fields: dict[str, Any],
     fallback_recipe: dict[str, Any],
     model_state: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """final/: the trained model in the native format, its tokenizer, and upcycle.json + model card. The source's
     recipe and card are carried over and extended with `recipe_fields` (the `training` record); a source that
-    upcycle did not write gets `fallback_recipe` + `recipe_fields` as its upcycle.json."""
+    upcycle did not write gets `fallback_recipe` + `recipe_fields` as its upcycle.json.
+
+    model_state: the full state gathered from FSDP shards (float32 masters), written in `dtype` when given, with
+    config.json's dtype saying so (save_pretrained would take the dtype of the sharded fp32 model)."""
     final = Path(run_dir) / FINAL
+    if model_state is not None and dtype is not None:
+        model_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model_state.items()}
     with staged_folder(final, force=True) as tmp:
-        model.save_pretrained(tmp, state_dict=model_state)  # model_state: gathered from FSDP shards
+        model.save_pretrained(tmp, state_dict=model_state)
+        if model_state is not None and dtype is not None:
+            config = json.loads((tmp / "config.json").read_text())
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
         for name in (RECIPE, CARD):
             if (Path(source_folder) / name).is_file():

@@ -34,6 +34,7 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    launched: bool = False  # started by torchrun: a process group and FSDP2 even with one process
 
     @property
     def is_main(self) -> bool:
@@ -41,14 +42,17 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
 
 def init_distributed(device: str | None = None) -> DistEnv:
     """Read torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK) and join the process group: nccl on GPU, gloo on CPU.
 
+    Under torchrun the group is joined and the model sharded with FSDP2 whatever the world size, so that
+    `torchrun --nproc-per-node 1` runs the same code as N processes (on one GPU that is the only way to run it).
     device: "cpu" or "cuda" to force one; by default CUDA when it is available.
     """
+    launched = "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun (torch.distributed.run) for every worker
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -65,9 +69,17 @@ def init_distributed(device: str | None = None) -> DistEnv:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or launched) and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return DistEnv(world_size=world_size, rank=rank, local_rank=local_rank, device=dev)
+    return DistEnv(world_size=world_size, rank=rank, local_rank=local_rank, device=dev, launched=launched)
+
+
+def sharding(env: DistEnv) -> str | None:
+    """How the model is spread over processes, for the plan (e.g. "FSDP2 over nccl, 1 process"); None: one process."""
+    if not env.distributed:
+        return None
+    backend = dist.get_backend() if dist.is_initialized() else "no process group"
+    return f"FSDP2 over {backend}, {env.world_size} process{'es' if env.world_size > 1 else ''}"
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -80,20 +92,22 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def mixed_precision(env: DistEnv, spec: TrainSpec) -> Any:
-    """bf16 compute with fp32 gradient reduction on GPU when --dtype is bf16 (or auto); None keeps fp32 throughout.
+    """FSDP2's bf16 compute with fp32 gradient reduction, under torchrun on GPUs when --dtype is bf16 (or auto);
+    None elsewhere: in one process (nothing is wrapped, so nothing would cast: autocast does it, see
+    loop.compute_context), on CPU, or with fp32.
 
     The model itself stays fp32 (load it so): FSDP2 casts the gathered parameters for forward and backward and
     keeps the fp32 shards as the optimizer's master weights.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if env.device.type != "cuda" or spec.dtype == "fp32":
+    if not env.distributed or env.device.type != "cuda" or spec.dtype == "fp32":
         return None
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def wrap_model(model: nn.Module, env: DistEnv, spec: TrainSpec) -> nn.Module:
-    """FSDP2 for world_size > 1: `fully_shard` each decoder layer, then the root (embeddings, final norm, head).
+    """FSDP2 under torchrun: `fully_shard` each decoder layer, then the root (embeddings, final norm, head).
 
     Call after the model is on env.device, after freezing (frozen parameters are sharded too, they just get no
     gradient), after enabling gradient checkpointing and after installing hooks, and before building the

@@ -40,6 +40,7 @@ from .distributed import (  # [train-dist] FSDP2 helpers
     init_distributed,
     load_full_optimizer_state,
     mixed_precision,
+    sharding,
     wrap_model,
 )
 from .losses import dropped_fraction, expert_counts, load_stats, router_losses
@@ -132,23 +133,99 @@ def compute_context(env: DistEnv, spec: TrainSpec, dtype: torch.dtype) -> contex
 
     if dtype == torch.float32 or mixed_precision(env, spec) is not None:
         return contextlib.nullcontext()
-    _grouped_mm_autocast(env.device.type, dtype)
+    enable_grouped_mm_autocast(env.device.type, dtype)
     return torch.autocast(env.device.type, dtype=dtype)
 
 
-_AUTOCAST_GROUPED_MM: set[str] = set()
+_AUTOCAST_GROUPED_MM: dict[str, str] = {}  # device type -> how grouped_mm was made to follow autocast
 
 
-def _grouped_mm_autocast(device_type: str, dtype: torch.dtype) -> None:
-    """grouped_mm has no autocast rule (torch 2.13; pytorch#174763), and transformers' experts kernel casts its
-    input to the weight dtype, so under autocast with float32 weights the experts would silently run in float32.
-    Registering the rule makes autocast cast both operands to `dtype`, as it does for F.linear (eager experts)."""
+def enable_grouped_mm_autocast(device_type: str, dtype: torch.dtype) -> str:
+    """grouped_mm has no autocast rule (pytorch#174763), and transformers' experts kernel casts its input to the
+    weight dtype, so under autocast with float32 weights the experts would silently run in float32 (on an H200 that
+    made the MoE step slower with grouped_mm than with the eager loop). Make autocast cast both operands to `dtype`,
+    as it does for F.linear (the eager experts), and check that it took:
+
+    1. a dispatcher rule, torch.library.register_autocast("aten::_grouped_mm") (enough with torch 2.13 on CPU);
+    2. else transformers' own grouped_mm helper wrapped to cast both operands while autocast is on.
+    Returns which one holds ("dispatcher", "transformers", or "none" with a warning: the experts stay float32)."""
     import torch
 
     if device_type in _AUTOCAST_GROUPED_MM:
+        return _AUTOCAST_GROUPED_MM[device_type]
+    how = "none"
+    with contextlib.suppress(RuntimeError, ValueError):
+        torch.library.register_autocast("aten::_grouped_mm", device_type, dtype)
+    if _grouped_mm_follows_autocast(device_type, dtype, via_transformers=False):
+        how = "dispatcher"
+    else:
+        _wrap_transformers_grouped_mm()
+        if _grouped_mm_follows_autocast(device_type, dtype, via_transformers=True):
+            how = "transformers"
+    if how == "none":
+        warnings.warn(
+            f"could not make grouped_mm follow autocast on {device_type}: the experts run in float32", stacklevel=3
+        )
+    _AUTOCAST_GROUPED_MM[device_type] = how
+    return how
+
+
+def _grouped_mm_follows_autocast(device_type: str, dtype: torch.dtype, *, via_transformers: bool) -> bool:
+    """Does a float32 grouped_mm under autocast come out in `dtype`? (tiny operands; forward only)"""
+    import torch
+
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else device_type
+    x = torch.ones(32, 16, device=device)  # (S, H)
+    w = torch.ones(2, 16, 16, device=device)  # (E, H, I)
+    offs = torch.tensor([16, 32], dtype=torch.int32, device=device)
+    try:
+        with torch.autocast(device_type, dtype=dtype), torch.no_grad():
+            if via_transformers:
+                from transformers.integrations import moe
+
+                y = moe._grouped_mm(x, w, offs=offs)
+            else:
+                y = torch.nn.functional.grouped_mm(x, w, offs=offs)
+    except (RuntimeError, NotImplementedError, ImportError, AttributeError):
+        return False
+    return y.dtype == dtype
+
+
+def _wrap_transformers_grouped_mm() -> None:
+    """transformers.integrations.moe._grouped_mm(input, weight, offs), called by its grouped_mm experts forward:
+    under autocast, cast both operands to the autocast dtype first (differentiably: the fp32 masters get grads)."""
+    import torch
+
+    try:
+        from transformers.integrations import moe
+    except ImportError:
         return
-    torch.library.register_autocast("aten::_grouped_mm", device_type, dtype)
-    _AUTOCAST_GROUPED_MM.add(device_type)
+    original = getattr(moe, "_grouped_mm", None)
+    if original is None or getattr(original, "_upcycle_autocast", False):
+        return
+
+    def grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        kind = input.device.type
+        if torch.is_autocast_enabled(kind) and weight.is_floating_point():
+            dt = torch.get_autocast_dtype(kind)
+            return original(input.to(dt), weight.to(dt), offs=offs)
+        return original(input, weight, offs=offs)
+
+    grouped_mm._upcycle_autocast = True  # type: ignore[attr-defined]
+    moe._grouped_mm = grouped_mm
+
+
+def use_deterministic_algorithms() -> None:
+    """Kernels that give the same bits on every run (cuBLAS needs a fixed workspace, read when its handle is made,
+    so this must run before the first matmul on the GPU). Ops with no deterministic kernel warn, not fail."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def load_model(folder: Path, dtype: torch.dtype, spec: TrainSpec, device: torch.device) -> nn.Module:
@@ -267,7 +344,13 @@ def memory_plan(config: dict[str, Any], params: tuple[int, int], spec: TrainSpec
 
     on_gpu = env.device.type == "cuda"
     est = estimate(
-        config, spec, trainable_params=params[1], total_params=params[0], world_size=env.world_size, on_gpu=on_gpu
+        config,
+        spec,
+        trainable_params=params[1],
+        total_params=params[0],
+        world_size=env.world_size,
+        on_gpu=on_gpu,
+        sharded=env.distributed,
     )
     available, what = available_memory(spec.gpu_mem)
     return est.to_dict() | {
@@ -301,6 +384,7 @@ def make_plan(
         "params_trainable": params[1],
         "train": spec.train,
         "world_size": env.world_size,
+        "sharding": sharding(env),
         "device": env.device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "experts_impl": spec.experts_impl,
@@ -570,6 +654,8 @@ def _train(model, run_dir, spec, env, *, resume, force, dry_run, console) -> Tra
 
     if env.distributed and spec.router_noise:  # [train-dist] noise weights live outside FSDP's shards
         raise UpcycleError("--router-noise is not supported under torchrun yet; train in one process or drop it")
+    if spec.deterministic:
+        use_deterministic_algorithms()
     # float32 weights (the master weights) whatever the compute dtype: see compute_context
     net = load_model(resume_from or source.folder, torch.float32, spec, env.device)
     impl = experts_implementation(net)
@@ -693,6 +779,8 @@ def _data(spec: TrainSpec, tokenizer, env: DistEnv):
 
 
 def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, resume, force, display) -> dict:
+    import torch
+
     spec, env = run.spec, run.env
     total = plan["steps"]
     tokens_per_step = plan["tokens_per_step"]
@@ -787,8 +875,6 @@ def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, r
         final = None
         model_state = full_model_state(run.model, env) if env.distributed else None  # [train-dist] collective
         if not env.distributed:  # final/ in the compute dtype (bf16 halves it); checkpoints keep the fp32 masters
-            import torch
-
             run.model.to(getattr(torch, plan["dtype"]))
         if env.is_main:
             training = _training_record(run, model_name, run_dir, info, plan, last_eval)
@@ -799,6 +885,7 @@ def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, r
                 tokenizer=tokenizer,
                 source_folder=source.folder,
                 model_state=model_state,
+                dtype=getattr(torch, plan["dtype"]),
                 recipe_fields={"training": training, "name": Path(run_dir).name, "hub_repo": None},
                 fallback_recipe=fallback,
             )
@@ -821,7 +908,17 @@ def _loop(run: Run, run_dir, model_name, source, tokenizer, info, plan, state, r
         "perplexity": _json_float(last_eval["perplexity"]) if last_eval else None,
         "skipped_steps": skipped,
         "expert_load": _load_rows(load),
+        "peak_gpu_memory_gib": _peak_gpu_memory(env),
     }
+
+
+def _peak_gpu_memory(env) -> float | None:
+    """torch.cuda.max_memory_allocated of this process in GiB (what --dry-run's memory plan estimates); None on CPU."""
+    import torch
+
+    if env.device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(env.device) / (1 << 30)
 
 
 def _load_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -232,9 +232,11 @@ def estimate(
     world_size: int = 1,
     precision: Precision | None = None,
     on_gpu: bool | None = None,
+    sharded: bool | None = None,
 ) -> MemoryEstimate:
     """Memory per rank for `spec` on a model with this config (a transformers config, object or dict).
 
+    sharded: the model is wrapped in FSDP2 (under torchrun, even with one process); by default world_size > 1.
     precision: the recipe (PRECISIONS); by default the one `upcycle train` uses for spec.dtype on this device
     (on_gpu defaults to whether CUDA is available). micro_batch and seq_len are per rank, as in the run.
     """
@@ -260,7 +262,7 @@ def estimate(
     layer_inputs = shape.layers * shape.hidden * a
 
     biggest_layer_params = shape.layer_params(moe=shape.moe_layers > 0)
-    if world_size > 1:
+    if sharded if sharded is not None else world_size > 1:
         # FSDP2: the root stays gathered through the step; two layers in compute dtype, one layer's full grads.
         working = (shape.root_params + 2 * biggest_layer_params) * a + biggest_layer_params * p.grad
     else:

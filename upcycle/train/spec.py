@@ -51,7 +51,7 @@ FLOATS = (
     "gpu_mem",
     "eval_fraction",
 )
-BOOLS = ("router_noise", "grad_checkpointing", "compile", "tensorboard")
+BOOLS = ("router_noise", "grad_checkpointing", "compile", "deterministic", "tensorboard")
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class TrainSpec:
     experts_impl: ExpertsImpl = "grouped_mm"
     grad_checkpointing: bool = False
     compile: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable GPU steps
     eval_every: int | None = None  # default: 10% of the steps
     save_every: int | None = None  # default: 10% of the steps
     keep_last: int = 2
