@@ -68,6 +68,8 @@ class Size:
     batch: int
     impls: tuple[str, ...]
     tied: bool = False
+    family: str = "llama"  # the dense parent's model_type (qwen2 converts to qwen2_moe)
+    store: str = "fp32"  # dtype the parent and its MoE are written in (bf16 halves the files of the GPU sizes)
 
     def config(self) -> dict[str, Any]:
         return dict(
@@ -93,8 +95,11 @@ SIZES = {
     "tiny": Size(hidden=128, ffn=384, layers=2, heads=4, kv_heads=2, vocab=2048, seq=128, batch=4,
                  impls=("eager", "grouped_mm", "batched_mm")),
     # SmolLM2-135M's shape (tied embeddings); for one H100 at bf16.
-    "smollm2": Size(hidden=576, ffn=1536, layers=30, heads=9, kv_heads=3, vocab=49152, seq=2048, batch=8,
-                    impls=("eager", "grouped_mm"), tied=True),
+    "smollm2": Size(hidden=576, ffn=1536, layers=30, heads=9, kv_heads=3, vocab=49152, seq=2048, batch=16,
+                    impls=("eager", "grouped_mm"), tied=True, store="bf16"),
+    # Qwen2.5-0.5B's shape (tied embeddings, q/k/v biases); its MoE has 2.6B parameters. For one H100/H200.
+    "qwen05": Size(hidden=896, ffn=4864, layers=24, heads=14, kv_heads=2, vocab=151936, seq=2048, batch=8,
+                   impls=("eager", "grouped_mm"), tied=True, family="qwen2", store="bf16"),
 }  # fmt: skip
 
 
@@ -110,11 +115,12 @@ def make_models(size: Size, work: Path) -> tuple[Path, Path]:
     from upcycle.convert.spec import build_spec
 
     tag = f"h{size.hidden}-f{size.ffn}-l{size.layers}-v{size.vocab}{'-tied' if size.tied else ''}"
+    tag = f"{size.family}-{tag}-{size.store}"
     dense, moe = work / f"dense-{tag}", work / f"moe8x2-{tag}"
     if not (dense / "config.json").is_file():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **size.config()))
-        model.save_pretrained(dense)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(size.family, **size.config()))
+        model.to(torch.bfloat16 if size.store == "bf16" else torch.float32).save_pretrained(dense)
     if not (moe / "config.json").is_file():
         convert(str(dense), moe, build_spec(experts=8, top_k=2), force=True)
     return dense, moe
@@ -163,8 +169,9 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
-    # "pure": the weights (and so AdamW's moments) in the run's dtype, as `upcycle train` holds them in one
-    # process; "mixed": fp32 weights and AdamW with a bf16 autocast, as under FSDP2's mixed-precision policy
+    # "mixed": fp32 weights and AdamW with a bf16 autocast (grouped_mm included), as `upcycle train --dtype bf16`
+    # runs in one process (FSDP2's mixed-precision policy does the same under torchrun); "pure": the weights (and
+    # so AdamW's moments) in bf16, for comparison
     pure_bf16 = job["dtype"] == "bf16" and job["precision"] == "pure"
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if pure_bf16 else torch.float32}
     if job["impl"] != "dense":
@@ -181,18 +188,26 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     # what transformers actually dispatches to (it may fall back silently), not what was asked for
     impl_got = model.config._experts_implementation if job["impl"] != "dense" else "dense"
     tap, router_losses = routing_hooks(model) if job["impl"] != "dense" else (None, None)
+    if job.get("compile"):  # as `upcycle train --compile`: after the hooks, before the optimizer
+        model.compile()
     fused = True if device.type == "cuda" else None  # as upcycle.train.optim.build_optimizer
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     batches = [torch.randint(0, vocab, (job["batch"], job["seq"]), generator=gen).to(device) for _ in range(4)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["dtype"] == "bf16" and not pure_bf16)
+    if job["dtype"] == "bf16" and not pure_bf16:  # the experts follow autocast too, as in upcycle train
+        from upcycle.train.loop import enable_grouped_mm_autocast
+
+        result_autocast = enable_grouped_mm_autocast(device.type, torch.bfloat16)
+    else:
+        result_autocast = None
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times, losses = [], []
+    times, losses, first = [], [], []
     for i in range(job["warmup"] + job["steps"]):
         ids = batches[i % len(batches)]
         sync()
@@ -213,6 +228,8 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         if i >= job["warmup"]:
             times.append(time.perf_counter() - t0)
             losses.append(float(loss))
+        else:  # warm-up steps: with --compile the first holds the compilation
+            first.append(time.perf_counter() - t0)
     result = {
         "experts_impl": impl_got,
         "step": "forward, backward, clip 1.0, AdamW" + (" + RouterTap, balance and z losses" if tap else ""),
@@ -222,6 +239,9 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         "median_step_s": statistics.median(times),
         "loss_last": losses[-1],
         "params": sum(p.numel() for p in model.parameters()),
+        "compile": bool(job.get("compile")),
+        "grouped_mm_autocast": result_autocast,
+        "first_steps_s": first,
     }
     if device.type == "cuda":
         result["peak_mib"] = torch.cuda.max_memory_allocated() / MIB
@@ -347,17 +367,22 @@ def _pkg(name: str) -> str:
 
 
 def table(rows: list[dict[str, Any]], mfu_label: str) -> str:
+    measured = any(r.get("mfu_measured_peak") for r in rows)
     head = (
         "| size | model | experts impl | params | active | tokens/step | tokens/s | × dense | peak MiB "
-        f"| estimate MiB | GFLOPs/token | {mfu_label} |"
+        f"| estimate MiB | GFLOPs/token | {mfu_label} |" + (" MFU (measured mm peak) |" if measured else "")
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(
-            f"| {r['size']} | {r['model']} | {r['experts_impl']} | {r['params'] / 1e6:.1f}M | {r['active'] / 1e6:.1f}M "
-            f"| {r['tokens_per_step']} | {r['tokens_per_s']:,.0f} | {r['vs_dense']:.2f} | {r['peak_mib']:,.0f} "
+        model = r["model"] + (" (compiled)" if r.get("compile") else "")
+        line = (
+            f"| {r['size']} | {model} | {r['experts_impl']} | {r['params'] / 1e6:.1f}M | {r['active'] / 1e6:.1f}M "
+            f"| {r['tokens_per_step']} | {r['tokens_per_s']:,.0f} | {r['vs_dense'] or 0:.2f} | {r['peak_mib']:,.0f} "
             f"| {r['estimate_mib']:,.0f} | {r['flops_per_token'] / 1e9:.3f} | {100 * r['mfu']:.1f}% |"
         )
+        if measured:
+            line += f" {100 * (r.get('mfu_measured_peak') or 0):.1f}% |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -368,8 +393,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--precision",
         choices=("pure", "mixed"),
-        default="pure",
-        help="with bf16: weights and AdamW in bf16 as upcycle train on one process (pure), or fp32 + autocast (mixed)",
+        default="mixed",
+        help="with bf16: fp32 weights and AdamW + autocast, as upcycle train (mixed), or all in bf16 (pure)",
     )
     p.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)} (default: cpu,tiny / smollm2)")
     p.add_argument("--impls", default=None, help="override every size's experts implementations (comma list)")
@@ -378,6 +403,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 5 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU against this peak instead")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (as upcycle train --compile)")
     p.add_argument("--work", type=Path, default=HERE / "_work", help="where the models are written and reused")
     p.add_argument("--results", type=Path, default=None, help="JSON output (default: benchmarks/results/...)")
     p.add_argument("--tag", default=None, help="suffix of the default JSON name")
@@ -399,7 +425,42 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(args.device)
     peak, peak_label = peak_for(args.device, dtype, args.threads, args.peak_tflops)
     print(f"MFU peak: {peak:.3f} TFLOPS ({peak_label})", flush=True)
+    # on a GPU also the rate this card really reaches (a large bf16 torch.mm): MFU against both
+    measured_peak = matmul_peak_tflops(args.device, dtype, args.threads) if on_gpu else None
+    if measured_peak:
+        print(f"measured torch.mm {dtype} peak: {measured_peak:.1f} TFLOPS", flush=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", (info.get("gpu") or _cpu_model()).lower()).strip("-")
+    where = f"{slug}-{os.cpu_count()}c" if not on_gpu else slug
+    suffix = f"_{args.tag}" if args.tag else ""
+    out = args.results or HERE / "results" / f"train_{where}_{dtype}_{datetime.now(UTC):%Y%m}{suffix}.json"
     rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+
+    def save() -> None:  # after every run, so that a benchmark stopped part-way keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        precision = "fp32" if dtype == "fp32" else {
+            "pure": "bf16 weights and AdamW moments",
+            "mixed": "fp32 weights and AdamW, bf16 autocast (upcycle train, one process)",
+        }[args.precision]  # fmt: skip
+        record = {
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "device": args.device,
+            "dtype": dtype,
+            "precision": precision,
+            "steps": steps,
+            "warmup": warmup,
+            "threads": args.threads,
+            "peak_tflops": peak,
+            "peak_label": peak_label,
+            "measured_peak_tflops": measured_peak,
+            "compile": args.compile,
+            "flops_formula": "6*N_active + 12*L*d_attn*S (N_active without the input embedding)",
+            "machine": info,
+            "runs": rows,
+            "failures": failures,
+        }
+        out.write_text(json.dumps(record, indent=1))
+
     for name in sizes:
         size = SIZES[name]
         if args.batch:
@@ -411,10 +472,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = json.loads((folder / "config.json").read_text())
             job = dict(name=name, model=str(folder), impl=impl, device=args.device, dtype=dtype,
                        precision=args.precision, seq=size.seq, batch=size.batch, steps=steps, warmup=warmup,
-                       threads=args.threads)  # fmt: skip
-            res = run_child(job)
+                       threads=args.threads, compile=args.compile)  # fmt: skip
+            try:
+                res = run_child(job)
+            except SystemExit as exc:  # one failed run (out of memory, a kernel missing) leaves the others
+                print(exc, flush=True)
+                failures.append({"size": name, "model": model, "impl": impl, "error": str(exc)[-2000:]})
+                save()
+                continue
             fpt, active, _ = flops_per_token(cfg, size.seq)
-            dense_tps = dense_tps or res["tokens_per_s"]
+            dense_tps = dense_tps or (res["tokens_per_s"] if impl == "dense" else None)
             row = {
                 "size": name,
                 "model": model,
@@ -423,44 +490,18 @@ def main(argv: list[str] | None = None) -> int:
                 "active": active,
                 "flops_per_token": fpt,
                 "mfu": fpt * res["tokens_per_s"] / (peak * 1e12),
-                "vs_dense": res["tokens_per_s"] / dense_tps,
+                "mfu_measured_peak": fpt * res["tokens_per_s"] / (measured_peak * 1e12) if measured_peak else None,
+                "vs_dense": res["tokens_per_s"] / dense_tps if dense_tps else None,
                 "estimate_mib": estimate_mib(cfg, size, dtype, args.precision, args.device, res["params"]),
             }
             rows.append(row)
+            save()
             print(f"{name:8s} {model:13s} {res['experts_impl']:10s} {res['tokens_per_s']:10,.0f} tokens/s  "
                   f"peak {res['peak_mib']:8,.0f} MiB (estimate {row['estimate_mib']:,.0f})", flush=True)  # fmt: skip
     mfu_label = "MFU (vs measured mm peak)" if not on_gpu and not args.peak_tflops else "MFU"
     print()
     print(table(rows, mfu_label))
-    slug = re.sub(r"[^a-z0-9]+", "-", (info.get("gpu") or _cpu_model()).lower()).strip("-")
-    where = f"{slug}-{os.cpu_count()}c" if not on_gpu else slug
-    suffix = f"_{args.tag}" if args.tag else ""
-    out = args.results or HERE / "results" / f"train_{where}_{dtype}_{datetime.now(UTC):%Y%m}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "when": datetime.now(UTC).isoformat(timespec="seconds"),
-                "device": args.device,
-                "dtype": dtype,
-                "precision": "fp32"
-                if dtype == "fp32"
-                else {
-                    "pure": "bf16 weights and AdamW moments (upcycle train, one process)",
-                    "mixed": "fp32 weights and AdamW, bf16 autocast",
-                }[args.precision],
-                "steps": steps,
-                "warmup": warmup,
-                "threads": args.threads,
-                "peak_tflops": peak,
-                "peak_label": peak_label,
-                "flops_formula": "6*N_active + 12*L*d_attn*S (N_active without the input embedding)",
-                "machine": info,
-                "runs": rows,
-            },
-            indent=1,
-        )
-    )
+    save()
     print(f"\nwrote {out}")
     return 0
 

@@ -166,3 +166,30 @@ def test_upcycle_vs_dense_presets_and_stale_work(tmp_path):
     with pytest.raises(SystemExit) as exc:
         study.main(["--preset", "smoke", "--work", str(work), "--results", str(tmp_path / "r.json")])
     assert exc.value.code == 2 and sorted(p.name for p in work.iterdir()) == ["made_for.json"]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_mode_runs_every_step_on_cpu(jargon_text, tmp_path):
+    """benchmarks/gpu/check.py --device cpu --tiny: the GPU machine's steps at toy size, so the script cannot rot."""
+    import subprocess
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu" / "check.py"), "--out", str(out), "--device", "cpu",
+           "--tiny", "--text", str(jargon_text), "--work", str(tmp_path / "work"), "--e2e-steps", "40"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "=== GPU check summary ===" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [k for k in summary if k != "total_s"] == ["env", "pytest", "e2e", "throughput", "compile"]
+    assert all(summary[k]["ok"] for k in ("env", "pytest", "e2e", "throughput", "compile"))
+    assert summary["pytest"]["passed"] == 0 and summary["pytest"]["skipped"] >= 10  # no GPU: all skip
+    e2e = summary["e2e"]
+    assert e2e["lm_last3"] < e2e["lm_first3"] - 0.3 and e2e["final"]["class"] == "MixtralForCausalLM"
+    assert not e2e["final"]["missing"] and not e2e["final"]["unexpected"] and e2e["final"]["logits_finite"]
+    for step in ("throughput", "compile"):
+        rows = summary[step]["rows"]
+        assert [r["model"] for r in rows] == ["dense", "moe 8x top-2"]
+        assert all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
+        assert rows[1]["vs_dense"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+    assert all(r["compile"] for r in summary["compile"]["rows"])
+    assert (out / "e2e.log").is_file() and (out / "pytest.xml").is_file()
