@@ -33,7 +33,7 @@ SHARED_TEXT = {
     "hunyuan_v1_moe": "none (HunYuan-MoE's always-on shared MLP is written as zeros, so it adds nothing)",
 }
 # Peak RSS of a process that loads the MoE with AutoModelForCausalLM.from_pretrained (default load): about
-# 0.4 GB for Python, torch and transformers plus 2.2 times the weights' size on disk. Measured (README,
+# 0.4 GB for Python, torch and transformers plus 2.2 times the weights' size on disk. Measured (docs/convert.md,
 # "Memory to load the MoE"): 0.37 GB for a 0.9 MB tiny MoE, 0.59 GB for 112 MB, 6.29 GB for the 2.77 GB
 # SmolLM2 MoE.
 LOAD_MEMORY_BASE, LOAD_MEMORY_FACTOR = 400_000_000, 2.2
