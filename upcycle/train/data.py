@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..compat import dataset_fingerprint
 from ..errors import UpcycleError
 
 if TYPE_CHECKING:
@@ -362,7 +363,7 @@ def _hub(arg: str, flag: str) -> _Source:
             ) from None
         raise UpcycleError(f"{flag} {arg}: could not load it as a datasets Hub id: {_first_line(exc)}") from None
     dataset = _train_split(loaded, flag, arg)
-    return _Source(flag, arg, [arg], ["hub", arg, dataset._fingerprint], dataset=dataset)
+    return _Source(flag, arg, [arg], ["hub", arg, dataset_fingerprint(dataset)], dataset=dataset)
 
 
 def _train_split(loaded: Any, flag: str, label: str) -> Any:

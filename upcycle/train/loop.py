@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..arch import Target, family_for, target_for_config
+from ..compat import enable_activation_checkpointing, enable_grouped_mm_autocast, experts_implementation
 from ..errors import UpcycleError
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
@@ -137,86 +138,6 @@ def compute_context(env: DistEnv, spec: TrainSpec, dtype: torch.dtype) -> contex
     return torch.autocast(env.device.type, dtype=dtype)
 
 
-_AUTOCAST_GROUPED_MM: dict[str, str] = {}  # device type -> how grouped_mm was made to follow autocast
-
-
-def enable_grouped_mm_autocast(device_type: str, dtype: torch.dtype) -> str:
-    """grouped_mm has no autocast rule (pytorch#174763), and transformers' experts kernel casts its input to the
-    weight dtype, so under autocast with float32 weights the experts would silently run in float32 (on an H200 that
-    made the MoE step slower with grouped_mm than with the eager loop). Make autocast cast both operands to `dtype`,
-    as it does for F.linear (the eager experts), and check that it took:
-
-    1. a dispatcher rule, torch.library.register_autocast("aten::_grouped_mm") (enough with torch 2.13 on CPU);
-    2. else transformers' own grouped_mm helper wrapped to cast both operands while autocast is on.
-    Returns which one holds ("dispatcher", "transformers", or "none" with a warning: the experts stay float32)."""
-    import torch
-
-    if device_type in _AUTOCAST_GROUPED_MM:
-        return _AUTOCAST_GROUPED_MM[device_type]
-    how = "none"
-    with contextlib.suppress(RuntimeError, ValueError):
-        torch.library.register_autocast("aten::_grouped_mm", device_type, dtype)
-    if _grouped_mm_follows_autocast(device_type, dtype, via_transformers=False):
-        how = "dispatcher"
-    else:
-        _wrap_transformers_grouped_mm()
-        if _grouped_mm_follows_autocast(device_type, dtype, via_transformers=True):
-            how = "transformers"
-    if how == "none":
-        warnings.warn(
-            f"could not make grouped_mm follow autocast on {device_type}: the experts run in float32", stacklevel=3
-        )
-    _AUTOCAST_GROUPED_MM[device_type] = how
-    return how
-
-
-def _grouped_mm_follows_autocast(device_type: str, dtype: torch.dtype, *, via_transformers: bool) -> bool:
-    """Does a float32 grouped_mm under autocast come out in `dtype`? (tiny operands; forward only)"""
-    import torch
-
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return False
-    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else device_type
-    x = torch.ones(32, 16, device=device)  # (S, H)
-    w = torch.ones(2, 16, 16, device=device)  # (E, H, I)
-    offs = torch.tensor([16, 32], dtype=torch.int32, device=device)
-    try:
-        with torch.autocast(device_type, dtype=dtype), torch.no_grad():
-            if via_transformers:
-                from transformers.integrations import moe
-
-                y = moe._grouped_mm(x, w, offs=offs)
-            else:
-                y = torch.nn.functional.grouped_mm(x, w, offs=offs)
-    except (RuntimeError, NotImplementedError, ImportError, AttributeError):
-        return False
-    return y.dtype == dtype
-
-
-def _wrap_transformers_grouped_mm() -> None:
-    """transformers.integrations.moe._grouped_mm(input, weight, offs), called by its grouped_mm experts forward:
-    under autocast, cast both operands to the autocast dtype first (differentiably: the fp32 masters get grads)."""
-    import torch
-
-    try:
-        from transformers.integrations import moe
-    except ImportError:
-        return
-    original = getattr(moe, "_grouped_mm", None)
-    if original is None or getattr(original, "_upcycle_autocast", False):
-        return
-
-    def grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        kind = input.device.type
-        if torch.is_autocast_enabled(kind) and weight.is_floating_point():
-            dt = torch.get_autocast_dtype(kind)
-            return original(input.to(dt), weight.to(dt), offs=offs)
-        return original(input, weight, offs=offs)
-
-    grouped_mm._upcycle_autocast = True  # type: ignore[attr-defined]
-    moe._grouped_mm = grouped_mm
-
-
 def use_deterministic_algorithms() -> None:
     """Kernels that give the same bits on every run (cuBLAS needs a fixed workspace, read when its handle is made,
     so this must run before the first matmul on the GPU). Ops with no deterministic kernel warn, not fail."""
@@ -258,13 +179,6 @@ def _quiet_zero_init() -> Iterator[None]:
         yield
 
 
-def experts_implementation(model: nn.Module) -> str:
-    """The experts kernel transformers settled on (it may differ from the one asked for)."""
-    getter = getattr(model, "get_experts_implementation", None)
-    value = getter().get("") if getter is not None else getattr(model.config, "_experts_implementation", None)
-    return str(value) if value else "eager"
-
-
 def moe_shape(config: dict[str, Any], target: Target) -> tuple[int, int, bool]:
     """(experts, top-k, renormalise kept weights) from the target's config fields."""
     experts = int(config[target.config["experts"]])
@@ -292,16 +206,6 @@ def attach_routing(model: nn.Module, target: Target, config: dict[str, Any], spe
     noise = list(tap.noise_modules.parameters())
     set_trainable(model, target, layers, spec.train, noise)
     return tap, layers
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in backward (non-reentrant: frozen inputs need no grad hack). transformers 5.24
-    renamed gradient_checkpointing_enable; 5.23 has only the old name."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_params(model: nn.Module, extra: list[nn.Parameter]) -> tuple[int, int]:

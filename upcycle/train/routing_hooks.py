@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import Target
+from ..compat import in_backward
 from ..errors import UpcycleError
 
 
@@ -96,11 +97,6 @@ def capacity_keep(indices: torch.Tensor, num_experts: int, capacity_factor: floa
     queue = torch.empty_like(queue_sorted)
     queue[order] = queue_sorted  # (k·T,) place of each assignment in its expert's queue, 0-based
     return (queue < limit).view(top_k, tokens).t()  # (T, k)
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass: a layer's forward then is gradient checkpointing's recompute."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class RouterTap:
@@ -189,7 +185,7 @@ class RouterTap:
             keep = capacity_keep(indices, self.num_experts, self.capacity_factor)  # (T, k)
             scores = scores * keep.to(scores.dtype)  # (T, k) dropped slots weigh 0, indices stay valid
             changed = True
-        if not _in_backward():  # a checkpointed layer's recompute must not add a second record
+        if not in_backward():  # a checkpointed layer's recompute must not add a second record
             self._records.setdefault(layer, []).append(LayerRouting(logits32, indices, keep))
         if changed:
             return logits32.to(logits.dtype), scores, indices
