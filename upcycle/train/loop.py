@@ -29,7 +29,7 @@ from ..compat import enable_activation_checkpointing, enable_grouped_mm_autocast
 from ..errors import UpcycleError
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
-from .data import BlockSampler, prepare
+from .data import prepare
 from .distributed import (  # [train-dist] FSDP2 helpers
     DistEnv,
     all_reduce_sum,
@@ -49,6 +49,7 @@ from .metrics import Display, MetricsLog, truncate_metrics
 from .optim import build_optimizer, build_scheduler, module_params, param_groups, set_trainable
 from .routing_hooks import RouterTap, find_routers
 from .routing_log import divergence_record, write_load_png
+from .sampler import BlockSampler
 from .spec import TrainSpec
 
 if TYPE_CHECKING:
