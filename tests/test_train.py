@@ -353,7 +353,9 @@ def test_resume_refuses_a_changed_data_order(moe_store, text, tmp_path, capsys):
 
 def _poison(monkeypatch, bad_calls: set[int] | None, from_call: int | None = None) -> None:
     """Make the balance loss NaN at the given calls of router_losses (one call per step here)."""
-    original = loop.router_losses
+    from upcycle.train import step as stepping
+
+    original = stepping.router_losses
     calls = {"n": 0}
 
     def poisoned(records, counts=None):
@@ -363,7 +365,7 @@ def _poison(monkeypatch, bad_calls: set[int] | None, from_call: int | None = Non
             balance = balance * float("nan")
         return balance, z
 
-    monkeypatch.setattr(loop, "router_losses", poisoned)
+    monkeypatch.setattr(stepping, "router_losses", poisoned)
 
 
 def test_a_nonfinite_step_is_skipped(moe_store, text, tmp_path, monkeypatch):

@@ -10,7 +10,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -84,6 +87,22 @@ class MetricsLog:
             self._tb.close()
 
 
+def layer_rows(counts: dict[int, torch.Tensor], dropped: dict[int, float] | None = None) -> list[dict[str, Any]]:
+    """The `layers` rows of a train record (and of the summary's load): per MoE layer, each expert's share of the
+    routed assignments, their CV, max and min, and with `dropped` the share capacity dropped."""
+    from .losses import load_stats
+
+    rows = []
+    for layer, c in sorted(counts.items()):
+        stats = load_stats(c)
+        row = {"layer": layer, "load": [float(x) for x in stats["load"]], "cv": float(stats["cv"])}
+        row |= {"max": float(stats["max"]), "min": float(stats["min"])}
+        if dropped is not None:
+            row["dropped"] = dropped[layer]
+        rows.append(row)
+    return rows
+
+
 def _si(x: float) -> str:
     for unit, size in (("M", 1e6), ("K", 1e3)):
         if abs(x) >= size:
@@ -99,7 +118,7 @@ def train_line(r: dict[str, Any], total: int) -> str:
 
 
 def eval_line(r: dict[str, Any]) -> str:
-    ppl = r["perplexity"]
+    ppl = r["perplexity"] if r["perplexity"] is not None else math.inf  # the record writes an overflow as null
     return f"eval at step {r['step']}: loss {r['eval_loss']:.4f}, perplexity {ppl:.2f}" + (
         "" if math.isfinite(ppl) else " (overflow)"
     )

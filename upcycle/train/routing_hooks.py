@@ -135,6 +135,7 @@ class RouterTap:
         self.jitter = jitter
         self.noise = noise
         self.hidden_size = hidden_size
+        self.layers = sorted(routers)  # the MoE layers, ascending
         self.noise_modules = nn.ModuleDict()
         self._generators: dict[int, torch.Generator] = {}
         self._records: dict[int, list[LayerRouting]] = {}
