@@ -352,20 +352,20 @@ def test_resume_refuses_a_changed_data_order(moe_store, text, tmp_path, capsys):
 
 
 def _poison(monkeypatch, bad_calls: set[int] | None, from_call: int | None = None) -> None:
-    """Make the balance loss NaN at the given calls of router_losses (one call per step here)."""
+    """Make the balance loss NaN at the given calls of router_terms (one call per step here)."""
     from upcycle.train import step as stepping
 
-    original = stepping.router_losses
+    original = stepping.router_terms
     calls = {"n": 0}
 
     def poisoned(records, counts=None):
         calls["n"] += 1
-        balance, z = original(records, counts)
+        terms = original(records, counts)
         if (bad_calls and calls["n"] in bad_calls) or (from_call and calls["n"] >= from_call):
-            balance = balance * float("nan")
-        return balance, z
+            terms["balance"] = terms["balance"] * float("nan")
+        return terms
 
-    monkeypatch.setattr(stepping, "router_losses", poisoned)
+    monkeypatch.setattr(stepping, "router_terms", poisoned)
 
 
 def test_a_nonfinite_step_is_skipped(moe_store, text, tmp_path, monkeypatch):

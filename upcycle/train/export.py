@@ -10,6 +10,7 @@ from .. import __version__
 from . import checkpoint as ckpt
 from .distributed import full_model_state
 from .evaluate import Evaluation, json_float
+from .losses import LOSSES
 from .metrics import layer_rows
 from .plan import public_name
 from .routing_log import write_load_png
@@ -18,33 +19,35 @@ from .spec import TrainSpec
 if TYPE_CHECKING:
     from .setup import Run
 
-# Options recorded in the model card's training table (the rest are about how the run was operated).
-CARD_OPTIONS = (
-    "seq_len",
-    "micro_batch",
-    "grad_accum",
-    "lr",
-    "min_lr",
-    "warmup",
-    "weight_decay",
-    "clip",
-    "aux_loss_coef",
-    "z_loss_coef",
-    "balance_scope",
-    "capacity_factor",
-    "jitter",
-    "router_noise",
-    "train",
-    "router_lr_scale",
-    "dtype",
-    "seed",
-)
+
+def card_options() -> tuple[str, ...]:
+    """Options recorded in the model card's training table (the rest are about how the run was operated); each
+    router loss term's coefficient after "clip"."""
+    return (
+        "seq_len",
+        "micro_batch",
+        "grad_accum",
+        "lr",
+        "min_lr",
+        "warmup",
+        "weight_decay",
+        "clip",
+        *(term.coef for term in LOSSES.values()),
+        "balance_scope",
+        "capacity_factor",
+        "jitter",
+        "router_noise",
+        "train",
+        "router_lr_scale",
+        "dtype",
+        "seed",
+    )
 
 
 def training_command(model: str, run_dir: Path, spec: TrainSpec) -> str:
     """The `upcycle train` command that reproduces the run: the options that differ from the defaults, with local
     paths by their last part only."""
-    defaults = TrainSpec()
+    defaults = type(spec)()
     parts = ["upcycle", "train", public_name(model), "--out", Path(run_dir).name]
     for key, value in spec.to_dict().items():
         if value is None or value == getattr(defaults, key) or key in ("push_to_hub", "gpu_mem"):
@@ -82,7 +85,7 @@ def write_final(run: Run, last_eval: Evaluation | None) -> Path | None:
 def training_record(run: Run, last_eval: Evaluation | None) -> dict[str, Any]:
     """The `training` section of final/upcycle.json, which the model card renders."""
     spec, plan = run.spec, run.plan
-    recipe = {key: getattr(spec, key) for key in CARD_OPTIONS}
+    recipe = {key: getattr(spec, key) for key in card_options()}
     recipe |= {"min_lr": plan.min_lr, "warmup": plan.warmup, "dtype": plan.dtype}
     recipe["world_size"] = plan.world_size
     recipe["experts_impl"] = plan.experts_impl

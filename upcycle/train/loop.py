@@ -182,10 +182,7 @@ def _train_record(step: int, tokens: int, result: StepResult, tokens_per_s: floa
         "step": step,
         "tokens": tokens,
         "lr": result.lr,
-        "loss": result.loss,
-        "lm": result.lm,
-        "balance": result.balance,
-        "z": result.z,
+        **result.terms,  # loss, lm, then each router loss term by name
         "grad_norm": result.grad_norm,
         "tokens_per_s": tokens_per_s,
         "layers": layer_rows(result.counts, result.dropped),

@@ -111,9 +111,12 @@ def _si(x: float) -> str:
 
 
 def train_line(r: dict[str, Any], total: int) -> str:
+    from .losses import LOSSES
+
+    terms = "".join(f"{name} {r[name]:.4f}  " for name in ("loss", "lm", *LOSSES))
     return (
-        f"step {r['step']}/{total}  loss {r['loss']:.4f}  lm {r['lm']:.4f}  balance {r['balance']:.4f}  "
-        f"z {r['z']:.4f}  lr {r['lr']:.2e}  grad-norm {r['grad_norm']:.3f}  {_si(r['tokens_per_s'])} tok/s"
+        f"step {r['step']}/{total}  {terms}lr {r['lr']:.2e}  grad-norm {r['grad_norm']:.3f}  "
+        f"{_si(r['tokens_per_s'])} tok/s"
     )
 
 
