@@ -91,12 +91,17 @@ class TokenBlocks:
         start = i * self.seq_len
         return torch.from_numpy(self._ids[start : start + self.seq_len].astype(np.int64))  # (seq_len,)
 
-    def blocks(self, idx: Sequence[int]) -> torch.Tensor:
+    def blocks(self, idx: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+        """(len(idx), seq_len) int64 token ids, on `device` when given: a GPU gets them through pinned memory with a
+        copy that does not make the host wait for the GPU (a plain .to(cuda) would)."""
         rows = np.asarray(idx, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_blocks):
             raise IndexError(f"block ids {list(idx)} out of range: there are {self.n_blocks}")
         grid = self._ids[: self.n_blocks * self.seq_len].reshape(self.n_blocks, self.seq_len)
-        return torch.from_numpy(grid[rows].astype(np.int64))  # (len(idx), seq_len)
+        ids = torch.from_numpy(grid[rows].astype(np.int64))  # (len(idx), seq_len)
+        if device is not None and device.type == "cuda":
+            return ids.pin_memory().to(device, non_blocking=True)
+        return ids if device is None else ids.to(device)
 
 
 @dataclass(frozen=True)

@@ -171,10 +171,9 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     return box[0]
 
 
-def grad_norm_value(norm: torch.Tensor) -> float:
-    """clip_grad_norm_ returns a DTensor under FSDP2: the full value, the same on every rank."""
-    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(full)
+def full_tensor(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ returns a DTensor under FSDP2: the full value, the same on every rank (still on the device)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def barrier(env: DistEnv) -> None:

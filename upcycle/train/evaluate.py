@@ -58,7 +58,7 @@ def evaluate(run: Run, step: int) -> Evaluation | None:
             first = start + env.rank * spec.micro_batch
             idx = list(range(first, min(first + spec.micro_batch, blocks.n_blocks)))
             weight = 1.0 if idx else 0.0
-            ids = blocks.blocks(idx or [0]).to(env.device)  # every rank runs the same number of forwards
+            ids = blocks.blocks(idx or [0], env.device)  # every rank runs the same number of forwards
             with run.compute():
                 out = model(input_ids=ids, labels=ids, use_cache=False)
             predicted = ids.shape[0] * (ids.shape[1] - 1)

@@ -97,6 +97,7 @@ class Progress:
     trained_tokens: int = 0  # by this process's run (not counting a resumed run's earlier part)
     train_time: float = 0.0  # seconds in train_step over those tokens
     last_train: dict[str, Any] | None = None  # the record of the last step taken
+    last_step: StepResult | None = None  # and its result (the load at the end when there is no evaluation)
     last_eval: Evaluation | None = None
 
 
@@ -131,9 +132,9 @@ def train_loop(run: Run, display: Display) -> dict[str, Any]:
                 progress.in_a_row = 0
                 progress.trained_tokens += plan.tokens_per_step
                 progress.train_time += elapsed
-                record = _train_record(step, tokens, result, plan.tokens_per_step / max(elapsed, 1e-9))
-                progress.last_train = record
                 logged = step % spec.log_every == 0 or step == plan.steps or step == run.start + 1
+                record = _train_record(step, tokens, result, plan.tokens_per_step / max(elapsed, 1e-9), logged)
+                progress.last_train, progress.last_step = record, result
                 if log and logged:
                     log.write(record)
                 display.train(record, logged)
@@ -176,8 +177,9 @@ def _open_log(run: Run) -> MetricsLog | None:
     return MetricsLog(run.run_dir, tensorboard=run.spec.tensorboard, start_step=run.start)
 
 
-def _train_record(step: int, tokens: int, result: StepResult, tokens_per_s: float) -> dict[str, Any]:
-    return {
+def _train_record(step: int, tokens: int, result: StepResult, tokens_per_s: float, logged: bool) -> dict[str, Any]:
+    """The `train` record; the per-layer load rows (a host sync) only on steps that are logged."""
+    record = {
         "kind": "train",
         "step": step,
         "tokens": tokens,
@@ -185,8 +187,8 @@ def _train_record(step: int, tokens: int, result: StepResult, tokens_per_s: floa
         **result.terms,  # loss, lm, then each router loss term by name
         "grad_norm": result.grad_norm,
         "tokens_per_s": tokens_per_s,
-        "layers": layer_rows(result.counts, result.dropped),
     }
+    return record | {"layers": layer_rows(result.counts, result.dropped)} if logged else record
 
 
 def _skip(
@@ -269,8 +271,8 @@ def _log_divergence(run: Run, log: MetricsLog | None, step: int, display: Displa
 def _summary(run: Run, progress: Progress, final: Path | None) -> dict[str, Any]:
     """What `upcycle train` prints at the end; also load.png, of the expert load over the final evaluation, else
     over the last step taken."""
-    plan, last_train, last_eval = run.plan, progress.last_train, progress.last_eval
-    load = layer_rows(last_eval.counts) if last_eval else (last_train["layers"] if last_train else [])
+    plan, last_train, last_eval, last_step = run.plan, progress.last_train, progress.last_eval, progress.last_step
+    load = layer_rows(last_eval.counts) if last_eval else (layer_rows(last_step.counts) if last_step else [])
     if run.env.is_main:
         write_load(run, load, last_eval)
     return {

@@ -25,8 +25,16 @@ from .routing_hooks import LayerRouting
 
 
 def expert_counts(r: LayerRouting, num_experts: int) -> torch.Tensor:
-    """(E,) float32, no grad: top-k assignments per expert, dropped ones included."""
-    return torch.bincount(r.indices.reshape(-1), minlength=num_experts).float()  # (E,)
+    """(E,) float32, no grad: top-k assignments per expert, dropped ones included. A scatter-add, not bincount:
+    on a GPU bincount reads the largest index back to the host to size its output (a sync per call)."""
+    return count_indices(r.indices, num_experts).float()  # (E,)
+
+
+def count_indices(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64: how often each expert id occurs in `indices` (any shape); no host sync."""
+    flat = indices.reshape(-1)  # (T·k,)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
 
 
 def balance_loss(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -92,13 +100,27 @@ def router_losses(
 
 def load_stats(counts: torch.Tensor) -> dict:
     """Share of assignments per expert and its spread: cv = population std / mean (0 when perfectly balanced)."""
+    values = load_row(counts).tolist()  # one host sync
+    return {"load": values[:-3], "cv": values[-3], "max": values[-2], "min": values[-1]}
+
+
+def load_row(counts: torch.Tensor) -> torch.Tensor:
+    """(E + 3,) float64 on the counts' device, no host sync: each expert's share of the assignments, then the
+    shares' cv, max and min (what load_stats reads back)."""
     counts = counts.detach().double()  # (E,)
     load = counts / counts.sum().clamp_min(1.0)  # (E,)
     mean = load.mean()
-    cv = load.std(correction=0) / mean if mean > 0 else torch.zeros(())
-    return {"load": load.tolist(), "cv": float(cv), "max": float(load.max()), "min": float(load.min())}
+    cv = torch.where(mean > 0, load.std(correction=0) / mean, 0.0)  # ()
+    return torch.cat([load, torch.stack([cv, load.max(), load.min()])])  # (E + 3,)
 
 
 def dropped_fraction(r: LayerRouting) -> float:
     """Share of the T·k assignments that capacity dropped."""
-    return int((~r.keep).sum()) / r.keep.numel() if r.keep.numel() else 0.0
+    return float(dropped_share(r))
+
+
+def dropped_share(r: LayerRouting) -> torch.Tensor:
+    """() float64, no host sync: the share of the T·k assignments that capacity dropped (0 without capacity)."""
+    if r.mask is None or r.mask.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=r.indices.device)
+    return (~r.mask).sum().double() / r.mask.numel()

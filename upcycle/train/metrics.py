@@ -89,14 +89,17 @@ class MetricsLog:
 
 def layer_rows(counts: dict[int, torch.Tensor], dropped: dict[int, float] | None = None) -> list[dict[str, Any]]:
     """The `layers` rows of a train record (and of the summary's load): per MoE layer, each expert's share of the
-    routed assignments, their CV, max and min, and with `dropped` the share capacity dropped."""
-    from .losses import load_stats
+    routed assignments, their CV, max and min, and with `dropped` the share capacity dropped. One host sync for
+    all the layers."""
+    import torch
 
+    from .losses import load_row
+
+    layers = sorted(counts)
+    table = torch.stack([load_row(counts[layer]) for layer in layers]).tolist() if layers else []  # (L, E + 3)
     rows = []
-    for layer, c in sorted(counts.items()):
-        stats = load_stats(c)
-        row = {"layer": layer, "load": [float(x) for x in stats["load"]], "cv": float(stats["cv"])}
-        row |= {"max": float(stats["max"]), "min": float(stats["min"])}
+    for layer, values in zip(layers, table, strict=True):
+        row = {"layer": layer, "load": values[:-3], "cv": values[-3], "max": values[-2], "min": values[-1]}
         if dropped is not None:
             row["dropped"] = dropped[layer]
         rows.append(row)

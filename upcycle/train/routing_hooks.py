@@ -33,7 +33,14 @@ from ..errors import UpcycleError
 class LayerRouting:
     logits: torch.Tensor  # (T, E) the router logits that chose the experts (after noise when on), float32, with grad
     indices: torch.Tensor  # (T, k) chosen experts (int64)
-    keep: torch.Tensor  # (T, k) bool: False for assignments dropped by capacity (all True when capacity is off)
+    mask: torch.Tensor | None = None  # (T, k) bool, False for assignments dropped by capacity; None: none dropped
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """(T, k) bool: False for assignments dropped by capacity (all True when capacity is off; made on demand)."""
+        if self.mask is not None:
+            return self.mask
+        return torch.ones(self.indices.shape, dtype=torch.bool, device=self.indices.device)
 
 
 def router_weight(module: nn.Module) -> torch.Tensor | None:
@@ -91,7 +98,8 @@ def capacity_keep(indices: torch.Tensor, num_experts: int, capacity_factor: floa
     limit = capacity(capacity_factor, tokens, top_k, num_experts)
     flat = indices.t().reshape(-1)  # (k·T,) slot-major: all top-1 choices, then all top-2 choices, ...
     order = torch.sort(flat, stable=True).indices  # (k·T,) groups by expert, queue order kept inside a group
-    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # (E,) no host sync, unlike bincount on a GPU
     starts = torch.cumsum(counts, 0) - counts  # (E,) where each expert's group begins in `order`
     queue_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # (k·T,)
     queue = torch.empty_like(queue_sorted)
@@ -181,7 +189,7 @@ class RouterTap:
             logits32 = logits32 + std * eps  # (T, E) noisy logits choose the experts
             scores, indices = route_topk(logits32, self.top_k, self.renormalize, scores.dtype)  # (T, k), (T, k)
             changed = True
-        keep = torch.ones(indices.shape, dtype=torch.bool, device=indices.device)  # (T, k)
+        keep = None  # nothing dropped
         if module.training and self.capacity_factor is not None:
             keep = capacity_keep(indices, self.num_experts, self.capacity_factor)  # (T, k)
             scores = scores * keep.to(scores.dtype)  # (T, k) dropped slots weigh 0, indices stay valid
@@ -250,8 +258,9 @@ def tap_model(
 def _concat(parts: list[LayerRouting]) -> LayerRouting:
     if len(parts) == 1:
         return parts[0]
+    dropped = any(p.mask is not None for p in parts)
     return LayerRouting(
         torch.cat([p.logits for p in parts]),  # (ΣT, E)
         torch.cat([p.indices for p in parts]),  # (ΣT, k)
-        torch.cat([p.keep for p in parts]),  # (ΣT, k)
+        torch.cat([p.keep for p in parts]) if dropped else None,  # (ΣT, k)
     )
