@@ -128,7 +128,9 @@ def wrap_model(model: nn.Module, env: DistEnv, spec: TrainSpec) -> nn.Module:
 
 
 def set_gradient_sync(model: nn.Module, env: DistEnv, sync: bool) -> None:
-    """Skip the gradient reduce-scatter on all but the last micro-batch of a step (same result, less traffic)."""
+    """Whether the next backward reduce-scatters the gradients (FSDP2's set_requires_gradient_sync). Off for all but
+    the last micro-batch of a step: the same result with one reduce-scatter per step, at the cost of holding
+    unsharded gradients in between (see plan.grad_sync_on_last_micro_batch, which decides)."""
     if env.distributed:
         model.set_requires_gradient_sync(sync)
 

@@ -8,12 +8,12 @@ interface (tests/test_train_plan.py pins them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .distributed import DistEnv, sharding
-from .memory import MemoryEstimate, available_memory, estimate
+from .memory import MemoryEstimate, estimate
 from .spec import TrainSpec, TrainWhat
 
 if TYPE_CHECKING:
@@ -53,9 +53,17 @@ class MemoryPlan:
         }
 
 
-def memory_plan(config: dict[str, Any], params: tuple[int, int], spec: TrainSpec, env: DistEnv) -> MemoryPlan:
+def memory_plan(
+    config: dict[str, Any],
+    params: tuple[int, int],
+    spec: TrainSpec,
+    env: DistEnv,
+    available: tuple[int, str],
+    *,
+    unsharded_grads: bool = False,
+) -> MemoryPlan:
     """Memory per process (weights, gradients, AdamW states, activations with and without grad checkpointing) and
-    whether it fits the GPU present, --gpu-mem, or on CPU the RAM available."""
+    whether it fits `available` (memory.available_memory: --gpu-mem, the GPU present, or on CPU the RAM)."""
     est = estimate(
         config,
         spec,
@@ -64,9 +72,22 @@ def memory_plan(config: dict[str, Any], params: tuple[int, int], spec: TrainSpec
         world_size=env.world_size,
         on_gpu=env.device.type == "cuda",
         sharded=env.distributed,
+        unsharded_grads=unsharded_grads,
     )
-    available, what = available_memory(spec.gpu_mem)
-    return MemoryPlan(est, available, what)
+    return MemoryPlan(est, *available)
+
+
+def grad_sync_on_last_micro_batch(env: DistEnv, spec: TrainSpec, with_unsharded_grads: MemoryPlan) -> bool:
+    """Whether FSDP skips the gradient reduce-scatter on all but the last micro-batch of a step.
+
+    It pays only under FSDP with --grad-accum > 1 (one reduce-scatter per step instead of one per micro-batch), and
+    it costs memory: between micro-batches each rank holds the unsharded (full-size, float32) gradients of every
+    trainable parameter instead of its shard. So it is taken only when the estimate with those gradients still
+    fits the memory available (--gpu-mem decides when given); else gradients are reduced after every micro-batch,
+    as FSDP does by default."""
+    if not env.distributed or spec.grad_accum < 2:
+        return False
+    return with_unsharded_grads.estimate.fits(with_unsharded_grads.available)
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,9 @@ class TrainPlan:
     eval_every: int
     save_every: int
     memory: MemoryPlan | None = None  # in --dry-run only
+    # Under FSDP with --grad-accum > 1: reduce-scatter the gradients on the last micro-batch of a step only
+    # (grad_sync_on_last_micro_batch); the memory plan then counts unsharded gradients. Not in the JSON.
+    sync_last_micro_batch_only: bool = field(default=False, metadata={"json": False})
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as `--dry-run --json` writes it."""
@@ -135,12 +159,17 @@ def make_plan(
     params: tuple[int, int],
     dtype: torch.dtype,
     experts_impl: str,
+    available: tuple[int, str],
     dry_run: bool,
 ) -> TrainPlan:
     """The plan of training `model_name` (its config and target) with `spec` on `env`: MoE `layers`, (total,
-    trainable) `params`, the compute `dtype` and the experts kernel. With dry_run it carries the memory estimate."""
+    trainable) `params`, the compute `dtype`, the experts kernel and the memory `available` (measured before the
+    model is loaded). With dry_run it carries the memory estimate; a run only uses it to choose the gradient sync."""
     total = spec.total_steps(env.world_size)
     experts, top_k, _ = moe_shape(config, target)
+    deferred = memory_plan(config, params, spec, env, available, unsharded_grads=True)
+    last_only = grad_sync_on_last_micro_batch(env, spec, deferred)
+    memory = deferred if last_only else memory_plan(config, params, spec, env, available)
     return TrainPlan(
         model=public_name(model_name),
         architecture=target.architecture,
@@ -167,5 +196,6 @@ def make_plan(
         warmup=spec.warmup_steps(total),
         eval_every=spec.every("eval_every", total),
         save_every=spec.every("save_every", total),
-        memory=memory_plan(config, params, spec, env) if dry_run else None,
+        memory=memory if dry_run else None,
+        sync_last_micro_batch_only=last_only,
     )

@@ -20,6 +20,7 @@ from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
 from .data import DataInfo, TokenBlocks, prepare
 from .distributed import DistEnv, barrier, load_full_optimizer_state, wrap_model
+from .memory import available_memory
 from .model import (
     attach_routing,
     cap_seq_len,
@@ -121,6 +122,7 @@ def plan_only(source: Source, spec: TrainSpec, env: DistEnv, *, note: Note) -> T
         params=params,
         dtype=dtype,
         experts_impl=spec.experts_impl,
+        available=available_memory(spec.gpu_mem),
         dry_run=True,
     )
 
@@ -158,6 +160,7 @@ def setup(
     if spec.deterministic:
         use_deterministic_algorithms()
     dtype = compute_dtype(spec, env.device)
+    available = available_memory(spec.gpu_mem, env.device.index or 0)  # before the model takes its share
     # float32 weights (the master weights) whatever the compute dtype: see model.compute_context
     net = load_model(resume_from or source.ref.folder, torch.float32, spec, env.device)
     impl = experts_implementation(net)
@@ -175,6 +178,7 @@ def setup(
         params=params,
         dtype=dtype,
         experts_impl=impl,
+        available=available,
         dry_run=False,
     )
     if spec.grad_checkpointing:

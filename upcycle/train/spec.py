@@ -89,7 +89,7 @@ class TrainSpec:
     log_every: int = 10
     tensorboard: bool = False
     seed: int = 0
-    gpu_mem: float | None = None  # GiB, for --dry-run's fit check
+    gpu_mem: float | None = None  # GiB, for --dry-run's fit check (and FSDP's choice of when to reduce gradients)
     push_to_hub: str | None = None
 
     def __post_init__(self) -> None:

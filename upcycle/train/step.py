@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .distributed import all_reduce_sum, full_tensor
+from .distributed import all_reduce_sum, full_tensor, set_gradient_sync
 from .losses import LOSSES, dropped_share, expert_counts, router_terms
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ def train_step(run: Run, step: int) -> StepResult:
     counts = torch.zeros(len(layers), run.plan.experts, device=env.device)  # (L, E) assignments over the step
     sums = torch.zeros(len(names) + len(layers), dtype=torch.float64, device=env.device)  # named terms, dropped (L)
     for micro in range(spec.grad_accum):
+        if run.plan.sync_last_micro_batch_only:  # FSDP: reduce-scatter once, after the last micro-batch's backward
+            set_gradient_sync(run.model, env, micro == spec.grad_accum - 1)
         ids = run.train_blocks.blocks(run.sampler.indices(step - 1, micro), env.device)  # (micro_batch, seq_len)
         logged, dropped = _forward_backward(run, ids, counts)
         sums[: len(names)] += logged
