@@ -593,3 +593,14 @@ def test_push_to_hub_without_a_token_fails_before_training(moe_store, text, tmp_
     args = ["train", str(moe_store("mixtral")), "--data", str(text), "--out", str(out), "--steps", "2"]
     assert "no Hugging Face token" in _bad(capsys, [*args, "--push-to-hub", "me/trained-moe"])
     assert not out.exists()
+
+
+def test_checkpoints_carry_the_router_jitter_generators(moe_store, text, tmp_path):
+    """Jitter and noise draw from the tap's own generators, not torch's global RNG; each checkpoint saves them."""
+    out = tmp_path / "run"
+    train(moe_store("mixtral"), out, data=str(text), steps=2, jitter=0.01, save_every=2, eval_every=2)
+    rng = torch.load(out / "checkpoints" / "step-2" / "rng_state.pt", weights_only=True)
+    assert sorted(rng["routing"]) == [0, 1, 2, 3] and {"torch", "routing"} <= set(rng)
+    no_jitter = tmp_path / "plain"
+    train(moe_store("mixtral"), no_jitter, data=str(text), steps=2, save_every=2, eval_every=2)
+    assert torch.load(no_jitter / "checkpoints" / "step-2" / "rng_state.pt", weights_only=True)["routing"] == {}

@@ -118,8 +118,10 @@ def train_loop(run: Run, display: Display) -> dict[str, Any]:
         display.start(run.start, plan.steps)
         if run.start == 0:
             _log_divergence(run, log, 0, display)  # the starting point: 1.0 for cloned experts
-        if run.resume is not None:
-            ckpt.restore_rng(run.resume.rng)  # last, so nothing above draws from the restored generators
+        if run.resume is not None:  # last, so nothing above draws from the restored generators
+            ckpt.restore_rng(run.resume.rng)
+            # a checkpoint written before the tap had generators of its own has none: they keep their seeds
+            run.tap.set_rng_state(run.resume.rng.get("routing", run.tap.rng_state()))
         try:
             for step in range(run.start + 1, plan.steps + 1):
                 t0 = time.perf_counter()
@@ -246,6 +248,7 @@ def _save(run: Run, step: int, tokens: int) -> None:
             scheduler=run.scheduler,
             state=state,
             tensors={f"noise.{k}": v for k, v in run.tap.noise_modules.state_dict().items()},
+            rng={"routing": run.tap.rng_state()},
             model_state=model_state,
             optimizer_state=optimizer_state,
         )

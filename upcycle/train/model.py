@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..arch import Target, family_for, target_for_config
 from ..compat import enable_grouped_mm_autocast, experts_implementation
 from ..errors import UpcycleError
+from .data import derived_seed
 from .distributed import DistEnv, mixed_precision
 from .optim import set_trainable
 from .plan import moe_shape
@@ -129,8 +130,17 @@ def _quiet_zero_init() -> Iterator[None]:
 # --- routing and what trains ------------------------------------------------------------------------------------
 
 
-def attach_routing(model: nn.Module, target: Target, config: dict[str, Any], spec: TrainSpec) -> RouterTap:
-    """RouterTap on every MoE layer's router; then --train decides what stays trainable."""
+def attach_routing(
+    model: nn.Module, target: Target, config: dict[str, Any], spec: TrainSpec, *, seeded: bool = True
+) -> RouterTap:
+    """RouterTap on every MoE layer's router; then --train decides what stays trainable.
+
+    Jitter and noise draw from the tap's own generators, seeded from --seed (not from torch's global RNG, which
+    the run leaves to the model); checkpoints save their states. seeded=False: no generators (a meta-device model
+    for --dry-run draws nothing)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(derived_seed("routing", spec.seed)) if seeded else None
     routers = find_routers(model, target)
     experts, top_k, renorm = moe_shape(config, target)
     tap = RouterTap(
@@ -142,7 +152,7 @@ def attach_routing(model: nn.Module, target: Target, config: dict[str, Any], spe
         jitter=spec.jitter,
         noise=spec.router_noise,
         hidden_size=int(config["hidden_size"]),
-        generator=None,  # the global RNG: saved in checkpoints and replayed by activation checkpointing
+        generator=generator,
     )
     set_trainable(model, target, tap.layers, spec.train, list(tap.noise_modules.parameters()))
     return tap

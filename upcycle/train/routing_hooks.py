@@ -7,15 +7,19 @@ records the logits for the losses. The model's own `output_router_logits` is nev
 
 Legend: T tokens in one forward (batch·seq, flattened), E experts, k experts per token, H hidden size.
 
-Randomness: with `generator=None` (the default) jitter and noise draw from the global torch RNG of the input's
-device, which the training loop saves and restores for exact resume, and which gradient checkpointing replays
-when it recomputes a layer. With a `generator`, each layer gets its own generator seeded from it
-(`rng_state()` / `set_rng_state()` save them); checkpointing does not replay those, so do not combine them.
+Randomness: with a `generator` (what `upcycle train` passes), each layer gets its own generator seeded from it, on
+the router's device; `rng_state()` / `set_rng_state()` save and restore them (checkpoints carry them for exact
+resume). Activation checkpointing replays only the global RNG when it recomputes a layer in backward, so the tap
+replays its own: each draw in a forward remembers the generator's state, and the recompute draws again from that
+state (one forward per backward, as in training), leaving the generator where the forward left it. With
+`generator=None` jitter and noise draw from the global torch RNG of the input's device (checkpointing replays it).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -146,6 +150,7 @@ class RouterTap:
         self.layers = sorted(routers)  # the MoE layers, ascending
         self.noise_modules = nn.ModuleDict()
         self._generators: dict[int, torch.Generator] = {}
+        self._replay: dict[tuple[int, str], torch.Tensor] = {}  # (layer, draw) -> generator state before the draw
         self._records: dict[int, list[LayerRouting]] = {}
         self._handles: list[Any] = []
         for layer, router in sorted(routers.items()):
@@ -159,7 +164,7 @@ class RouterTap:
                 w_noise = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=torch.float32)
                 nn.init.zeros_(w_noise.weight)
                 self.noise_modules[str(layer)] = w_noise
-            if generator is not None:
+            if generator is not None and (jitter > 0 or noise):
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator))
                 self._generators[layer] = torch.Generator(device=weight.device).manual_seed(seed)
             if jitter > 0:
@@ -174,7 +179,8 @@ class RouterTap:
             return None
         x = args[0]  # (T, H) or (B, S, H)
         u = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        u.uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=self._generators.get(layer))
+        with self._drawing(layer, "jitter") as generator:
+            u.uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=generator)
         return ((x.float() * u).to(x.dtype), *args[1:])
 
     def _route_hook(self, layer: int, module: nn.Module, args: tuple, output: tuple) -> tuple | None:
@@ -185,7 +191,8 @@ class RouterTap:
             x = args[0].reshape(-1, self.hidden_size)  # (T, H) the router's input (after jitter)
             w_noise = self.noise_modules[str(layer)]
             std = F.softplus(F.linear(x.to(w_noise.weight.dtype), w_noise.weight))  # (T, E)
-            eps = torch.randn(std.shape, device=std.device, dtype=torch.float32, generator=self._generators.get(layer))
+            with self._drawing(layer, "noise") as generator:
+                eps = torch.randn(std.shape, device=std.device, dtype=torch.float32, generator=generator)  # (T, E)
             logits32 = logits32 + std * eps  # (T, E) noisy logits choose the experts
             scores, indices = route_topk(logits32, self.top_k, self.renormalize, scores.dtype)  # (T, k), (T, k)
             changed = True
@@ -199,6 +206,27 @@ class RouterTap:
         if changed:
             return logits32.to(logits.dtype), scores, indices
         return None
+
+    @contextmanager
+    def _drawing(self, layer: int, draw: str) -> Iterator[torch.Generator | None]:
+        """The generator for one draw of `layer` (None: the global RNG). In a forward it remembers the state the
+        draw starts from; in activation checkpointing's recompute (autograd's backward) it draws again from that
+        state, so the recomputed layer sees the same jitter and noise, then puts the generator back."""
+        generator = self._generators.get(layer)
+        if generator is None:
+            yield None
+            return
+        key = (layer, draw)
+        if not in_backward():
+            self._replay[key] = generator.get_state()
+            yield generator
+            return
+        after = generator.get_state()
+        generator.set_state(self._replay.get(key, after))
+        try:
+            yield generator
+        finally:
+            generator.set_state(after)
 
     # --- records and state ------------------------------------------------------------------------------
 
@@ -214,6 +242,7 @@ class RouterTap:
             handle.remove()
         self._handles = []
         self._records = {}
+        self._replay = {}
 
     def rng_state(self) -> dict[int, torch.Tensor]:
         """The per-layer generators' states (empty when the tap uses the global RNG)."""

@@ -108,7 +108,7 @@ def plan_only(source: Source, spec: TrainSpec, env: DistEnv, *, note: Note) -> T
     if capped:
         note(capped)
     meta = meta_model(source.ref.folder)
-    tap = attach_routing(meta, source.target, source.config, spec)
+    tap = attach_routing(meta, source.target, source.config, spec, seeded=False)
     params = count_params(meta, list(tap.noise_modules.parameters()))
     tap.remove()
     dtype = compute_dtype(spec, env.device)
@@ -164,7 +164,7 @@ def setup(
     # float32 weights (the master weights) whatever the compute dtype: see model.compute_context
     net = load_model(resume_from or source.ref.folder, torch.float32, spec, env.device)
     impl = experts_implementation(net)
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)  # the global RNG, for whatever in the model draws from it (dropout)
     tap = attach_routing(net, source.target, source.config, spec)
     noise = list(tap.noise_modules.parameters())
     params = count_params(net, noise)
@@ -231,7 +231,7 @@ def _restore(
     env: DistEnv,
 ) -> None:
     """A resumed run's optimizer, scheduler and router-noise weights (the model was loaded from the checkpoint; the
-    RNG states are restored by the loop, right before the first step)."""
+    RNG states, the tap's included, are restored by the loop, right before the first step)."""
     if env.distributed:  # saved by name as full tensors; each rank takes its shard
         load_full_optimizer_state(model, optimizer, state.optimizer, env, from_rank0=False)
     else:
