@@ -604,3 +604,18 @@ def test_checkpoints_carry_the_router_jitter_generators(moe_store, text, tmp_pat
     no_jitter = tmp_path / "plain"
     train(moe_store("mixtral"), no_jitter, data=str(text), steps=2, save_every=2, eval_every=2)
     assert torch.load(no_jitter / "checkpoints" / "step-2" / "rng_state.pt", weights_only=True)["routing"] == {}
+
+
+def test_a_run_puts_the_process_wide_state_back(moe_store, text, tmp_path):
+    """torch's global RNG, deterministic algorithms and transformers' progress bars are as they were after a run."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    out = tmp_path / "run"
+    train(moe_store("mixtral"), out, data=str(text), steps=2, save_every=2, eval_every=2, deterministic=True)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ or os.environ["CUBLAS_WORKSPACE_CONFIG"] != ":4096:8"
+    assert hf_logging.is_progress_bar_enabled()

@@ -442,16 +442,18 @@ class _Job:
         documents = 0
         total = len(src.dataset) if src.dataset is not None else 0
         limit = np.iinfo(out.dtype).max
-        for ids in _token_lists(src, self.tokenizer, self.eos, self.text_field, self.tmp / "hf"):
-            flat = ids.flatten().to_numpy(zero_copy_only=False)  # (tokens,) the batch's documents, each + EOS
-            if flat.size and int(flat.max()) > limit:
-                raise UpcycleError(f"the tokenizer produced id {int(flat.max())}, beyond its own vocabulary")
-            out.write(flat)
-            if lengths is not None:
-                lengths.write(ids.value_lengths().to_numpy(zero_copy_only=False))
-            documents += len(ids)
-            if self.progress:
-                self.progress(stage, documents, total)
+        lists = _token_lists(src, self.tokenizer, self.eos, self.text_field, self.tmp / "hf")
+        with contextlib.closing(lists):  # closed on any exit, so datasets' verbosity is put back at once
+            for ids in lists:
+                flat = ids.flatten().to_numpy(zero_copy_only=False)  # (tokens,) the batch's documents, each + EOS
+                if flat.size and int(flat.max()) > limit:
+                    raise UpcycleError(f"the tokenizer produced id {int(flat.max())}, beyond its own vocabulary")
+                out.write(flat)
+                if lengths is not None:
+                    lengths.write(ids.value_lengths().to_numpy(zero_copy_only=False))
+                documents += len(ids)
+                if self.progress:
+                    self.progress(stage, documents, total)
         self.check_enough(src, documents, out.count)
         return documents
 
@@ -625,7 +627,8 @@ def _load_saved(src: _Source) -> Any:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """datasets logs read failures at error level and draws progress bars; prepare() reports through UpcycleError."""
+    """datasets logs read failures at error level and draws progress bars; prepare() reports through UpcycleError.
+    Process-wide while it lasts (datasets' verbosity and bars are global); both are put back when it ends."""
     import datasets
     from datasets.utils import logging as ds_logging
 

@@ -22,6 +22,7 @@ from .distributed import barrier, destroy, full_model_state, full_optimizer_stat
 from .evaluate import Evaluation, evaluate, json_float
 from .export import peak_gpu_memory, summary_load, write_final, write_load
 from .metrics import Display, MetricsLog, layer_rows, truncate_metrics
+from .model import process_state
 from .plan import TrainPlan
 from .routing_log import divergence_record
 from .setup import Run, plan_only, read_source, setup
@@ -72,11 +73,12 @@ def train(
         if dry_run:
             result = TrainResult(plan=plan_only(source, spec, env, note=note), notes=notes, is_main=env.is_main)
         else:
-            run = setup(source, Path(run_dir), spec, env, resume=resume, force=force, note=note)
-            display.info(_announcement(run))
-            if run.eval_blocks.n_blocks == 0:
-                note("no held-out blocks to evaluate on; give --eval-data or more text")
-            result = _published(run, train_loop(run, display), notes)
+            with process_state(env):  # the global RNG, --deterministic, progress bars: put back at the end
+                run = setup(source, Path(run_dir), spec, env, resume=resume, force=force, note=note)
+                display.info(_announcement(run))
+                if run.eval_blocks.n_blocks == 0:
+                    note("no held-out blocks to evaluate on; give --eval-data or more text")
+                result = _published(run, train_loop(run, display), notes)
         finished = True
         return result
     finally:

@@ -4,6 +4,7 @@ runs under (the compute dtype), and the RouterTap that hands the router logits t
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -75,13 +76,44 @@ def compute_context(env: DistEnv, spec: TrainSpec, dtype: torch.dtype) -> contex
 
 def use_deterministic_algorithms() -> None:
     """Kernels that give the same bits on every run (cuBLAS needs a fixed workspace, read when its handle is made,
-    so this must run before the first matmul on the GPU). Ops with no deterministic kernel warn, not fail."""
-    import os
-
+    so this must run before the first matmul on the GPU). Ops with no deterministic kernel warn, not fail.
+    Process-wide: run under process_state(), which puts both back."""
     import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextlib.contextmanager
+def process_state(env: DistEnv) -> Iterator[None]:
+    """The process-wide state a run changes, put back when it ends (also when it fails), so that `train()` leaves
+    a notebook or a benchmark as it found it:
+
+    - torch's global RNG (setup seeds it from --seed; a resumed run restores it from the checkpoint);
+    - deterministic algorithms and CUBLAS_WORKSPACE_CONFIG (--deterministic: use_deterministic_algorithms);
+    - transformers' progress bars, off for the run (loading, and save_pretrained's for every checkpoint and final/).
+    Elsewhere: datasets' verbosity and bars are off only while reading (data._quiet_datasets). Not put back: the
+    autocast rule for grouped_mm (compat), which is permanent and acts only under autocast."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    bars = hf_logging.is_progress_bar_enabled()
+    devices = [env.device.index or 0] if env.device.type == "cuda" else []
+    hf_logging.disable_progress_bar()
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=env.device.type):
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -89,12 +121,10 @@ def use_deterministic_algorithms() -> None:
 
 def load_model(folder: Path, dtype: torch.dtype, spec: TrainSpec, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     placement = {"device_map": str(device)} if device.type == "cuda" else {}  # straight onto the GPU
     try:
-        with _quiet_zero_init():
+        with _quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, experts_implementation=spec.experts_impl, **placement
             )
@@ -117,6 +147,22 @@ def meta_model(folder: Path) -> nn.Module:
     cfg = AutoConfig.from_pretrained(folder)
     with torch.device("meta"), _quiet_zero_init():
         return AutoModelForCausalLM.from_config(cfg)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" progress bar while the model loads (also outside a run: load_model on its own);
+    transformers' setting is put back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with _quiet_zero_init():
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
