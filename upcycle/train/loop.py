@@ -30,6 +30,8 @@ from .spec import TrainSpec
 from .step import StepResult, train_step
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from ..publish.hub import PushResult
 
 STOP_AFTER_NONFINITE = 3  # non-finite steps in a row that end the run
@@ -54,7 +56,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     dry_run: bool = False,
-    console: Any | None = None,
+    console: Console | None = None,
 ) -> TrainResult:
     """Train MODEL (an upcycled folder or Hub id) on spec.data into RUN_DIR; with dry_run, only plan it.
 

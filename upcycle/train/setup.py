@@ -137,26 +137,13 @@ def setup(
 
     spec, capped = cap_seq_len(spec, source.config)
     total = spec.total_steps(env.world_size)  # with --tokens, the steps depend on the capped seq-len
-    resume_from = _check_run_dir(run_dir, resume=resume, force=force)
-    if spec.push_to_hub:
-        from ..publish.hub import require_token
-
-        require_token()
-    state = ckpt.load_training_state(resume_from) if resume_from else None
-    if state is not None:
-        _check_resumable(state, spec, env, run_dir, total)
+    state = _checkpoint_to_resume(run_dir, spec, env, total, resume=resume, force=force)
+    resume_from = state.folder if state is not None else None
     tokenizer = _tokenizer(source.ref)
     train_blocks, eval_blocks, info = _data(spec, tokenizer, env)
     if capped:  # after every refusal, so that bad input gets one line
         note(capped)
-    if state is not None and state.state.get("data_key") not in (None, info.key):
-        raise UpcycleError(
-            f"the text behind --data {spec.data} changed since {resume_from} was written; resume with the same "
-            "data (or start a new run with --force)"
-        )
-    if env.distributed and spec.router_noise:  # the noise weights live outside FSDP's shards
-        raise UpcycleError("--router-noise is not supported under torchrun yet; train in one process or drop it")
-
+    _check_after_reading(state, spec, env, info)
     if spec.deterministic:
         use_deterministic_algorithms()
     dtype = compute_dtype(spec, env.device)
@@ -192,14 +179,6 @@ def setup(
     scheduler = build_scheduler(optimizer, spec, total)
     if state is not None:
         _restore(state, net, optimizer, scheduler, tap, env)
-    sampler = BlockSampler(
-        train_blocks.n_blocks,
-        micro_batch=spec.micro_batch,
-        grad_accum=spec.grad_accum,
-        world_size=env.world_size,
-        rank=env.rank,
-        seed=spec.seed,
-    )
     return Run(
         spec=spec,
         env=env,
@@ -217,7 +196,14 @@ def setup(
         data=info,
         train_blocks=train_blocks,
         eval_blocks=eval_blocks,
-        sampler=sampler,
+        sampler=BlockSampler(
+            train_blocks.n_blocks,
+            micro_batch=spec.micro_batch,
+            grad_accum=spec.grad_accum,
+            world_size=env.world_size,
+            rank=env.rank,
+            seed=spec.seed,
+        ),
         compute=lambda: compute_context(env, spec, dtype),
     )
 
@@ -239,6 +225,33 @@ def _restore(
     scheduler.load_state_dict(state.scheduler)
     if len(tap.noise_modules):
         tap.noise_modules.load_state_dict({k.removeprefix("noise."): v for k, v in state.tensors.items()})
+
+
+def _checkpoint_to_resume(
+    run_dir: Path, spec: TrainSpec, env: DistEnv, total: int, *, resume: bool, force: bool
+) -> ckpt.TrainingState | None:
+    """The refusals before any text is read: RUN_DIR, the Hub token for --push-to-hub, and a checkpoint that this
+    run could not continue. Returns what a resumed run continues from (None for a new run)."""
+    resume_from = _check_run_dir(run_dir, resume=resume, force=force)
+    if spec.push_to_hub:
+        from ..publish.hub import require_token
+
+        require_token()
+    state = ckpt.load_training_state(resume_from) if resume_from else None
+    if state is not None:
+        _check_resumable(state, spec, env, run_dir, total)
+    return state
+
+
+def _check_after_reading(state: ckpt.TrainingState | None, spec: TrainSpec, env: DistEnv, info: DataInfo) -> None:
+    """The refusals left once the data is read: a resumed run's text must be the same; no router noise under FSDP."""
+    if state is not None and state.state.get("data_key") not in (None, info.key):
+        raise UpcycleError(
+            f"the text behind --data {spec.data} changed since {state.folder} was written; resume with the same "
+            "data (or start a new run with --force)"
+        )
+    if env.distributed and spec.router_noise:  # the noise weights live outside FSDP's shards
+        raise UpcycleError("--router-noise is not supported under torchrun yet; train in one process or drop it")
 
 
 def _check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> Path | None:
