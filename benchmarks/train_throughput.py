@@ -186,7 +186,12 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(job["model"], **kwargs).to(device)
     model.train()
     # what transformers actually dispatches to (it may fall back silently), not what was asked for
-    impl_got = model.config._experts_implementation if job["impl"] != "dense" else "dense"
+    if job["impl"] != "dense":
+        from upcycle.compat import experts_implementation
+
+        impl_got = experts_implementation(model)
+    else:
+        impl_got = "dense"
     tap, router_losses = routing_hooks(model) if job["impl"] != "dense" else (None, None)
     if job.get("compile"):  # as `upcycle train --compile`: after the hooks, before the optimizer
         model.compile()
@@ -197,7 +202,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     batches = [torch.randint(0, vocab, (job["batch"], job["seq"]), generator=gen).to(device) for _ in range(4)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["dtype"] == "bf16" and not pure_bf16)
     if job["dtype"] == "bf16" and not pure_bf16:  # the experts follow autocast too, as in upcycle train
-        from upcycle.train.loop import enable_grouped_mm_autocast
+        from upcycle.compat import enable_grouped_mm_autocast
 
         result_autocast = enable_grouped_mm_autocast(device.type, torch.bfloat16)
     else:

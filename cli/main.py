@@ -900,8 +900,9 @@ def train(
     if not result.is_main:  # under torchrun, rank 0 prints and writes --json
         return
     if dry_run:
-        _print_train_plan(result.plan, title=f"Plan (dry run, nothing written): {model}")
-        _emit_json(result.plan, json_out)
+        plan = result.plan.to_dict()
+        _print_train_plan(plan, title=f"Plan (dry run, nothing written): {model}")
+        _emit_json(plan, json_out)
         return
     _print_train_summary(result.summary, title=f"Trained {model} -> {out_dir}")
     if result.pushed is not None:

@@ -27,6 +27,7 @@ from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
 from upcycle.errors import UpcycleError
 from upcycle.train import loop
+from upcycle.train import model as train_model
 from upcycle.train.distributed import DistEnv
 from upcycle.train.metrics import read_metrics
 from upcycle.train.spec import TrainSpec, build_train_spec
@@ -69,10 +70,10 @@ def _fwd_bwd(folder: Path, impl: str, mode: str, ids: torch.Tensor) -> tuple[tor
     bf16 (weights loaded in bf16), autocast (fp32 weights, bf16 compute: what `upcycle train --dtype bf16` runs)."""
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation=impl).to(CUDA)
-    assert loop.experts_implementation(model) == impl  # no silent fallback on this GPU
+    assert train_model.experts_implementation(model) == impl  # no silent fallback on this GPU
     model.train()
     if mode == "autocast":
-        ctx = loop.compute_context(DistEnv(device=CUDA), TrainSpec(dtype="bf16"), torch.bfloat16)
+        ctx = train_model.compute_context(DistEnv(device=CUDA), TrainSpec(dtype="bf16"), torch.bfloat16)
     else:
         ctx = torch.autocast("cuda", enabled=False)
     with ctx:
@@ -116,9 +117,9 @@ def test_autocast_runs_grouped_mm_in_bf16_on_cuda():
     x = torch.randn(64, 64, generator=gen).to(CUDA)  # (S, H) fp32 from the residual stream
     w = torch.randn(4, 64, 128, generator=gen).to(CUDA)  # (E, H, I) fp32 master weights
     offs = torch.tensor([10, 30, 41, 64], dtype=torch.int32, device=CUDA)
-    with loop.compute_context(DistEnv(device=CUDA), TrainSpec(dtype="bf16"), torch.bfloat16):
+    with train_model.compute_context(DistEnv(device=CUDA), TrainSpec(dtype="bf16"), torch.bfloat16):
         y = moe._grouped_mm(x, w, offs=offs)  # (S, I)
-    how = loop.enable_grouped_mm_autocast("cuda", torch.bfloat16)
+    how = train_model.enable_grouped_mm_autocast("cuda", torch.bfloat16)
     print(f"grouped_mm follows autocast on CUDA through: {how}")
     assert how in ("dispatcher", "transformers")
     assert y.dtype == torch.bfloat16
@@ -147,14 +148,14 @@ def test_bf16_run_on_cuda_keeps_fp32_masters_and_loss_falls(impl, moe_store, tex
 def test_a_silent_eager_fallback_is_refused_on_cuda(moe_store, monkeypatch):  # noqa: F811
     folder = moe_store("mixtral")
     spec = TrainSpec()
-    model = loop.load_model(folder, torch.float32, spec, CUDA)  # the real kernel: grouped_mm, accepted
-    assert loop.experts_implementation(model) == "grouped_mm"
+    model = train_model.load_model(folder, torch.float32, spec, CUDA)  # the real kernel: grouped_mm, accepted
+    assert train_model.experts_implementation(model) == "grouped_mm"
     assert next(model.parameters()).device.type == "cuda"
     del model
-    monkeypatch.setattr(loop, "experts_implementation", lambda model: "eager")  # as if transformers fell back
+    monkeypatch.setattr(train_model, "experts_implementation", lambda model: "eager")  # as if transformers fell back
     with pytest.raises(UpcycleError, match="fell back to the eager"):
-        loop.load_model(folder, torch.float32, spec, CUDA)
-    loop.load_model(folder, torch.float32, TrainSpec(experts_impl="eager"), CUDA)  # asked for: accepted
+        train_model.load_model(folder, torch.float32, spec, CUDA)
+    train_model.load_model(folder, torch.float32, TrainSpec(experts_impl="eager"), CUDA)  # asked for: accepted
 
 
 # --- in child processes: torchrun + NCCL + FSDP2, SIGKILL and resume ---------------------------------------------

@@ -374,3 +374,33 @@ def test_gradient_checkpointing_replays_jitter_and_noise_and_records_once(kind, 
     for plain, checkpointed in zip(*grads, strict=True):
         assert plain.abs().sum() > 0
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_replays_the_taps_own_generators(kind, moe_store):
+    """With a generator of its own (what `upcycle train` uses), the recompute draws the same jitter and noise as
+    the forward did, leaves the generators where the forward left them, and never touches the global RNG."""
+    grads, states = [], []
+    for checkpointing in (False, True):
+        model = load(moe_store(kind))
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        t = tap(model, jitter=0.1, noise=True, generator=torch.Generator().manual_seed(11))
+        before = torch.get_rng_state()
+        out = model(ids(), labels=ids(), use_cache=False)
+        records = t.pop()
+        balance, z = router_losses(records)
+        (out.loss + 0.01 * balance + 0.001 * z).backward()
+        assert t.pop() == {}
+        assert torch.equal(torch.get_rng_state(), before)
+        states.append(t.rng_state())
+        grads.append(
+            [router(model, layer).weight.grad for layer in MOE_LAYERS[kind]]
+            + [w.weight.grad for w in t.noise_modules.values()]
+        )
+        t.remove()
+    for plain, checkpointed in zip(*grads, strict=True):
+        assert plain.abs().sum() > 0
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(states[0][layer], states[1][layer]) for layer in states[0])

@@ -352,18 +352,20 @@ def test_resume_refuses_a_changed_data_order(moe_store, text, tmp_path, capsys):
 
 
 def _poison(monkeypatch, bad_calls: set[int] | None, from_call: int | None = None) -> None:
-    """Make the balance loss NaN at the given calls of router_losses (one call per step here)."""
-    original = loop.router_losses
+    """Make the balance loss NaN at the given calls of router_terms (one call per step here)."""
+    from upcycle.train import step as stepping
+
+    original = stepping.router_terms
     calls = {"n": 0}
 
     def poisoned(records, counts=None):
         calls["n"] += 1
-        balance, z = original(records, counts)
+        terms = original(records, counts)
         if (bad_calls and calls["n"] in bad_calls) or (from_call and calls["n"] >= from_call):
-            balance = balance * float("nan")
-        return balance, z
+            terms["balance"] = terms["balance"] * float("nan")
+        return terms
 
-    monkeypatch.setattr(loop, "router_losses", poisoned)
+    monkeypatch.setattr(stepping, "router_terms", poisoned)
 
 
 def test_a_nonfinite_step_is_skipped(moe_store, text, tmp_path, monkeypatch):
@@ -591,3 +593,29 @@ def test_push_to_hub_without_a_token_fails_before_training(moe_store, text, tmp_
     args = ["train", str(moe_store("mixtral")), "--data", str(text), "--out", str(out), "--steps", "2"]
     assert "no Hugging Face token" in _bad(capsys, [*args, "--push-to-hub", "me/trained-moe"])
     assert not out.exists()
+
+
+def test_checkpoints_carry_the_router_jitter_generators(moe_store, text, tmp_path):
+    """Jitter and noise draw from the tap's own generators, not torch's global RNG; each checkpoint saves them."""
+    out = tmp_path / "run"
+    train(moe_store("mixtral"), out, data=str(text), steps=2, jitter=0.01, save_every=2, eval_every=2)
+    rng = torch.load(out / "checkpoints" / "step-2" / "rng_state.pt", weights_only=True)
+    assert sorted(rng["routing"]) == [0, 1, 2, 3] and {"torch", "routing"} <= set(rng)
+    no_jitter = tmp_path / "plain"
+    train(moe_store("mixtral"), no_jitter, data=str(text), steps=2, save_every=2, eval_every=2)
+    assert torch.load(no_jitter / "checkpoints" / "step-2" / "rng_state.pt", weights_only=True)["routing"] == {}
+
+
+def test_a_run_puts_the_process_wide_state_back(moe_store, text, tmp_path):
+    """torch's global RNG, deterministic algorithms and transformers' progress bars are as they were after a run."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    out = tmp_path / "run"
+    train(moe_store("mixtral"), out, data=str(text), steps=2, save_every=2, eval_every=2, deterministic=True)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ or os.environ["CUBLAS_WORKSPACE_CONFIG"] != ":4096:8"
+    assert hf_logging.is_progress_bar_enabled()

@@ -19,7 +19,8 @@ import torch
 from tiny import save_tokenizer
 
 from upcycle.errors import UpcycleError
-from upcycle.train.data import BlockSampler, TokenBlocks, prepare
+from upcycle.train.data import TokenBlocks, prepare
+from upcycle.train.sampler import BlockSampler
 
 WORDS = ("the", "router", "sends", "every", "token", "to", "two", "experts", "and", "balance", "loss", "keeps", "load")
 

@@ -16,14 +16,11 @@ from upcycle.convert.spec import build_spec
 from upcycle.train.distributed import (
     DistEnv,
     all_reduce_sum,
-    broadcast_object,
     full_model_state,
     full_optimizer_state,
-    gather_objects,
     init_distributed,
     load_full_model_state,
     load_full_optimizer_state,
-    mean_over_ranks,
     wrap_model,
 )
 from upcycle.train.metrics import read_metrics
@@ -41,9 +38,6 @@ def test_one_process_is_the_plain_path(monkeypatch):
     assert wrap_model(model, env, TrainSpec()) is model
     t = torch.tensor([1.5, 2.0])
     assert all_reduce_sum(t, env) is t and t.tolist() == [1.5, 2.0]
-    assert mean_over_ranks({"lm": 2.5, "z": 0.25}, env) == {"lm": 2.5, "z": 0.25}
-    assert gather_objects({"a": 1}, env) == [{"a": 1}]
-    assert broadcast_object("x", env) == "x"
 
 
 def _step(model, opt, ids):
@@ -181,3 +175,57 @@ def test_torchrun_with_one_process_shards_with_fsdp2_and_matches_the_plain_run(r
     for a, b in zip(one, got, strict=True):
         for key in TERMS:
             assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+
+
+SYNC_RECORDER = """
+import os
+import sys
+from pathlib import Path
+
+from upcycle.train import step
+
+calls = Path(os.environ["SYNC_CALLS"]) / f"rank{os.environ.get('RANK', '0')}.txt"
+original = step.set_gradient_sync
+
+
+def recorded(model, env, sync):
+    with calls.open("a") as f:
+        f.write(str(int(sync)))
+    original(model, env, sync)
+
+
+step.set_gradient_sync = recorded
+
+from upcycle_cli.main import run
+
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_grad_accum_under_fsdp_reduces_gradients_on_the_last_micro_batch_only(runs):
+    """2 processes × grad-accum 2: FSDP reduce-scatters once per step (sync off for micro-batch 0, on for 1) when the
+    unsharded gradients fit, after every micro-batch when they do not (--gpu-mem says so); both match one process."""
+    root, common = runs["root"], runs["common"]
+    script = root / "record_sync.py"
+    script.write_text(SYNC_RECORDER)
+    one = root / "accum-one"
+    assert run(["train", *common, "--micro-batch", "2", "--grad-accum", "2", "--out", str(one)]) == 0
+    got = {}
+    for name, extra in (("last", []), ("every", ["--gpu-mem", "0.0001"])):
+        calls, out = root / f"calls-{name}", root / f"accum-{name}"
+        calls.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+        cmd += ["train", *common, "--micro-batch", "1", "--grad-accum", "2", "--out", str(out), *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SYNC_CALLS": str(calls)}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        got[name] = (records(out, "train"), {p.name: p.read_text() for p in calls.iterdir()})
+    assert got["last"][1] == {"rank0.txt": "01" * STEPS, "rank1.txt": "01" * STEPS}
+    assert got["every"][1] == {}  # FSDP's default: every backward reduce-scatters
+    expected = records(one, "train")
+    for name, (train_records, _) in got.items():
+        assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))
+        for a, b in zip(expected, train_records, strict=True):
+            for key in TERMS:
+                assert abs(a[key] - b[key]) <= 1e-5, (name, a["step"], key, a[key], b[key])

@@ -13,7 +13,7 @@ from test_train import moe_store, tensors, text, train, train_records  # noqa: F
 from transformers import AutoModelForCausalLM
 
 from upcycle.train.distributed import DistEnv
-from upcycle.train.loop import compute_context
+from upcycle.train.model import compute_context
 from upcycle.train.spec import TrainSpec
 
 BF16 = TrainSpec(dtype="bf16")
@@ -34,11 +34,11 @@ def test_grouped_mm_runs_in_bf16_under_autocast():
 def test_one_process_on_a_gpu_runs_under_autocast_and_fsdp_casts_under_torchrun(monkeypatch):
     """Found on an H200: a one-process GPU run took FSDP2's mixed-precision policy as its bf16 path, but nothing is
     wrapped in one process, so the whole step ran in float32 (2-4x slower, and beyond the memory plan)."""
-    from upcycle.train import loop
+    from upcycle.train import model as train_model
     from upcycle.train.distributed import mixed_precision
 
     asked: list[str] = []
-    monkeypatch.setattr(loop, "enable_grouped_mm_autocast", lambda device_type, dtype: asked.append(device_type))
+    monkeypatch.setattr(train_model, "enable_grouped_mm_autocast", lambda device_type, dtype: asked.append(device_type))
     gpu = torch.device("cuda", 0)
     one = DistEnv(device=gpu)
     assert mixed_precision(one, BF16) is None  # one process: no FSDP, so no policy to rely on

@@ -103,8 +103,8 @@ def prune(run_dir: Path, keep_last: int) -> list[int]:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random generator a step draws from: torch's CPU generator and, on a GPU, each CUDA generator.
-    (The data order is a pure function of the step, so it needs no state.)"""
+    """torch's global generators: the CPU one and, on a GPU, each CUDA one (save_checkpoint adds the run's own, the
+    router jitter and noise generators; the data order is a pure function of the step, so it needs no state)."""
     import torch
 
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
@@ -152,10 +152,12 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically: model (native format, from_pretrained loads it), tokenizer,
     optimizer, scheduler, RNG states and trainer_state.json (last, though the rename is what makes it count).
-    model_state / optimizer_state: full states gathered from FSDP shards, used instead of the module's own."""
+    model_state / optimizer_state: full states gathered from FSDP shards, used instead of the module's own.
+    rng: generator states of the run's own beside torch's (e.g. {"routing": RouterTap.rng_state()})."""
     import torch
     from safetensors.torch import save_file
 
@@ -169,7 +171,7 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / OPTIMIZER)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER)
-        torch.save(rng_state(), tmp / RNG)
+        torch.save(rng_state() | (rng or {}), tmp / RNG)
         if tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / STATE_TENSORS)
         (tmp / STATE).write_text(json.dumps(state | {"step": step}, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Training text -> tokenised, packed, cached blocks of `seq_len` token ids, and which blocks each rank reads.
+"""Training text -> tokenised, packed, cached blocks of `seq_len` token ids (which blocks a step reads: sampler.py).
 
 What DATA may be: a `.txt`, `.jsonl`/`.json` or `.parquet` file (the text ones may be `.gz`/`.bz2`/`.xz`
 compressed), a folder of those (read recursively in sorted path order; hidden files and other extensions are
@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..compat import dataset_fingerprint
 from ..errors import UpcycleError
 
 if TYPE_CHECKING:
@@ -90,12 +91,17 @@ class TokenBlocks:
         start = i * self.seq_len
         return torch.from_numpy(self._ids[start : start + self.seq_len].astype(np.int64))  # (seq_len,)
 
-    def blocks(self, idx: Sequence[int]) -> torch.Tensor:
+    def blocks(self, idx: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+        """(len(idx), seq_len) int64 token ids, on `device` when given: a GPU gets them through pinned memory with a
+        copy that does not make the host wait for the GPU (a plain .to(cuda) would)."""
         rows = np.asarray(idx, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_blocks):
             raise IndexError(f"block ids {list(idx)} out of range: there are {self.n_blocks}")
         grid = self._ids[: self.n_blocks * self.seq_len].reshape(self.n_blocks, self.seq_len)
-        return torch.from_numpy(grid[rows].astype(np.int64))  # (len(idx), seq_len)
+        ids = torch.from_numpy(grid[rows].astype(np.int64))  # (len(idx), seq_len)
+        if device is not None and device.type == "cuda":
+            return ids.pin_memory().to(device, non_blocking=True)
+        return ids if device is None else ids.to(device)
 
 
 @dataclass(frozen=True)
@@ -116,73 +122,9 @@ class DataInfo:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Which blocks each rank reads
-
-
-class BlockSampler:
-    """Which blocks each rank reads at each step: a pure function of (step, micro, rank), so resuming at step s
-    needs no state.
-
-    The blocks form an endless stream of epochs, each a permutation of all blocks drawn from a torch.Generator
-    seeded by (seed, epoch). Step s takes the next B = micro_batch·grad_accum·world_size of them; micro-batch m
-    of rank r is the B-slice's chunk number m·world_size + r. So the global batch of a step does not depend on
-    how it is spread over ranks and micro-batches, and every block is read once per epoch.
-    """
-
-    def __init__(
-        self,
-        n_blocks: int,
-        *,
-        micro_batch: int,
-        grad_accum: int,
-        world_size: int = 1,
-        rank: int = 0,
-        seed: int = 0,
-    ) -> None:
-        if n_blocks < 1:
-            raise UpcycleError("there are no blocks to train on; give more text or a smaller --seq-len")
-        if micro_batch < 1 or grad_accum < 1 or world_size < 1:
-            raise UpcycleError("--micro-batch, --grad-accum and the world size must be 1 or more")
-        if not 0 <= rank < world_size:
-            raise UpcycleError(f"rank {rank} is outside a world of {world_size} processes")
-        self.n_blocks = n_blocks
-        self.micro_batch = micro_batch
-        self.grad_accum = grad_accum
-        self.world_size = world_size
-        self.rank = rank
-        self.seed = seed
-        self.global_batch = micro_batch * grad_accum * world_size
-        self._perms: dict[int, np.ndarray] = {}
-
-    def indices(self, step: int, micro: int) -> list[int]:
-        """Block ids of this rank's micro-batch `micro` (0 ≤ micro < grad_accum) of step `step`."""
-        if step < 0:
-            raise IndexError(f"step {step} is negative")
-        if not 0 <= micro < self.grad_accum:
-            raise IndexError(f"micro-batch {micro} out of range: grad_accum is {self.grad_accum}")
-        start = step * self.global_batch + (micro * self.world_size + self.rank) * self.micro_batch
-        out = []
-        for pos in range(start, start + self.micro_batch):
-            epoch, offset = divmod(pos, self.n_blocks)
-            out.append(int(self._perm(epoch)[offset]))
-        return out
-
-    def epoch(self, step: int) -> int:
-        """The epoch that step `step`'s first block belongs to."""
-        return step * self.global_batch // self.n_blocks
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # a step spans at most two epochs unless blocks are fewer than B
-                self._perms.pop(next(iter(self._perms)))
-            gen = torch.Generator().manual_seed(_seed("blocks", self.seed, epoch))
-            self._perms[epoch] = torch.randperm(self.n_blocks, generator=gen).numpy()
-        return self._perms[epoch]
-
-
-def _seed(*parts: object) -> int:
-    """A 63-bit generator seed from several values, without the collisions of seed·K + epoch."""
+def derived_seed(*parts: object) -> int:
+    """A 63-bit generator seed from several values, without the collisions of seed·K + epoch (the eval split's
+    permutation here, the block order in sampler.py)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -362,7 +304,7 @@ def _hub(arg: str, flag: str) -> _Source:
             ) from None
         raise UpcycleError(f"{flag} {arg}: could not load it as a datasets Hub id: {_first_line(exc)}") from None
     dataset = _train_split(loaded, flag, arg)
-    return _Source(flag, arg, [arg], ["hub", arg, dataset._fingerprint], dataset=dataset)
+    return _Source(flag, arg, [arg], ["hub", arg, dataset_fingerprint(dataset)], dataset=dataset)
 
 
 def _train_split(loaded: Any, flag: str, label: str) -> Any:
@@ -500,16 +442,18 @@ class _Job:
         documents = 0
         total = len(src.dataset) if src.dataset is not None else 0
         limit = np.iinfo(out.dtype).max
-        for ids in _token_lists(src, self.tokenizer, self.eos, self.text_field, self.tmp / "hf"):
-            flat = ids.flatten().to_numpy(zero_copy_only=False)  # (tokens,) the batch's documents, each + EOS
-            if flat.size and int(flat.max()) > limit:
-                raise UpcycleError(f"the tokenizer produced id {int(flat.max())}, beyond its own vocabulary")
-            out.write(flat)
-            if lengths is not None:
-                lengths.write(ids.value_lengths().to_numpy(zero_copy_only=False))
-            documents += len(ids)
-            if self.progress:
-                self.progress(stage, documents, total)
+        lists = _token_lists(src, self.tokenizer, self.eos, self.text_field, self.tmp / "hf")
+        with contextlib.closing(lists):  # closed on any exit, so datasets' verbosity is put back at once
+            for ids in lists:
+                flat = ids.flatten().to_numpy(zero_copy_only=False)  # (tokens,) the batch's documents, each + EOS
+                if flat.size and int(flat.max()) > limit:
+                    raise UpcycleError(f"the tokenizer produced id {int(flat.max())}, beyond its own vocabulary")
+                out.write(flat)
+                if lengths is not None:
+                    lengths.write(ids.value_lengths().to_numpy(zero_copy_only=False))
+                documents += len(ids)
+                if self.progress:
+                    self.progress(stage, documents, total)
         self.check_enough(src, documents, out.count)
         return documents
 
@@ -528,7 +472,7 @@ class _Job:
         Returns (train tokens, eval tokens, eval documents)."""
         lengths = np.fromfile(self.tmp / "docs.bin", dtype=np.int64)  # (docs,) tokens of each document, EOS included
         n_docs, total = len(lengths), int(lengths.sum())
-        gen = torch.Generator().manual_seed(_seed("eval", seed))
+        gen = torch.Generator().manual_seed(derived_seed("eval", seed))
         order = torch.randperm(n_docs, generator=gen).numpy()
         filled = np.cumsum(lengths[order])  # (docs,) eval tokens if the first i+1 documents of `order` are held out
         count = max(1, round(eval_fraction * n_docs), int(np.searchsorted(filled, self.seq_len)) + 1)
@@ -683,7 +627,8 @@ def _load_saved(src: _Source) -> Any:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """datasets logs read failures at error level and draws progress bars; prepare() reports through UpcycleError."""
+    """datasets logs read failures at error level and draws progress bars; prepare() reports through UpcycleError.
+    Process-wide while it lasts (datasets' verbosity and bars are global); both are put back when it ends."""
     import datasets
     from datasets.utils import logging as ds_logging
 

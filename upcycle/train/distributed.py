@@ -128,7 +128,9 @@ def wrap_model(model: nn.Module, env: DistEnv, spec: TrainSpec) -> nn.Module:
 
 
 def set_gradient_sync(model: nn.Module, env: DistEnv, sync: bool) -> None:
-    """Skip the gradient reduce-scatter on all but the last micro-batch of a step (same result, less traffic)."""
+    """Whether the next backward reduce-scatters the gradients (FSDP2's set_requires_gradient_sync). Off for all but
+    the last micro-batch of a step: the same result with one reduce-scatter per step, at the cost of holding
+    unsharded gradients in between (see plan.grad_sync_on_last_micro_batch, which decides)."""
     if env.distributed:
         model.set_requires_gradient_sync(sync)
 
@@ -143,38 +145,9 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
-def mean_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
-    """Average logged scalars over ranks (each rank saw its own slice of the batch): one all-reduce for all."""
-    if not env.distributed or not values:
-        return dict(values)
-    names = sorted(values)
-    packed = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=env.device)
-    all_reduce_sum(packed, env)
-    return {n: float(v) / env.world_size for n, v in zip(names, packed.tolist(), strict=True)}
-
-
-def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
-    """Every rank's `obj` (e.g. its RNG states), in rank order, on every rank."""
-    if not env.distributed:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj: Any, env: DistEnv) -> Any:
-    """Rank 0's `obj` on every rank (e.g. a path or a decision only rank 0 can make)."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def grad_norm_value(norm: torch.Tensor) -> float:
-    """clip_grad_norm_ returns a DTensor under FSDP2: the full value, the same on every rank."""
-    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(full)
+def full_tensor(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ returns a DTensor under FSDP2: the full value, the same on every rank (still on the device)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def barrier(env: DistEnv) -> None:

@@ -4,7 +4,9 @@ Terms, each in bytes per rank:
 
 - weights, grads and optimizer states, from the parameter counts and the precision (`PRECISIONS`); with FSDP
   (world_size > 1) all three are sharded, so they are divided by world_size, and the gathered working set of
-  the root and two decoder layers (the one running and the one prefetched) is added;
+  the root and two decoder layers (the one running and the one prefetched) is added; except the grads when FSDP
+  reduces them on the last micro-batch of a step only (`unsharded_grads`: under --grad-accum > 1, when they fit):
+  until then every rank accumulates the full, unsharded gradients (float32, FSDP2's reduce dtype);
 - activations saved for backward, counted tensor by tensor for a Llama-style decoder block with a SwiGLU FFN or a
   top-k MoE FFN run by transformers' `grouped_mm`/`eager` experts and SDPA attention (no s² term);
 - the logits and the cross-entropy over them, usually the largest single term;
@@ -233,10 +235,13 @@ def estimate(
     precision: Precision | None = None,
     on_gpu: bool | None = None,
     sharded: bool | None = None,
+    unsharded_grads: bool = False,
 ) -> MemoryEstimate:
     """Memory per rank for `spec` on a model with this config (a transformers config, object or dict).
 
     sharded: the model is wrapped in FSDP2 (under torchrun, even with one process); by default world_size > 1.
+    unsharded_grads: FSDP2 skips the gradient reduce-scatter until the step's last micro-batch, so each rank holds
+    full-size gradients of every trainable parameter (plan.grad_sync_on_last_micro_batch decides).
     precision: the recipe (PRECISIONS); by default the one `upcycle train` uses for spec.dtype on this device
     (on_gpu defaults to whether CUDA is available). micro_batch and seq_len are per rank, as in the run.
     """
@@ -278,7 +283,7 @@ def estimate(
         tokens=tokens,
         grad_checkpointing=spec.grad_checkpointing,
         weights=shard(total_params * p.param),
-        grads=shard(trainable_params * p.grad),
+        grads=trainable_params * p.grad if unsharded_grads else shard(trainable_params * p.grad),
         optimizer=shard(trainable_params * p.optimizer),
         working=working,
         optimizer_step=shard(step_temp) if on_gpu else step_temp,
@@ -288,15 +293,17 @@ def estimate(
     )
 
 
-def available_memory(gpu_mem: float | None = None) -> tuple[int, str]:
-    """(bytes, what they are): `--gpu-mem` GiB when given, else the free memory of GPU 0, else the RAM available."""
+def available_memory(gpu_mem: float | None = None, gpu: int = 0) -> tuple[int, str]:
+    """(bytes, what they are): `--gpu-mem` GiB when given, else the free memory of GPU `gpu`, else the RAM
+    available."""
     if gpu_mem is not None:
         return int(gpu_mem * GiB), f"--gpu-mem {gpu_mem:g} GiB"
     import torch
 
     if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info(0)
-        return int(free), f"GPU 0: {torch.cuda.get_device_name(0)} ({total / GiB:.1f} GiB, {free / GiB:.1f} GiB free)"
+        free, total = torch.cuda.mem_get_info(gpu)
+        name = torch.cuda.get_device_name(gpu)
+        return int(free), f"GPU {gpu}: {name} ({total / GiB:.1f} GiB, {free / GiB:.1f} GiB free)"
     return _ram_available(), "RAM"
 
 

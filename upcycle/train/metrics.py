@@ -10,7 +10,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -84,6 +87,25 @@ class MetricsLog:
             self._tb.close()
 
 
+def layer_rows(counts: dict[int, torch.Tensor], dropped: dict[int, float] | None = None) -> list[dict[str, Any]]:
+    """The `layers` rows of a train record (and of the summary's load): per MoE layer, each expert's share of the
+    routed assignments, their CV, max and min, and with `dropped` the share capacity dropped. One host sync for
+    all the layers."""
+    import torch
+
+    from .losses import load_row
+
+    layers = sorted(counts)
+    table = torch.stack([load_row(counts[layer]) for layer in layers]).tolist() if layers else []  # (L, E + 3)
+    rows = []
+    for layer, values in zip(layers, table, strict=True):
+        row = {"layer": layer, "load": values[:-3], "cv": values[-3], "max": values[-2], "min": values[-1]}
+        if dropped is not None:
+            row["dropped"] = dropped[layer]
+        rows.append(row)
+    return rows
+
+
 def _si(x: float) -> str:
     for unit, size in (("M", 1e6), ("K", 1e3)):
         if abs(x) >= size:
@@ -92,14 +114,17 @@ def _si(x: float) -> str:
 
 
 def train_line(r: dict[str, Any], total: int) -> str:
+    from .losses import LOSSES
+
+    terms = "".join(f"{name} {r[name]:.4f}  " for name in ("loss", "lm", *LOSSES))
     return (
-        f"step {r['step']}/{total}  loss {r['loss']:.4f}  lm {r['lm']:.4f}  balance {r['balance']:.4f}  "
-        f"z {r['z']:.4f}  lr {r['lr']:.2e}  grad-norm {r['grad_norm']:.3f}  {_si(r['tokens_per_s'])} tok/s"
+        f"step {r['step']}/{total}  {terms}lr {r['lr']:.2e}  grad-norm {r['grad_norm']:.3f}  "
+        f"{_si(r['tokens_per_s'])} tok/s"
     )
 
 
 def eval_line(r: dict[str, Any]) -> str:
-    ppl = r["perplexity"]
+    ppl = r["perplexity"] if r["perplexity"] is not None else math.inf  # the record writes an overflow as null
     return f"eval at step {r['step']}: loss {r['eval_loss']:.4f}, perplexity {ppl:.2f}" + (
         "" if math.isfinite(ppl) else " (overflow)"
     )

@@ -7,15 +7,19 @@ records the logits for the losses. The model's own `output_router_logits` is nev
 
 Legend: T tokens in one forward (batch·seq, flattened), E experts, k experts per token, H hidden size.
 
-Randomness: with `generator=None` (the default) jitter and noise draw from the global torch RNG of the input's
-device, which the training loop saves and restores for exact resume, and which gradient checkpointing replays
-when it recomputes a layer. With a `generator`, each layer gets its own generator seeded from it
-(`rng_state()` / `set_rng_state()` save them); checkpointing does not replay those, so do not combine them.
+Randomness: with a `generator` (what `upcycle train` passes), each layer gets its own generator seeded from it, on
+the router's device; `rng_state()` / `set_rng_state()` save and restore them (checkpoints carry them for exact
+resume). Activation checkpointing replays only the global RNG when it recomputes a layer in backward, so the tap
+replays its own: each draw in a forward remembers the generator's state, and the recompute draws again from that
+state (one forward per backward, as in training), leaving the generator where the forward left it. With
+`generator=None` jitter and noise draw from the global torch RNG of the input's device (checkpointing replays it).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import Target
+from ..compat import in_backward
 from ..errors import UpcycleError
 
 
@@ -32,7 +37,14 @@ from ..errors import UpcycleError
 class LayerRouting:
     logits: torch.Tensor  # (T, E) the router logits that chose the experts (after noise when on), float32, with grad
     indices: torch.Tensor  # (T, k) chosen experts (int64)
-    keep: torch.Tensor  # (T, k) bool: False for assignments dropped by capacity (all True when capacity is off)
+    mask: torch.Tensor | None = None  # (T, k) bool, False for assignments dropped by capacity; None: none dropped
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """(T, k) bool: False for assignments dropped by capacity (all True when capacity is off; made on demand)."""
+        if self.mask is not None:
+            return self.mask
+        return torch.ones(self.indices.shape, dtype=torch.bool, device=self.indices.device)
 
 
 def router_weight(module: nn.Module) -> torch.Tensor | None:
@@ -90,17 +102,13 @@ def capacity_keep(indices: torch.Tensor, num_experts: int, capacity_factor: floa
     limit = capacity(capacity_factor, tokens, top_k, num_experts)
     flat = indices.t().reshape(-1)  # (k·T,) slot-major: all top-1 choices, then all top-2 choices, ...
     order = torch.sort(flat, stable=True).indices  # (k·T,) groups by expert, queue order kept inside a group
-    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # (E,) no host sync, unlike bincount on a GPU
     starts = torch.cumsum(counts, 0) - counts  # (E,) where each expert's group begins in `order`
     queue_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # (k·T,)
     queue = torch.empty_like(queue_sorted)
     queue[order] = queue_sorted  # (k·T,) place of each assignment in its expert's queue, 0-based
     return (queue < limit).view(top_k, tokens).t()  # (T, k)
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass: a layer's forward then is gradient checkpointing's recompute."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class RouterTap:
@@ -139,8 +147,10 @@ class RouterTap:
         self.jitter = jitter
         self.noise = noise
         self.hidden_size = hidden_size
+        self.layers = sorted(routers)  # the MoE layers, ascending
         self.noise_modules = nn.ModuleDict()
         self._generators: dict[int, torch.Generator] = {}
+        self._replay: dict[tuple[int, str], torch.Tensor] = {}  # (layer, draw) -> generator state before the draw
         self._records: dict[int, list[LayerRouting]] = {}
         self._handles: list[Any] = []
         for layer, router in sorted(routers.items()):
@@ -154,7 +164,7 @@ class RouterTap:
                 w_noise = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=torch.float32)
                 nn.init.zeros_(w_noise.weight)
                 self.noise_modules[str(layer)] = w_noise
-            if generator is not None:
+            if generator is not None and (jitter > 0 or noise):
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator))
                 self._generators[layer] = torch.Generator(device=weight.device).manual_seed(seed)
             if jitter > 0:
@@ -169,7 +179,8 @@ class RouterTap:
             return None
         x = args[0]  # (T, H) or (B, S, H)
         u = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        u.uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=self._generators.get(layer))
+        with self._drawing(layer, "jitter") as generator:
+            u.uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=generator)
         return ((x.float() * u).to(x.dtype), *args[1:])
 
     def _route_hook(self, layer: int, module: nn.Module, args: tuple, output: tuple) -> tuple | None:
@@ -180,20 +191,42 @@ class RouterTap:
             x = args[0].reshape(-1, self.hidden_size)  # (T, H) the router's input (after jitter)
             w_noise = self.noise_modules[str(layer)]
             std = F.softplus(F.linear(x.to(w_noise.weight.dtype), w_noise.weight))  # (T, E)
-            eps = torch.randn(std.shape, device=std.device, dtype=torch.float32, generator=self._generators.get(layer))
+            with self._drawing(layer, "noise") as generator:
+                eps = torch.randn(std.shape, device=std.device, dtype=torch.float32, generator=generator)  # (T, E)
             logits32 = logits32 + std * eps  # (T, E) noisy logits choose the experts
             scores, indices = route_topk(logits32, self.top_k, self.renormalize, scores.dtype)  # (T, k), (T, k)
             changed = True
-        keep = torch.ones(indices.shape, dtype=torch.bool, device=indices.device)  # (T, k)
+        keep = None  # nothing dropped
         if module.training and self.capacity_factor is not None:
             keep = capacity_keep(indices, self.num_experts, self.capacity_factor)  # (T, k)
             scores = scores * keep.to(scores.dtype)  # (T, k) dropped slots weigh 0, indices stay valid
             changed = True
-        if not _in_backward():  # a checkpointed layer's recompute must not add a second record
+        if not in_backward():  # a checkpointed layer's recompute must not add a second record
             self._records.setdefault(layer, []).append(LayerRouting(logits32, indices, keep))
         if changed:
             return logits32.to(logits.dtype), scores, indices
         return None
+
+    @contextmanager
+    def _drawing(self, layer: int, draw: str) -> Iterator[torch.Generator | None]:
+        """The generator for one draw of `layer` (None: the global RNG). In a forward it remembers the state the
+        draw starts from; in activation checkpointing's recompute (autograd's backward) it draws again from that
+        state, so the recomputed layer sees the same jitter and noise, then puts the generator back."""
+        generator = self._generators.get(layer)
+        if generator is None:
+            yield None
+            return
+        key = (layer, draw)
+        if not in_backward():
+            self._replay[key] = generator.get_state()
+            yield generator
+            return
+        after = generator.get_state()
+        generator.set_state(self._replay.get(key, after))
+        try:
+            yield generator
+        finally:
+            generator.set_state(after)
 
     # --- records and state ------------------------------------------------------------------------------
 
@@ -209,6 +242,7 @@ class RouterTap:
             handle.remove()
         self._handles = []
         self._records = {}
+        self._replay = {}
 
     def rng_state(self) -> dict[int, torch.Tensor]:
         """The per-layer generators' states (empty when the tap uses the global RNG)."""
@@ -253,8 +287,9 @@ def tap_model(
 def _concat(parts: list[LayerRouting]) -> LayerRouting:
     if len(parts) == 1:
         return parts[0]
+    dropped = any(p.mask is not None for p in parts)
     return LayerRouting(
         torch.cat([p.logits for p in parts]),  # (ΣT, E)
         torch.cat([p.indices for p in parts]),  # (ΣT, k)
-        torch.cat([p.keep for p in parts]),  # (ΣT, k)
+        torch.cat([p.keep for p in parts]) if dropped else None,  # (ΣT, k)
     )

@@ -38,13 +38,11 @@ INTS = (
     "log_every",
     "seed",
 )
-FLOATS = (
+FLOATS = (  # and every loss coefficient (a field ending in _coef), checked after "clip"
     "lr",
     "min_lr",
     "weight_decay",
     "clip",
-    "aux_loss_coef",
-    "z_loss_coef",
     "capacity_factor",
     "jitter",
     "router_lr_scale",
@@ -72,8 +70,8 @@ class TrainSpec:
     warmup: int | None = None  # default 1% of steps
     weight_decay: float = 0.1  # not on norms, biases, embeddings or routers
     clip: float = 1.0
-    aux_loss_coef: float = 0.01  # α: Switch balance loss
-    z_loss_coef: float = 0.001  # β: ST-MoE router z-loss
+    aux_loss_coef: float = 0.01  # α: Switch balance loss (losses.LOSSES["balance"])
+    z_loss_coef: float = 0.001  # β: ST-MoE router z-loss (losses.LOSSES["z"])
     balance_scope: BalanceScope = "global"
     capacity_factor: float | None = None  # None: no token dropping
     jitter: float = 0.0  # ε of the router input jitter
@@ -91,7 +89,7 @@ class TrainSpec:
     log_every: int = 10
     tensorboard: bool = False
     seed: int = 0
-    gpu_mem: float | None = None  # GiB, for --dry-run's fit check
+    gpu_mem: float | None = None  # GiB, for --dry-run's fit check (and FSDP's choice of when to reduce gradients)
     push_to_hub: str | None = None
 
     def __post_init__(self) -> None:
@@ -102,7 +100,8 @@ class TrainSpec:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise UpcycleError(f"--{_flag(name)} {value!r} must be a whole number")
-        for name in FLOATS:
+        coefs = loss_coefficients(self)
+        for name in (*FLOATS[:4], *coefs, *FLOATS[4:]):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise UpcycleError(f"--{_flag(name)} {value!r} must be a number")
@@ -122,7 +121,7 @@ class TrainSpec:
             raise UpcycleError(f"--lr {self.lr} must be positive")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise UpcycleError(f"--min-lr {self.min_lr} must be between 0 and --lr ({self.lr})")
-        for name in ("weight_decay", "clip", "aux_loss_coef", "z_loss_coef", "jitter", "router_lr_scale"):
+        for name in ("weight_decay", "clip", *coefs, "jitter", "router_lr_scale"):
             if getattr(self, name) < 0:
                 raise UpcycleError(f"--{_flag(name)} {getattr(self, name)} must not be negative")
         if self.warmup is not None and self.warmup < 0:
@@ -163,6 +162,11 @@ class TrainSpec:
         """eval_every / save_every, defaulting to a tenth of the run."""
         value = getattr(self, name)
         return value if value is not None else max(1, total // 10)
+
+
+def loss_coefficients(spec: TrainSpec | type[TrainSpec] = TrainSpec) -> tuple[str, ...]:
+    """The coefficient fields of the router loss terms (losses.LOSSES names one for each): floats, not negative."""
+    return tuple(f.name for f in fields(spec) if f.name.endswith("_coef"))
 
 
 def _flag(name: str) -> str:

@@ -1,0 +1,255 @@
+"""Every use of a private or version-dependent API of torch, transformers or datasets, in one place.
+
+Each entry says what it reaches into, why, what happens without it, and the versions it was checked on; a
+`PrivateApi` record per entry lets tests/test_compat_*.py fail with a clear message when an upgrade removes one.
+Nothing else in upcycle imports an underscored name of those packages. The module sits on the bottom floor and
+imports torch, transformers and datasets lazily, inside the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class PrivateApi:
+    """One private or renamed API we depend on: `present()` says whether the installed versions still have it."""
+
+    name: str  # what is reached into, as a dotted path
+    checked_on: str  # the versions it was read and tested against
+    used_for: str  # why upcycle needs it
+    without: str  # what happens when it is gone
+    present: Callable[[], bool]
+
+
+# ================================================================================================================
+# Train side (upcycle/train): checked on torch 2.13.0, transformers 5.25.0, datasets 5.2.0.
+# ================================================================================================================
+
+TRAIN_CHECKED_ON = "torch 2.13.0, transformers 5.25.0, datasets 5.2.0"
+
+
+# --- the experts kernel transformers settled on ------------------------------------------------------------------
+
+
+def experts_implementation(model: nn.Module) -> str:
+    """The experts kernel transformers settled on (it may differ from the one asked for): the public
+    `get_experts_implementation()` (transformers ≥ 5.23), else the private `config._experts_implementation`."""
+    getter = getattr(model, "get_experts_implementation", None)
+    value = getter().get("") if getter is not None else getattr(model.config, "_experts_implementation", None)
+    return str(value) if value else "eager"
+
+
+def _experts_implementation_present() -> bool:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    return hasattr(PreTrainedModel, "get_experts_implementation") or hasattr(
+        PretrainedConfig(), "_experts_implementation"
+    )
+
+
+# --- grouped_mm under autocast -----------------------------------------------------------------------------------
+
+# Process-wide and permanent: a dispatcher rule cannot be unregistered and transformers' helper stays wrapped. Both
+# act only while autocast is on, so they change nothing outside `upcycle train`'s compute context.
+_AUTOCAST_GROUPED_MM: dict[str, str] = {}  # device type -> how grouped_mm was made to follow autocast
+
+
+def enable_grouped_mm_autocast(device_type: str, dtype: torch.dtype) -> str:
+    """grouped_mm has no autocast rule (pytorch#174763), and transformers' experts kernel casts its input to the
+    weight dtype, so under autocast with float32 weights the experts would silently run in float32 (on an H200 that
+    made the MoE step slower with grouped_mm than with the eager loop). Make autocast cast both operands to `dtype`,
+    as it does for F.linear (the eager experts), and check that it took:
+
+    1. a dispatcher rule, torch.library.register_autocast("aten::_grouped_mm") (enough with torch 2.13 on CPU);
+    2. else transformers' own grouped_mm helper, transformers.integrations.moe._grouped_mm, wrapped to cast both
+       operands while autocast is on.
+    Returns which one holds ("dispatcher", "transformers", or "none" with a warning: the experts stay float32).
+    Once per device type per process."""
+    import torch
+
+    if device_type in _AUTOCAST_GROUPED_MM:
+        return _AUTOCAST_GROUPED_MM[device_type]
+    how = "none"
+    with contextlib.suppress(RuntimeError, ValueError):
+        torch.library.register_autocast("aten::_grouped_mm", device_type, dtype)
+    if _grouped_mm_follows_autocast(device_type, dtype, via_transformers=False):
+        how = "dispatcher"
+    else:
+        _wrap_transformers_grouped_mm()
+        if _grouped_mm_follows_autocast(device_type, dtype, via_transformers=True):
+            how = "transformers"
+    if how == "none":
+        warnings.warn(
+            f"could not make grouped_mm follow autocast on {device_type}: the experts run in float32", stacklevel=3
+        )
+    _AUTOCAST_GROUPED_MM[device_type] = how
+    return how
+
+
+def _grouped_mm_follows_autocast(device_type: str, dtype: torch.dtype, *, via_transformers: bool) -> bool:
+    """Does a float32 grouped_mm under autocast come out in `dtype`? (tiny operands; forward only)"""
+    import torch
+
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else device_type
+    x = torch.ones(32, 16, device=device)  # (S, H)
+    w = torch.ones(2, 16, 16, device=device)  # (E, H, I)
+    offs = torch.tensor([16, 32], dtype=torch.int32, device=device)
+    try:
+        with torch.autocast(device_type, dtype=dtype), torch.no_grad():
+            if via_transformers:
+                from transformers.integrations import moe
+
+                y = moe._grouped_mm(x, w, offs=offs)
+            else:
+                y = torch.nn.functional.grouped_mm(x, w, offs=offs)
+    except (RuntimeError, NotImplementedError, ImportError, AttributeError):
+        return False
+    return y.dtype == dtype
+
+
+def _wrap_transformers_grouped_mm() -> None:
+    """transformers.integrations.moe._grouped_mm(input, weight, offs), called by its grouped_mm experts forward:
+    under autocast, cast both operands to the autocast dtype first (differentiably: the fp32 masters get grads)."""
+    import torch
+
+    try:
+        from transformers.integrations import moe
+    except ImportError:
+        return
+    original = getattr(moe, "_grouped_mm", None)
+    if original is None or getattr(original, "_upcycle_autocast", False):
+        return
+
+    def grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        kind = input.device.type
+        if torch.is_autocast_enabled(kind) and weight.is_floating_point():
+            dt = torch.get_autocast_dtype(kind)
+            return original(input.to(dt), weight.to(dt), offs=offs)
+        return original(input, weight, offs=offs)
+
+    grouped_mm._upcycle_autocast = True  # type: ignore[attr-defined]
+    moe._grouped_mm = grouped_mm
+
+
+def _grouped_mm_op_present() -> bool:
+    import torch
+
+    return hasattr(torch.ops.aten, "_grouped_mm") and hasattr(torch.library, "register_autocast")
+
+
+def _transformers_grouped_mm_present() -> bool:
+    try:
+        from transformers.integrations import moe
+    except ImportError:
+        return False
+    return callable(getattr(moe, "_grouped_mm", None))
+
+
+# --- activation checkpointing: a renamed method ------------------------------------------------------------------
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: frozen inputs need no grad hack). transformers 5.24
+    renamed gradient_checkpointing_enable to activation_checkpointing_enable; 5.23 has only the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _activation_checkpointing_present() -> bool:
+    from transformers import PreTrainedModel
+
+    return hasattr(PreTrainedModel, "activation_checkpointing_enable") or hasattr(
+        PreTrainedModel, "gradient_checkpointing_enable"
+    )
+
+
+# --- a Hub dataset's identity for the token cache ----------------------------------------------------------------
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """datasets' own hash of a loaded Dataset (`Dataset._fingerprint`, private): it changes when the data does, so
+    the token cache key of a Hub dataset follows it."""
+    return str(dataset._fingerprint)
+
+
+def _dataset_fingerprint_present() -> bool:
+    from datasets import Dataset
+
+    return isinstance(getattr(Dataset.from_dict({"text": ["a"]}), "_fingerprint", None), str)
+
+
+# --- is autograd running a backward pass? ------------------------------------------------------------------------
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (torch._C._current_graph_task_id, private): a layer's forward then is
+    activation checkpointing's recompute, which RouterTap must neither record nor draw new noise for."""
+    import torch
+
+    return torch._C._current_graph_task_id() != -1
+
+
+def _graph_task_id_present() -> bool:
+    import torch
+
+    return callable(getattr(torch._C, "_current_graph_task_id", None))
+
+
+TRAIN_PRIVATE_APIS: tuple[PrivateApi, ...] = (
+    PrivateApi(
+        "transformers PreTrainedModel.get_experts_implementation / config._experts_implementation",
+        TRAIN_CHECKED_ON,
+        "which experts kernel a loaded model runs (the refusal of a silent eager fallback on a GPU)",
+        "every model reads as 'eager': GPU runs are refused unless --experts-impl eager",
+        _experts_implementation_present,
+    ),
+    PrivateApi(
+        "torch aten::_grouped_mm + torch.library.register_autocast",
+        TRAIN_CHECKED_ON,
+        "an autocast rule so that grouped_mm experts run in bf16 under --dtype bf16",
+        "the transformers fallback below is tried; failing that a warning and float32 experts",
+        _grouped_mm_op_present,
+    ),
+    PrivateApi(
+        "transformers.integrations.moe._grouped_mm",
+        TRAIN_CHECKED_ON,
+        "the fallback autocast cast when the dispatcher rule does not take",
+        "with no dispatcher rule either, a warning and float32 experts",
+        _transformers_grouped_mm_present,
+    ),
+    PrivateApi(
+        "transformers activation_checkpointing_enable (5.24+) / gradient_checkpointing_enable (5.23)",
+        TRAIN_CHECKED_ON,
+        "--grad-checkpointing",
+        "--grad-checkpointing fails with AttributeError",
+        _activation_checkpointing_present,
+    ),
+    PrivateApi(
+        "datasets Dataset._fingerprint",
+        TRAIN_CHECKED_ON,
+        "the token cache key of a datasets Hub id",
+        "--data ORG/NAME fails with AttributeError",
+        _dataset_fingerprint_present,
+    ),
+    PrivateApi(
+        "torch._C._current_graph_task_id",
+        TRAIN_CHECKED_ON,
+        "RouterTap telling a checkpointed layer's recompute from a forward",
+        "every forward fails with AttributeError",
+        _graph_task_id_present,
+    ),
+)

@@ -1,0 +1,76 @@
+"""The held-out evaluation: mean LM loss over the eval blocks (in eval mode: no capacity, jitter or noise) and the
+expert load over them, every rank taking its share of the blocks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .distributed import all_reduce_sum
+from .losses import expert_counts
+
+if TYPE_CHECKING:
+    import torch
+
+    from .setup import Run
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    step: int
+    eval_loss: float  # mean over the predicted tokens of every eval block
+    perplexity: float  # inf when exp overflows
+    eval_tokens: int  # predicted tokens
+    counts: dict[int, torch.Tensor]  # (E,) routed assignments per expert, per MoE layer, all ranks
+
+    def record(self, tokens: int) -> dict[str, Any]:
+        """The `eval` record of metrics.jsonl (a perplexity that overflowed is written as null)."""
+        return {
+            "kind": "eval",
+            "step": self.step,
+            "tokens": tokens,
+            "eval_loss": self.eval_loss,
+            "perplexity": json_float(self.perplexity),
+            "eval_tokens": self.eval_tokens,
+        }
+
+
+def json_float(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def evaluate(run: Run, step: int) -> Evaluation | None:
+    """Mean LM loss over the held-out blocks and the expert load over them; None without eval blocks."""
+    import torch
+
+    blocks = run.eval_blocks
+    if blocks.n_blocks == 0:
+        return None
+    spec, env, model = run.spec, run.env, run.model
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    n_pred = torch.zeros((), dtype=torch.float64, device=env.device)
+    counts = {layer: torch.zeros(run.plan.experts, device=env.device) for layer in run.plan.moe_layers}
+    per_round = spec.micro_batch * env.world_size
+    with torch.no_grad():
+        for start in range(0, blocks.n_blocks, per_round):
+            first = start + env.rank * spec.micro_batch
+            idx = list(range(first, min(first + spec.micro_batch, blocks.n_blocks)))
+            weight = 1.0 if idx else 0.0
+            ids = blocks.blocks(idx or [0], env.device)  # every rank runs the same number of forwards
+            with run.compute():
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+            predicted = ids.shape[0] * (ids.shape[1] - 1)
+            loss_sum += out.loss.double() * predicted * weight
+            n_pred += predicted * weight
+            for layer, r in run.tap.pop().items():
+                counts[layer] += expert_counts(r, run.plan.experts).to(counts[layer].dtype) * weight
+    model.train()
+    all_reduce_sum(loss_sum, env)
+    all_reduce_sum(n_pred, env)
+    for layer in run.plan.moe_layers:
+        all_reduce_sum(counts[layer], env)
+    eval_loss = float(loss_sum / n_pred)
+    perplexity = math.exp(eval_loss) if eval_loss < 700 else float("inf")
+    return Evaluation(step, eval_loss, perplexity, int(n_pred), counts)

@@ -1,0 +1,213 @@
+"""The model a run trains: which MoE it is, how it is loaded (float32 masters, the experts kernel), what forward
+runs under (the compute dtype), and the RouterTap that hands the router logits to the losses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..arch import Target, family_for, target_for_config
+from ..compat import enable_grouped_mm_autocast, experts_implementation
+from ..errors import UpcycleError
+from .data import derived_seed
+from .distributed import DistEnv, mixed_precision
+from .optim import set_trainable
+from .plan import moe_shape
+from .routing_hooks import RouterTap, find_routers
+from .spec import TrainSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def moe_target(config: dict[str, Any], model: str) -> Target:
+    """The native MoE target of a model's config; a dense model is refused with the command that converts it."""
+    target = target_for_config(config)
+    if target is not None:
+        return target
+    try:
+        family_for(config.get("model_type"))
+    except UpcycleError:
+        raise UpcycleError(
+            f"{model} is a {config.get('model_type')!r} model, which upcycle cannot train; give a folder or Hub id "
+            "written by `upcycle convert`"
+        ) from None
+    raise UpcycleError(
+        f"{model} is a dense {config.get('model_type')} model; convert it to an MoE first: "
+        f"upcycle convert {model} MOE_DIR, then train MOE_DIR"
+    )
+
+
+def cap_seq_len(spec: TrainSpec, config: dict[str, Any]) -> tuple[TrainSpec, str | None]:
+    limit = config.get("max_position_embeddings")
+    if isinstance(limit, int) and spec.seq_len > limit:
+        note = f"--seq-len {spec.seq_len} is above the model's limit of {limit} positions; training with {limit}"
+        return replace(spec, seq_len=limit), note
+    return spec, None
+
+
+# --- precision --------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype:
+    import torch
+
+    name = spec.dtype if spec.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def compute_context(env: DistEnv, spec: TrainSpec, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """What forward runs under. The weights and AdamW states are always float32 (master weights: a bf16 weight
+    rounds away updates below ~0.4% of itself, so lr ~1e-4 would barely move it); with a bf16 compute dtype the
+    matmuls run in bf16 through FSDP2's mixed-precision policy under torchrun on GPUs, else through autocast."""
+    import torch
+
+    if dtype == torch.float32 or mixed_precision(env, spec) is not None:
+        return contextlib.nullcontext()
+    enable_grouped_mm_autocast(env.device.type, dtype)
+    return torch.autocast(env.device.type, dtype=dtype)
+
+
+def use_deterministic_algorithms() -> None:
+    """Kernels that give the same bits on every run (cuBLAS needs a fixed workspace, read when its handle is made,
+    so this must run before the first matmul on the GPU). Ops with no deterministic kernel warn, not fail.
+    Process-wide: run under process_state(), which puts both back."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextlib.contextmanager
+def process_state(env: DistEnv) -> Iterator[None]:
+    """The process-wide state a run changes, put back when it ends (also when it fails), so that `train()` leaves
+    a notebook or a benchmark as it found it:
+
+    - torch's global RNG (setup seeds it from --seed; a resumed run restores it from the checkpoint);
+    - deterministic algorithms and CUBLAS_WORKSPACE_CONFIG (--deterministic: use_deterministic_algorithms);
+    - transformers' progress bars, off for the run (loading, and save_pretrained's for every checkpoint and final/).
+    Elsewhere: datasets' verbosity and bars are off only while reading (data._quiet_datasets). Not put back: the
+    autocast rule for grouped_mm (compat), which is permanent and acts only under autocast."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    bars = hf_logging.is_progress_bar_enabled()
+    devices = [env.device.index or 0] if env.device.type == "cuda" else []
+    hf_logging.disable_progress_bar()
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=env.device.type):
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def load_model(folder: Path, dtype: torch.dtype, spec: TrainSpec, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    placement = {"device_map": str(device)} if device.type == "cuda" else {}  # straight onto the GPU
+    try:
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, experts_implementation=spec.experts_impl, **placement
+            )
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        raise UpcycleError(f"transformers could not load {folder}: {exc}".splitlines()[0]) from None
+    impl = experts_implementation(model)
+    if device.type == "cuda" and impl == "eager" and spec.experts_impl != "eager":
+        raise UpcycleError(
+            f"the experts fell back to the eager per-expert loop (asked for {spec.experts_impl}), which is 4-11x "
+            "slower on a GPU; install a torch with grouped_mm for this GPU, or pass --experts-impl eager to accept it"
+        )
+    return model.to(device)
+
+
+def meta_model(folder: Path) -> nn.Module:
+    """The model's modules on the meta device: shapes and parameter counts without reading a weight."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"), _quiet_zero_init():
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" progress bar while the model loads (also outside a run: load_model on its own);
+    transformers' setting is put back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with _quiet_zero_init():
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _quiet_zero_init() -> Iterator[None]:
+    """Qwen2-MoE's size-0 shared expert makes torch warn that initialising it does nothing; true, and noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        yield
+
+
+# --- routing and what trains ------------------------------------------------------------------------------------
+
+
+def attach_routing(
+    model: nn.Module, target: Target, config: dict[str, Any], spec: TrainSpec, *, seeded: bool = True
+) -> RouterTap:
+    """RouterTap on every MoE layer's router; then --train decides what stays trainable.
+
+    Jitter and noise draw from the tap's own generators, seeded from --seed (not from torch's global RNG, which
+    the run leaves to the model); checkpoints save their states. seeded=False: no generators (a meta-device model
+    for --dry-run draws nothing)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(derived_seed("routing", spec.seed)) if seeded else None
+    routers = find_routers(model, target)
+    experts, top_k, renorm = moe_shape(config, target)
+    tap = RouterTap(
+        routers,
+        num_experts=experts,
+        top_k=top_k,
+        renormalize=renorm,
+        capacity_factor=spec.capacity_factor,
+        jitter=spec.jitter,
+        noise=spec.router_noise,
+        hidden_size=int(config["hidden_size"]),
+        generator=generator,
+    )
+    set_trainable(model, target, tap.layers, spec.train, list(tap.noise_modules.parameters()))
+    return tap
+
+
+def count_params(model: nn.Module, extra: list[nn.Parameter]) -> tuple[int, int]:
+    """(total, trainable) parameters of the model and `extra` (the router noise weights), each counted once."""
+    seen: dict[int, nn.Parameter] = {}
+    for p in [*model.parameters(), *extra]:
+        seen.setdefault(id(p), p)
+    total = sum(p.numel() for p in seen.values())
+    return total, sum(p.numel() for p in seen.values() if p.requires_grad)

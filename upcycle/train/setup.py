@@ -1,0 +1,318 @@
+"""Everything before the first step: the refusals, the model and its routing, the data, the optimizer and what a
+resumed run continues from, gathered into one `Run` (with its `TrainPlan`) for the loop.
+
+Order matters for the user: every refusal that needs no model (options, RUN_DIR, the checkpoint to resume) comes
+before the text is tokenised, and the text before the model is loaded, so bad input fails fast with one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..arch import Target
+from ..compat import enable_activation_checkpointing, experts_implementation
+from ..errors import UpcycleError
+from ..source import SourceRef, cache_dir, read_config, resolve
+from . import checkpoint as ckpt
+from .data import DataInfo, TokenBlocks, prepare
+from .distributed import DistEnv, barrier, load_full_optimizer_state, wrap_model
+from .memory import available_memory
+from .model import (
+    attach_routing,
+    cap_seq_len,
+    compute_context,
+    compute_dtype,
+    count_params,
+    load_model,
+    meta_model,
+    moe_target,
+    use_deterministic_algorithms,
+)
+from .optim import build_optimizer, build_scheduler, module_params, param_groups
+from .plan import TrainPlan, make_plan
+from .routing_hooks import RouterTap
+from .sampler import BlockSampler
+from .spec import TrainSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+Note = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Source:
+    """MODEL as read before anything is loaded."""
+
+    name: str  # as the user gave it
+    ref: SourceRef
+    config: dict[str, Any]
+    target: Target
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything the loop, a step, an evaluation and the export need; made by setup()."""
+
+    spec: TrainSpec  # with --seq-len capped at the model's limit
+    env: DistEnv
+    plan: TrainPlan
+    source: Source
+    run_dir: Path
+    force: bool  # --force: a new run replaces RUN_DIR
+    resume: ckpt.TrainingState | None  # the checkpoint a resumed run continues from
+    model: nn.Module  # float32 masters; FSDP2-sharded under torchrun
+    tap: RouterTap
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[nn.Parameter]  # what the optimizer updates (gradient clipping covers these)
+    tokenizer: PreTrainedTokenizerBase
+    data: DataInfo
+    train_blocks: TokenBlocks
+    eval_blocks: TokenBlocks
+    sampler: BlockSampler
+    compute: Callable[[], AbstractContextManager]  # the context forward runs under (model.compute_context)
+
+    @property
+    def start(self) -> int:
+        """The last step already taken: 0 for a new run, the checkpoint's step for a resumed one."""
+        return self.resume.step if self.resume is not None else 0
+
+
+def read_source(model: str, run_dir: Path | None, spec: TrainSpec, env: DistEnv, *, dry_run: bool) -> Source:
+    """MODEL's config and target, after the refusals that need nothing but the options."""
+    if not dry_run and run_dir is None:
+        raise UpcycleError("say where the run goes: --out RUN_DIR")
+    if spec.experts_impl == "batched_mm":
+        raise UpcycleError(
+            "--experts-impl batched_mm copies every token's expert weights and is for inference only; "
+            "train with grouped_mm (the default) or eager"
+        )
+    if spec.data is None:
+        raise UpcycleError("say what to train on: --data FILE, FOLDER or DATASET")
+    spec.total_steps(env.world_size)  # refuses a run that says neither --steps nor --tokens
+    ref = resolve(model)
+    config = read_config(ref.folder)
+    return Source(model, ref, config, moe_target(config, model))
+
+
+def plan_only(source: Source, spec: TrainSpec, env: DistEnv, *, note: Note) -> TrainPlan:
+    """--dry-run: the plan from a meta-device model (no weight is read) with the memory estimate."""
+    spec, capped = cap_seq_len(spec, source.config)
+    if capped:
+        note(capped)
+    meta = meta_model(source.ref.folder)
+    tap = attach_routing(meta, source.target, source.config, spec, seeded=False)
+    params = count_params(meta, list(tap.noise_modules.parameters()))
+    tap.remove()
+    dtype = compute_dtype(spec, env.device)
+    return make_plan(
+        source.name,
+        source.config,
+        source.target,
+        spec,
+        env,
+        layers=tap.layers,
+        params=params,
+        dtype=dtype,
+        experts_impl=spec.experts_impl,
+        available=available_memory(spec.gpu_mem),
+        dry_run=True,
+    )
+
+
+def setup(
+    source: Source, run_dir: Path, spec: TrainSpec, env: DistEnv, *, resume: bool, force: bool, note: Note
+) -> Run:
+    """Check RUN_DIR and the checkpoint to resume, tokenise the data, load and wrap the model, build the optimizer
+    and restore its state: a Run whose first step is `run.start + 1`. A --seq-len above the model's limit is capped,
+    and `note` says so once the refusals are behind."""
+    import torch
+
+    spec, capped = cap_seq_len(spec, source.config)
+    total = spec.total_steps(env.world_size)  # with --tokens, the steps depend on the capped seq-len
+    state = _checkpoint_to_resume(run_dir, spec, env, total, resume=resume, force=force)
+    resume_from = state.folder if state is not None else None
+    tokenizer = _tokenizer(source.ref)
+    train_blocks, eval_blocks, info = _data(spec, tokenizer, env)
+    if capped:  # after every refusal, so that bad input gets one line
+        note(capped)
+    _check_after_reading(state, spec, env, info)
+    if spec.deterministic:
+        use_deterministic_algorithms()
+    dtype = compute_dtype(spec, env.device)
+    available = available_memory(spec.gpu_mem, env.device.index or 0)  # before the model takes its share
+    # float32 weights (the master weights) whatever the compute dtype: see model.compute_context
+    net = load_model(resume_from or source.ref.folder, torch.float32, spec, env.device)
+    impl = experts_implementation(net)
+    torch.manual_seed(spec.seed)  # the global RNG, for whatever in the model draws from it (dropout)
+    tap = attach_routing(net, source.target, source.config, spec)
+    noise = list(tap.noise_modules.parameters())
+    params = count_params(net, noise)
+    plan = make_plan(
+        source.name,
+        source.config,
+        source.target,
+        spec,
+        env,
+        layers=tap.layers,
+        params=params,
+        dtype=dtype,
+        experts_impl=impl,
+        available=available,
+        dry_run=False,
+    )
+    if spec.grad_checkpointing:
+        enable_activation_checkpointing(net)
+    net = wrap_model(net, env, spec)
+    if spec.compile:
+        net.compile()
+    routers = [*module_params(net, source.target.modules["router"], tap.layers), *noise]
+    groups = param_groups(net, routers, spec)
+    optimizer = build_optimizer(groups, env.device)
+    scheduler = build_scheduler(optimizer, spec, total)
+    if state is not None:
+        _restore(state, net, optimizer, scheduler, tap, env)
+    return Run(
+        spec=spec,
+        env=env,
+        plan=plan,
+        source=source,
+        run_dir=run_dir,
+        force=force,
+        resume=state,
+        model=net,
+        tap=tap,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=[p for g in groups for p in g["params"]],
+        tokenizer=tokenizer,
+        data=info,
+        train_blocks=train_blocks,
+        eval_blocks=eval_blocks,
+        sampler=BlockSampler(
+            train_blocks.n_blocks,
+            micro_batch=spec.micro_batch,
+            grad_accum=spec.grad_accum,
+            world_size=env.world_size,
+            rank=env.rank,
+            seed=spec.seed,
+        ),
+        compute=lambda: compute_context(env, spec, dtype),
+    )
+
+
+def _restore(
+    state: ckpt.TrainingState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    tap: RouterTap,
+    env: DistEnv,
+) -> None:
+    """A resumed run's optimizer, scheduler and router-noise weights (the model was loaded from the checkpoint; the
+    RNG states, the tap's included, are restored by the loop, right before the first step)."""
+    if env.distributed:  # saved by name as full tensors; each rank takes its shard
+        load_full_optimizer_state(model, optimizer, state.optimizer, env, from_rank0=False)
+    else:
+        optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    if len(tap.noise_modules):
+        tap.noise_modules.load_state_dict({k.removeprefix("noise."): v for k, v in state.tensors.items()})
+
+
+def _checkpoint_to_resume(
+    run_dir: Path, spec: TrainSpec, env: DistEnv, total: int, *, resume: bool, force: bool
+) -> ckpt.TrainingState | None:
+    """The refusals before any text is read: RUN_DIR, the Hub token for --push-to-hub, and a checkpoint that this
+    run could not continue. Returns what a resumed run continues from (None for a new run)."""
+    resume_from = _check_run_dir(run_dir, resume=resume, force=force)
+    if spec.push_to_hub:
+        from ..publish.hub import require_token
+
+        require_token()
+    state = ckpt.load_training_state(resume_from) if resume_from else None
+    if state is not None:
+        _check_resumable(state, spec, env, run_dir, total)
+    return state
+
+
+def _check_after_reading(state: ckpt.TrainingState | None, spec: TrainSpec, env: DistEnv, info: DataInfo) -> None:
+    """The refusals left once the data is read: a resumed run's text must be the same; no router noise under FSDP."""
+    if state is not None and state.state.get("data_key") not in (None, info.key):
+        raise UpcycleError(
+            f"the text behind --data {spec.data} changed since {state.folder} was written; resume with the same "
+            "data (or start a new run with --force)"
+        )
+    if env.distributed and spec.router_noise:  # the noise weights live outside FSDP's shards
+        raise UpcycleError("--router-noise is not supported under torchrun yet; train in one process or drop it")
+
+
+def _check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run); refuse what would overwrite or cannot continue."""
+    if resume and force:
+        raise UpcycleError("--resume continues RUN_DIR and --force replaces it; pass one of them")
+    if resume:
+        if not run_dir.is_dir():
+            raise UpcycleError(f"{run_dir} does not exist, so there is nothing to --resume; drop --resume to start")
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            raise UpcycleError(
+                f"{run_dir} has no complete checkpoint to resume from; start again with --force (it replaces the run)"
+            )
+        return latest
+    if run_dir.exists() and not force:
+        raise UpcycleError(f"{run_dir} already exists; pass --resume to continue that run or --force to replace it")
+    if not run_dir.parent.exists():
+        raise UpcycleError(f"the folder {run_dir.parent} does not exist; create it first")
+    return None
+
+
+def _check_resumable(state: ckpt.TrainingState, spec: TrainSpec, env: DistEnv, run_dir: Path, total: int) -> None:
+    ckpt.check_resumable(state.state["fixed"], ckpt.fixed_options(spec), state.folder)
+    if state.state.get("world_size", 1) != env.world_size:
+        raise UpcycleError(
+            f"{state.folder} was written by {state.state.get('world_size', 1)} process(es) and this run has "
+            f"{env.world_size}; the global batch and its data order would change. Resume with the same number"
+        )
+    if state.step >= total:
+        raise UpcycleError(
+            f"the run in {run_dir} already reached step {state.step}; pass a larger --steps to train further"
+        )
+
+
+def _tokenizer(source: SourceRef) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UpcycleError(f"the model has no usable tokenizer to read the text with: {exc}".splitlines()[0]) from None
+
+
+def _data(
+    spec: TrainSpec, tokenizer: PreTrainedTokenizerBase, env: DistEnv
+) -> tuple[TokenBlocks, TokenBlocks, DataInfo]:
+    """Tokenise on rank 0 first; the other ranks then find the cache entry it wrote."""
+
+    def run() -> tuple[TokenBlocks, TokenBlocks, DataInfo]:
+        return prepare(
+            spec.data,
+            tokenizer,
+            spec.seq_len,
+            text_field=spec.text_field,
+            eval_data=spec.eval_data,
+            eval_fraction=spec.eval_fraction,
+            cache_dir=cache_dir() / "tokens",
+            seed=spec.seed,
+        )
+
+    prepared = run() if env.is_main else None
+    barrier(env)
+    return prepared if prepared is not None else run()
