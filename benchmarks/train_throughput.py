@@ -195,7 +195,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     tap, router_losses = routing_hooks(model) if job["impl"] != "dense" else (None, None)
     if job.get("compile"):  # as `upcycle train --compile`: after the hooks, before the optimizer
         model.compile()
-    fused = True if device.type == "cuda" else None  # as upcycle.train.optim.build_optimizer
+    fused = True  # as upcycle.train.optim.build_optimizer (CPU and CUDA)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
