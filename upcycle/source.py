@@ -273,6 +273,8 @@ def materialize_gguf(gguf: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .compat import drop_quantizer
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
     try:
@@ -281,7 +283,7 @@ def materialize_gguf(gguf: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         except Exception as exc:  # transformers raises many types for unreadable GGUF files
             raise UpcycleError(f"could not load {gguf} as a GGUF model: {exc}".splitlines()[0]) from None
-        model.hf_quantizer = None  # the weights are plain float tensors now
+        drop_quantizer(model)  # the weights are plain float tensors now
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)

@@ -261,10 +261,10 @@ def check_room(source: SourceRef, out: Path, plan: Plan) -> None:
 
 
 def shard_size(text: str) -> int:
-    from transformers.utils.hub import convert_file_size_to_int
+    from ..compat import file_size
 
     try:
-        size = convert_file_size_to_int(text)
+        size = file_size(text)
     except (ValueError, TypeError):
         size = 0
     if not isinstance(size, int) or size <= 0:

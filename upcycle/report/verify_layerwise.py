@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arch import family_for, target_for_config
+from ..compat import init_weights, tied_weights_keys, weight_loader
 from ..convert.ops import Copy, Expert, Fused, Router, Zeros, by_coactivation, flat
 from ..dtypes import torch_dtype
 from ..errors import UpcycleError
@@ -339,11 +340,10 @@ class StreamedModel:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        try:
-            from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        except ImportError:  # pragma: no cover - the pinned transformers 5.x has them
-            raise UpcycleError("--layerwise needs transformers' 5.x weight loader; upgrade transformers") from None
+        loader = weight_loader()
+        if loader is None:  # pragma: no cover - the pinned transformers 5.x has it
+            raise UpcycleError("--layerwise needs transformers' 5.x weight loader; upgrade transformers")
+        self.loader = loader
 
         self.ckpt = Checkpoint.open(folder)
         self.dtype = getattr(torch, dtype)
@@ -356,18 +356,18 @@ class StreamedModel:
             raise UpcycleError(f"transformers could not build {label}: {exc}".splitlines()[0]) from None
         self.model = model.eval()
         self.config = config
-        self.mapping = get_model_conversion_mapping(model)
+        self.mapping = loader.conversion_mapping(model)
         self._materialize_buffers()
 
         meta_state = model.state_dict()
-        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
-        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        renamings = [m for m in self.mapping if isinstance(m, loader.renaming)]
+        converters = [m for m in self.mapping if isinstance(m, loader.converter)]
         self.units = [_Unit(p, m, i, [], []) for p, m, i in _units(model)]
         by_prefix = sorted(self.units, key=lambda u: len(u.prefix), reverse=True)
         self.stray: list[str] = []  # checkpoint keys that belong to no parameter of the model
         plain: dict[str, str] = {}  # parameter -> checkpoint key, where no fusing is involved
         for key in self.ckpt.tensors:
-            name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+            name, pattern = loader.rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
             unit = next((u for u in by_prefix if name.startswith(u.prefix + ".")), None)
             if unit is None or name not in meta_state:
                 self.stray.append(key)
@@ -375,7 +375,7 @@ class StreamedModel:
             unit.keys.append(key)
             if pattern is None:
                 plain[name] = key
-        for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        for target, source in tied_weights_keys(model).items():
             unit = next((u for u in by_prefix if target.startswith(u.prefix + ".")), None)
             if unit is not None and target not in plain and source in plain:
                 unit.tied.append((target, plain[source]))
@@ -391,14 +391,12 @@ class StreamedModel:
             self.model.get_submodule(owner)._buffers[attr] = torch.empty_like(buf, device="cpu")
             owners.add(owner)
         for owner in owners:
-            self.model._init_weights(self.model.get_submodule(owner))
+            init_weights(self.model, self.model.get_submodule(owner))
 
     def load(self, unit: _Unit) -> None:
         """Read the unit's tensors and hand them to transformers' loader (renaming, fusing experts, casting)."""
         import torch
         from safetensors import safe_open
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
 
         state: dict[str, Any] = {}
         with ExitStack() as stack:
@@ -414,8 +412,8 @@ class StreamedModel:
                 state[key] = read(key)
             for target, key in unit.tied:
                 state[target] = read(key)
-        load_config = LoadStateDictConfig(dtype=self.dtype, weight_mapping=self.mapping)
-        convert_and_load_state_dict_in_model(self.model, state, load_config)
+        load_config = self.loader.load_config(dtype=self.dtype, weight_mapping=self.mapping)
+        self.loader.load_state_dict(self.model, state, load_config)
         del state
         for name, tensor in list(unit.module.named_parameters()) + list(unit.module.named_buffers()):
             if tensor.is_meta:  # not in the checkpoint (or the wrong shape): zeros, so the forward still runs
