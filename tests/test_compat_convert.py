@@ -51,7 +51,7 @@ PRIVATE = re.compile(
     r"transformers\.conversion_mapping|core_model_loading|LoadStateDictConfig|\._init_weights|all_tied_weights_keys|"
     r"convert_file_size_to_int|hf_quantizer"
 )
-CHECKED = sorted(p for d in ("convert", "report") for p in (PACKAGE / d).rglob("*.py")) + [PACKAGE / "source.py"]
+CHECKED = [*sorted(p for d in ("convert", "report") for p in (PACKAGE / d).rglob("*.py")), PACKAGE / "source.py"]
 
 
 @pytest.mark.parametrize("path", CHECKED, ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -83,14 +83,20 @@ class Reuse:
         self.writer = writer
         self.seen: dict[tuple, Placed] = {}
 
+    @staticmethod
+    def key(op: Expert) -> tuple:
+        return (op.src, op.transform, op.dtype)
+
+    def remember(self, op: Expert, placed: Placed) -> None:
+        self.seen.setdefault(self.key(op), placed)
+
     def chunks(self, op: Expert, make: Callable[[], Iterator[Chunk]]) -> Iterator[Chunk]:
-        key = (op.src, op.transform, op.dtype)
-        if key in self.seen:
-            yield self.seen[key]
+        if self.key(op) in self.seen:
+            yield self.seen[self.key(op)]
             return
         here = self.writer.tell()  # runs inside the writer's put: where this tensor's first byte lands
         yield from make()
-        self.seen[key] = Placed(here.path, here.offset, op.nbytes)
+        self.remember(op, Placed(here.path, here.offset, op.nbytes))
 
 
 @dataclass
@@ -128,6 +134,16 @@ def produce(op: TensorOp, sources: Sources) -> Iterator[Chunk]:
     if sources.reuse is not None and isinstance(op, Expert):
         return sources.reuse.chunks(op, lambda: handler(op, sources))
     return handler(op, sources)
+
+
+def in_place(op: TensorOp, sources: Sources) -> Placed | None:
+    """Where all of OP's bytes already are, as one byte range: an equal expert tensor already written, or a source
+    tensor copied as it is (None: they must be produced). The writer copies such a range in the kernel."""
+    if sources.reuse is not None and isinstance(op, Expert) and Reuse.key(op) in sources.reuse.seen:
+        return sources.reuse.seen[Reuse.key(op)]
+    as_is = (isinstance(op, Copy) and op.values is None) or (isinstance(op, Expert) and op.transform is None)
+    info = sources.ckpt.tensors[op.src] if as_is else None
+    return Placed(info.file, info.offset, info.nbytes) if info is not None and info.dtype == op.dtype else None
 
 
 def with_dtype(op: TensorOp, dtype: str) -> TensorOp:

@@ -27,7 +27,7 @@ from ..source import (
     read_config,
     resolve,
 )
-from .execute import CastMeter, LayerFFNs, Reuse, RouterInit, Sources, cast_chunks, produce
+from .execute import CastMeter, LayerFFNs, Reuse, RouterInit, Sources, cast_chunks, in_place, produce
 from .ops import CastCheck, Copy, Expert, Plan
 from .plan import check_causal_lm
 from .planner import make_plan
@@ -325,7 +325,13 @@ def write_weights(
     total, done = plan.total_bytes, 0
     try:
         for op in plan.ops:
-            writer.put(op.name, produce(op, sources))
+            place = in_place(op, sources)
+            if place is None:
+                writer.put(op.name, produce(op, sources))
+            else:  # one byte range: the kernel copies it
+                placed = writer.put_range(op.name, place.path, place.offset, place.nbytes)
+                if isinstance(op, Expert):
+                    sources.reuse.remember(op, placed)
             done += op.nbytes
             if progress:
                 progress(done, total)
