@@ -248,7 +248,7 @@ def test_cast_in_small_pieces_is_exact(tmp_path, monkeypatch):
     """Casting streams through a small buffer; piece boundaries (mid-row) change nothing."""
     from safetensors.torch import save_file
 
-    import upcycle.convert.pipeline as conv
+    import upcycle.convert.execute as conv
     from upcycle.source import read_header
 
     t = torch.randn(37, 11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

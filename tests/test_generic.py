@@ -307,7 +307,7 @@ def test_an_unknown_generic_family_is_refused():
 
     assert target_for_config({"model_type": "upcycle_moe", "dense_model_type": "bert"}) is None
     with pytest.raises(UpcycleError, match="not supported"):
-        from upcycle.convert.plan import make_plan
+        from upcycle.convert.planner import make_plan
 
         make_plan({"model_type": "bert"}, {}, build_spec(target="generic"))
 

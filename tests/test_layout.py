@@ -1,4 +1,5 @@
-"""Imports run downwards only: cli → report → train, convert → publish → source, arch, outdir, errors."""
+"""Imports run downwards only: cli → report → train, convert → publish → source, arch, outdir, errors; no import
+cycle anywhere in the package; no module imports a private (`_name`) of another."""
 
 from __future__ import annotations
 
@@ -39,4 +40,106 @@ def test_imports_only_run_downwards():
             top = module.split(".")[0]
             if top != own and _floor(module) >= _floor(own) and _floor(module) > 0:
                 wrong.append(f"{path.relative_to(PACKAGE)} imports {module}")
+    assert wrong == []
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _graph() -> dict[str, set[str]]:
+    """module -> the modules of upcycle it imports (top-level and late imports alike), packages as their __init__."""
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py") if _module_name(p)}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        found = set()
+        for module in _imports(path) | _submodules(path, paths):
+            while module and module not in paths:  # `from .x import name`: the module x
+                module = module.rpartition(".")[0]
+            if module and module != name:
+                found.add(module)
+        graph[name] = found
+    return graph
+
+
+def _submodules(path: Path, known: dict[str, Path]) -> set[str]:
+    """Modules imported by name from their package (`from ..convert import methods`: convert.methods)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            for package in _imports_of(node, path):
+                names = {".".join(filter(None, (package, a.name))) for a in node.names}
+                found |= names & known.keys()
+    return found
+
+
+def _imports_of(node: ast.ImportFrom, path: Path) -> set[str]:
+    here = path.relative_to(PACKAGE).with_suffix("").parts[:-1]
+    if node.level:
+        return {".".join(list(here[: len(here) - node.level + 1]) + ([node.module] if node.module else []))}
+    if node.module and node.module.startswith("upcycle."):
+        return {node.module.removeprefix("upcycle.")}
+    return {""} if node.module == "upcycle" else set()
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    """No module imports, however late, a module that imports it back (through any chain) within a package."""
+    graph = _graph()
+    cycles = []
+    for component in _cycles(graph):
+        packages = {m.rpartition(".")[0] for m in component}
+        cycles.append(f"{' <-> '.join(component)} (packages {sorted(packages)})")
+    assert cycles == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """`from .x import _name` reaches into another module's internals: make the name public or move the code."""
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            ours = node.level > 0 or (node.module or "").split(".")[0] == "upcycle"
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            if ours and private:
+                wrong.append(f"{path.relative_to(PACKAGE)} imports {', '.join(private)} from {node.module or '.'}")
     assert wrong == []

@@ -440,13 +440,14 @@ def test_split_plan_for_a_70b_model_keeps_the_parameter_count():
     """Pure planning at checkpoint scale: a split MoE holds the dense parameters plus the routers, no more."""
     from test_plan import LLAMA3_70B, fake_tensors
 
-    from upcycle.convert.plan import make_plan
+    from upcycle.convert.ops import Parts
+    from upcycle.convert.planner import make_plan
 
     plan = make_plan(LLAMA3_70B, fake_tensors(LLAMA3_70B), build_spec(init="split", experts=8, top_k=2))
     assert plan.config["intermediate_size"] == 28672 // 8 and not plan.exact
     experts = [op for op in plan.ops if op.kind == "expert"]
     assert {op.shape for op in experts if op.role == "down"} == {(8192, 3584)}
-    assert len(experts) == 80 * 8 * 3 and all(op.transform[0] == "parts" for op in experts)
+    assert len(experts) == 80 * 8 * 3 and all(isinstance(op.transform, Parts) for op in experts)
     assert plan.total_params == plan.dense_params + 80 * 8 * 8192
     idle = 80 * (8 - 2) * 3 * 8192 * 3584  # per layer, 6 of 8 experts of 3 x [3584, 8192] each sit out
     assert plan.active_params == plan.total_params - idle

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from upcycle.convert.plan import make_plan, moe_layer_indices
+from upcycle.convert.plan import moe_layer_indices
+from upcycle.convert.planner import make_plan
 from upcycle.convert.spec import build_spec
 from upcycle.errors import UpcycleError
 from upcycle.source import TensorInfo

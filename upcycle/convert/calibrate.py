@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING
 
 from ..errors import UpcycleError
 from .methods import LayerBuilder
+from .ops import Router, by_coactivation
 from .prompts import read_expert_prompts
 
 if TYPE_CHECKING:
     import torch
 
     from ..source import Checkpoint
-    from .plan import Plan
+    from .ops import Plan
     from .spec import ConvertSpec
 
 LLOYD_ITERS = 50  # a fixed cap; the loop stops earlier once no assignment changes
@@ -150,7 +151,7 @@ def calibrate(
     import torch
     from transformers import AutoModelForCausalLM
 
-    groups = {op.layer: (op.transform[1] if op.transform else 1) for op in plan.ops if op.kind == "router"}
+    groups = {op.layer: op.group for op in plan.ops if isinstance(op, Router)}
     prompts = None
     if spec.router_init == "hidden":  # read the file before the model: a bad file fails fast
         group = max(groups.values(), default=1)
@@ -190,7 +191,7 @@ def calibrate(
 def _dense_keys(plan: Plan) -> dict[int, dict[str, str]]:
     """layer -> role -> source key of its dense FFN tensors."""
     keys: dict[int, dict[str, str]] = {}
-    for op in plan.flat_ops():
+    for op in plan.expert_ops():
         if op.role is not None:
             keys.setdefault(op.layer, {})[op.role] = op.src
     return keys
@@ -276,11 +277,7 @@ def coactivation_partitions(
     from .methods.base import generator
     from .methods.split import coactivation_graph, graph_partition
 
-    wanted = {
-        (op.layer, op.transform[2])
-        for op in plan.flat_ops()
-        if op.kind in ("expert", "shared") and op.transform and op.transform[:2] == ("parts", "coactivation")
-    }
+    wanted = {(op.layer, op.transform.parts) for op in plan.expert_ops() if by_coactivation(op)}
     keys = _dense_keys(plan)
     share = min(spec.top_k / spec.experts, 0.5)
     found: dict[int, dict] = {}
@@ -298,7 +295,7 @@ def coactivation_partitions(
 def _routed_transforms(plan: Plan) -> dict[int, list[dict]]:
     """layer -> for each routed expert in order, role -> transform (None: the dense tensor)."""
     found: dict[int, dict[int, dict]] = {}
-    for op in plan.flat_ops():
-        if op.kind == "expert":
+    for op in plan.expert_ops():
+        if op.expert is not None:  # routed
             found.setdefault(op.layer, {}).setdefault(op.expert, {})[op.role] = op.transform
     return {layer: [by[e] for e in sorted(by)] for layer, by in found.items()}

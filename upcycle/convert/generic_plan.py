@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from ..arch import FFN_ROLES, GENERIC, Family, generic_target, targets
+from ..arch import FFN_ROLES, GENERIC, Family, generic_target
 from ..convert import methods as expert_methods
+from ..dtypes import ST_TO_TORCH
 from ..errors import UpcycleError
 from ..generic import ARCHITECTURE, AUTO_MAP, MODEL_TYPE, WHY_REMOTE_CODE
 from ..source import TensorInfo
+from .ops import Copy, Expert, Plan, Router, Shared, TensorOp, Zeros
+from .plan import (
+    account_for,
+    moe_layer_indices,
+    native_refusal,
+    order,
+    plan_casts,
+    scaling_rounds,
+    written_dtype,
+)
 from .spec import ConvertSpec
 
 MLP_ROLES = (*FFN_ROLES, "gate_up")  # gate_up: one fused projection, gate rows first (GLM, Phi-3)
@@ -54,35 +65,6 @@ def with_class_names(tensors: dict[str, TensorInfo], expected: Collection[str] |
         known = [f"{top}.{name}" for top in tops if f"{top}.{name}" in expected] if name not in expected else []
         out[known[0] if len(known) == 1 else name] = info
     return out
-
-
-def native_refusal(family: Family, cfg: dict[str, Any]) -> str | None:
-    """Why no native MoE class holds this dense model exactly (None: one does)."""
-    if not family.targets:
-        return f"transformers has no MoE class that holds a {family.name} model exactly"
-    from .plan import config_value, read_attention  # plan.py hands over to this module: import it late
-
-    for key, wanted in family.require.items():
-        if config_value(cfg, key, wanted) != wanted:
-            return (
-                f"this {family.name} model has {key}={config_value(cfg, key)!r}, which no native MoE class holds "
-                f"(they need {key}={wanted!r})"
-            )
-    types, _ = read_attention(family, cfg)
-    if len(set(types)) > 1 and all(targets()[name].attention != "layer_types" for name in family.targets):
-        return (
-            f"this {family.name} model mixes sliding-window and full-attention layers, which no native MoE class "
-            f"({', '.join(sorted(family.targets))}) holds"
-        )
-    return None
-
-
-def wants_generic(family: Family, cfg: dict[str, Any], spec: ConvertSpec) -> bool:
-    """--target generic, or --target auto for a model that no native target holds exactly (never silently: the plan
-    says why in a note)."""
-    if spec.target == GENERIC:
-        return True
-    return spec.target == "auto" and bool(family.mlp) and native_refusal(family, cfg) is not None
 
 
 def resolved_mlp(family: Family, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -176,51 +158,45 @@ def generic_ops(
     tensors: dict[str, TensorInfo],
     moe: tuple[int, ...],
     layout: expert_methods.Layout,
-    out_dtype,
+    out_dtype: Callable[[str], str],
     model_dtype: str,
     hidden: int,
-) -> list:
+) -> list[TensorOp]:
     """Every tensor written: the dense model's (MoE layers' MLPs left out), then each MoE layer's router, shared
     expert and experts, placed after the rest of that layer."""
-    from .plan import TensorOp, _order
-
     block = re.compile(re.escape(mlp["path"].rsplit(".", 1)[0]).replace(r"\{layer\}", r"(\d+)") + r"\.")
     replaced = {key: layer for layer in moe for pair in mlp_tensors(mlp, layer).values() for key in pair if key}
     experts, base = len(layout.experts), {layer: mlp["path"].format(layer=layer) for layer in moe}
-    router_rows = ("rows", layout.router_group) if layout.router_group > 1 else None
 
     def key(name: str) -> tuple:
         m = block.match(name)
-        return (1, int(m.group(1)), 0, name) if m else (_order(name)[0], -1, 0, name)
+        return (1, int(m.group(1)), 0, name) if m else (order(name)[0], -1, 0, name)
 
-    def ffn_op(name: str, layer: int, role: str, built, kind: str, e: int | None, bias: bool) -> TensorOp:
+    def ffn_op(name: str, layer: int, role: str, built, e: int | None, bias: bool) -> Expert:
         weight, bias_key = mlp_tensors(mlp, layer)[role]
         info = tensors[bias_key if bias else weight]
         shape = info.shape if bias or built.transform is None else built.shape
-        transform = None if bias else built.transform
-        return TensorOp(
-            name, shape, out_dtype(info.dtype), kind, src=info.name, layer=layer, expert=e,
-            transform=transform, role=None if bias else role,
-        )  # fmt: skip
+        transform, role_ = (None, None) if bias else (built.transform, role)
+        kind = Expert if e is not None else Shared
+        return kind(name, shape, out_dtype(info.dtype), info.name, layer, e, transform, role_)
 
-    ops = [(key(n), TensorOp(n, t.shape, out_dtype(t.dtype), "copy", src=t.name)) for n, t in tensors.items()]
+    ops = [(key(n), Copy(n, t.shape, out_dtype(t.dtype), t.name)) for n, t in tensors.items()]
     ops = [(k, op) for k, op in ops if op.name not in replaced]
     for layer in moe:
-        made = [TensorOp(f"{base[layer]}.router.weight", (experts, hidden), model_dtype, "router", layer=layer,
-                         transform=router_rows)]  # fmt: skip
+        made: list[TensorOp] = [Router(f"{base[layer]}.router.weight", (experts, hidden), model_dtype, layer,
+                                       layout.router_group)]  # fmt: skip
         if layout.shared:
-            made.append(TensorOp(f"{base[layer]}.shared_expert_gate.weight", (1, hidden), model_dtype, "zeros",
-                                 layer=layer))  # fmt: skip
+            made.append(Zeros(f"{base[layer]}.shared_expert_gate.weight", (1, hidden), model_dtype, layer))
             for role in mlp_tensors(mlp, layer):
                 name = f"{base[layer]}.shared_expert.{mlp[role]}"
-                made.append(ffn_op(f"{name}.weight", layer, role, layout.shared[role], "shared", None, False))
+                made.append(ffn_op(f"{name}.weight", layer, role, layout.shared[role], None, False))
         for e, built in enumerate(layout.experts):
             for role, (_, bias_key) in mlp_tensors(mlp, layer).items():
                 name = f"{base[layer]}.experts.{e}.{mlp[role]}"
                 part = built["up"] if role == "gate_up" else built[role]  # fused: clone only, so no transform
-                made.append(ffn_op(f"{name}.weight", layer, role, part, "expert", e, False))
+                made.append(ffn_op(f"{name}.weight", layer, role, part, e, False))
                 if bias_key:
-                    made.append(ffn_op(f"{name}.bias", layer, role, part, "expert", e, True))
+                    made.append(ffn_op(f"{name}.bias", layer, role, part, e, True))
         ops += [((1, layer, 1, i), op) for i, op in enumerate(made)]
     return [op for _, op in sorted(ops, key=lambda pair: pair[0])]
 
@@ -234,8 +210,6 @@ def generic_config(
     layout: expert_methods.Layout,
 ) -> dict[str, Any]:
     """The wrapper's config: the dense config's fields as they are, the MLP description and the MoE fields."""
-    from .plan import ST_TO_TORCH
-
     config = {k: v for k, v in cfg.items() if k not in NOT_COPIED}
     config.update(generic_target_fields(cfg, mlp, spec, moe, layout))
     config["architectures"] = [ARCHITECTURE]
@@ -267,10 +241,8 @@ def make_generic_plan(
     expected: Collection[str] | None = None,
     optional: Collection[str] = (),
     measured: Mapping | None = None,
-):
-    """The Plan of a generic-wrapper conversion (see make_plan, which hands over to this)."""
-    from .plan import Plan, account_for, moe_layer_indices, plan_casts, scaling_rounds, written_dtype
-
+) -> Plan:
+    """The Plan of a generic-wrapper conversion (see planner.make_plan, which hands over to this)."""
     if not family.mlp:
         raise UpcycleError(f"a {family.name} model has no generic form in upcycle; use --target auto")
     generic_target(family.name)  # the family's table is complete

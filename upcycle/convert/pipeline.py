@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +18,6 @@ from ..generic import write_code as write_generic_code
 from ..outdir import check_target, staged_folder
 from ..publish.card import hub_card_license, source_license, write_card_and_recipe
 from ..source import (
-    DTYPE_BYTES,
     EMBEDDED,
     Checkpoint,
     SourceRef,
@@ -28,11 +27,13 @@ from ..source import (
     read_config,
     resolve,
 )
-from .methods import LayerBuilder
-from .plan import LOSSLESS, ST_TO_TORCH, CastCheck, Plan, make_plan
-from .router_init import init_router
+from .execute import CastMeter, LayerFFNs, Reuse, RouterInit, Sources, cast_chunks, in_place, produce
+from .ops import CastCheck, Copy, Expert, Plan
+from .plan import check_causal_lm
+from .planner import make_plan
 from .spec import ConvertSpec
-from .writer import Entry, Placed, ShardedWriter
+from .views import with_views
+from .writer import Entry, ShardedWriter
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -49,7 +50,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-CHUNK_BYTES = 16 << 20  # large enough to amortise Python, small enough for fast writes
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,6 @@ def dense_config(folder: Path) -> PretrainedConfig:
     from transformers import AutoConfig
 
     from ..arch import family_for
-    from .plan import check_causal_lm
 
     raw = read_config(folder)
     family_for(raw.get("model_type"))  # an unsupported family fails here, with the list of supported ones
@@ -153,9 +152,9 @@ def read_dense(source: SourceRef) -> Dense:
 def with_family_views(ckpt: Checkpoint, cfg: dict[str, Any]) -> Checkpoint:
     """CKPT, able to read the family's views and untied aliases too (the keys plans name as sources)."""
     from ..arch import family_for
-    from .views import ViewCheckpoint
 
-    return ViewCheckpoint.of(ckpt, family_for(cfg.get("model_type")), cfg)
+    views = with_views(family_for(cfg.get("model_type")), cfg, ckpt.tensors)
+    return ckpt.with_virtual({k: v for k, v in views.items() if k not in ckpt.tensors})
 
 
 def plan_for(source: SourceRef, spec: ConvertSpec, *, measure: bool = True) -> tuple[Dense, Plan]:
@@ -262,10 +261,10 @@ def check_room(source: SourceRef, out: Path, plan: Plan) -> None:
 
 
 def shard_size(text: str) -> int:
-    from transformers.utils.hub import convert_file_size_to_int
+    from ..compat import file_size
 
     try:
-        size = convert_file_size_to_int(text)
+        size = file_size(text)
     except (ValueError, TypeError):
         size = 0
     if not isinstance(size, int) or size <= 0:
@@ -313,199 +312,33 @@ def write_weights(
     routers: dict | None = None,
     partitions: dict | None = None,
 ) -> dict[tuple[str, str], CastCheck]:
-    """Write every tensor of the plan; returns what the lossy casts did to the values they cast.
+    """Write every tensor of the plan as `execute.produce` makes it; returns what the lossy casts did to the values
+    they cast.
 
     `routers` (layer -> [E, H] float32) holds router rows computed beforehand (--router-init kmeans/hidden),
     `partitions` (layer -> (by, parts) -> neuron groups) the --split-by coactivation groups.
     """
-    meter = CastMeter()
     entries = [Entry(op.name, op.dtype, op.shape, op.nbytes) for op in plan.ops]
     writer = ShardedWriter(folder, entries, max_shard, {"format": "pt"})
-    seen: dict[tuple, Placed] = {}  # identical expert tensors already on disk: copy those bytes again
-    layers = LayerFFNs(ckpt, plan, spec.seed, partitions)
+    layers = LayerFFNs(ckpt, plan, spec.seed, partitions)  # ops run layer by layer: one layer's FFN is held
+    sources = Sources(ckpt, layers, RouterInit.of(spec, routers), CastMeter(), Reuse(writer))
     total, done = plan.total_bytes, 0
     try:
         for op in plan.ops:
-            key = (op.src, op.transform, op.dtype)
-            if op.kind in ("expert", "shared") and key in seen:  # the same bytes are already in the output
-                place = seen[key]
-                writer.put_range(op.name, place.path, place.offset, place.nbytes)
-            elif op.kind in ("expert", "shared") and op.transform is not None:  # computed from the layer's FFN
-                built = layers.builder(op.layer).tensor(op.role, op.transform)
-                written = built.to(_torch_dtype(op.dtype))
-                src_dtype = ckpt.tensors[op.src].dtype
-                if src_dtype != op.dtype and (src_dtype, op.dtype) not in LOSSLESS:
-                    meter.add(src_dtype, op.dtype, built, written)
-                seen[key] = writer.put(op.name, [_as_bytes(written)])
-            elif op.values is not None:  # a copied tensor the family changes element-wise (Gemma's 1+w)
-                writer.put(op.name, transform_chunks(ckpt.tensors[op.src], op.dtype, op.values))
-            elif op.kind in ("copy", "expert", "shared"):
-                info = ckpt.tensors[op.src]
-                if info.dtype == op.dtype:
-                    placed = writer.put_range(op.name, info.file, info.offset, info.nbytes)
-                else:
-                    lossy = (info.dtype, op.dtype) not in LOSSLESS
-                    placed = writer.put(op.name, cast_chunks(info, op.dtype, meter if lossy else None))
-                if op.kind in ("expert", "shared"):
-                    seen[key] = placed
-            elif op.kind == "router" and routers is not None:
-                writer.put(op.name, [_as_bytes(routers[op.layer].to(_torch_dtype(op.dtype)))])
-            elif op.kind == "router":
-                weight = init_router(
-                    spec.router_init,
-                    spec.experts,
-                    op.shape[1],
-                    std=spec.router_std,
-                    seed=spec.seed,
-                    layer=op.layer,
-                    dtype=_torch_dtype(op.dtype),
-                    group=op.transform[1] if op.transform else 1,
-                )
-                writer.put(op.name, [_as_bytes(weight)])
-            elif op.kind == "zeros":
-                writer.put(op.name, [bytes(op.nbytes)])
-            elif op.kind == "fused":
-                writer.put(op.name, fused_pieces(op, ckpt, writer, layers, seen, meter))
-            else:
-                raise RuntimeError(f"unknown op kind {op.kind}")
+            place = in_place(op, sources)
+            if place is None:
+                writer.put(op.name, produce(op, sources))
+            else:  # one byte range: the kernel copies it
+                placed = writer.put_range(op.name, place.path, place.offset, place.nbytes)
+                if isinstance(op, Expert):
+                    sources.reuse.remember(op, placed)
             done += op.nbytes
             if progress:
                 progress(done, total)
         writer.finish(plan.total_params)
     finally:
         writer.abort()
-    return meter.result()
-
-
-def fused_pieces(op, ckpt: Checkpoint, writer: ShardedWriter, layers: LayerFFNs, seen: dict, meter: CastMeter):
-    """The bytes of a fused expert tensor, part by part (expert by expert): a source byte range where a part is the
-    dense tensor unchanged, bytes already written where an equal part is on disk, else the part computed or cast."""
-    for part in op.parts:
-        key = (part.src, part.transform, part.dtype)
-        if key in seen:
-            yield seen[key]
-            continue
-        here = writer.tell()
-        info = ckpt.tensors[part.src]
-        if part.transform is not None:
-            built = layers.builder(part.layer).tensor(part.role, part.transform)
-            written = built.to(_torch_dtype(part.dtype))
-            if info.dtype != part.dtype and (info.dtype, part.dtype) not in LOSSLESS:
-                meter.add(info.dtype, part.dtype, built, written)
-            yield _as_bytes(written)
-        elif info.dtype == part.dtype:
-            yield Placed(info.file, info.offset, info.nbytes)
-        else:
-            lossy = (info.dtype, part.dtype) not in LOSSLESS
-            yield from cast_chunks(info, part.dtype, meter if lossy else None)
-        seen[key] = Placed(here.path, here.offset, part.nbytes)
-
-
-class LayerFFNs:
-    """The dense FFN tensors of one MoE layer at a time, for the expert methods that compute from them.
-
-    A layer's gate/up/down are loaded when its first computed expert tensor is asked for and dropped when the
-    next layer's are, so memory holds one layer's FFN (plus one expert) whatever the model's size.
-    """
-
-    def __init__(self, ckpt: Checkpoint, plan: Plan, seed: int, partitions: dict | None = None):
-        self.ckpt, self.seed, self.partitions = ckpt, seed, partitions or {}
-        self.keys: dict[int, dict[str, str]] = {}  # layer -> role -> source key
-        for op in plan.flat_ops():
-            if op.role is not None:
-                self.keys.setdefault(op.layer, {})[op.role] = op.src
-        self._layer: int | None = None
-        self._builder: LayerBuilder | None = None
-
-    def builder(self, layer: int) -> LayerBuilder:
-        if layer != self._layer:
-            self._builder = None  # free the previous layer first
-            dense = {role: self.ckpt.load(key) for role, key in self.keys[layer].items()}
-            built = LayerBuilder(dense, self.seed, layer, self.partitions.get(layer))
-            self._builder, self._layer = built, layer
-        return self._builder
-
-
-def _torch_dtype(st_dtype: str):
-    import torch
-
-    return getattr(torch, ST_TO_TORCH[st_dtype])
-
-
-def _as_bytes(t) -> memoryview:
-    import torch
-
-    return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
-
-
-def read_chunks(info: TensorInfo, out_item_bytes: int = 0) -> Iterator:
-    """A source tensor as flat torch tensors of at most CHUNK_BYTES each (counting the larger of the item sizes
-    in and out), read through one reused buffer.
-
-    Reads are plain file reads, not a memory map, so memory stays at a few chunks whatever the tensor's size
-    (a mapped 1 GB embedding would stay resident until done). Each piece is only valid until the next one.
-    """
-    import torch
-
-    src_dtype, item = _torch_dtype(info.dtype), DTYPE_BYTES[info.dtype]
-    numel = info.nbytes // item
-    if numel == 0:
-        return
-    step = max(1, CHUNK_BYTES // max(item, out_item_bytes))  # row boundaries do not matter element-wise
-    buf = bytearray(min(numel, step) * item)
-    with open(info.file, "rb", buffering=0) as fh:
-        for start in range(0, numel, step):
-            count = min(step, numel - start)
-            view = memoryview(buf)[: count * item]
-            fh.seek(info.offset + start * item)
-            got = 0
-            while got < len(view):
-                n = fh.readinto(view[got:])
-                if not n:
-                    raise UpcycleError(f"{info.file} ended early while reading {info.name}; the file is truncated")
-                got += n
-            yield torch.frombuffer(view, dtype=src_dtype)
-
-
-def cast_chunks(info: TensorInfo, dtype: str, meter: CastMeter | None = None) -> Iterator[memoryview]:
-    """The bytes of a source tensor cast to `dtype`, piece by piece; `meter` tallies what the cast changes."""
-    for x in read_chunks(info, DTYPE_BYTES[dtype]):
-        y = x.to(_torch_dtype(dtype))
-        if meter is not None:
-            meter.add(info.dtype, dtype, x, y)
-        yield _as_bytes(y)
-
-
-def transform_chunks(info: TensorInfo, dtype: str, values: tuple) -> Iterator[memoryview]:
-    """The source tensor changed element-wise (views.apply_values) and written in `dtype`, piece by piece."""
-    from .views import apply_values
-
-    for x in read_chunks(info, max(DTYPE_BYTES[dtype], 4)):  # float32 arithmetic may be needed on the way
-        yield _as_bytes(apply_values(x, values, _torch_dtype(dtype)))
-
-
-class CastMeter:
-    """Tallies, per (source dtype, written dtype), what a cast does to the values: rounding and overflow."""
-
-    def __init__(self, pairs: Iterable[tuple[str, str]] = ()) -> None:
-        # pair -> [values, largest |x|, rounded, overflow]; `pairs` get a record even if no value is cast
-        self._acc: dict[tuple[str, str], list] = {pair: [0, 0.0, 0, 0] for pair in pairs}
-
-    def add(self, src: str, dst: str, x, y) -> None:
-        import torch
-
-        finite = torch.isfinite(x)
-        overflow = torch.isinf(y) & finite
-        rounded = (y.to(x.dtype) != x) & finite & ~overflow
-        acc = self._acc.setdefault((src, dst), [0, 0.0, 0, 0])
-        acc[0] += x.numel()
-        if x.numel():
-            acc[1] = max(acc[1], float(x.abs().masked_fill(~finite, 0).max()))
-        acc[2] += int(rounded.sum())
-        acc[3] += int(overflow.sum())
-
-    def result(self) -> dict[tuple[str, str], CastCheck]:
-        return {pair: CastCheck(pair[0], pair[1], n, big, r, o) for pair, (n, big, r, o) in self._acc.items()}
+    return sources.meter.result()
 
 
 def measure_casts(tensors: dict[str, TensorInfo], plan: Plan) -> dict[tuple[str, str], CastCheck]:
@@ -514,7 +347,7 @@ def measure_casts(tensors: dict[str, TensorInfo], plan: Plan) -> dict[tuple[str,
     meter = CastMeter(lossy)
     done: set[str] = set()
     for op in plan.ops:
-        if op.src is None or op.src in done or (tensors[op.src].dtype, op.dtype) not in lossy:
+        if not isinstance(op, Copy | Expert) or op.src in done or (tensors[op.src].dtype, op.dtype) not in lossy:
             continue
         done.add(op.src)
         for _ in cast_chunks(tensors[op.src], op.dtype, meter):

@@ -9,20 +9,22 @@
 * Value transforms. Gemma's RMSNorm multiplies by 1+w and its embedding by √hidden; the native targets
   multiply by w and do not scale, so those tensors are written as 1+w and √hidden·E.
 
-Everything here is pure arithmetic on TensorInfos and the config, from the family table.
+Everything here is pure arithmetic on TensorInfos and the config, from the family table (the checkpoint reads
+views and aliases through their byte ranges: source.Checkpoint.with_virtual).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from ..arch import Family
+from ..dtypes import DTYPE_BYTES
 from ..errors import UpcycleError
-from ..source import DTYPE_BYTES, Checkpoint, TensorInfo
+from ..source import TensorInfo
+from .ops import ValueChange
 
 
 def config_int(cfg: dict[str, Any], name: str) -> int:
@@ -93,8 +95,8 @@ def with_views(family: Family, cfg: dict[str, Any], tensors: dict[str, TensorInf
     return out | untied(family, cfg, tensors)
 
 
-def value_transform(family: Family, cfg: dict[str, Any], name: str) -> tuple | None:
-    """(op, constant, arithmetic dtype) for a copied source tensor the family changes element-wise, else None.
+def value_transform(family: Family, cfg: dict[str, Any], name: str) -> ValueChange | None:
+    """How the family changes a copied source tensor element-wise, else None.
 
     "add" c: y = x + c; "mul" c: y = c·x, c = √(config field) rounded to float32 as the dense class stores it.
     The arithmetic dtype is "float32" (then cast to the written dtype) or "weight" (the written dtype).
@@ -102,9 +104,10 @@ def value_transform(family: Family, cfg: dict[str, Any], name: str) -> tuple | N
     for rule in family.transforms:
         if any(_match(t, name) is not None for t in rule["keys"]):
             if "add" in rule:
-                return ("add", float(rule["add"]), rule.get("in", "float32"))
+                return ValueChange("add", float(rule["add"]), rule.get("in", "float32"))
             if "multiply_sqrt" in rule:
-                return ("mul", _float32(math.sqrt(config_int(cfg, rule["multiply_sqrt"]))), rule.get("in", "weight"))
+                root = _float32(math.sqrt(config_int(cfg, rule["multiply_sqrt"])))
+                return ValueChange("mul", root, rule.get("in", "weight"))
             raise ValueError(f"families/{family.name}.json: transform {rule} has neither add nor multiply_sqrt")
     return None
 
@@ -115,24 +118,23 @@ def _float32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def apply_values(x, values: tuple, dtype):
+def apply_values(x, values: ValueChange, dtype):
     """X (a source chunk) transformed as VALUES says and returned in the written torch DTYPE."""
     import torch
 
-    op, c, arith = values
-    work = torch.float32 if arith == "float32" else dtype
+    work = torch.float32 if values.arithmetic == "float32" else dtype
     x = x.to(work)
-    const = torch.tensor(c, dtype=torch.float32).to(work)
-    y = x + const if op == "add" else x * const
+    const = torch.tensor(values.constant, dtype=torch.float32).to(work)
+    y = x + const if values.how == "add" else x * const
     return y.to(dtype)
 
 
-def transform_exact(values: tuple, dtype: str) -> bool:
+def transform_exact(values: ValueChange, dtype: str) -> bool:
     """Does writing the transformed tensor in DTYPE keep what the dense model computes?
 
     Arithmetic in the written dtype mirrors the dense model (Gemma scales its embedding in the weight's dtype).
     Float32 arithmetic (Gemma's 1+w) is kept only when the written dtype holds float32 values."""
-    return values[2] != "float32" or dtype in ("F32", "F64")
+    return values.arithmetic != "float32" or dtype in ("F32", "F64")
 
 
 def family_notes(family: Family, cfg: dict[str, Any], kept: dict[str, TensorInfo], untie: dict[str, TensorInfo]):
@@ -149,35 +151,3 @@ def family_notes(family: Family, cfg: dict[str, Any], kept: dict[str, TensorInfo
         if hits:
             notes.append(f"{len(hits)} tensor(s) rewritten: {rule['why']}")
     return tuple(notes)
-
-
-@dataclass
-class ViewCheckpoint(Checkpoint):
-    """A checkpoint whose tensor index also holds the family's views and untied aliases; `load` reads those
-    through their byte ranges (safetensors only knows the stored keys)."""
-
-    virtual: frozenset[str] = frozenset()
-
-    @classmethod
-    def of(cls, ckpt: Checkpoint, family: Family, cfg: dict[str, Any]) -> Checkpoint:
-        extra = {k: v for k, v in with_views(family, cfg, ckpt.tensors).items() if k not in ckpt.tensors}
-        if not extra:
-            return ckpt
-        return cls(ckpt.folder, ckpt.config, ckpt.tensors | extra, ckpt.files, frozenset(extra))
-
-    def load(self, name: str):
-        if name not in self.virtual:
-            return super().load(name)
-        import torch
-
-        from .plan import ST_TO_TORCH
-
-        info = self.tensors[name]
-        fd = os.open(info.file, os.O_RDONLY)
-        try:
-            raw = bytearray(os.pread(fd, info.nbytes, info.offset))
-        finally:
-            os.close(fd)
-        if len(raw) != info.nbytes:
-            raise UpcycleError(f"{info.file} ended early while reading {name}; the file is truncated")
-        return torch.frombuffer(raw, dtype=getattr(torch, ST_TO_TORCH[info.dtype])).reshape(info.shape)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UpcycleError
+from ..source import RangeReader, truncated
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -70,27 +70,20 @@ def copy_range(src: Path, offset: int, length: int, dst_fd: int) -> None:
     On Linux the kernel copies (copy_file_range: no trip through Python memory, reflinks where the file
     system has them); elsewhere, or where the file system refuses, plain reads and writes in 16 MiB pieces.
     """
-    truncated = f"{src} ended early while copying; the file is truncated"
-    src_fd = os.open(src, os.O_RDONLY)
-    try:
+    what = f"the {length} bytes at offset {offset} it copies"
+    with RangeReader(src) as reader:
         done = 0
         if hasattr(os, "copy_file_range"):
             try:
                 while done < length:
-                    n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
+                    n = os.copy_file_range(reader.fd, dst_fd, length - done, offset + done)
                     if n == 0:
-                        raise UpcycleError(truncated)
+                        raise truncated(src, what)
                     done += n
             except OSError:
                 pass  # e.g. EXDEV or EINVAL on some file systems: finish below
-        while done < length:
-            chunk = os.pread(src_fd, min(16 << 20, length - done), offset + done)
-            if not chunk:
-                raise UpcycleError(truncated)
+        for chunk in reader.pieces(offset + done, length - done, 16 << 20, what):
             _write_all(dst_fd, chunk)
-            done += len(chunk)
-    finally:
-        os.close(src_fd)
 
 
 WRITE_SLICE = 8 << 20  # single writes much larger than this are measurably slower (benchmarks/README.md)

@@ -129,10 +129,10 @@ class VerifyReport:
 
 
 def parse_size(text: str) -> int:
-    from transformers.utils.hub import convert_file_size_to_int
+    from ..compat import file_size
 
     try:
-        size = int(text) if text.strip().isdigit() else convert_file_size_to_int(text.strip())
+        size = int(text) if text.strip().isdigit() else file_size(text.strip())
     except (ValueError, TypeError):
         size = 0
     if not isinstance(size, int) or size <= 0:

@@ -18,7 +18,6 @@ Two checks, both streamed from the safetensors shards.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -28,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ..arch import family_for, target_for_config
+from ..compat import init_weights, tied_weights_keys, weight_loader
+from ..convert.ops import Copy, Expert, Fused, Router, Zeros, by_coactivation, flat
+from ..dtypes import torch_dtype
 from ..errors import UpcycleError
-from ..source import Checkpoint, TensorInfo
-
-CHUNK = 16 << 20  # bytes per read when comparing tensors: memory stays flat whatever the tensor size
-
+from ..source import Checkpoint, TensorInfo, read_tensor
 
 # --- the tensor check ---------------------------------------------------------------------------------
 
@@ -74,7 +73,7 @@ def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] |
     """The plan that made MOE from DENSE, and its spec: from upcycle.json's recipe, or inferred from the MoE
     config (then plain cloning: a method's computed experts cannot be told apart without the recipe)."""
     from ..convert.pipeline import dense_config
-    from ..convert.plan import make_plan
+    from ..convert.planner import make_plan
     from ..convert.spec import ConvertSpec, build_spec
 
     if recipe is not None and isinstance(recipe.get("recipe"), dict):
@@ -104,72 +103,59 @@ def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] |
 
 
 def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: bool, seed: int = 0) -> TensorCheck:
-    """Compare every planned tensor of MOE with its source, streaming; `strict_dtype`: the plan knows the dtypes;
-    `seed`: the conversion's, which the seeded methods (split by cluster, drop, noise) drew with."""
-    from ..convert.pipeline import LayerFFNs, dense_config, with_family_views
+    """Compare every planned tensor of MOE with what the converter produces for it, streaming; `strict_dtype`: the
+    plan knows the dtypes; `seed`: the conversion's, which the seeded methods (split by cluster, drop, noise) drew
+    with."""
+    from ..convert.execute import LayerFFNs, Sources, same_as_produced, with_dtype
+    from ..convert.pipeline import dense_config, with_family_views
 
     dense = with_family_views(dense, dense_config(dense.folder).to_dict())  # fused tensors read as their views
     moe = per_expert_views(plan, moe)  # an MoE saved in transformers' fused layout, read under upcycle's names
     planned = {op.name for op in plan.ops}
     mismatched: list[str] = []
     partitions, unrecovered = written_partitions(plan, dense, moe)
-    layers = LayerFFNs(dense, plan, seed, partitions)  # ops run layer by layer: one layer's FFN is held at a time
-    compared = equal = cast = computed = zeros = skipped = read = 0
+    sources = Sources(dense, LayerFFNs(dense, plan, seed, partitions))  # one layer's FFN is held at a time
+    tally = dict.fromkeys(("compared", "equal", "cast", "computed", "zeros", "skipped", "bytes_read"), 0)
     for op in plan.ops:
         got = moe.tensors.get(op.name)
         if got is None:
             continue
-        if any(_by_coactivation(part) and part.layer in unrecovered for part in (op.parts or (op,))):
+        if any(by_coactivation(part) and part.layer in unrecovered for part in flat(op)):
             mismatched.append(op.name)  # its gate rows are not a partition of the dense neurons
             continue
         if got.shape != op.shape or (strict_dtype and got.dtype != op.dtype):
             mismatched.append(op.name)
             continue
-        if op.kind == "router":
-            skipped += 1
+        if isinstance(op, Router):  # drawn at random by design: nothing to compare with
+            tally["skipped"] += 1
             continue
-        read += got.nbytes
-        if op.kind == "zeros":
-            zeros += 1
-            ok = all_zero(got)
-        elif op.values is not None:  # changed element-wise by the family (Gemma's 1+w): redo it, piece by piece
-            compared += 1
-            ok = transformed_equal(dense.tensors[op.src], got, op.values)
-            equal += ok
-        elif op.kind == "fused":  # every expert's part, at its place in the fused tensor
-            compared += 1
-            computed += any(part.transform is not None for part in op.parts)
-            cast += any(dense.tensors[part.src].dtype != got.dtype for part in op.parts)
-            ok = fused_equal(layers, dense, op, got)
-            equal += ok
-        elif op.transform is not None:  # computed by the expert method: recompute it as the converter did
-            compared += 1
-            computed += 1
-            ok = same_as_computed(layers, op, got)
-            equal += ok
-        else:
-            src = dense.tensors[op.src]
-            compared += 1
-            if src.dtype == got.dtype:
-                ok = same_bytes(src, got)
-            else:
-                cast += 1
-                ok = cast_equal(src, got)
-            equal += ok
+        tally["bytes_read"] += got.nbytes
+        for key, count in counts(op, dense, got.dtype).items():
+            tally[key] += count
+        ok = same_as_produced(with_dtype(op, got.dtype), got, sources)  # the bytes the converter writes
+        tally["equal"] += ok and not isinstance(op, Zeros)
         if not ok:
             mismatched.append(op.name)
     return TensorCheck(
-        compared=compared,
-        equal=equal,
-        cast=cast,
-        computed=computed,
-        zeros=zeros,
-        skipped=skipped,
-        bytes_read=read,
+        **tally,
         mismatched=tuple(mismatched),
         missing=tuple(sorted(planned - moe.tensors.keys())),
         unexpected=tuple(sorted(moe.tensors.keys() - planned)),
     )
+
+
+def counts(op, dense: Checkpoint, dtype: str) -> dict[str, int]:
+    """What comparing OP with a tensor of DTYPE counts as: zeros, or compared (and cast, computed)."""
+    if isinstance(op, Zeros):
+        return {"zeros": 1}
+    if isinstance(op, Fused):  # every expert's part, at its place in the fused tensor
+        computed = any(part.transform is not None for part in op.parts)
+        return {"compared": 1, "computed": computed, "cast": any(dense.tensors[p.src].dtype != dtype for p in op.parts)}
+    if isinstance(op, Copy) and op.values is not None:  # changed element-wise by the family (Gemma's 1+w)
+        return {"compared": 1}
+    if isinstance(op, Expert) and op.transform is not None:  # computed by the expert method
+        return {"compared": 1, "computed": 1}
+    return {"compared": 1, "cast": int(dense.tensors[op.src].dtype != dtype)}
 
 
 def per_expert_views(plan, moe: Checkpoint) -> Checkpoint:
@@ -192,13 +178,13 @@ def per_expert_views(plan, moe: Checkpoint) -> Checkpoint:
     for op in plan.flat_ops():
         if op.name in tensors or op.layer is None:
             continue
-        if op.kind == "router":
+        if isinstance(op, Router):
             fused = tensors.get(target.modules["router"].format(layer=op.layer) + ".weight")
             if fused is not None and fused.shape == op.shape:
                 tensors[op.name] = replace(fused, name=op.name)
                 used.add(fused.name)
             continue
-        if op.kind != "expert" or op.role not in ("gate", "up", "down"):
+        if not isinstance(op, Expert) or op.expert is None or op.role not in ("gate", "up", "down"):
             continue
         experts = target.modules["experts"].format(layer=op.layer)
         fused = tensors.get(f"{experts}.{'down_proj' if op.role == 'down' else 'gate_up_proj'}")
@@ -220,14 +206,10 @@ def per_expert_views(plan, moe: Checkpoint) -> Checkpoint:
     return replace(moe, tensors={k: v for k, v in tensors.items() if k not in used})
 
 
-def _by_coactivation(op) -> bool:
-    return bool(op.transform) and tuple(op.transform[:2]) == ("parts", "coactivation")
-
-
 def part_pieces(op, got: TensorInfo) -> Iterator[tuple[Any, TensorInfo]]:
     """(part, where its bytes are in GOT) for each per-expert part of a fused op, in order (a plain op: itself)."""
     offset = 0
-    for part in op.parts or (op,):
+    for part in flat(op):
         yield part, TensorInfo(part.name, got.dtype, part.shape, got.file, got.offset + offset, part.nbytes)
         offset += part.nbytes
 
@@ -242,15 +224,6 @@ def _written(plan, moe: Checkpoint):
     return where
 
 
-def _load(info: TensorInfo):
-    import torch
-
-    from ..convert.plan import ST_TO_TORCH
-
-    raw = bytearray(b"".join(_pieces(info)))
-    return torch.frombuffer(raw, dtype=getattr(torch, ST_TO_TORCH[info.dtype])).view(info.shape)
-
-
 def written_partitions(plan, dense: Checkpoint, moe: Checkpoint) -> tuple[dict[int, dict], set[int]]:
     """The --split-by coactivation neuron groups, read back from the MoE itself.
 
@@ -260,17 +233,15 @@ def written_partitions(plan, dense: Checkpoint, moe: Checkpoint) -> tuple[dict[i
     not a balanced partition of the dense neurons)."""
     import torch
 
-    from ..convert.plan import ST_TO_TORCH
-
     gates: dict[int, list] = {}
-    for op in plan.flat_ops():
-        if op.role == "gate" and _by_coactivation(op):
+    for op in plan.expert_ops():
+        if op.role == "gate" and by_coactivation(op):
             gates.setdefault(op.layer, []).append(op)
     where = _written(plan, moe)
     found: dict[int, dict] = {}
     bad: set[int] = set()
     for layer, ops in gates.items():
-        parts = ops[0].transform[2]
+        parts = ops[0].transform.parts
         source = dense.load(ops[0].src).float()  # [I, H]
         size = source.shape[0] // parts
         groups: dict[int, torch.Tensor] = {}
@@ -279,10 +250,10 @@ def written_partitions(plan, dense: Checkpoint, moe: Checkpoint) -> tuple[dict[i
             info = where.get(op.name)
             if info is None:
                 continue
-            _, _, _, chosen, scale = op.transform
-            rows = (source * scale).to(getattr(torch, ST_TO_TORCH[info.dtype]))
+            chosen, scale = op.transform.chosen, op.transform.scale
+            rows = (source * scale).to(torch_dtype(info.dtype))
             index = {bytes(r.contiguous().view(torch.uint8).numpy()): i for i, r in enumerate(rows)}
-            got = _load(info)
+            got = read_tensor(info)
             idx = torch.tensor([index.get(bytes(r.contiguous().view(torch.uint8).numpy()), -1) for r in got])
             for j, g in enumerate(chosen):
                 seg = idx[j * size : (j + 1) * size]
@@ -296,89 +267,6 @@ def written_partitions(plan, dense: Checkpoint, moe: Checkpoint) -> tuple[dict[i
         else:
             bad.add(layer)
     return found, bad
-
-
-def _pieces(info: TensorInfo, step: int = CHUNK) -> Iterator[bytes]:
-    fd = os.open(info.file, os.O_RDONLY)
-    try:
-        for start in range(0, info.nbytes, step):
-            piece = os.pread(fd, min(step, info.nbytes - start), info.offset + start)
-            if len(piece) < min(step, info.nbytes - start):
-                raise UpcycleError(f"{info.file} ended early while reading {info.name}; the file is truncated")
-            yield piece
-    finally:
-        os.close(fd)
-
-
-def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
-    return a.nbytes == b.nbytes and all(x == y for x, y in zip(_pieces(a), _pieces(b), strict=True))
-
-
-def cast_equal(src: TensorInfo, dst: TensorInfo) -> bool:
-    """Is DST the source cast to DST's dtype, as the conversion casts it (piece by piece, same rounding)?"""
-    from ..convert.pipeline import cast_chunks
-
-    fd = os.open(dst.file, os.O_RDONLY)
-    try:
-        done = 0
-        for piece in cast_chunks(src, dst.dtype):
-            if done + len(piece) > dst.nbytes or os.pread(fd, len(piece), dst.offset + done) != piece:
-                return False
-            done += len(piece)
-        return done == dst.nbytes
-    finally:
-        os.close(fd)
-
-
-def transformed_equal(src: TensorInfo, dst: TensorInfo, values: tuple) -> bool:
-    """Is DST the source changed element-wise as the family says and written in DST's dtype?"""
-    from ..convert.pipeline import transform_chunks
-
-    fd = os.open(dst.file, os.O_RDONLY)
-    try:
-        done = 0
-        for piece in transform_chunks(src, dst.dtype, values):
-            if done + len(piece) > dst.nbytes or os.pread(fd, len(piece), dst.offset + done) != piece:
-                return False
-            done += len(piece)
-        return done == dst.nbytes
-    finally:
-        os.close(fd)
-
-
-def same_as_computed(layers, op, got: TensorInfo) -> bool:
-    """Is GOT the tensor the converter computes for OP (the method's float32 result cast to the written dtype)?"""
-    import torch
-
-    from ..convert.plan import ST_TO_TORCH
-
-    built = layers.builder(op.layer).tensor(op.role, op.transform)
-    want = built.to(getattr(torch, ST_TO_TORCH[op.dtype])).contiguous().view(torch.uint8).reshape(-1).numpy()
-    done = 0
-    for piece in _pieces(got):
-        if want[done : done + len(piece)].tobytes() != piece:
-            return False
-        done += len(piece)
-    return done == want.size
-
-
-def fused_equal(layers, dense: Checkpoint, op, got: TensorInfo) -> bool:
-    """Is each part of the fused tensor GOT what the converter wrote for it (copied, cast or computed)?"""
-    for part, piece in part_pieces(op, got):
-        src = dense.tensors[part.src]
-        if part.transform is not None:
-            ok = same_as_computed(layers, part, piece)
-        elif src.dtype == got.dtype:
-            ok = same_bytes(src, piece)
-        else:
-            ok = cast_equal(src, piece)
-        if not ok:
-            return False
-    return sum(part.nbytes for part in op.parts) == got.nbytes
-
-
-def all_zero(info: TensorInfo) -> bool:
-    return all(not piece.strip(b"\0") for piece in _pieces(info))
 
 
 # --- the forward check --------------------------------------------------------------------------------
@@ -452,11 +340,10 @@ class StreamedModel:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        try:
-            from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        except ImportError:  # pragma: no cover - the pinned transformers 5.x has them
-            raise UpcycleError("--layerwise needs transformers' 5.x weight loader; upgrade transformers") from None
+        loader = weight_loader()
+        if loader is None:  # pragma: no cover - the pinned transformers 5.x has it
+            raise UpcycleError("--layerwise needs transformers' 5.x weight loader; upgrade transformers")
+        self.loader = loader
 
         self.ckpt = Checkpoint.open(folder)
         self.dtype = getattr(torch, dtype)
@@ -469,18 +356,18 @@ class StreamedModel:
             raise UpcycleError(f"transformers could not build {label}: {exc}".splitlines()[0]) from None
         self.model = model.eval()
         self.config = config
-        self.mapping = get_model_conversion_mapping(model)
+        self.mapping = loader.conversion_mapping(model)
         self._materialize_buffers()
 
         meta_state = model.state_dict()
-        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
-        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        renamings = [m for m in self.mapping if isinstance(m, loader.renaming)]
+        converters = [m for m in self.mapping if isinstance(m, loader.converter)]
         self.units = [_Unit(p, m, i, [], []) for p, m, i in _units(model)]
         by_prefix = sorted(self.units, key=lambda u: len(u.prefix), reverse=True)
         self.stray: list[str] = []  # checkpoint keys that belong to no parameter of the model
         plain: dict[str, str] = {}  # parameter -> checkpoint key, where no fusing is involved
         for key in self.ckpt.tensors:
-            name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+            name, pattern = loader.rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
             unit = next((u for u in by_prefix if name.startswith(u.prefix + ".")), None)
             if unit is None or name not in meta_state:
                 self.stray.append(key)
@@ -488,7 +375,7 @@ class StreamedModel:
             unit.keys.append(key)
             if pattern is None:
                 plain[name] = key
-        for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        for target, source in tied_weights_keys(model).items():
             unit = next((u for u in by_prefix if target.startswith(u.prefix + ".")), None)
             if unit is not None and target not in plain and source in plain:
                 unit.tied.append((target, plain[source]))
@@ -504,14 +391,12 @@ class StreamedModel:
             self.model.get_submodule(owner)._buffers[attr] = torch.empty_like(buf, device="cpu")
             owners.add(owner)
         for owner in owners:
-            self.model._init_weights(self.model.get_submodule(owner))
+            init_weights(self.model, self.model.get_submodule(owner))
 
     def load(self, unit: _Unit) -> None:
         """Read the unit's tensors and hand them to transformers' loader (renaming, fusing experts, casting)."""
         import torch
         from safetensors import safe_open
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
 
         state: dict[str, Any] = {}
         with ExitStack() as stack:
@@ -527,8 +412,8 @@ class StreamedModel:
                 state[key] = read(key)
             for target, key in unit.tied:
                 state[target] = read(key)
-        load_config = LoadStateDictConfig(dtype=self.dtype, weight_mapping=self.mapping)
-        convert_and_load_state_dict_in_model(self.model, state, load_config)
+        load_config = self.loader.load_config(dtype=self.dtype, weight_mapping=self.mapping)
+        self.loader.load_state_dict(self.model, state, load_config)
         del state
         for name, tensor in list(unit.module.named_parameters()) + list(unit.module.named_buffers()):
             if tensor.is_meta:  # not in the checkpoint (or the wrong shape): zeros, so the forward still runs

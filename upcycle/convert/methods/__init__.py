@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..ops import Drop, Noise, Parts, Transform
 from . import clone, drop, fine_grained, noise, split
 from .base import Expert, ExpertTensor, Layout
 
@@ -48,27 +49,25 @@ class LayerBuilder:
         self._dropped: dict[tuple[int, float], torch.Tensor] = {}
         self._moments: dict[str, tuple[float, float]] = {}
 
-    def tensor(self, role: str, transform: tuple) -> torch.Tensor:
-        kind, *args = transform
-        if kind == "parts":
-            by, parts, chosen, scale = args
-            key = (by, parts)
+    def tensor(self, role: str, transform: Transform) -> torch.Tensor:
+        """The expert tensor of `role` that `transform` computes (float32)."""
+        if isinstance(transform, Parts):
+            key = (transform.by, transform.parts)
             if key not in self._partitions:  # k-means once per layer, not once per expert
-                self._partitions[key] = split.partition(self.dense, by, parts, self.seed, self.layer)
-            return split.take(self.dense[role], role, self._partitions[key], chosen, scale)
-        if kind == "drop":
-            expert_index, ratio, scale = args
-            key = (expert_index, ratio)
+                self._partitions[key] = split.partition(self.dense, *key, self.seed, self.layer)
+            return split.take(self.dense[role], role, self._partitions[key], transform.chosen, transform.scale)
+        if isinstance(transform, Drop):
+            key = (transform.expert, transform.ratio)
             if key not in self._dropped:  # the same neurons in gate, up and down
                 neurons = self.dense["gate"].shape[0]
-                self._dropped = {key: drop.dropped(neurons, ratio, self.seed, self.layer, expert_index)}
+                self._dropped = {key: drop.dropped(neurons, transform.ratio, self.seed, self.layer, transform.expert)}
             if role not in self._moments:  # once per layer and role, not once per expert
                 self._moments[role] = drop.stats(self.dense[role])
             dense, idx, moments = self.dense[role], self._dropped[key], self._moments[role]
-            return drop.reinit(dense, role, idx, moments, self.seed, self.layer, expert_index, scale)
-        if kind == "noise":
-            expert_index, sigma, scale = args
-            return noise.perturb(self.dense[role], role, sigma, self.seed, self.layer, expert_index, scale)
+            return drop.reinit(dense, role, idx, moments, self.seed, self.layer, transform.expert, transform.scale)
+        if isinstance(transform, Noise):
+            e, sigma, scale = transform.expert, transform.sigma, transform.scale
+            return noise.perturb(self.dense[role], role, sigma, self.seed, self.layer, e, scale)
         raise ValueError(f"unknown expert transform {transform!r}")
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...arch import FFN_ROLES
+from ..ops import Parts, Transform
 
 if TYPE_CHECKING:
     import torch
@@ -19,13 +20,13 @@ if TYPE_CHECKING:
 class ExpertTensor:
     """One FFN tensor of one expert: its shape, and how to compute it from the dense tensor of the same role.
 
-    `transform` None means "the dense tensor itself": the writer copies the source bytes. Otherwise it is a
-    tuple whose first item names a kernel (see methods/__init__.py KERNELS) and which holds everything the
-    tensor depends on besides the dense tensors, the seed and the layer, so equal transforms give equal bytes.
+    `transform` None means "the dense tensor itself": the writer copies the source bytes. Otherwise it is one of
+    the transforms of convert/ops.py (computed by `LayerBuilder.tensor`), which holds everything the tensor
+    depends on besides the dense tensors, the seed and the layer, so equal transforms give equal bytes.
     """
 
     shape: tuple[int, ...]
-    transform: tuple | None = None
+    transform: Transform | None = None
 
 
 Expert = dict[str, ExpertTensor]  # role (gate/up/down) -> tensor
@@ -48,8 +49,8 @@ class Layout:
         found = set()
         for expert in (*self.experts, self.shared or {}):
             for t in expert.values():
-                if t.transform is not None and t.transform[-1] != 1.0:
-                    found.add(float(t.transform[-1]))
+                if t.transform is not None and t.transform.scale != 1.0:
+                    found.add(float(t.transform.scale))
         return found
 
 
@@ -75,7 +76,7 @@ def shapes(hidden: int, size: int) -> dict[str, tuple[int, int]]:
     return {"gate": (size, hidden), "up": (size, hidden), "down": (hidden, size)}
 
 
-def expert(hidden: int, size: int, gate_up: tuple | None, down: tuple | None) -> Expert:
+def expert(hidden: int, size: int, gate_up: Transform | None, down: Transform | None) -> Expert:
     s = shapes(hidden, size)
     return {role: ExpertTensor(s[role], gate_up if role != "down" else down) for role in FFN_ROLES}
 
@@ -88,8 +89,8 @@ def generator(seed: int, *keys: object) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def parts_transform(by: str, parts: int, chosen: tuple[int, ...], scale: float) -> tuple | None:
+def parts_transform(by: str, parts: int, chosen: tuple[int, ...], scale: float) -> Parts | None:
     """The neurons of parts `chosen` of a `by` partition into `parts`, times `scale` (None: the tensor itself)."""
     if parts == 1 and scale == 1.0:
         return None
-    return ("parts", by, parts, chosen, float(scale))
+    return Parts(by, parts, chosen, float(scale))

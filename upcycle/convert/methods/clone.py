@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...errors import UpcycleError
+from ..ops import Noise
 from .base import Layout, expert, parts_transform, routing_factor, zero_router
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def layout(spec: ConvertSpec, hidden: int, intermediate: int) -> Layout:
     shared = expert(hidden, intermediate, None, None) if spec.shared_experts else None
     if spec.noise is not None:
         experts = tuple(
-            expert(hidden, intermediate, ("noise", e, float(spec.noise), 1.0), ("noise", e, float(spec.noise), routed))
+            expert(hidden, intermediate, Noise(e, float(spec.noise), 1.0), Noise(e, float(spec.noise), routed))
             for e in range(spec.experts)
         )
         why = f"multiplicative noise N(1, {spec.noise}) makes every expert differ from the dense FFN"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..ops import Drop
 from .base import Layout, expert, generator
 from .clone import routed_scale
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 def layout(spec: ConvertSpec, hidden: int, intermediate: int) -> Layout:
     r, scale = spec.drop, routed_scale(spec, "drop")
     experts = tuple(
-        expert(hidden, intermediate, ("drop", e, r, 1.0), ("drop", e, r, scale)) for e in range(spec.experts)
+        expert(hidden, intermediate, Drop(e, r, 1.0), Drop(e, r, scale)) for e in range(spec.experts)
     )
     shared = expert(hidden, intermediate, None, None) if spec.shared_experts else None
     why = f"each expert has {r:g} of its neurons re-initialised at random, so the MoE differs from the dense FFN"
