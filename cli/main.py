@@ -67,9 +67,9 @@ def _show(title: str, table: Table) -> None:
 
 
 def _fmt_count(n: int) -> str:
-    from upcycle.publish.card import _count
+    from upcycle.fmt import count
 
-    return _count(n)
+    return count(n)
 
 
 def _emit_json(data: dict[str, Any], target: str | None) -> None:
@@ -301,7 +301,7 @@ def _placement(moe: list[int] | tuple[int, ...], num_layers: int) -> str:
 
 
 def _print_plan(plan, title: str) -> None:
-    from upcycle.publish.card import human_bytes
+    from upcycle.fmt import human_bytes
 
     table = Table(show_header=False)
     table.add_column(style="bold")
@@ -406,7 +406,7 @@ def _ok(good: bool) -> str:
 
 
 def _print_verify(report, title: str) -> None:
-    from upcycle.publish.card import human_bytes
+    from upcycle.fmt import human_bytes
 
     moe_rows = [row for row in report.layers if row.block_max_abs_diff is not None]
     if moe_rows:
@@ -511,7 +511,7 @@ def inspect(
 ) -> None:
     """Show family, layers, MoE placement, experts, parameters and bytes of a checkpoint (or, with --families,
     the table of supported dense families)."""
-    from upcycle.publish.card import human_bytes
+    from upcycle.fmt import human_bytes
     from upcycle.report.inspect import inspect as run_inspect
 
     _json_owns_stdout(json_out)
@@ -737,7 +737,7 @@ def push(
     ] = None,
 ) -> None:
     """Publish a converted model to the Hugging Face Hub."""
-    from upcycle.publish.card import human_bytes
+    from upcycle.fmt import human_bytes
     from upcycle.publish.hub import push as run_push
 
     _json_owns_stdout(json_out)
@@ -942,10 +942,8 @@ def _print_train_plan(plan: dict[str, Any], title: str) -> None:
 
 
 def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
-    """[train-dist] the estimate of upcycle.train.memory, per process."""
-
-    def gib(n: int) -> str:
-        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """The estimate of upcycle.train.memory, per process."""
+    from upcycle.fmt import gib
 
     parts = [("weights", "weights"), ("grads", "grads"), ("AdamW", "optimizer"), ("working copies", "working")]
     states = ", ".join(f"{label} {gib(mem[key])}" for label, key in parts if mem[key])

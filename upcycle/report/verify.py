@@ -201,7 +201,7 @@ def whole_model_bytes(dense: Checkpoint, moe: Checkpoint, dtype: str, tokens: in
 
 
 def choose_mode(mode: str, need: int, available: int) -> tuple[str, str | None]:
-    from ..publish.card import human_bytes
+    from ..fmt import human_bytes
 
     fits = need <= available * HEADROOM
     if mode == "whole" and not fits:
