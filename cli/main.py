@@ -12,15 +12,38 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 from rich.console import Console
 from typer.core import TyperCommand
 
+from upcycle.arch import GENERIC, targets
+from upcycle.convert.methods import LAYOUTS
+from upcycle.convert.spec import ConvertSpec
 from upcycle.errors import UpcycleError, describe_os_error
+from upcycle.train.spec import TrainSpec, TrainWhat
 
 from . import render
+
+
+def _default(spec: type, name: str) -> str:
+    """The help text's ` [default: X]` for option NAME, generated from the spec dataclass (one place)."""
+    return f" [default: {render.shown_default(render.spec_default(spec, name))}]"
+
+
+def _or(names) -> str:
+    """`a, b or c`: the choices of an option, from the registry or table that defines them."""
+    names = list(names)
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def _c(name: str) -> str:
+    return _default(ConvertSpec, name)
+
+
+def _t(name: str) -> str:
+    return _default(TrainSpec, name)
 
 
 class _Command(TyperCommand):
@@ -71,26 +94,26 @@ def convert(
         typer.Argument(metavar="SRC", help="Dense model: a folder, a Hub id (org/name), a .gguf file, or 'smollm2'."),
     ],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the MoE checkpoint to.")],
-    experts: Annotated[int | None, typer.Option(help="Experts per MoE layer. [default: 8]")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Experts each token is routed to. [default: 2]")] = None,
+    experts: Annotated[int | None, typer.Option(help="Experts per MoE layer." + _c("experts"))] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Experts each token is routed to." + _c("top_k"))] = None,
     every: Annotated[
         int | None,
-        typer.Option(help="Layer i becomes MoE iff (i+1) % EVERY == 0; 2 = layers 1,3,5... [default: 1]"),
+        typer.Option(help="Layer i becomes MoE iff (i+1) % EVERY == 0; 2 = layers 1,3,5..." + _c("every")),
     ] = None,
     layers: Annotated[str | None, typer.Option(help="Explicit MoE layers, e.g. 1,5,9 (overrides --every).")] = None,
     init: Annotated[
-        str | None, typer.Option(help="Expert construction: clone, split, drop or fine-grained. [default: clone]")
+        str | None, typer.Option(help=f"Expert construction: {_or(LAYOUTS)}." + _c("init"))
     ] = None,
     split_by: Annotated[
         str | None,
         typer.Option(
             help="With --init split: how neurons are grouped: random, cluster, or coactivation (MoEfication's "
-            "co-activation graph on --calibration text). [default: random]"
+            "co-activation graph on --calibration text)." + _c("split_by")
         ),
     ] = None,
     drop_ratio: Annotated[
         float | None,
-        typer.Option(help="With --init drop: fraction of neurons re-initialised per expert. [default: 0.5]"),
+        typer.Option(help="With --init drop: fraction of neurons re-initialised per expert." + _c("drop_ratio")),
     ] = None,
     noise: Annotated[
         float | None, typer.Option(help="With --init clone: std of multiplicative N(1, σ) noise on the experts.")
@@ -102,23 +125,27 @@ def convert(
         str | None,
         typer.Option(
             help="With --init fine-grained: down (scale down_proj by G: exact) or cube-root (gate, up and down "
-            "each by G^(1/3), Megatron-Core: not exact through SiLU). [default: down]"
+            "each by G^(1/3), Megatron-Core: not exact through SiLU)." + _c("fine_grained_scale")
         ),
     ] = None,
     shared_experts: Annotated[
-        int | None, typer.Option(help="Always-on shared expert from the dense FFN (qwen2_moe only). [default: 0]")
+        int | None,
+        typer.Option(
+            help="Always-on shared expert from the dense FFN (targets with one: "
+            f"{', '.join([*(n for n, t in targets().items() if t.shared), GENERIC])})." + _c("shared_experts")
+        ),
     ] = None,
     routing: Annotated[
         str | None,
         typer.Option(
-            help="topk-softmax (renormalise the kept weights) or softmax-topk (Qwen targets). [default: topk-softmax]"
+            help="topk-softmax (renormalise the kept weights) or softmax-topk (Qwen targets)." + _c("routing")
         ),
     ] = None,
     router_init: Annotated[
         str | None,
         typer.Option(
             help="Router weights: random, zero, kmeans (from --calibration text) or hidden (mean hidden state of "
-            "each expert's --expert-prompts). [default: random]"
+            "each expert's --expert-prompts)." + _c("router_init")
         ),
     ] = None,
     expert_prompts: Annotated[
@@ -132,23 +159,24 @@ def convert(
         ),
     ] = None,
     calibration_tokens: Annotated[
-        int | None, typer.Option(help="With --calibration: tokens of the text used. [default: 4096]")
+        int | None, typer.Option(help="With --calibration: tokens of the text used." + _c("calibration_tokens"))
     ] = None,
-    router_std: Annotated[float | None, typer.Option(help="Std of a random router. [default: 0.02]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for every random choice. [default: 0]")] = None,
+    router_std: Annotated[float | None, typer.Option(help="Std of a random router." + _c("router_std"))] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for every random choice." + _c("seed"))] = None,
     target: Annotated[
         str | None,
         typer.Option(
-            help="Native class: auto, mixtral, qwen2_moe, qwen3_moe, flex_olmo, granitemoe, ernie4_5_moe, "
-            "hunyuan_v1_moe; or generic (upcycle's own wrapper, which needs trust_remote_code outside upcycle). "
-            "[default: auto]"
+            help=f"Native class: auto, {', '.join(targets())}; or {GENERIC} (upcycle's own wrapper, which needs "
+            "trust_remote_code outside upcycle)." + _c("target")
         ),
     ] = None,
     dtype: Annotated[
         str | None,
-        typer.Option(help="auto (as the source), bfloat16, float16, float32 (or bf16, fp16, fp32). [default: auto]"),
+        typer.Option(help="auto (as the source), bfloat16, float16, float32 (or bf16, fp16, fp32)." + _c("dtype")),
     ] = None,
-    max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB or 500MB. [default: 5GB]")] = None,
+    max_shard_size: Annotated[
+        str | None, typer.Option(help="Largest shard, e.g. 5GB or 500MB." + _c("max_shard_size"))
+    ] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of SRC.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML recipe; flags given here win.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
@@ -446,42 +474,47 @@ def train(
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", metavar="RUN_DIR", help="The run directory.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML run config; flags given here win.")] = None,
-    text_field: Annotated[str | None, typer.Option(help="Text field of .jsonl/.json/.parquet. [default: text]")] = None,
-    eval_data: Annotated[str | None, typer.Option(help="Held-out text. [default: a held-out share of DATA]")] = None,
-    eval_fraction: Annotated[float | None, typer.Option(help="Share of DATA held out. [default: 0.01]")] = None,
-    seq_len: Annotated[
-        int | None, typer.Option(help="Tokens per sequence (capped at the model's limit). [2048]")
+    text_field: Annotated[
+        str | None, typer.Option(help="Text field of .jsonl/.json/.parquet." + _t("text_field"))
     ] = None,
-    micro_batch: Annotated[int | None, typer.Option(help="Sequences per forward pass. [default: 4]")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step. [default: 1]")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="Held-out text. [default: a held-out share of DATA]")] = None,
+    eval_fraction: Annotated[float | None, typer.Option(help="Share of DATA held out." + _t("eval_fraction"))] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per sequence (capped at the model's limit)." + _t("seq_len"))
+    ] = None,
+    micro_batch: Annotated[int | None, typer.Option(help="Sequences per forward pass." + _t("micro_batch"))] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step." + _t("grad_accum"))] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (or give --tokens).")] = None,
     tokens: Annotated[int | None, typer.Option(help="Tokens to train on (or give --steps).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate. [default: 1e-4]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate." + _t("lr"))] = None,
     min_lr: Annotated[float | None, typer.Option(help="Learning rate at the end. [default: 10% of --lr]")] = None,
     warmup: Annotated[int | None, typer.Option(help="Linear warmup steps. [default: 1% of the steps]")] = None,
     weight_decay: Annotated[
-        float | None, typer.Option(help="AdamW decay (not on norms, biases, embeddings, routers). [default: 0.1]")
+        float | None, typer.Option(help="AdamW decay (not on norms, biases, embeddings, routers)." + _t("weight_decay"))
     ] = None,
-    clip: Annotated[float | None, typer.Option(help="Gradient norm clip; 0 turns it off. [default: 1.0]")] = None,
-    aux_loss_coef: Annotated[float | None, typer.Option(help="α of the balance loss. [default: 0.01]")] = None,
-    z_loss_coef: Annotated[float | None, typer.Option(help="β of the router z-loss. [default: 0.001]")] = None,
+    clip: Annotated[float | None, typer.Option(help="Gradient norm clip; 0 turns it off." + _t("clip"))] = None,
+    aux_loss_coef: Annotated[float | None, typer.Option(help="α of the balance loss." + _t("aux_loss_coef"))] = None,
+    z_loss_coef: Annotated[float | None, typer.Option(help="β of the router z-loss." + _t("z_loss_coef"))] = None,
     balance_scope: Annotated[
-        str | None, typer.Option(help="Expert counts of the balance loss: global or micro. [default: global]")
+        str | None, typer.Option(help="Expert counts of the balance loss: global or micro." + _t("balance_scope"))
     ] = None,
     capacity_factor: Annotated[
         float | None, typer.Option(help="Drop assignments over C = factor·tokens·k/E per expert. [default: off]")
     ] = None,
-    jitter: Annotated[float | None, typer.Option(help="Router input jitter ε. [default: 0]")] = None,
+    jitter: Annotated[float | None, typer.Option(help="Router input jitter ε." + _t("jitter"))] = None,
     router_noise: Annotated[
-        bool | None, typer.Option("--router-noise/--no-router-noise", help="Noisy top-k routing. [default: off]")
+        bool | None,
+        typer.Option("--router-noise/--no-router-noise", help="Noisy top-k routing." + _t("router_noise")),
     ] = None,
     train_what: Annotated[
-        str | None, typer.Option("--train", help="What trains: all, experts, non-experts, router. [default: all]")
+        str | None, typer.Option("--train", help=f"What trains: {_or(get_args(TrainWhat))}." + _t("train"))
     ] = None,
-    router_lr_scale: Annotated[float | None, typer.Option(help="Router lr = lr × this. [default: 1]")] = None,
+    router_lr_scale: Annotated[
+        float | None, typer.Option(help="Router lr = lr × this." + _t("router_lr_scale"))
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32.")] = None,
     experts_impl: Annotated[
-        str | None, typer.Option(help="transformers experts kernel: grouped_mm or eager. [default: grouped_mm]")
+        str | None, typer.Option(help="transformers experts kernel: grouped_mm or eager." + _t("experts_impl"))
     ] = None,
     grad_checkpointing: Annotated[
         bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations.")
@@ -493,19 +526,19 @@ def train(
         bool | None,
         typer.Option(
             "--deterministic/--no-deterministic",
-            help="Deterministic GPU kernels: a rerun or resume repeats every bit (slower). [default: off]",
+            help="Deterministic GPU kernels: a rerun or resume repeats every bit (slower)." + _t("deterministic"),
         ),
     ] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps. [default: 10% of the steps]")] = None,
     save_every: Annotated[
         int | None, typer.Option(help="Checkpoint every N steps. [default: 10% of the steps]")
     ] = None,
-    keep_last: Annotated[int | None, typer.Option(help="Complete checkpoints kept. [default: 2]")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Log every N steps. [default: 10]")] = None,
+    keep_last: Annotated[int | None, typer.Option(help="Complete checkpoints kept." + _t("keep_last"))] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log every N steps." + _t("log_every"))] = None,
     tensorboard: Annotated[
         bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard events.")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the data order and every random draw. [default: 0]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the data order and every random draw." + _t("seed"))] = None,
     gpu_mem: Annotated[float | None, typer.Option(help="GiB per GPU for --dry-run's fit check.")] = None,
     push_to_hub: Annotated[
         str | None, typer.Option("--push-to-hub", metavar="REPO_ID", help="Publish final/ when the run succeeds.")

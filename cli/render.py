@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,25 @@ def emit_json(data: dict[str, Any], target: str | None) -> None:
         sys.stdout.write(text)
     else:
         Path(target).write_text(text)
+
+
+def spec_default(spec: type, name: str) -> Any:
+    """The default of option NAME: the spec dataclass's field default (a method option: its default under its
+    --init). Defaults live there only; the help text shows them from there."""
+    from upcycle.convert.spec import METHOD_DEFAULTS, ConvertSpec
+
+    if spec is ConvertSpec and name in METHOD_DEFAULTS:
+        return METHOD_DEFAULTS[name]
+    return {f.name: f.default for f in fields(spec)}[name]
+
+
+def shown_default(value: Any) -> str:
+    """A default as the help text shows it: on/off for a switch, 0.0001 for 1e-4, the value otherwise."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def _short(path: Path) -> str:

@@ -50,6 +50,12 @@ APPLIES_TO = {
 DEFAULT_SPLIT_BY, DEFAULT_DROP_RATIO = "random", 0.5
 # Settled by benchmarks/fine_grained_scale.py (see benchmarks/README.md): exact, and no worse after training.
 DEFAULT_FINE_GRAINED_SCALE = "down"
+# the method options' defaults under their --init (the fields themselves default to None: "not given")
+METHOD_DEFAULTS = {
+    "split_by": DEFAULT_SPLIT_BY,
+    "drop_ratio": DEFAULT_DROP_RATIO,
+    "fine_grained_scale": DEFAULT_FINE_GRAINED_SCALE,
+}
 
 
 @dataclass(frozen=True)
