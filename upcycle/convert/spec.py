@@ -6,25 +6,24 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ..arch import GENERIC, targets
 from ..errors import UpcycleError
 from ..options import read_yaml_options
+from .methods import LAYOUTS
 
-Init = Literal["clone", "split", "drop", "fine-grained"]
 RouterInit = Literal["random", "zero", "kmeans", "hidden"]
 Routing = Literal["topk-softmax", "softmax-topk"]
 SplitBy = Literal["random", "cluster", "coactivation"]
 FineGrainedScale = Literal["down", "cube-root"]
-TargetName = Literal[
-    "auto", "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "granitemoe", "ernie4_5_moe", "hunyuan_v1_moe", "generic"
-]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
+# --init and --target choices are the registries' keys: a method in methods.LAYOUTS, a target in targets/*.json
 CHOICES = {
-    "init": get_args(Init),
+    "init": LAYOUTS.keys(),  # a live view: a method registered later is a choice too
     "router_init": get_args(RouterInit),
     "routing": get_args(Routing),
-    "target": get_args(TargetName),
+    "target": ("auto", *targets(), GENERIC),
     "dtype": get_args(DType),
 }
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -66,7 +65,7 @@ class ConvertSpec:
     top_k: int = 2
     every: int = 1
     layers: tuple[int, ...] | None = None
-    init: Init = "clone"
+    init: str = "clone"  # a key of methods.LAYOUTS
     router_init: RouterInit = "random"
     router_std: float = 0.02
     calibration: str | None = None  # text file for --router-init kmeans and --split-by coactivation
@@ -80,7 +79,7 @@ class ConvertSpec:
     expert_prompts: str | None = None  # YAML/JSON file for --router-init hidden
     shared_experts: int = 0
     seed: int = 0
-    target: TargetName = "auto"
+    target: str = "auto"  # auto, a targets/*.json name, or generic
     dtype: DType = "auto"
     max_shard_size: str = "5GB"
     revision: str | None = None
