@@ -262,7 +262,9 @@ def verify(
     text: Annotated[Path | None, typer.Option(help="Text file to run; default: seeded random token ids.")] = None,
     tokens: Annotated[int, typer.Option(help="Tokens to compare (capped by the models' context).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the random token ids.")] = 0,
-    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="Compute dtype: float32, bfloat16 or float16 (or fp32, bf16, fp16).")
+    ] = "float32",
     atol: Annotated[
         float | None,
         typer.Option(
@@ -387,7 +389,8 @@ def routing(
     batch_size: Annotated[int, typer.Option(help="Blocks per forward pass.")] = 4,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
     dtype: Annotated[
-        str, typer.Option(help="auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16, float16.")
+        str,
+        typer.Option(help="auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16, float16 (or fp32, bf16, fp16)."),
     ] = "auto",
     sample_tokens: Annotated[int, typer.Option(help="Tokens each expert is run on for the output divergence.")] = 512,
     html_tokens: Annotated[int, typer.Option(help="Tokens shown in tokens.html (the first N).")] = 4096,
@@ -512,7 +515,9 @@ def train(
     router_lr_scale: Annotated[
         float | None, typer.Option(help="Router lr = lr × this." + _t("router_lr_scale"))
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32 (or bfloat16, float32).")
+    ] = None,
     experts_impl: Annotated[
         str | None, typer.Option(help="transformers experts kernel: grouped_mm or eager." + _t("experts_impl"))
     ] = None,

@@ -90,3 +90,28 @@ def test_the_cli_calls_the_api(dense, tmp_path, monkeypatch):
     monkeypatch.setattr(api, "convert", spy)
     assert run(["convert", str(dense("llama")), str(tmp_path / "moe"), "--experts", "2", "--dry-run"]) == 0
     assert seen == [True]
+
+
+def test_one_dtype_vocabulary_everywhere():
+    """Both spellings are accepted by every option; each spec keeps the spelling its outputs have always had."""
+    from upcycle import build_spec, build_train_spec
+
+    for given in ("bf16", "bfloat16"):
+        assert build_spec(None, dtype=given).dtype == "bfloat16"
+        assert build_train_spec(None, dtype=given, data="x", steps=1).dtype == "bf16"
+    assert build_spec(None, dtype="fp16").dtype == "float16" and build_spec(None, dtype="float32").dtype == "float32"
+    assert build_train_spec({"dtype": "float32"}, data="x", steps=1).dtype == "fp32"
+    with pytest.raises(UpcycleError, match="--dtype 'fp8' is not one of"):
+        build_spec(None, dtype="fp8")
+    with pytest.raises(UpcycleError, match="unknown key 'expertz' in the recipe"):
+        build_spec({"expertz": 2})
+    with pytest.raises(UpcycleError, match="unknown key 'stepz' in the run config"):
+        build_train_spec({"stepz": 2})
+
+
+def test_verify_accepts_the_short_dtype_names(dense, tmp_path):
+    src = dense("llama")
+    out = tmp_path / "moe"
+    convert(str(src), out, experts=2, top_k=1)
+    report = verify(str(src), out, tokens=16, dtype="bf16", mode="whole")
+    assert report.dtype == "bfloat16" and report.passed

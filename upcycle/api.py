@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import UpcycleError
+from .options import dtype_name
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -104,7 +105,7 @@ def verify(
         text=Path(text) if text is not None else None,
         tokens=tokens,
         seed=seed,
-        dtype=dtype,
+        dtype=dtype_name(dtype),
         atol=atol,
         min_agreement=min_agreement,
         mode=mode,
@@ -149,7 +150,7 @@ def routing(
         seq_len=seq_len,
         batch_size=batch_size,
         device=device,
-        dtype=dtype,
+        dtype=dtype_name(dtype),
         sample_tokens=sample_tokens,
         html_tokens=html_tokens,
     )

@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 
 from ..arch import GENERIC, targets
 from ..errors import UpcycleError
-from ..options import read_yaml_options
+from ..options import dtype_name, merge_options, read_yaml_options
 from .methods import LAYOUTS
 
 RouterInit = Literal["random", "zero", "kmeans", "hidden"]
@@ -26,7 +26,6 @@ CHOICES = {
     "target": ("auto", *targets(), GENERIC),
     "dtype": get_args(DType),
 }
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 NUMBERS = {
     "experts": int,
     "top_k": int,
@@ -206,24 +205,15 @@ def load_recipe(path: Path) -> dict[str, Any]:
 
 def build_spec(recipe: dict[str, Any] | None = None, **flags: Any) -> ConvertSpec:
     """Defaults, then the recipe, then flags that were given (not None): later wins."""
-    known = {f.name for f in fields(ConvertSpec)} - {"extra"}
-    merged: dict[str, Any] = {}
-    for source, values in (("recipe", recipe or {}), ("flag", flags)):
-        for key, value in values.items():
-            if key not in known:
-                if source == "recipe":
-                    raise UpcycleError(f"unknown key {key!r} in the recipe; known keys: {', '.join(sorted(known))}")
-                continue
-            if value is not None:
-                merged[key] = value
+    merged = merge_options({f.name for f in fields(ConvertSpec)} - {"extra"}, recipe, "recipe", flags)
     if "layers" in merged:
         merged["layers"] = parse_layers(merged["layers"])
     for name, kind in (NUMBERS | METHOD_NUMBERS).items():  # YAML reads `experts: 8.0` as a float: a whole number
         value = merged.get(name)
         if kind is int and isinstance(value, float) and value.is_integer():
             merged[name] = int(value)
-    if isinstance(merged.get("dtype"), str):
-        merged["dtype"] = DTYPE_ALIASES.get(merged["dtype"], merged["dtype"])
+    if "dtype" in merged:
+        merged["dtype"] = dtype_name(merged["dtype"])
     try:
         return ConvertSpec(**merged)
     except TypeError as exc:
