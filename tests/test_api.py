@@ -115,3 +115,24 @@ def test_verify_accepts_the_short_dtype_names(dense, tmp_path):
     convert(str(src), out, experts=2, top_k=1)
     report = verify(str(src), out, tokens=16, dtype="bf16", mode="whole")
     assert report.dtype == "bfloat16" and report.passed
+
+
+def test_one_reproducing_command_and_one_public_name(dense, tmp_path):
+    """convert's and train's recorded commands come from one builder, naming local paths by their last part."""
+    from upcycle.options import command_line
+    from upcycle.source import public_name
+    from upcycle.train.export import training_command
+
+    src = dense("llama")
+    out = tmp_path / "moe"
+    convert(str(src), out, experts=4, layers="1,3", router_std=0.05)
+    command = json.loads((out / "upcycle.json").read_text())["command"]
+    assert command == f"upcycle convert {src.name} moe --experts 4 --layers 1,3 --router-std 0.05"
+    assert str(tmp_path) not in command and public_name(str(src)) == src.name
+    assert public_name("org/name") == "org/name" and public_name("smollm2") == "smollm2"
+    spec = upcycle.build_train_spec(None, data=str(tmp_path / "moe" / "config.json"), steps=5, tensorboard=True)
+    assert training_command(str(out), tmp_path / "run", spec) == (
+        "upcycle train moe --out run --data config.json --steps 5 --tensorboard"
+    )
+    options = {"a": None, "b": 2, "c": False, "d_e": [1, 2]}
+    assert command_line(["x"], options, {"b": 1, "c": False}) == "x --b 2 --d-e 1,2"

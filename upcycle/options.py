@@ -57,3 +57,21 @@ def dtype_name(value: Any) -> Any:
 def dtype_short(value: Any) -> Any:
     """'bfloat16' or 'bf16' -> 'bf16'; anything else unchanged (its option's check refuses it)."""
     return DTYPE_SHORT.get(value, value) if isinstance(value, str) else value
+
+
+def command_line(words: list[str], options: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """The `upcycle ...` command that reproduces a result (convert's and train's, in upcycle.json and the card):
+    WORDS, then each option that differs from its default (None: not given) as a flag: `--name value`, a switch
+    that is on as `--name`, a list as `1,2,3`. Callers pass names through source.public_name first."""
+    parts = list(words)
+    for key, value in options.items():
+        if value is None or value == defaults.get(key):
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            parts.append(flag)
+            continue
+        if isinstance(value, list | tuple):
+            value = ",".join(map(str, value))
+        parts.append(f"{flag} {value}")
+    return " ".join(parts)
