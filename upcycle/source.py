@@ -109,6 +109,13 @@ def local_folder(path: Path) -> SourceRef:
     return SourceRef(folder=path, id=path.name, kind="folder")
 
 
+def public_name(value: str) -> str:
+    """The one rule for naming a model or data source where it may be published (the card, upcycle.json, a
+    reproducing command): a Hub id, datasets id or embedded name as given; a local path by its last part only."""
+    path = Path(value).expanduser()
+    return path.resolve().name if path.exists() else value
+
+
 def hub_snapshot(path: Path) -> tuple[str, str] | None:
     """(repo id, commit) when `path` is .../models--org--name/snapshots/<commit> in a Hub cache, else None."""
     path = Path(os.path.abspath(path))

@@ -15,6 +15,7 @@ from ..errors import UpcycleError
 from ..generic import MODEL_TYPE as GENERIC_MODEL_TYPE
 from ..generic import register as register_generic
 from ..generic import write_code as write_generic_code
+from ..options import command_line
 from ..outdir import check_target, staged_folder
 from ..publish.card import hub_card_license, source_license, write_card_and_recipe
 from ..source import (
@@ -393,19 +394,11 @@ def copy_side_files(src: Path, dst: Path, plan: Plan) -> None:
 
 def _command(label: str, out: Path, spec: ConvertSpec, source: SourceRef, base_model: str | None) -> str:
     """The command that reproduces the model, naming the source and OUT without their folders."""
-    parts = ["upcycle", "convert", label, out.name]
-    defaults = ConvertSpec()
     options = spec.to_dict()
     if source.kind == "hub" and source.revision:
         options["revision"] = source.revision  # pin the commit that was converted
-    for key, value in options.items():
-        if value != getattr(defaults, key) and value is not None:
-            if key == "layers":
-                value = ",".join(map(str, value))
-            parts.append(f"--{key.replace('_', '-')} {value}")
-    if base_model:
-        parts.append(f"--base-model {base_model}")
-    return " ".join(parts)
+    options["base_model"] = base_model
+    return command_line(["upcycle", "convert", label, out.name], options, ConvertSpec().to_dict())
 
 
 def make_recipe(

@@ -6,28 +6,26 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ..arch import GENERIC, targets
 from ..errors import UpcycleError
-from ..options import read_yaml_options
+from ..options import dtype_name, merge_options, read_yaml_options
+from .methods import LAYOUTS
 
-Init = Literal["clone", "split", "drop", "fine-grained"]
 RouterInit = Literal["random", "zero", "kmeans", "hidden"]
 Routing = Literal["topk-softmax", "softmax-topk"]
 SplitBy = Literal["random", "cluster", "coactivation"]
 FineGrainedScale = Literal["down", "cube-root"]
-TargetName = Literal[
-    "auto", "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "granitemoe", "ernie4_5_moe", "hunyuan_v1_moe", "generic"
-]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
+# --init and --target choices are the registries' keys: a method in methods.LAYOUTS, a target in targets/*.json
 CHOICES = {
-    "init": get_args(Init),
+    "init": LAYOUTS.keys(),  # a live view: a method registered later is a choice too
     "router_init": get_args(RouterInit),
     "routing": get_args(Routing),
-    "target": get_args(TargetName),
+    "target": ("auto", *targets(), GENERIC),
     "dtype": get_args(DType),
 }
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 NUMBERS = {
     "experts": int,
     "top_k": int,
@@ -50,6 +48,12 @@ APPLIES_TO = {
 DEFAULT_SPLIT_BY, DEFAULT_DROP_RATIO = "random", 0.5
 # Settled by benchmarks/fine_grained_scale.py (see benchmarks/README.md): exact, and no worse after training.
 DEFAULT_FINE_GRAINED_SCALE = "down"
+# the method options' defaults under their --init (the fields themselves default to None: "not given")
+METHOD_DEFAULTS = {
+    "split_by": DEFAULT_SPLIT_BY,
+    "drop_ratio": DEFAULT_DROP_RATIO,
+    "fine_grained_scale": DEFAULT_FINE_GRAINED_SCALE,
+}
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class ConvertSpec:
     top_k: int = 2
     every: int = 1
     layers: tuple[int, ...] | None = None
-    init: Init = "clone"
+    init: str = "clone"  # a key of methods.LAYOUTS
     router_init: RouterInit = "random"
     router_std: float = 0.02
     calibration: str | None = None  # text file for --router-init kmeans and --split-by coactivation
@@ -74,7 +78,7 @@ class ConvertSpec:
     expert_prompts: str | None = None  # YAML/JSON file for --router-init hidden
     shared_experts: int = 0
     seed: int = 0
-    target: TargetName = "auto"
+    target: str = "auto"  # auto, a targets/*.json name, or generic
     dtype: DType = "auto"
     max_shard_size: str = "5GB"
     revision: str | None = None
@@ -201,24 +205,15 @@ def load_recipe(path: Path) -> dict[str, Any]:
 
 def build_spec(recipe: dict[str, Any] | None = None, **flags: Any) -> ConvertSpec:
     """Defaults, then the recipe, then flags that were given (not None): later wins."""
-    known = {f.name for f in fields(ConvertSpec)} - {"extra"}
-    merged: dict[str, Any] = {}
-    for source, values in (("recipe", recipe or {}), ("flag", flags)):
-        for key, value in values.items():
-            if key not in known:
-                if source == "recipe":
-                    raise UpcycleError(f"unknown key {key!r} in the recipe; known keys: {', '.join(sorted(known))}")
-                continue
-            if value is not None:
-                merged[key] = value
+    merged = merge_options({f.name for f in fields(ConvertSpec)} - {"extra"}, recipe, "recipe", flags)
     if "layers" in merged:
         merged["layers"] = parse_layers(merged["layers"])
     for name, kind in (NUMBERS | METHOD_NUMBERS).items():  # YAML reads `experts: 8.0` as a float: a whole number
         value = merged.get(name)
         if kind is int and isinstance(value, float) and value.is_integer():
             merged[name] = int(value)
-    if isinstance(merged.get("dtype"), str):
-        merged["dtype"] = DTYPE_ALIASES.get(merged["dtype"], merged["dtype"])
+    if "dtype" in merged:
+        merged["dtype"] = dtype_name(merged["dtype"])
     try:
         return ConvertSpec(**merged)
     except TypeError as exc:

@@ -23,6 +23,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..arch import GENERIC
+from ..fmt import count, human_bytes
 from ..outdir import current_umask
 from ..source import looks_like_repo_id
 
@@ -89,19 +90,6 @@ def shared_text(spec: dict[str, Any], plan: dict[str, Any]) -> str:
     kind = "split" if spec["init"] == "split" else "full"
     return SHARED_EXPERT_TEXT[kind].format(shared=shared, parts=plan["experts"] + shared)
 
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def source_license(folder: Path) -> str | None:
@@ -175,7 +163,7 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         source_md=_source_md(src, base),
         source_revision=src.get("revision"),
         family=plan["family"],
-        dense_params=_count(plan["dense_params"]),
+        dense_params=count(plan["dense_params"]),
         architecture=plan["architecture"],
         remote_code=remote_code,
         init=spec["init"],
@@ -187,8 +175,8 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         tool_version=recipe["tool"]["version"],
         moe_layers_text=moe_layers_text,
         router_text=router_text,
-        total_params=_count(plan["total_params"]),
-        active_params=_count(plan["active_params"]),
+        total_params=count(plan["total_params"]),
+        active_params=count(plan["active_params"]),
         dtype=recipe["dtype"],
         size_text=human_bytes(plan["bytes"]),
         exact=plan["exact_at_init"],

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UpcycleError
-from ..source import DTYPE_BYTES, Checkpoint, resolve
+from ..source import DTYPE_BYTES, Checkpoint, public_name, resolve
 
 if TYPE_CHECKING:
     from .verify_layerwise import LayerRow, TensorCheck
@@ -201,7 +201,7 @@ def whole_model_bytes(dense: Checkpoint, moe: Checkpoint, dtype: str, tokens: in
 
 
 def choose_mode(mode: str, need: int, available: int) -> tuple[str, str | None]:
-    from ..publish.card import human_bytes
+    from ..fmt import human_bytes
 
     fits = need <= available * HEADROOM
     if mode == "whole" and not fits:
@@ -391,8 +391,7 @@ def verify(
         if read_recipe(Path(moe)) is not None:
             try:
                 # what is recorded may be published: local models by their folder name, never their path
-                dense_id = Path(dense).name if Path(dense).expanduser().exists() else dense
-                public = {"dense": dense_id, "moe": Path(moe).name}
+                public = {"dense": public_name(dense), "moe": Path(moe).name}
                 card = update_recipe(Path(moe), verify=report.to_dict() | public)
             except OSError as exc:  # a read-only folder: the check itself still stands
                 return replace(report, recorded=f"not recorded ({exc.strerror})")

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..options import command_line
+from ..source import public_name
 from . import checkpoint as ckpt
 from .distributed import full_model_state
 from .evaluate import Evaluation, json_float
 from .losses import LOSSES
 from .metrics import layer_rows
-from .plan import public_name
 from .routing_log import write_load_png
 from .spec import TrainSpec
 
@@ -47,16 +48,12 @@ def card_options() -> tuple[str, ...]:
 def training_command(model: str, run_dir: Path, spec: TrainSpec) -> str:
     """The `upcycle train` command that reproduces the run: the options that differ from the defaults, with local
     paths by their last part only."""
-    defaults = type(spec)()
-    parts = ["upcycle", "train", public_name(model), "--out", Path(run_dir).name]
-    for key, value in spec.to_dict().items():
-        if value is None or value == getattr(defaults, key) or key in ("push_to_hub", "gpu_mem"):
-            continue
-        if key in ("data", "eval_data"):
-            value = public_name(value)
-        flag = f"--{key.replace('_', '-')}"
-        parts.append(flag if value is True else f"{flag} {value}")
-    return " ".join(parts)
+    options = {k: v for k, v in spec.to_dict().items() if k not in ("push_to_hub", "gpu_mem")}
+    for key in ("data", "eval_data"):
+        if options.get(key) is not None:
+            options[key] = public_name(options[key])
+    words = ["upcycle", "train", public_name(model), "--out", Path(run_dir).name]
+    return command_line(words, options, type(spec)().to_dict())
 
 
 def write_final(run: Run, last_eval: Evaluation | None) -> Path | None:

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..fmt import si
+
 if TYPE_CHECKING:
     import torch
 
@@ -106,20 +108,13 @@ def layer_rows(counts: dict[int, torch.Tensor], dropped: dict[int, float] | None
     return rows
 
 
-def _si(x: float) -> str:
-    for unit, size in (("M", 1e6), ("K", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.1f}{unit}"
-    return f"{x:.0f}"
-
-
 def train_line(r: dict[str, Any], total: int) -> str:
     from .losses import LOSSES
 
     terms = "".join(f"{name} {r[name]:.4f}  " for name in ("loss", "lm", *LOSSES))
     return (
         f"step {r['step']}/{total}  {terms}lr {r['lr']:.2e}  grad-norm {r['grad_norm']:.3f}  "
-        f"{_si(r['tokens_per_s'])} tok/s"
+        f"{si(r['tokens_per_s'])} tok/s"
     )
 
 
@@ -170,7 +165,7 @@ class Display:
 
     def train(self, record: dict[str, Any], logged: bool) -> None:
         if self._bar is not None:
-            figures = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {_si(record['tokens_per_s'])} tok/s"
+            figures = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {si(record['tokens_per_s'])} tok/s"
             self._bar.update(self._task, completed=record["step"], figures=figures)
         elif logged:
             self._print(train_line(record, self._total))

@@ -9,9 +9,9 @@ interface (tests/test_train_plan.py pins them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..source import public_name
 from .distributed import DistEnv, sharding
 from .memory import MemoryEstimate, estimate
 from .spec import TrainSpec, TrainWhat
@@ -20,12 +20,6 @@ if TYPE_CHECKING:
     import torch
 
     from ..arch import Target
-
-
-def public_name(value: str) -> str:
-    """A data source or model as the card and upcycle.json may name it: a local path by its last part only."""
-    path = Path(value).expanduser()
-    return path.resolve().name if path.exists() else value
 
 
 def moe_shape(config: dict[str, Any], target: Target) -> tuple[int, int, bool]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import UpcycleError
-from ..options import read_yaml_options
+from ..options import dtype_short, merge_options, read_yaml_options
 
 TrainWhat = Literal["all", "experts", "non-experts", "router"]
 DType = Literal["auto", "bf16", "fp32"]
@@ -24,7 +24,6 @@ CHOICES = {
     "balance_scope": get_args(BalanceScope),
     "experts_impl": get_args(ExpertsImpl),
 }
-DTYPE_ALIASES = {"bfloat16": "bf16", "float32": "fp32"}
 INTS = (
     "seq_len",
     "micro_batch",
@@ -180,16 +179,7 @@ def load_run_config(path: Path) -> dict[str, Any]:
 
 def build_train_spec(config: dict[str, Any] | None = None, **flags: Any) -> TrainSpec:
     """Defaults, then the YAML config, then the flags that were given (not None): later wins."""
-    known = {f.name for f in fields(TrainSpec)}
-    merged: dict[str, Any] = {}
-    for source, values in (("config", config or {}), ("flag", flags)):
-        for key, value in values.items():
-            if key not in known:
-                if source == "config":
-                    raise UpcycleError(f"unknown key {key!r} in the run config; known keys: {', '.join(sorted(known))}")
-                continue
-            if value is not None:
-                merged[key] = value
-    if isinstance(merged.get("dtype"), str):
-        merged["dtype"] = DTYPE_ALIASES.get(merged["dtype"], merged["dtype"])
+    merged = merge_options({f.name for f in fields(TrainSpec)}, config, "run config", flags)
+    if "dtype" in merged:
+        merged["dtype"] = dtype_short(merged["dtype"])
     return TrainSpec(**merged)
