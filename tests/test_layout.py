@@ -14,11 +14,12 @@ def _floor(module: str) -> int:
     return FLOOR.get(module.split(".")[0], 0)
 
 
-def _imports(path: Path) -> set[str]:
-    """Modules of upcycle that PATH imports, relative to the package (e.g. 'report.routing')."""
+def _imports(path: Path, runtime_only: bool = False) -> set[str]:
+    """Modules of upcycle that PATH imports, relative to the package (e.g. 'report.routing'); with runtime_only,
+    not those imported for type checking only."""
     here = path.relative_to(PACKAGE).with_suffix("").parts[:-1]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(path) if runtime_only else ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = list(here[: len(here) - node.level + 1])
@@ -50,12 +51,13 @@ def _module_name(path: Path) -> str:
 
 
 def _graph() -> dict[str, set[str]]:
-    """module -> the modules of upcycle it imports (top-level and late imports alike), packages as their __init__."""
+    """module -> the modules of upcycle it imports at run time (top-level and late imports alike, not those under
+    `if TYPE_CHECKING:`), packages as their __init__."""
     paths = {_module_name(p): p for p in PACKAGE.rglob("*.py") if _module_name(p)}
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():
         found = set()
-        for module in _imports(path) | _submodules(path, paths):
+        for module in _imports(path, runtime_only=True) | _submodules(path, paths):
             while module and module not in paths:  # `from .x import name`: the module x
                 module = module.rpartition(".")[0]
             if module and module != name:
@@ -64,10 +66,23 @@ def _graph() -> dict[str, set[str]]:
     return graph
 
 
+def _runtime_nodes(path: Path) -> list[ast.AST]:
+    """The nodes of PATH outside `if TYPE_CHECKING:` blocks: type-only imports make no import cycle at run time."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for stmt in node.body
+        for n in ast.walk(stmt)
+    }
+    return [n for n in ast.walk(tree) if id(n) not in typing_only]
+
+
 def _submodules(path: Path, known: dict[str, Path]) -> set[str]:
     """Modules imported by name from their package (`from ..convert import methods`: convert.methods)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(path):
         if isinstance(node, ast.ImportFrom):
             for package in _imports_of(node, path):
                 names = {".".join(filter(None, (package, a.name))) for a in node.names}
