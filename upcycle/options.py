@@ -24,3 +24,15 @@ def read_yaml_options(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UpcycleError(f"{what} {path} must be a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def unknown_key(key: str, known: set[str], what: str) -> UpcycleError:
+    """The error for a key that is no option: the nearest known key first (a typo such as `topk`), then all."""
+    from difflib import get_close_matches
+
+    near = get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    if not near:  # `topk` vs `top_k`: compare without underscores too
+        bare = {k.replace("_", ""): k for k in known}
+        near = [bare[m] for m in get_close_matches(key.replace("_", ""), sorted(bare), n=1, cutoff=0.75)]
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    return UpcycleError(f"unknown key {key!r} in the {what}; {hint}known keys: {', '.join(sorted(known))}")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import UpcycleError
-from ..options import read_yaml_options
+from ..options import read_yaml_options, unknown_key
 
 Init = Literal["clone", "split", "drop", "fine-grained"]
 RouterInit = Literal["random", "zero", "kmeans", "hidden"]
@@ -207,7 +207,7 @@ def build_spec(recipe: dict[str, Any] | None = None, **flags: Any) -> ConvertSpe
         for key, value in values.items():
             if key not in known:
                 if source == "recipe":
-                    raise UpcycleError(f"unknown key {key!r} in the recipe; known keys: {', '.join(sorted(known))}")
+                    raise unknown_key(key, known, "recipe")
                 continue
             if value is not None:
                 merged[key] = value

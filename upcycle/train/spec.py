@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import UpcycleError
-from ..options import read_yaml_options
+from ..options import read_yaml_options, unknown_key
 
 TrainWhat = Literal["all", "experts", "non-experts", "router"]
 DType = Literal["auto", "bf16", "fp32"]
@@ -186,7 +186,7 @@ def build_train_spec(config: dict[str, Any] | None = None, **flags: Any) -> Trai
         for key, value in values.items():
             if key not in known:
                 if source == "config":
-                    raise UpcycleError(f"unknown key {key!r} in the run config; known keys: {', '.join(sorted(known))}")
+                    raise unknown_key(key, known, "run config")
                 continue
             if value is not None:
                 merged[key] = value
