@@ -310,7 +310,7 @@ def _print_plan(plan, title: str) -> None:
     table.add_row("family -> target", f"{plan.family} -> {plan.architecture}")
     table.add_row("MoE layers", _placement(moe, plan.num_layers))
     table.add_row("experts / top-k", f"{plan.experts} / {plan.top_k}")
-    table.add_row("exact at init", "yes" if plan.exact else "no")
+    table.add_row("exact at init", "yes" if plan.exact else f"no: {plan.inexact_reason()}")
     for cast in plan.casts:
         measured = " (measured on the weights)" if cast.check is not None else ""
         table.add_row("cast", cast.describe() + measured)

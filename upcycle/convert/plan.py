@@ -129,6 +129,21 @@ class Plan:
     exact_text: str = ""  # why the MoE is (or is not) exact at init, as the expert method sees it
     method_exact: bool = True  # exact as far as the expert method and its scales go (casts aside)
 
+    def inexact_reason(self) -> str:
+        """Why the MoE is not exact at init ("" when it is): the expert method, rounded values, casts."""
+        if self.exact:
+            return ""
+        reasons = []
+        if not self.method_exact:
+            reasons.append(self.exact_text)
+        elif "; but " in self.exact_text:  # the method is exact but values the family keeps in fp32 round
+            reasons.append(self.exact_text.split("; but ", 1)[1])
+        for c in self.casts:
+            if not c.exact:
+                rounded = f"rounds {c.check.rounded:,} values" if c.check else "is not measured and may round values"
+                reasons.append(f"the {c.src}→{c.dst} cast {rounded}")
+        return "; ".join(r for r in reasons if r) or self.exact_text
+
     def lossy_casts(self) -> list[tuple[str, str]]:
         """Dtype pairs whose cost has to be measured on the weights before the plan can claim exactness."""
         return [(c.src, c.dst) for c in self.casts if not c.lossless]
