@@ -586,6 +586,9 @@ def routing(
     ] = "auto",
     sample_tokens: Annotated[int, typer.Option(help="Tokens each expert is run on for the output divergence.")] = 512,
     html_tokens: Annotated[int, typer.Option(help="Tokens shown in tokens.html (the first N).")] = 4096,
+    load_scale: Annotated[
+        str, typer.Option(help="load.png colours: auto (up to the largest share) or fixed (0 to 1/k: comparable).")
+    ] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace REPORT_DIR if it exists.")] = False,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Also write routing.json's content to this file ('-': stdout).")
@@ -605,6 +608,7 @@ def routing(
         dtype=dtype,
         sample_tokens=sample_tokens,
         html_tokens=html_tokens,
+        load_scale=load_scale,
     )
     if is_run_dir(model):
         _routing_run(Path(model), text, out_dir, force, options, json_out, console)
@@ -677,8 +681,10 @@ def _routing_run(run_dir: Path, text, out_dir: Path, force: bool, options, json_
     table = Table(title=f"run {data['run']}: expert load and divergence", title_justify="left")
     for col in ("MoE layer", "load CV first → last", "weight cos first → last", "records (load / cos)"):
         table.add_column(col, justify="right")
-    for layer in sorted({*data["load_cv"], *data["weight_cosine"]}, key=int):
-        cv, cos = data["load_cv"].get(layer, []), data["weight_cosine"].get(layer, [])
+    held_out = bool(data["load_cv_eval"])  # the held-out tokens: the same at every evaluation, as the summary's
+    series = data["load_cv_eval"] if held_out else data["load_cv"]
+    for layer in sorted({*series, *data["weight_cosine"]}, key=int):
+        cv, cos = series.get(layer, []), data["weight_cosine"].get(layer, [])
         table.add_row(
             layer,
             f"{cv[0][1]:.3f} → {cv[-1][1]:.3f}" if cv else "-",
@@ -686,6 +692,8 @@ def _routing_run(run_dir: Path, text, out_dir: Path, force: bool, options, json_
             f"{len(cv)} / {len(cos)}",
         )
     console.print(table)
+    counted = data["load_cv_eval_tokens"] if held_out else data["load_cv_tokens"]
+    console.print(f"load: {data['load']}; counted over {counted}", markup=False, highlight=False)
     if data["weight_cosine_from_checkpoints"]:
         steps = ", ".join(map(str, data["weight_cosine_from_checkpoints"]))
         console.print(f"weight cosine computed from the checkpoints of steps {steps}", markup=False, highlight=False)
@@ -981,7 +989,9 @@ def _print_train_summary(summary: dict[str, Any], title: str) -> None:
     table.add_row("final model", str(summary["final"]))
     out.print(table)
     if summary["expert_load"]:
-        load = Table(title="expert load at the end (share of routed assignments)", title_justify="left")
+        counted = summary.get("expert_load_tokens") or "the last step"
+        title = f"expert load at the end: share of the top-k assignments over {counted}"
+        load = Table(title=title, title_justify="left")
         for col in ("MoE layer", "CV", "most loaded", "least loaded"):
             load.add_column(col, justify="right")
         for row in summary["expert_load"]:
