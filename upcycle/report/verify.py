@@ -294,18 +294,20 @@ def expert_count(cfg) -> int:
 def check_pair(dense: str, moe: str, dense_cfg, moe_cfg) -> None:
     """Refuse a MOE that is no MoE, or one that cannot have been upcycled from DENSE (another shape or
     vocabulary), saying what it is: comparing such a pair can only report FAIL."""
-    what = f"a {moe_cfg.model_type} model with hidden size {moe_cfg.hidden_size}, {moe_cfg.num_hidden_layers} layers"
+    def shape(cfg) -> tuple:
+        return tuple(getattr(cfg, name, None) for name in ("hidden_size", "num_hidden_layers", "vocab_size"))
+
+    mine, theirs = shape(dense_cfg), shape(moe_cfg)
+    what = f"a {moe_cfg.model_type} model with hidden size {theirs[0]}, {theirs[1]} layers"
     if not expert_count(moe_cfg):
         raise UpcycleError(
             f"{moe} is not an MoE ({what}, no experts); verify compares a dense model with an MoE upcycled from it"
         )
     if expert_count(dense_cfg):
         raise UpcycleError(f"{dense} is already an MoE ({dense_cfg.model_type}); give the dense model it was made from")
-    mine = (dense_cfg.hidden_size, dense_cfg.num_hidden_layers, dense_cfg.vocab_size)
-    theirs = (moe_cfg.hidden_size, moe_cfg.num_hidden_layers, moe_cfg.vocab_size)
     if mine != theirs:
         raise UpcycleError(
-            f"{moe} was not upcycled from {dense}: it is {what} and vocabulary {moe_cfg.vocab_size}; "
+            f"{moe} was not upcycled from {dense}: it is {what} and vocabulary {theirs[2]}; "
             f"{dense} is a {dense_cfg.model_type} model with hidden size {mine[0]}, {mine[1]} layers "
             f"and vocabulary {mine[2]}"
         )
