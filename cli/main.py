@@ -396,6 +396,9 @@ def routing(
     ] = "auto",
     sample_tokens: Annotated[int, typer.Option(help="Tokens each expert is run on for the output divergence.")] = 512,
     html_tokens: Annotated[int, typer.Option(help="Tokens shown in tokens.html (the first N).")] = 4096,
+    load_scale: Annotated[
+        str, typer.Option(help="load.png colours: auto (up to the largest share) or fixed (0 to 1/k: comparable).")
+    ] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace REPORT_DIR if it exists.")] = False,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Also write routing.json's content to this file ('-': stdout).")
@@ -419,6 +422,7 @@ def routing(
             dtype=dtype,
             sample_tokens=sample_tokens,
             html_tokens=html_tokens,
+            load_scale=load_scale,
             force=force,
             progress=progress,
         )

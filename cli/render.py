@@ -158,7 +158,7 @@ def convert_plan(screen: Screen, plan, title: str) -> None:
     table.add_row("family -> target", f"{plan.family} -> {plan.architecture}")
     table.add_row("MoE layers", _placement(plan.moe_layers, plan.num_layers))
     table.add_row("experts / top-k", f"{plan.experts} / {plan.top_k}")
-    table.add_row("exact at init", "yes" if plan.exact else "no")
+    table.add_row("exact at init", "yes" if plan.exact else f"no: {plan.inexact_reason()}")
     for cast in plan.casts:
         measured = " (measured on the weights)" if cast.check is not None else ""
         table.add_row("cast", cast.describe() + measured)
@@ -367,8 +367,10 @@ def routing_run_report(screen: Screen, data: dict[str, Any], out: Path, files: t
     table = Table(title=f"run {data['run']}: expert load and divergence", title_justify="left")
     for col in ("MoE layer", "load CV first → last", "weight cos first → last", "records (load / cos)"):
         table.add_column(col, justify="right")
-    for layer in sorted({*data["load_cv"], *data["weight_cosine"]}, key=int):
-        cv, cos = data["load_cv"].get(layer, []), data["weight_cosine"].get(layer, [])
+    held_out = bool(data["load_cv_eval"])  # the held-out tokens: the same at every evaluation, as the summary's
+    series = data["load_cv_eval"] if held_out else data["load_cv"]
+    for layer in sorted({*series, *data["weight_cosine"]}, key=int):
+        cv, cos = series.get(layer, []), data["weight_cosine"].get(layer, [])
         table.add_row(
             layer,
             f"{cv[0][1]:.3f} → {cv[-1][1]:.3f}" if cv else "-",
@@ -376,6 +378,8 @@ def routing_run_report(screen: Screen, data: dict[str, Any], out: Path, files: t
             f"{len(cv)} / {len(cos)}",
         )
     screen.out.print(table)
+    counted = data["load_cv_eval_tokens"] if held_out else data["load_cv_tokens"]
+    screen.out.print(f"load: {data['load']}; counted over {counted}", markup=False, highlight=False)
     if data["weight_cosine_from_checkpoints"]:
         steps = ", ".join(map(str, data["weight_cosine_from_checkpoints"]))
         screen.out.print(f"weight cosine computed from the checkpoints of steps {steps}", markup=False, highlight=False)
@@ -470,7 +474,9 @@ def train_summary(screen: Screen, summary: dict[str, Any], title: str) -> None:
     table.add_row("final model", str(summary["final"]))
     screen.out.print(table)
     if summary["expert_load"]:
-        load = Table(title="expert load at the end (share of routed assignments)", title_justify="left")
+        counted = summary.get("expert_load_tokens") or "the last step"
+        title = f"expert load at the end: share of the top-k assignments over {counted}"
+        load = Table(title=title, title_justify="left")
         for col in ("MoE layer", "CV", "most loaded", "least loaded"):
             load.add_column(col, justify="right")
         for row in summary["expert_load"]:

@@ -449,5 +449,5 @@ def test_not_enough_disk(capsys, monkeypatch, dense_store, out):
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-    expect_error(capsys, ["convert", dense_store("llama"), out], "GB free")
+    expect_error(capsys, ["convert", dense_store("llama"), out], "1.00 KB free")
     assert_clean(out)

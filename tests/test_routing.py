@@ -436,3 +436,47 @@ def test_dense_layers_are_skipped(family, spec, moe_layers, dense_store, tmp_pat
     later = stats.records[moe_layers[1]].indices[:, 0] == stats.records[moe_layers[0]].indices[:, 0]
     assert stats.layers[moe_layers[1]]["consistency"] == float(later.double().mean())
     assert stats.load_matrix().sum(dim=1).tolist() == pytest.approx([1.0] * len(moe_layers))
+
+
+# --- comparable heatmaps, and no torch warning ----------------------------------------------------------------
+
+
+def test_load_scale_fixed_runs_the_colours_from_0_to_one_over_k(hand_moe, text_file, tmp_path, monkeypatch):
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+
+    norms: dict[str, TwoSlopeNorm] = {}
+    real = Figure.savefig
+
+    def keep(fig, path, *a, **k):
+        norms[Path(path).parent.name] = fig.axes[0].images[0].norm
+        return real(fig, path, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    for scale in ("auto", "fixed"):
+        out = tmp_path / scale
+        assert run(["routing", str(hand_moe), "--text", str(text_file), "--out", str(out), "--load-scale", scale]) == 0
+    data = json.loads((tmp_path / "fixed" / "routing.json").read_text())
+    largest = max(e["load"] for layer in data["layers"] for e in layer["experts"])
+    assert len(norms) == 2  # one image per report: every layer shares its colour range
+    fixed = next(n for name, n in norms.items() if "fixed" in name)
+    auto = next(n for name, n in norms.items() if "auto" in name)
+    assert (fixed.vmin, fixed.vcenter, fixed.vmax) == (0.0, 1 / EXPERTS, 1 / TOP_K)
+    assert auto.vmax == pytest.approx(max(largest, 2 / EXPERTS))
+    assert "top-k assignments" in data["load"] and data["load_tokens"].endswith(f"tokens of {text_file.name}")
+    bad = ["routing", str(hand_moe), "--text", str(text_file), "--out", str(tmp_path / "x"), "--load-scale", "x"]
+    assert run(bad) == 2 and not (tmp_path / "x").exists()
+
+
+def test_routing_a_qwen2_moe_does_not_show_the_zero_element_warning(dense_store, text_file, tmp_path, capfd):
+    moe = tmp_path / "moe"
+    convert(str(dense_store("llama")), moe, build_spec(experts=EXPERTS, top_k=TOP_K, target="qwen2_moe"))
+    capfd.readouterr()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(["routing", str(moe), "--text", str(text_file), "--out", str(tmp_path / "rep")]) == 0
+    cap = capfd.readouterr()
+    assert "zero-element" not in cap.out + cap.err
+    assert not [w for w in caught if "zero-element" in str(w.message)]

@@ -80,6 +80,8 @@ def test_tensorboard_holds_the_per_layer_load(run_dir):
         assert hist[-1].histogram_value.num == EXPERTS  # one value per expert: its share of the load
         assert hist[-1].histogram_value.sum == pytest.approx(1.0, abs=1e-5)
         assert [e.step for e in events.Scalars(f"divergence/weight_cosine/layer_{layer}")] == [0, 4, 8]
+        held_out = events.Scalars(f"eval/router/cv/layer_{layer}")  # the load over the held-out tokens, apart
+        assert [e.step for e in held_out] == [SAVE_EVERY, STEPS]
 
 
 def test_divergence_records_start_at_one_and_fall(run_dir):
@@ -169,3 +171,51 @@ def test_model_without_text_is_refused(run_dir, tmp_path, capsys):
     assert run(["routing", str(run_dir / "final"), "--out", str(tmp_path / "report")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--text" in err and "\n" not in err
+
+
+# --- one load, over named tokens (issue 20): the summary, metrics.jsonl and `routing RUN_DIR` agree ----------
+
+
+def test_summary_and_routing_run_dir_give_the_same_load_over_the_same_tokens(run_dir, tmp_path, capsys):
+    trained = json.loads((run_dir / "final" / "upcycle.json").read_text())["training"]
+    last_eval = [r for r in read_metrics(run_dir) if r["kind"] == "eval"][-1]
+    assert last_eval["step"] == STEPS and last_eval["routed_tokens"] > last_eval["eval_tokens"] > 0
+    assert f"{last_eval['routed_tokens']:,} held-out tokens at step {STEPS}" in trained["expert_load_tokens"]
+    capsys.readouterr()
+    assert run(["routing", str(run_dir), "--out", str(tmp_path / "report"), "--json", str(tmp_path / "r.json")]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert "top-k assignments" in data["load"]
+    assert f"{last_eval['routed_tokens']:,} held-out tokens" in data["load_cv_eval_tokens"]
+    assert "training tokens of each logged step" in data["load_cv_tokens"]
+    assert f"counted over the {last_eval['routed_tokens']:,} held-out tokens" in printed
+    summary = {row["layer"]: row["cv"] for row in trained["expert_load"]}
+    assert sorted(summary) == moe_layers(run_dir)
+    for layer, cv in summary.items():
+        series = data["load_cv_eval"][str(layer)]
+        assert [s for s, _ in series] == [SAVE_EVERY, STEPS]  # one point per evaluation
+        assert series[-1][1] == cv  # the same number, not a training step's
+        row = next(r for r in last_eval["layers"] if r["layer"] == layer)
+        assert row["cv"] == cv and sum(row["load"]) == pytest.approx(1.0)
+        # the CV is of the shares of top-k assignments: std / mean with the population std
+        shares = np.array(row["load"])
+        assert cv == pytest.approx(shares.std() / shares.mean(), rel=1e-9)
+
+
+def test_divergence_png_axes_are_integers(monkeypatch, tmp_path):
+    from matplotlib.figure import Figure
+
+    from upcycle.report.routing_run import write_divergence_png
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    layers = range(0, 24, 2)  # 12 MoE layers: told apart by a colour bar, not a legend
+    load = {str(layer): [[s, 0.1 * s + layer / 100] for s in (1, 2, 3)] for layer in layers}
+    write_divergence_png(tmp_path / "d.png", load, {}, "run", "held-out tokens")
+    (fig,) = drawn
+    fig.canvas.draw()
+    top, bottom, bar = fig.axes
+    for axis in (bottom.xaxis, bar.yaxis):
+        ticks = [t for t in axis.get_majorticklocs() if axis.get_view_interval()[0] <= t <= axis.get_view_interval()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert "held-out tokens" in top.get_title()

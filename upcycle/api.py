@@ -133,6 +133,7 @@ def routing(
     dtype: str = "auto",
     sample_tokens: int = 512,
     html_tokens: int = 4096,
+    load_scale: str = "auto",
     force: bool = False,
     progress: Progress | None = None,
 ) -> RoutingReport | RunReport:
@@ -153,6 +154,7 @@ def routing(
         dtype=dtype_name(dtype),
         sample_tokens=sample_tokens,
         html_tokens=html_tokens,
+        load_scale=load_scale,
     )
     text_path = Path(text) if text is not None else None
     if is_run_dir(model):

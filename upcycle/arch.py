@@ -121,8 +121,26 @@ def family_for(model_type: str | None) -> Family:
         raise UpcycleError(
             f"{model_type} has no exact native MoE target: its sibling {no['target']} {no['why']}; use --target generic"
         )
+    if is_moe_model_type(model_type):
+        raise UpcycleError(
+            f"model type {model_type!r} is already a Mixture-of-Experts model; convert makes an MoE from a dense "
+            "model. Train this one further with `upcycle train MODEL`, "
+            "or see how it routes with `upcycle routing MODEL`"
+        )
     raise UpcycleError(
         f"model type {model_type!r} is not supported; upcycle converts these dense families: {supported_families()}"
+    )
+
+
+def is_moe_model_type(model_type: str | None) -> bool:
+    """An MoE class: one of our targets, upcycle's generic wrapper, or a transformers type named *moe (olmoe,
+    qwen2_moe, granitemoe ...). Mixtral, DeepSeek and the like are named here, since their names do not say."""
+    name = (model_type or "").lower()
+    return (
+        target_for_model_type(model_type) is not None
+        or name == GENERIC_MODEL_TYPE
+        or name.endswith("moe")
+        or name in ("mixtral", "dbrx", "jamba", "deepseek_v2", "deepseek_v3", "gpt_oss", "llama4", "jetmoe")
     )
 
 

@@ -36,7 +36,7 @@ def merge_options(
         for key, value in values.items():
             if key not in known:
                 if source == "file":
-                    raise UpcycleError(f"unknown key {key!r} in the {what}; known keys: {', '.join(sorted(known))}")
+                    raise unknown_key(key, known, what)
                 continue
             if value is not None:
                 merged[key] = value
@@ -75,3 +75,13 @@ def command_line(words: list[str], options: dict[str, Any], defaults: dict[str, 
             value = ",".join(map(str, value))
         parts.append(f"{flag} {value}")
     return " ".join(parts)
+def unknown_key(key: str, known: set[str], what: str) -> UpcycleError:
+    """The error for a key that is no option: the nearest known key first (a typo such as `topk`), then all."""
+    from difflib import get_close_matches
+
+    near = get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    if not near:  # `topk` vs `top_k`: compare without underscores too
+        bare = {k.replace("_", ""): k for k in known}
+        near = [bare[m] for m in get_close_matches(key.replace("_", ""), sorted(bare), n=1, cutoff=0.75)]
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    return UpcycleError(f"unknown key {key!r} in the {what}; {hint}known keys: {', '.join(sorted(known))}")

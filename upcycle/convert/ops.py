@@ -280,6 +280,21 @@ class Plan:
         return [op for op in self.flat_ops() if isinstance(op, Expert)]
 
     @property
+    def inexact_reason(self) -> str:
+        """Why the MoE is not exact at init ("" when it is): the expert method, rounded values, casts."""
+        if self.exact:
+            return ""
+        reasons = []
+        if not self.method_exact:
+            reasons.append(self.exact_text)
+        elif "; but " in self.exact_text:  # the method is exact but values the family keeps in fp32 round
+            reasons.append(self.exact_text.split("; but ", 1)[1])
+        for c in self.casts:
+            if not c.exact:
+                rounded = f"rounds {c.check.rounded:,} values" if c.check else "is not measured and may round values"
+                reasons.append(f"the {c.src}→{c.dst} cast {rounded}")
+        return "; ".join(r for r in reasons if r) or self.exact_text
+
     def total_bytes(self) -> int:
         return sum(op.nbytes for op in self.ops)
 

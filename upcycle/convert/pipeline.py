@@ -253,12 +253,24 @@ def check_room(source: SourceRef, out: Path, plan: Plan) -> None:
     refuse_overlap(source.folder, out, out, "the source model's folder")
     dst = out.resolve()
     free = shutil.disk_usage(dst.parent).free
-    need = plan.total_bytes + (64 << 20)  # weights plus room for the side files
+    side = side_bytes(source.folder, plan)
+    need = plan.total_bytes + side
     if free < need:
+        from ..publish.card import human_bytes
+
         raise UpcycleError(
-            f"{dst.parent} has {free / 1e9:.2f} GB free, but the MoE needs {need / 1e9:.2f} GB; "
-            "free some space or choose another OUT"
+            f"{dst.parent} has {human_bytes(free)} free, but the MoE needs {human_bytes(need)} "
+            f"({human_bytes(plan.total_bytes)} of weights plus {human_bytes(side)} for the tokenizer, config, "
+            "card and file headers); free some space or choose another OUT"
         )
+
+
+def side_bytes(src: Path, plan: Plan) -> int:
+    """What OUT holds besides the tensors' bytes: the tokenizer and generation config copied from the source
+    (their real sizes), each tensor's entry in its shard header and in the index (under 512 bytes), and 1 MiB
+    for config.json, upcycle.json, the card and the generic code."""
+    copied = sum((src / n).stat().st_size for n in (*TOKENIZER_FILES, "generation_config.json") if (src / n).is_file())
+    return copied + 512 * len(plan.ops) + (1 << 20)
 
 
 def shard_size(text: str) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -26,6 +27,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_SEQ_LEN = 2048
 CHARS_PER_TOKEN_READ = 64  # read at most this many characters per requested token, so a huge file is not read whole
 FILES = ("routing.json", "load.png", "tokens.html")
+LOAD_SCALES = ("auto", "fixed")  # load.png's colour range: up to the largest share, or up to 1/k (comparable)
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,15 @@ def routing(
     dtype: str = "auto",
     sample_tokens: int = 512,
     html_tokens: int = 4096,
+    load_scale: str = "auto",
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> RoutingReport:
     import torch
 
     _check_options(max_tokens, seq_len, batch_size, device, dtype, sample_tokens, html_tokens)
+    if load_scale not in LOAD_SCALES:
+        raise UpcycleError(f"--load-scale {load_scale!r} is not one of: {', '.join(LOAD_SCALES)}")
     text, out = Path(text), Path(out)
     if not text.is_file():
         raise UpcycleError(f"--text {text} does not exist (or is not a file); give a text file to route")
@@ -97,6 +102,8 @@ def routing(
         "experts": stats.experts,
         "top_k": stats.top_k,
         "moe_layers": layers,
+        "load": "each expert's share of the layer's top-k assignments; CV = std / mean of the shares (0 = balanced)",
+        "load_tokens": f"the {stats.tokens:,} tokens of {text.name}",
         "divergence": {
             "weight_cosine": _mean(f["weight_cosine"] for f in stats.layers.values()),
             "output_cosine": _mean(f["output_cosine"] for f in stats.layers.values()),
@@ -125,6 +132,7 @@ def routing(
             layers,
             f"Expert load per MoE layer\n{name}: {stats.tokens} tokens of {text.name}, "
             f"top-{stats.top_k} of {stats.experts} experts",
+            top=1.0 / stats.top_k if load_scale == "fixed" else None,
         )
         write_tokens_html(
             tmp / "tokens.html",
@@ -237,9 +245,11 @@ def _load(folder: Path, model: str, dtype: str, device: str):
 
     hf_logging.disable_progress_bar()
     try:
-        moe = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=getattr(torch, dtype), device_map=None if device == "cpu" else device
-        )
+        with warnings.catch_warnings():  # Qwen2-MoE's shared expert has size 0 on purpose (README); torch warns
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op", UserWarning)
+            moe = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=getattr(torch, dtype), device_map=None if device == "cpu" else device
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UpcycleError(f"transformers could not load {model}: {exc}".splitlines()[0]) from None
     return moe.eval()

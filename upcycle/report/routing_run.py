@@ -24,6 +24,7 @@ from ..train.checkpoint import FINAL, checkpoints
 from ..train.divergence import weight_cosine
 from ..train.metrics import METRICS
 
+LOAD_DEFINITION = "each expert's share of the layer's top-k assignments; CV = std / mean of the shares (0 = balanced)"
 DPI = 100
 FIGURE_SIZE = (9.0, 7.0)  # inches; at DPI the PNG's exact size in pixels
 LEGEND_MAX_LAYERS = 8  # beyond this the layers are told apart by a colour bar, not a legend
@@ -56,11 +57,9 @@ def routing_run(run_dir: Path, out: Path, *, text: Path | None = None, force: bo
     check_target(out, force)
 
     records = _records(run_dir)
-    load_cv: dict[str, list[list[float]]] = {}
-    for r in records:
-        if r.get("kind") == "train":
-            for row in r.get("layers", []):
-                load_cv.setdefault(str(row["layer"]), []).append([r["step"], row["cv"]])
+    load_cv = cv_series(records, "train")
+    held_out = cv_series(records, "eval")
+    routed = [r.get("routed_tokens") for r in records if r.get("kind") == "eval" and r.get("layers")]
     cosine: dict[str, dict[int, float]] = {}
     for r in records:
         if r.get("kind") == "divergence":
@@ -78,12 +77,25 @@ def routing_run(run_dir: Path, out: Path, *, text: Path | None = None, force: bo
         "run": run_dir.resolve().name,
         "checkpoints": [step for step, _ in saved],
         "final": has_final,
-        "load_cv": dict(sorted(load_cv.items(), key=lambda kv: int(kv[0]))),
+        "load": LOAD_DEFINITION,
+        "load_cv": load_cv,  # per logged step, over that step's training tokens
+        "load_cv_tokens": "the training tokens of each logged step (different tokens at every step)",
+        "load_cv_eval": held_out,  # per evaluation, over the held-out tokens (the same at every evaluation)
+        "load_cv_eval_tokens": (
+            f"the {routed[-1]:,} held-out tokens of every evaluation (the same tokens each time; the last "
+            "evaluation's load is the training summary's)"
+            if held_out and routed and routed[-1]
+            else None
+        ),
         "weight_cosine": dict(sorted(weight.items(), key=lambda kv: int(kv[0]))),
         "weight_cosine_from_checkpoints": computed,  # steps whose figure was computed here, not read from metrics
     }
     with staged_folder(out, force) as tmp:
-        size = write_divergence_png(tmp / "divergence.png", data["load_cv"], data["weight_cosine"], data["run"])
+        shown, counted = (held_out, "held-out tokens, the same at each evaluation") if held_out else (
+            load_cv,
+            "each step's training tokens",
+        )
+        size = write_divergence_png(tmp / "divergence.png", shown, data["weight_cosine"], data["run"], counted)
         if text is not None:
             from .routing import routing
 
@@ -96,6 +108,16 @@ def routing_run(run_dir: Path, out: Path, *, text: Path | None = None, force: bo
             data["routing"] = report.data | {"model": f"{data['run']}/{model.relative_to(run_dir)}"}
         (tmp / "divergence.json").write_text(json.dumps(data, indent=1) + "\n")
     return RunReport(out=out, data=data, png_size=size)
+
+
+def cv_series(records: list[dict[str, Any]], kind: str) -> dict[str, list[list[float]]]:
+    """{layer: [[step, load CV], ...]} from the `kind` records ("train" or "eval") that carry per-layer load."""
+    series: dict[str, list[list[float]]] = {}
+    for r in records:
+        if r.get("kind") == kind:
+            for row in r.get("layers", []):
+                series.setdefault(str(row["layer"]), []).append([r["step"], row["cv"]])
+    return dict(sorted(series.items(), key=lambda kv: int(kv[0])))
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -178,9 +200,14 @@ def checkpoint_cosine(folder: Path) -> dict[int, float]:
 
 
 def write_divergence_png(
-    path: Path, load_cv: dict[str, list[list[float]]], cosine: dict[str, list[list[float]]], run: str
+    path: Path,
+    load_cv: dict[str, list[list[float]]],
+    cosine: dict[str, list[list[float]]],
+    run: str,
+    counted: str = "each step's training tokens",
 ) -> tuple[int, int]:
-    """Two panels over the training step: load CV per MoE layer (top) and mean pairwise weight cosine (bottom)."""
+    """Two panels over the training step: load CV per MoE layer (top, over the tokens `counted` names) and mean
+    pairwise weight cosine (bottom). Steps and layers are integers on every axis and colour bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +215,7 @@ def write_divergence_png(
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     layers = sorted({int(k) for k in (*load_cv, *cosine)})
     legend = len(layers) <= LEGEND_MAX_LAYERS
@@ -211,15 +238,18 @@ def write_divergence_png(
         if not series:
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.grid(True, alpha=0.3)
-    top.set_title("load imbalance: coefficient of variation of the expert load per step (0 = balanced)", fontsize=10)
+    top.set_title(f"load imbalance: CV of the experts' shares of top-k assignments over {counted}", fontsize=10)
     top.set_ylabel("load CV")
     bottom.set_title("expert divergence: mean pairwise cosine of the experts' weights (1 = identical)", fontsize=10)
     bottom.set_ylabel("weight cosine")
     bottom.set_xlabel("training step")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 2.5
     bottom.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))  # 0.99992, not 1e-5 + 0.9999
     if legend and layers:
         top.legend(title="MoE layer", fontsize=8, loc="best")
     elif layers:
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[top, bottom], label="MoE layer", aspect=40)
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[top, bottom], label="MoE layer", aspect=40)
+        bar.locator = MaxNLocator(integer=True)  # layer indices: 0, 4, 8, not 2.5
+        bar.update_ticks()
     fig.savefig(path, dpi=DPI)
     return round(FIGURE_SIZE[0] * DPI), round(FIGURE_SIZE[1] * DPI)

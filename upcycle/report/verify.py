@@ -279,6 +279,52 @@ def compare_logits(dense_logits, moe_logits, rows: int = 32) -> tuple[float, flo
 # --- the command ---------------------------------------------------------------------------------------
 
 
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "moe_num_experts", "n_routed_experts")
+
+
+def expert_count(cfg) -> int:
+    """Experts per MoE layer as the config names them (0 for a dense model)."""
+    for name in EXPERT_COUNTS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def check_pair(dense: str, moe: str, dense_cfg, moe_cfg) -> None:
+    """Refuse a MOE that is no MoE, or one that cannot have been upcycled from DENSE (another shape or
+    vocabulary), saying what it is: comparing such a pair can only report FAIL."""
+    def shape(cfg) -> tuple:
+        return tuple(getattr(cfg, name, None) for name in ("hidden_size", "num_hidden_layers", "vocab_size"))
+
+    mine, theirs = shape(dense_cfg), shape(moe_cfg)
+    what = f"a {moe_cfg.model_type} model with hidden size {theirs[0]}, {theirs[1]} layers"
+    if not expert_count(moe_cfg):
+        raise UpcycleError(
+            f"{moe} is not an MoE ({what}, no experts); verify compares a dense model with an MoE upcycled from it"
+        )
+    if expert_count(dense_cfg):
+        raise UpcycleError(f"{dense} is already an MoE ({dense_cfg.model_type}); give the dense model it was made from")
+    if mine != theirs:
+        raise UpcycleError(
+            f"{moe} was not upcycled from {dense}: it is {what} and vocabulary {theirs[2]}; "
+            f"{dense} is a {dense_cfg.model_type} model with hidden size {mine[0]}, {mine[1]} layers "
+            f"and vocabulary {mine[2]}"
+        )
+
+
+def check_family(dense: str, moe: str, dense_type: str, moe_family: Any) -> None:
+    """Refuse an MoE whose upcycle.json says it was made from another family than DENSE's."""
+    from ..arch import families
+
+    family = families().get(moe_family) if isinstance(moe_family, str) else None
+    if family is not None and dense_type not in family.model_types:
+        raise UpcycleError(
+            f"{moe} was upcycled from a {moe_family} model (its upcycle.json says so), but {dense} is a "
+            f"{dense_type} model; give the dense model it was made from"
+        )
+
+
 def verify(
     dense: str,
     moe: str,
@@ -314,11 +360,8 @@ def verify(
         dense_cfg, moe_cfg = AutoConfig.from_pretrained(dense_folder), AutoConfig.from_pretrained(moe_folder)
     except (OSError, ValueError, KeyError) as exc:
         raise UpcycleError(f"transformers could not read a config: {exc}".splitlines()[0]) from None
+    check_pair(dense, moe, dense_cfg, moe_cfg)
     vocab = dense_cfg.vocab_size
-    if moe_cfg.vocab_size != vocab:
-        raise UpcycleError(
-            f"the vocabularies differ ({vocab} vs {moe_cfg.vocab_size}); {moe} was not made from {dense}"
-        )
     limit = min(dense_cfg.max_position_embeddings, moe_cfg.max_position_embeddings)
     ids = input_ids(dense_folder, vocab, text=text, tokens=min(tokens, limit), seed=seed)
 
@@ -332,6 +375,7 @@ def verify(
     recipe = read_recipe(moe_folder)
     claim = (recipe or {}).get("plan") or {}
     plan_exact = claim.get("exact_at_init") if isinstance(claim.get("exact_at_init"), bool) else None
+    check_family(dense, moe, dense_cfg.model_type, claim.get("family"))
     layers: tuple[LayerRow, ...] = ()
     tensor_check = None
     if chosen == "whole":

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .distributed import all_reduce_sum
 from .losses import expert_counts
+from .metrics import layer_rows
 
 if TYPE_CHECKING:
     import torch
@@ -23,9 +24,12 @@ class Evaluation:
     perplexity: float  # inf when exp overflows
     eval_tokens: int  # predicted tokens
     counts: dict[int, torch.Tensor]  # (E,) routed assignments per expert, per MoE layer, all ranks
+    routed_tokens: int = 0  # tokens the routers saw (every position of every held-out block): what `counts` counts
 
     def record(self, tokens: int) -> dict[str, Any]:
-        """The `eval` record of metrics.jsonl (a perplexity that overflowed is written as null)."""
+        """The `eval` record of metrics.jsonl (a perplexity that overflowed is written as null), with the expert
+        load over the held-out tokens per MoE layer: the same tokens at every evaluation, so its CVs compare
+        across steps, and the last one is the training summary's."""
         return {
             "kind": "eval",
             "step": self.step,
@@ -33,7 +37,13 @@ class Evaluation:
             "eval_loss": self.eval_loss,
             "perplexity": json_float(self.perplexity),
             "eval_tokens": self.eval_tokens,
+            "routed_tokens": self.routed_tokens,
+            "layers": layer_rows(self.counts),
         }
+
+    def load_tokens(self) -> str:
+        """Which tokens the load counts, for the reports."""
+        return f"{self.routed_tokens:,} held-out tokens at step {self.step} (the same at every evaluation)"
 
 
 def json_float(x: float) -> float | None:
@@ -51,6 +61,7 @@ def evaluate(run: Run, step: int) -> Evaluation | None:
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     n_pred = torch.zeros((), dtype=torch.float64, device=env.device)
+    n_routed = torch.zeros((), dtype=torch.float64, device=env.device)
     counts = {layer: torch.zeros(run.plan.experts, device=env.device) for layer in run.plan.moe_layers}
     per_round = spec.micro_batch * env.world_size
     with torch.no_grad():
@@ -64,13 +75,15 @@ def evaluate(run: Run, step: int) -> Evaluation | None:
             predicted = ids.shape[0] * (ids.shape[1] - 1)
             loss_sum += out.loss.double() * predicted * weight
             n_pred += predicted * weight
+            n_routed += ids.numel() * weight
             for layer, r in run.tap.pop().items():
                 counts[layer] += expert_counts(r, run.plan.experts).to(counts[layer].dtype) * weight
     model.train()
     all_reduce_sum(loss_sum, env)
     all_reduce_sum(n_pred, env)
+    all_reduce_sum(n_routed, env)
     for layer in run.plan.moe_layers:
         all_reduce_sum(counts[layer], env)
     eval_loss = float(loss_sum / n_pred)
     perplexity = math.exp(eval_loss) if eval_loss < 700 else float("inf")
-    return Evaluation(step, eval_loss, perplexity, int(n_pred), counts)
+    return Evaluation(step, eval_loss, perplexity, int(n_pred), counts, int(n_routed))

@@ -100,6 +100,7 @@ def training_record(run: Run, last_eval: Evaluation | None) -> dict[str, Any]:
         record["expert_load"] = [
             {k: row[k] for k in ("layer", "cv", "max", "min")} for row in layer_rows(last_eval.counts)
         ]
+        record["expert_load_tokens"] = last_eval.load_tokens()
     return record
 
 

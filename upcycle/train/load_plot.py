@@ -15,10 +15,14 @@ def figure_size(layers: int, experts: int) -> tuple[float, float]:
     return max(6.0, 0.55 * experts + 3.0), max(3.5, 0.3 * layers + 2.0)
 
 
-def write_load_png(path: Path, load: torch.Tensor, layers: list[int], title: str) -> tuple[int, int]:
+def write_load_png(
+    path: Path, load: torch.Tensor, layers: list[int], title: str, *, top: float | None = None
+) -> tuple[int, int]:
     """Heatmap of load (L, E) (each row sums to 1); returns the (width, height) written in pixels.
 
-    Diverging colours centred on 1/E: red cells get more than their share, blue ones less, white is uniform.
+    Diverging colours centred on 1/E: red cells get more than their share, blue ones less, white is uniform. One
+    colour range for every layer: 0 to `top`, which is by default the largest share drawn (at least 2/E); give
+    top=1/k (the most one expert can get of top-k assignments) for a fixed scale that compares across models.
     """
     import matplotlib
 
@@ -29,7 +33,8 @@ def write_load_png(path: Path, load: torch.Tensor, layers: list[int], title: str
     num_layers, num_experts = load.shape
     uniform = 1.0 / num_experts
     values = load.double().numpy()
-    top = max(float(values.max()), 2 * uniform)  # at least as far above uniform as 0 is below it
+    if top is None:
+        top = max(float(values.max()), 2 * uniform)  # at least as far above uniform as 0 is below it
     fig = Figure(figsize=figure_size(num_layers, num_experts), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(

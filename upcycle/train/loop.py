@@ -280,6 +280,7 @@ def _summary(run: Run, progress: Progress, final: Path | None) -> dict[str, Any]
     over the last step taken."""
     plan, last_train, last_eval, last_step = run.plan, progress.last_train, progress.last_eval, progress.last_step
     load = layer_rows(last_eval.counts) if last_eval else (layer_rows(last_step.counts) if last_step else [])
+    counted = last_eval.load_tokens() if last_eval else f"the {plan.tokens_per_step:,} training tokens of the last step"
     if run.env.is_main:
         write_load(run, load, last_eval)
     return {
@@ -296,6 +297,7 @@ def _summary(run: Run, progress: Progress, final: Path | None) -> dict[str, Any]
         "perplexity": json_float(last_eval.perplexity) if last_eval else None,
         "skipped_steps": progress.skipped,
         "expert_load": summary_load(load),
+        "expert_load_tokens": counted if load else None,  # which tokens the load counts
         "peak_gpu_memory_gib": peak_gpu_memory(run),
         "experts_implementation": plan.experts_impl,
     }

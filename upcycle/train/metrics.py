@@ -75,12 +75,13 @@ class MetricsLog:
             for layer, value in layers.items():
                 self._tb.add_scalar(f"divergence/weight_cosine/layer_{layer}", value, step)
             layers = []
+        router = "router" if prefix == "train" else f"{prefix}/router"  # eval: the load over the held-out tokens
         for row in layers:
-            self._tb.add_scalar(f"router/cv/layer_{row['layer']}", row["cv"], step)
+            self._tb.add_scalar(f"{router}/cv/layer_{row['layer']}", row["cv"], step)
             if "dropped" in row:
-                self._tb.add_scalar(f"router/dropped/layer_{row['layer']}", row["dropped"], step)
+                self._tb.add_scalar(f"{router}/dropped/layer_{row['layer']}", row["dropped"], step)
             # the E load shares of the layer as a distribution: a wide one is an unbalanced layer
-            self._tb.add_histogram(f"router/load/layer_{row['layer']}", torch.tensor(row["load"]), step)
+            self._tb.add_histogram(f"{router}/load/layer_{row['layer']}", torch.tensor(row["load"]), step)
         self._tb.flush()
 
     def close(self) -> None:
