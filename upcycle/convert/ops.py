@@ -279,7 +279,6 @@ class Plan:
         """Every expert tensor (routed and shared, fused ones as their parts), in order."""
         return [op for op in self.flat_ops() if isinstance(op, Expert)]
 
-    @property
     def inexact_reason(self) -> str:
         """Why the MoE is not exact at init ("" when it is): the expert method, rounded values, casts."""
         if self.exact:
@@ -295,6 +294,7 @@ class Plan:
                 reasons.append(f"the {c.src}→{c.dst} cast {rounded}")
         return "; ".join(r for r in reasons if r) or self.exact_text
 
+    @property
     def total_bytes(self) -> int:
         return sum(op.nbytes for op in self.ops)
 
