@@ -810,6 +810,10 @@ def train(
     train_what: Annotated[
         str | None, typer.Option("--train", help="What trains: all, experts, non-experts, router. [default: all]")
     ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help="adamw, or adafactor (factored second moments: far less memory; lr is relative). [adamw]"),
+    ] = None,
     router_lr_scale: Annotated[float | None, typer.Option(help="Router lr = lr × this. [default: 1]")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32.")] = None,
     experts_impl: Annotated[
@@ -828,9 +832,12 @@ def train(
             help="Deterministic GPU kernels: a rerun or resume repeats every bit (slower). [default: off]",
         ),
     ] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps. [default: 10% of the steps]")] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Evaluate every N steps; 0: never. [default: at the end of a run ≤ 50 steps, "
+                                 "else every max(50, 10% of the steps)]")
+    ] = None,
     save_every: Annotated[
-        int | None, typer.Option(help="Checkpoint every N steps. [default: 10% of the steps]")
+        int | None, typer.Option(help="Checkpoint every N steps. [default: as --eval-every]")
     ] = None,
     keep_last: Annotated[int | None, typer.Option(help="Complete checkpoints kept. [default: 2]")] = None,
     log_every: Annotated[int | None, typer.Option(help="Log every N steps. [default: 10]")] = None,
@@ -838,7 +845,12 @@ def train(
         bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard events.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the data order and every random draw. [default: 0]")] = None,
-    gpu_mem: Annotated[float | None, typer.Option(help="GiB per GPU for --dry-run's fit check.")] = None,
+    gpu_mem: Annotated[
+        float | None, typer.Option(help="GiB per process for the memory check. [default: free GPU memory, or RAM]")
+    ] = None,
+    force_memory: Annotated[
+        bool, typer.Option("--force-memory", help="Start even when the memory estimate does not fit.")
+    ] = False,
     push_to_hub: Annotated[
         str | None, typer.Option("--push-to-hub", metavar="REPO_ID", help="Publish final/ when the run succeeds.")
     ] = None,
@@ -881,6 +893,7 @@ def train(
         jitter=jitter,
         router_noise=router_noise,
         train=train_what,
+        optimizer=optimizer,
         router_lr_scale=router_lr_scale,
         dtype=dtype,
         experts_impl=experts_impl,
@@ -894,6 +907,7 @@ def train(
         tensorboard=tensorboard,
         seed=seed,
         gpu_mem=gpu_mem,
+        force_memory=force_memory or None,
         push_to_hub=push_to_hub,
     )
     result = run_train(model, out_dir, spec, resume=resume, force=force, dry_run=dry_run, console=err)
@@ -935,19 +949,21 @@ def _print_train_plan(plan: dict[str, Any], title: str) -> None:
     table.add_row("device", f"{plan['device']}, {plan['dtype']}, experts {plan['experts_impl']}")
     if plan.get("sharding"):
         table.add_row("sharding", plan["sharding"])
-    table.add_row("eval / save", f"every {plan['eval_every']} / {plan['save_every']} steps")
+    evals = f"every {plan['eval_every']}" if plan["eval_every"] else "no evaluation"
+    table.add_row("eval / save", f"{evals} / every {plan['save_every']} steps")
     if plan.get("memory"):
         _memory_rows(table, plan["memory"])
     out.print(table)
 
 
 def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
-    """[train-dist] the estimate of upcycle.train.memory, per process."""
+    """[train-dist] the estimate of upcycle.train.memory, per process; when it does not fit, what would."""
 
     def gib(n: int) -> str:
         return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
-    parts = [("weights", "weights"), ("grads", "grads"), ("AdamW", "optimizer"), ("working copies", "working")]
+    optimizer = "AdamW" if mem["optimizer_name"] == "adamw" else "Adafactor"
+    parts = [("weights", "weights"), ("grads", "grads"), (optimizer, "optimizer"), ("working copies", "working")]
     states = ", ".join(f"{label} {gib(mem[key])}" for label, key in parts if mem[key])
     table.add_row("memory per process", f"{states} ({mem['precision']} precision, {mem['world_size']} process(es))")
     table.add_row(
@@ -955,12 +971,21 @@ def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
         f"{gib(mem['activations'])} ({gib(mem['activations_checkpointed'])} with --grad-checkpointing) "
         f"+ logits {gib(mem['logits'])}, at {mem['tokens']:,} tokens per micro-batch",
     )
+    if mem["runtime"] or mem["mapped"]:
+        table.add_row(
+            "peaks",
+            f"load {gib(mem['load_peak'])}, step {gib(mem['step_peak'])}, save {gib(mem['save_peak'])} (with "
+            f"{gib(mem['runtime'])} runtime and {gib(mem['mapped'])} of loaded weight files)",
+        )
     verdict = "fits" if mem["fits"] else "does NOT fit"
-    line = f"{gib(mem['total'])}: {verdict} in {gib(mem['available'])} ({mem['available_what']})"
-    if not mem["grad_checkpointing"]:
+    line = f"{gib(mem['total'])} ({mem['phase']}): {verdict} in {gib(mem['available'])} ({mem['available_what']})"
+    if not mem["grad_checkpointing"] and mem["total_with_checkpointing"] != mem["total"]:
         ok = "fits" if mem["fits_with_checkpointing"] else "does not fit"
         line += f"; with --grad-checkpointing {gib(mem['total_with_checkpointing'])}, {ok}"
     table.add_row("peak estimate", line)
+    if not mem["fits"]:
+        fits = "; ".join(f"{o['flags']} ({gib(o['total'])})" for o in mem["options"]) or "nothing tried"
+        table.add_row("would fit", f"{fits}; a run that does not fit needs --force-memory")
 
 
 def _print_train_summary(summary: dict[str, Any], title: str) -> None:

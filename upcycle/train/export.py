@@ -38,6 +38,7 @@ def card_options() -> tuple[str, ...]:
         "jitter",
         "router_noise",
         "train",
+        "optimizer",
         "router_lr_scale",
         "dtype",
         "seed",
@@ -50,7 +51,7 @@ def training_command(model: str, run_dir: Path, spec: TrainSpec) -> str:
     defaults = type(spec)()
     parts = ["upcycle", "train", public_name(model), "--out", Path(run_dir).name]
     for key, value in spec.to_dict().items():
-        if value is None or value == getattr(defaults, key) or key in ("push_to_hub", "gpu_mem"):
+        if value is None or value == getattr(defaults, key) or key in ("push_to_hub", "gpu_mem", "force_memory"):
             continue
         if key in ("data", "eval_data"):
             value = public_name(value)
