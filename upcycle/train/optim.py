@@ -59,7 +59,8 @@ def param_groups(
     embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():  # parameters() yields a tied weight once
-        if not p.requires_grad or id(p) in router_ids or id(p) in seen:
+        # a size-0 tensor (Qwen2-MoE's empty shared expert) has nothing to update, and Adafactor divides by its size
+        if not p.requires_grad or id(p) in router_ids or id(p) in seen or p.numel() == 0:
             continue
         seen.add(id(p))
         # 1-D tensors are norm weights and biases; embeddings are lookups, decaying them shrinks rare tokens
@@ -117,7 +118,7 @@ def optimizer_state_bytes(params: Iterable[nn.Parameter], name: str) -> int:
     seen: set[int] = set()
     total = 0
     for p in params:
-        if p.requires_grad and id(p) not in seen:
+        if p.requires_grad and id(p) not in seen and p.numel():
             seen.add(id(p))
             total += state_bytes(tuple(p.shape), name)
     return total
