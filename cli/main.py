@@ -526,6 +526,10 @@ def train(
     dtype: Annotated[
         str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32 (or bfloat16, float32).")
     ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help="adamw, or adafactor (factored second moments: less memory; lr is relative)." + _t("optimizer")),
+    ] = None,
     experts_impl: Annotated[
         str | None, typer.Option(help="transformers experts kernel: grouped_mm or eager." + _t("experts_impl"))
     ] = None,
@@ -542,9 +546,12 @@ def train(
             help="Deterministic GPU kernels: a rerun or resume repeats every bit (slower)." + _t("deterministic"),
         ),
     ] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps. [default: 10% of the steps]")] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Evaluate every N steps; 0: never. [default: at the end of a run ≤ 50 steps, "
+                                 "else every max(50, 10% of the steps)]")
+    ] = None,
     save_every: Annotated[
-        int | None, typer.Option(help="Checkpoint every N steps. [default: 10% of the steps]")
+        int | None, typer.Option(help="Checkpoint every N steps. [default: as --eval-every]")
     ] = None,
     keep_last: Annotated[int | None, typer.Option(help="Complete checkpoints kept." + _t("keep_last"))] = None,
     log_every: Annotated[int | None, typer.Option(help="Log every N steps." + _t("log_every"))] = None,
@@ -552,7 +559,12 @@ def train(
         bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard events.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the data order and every random draw." + _t("seed"))] = None,
-    gpu_mem: Annotated[float | None, typer.Option(help="GiB per GPU for --dry-run's fit check.")] = None,
+    gpu_mem: Annotated[
+        float | None, typer.Option(help="GiB per process for the memory check (default: free GPU memory, or RAM).")
+    ] = None,
+    force_memory: Annotated[
+        bool, typer.Option("--force-memory", help="Start even when the memory estimate does not fit.")
+    ] = False,
     push_to_hub: Annotated[
         str | None, typer.Option("--push-to-hub", metavar="REPO_ID", help="Publish final/ when the run succeeds.")
     ] = None,
@@ -591,6 +603,7 @@ def train(
         jitter=jitter,
         router_noise=router_noise,
         train=train_what,
+        optimizer=optimizer,
         router_lr_scale=router_lr_scale,
         dtype=dtype,
         experts_impl=experts_impl,
@@ -604,6 +617,7 @@ def train(
         tensorboard=tensorboard,
         seed=seed,
         gpu_mem=gpu_mem,
+        force_memory=force_memory or None,
         push_to_hub=push_to_hub,
     )
     try:

@@ -432,7 +432,8 @@ def train_plan(screen: Screen, plan: dict[str, Any], title: str) -> None:
     table.add_row("device", f"{plan['device']}, {plan['dtype']}, experts {plan['experts_impl']}")
     if plan.get("sharding"):
         table.add_row("sharding", plan["sharding"])
-    table.add_row("eval / save", f"every {plan['eval_every']} / {plan['save_every']} steps")
+    evals = f"every {plan['eval_every']}" if plan["eval_every"] else "no evaluation"
+    table.add_row("eval / save", f"{evals} / every {plan['save_every']} steps")
     if plan.get("memory"):
         _memory_rows(table, plan["memory"])
     screen.out.print(table)
@@ -440,7 +441,8 @@ def train_plan(screen: Screen, plan: dict[str, Any], title: str) -> None:
 
 def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
     """The estimate of upcycle.train.memory, per process."""
-    parts = [("weights", "weights"), ("grads", "grads"), ("AdamW", "optimizer"), ("working copies", "working")]
+    optimizer = "AdamW" if mem["optimizer_name"] == "adamw" else "Adafactor"
+    parts = [("weights", "weights"), ("grads", "grads"), (optimizer, "optimizer"), ("working copies", "working")]
     states = ", ".join(f"{label} {gib(mem[key])}" for label, key in parts if mem[key])
     table.add_row("memory per process", f"{states} ({mem['precision']} precision, {mem['world_size']} process(es))")
     table.add_row(
@@ -448,12 +450,21 @@ def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
         f"{gib(mem['activations'])} ({gib(mem['activations_checkpointed'])} with --grad-checkpointing) "
         f"+ logits {gib(mem['logits'])}, at {mem['tokens']:,} tokens per micro-batch",
     )
+    if mem["runtime"] or mem["mapped"]:
+        table.add_row(
+            "peaks",
+            f"load {gib(mem['load_peak'])}, step {gib(mem['step_peak'])}, save {gib(mem['save_peak'])} (with "
+            f"{gib(mem['runtime'])} runtime and {gib(mem['mapped'])} of loaded weight files)",
+        )
     verdict = "fits" if mem["fits"] else "does NOT fit"
-    line = f"{gib(mem['total'])}: {verdict} in {gib(mem['available'])} ({mem['available_what']})"
-    if not mem["grad_checkpointing"]:
+    line = f"{gib(mem['total'])} ({mem['phase']}): {verdict} in {gib(mem['available'])} ({mem['available_what']})"
+    if not mem["grad_checkpointing"] and mem["total_with_checkpointing"] != mem["total"]:
         ok = "fits" if mem["fits_with_checkpointing"] else "does not fit"
         line += f"; with --grad-checkpointing {gib(mem['total_with_checkpointing'])}, {ok}"
     table.add_row("peak estimate", line)
+    if not mem["fits"]:
+        fits = "; ".join(f"{o['flags']} ({gib(o['total'])})" for o in mem["options"]) or "nothing tried"
+        table.add_row("would fit", f"{fits}; a run that does not fit needs --force-memory")
 
 
 def train_summary(screen: Screen, summary: dict[str, Any], title: str) -> None:

@@ -212,7 +212,7 @@ def test_grad_accum_under_fsdp_reduces_gradients_on_the_last_micro_batch_only(ru
     one = root / "accum-one"
     assert run(["train", *common, "--micro-batch", "2", "--grad-accum", "2", "--out", str(one)]) == 0
     got = {}
-    for name, extra in (("last", []), ("every", ["--gpu-mem", "0.0001"])):
+    for name, extra in (("last", []), ("every", ["--gpu-mem", "0.0001", "--force-memory"])):  # too small: forced
         calls, out = root / f"calls-{name}", root / f"accum-{name}"
         calls.mkdir()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]

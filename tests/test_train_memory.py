@@ -14,7 +14,7 @@ from tiny import tiny_config
 
 from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
-from upcycle.train.memory import GiB, available_memory, estimate, model_shape, precision_for
+from upcycle.train.memory import RUNTIME_CPU, SAVE_SHARE, GiB, available_memory, estimate, model_shape, precision_for
 from upcycle.train.spec import TrainSpec
 
 MIXTRAL = dict(num_local_experts=8, num_experts_per_tok=2)
@@ -212,16 +212,11 @@ def test_estimate_tracks_peak_rss_of_real_steps(upcycled_256):
         measured[name] = json.loads(stdout.strip().splitlines()[-1])
     cfg = json.loads((Path(upcycled_256) / "config.json").read_text())
     params = measured["mb4"]["params"]
-    est = {
-        name: estimate(
-            cfg,
-            TrainSpec(seq_len=256, micro_batch=int(mb), grad_checkpointing=ck == "1", dtype="fp32"),
-            trainable_params=params,
-            total_params=params,
-            on_gpu=False,
-        ).total
-        for name, (mb, ck) in runs.items()
-    }
+    est = {}
+    for name, (mb, ck) in runs.items():
+        spec = TrainSpec(seq_len=256, micro_batch=int(mb), grad_checkpointing=ck == "1", dtype="fp32")
+        e = estimate(cfg, spec, trainable_params=params, total_params=params, on_gpu=False)
+        est[name] = e.step_peak(ck == "1") - e.host  # the step alone: the child measures above its runtime
     for name in runs:
         ratio = est[name] / measured[name]["peak"]
         assert 0.6 <= ratio <= 1.5, (name, est[name] >> 20, measured[name]["peak"] >> 20)
@@ -232,6 +227,7 @@ def test_estimate_tracks_peak_rss_of_real_steps(upcycled_256):
 def test_dry_run_plan_carries_the_estimate(dense, tmp_path, capsys):
     """`upcycle train --dry-run` reports this module's figures, and --gpu-mem decides whether they fit."""
     from upcycle.train import loop
+    from upcycle.train.model import weight_files
     from upcycle.train.spec import build_train_spec
     from upcycle_cli.main import run
 
@@ -241,12 +237,54 @@ def test_dry_run_plan_carries_the_estimate(dense, tmp_path, capsys):
     plan = loop.train(str(moe), None, spec, dry_run=True).plan
     mem = plan["memory"]
     cfg = json.loads((moe / "config.json").read_text())
+    size, cast = weight_files(moe)
     expected = estimate(
-        cfg, spec, trainable_params=plan["params_trainable"], total_params=plan["params_total"], on_gpu=False
+        cfg,
+        spec,
+        trainable_params=plan["params_trainable"],
+        total_params=plan["params_total"],
+        on_gpu=False,
+        source_bytes=size,
+        source_cast=cast,
     )
+    assert size == sum(f.stat().st_size for f in moe.glob("*.safetensors")) and not cast  # converted in fp32
     assert {k: mem[k] for k in expected.to_dict()} == expected.to_dict()
     assert (mem["available"], mem["fits"]) == (int(0.001 * GiB), mem["total"] <= 0.001 * GiB)
     capsys.readouterr()
     args = ["train", str(moe), "--data", "unused.txt", "--steps", "2", "--seq-len", "64", "--dry-run"]
     assert run([*args, "--gpu-mem", "64"]) == 0
     assert "fits in 64.00 GiB (--gpu-mem 64 GiB)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_host_terms_and_phases():
+    """On CPU the peak is the largest of loading (weights + the files, + a cast copy of a bf16 checkpoint), the step
+    and a save; on a GPU none of the host terms count."""
+    cfg = mixtral_config()
+    spec = TrainSpec(seq_len=16, micro_batch=1)
+    args = dict(trainable_params=100, total_params=1000, source_bytes=2000)
+    cpu = estimate(cfg, spec, on_gpu=False, **args)
+    cast = estimate(cfg, spec, on_gpu=False, source_cast=True, **args)
+    gpu = estimate(cfg, spec, on_gpu=True, precision="fp32", **args)
+    assert (cpu.runtime, cpu.mapped, cpu.load_extra, cast.load_extra) == (RUNTIME_CPU, 2000, 0, 2000)
+    assert cpu.load_peak == RUNTIME_CPU + 2000 + 4000 and cast.load_peak == cpu.load_peak + 2000
+    assert cpu.save_extra == int(SAVE_SHARE * 4000) and cpu.save_peak == cpu.host + cpu.states + cpu.save_extra
+    assert cpu.step_peak(False) == cpu.host + cpu.states + max(cpu.activations + cpu.logits, cpu.optimizer_step)
+    assert cpu.total == max(cpu.load_peak, cpu.step_peak(False), cpu.save_peak)
+    peaks = {"load": cpu.load_peak, "step": cpu.step_peak(False), "save": cpu.save_peak}
+    assert cpu.to_dict()["phase"] == cpu.phase() == max(peaks, key=peaks.__getitem__)
+    huge = estimate(cfg, spec, on_gpu=False, **(args | {"source_bytes": 10**9}), source_cast=True)
+    assert huge.phase() == "load"  # a cast of a big bf16 file beside its fp32 weights
+    assert (gpu.runtime, gpu.mapped, gpu.save_extra, gpu.load_peak) == (0, 0, 0, gpu.weights)
+    assert gpu.total == gpu.states + max(gpu.activations + gpu.logits, gpu.optimizer_step)
+
+
+def test_adafactor_state_is_factored():
+    from upcycle.train.optim import state_bytes
+
+    assert state_bytes((8, 512, 64), "adamw") == 8 * 512 * 64 * 8
+    assert state_bytes((8, 512, 64), "adafactor") == (8 * 512 + 8 * 64) * 4  # row and column means per expert
+    assert state_bytes((64,), "adafactor") == 64 * 4
+    spec = TrainSpec(seq_len=16, micro_batch=1, optimizer="adafactor")
+    est = estimate(mixtral_config(), spec, trainable_params=600, total_params=1000, optimizer_state=77,
+                   biggest_param=50, on_gpu=False)  # fmt: skip
+    assert est.optimizer == 77 and est.optimizer_step >= 2 * 50 * 4

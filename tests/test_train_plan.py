@@ -52,7 +52,16 @@ MEMORY_KEYS = [
     "activations",
     "activations_checkpointed",
     "logits",
+    "optimizer_name",
+    "runtime",
+    "mapped",
+    "load_extra",
+    "save_extra",
     "states",
+    "load_peak",
+    "step_peak",
+    "save_peak",
+    "phase",
     "total",
     "total_without_checkpointing",
     "total_with_checkpointing",
@@ -60,6 +69,7 @@ MEMORY_KEYS = [
     "available_what",
     "fits",
     "fits_with_checkpointing",
+    "options",
 ]
 
 

@@ -39,6 +39,7 @@ def card_options() -> tuple[str, ...]:
         "jitter",
         "router_noise",
         "train",
+        "optimizer",
         "router_lr_scale",
         "dtype",
         "seed",
@@ -48,7 +49,7 @@ def card_options() -> tuple[str, ...]:
 def training_command(model: str, run_dir: Path, spec: TrainSpec) -> str:
     """The `upcycle train` command that reproduces the run: the options that differ from the defaults, with local
     paths by their last part only."""
-    options = {k: v for k, v in spec.to_dict().items() if k not in ("push_to_hub", "gpu_mem")}
+    options = {k: v for k, v in spec.to_dict().items() if k not in ("push_to_hub", "gpu_mem", "force_memory")}
     for key in ("data", "eval_data"):
         if options.get(key) is not None:
             options[key] = public_name(options[key])

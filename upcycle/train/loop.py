@@ -144,9 +144,11 @@ def train_loop(run: Run, display: Display) -> dict[str, Any]:
                 if log and logged:
                     log.write(record)
                 display.train(record, logged)
-                if step % plan.eval_every == 0 or step == plan.steps:
+                if plan.eval_every and (step % plan.eval_every == 0 or step == plan.steps):  # 0: no evaluation
+                    display.phase("evaluating")
                     progress.last_eval = _evaluate(run, log, display, step, tokens) or progress.last_eval
                 if step % plan.save_every == 0 or step == plan.steps:
+                    display.phase("saving")
                     _save(run, step, tokens)
                     if rd is not None:
                         rd.checkpoint_written()

@@ -27,10 +27,18 @@ attention so the s² scores are never stored):
     logits                   V·(a + 4·[a≠4] + 4 + 8)  logits, their fp32 copy, log-softmax saved by
                              cross-entropy, and in backward the fp32 gradients of both (transient, at the peak)
 
-The peak is taken as weights + grads + optimizer states + working copies + max(activations + logits, the
+The step's peak is taken as weights + grads + optimizer states + working copies + max(activations + logits, the
 optimizer step's temporaries): an upper bound, since the gradients fill up while backward frees the activations.
-Not counted: the CUDA context and allocator fragmentation (leave ~1-2 GiB on a GPU), the data pipeline, and
-the interpreter itself (~0.5 GiB of RSS on CPU).
+
+On CPU the figure is the process's peak RSS, so three more terms count (measured, see benchmarks/train_memory.py):
+- `runtime`: the interpreter with torch, transformers, the tokenizer and the data (RUNTIME_CPU);
+- `mapped`: the source's weight files as loaded, resident from loading on (measured with transformers 5.25: an
+  fp32 checkpoint stays memory-mapped, as clean page cache; a bf16 one leaves about its size of heap behind);
+- the load and save peaks: loading holds runtime + mapped + the fp32 weights, and a bf16 checkpoint materialised
+  in fp32 adds about its own size again while it is cast (`load_extra`); a save (checkpoint, final/) adds about
+  SAVE_SHARE of the model's fp32 bytes on top of the step's states (save_pretrained's copies).
+The whole run's peak is the largest of the load, step and save peaks. Not counted on a GPU: the CUDA context and
+allocator fragmentation (leave ~1-2 GiB).
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ from .spec import TrainSpec
 
 GiB = 1 << 30
 FP32 = 4
+RUNTIME_CPU = int(0.85 * GiB)  # RSS of the interpreter, torch, transformers, tokenizer and data before the model
+SAVE_SHARE = 0.55  # a save's transient, as a share of the model's fp32 bytes (measured 0.49-0.59)
 
 Precision = Literal["fp32", "mixed", "bf16", "pure-bf16"]
 
@@ -192,18 +202,46 @@ class MemoryEstimate:
     activations: int  # without checkpointing: every layer's saved tensors + the final norm
     activations_checkpointed: int  # with checkpointing: each layer's input + one layer recomputed + final norm
     logits: int
+    optimizer_name: str = "adamw"  # --optimizer
+    runtime: int = 0  # CPU: the interpreter and libraries (RUNTIME_CPU); 0 on a GPU
+    mapped: int = 0  # CPU: the weight files as loaded, resident from then on
+    load_extra: int = 0  # CPU: the cast of a checkpoint stored in another dtype than the fp32 it is loaded in
+    save_extra: int = 0  # CPU: what a save adds on top of the step's states
 
     @property
     def states(self) -> int:
         return self.weights + self.grads + self.optimizer + self.working
 
     @property
+    def host(self) -> int:
+        """What every phase holds besides the model: the runtime and the mapped weight files (CPU only)."""
+        return self.runtime + self.mapped
+
+    @property
+    def load_peak(self) -> int:
+        return self.host + self.weights + self.load_extra
+
+    @property
+    def save_peak(self) -> int:
+        return self.host + self.states + self.save_extra
+
+    def step_peak(self, checkpointed: bool) -> int:
+        acts = self.activations_checkpointed if checkpointed else self.activations
+        return self.host + self.states + max(acts + self.logits, self.optimizer_step)
+
+    def phase(self, checkpointed: bool | None = None) -> str:
+        """Which phase sets the peak: "load", "step" or "save"."""
+        ckpt = self.grad_checkpointing if checkpointed is None else checkpointed
+        peaks = {"step": self.step_peak(ckpt), "save": self.save_peak, "load": self.load_peak}
+        return max(peaks, key=peaks.__getitem__)
+
+    @property
     def total_without_checkpointing(self) -> int:
-        return self.states + max(self.activations + self.logits, self.optimizer_step)
+        return max(self.load_peak, self.step_peak(False), self.save_peak)
 
     @property
     def total_with_checkpointing(self) -> int:
-        return self.states + max(self.activations_checkpointed + self.logits, self.optimizer_step)
+        return max(self.load_peak, self.step_peak(True), self.save_peak)
 
     @property
     def total(self) -> int:
@@ -218,6 +256,10 @@ class MemoryEstimate:
         out = asdict(self)
         out.update(
             states=self.states,
+            load_peak=self.load_peak,
+            step_peak=self.step_peak(self.grad_checkpointing),
+            save_peak=self.save_peak,
+            phase=self.phase(),
             total=self.total,
             total_without_checkpointing=self.total_without_checkpointing,
             total_with_checkpointing=self.total_with_checkpointing,
@@ -236,6 +278,10 @@ def estimate(
     on_gpu: bool | None = None,
     sharded: bool | None = None,
     unsharded_grads: bool = False,
+    optimizer_state: int | None = None,
+    biggest_param: int = 0,
+    source_bytes: int = 0,
+    source_cast: bool = False,
 ) -> MemoryEstimate:
     """Memory per rank for `spec` on a model with this config (a transformers config, object or dict).
 
@@ -244,6 +290,11 @@ def estimate(
     full-size gradients of every trainable parameter (plan.grad_sync_on_last_micro_batch decides).
     precision: the recipe (PRECISIONS); by default the one `upcycle train` uses for spec.dtype on this device
     (on_gpu defaults to whether CUDA is available). micro_batch and seq_len are per rank, as in the run.
+    optimizer_state: bytes of the optimizer's state over the trainable parameters (optim.optimizer_state_bytes,
+    exact for Adafactor's factored moments); by default AdamW's two fp32 moments per trainable parameter.
+    biggest_param: elements of the largest trainable tensor (Adafactor's step makes a full-size temporary of it).
+    source_bytes: the size of the weight files loaded (CPU: resident through the run); source_cast: they hold
+    another dtype than float32, so loading casts them (CPU: a transient of their size).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
@@ -273,6 +324,11 @@ def estimate(
     else:
         working = total_params * p.working
     step_temp = trainable_params * p.step_temp if on_gpu else biggest_layer_params * FP32  # CPU: per-tensor loop
+    if spec.optimizer == "adafactor":  # one tensor at a time: its full-size variance estimate and update
+        step_temp = max(step_temp if on_gpu else 0, 2 * biggest_param * FP32)
+    moments = trainable_params * p.optimizer
+    if optimizer_state is not None:  # the optimizer's own state, plus the fp32 master copies a recipe keeps
+        moments = optimizer_state + trainable_params * max(0, p.optimizer - 2 * FP32)
 
     def shard(n: int) -> int:
         return math.ceil(n / world_size)
@@ -284,12 +340,17 @@ def estimate(
         grad_checkpointing=spec.grad_checkpointing,
         weights=shard(total_params * p.param),
         grads=trainable_params * p.grad if unsharded_grads else shard(trainable_params * p.grad),
-        optimizer=shard(trainable_params * p.optimizer),
+        optimizer=shard(moments),
         working=working,
         optimizer_step=shard(step_temp) if on_gpu else step_temp,
         activations=tokens * (per_token + final_norm),
         activations_checkpointed=tokens * (layer_inputs + biggest_layer + final_norm),
         logits=tokens * logits_bytes_per_token(shape, a),
+        optimizer_name=spec.optimizer,
+        runtime=0 if on_gpu else RUNTIME_CPU,
+        mapped=0 if on_gpu else source_bytes,
+        load_extra=0 if on_gpu or not source_cast else source_bytes,
+        save_extra=0 if on_gpu else int(SAVE_SHARE * total_params * FP32),
     )
 
 

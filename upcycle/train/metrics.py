@@ -1,7 +1,7 @@
 """What a run reports: metrics.jsonl (+ TensorBoard) in RUN_DIR, and the progress a person watches.
 
 Records are plain dicts, one JSON object per line, with `kind` "train", "skip", "eval" or "divergence" (see
-README).
+docs/train.md), each stamped with `time` (UTC, ISO 8601) and `elapsed_s` (seconds since this process's run began).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, *, tensorboard: bool, start_step: int = 0) -> None:
         self._file = open(Path(run_dir) / METRICS, "a")  # noqa: SIM115 - closed in close()
+        self._t0 = time.monotonic()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -60,7 +63,8 @@ class MetricsLog:
             )
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        stamp = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "elapsed_s": self.elapsed()}
+        self._file.write(json.dumps(record | stamp) + "\n")
         self._file.flush()
         if self._tb is None:
             return
@@ -83,6 +87,9 @@ class MetricsLog:
             # the E load shares of the layer as a distribution: a wide one is an unbalanced layer
             self._tb.add_histogram(f"{router}/load/layer_{row['layer']}", torch.tensor(row["load"]), step)
         self._tb.flush()
+
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self._t0, 3)
 
     def close(self) -> None:
         self._file.close()
@@ -109,13 +116,21 @@ def layer_rows(counts: dict[int, torch.Tensor], dropped: dict[int, float] | None
     return rows
 
 
-def train_line(r: dict[str, Any], total: int) -> str:
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def train_line(r: dict[str, Any], total: int, eta: float | None = None) -> str:
     from .losses import LOSSES
 
     terms = "".join(f"{name} {r[name]:.4f}  " for name in ("loss", "lm", *LOSSES))
     return (
         f"step {r['step']}/{total}  {terms}lr {r['lr']:.2e}  grad-norm {r['grad_norm']:.3f}  "
-        f"{si(r['tokens_per_s'])} tok/s"
+        f"{si(r['tokens_per_s'])} tok/s" + (f"  ETA {duration(eta)}" if eta is not None else "")
     )
 
 
@@ -135,6 +150,14 @@ class Display:
         self._bar = None
         self._task = None
         self._total = 0
+        self._start = (0, 0.0)  # (step, monotonic time) when the loop started
+
+    def eta(self, step: int) -> float | None:
+        """Seconds left at the pace since the loop started (evaluations and saves included)."""
+        first, t0 = self._start
+        if step <= first:
+            return None
+        return (time.monotonic() - t0) / (step - first) * (self._total - step)
 
     def _print(self, text: str) -> None:
         if self.console is not None:
@@ -149,12 +172,13 @@ class Display:
 
     def start(self, start_step: int, total: int) -> None:
         self._total = total
+        self._start = (start_step, time.monotonic())
         if self.console is None or not self.console.is_terminal:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._bar = Progress(
-            TextColumn("training"),
+            TextColumn("{task.fields[phase]}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[figures]}"),
@@ -162,14 +186,22 @@ class Display:
             console=self.console,
         )
         self._bar.start()
-        self._task = self._bar.add_task("train", total=total, completed=start_step, figures="")
+        self._task = self._bar.add_task("train", total=total, completed=start_step, figures="", phase="training")
+
+    def phase(self, name: str) -> None:
+        """What the run is doing after a step ("evaluating", "saving"): in the bar until the next step; on a plain
+        console, a line."""
+        if self._bar is not None:
+            self._bar.update(self._task, phase=name)
+        elif self.console is not None:
+            self._print(f"{name}...")
 
     def train(self, record: dict[str, Any], logged: bool) -> None:
         if self._bar is not None:
             figures = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {si(record['tokens_per_s'])} tok/s"
-            self._bar.update(self._task, completed=record["step"], figures=figures)
+            self._bar.update(self._task, completed=record["step"], figures=figures, phase="training")
         elif logged:
-            self._print(train_line(record, self._total))
+            self._print(train_line(record, self._total, self.eta(record["step"])))
 
     def skip(self, record: dict[str, Any]) -> None:
         if self._bar is not None:

@@ -4,22 +4,24 @@ runs under (the compute dtype), and the RouterTap that hands the router logits t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from ..arch import Target, family_for, target_for_config
 from ..compat import enable_grouped_mm_autocast, experts_implementation
 from ..errors import UpcycleError
 from .data import derived_seed
 from .distributed import DistEnv, mixed_precision
-from .optim import set_trainable
-from .plan import moe_shape
+from .optim import optimizer_state_bytes, set_trainable
+from .plan import Footprint, moe_shape
 from .routing_hooks import RouterTap, find_routers
-from .spec import TrainSpec
+from .spec import OptimizerName, TrainSpec, TrainWhat
 
 if TYPE_CHECKING:
     import torch
@@ -211,3 +213,83 @@ def count_params(model: nn.Module, extra: list[nn.Parameter]) -> tuple[int, int]
         seen.setdefault(id(p), p)
     total = sum(p.numel() for p in seen.values())
     return total, sum(p.numel() for p in seen.values() if p.requires_grad)
+
+
+# --- what the memory estimate reads from the model --------------------------------------------------------------
+
+
+def footprint(folder: Path, target: Target, config: dict[str, Any], spec: TrainSpec) -> tuple[Footprint, list[int]]:
+    """The parameter counts and optimizer state of every --train and --optimizer choice, from a meta-device model
+    (no weight is read), and the size and dtype of the weight files in `folder`; with the MoE layers."""
+    meta = meta_model(folder)
+    tap = attach_routing(meta, target, config, spec, seeded=False)
+    noise = list(tap.noise_modules.parameters())
+    tap.remove()
+    params: dict[str, tuple[int, int]] = {}
+    states: dict[str, dict[str, int]] = {}
+    biggest: dict[str, int] = {}
+    for what in get_args(TrainWhat):
+        set_trainable(meta, target, tap.layers, what, noise)
+        params[what] = count_params(meta, noise)
+        trainable = [p for p in [*meta.parameters(), *noise] if p.requires_grad]
+        states[what] = {name: optimizer_state_bytes(trainable, name) for name in get_args(OptimizerName)}
+        biggest[what] = max((p.numel() for p in trainable), default=0)
+    size, cast = weight_files(folder)
+    return Footprint(params, states, biggest, size, cast), list(tap.layers)
+
+
+def weight_files(folder: Path) -> tuple[int, bool]:
+    """(bytes of the model's weight files, whether any tensor in them is not float32), from the safetensors
+    headers alone."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    cast = False
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+        except (OSError, ValueError, struct.error):
+            continue  # loading will say what is wrong with it
+        cast = cast or any(v.get("dtype") != "F32" for k, v in header.items() if k != "__metadata__")
+    return size, cast
+
+
+def identical_experts(model: nn.Module, target: Target, layers: list[int]) -> bool:
+    """Whether every MoE layer's experts are still exact copies of each other (freshly cloned, no noise): then no
+    routing can change the layer's output beyond the weight the kept experts get."""
+    import torch
+
+    for layer in layers:
+        module = model.get_submodule(target.modules["experts"].format(layer=layer))
+        tensors = list(module.parameters(recurse=False))
+        children = list(module.children())
+        if not tensors and children:  # one module per expert
+            first = list(children[0].parameters())
+            for child in children[1:]:
+                if not all(torch.equal(a, b) for a, b in zip(first, child.parameters(), strict=True)):
+                    return False
+            continue
+        for p in tensors:  # fused: (E, ...) per tensor
+            if p.ndim >= 2 and not torch.equal(p, p[:1].expand_as(p)):
+                return False
+    return bool(layers)
+
+
+def clone_warning(
+    model: nn.Module, target: Target, config: dict[str, Any], spec: TrainSpec, layers: list[int]
+) -> str | None:
+    """The warning for --train router on identical experts: the LM loss cannot move, only the router losses."""
+    if spec.train != "router" or not identical_experts(model, target, layers):
+        return None
+    _, _, renorm = moe_shape(config, target)
+    effect = (
+        "so no routing changes the LM loss: only the balance and z losses move"
+        if renorm
+        else "so routing changes the LM loss only through the total weight of the kept experts, not through which"
+    )
+    return (
+        f"--train router on experts that are still identical copies of each other (freshly cloned) cannot learn "
+        f"which expert suits a token, {effect}; to learn, train the experts too (--train all or --train experts) "
+        "or convert with --noise so the experts differ"
+    )

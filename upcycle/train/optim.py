@@ -1,4 +1,8 @@
-"""What trains and how fast: freezing (--train), AdamW parameter groups and the learning-rate schedule."""
+"""What trains and how fast: freezing (--train), the optimizer (--optimizer) over parameter groups, and the
+learning-rate schedule.
+
+Frozen parameters are never in a group, so they get no gradient (requires_grad off) and no optimizer state.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +59,8 @@ def param_groups(
     embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():  # parameters() yields a tied weight once
-        if not p.requires_grad or id(p) in router_ids or id(p) in seen:
+        # a size-0 tensor (Qwen2-MoE's empty shared expert) has nothing to update, and Adafactor divides by its size
+        if not p.requires_grad or id(p) in router_ids or id(p) in seen or p.numel() == 0:
             continue
         seen.add(id(p))
         # 1-D tensors are norm weights and biases; embeddings are lookups, decaying them shrinks rare tokens
@@ -79,17 +84,47 @@ def lr_factor(index: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], device: torch.device, name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95), or torch's Adafactor (factored second moments, no first moment: ST-MoE's
+    optimizer), whose step is its lr times each tensor's RMS, so its lr is relative (1e-3 to 1e-2 is typical)."""
     import torch
 
     if not groups:
         from ..errors import UpcycleError
 
         raise UpcycleError("nothing to train: --train froze every parameter")
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups)
+    if name != "adamw":
+        raise ValueError(f"unknown optimizer {name!r}")
     # fused: one kernel over all parameters on CUDA and on the CPU (torch >= 2.4), ~10x the unfused CPU step, which
     # was a third of a CPU training step (benchmarks/train_loops.py); the Trainer's default is fused too
     fused = device.type in ("cuda", "cpu") or None
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def state_bytes(shape: tuple[int, ...], name: str) -> int:
+    """Bytes of optimizer state one float32 parameter of `shape` gets: AdamW's two moments; Adafactor's row and
+    column means of the squared gradient over the last two dimensions (the whole second moment for a vector)."""
+    numel = math.prod(shape)
+    if name == "adamw":
+        return 2 * numel * 4
+    if len(shape) < 2:
+        return numel * 4
+    rows = math.prod(shape[:-1])
+    cols = math.prod(shape[:-2]) * shape[-1]
+    return (rows + cols) * 4
+
+
+def optimizer_state_bytes(params: Iterable[nn.Parameter], name: str) -> int:
+    """Optimizer state of the trainable parameters (each counted once; frozen ones get none)."""
+    seen: set[int] = set()
+    total = 0
+    for p in params:
+        if p.requires_grad and id(p) not in seen and p.numel():
+            seen.add(id(p))
+            total += state_bytes(tuple(p.shape), name)
+    return total
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec, total: int) -> torch.optim.lr_scheduler.LambdaLR:

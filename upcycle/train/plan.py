@@ -8,12 +8,12 @@ interface (tests/test_train_plan.py pins them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from ..source import public_name
 from .distributed import DistEnv, sharding
-from .memory import MemoryEstimate, estimate
+from .memory import GiB, MemoryEstimate, estimate
 from .spec import TrainSpec, TrainWhat
 
 if TYPE_CHECKING:
@@ -31,20 +31,74 @@ def moe_shape(config: dict[str, Any], target: Target) -> tuple[int, int, bool]:
 
 
 @dataclass(frozen=True)
+class Footprint:
+    """What the memory estimate reads from the model itself, for every choice of --train and --optimizer (so that a
+    run which does not fit can say which choices would): counted on a meta-device model before any weight is read."""
+
+    params: dict[str, tuple[int, int]]  # --train choice -> (total, trainable) parameters
+    optimizer_state: dict[str, dict[str, int]]  # --train choice -> --optimizer -> bytes of optimizer state
+    biggest: dict[str, int]  # --train choice -> elements of the largest trainable tensor
+    source_bytes: int = 0  # the weight files loaded
+    source_cast: bool = False  # they hold another dtype than float32
+
+    def estimate_args(self, spec: TrainSpec) -> dict[str, Any]:
+        total, trainable = self.params[spec.train]
+        return dict(
+            trainable_params=trainable,
+            total_params=total,
+            optimizer_state=self.optimizer_state[spec.train][spec.optimizer],
+            biggest_param=self.biggest[spec.train],
+            source_bytes=self.source_bytes,
+            source_cast=self.source_cast,
+        )
+
+
+@dataclass(frozen=True)
+class FitOption:
+    """A change of options that makes the run fit, and the peak it would have."""
+
+    flags: str  # e.g. "--optimizer adafactor --grad-checkpointing"
+    total: int  # bytes
+
+    def __str__(self) -> str:
+        return f"{self.flags} ({self.total / GiB:.2f} GiB)"
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
-    """The memory estimate per process (upcycle/train/memory.py) against what is available."""
+    """The memory estimate per process (upcycle/train/memory.py) against what is available, and when it does not
+    fit, the options that would."""
 
     estimate: MemoryEstimate
     available: int  # bytes
     available_what: str  # where `available` comes from: --gpu-mem, the GPU, or RAM
+    options: tuple[FitOption, ...] = ()  # empty when the run fits (or when nothing was tried)
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.fits(self.available)
 
     def to_dict(self) -> dict[str, Any]:
         return self.estimate.to_dict() | {
             "available": self.available,
             "available_what": self.available_what,
-            "fits": self.estimate.fits(self.available),
+            "fits": self.fits,
             "fits_with_checkpointing": self.estimate.fits(self.available, checkpointed=True),
+            "options": [{"flags": o.flags, "total": o.total} for o in self.options],
         }
+
+    def refusal(self) -> str:
+        """The one line that refuses a run which does not fit."""
+        est = self.estimate
+        return (
+            f"this run needs about {est.total / GiB:.2f} GiB at its peak ({est.phase()}) and {self.available / GiB:.2f}"
+            f" GiB is available ({self.available_what}); {self.advice()}, or pass --force-memory to start anyway"
+        )
+
+    def advice(self) -> str:
+        if not self.options:
+            return "no change of --train, --optimizer, --grad-checkpointing or --micro-batch makes it fit"
+        return "it fits with " + "; or ".join(str(o) for o in self.options)
 
 
 def memory_plan(
@@ -55,20 +109,96 @@ def memory_plan(
     available: tuple[int, str],
     *,
     unsharded_grads: bool = False,
+    footprint: Footprint | None = None,
 ) -> MemoryPlan:
-    """Memory per process (weights, gradients, AdamW states, activations with and without grad checkpointing) and
-    whether it fits `available` (memory.available_memory: --gpu-mem, the GPU present, or on CPU the RAM)."""
-    est = estimate(
+    """Memory per process (weights, gradients, optimizer states, activations with and without grad checkpointing,
+    and on CPU the load and save peaks) and whether it fits `available` (memory.available_memory: --gpu-mem, the
+    GPU present, or on CPU the RAM). With a footprint, the estimate counts the optimizer's real state, and a run
+    that does not fit carries the options that would make it fit."""
+    est = _estimate(config, params, spec, env, unsharded_grads, footprint)
+    plan = MemoryPlan(est, *available)
+    if footprint is None or plan.fits:
+        return plan
+    return replace(plan, options=fit_options(config, spec, env, available[0], footprint, unsharded_grads))
+
+
+def _estimate(
+    config: dict[str, Any],
+    params: tuple[int, int],
+    spec: TrainSpec,
+    env: DistEnv,
+    unsharded_grads: bool,
+    footprint: Footprint | None,
+) -> MemoryEstimate:
+    counts = (
+        footprint.estimate_args(spec)
+        if footprint is not None
+        else dict(trainable_params=params[1], total_params=params[0])
+    )
+    return estimate(
         config,
         spec,
-        trainable_params=params[1],
-        total_params=params[0],
         world_size=env.world_size,
         on_gpu=env.device.type == "cuda",
         sharded=env.distributed,
         unsharded_grads=unsharded_grads,
+        **counts,
     )
-    return MemoryPlan(est, *available)
+
+
+def _variants(spec: TrainSpec) -> list[tuple[str, dict[str, Any]]]:
+    """Single changes that lower the peak, each as (flags, TrainSpec fields), lightest change first."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if not spec.grad_checkpointing:
+        out.append(("--grad-checkpointing", {"grad_checkpointing": True}))
+    if spec.optimizer == "adamw":
+        out.append(("--optimizer adafactor", {"optimizer": "adafactor"}))
+    micro = spec.micro_batch // 2
+    while micro >= 1:  # the same tokens per step
+        accum = spec.grad_accum * spec.micro_batch // micro if spec.micro_batch % micro == 0 else None
+        if accum is not None:
+            out.append((f"--micro-batch {micro} --grad-accum {accum}", {"micro_batch": micro, "grad_accum": accum}))
+        micro //= 2
+    smaller = {"all": ("experts", "router"), "non-experts": ("router",), "experts": ("router",), "router": ()}
+    out += [(f"--train {what}", {"train": what}) for what in smaller[spec.train]]
+    return out
+
+
+def fit_options(
+    config: dict[str, Any],
+    spec: TrainSpec,
+    env: DistEnv,
+    available: int,
+    footprint: Footprint,
+    unsharded_grads: bool = False,
+    most: int = 4,
+) -> tuple[FitOption, ...]:
+    """Up to `most` changes of --grad-checkpointing, --optimizer, --micro-batch (same tokens per step) or --train
+    that make the run fit, each alone; when none does alone, the first combination that does (the changes added in
+    order). Empty when nothing tried fits."""
+
+    def total(fields_: dict[str, Any]) -> int:
+        return _estimate(config, (0, 0), replace(spec, **fields_), env, unsharded_grads, footprint).total
+
+    variants = _variants(spec)
+    single = [FitOption(flags, t) for flags, change in variants if (t := total(change)) <= available]
+    if single:
+        return tuple(sorted(single, key=lambda o: -o.total)[:most])
+    flags: list[str] = []
+    merged: dict[str, Any] = {}
+    for flag, change in variants:
+        if "train" in change and "train" in merged:
+            continue  # one --train at a time: experts before router
+        if "micro_batch" in change and "micro_batch" in merged:
+            merged.update(change)
+            flags[-1] = flag
+        else:
+            merged.update(change)
+            flags.append(flag)
+        t = total(merged)
+        if t <= available:
+            return (FitOption(" ".join(flags), t),)
+    return ()
 
 
 def grad_sync_on_last_micro_batch(env: DistEnv, spec: TrainSpec, with_unsharded_grads: MemoryPlan) -> bool:
@@ -81,7 +211,7 @@ def grad_sync_on_last_micro_batch(env: DistEnv, spec: TrainSpec, with_unsharded_
     as FSDP does by default."""
     if not env.distributed or spec.grad_accum < 2:
         return False
-    return with_unsharded_grads.estimate.fits(with_unsharded_grads.available)
+    return with_unsharded_grads.fits
 
 
 @dataclass(frozen=True)
@@ -155,15 +285,17 @@ def make_plan(
     experts_impl: str,
     available: tuple[int, str],
     dry_run: bool,
+    footprint: Footprint | None = None,
 ) -> TrainPlan:
     """The plan of training `model_name` (its config and target) with `spec` on `env`: MoE `layers`, (total,
     trainable) `params`, the compute `dtype`, the experts kernel and the memory `available` (measured before the
-    model is loaded). With dry_run it carries the memory estimate; a run only uses it to choose the gradient sync."""
+    model is loaded); `footprint` (counted before loading) makes the estimate exact for the optimizer and the load.
+    With dry_run it carries the memory estimate; a run only uses it to choose the gradient sync."""
     total = spec.total_steps(env.world_size)
     experts, top_k, _ = moe_shape(config, target)
-    deferred = memory_plan(config, params, spec, env, available, unsharded_grads=True)
+    deferred = memory_plan(config, params, spec, env, available, unsharded_grads=True, footprint=footprint)
     last_only = grad_sync_on_last_micro_batch(env, spec, deferred)
-    memory = deferred if last_only else memory_plan(config, params, spec, env, available)
+    memory = deferred if last_only else memory_plan(config, params, spec, env, available, footprint=footprint)
     return TrainPlan(
         model=public_name(model_name),
         architecture=target.architecture,

@@ -24,16 +24,17 @@ from .memory import available_memory
 from .model import (
     attach_routing,
     cap_seq_len,
+    clone_warning,
     compute_context,
     compute_dtype,
     count_params,
+    footprint,
     load_model,
-    meta_model,
     moe_target,
     use_deterministic_algorithms,
 )
 from .optim import build_optimizer, build_scheduler, module_params, param_groups
-from .plan import TrainPlan, make_plan
+from .plan import Footprint, TrainPlan, make_plan, memory_plan
 from .routing_hooks import RouterTap
 from .sampler import BlockSampler
 from .spec import TrainSpec
@@ -107,24 +108,25 @@ def plan_only(source: Source, spec: TrainSpec, env: DistEnv, *, note: Note) -> T
     spec, capped = cap_seq_len(spec, source.config)
     if capped:
         note(capped)
-    meta = meta_model(source.ref.folder)
-    tap = attach_routing(meta, source.target, source.config, spec, seeded=False)
-    params = count_params(meta, list(tap.noise_modules.parameters()))
-    tap.remove()
+    fp, layers = footprint(source.ref.folder, source.target, source.config, spec)
     dtype = compute_dtype(spec, env.device)
-    return make_plan(
+    plan = make_plan(
         source.name,
         source.config,
         source.target,
         spec,
         env,
-        layers=tap.layers,
-        params=params,
+        layers=layers,
+        params=fp.params[spec.train],
         dtype=dtype,
         experts_impl=spec.experts_impl,
         available=available_memory(spec.gpu_mem),
         dry_run=True,
+        footprint=fp,
     )
+    if plan.memory is not None and not plan.memory.fits:
+        note(f"does not fit, so a run would be refused: {plan.memory.refusal()}")
+    return plan
 
 
 def setup(
@@ -148,6 +150,7 @@ def setup(
         use_deterministic_algorithms()
     dtype = compute_dtype(spec, env.device)
     available = available_memory(spec.gpu_mem, env.device.index or 0)  # before the model takes its share
+    fp = _check_memory(source, resume_from or source.ref.folder, spec, env, available, note)
     # float32 weights (the master weights) whatever the compute dtype: see model.compute_context
     net = load_model(resume_from or source.ref.folder, torch.float32, spec, env.device)
     impl = experts_implementation(net)
@@ -167,7 +170,10 @@ def setup(
         experts_impl=impl,
         available=available,
         dry_run=False,
+        footprint=fp,
     )
+    if state is None and (warning := clone_warning(net, source.target, source.config, spec, tap.layers)):
+        note(warning)
     if spec.grad_checkpointing:
         enable_activation_checkpointing(net)
     net = wrap_model(net, env, spec)
@@ -175,7 +181,7 @@ def setup(
         net.compile()
     routers = [*module_params(net, source.target.modules["router"], tap.layers), *noise]
     groups = param_groups(net, routers, spec)
-    optimizer = build_optimizer(groups, env.device)
+    optimizer = build_optimizer(groups, env.device, spec.optimizer)
     scheduler = build_scheduler(optimizer, spec, total)
     if state is not None:
         _restore(state, net, optimizer, scheduler, tap, env)
@@ -206,6 +212,20 @@ def setup(
         ),
         compute=lambda: compute_context(env, spec, dtype),
     )
+
+
+def _check_memory(
+    source: Source, folder: Path, spec: TrainSpec, env: DistEnv, available: tuple[int, str], note: Note
+) -> Footprint:
+    """Refuse, before the model is loaded, a run whose estimated peak does not fit the memory available, naming
+    the options that would make it fit (--force-memory starts it anyway, with a note)."""
+    fp, _ = footprint(folder, source.target, source.config, spec)
+    memory = memory_plan(source.config, fp.params[spec.train], spec, env, available, footprint=fp)
+    if not memory.fits:
+        if not spec.force_memory:
+            raise UpcycleError(memory.refusal())
+        note(f"{memory.refusal().split('; ')[0]}; starting anyway (--force-memory)")
+    return fp
 
 
 def _restore(
@@ -276,6 +296,12 @@ def _check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> Path | None:
 
 def _check_resumable(state: ckpt.TrainingState, spec: TrainSpec, env: DistEnv, run_dir: Path, total: int) -> None:
     ckpt.check_resumable(state.state["fixed"], ckpt.fixed_options(spec), state.folder)
+    saved_optimizer = state.state.get("spec", {}).get("optimizer", "adamw")  # runs before --optimizer used AdamW
+    if saved_optimizer != spec.optimizer:
+        raise UpcycleError(
+            f"--optimizer is {spec.optimizer!r} but the run in {run_dir} was started with {saved_optimizer!r}, whose "
+            "state the checkpoint holds; resume with the same optimizer (or start a new run with --force)"
+        )
     if state.state.get("world_size", 1) != env.world_size:
         raise UpcycleError(
             f"{state.folder} was written by {state.state.get('world_size', 1)} process(es) and this run has "

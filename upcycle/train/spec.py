@@ -17,12 +17,14 @@ TrainWhat = Literal["all", "experts", "non-experts", "router"]
 DType = Literal["auto", "bf16", "fp32"]
 BalanceScope = Literal["global", "micro"]
 ExpertsImpl = Literal["grouped_mm", "eager", "batched_mm", "deepgemm", "sonicmoe"]
+OptimizerName = Literal["adamw", "adafactor"]
 
 CHOICES = {
     "train": get_args(TrainWhat),
     "dtype": get_args(DType),
     "balance_scope": get_args(BalanceScope),
     "experts_impl": get_args(ExpertsImpl),
+    "optimizer": get_args(OptimizerName),
 }
 INTS = (
     "seq_len",
@@ -48,7 +50,7 @@ FLOATS = (  # and every loss coefficient (a field ending in _coef), checked afte
     "gpu_mem",
     "eval_fraction",
 )
-BOOLS = ("router_noise", "grad_checkpointing", "compile", "deterministic", "tensorboard")
+BOOLS = ("router_noise", "grad_checkpointing", "compile", "deterministic", "tensorboard", "force_memory")
 
 
 @dataclass(frozen=True)
@@ -76,19 +78,21 @@ class TrainSpec:
     jitter: float = 0.0  # ε of the router input jitter
     router_noise: bool = False  # noisy top-k (Shazeer 2017)
     train: TrainWhat = "all"
+    optimizer: OptimizerName = "adamw"  # adafactor: factored second moments, no first moment (ST-MoE's optimizer)
     router_lr_scale: float = 1.0
     dtype: DType = "auto"  # bf16 on GPU, fp32 on CPU
     experts_impl: ExpertsImpl = "grouped_mm"
     grad_checkpointing: bool = False
     compile: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable GPU steps
-    eval_every: int | None = None  # default: 10% of the steps
-    save_every: int | None = None  # default: 10% of the steps
+    eval_every: int | None = None  # default: scales with the run (default_every); 0: no evaluation
+    save_every: int | None = None  # default: scales with the run (default_every)
     keep_last: int = 2
     log_every: int = 10
     tensorboard: bool = False
     seed: int = 0
-    gpu_mem: float | None = None  # GiB, for --dry-run's fit check (and FSDP's choice of when to reduce gradients)
+    gpu_mem: float | None = None  # GiB: the memory the fit check compares with (else the GPU's free memory, or RAM)
+    force_memory: bool = False  # start a run whose memory estimate does not fit
     push_to_hub: str | None = None
 
     def __post_init__(self) -> None:
@@ -109,7 +113,7 @@ class TrainSpec:
         for name in BOOLS:
             if not isinstance(getattr(self, name), bool):
                 raise UpcycleError(f"{name} {getattr(self, name)!r} must be true or false")
-        positive = ("seq_len", "micro_batch", "grad_accum", "steps", "tokens", "eval_every", "save_every", "log_every")
+        positive = ("seq_len", "micro_batch", "grad_accum", "steps", "tokens", "save_every", "log_every")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -123,6 +127,8 @@ class TrainSpec:
         for name in ("weight_decay", "clip", *coefs, "jitter", "router_lr_scale"):
             if getattr(self, name) < 0:
                 raise UpcycleError(f"--{_flag(name)} {getattr(self, name)} must not be negative")
+        if self.eval_every is not None and self.eval_every < 0:
+            raise UpcycleError(f"--eval-every {self.eval_every} must be 0 (no evaluation) or more")
         if self.warmup is not None and self.warmup < 0:
             raise UpcycleError(f"--warmup {self.warmup} must not be negative")
         if self.jitter >= 1:
@@ -158,9 +164,18 @@ class TrainSpec:
         return self.min_lr if self.min_lr is not None else 0.1 * self.lr
 
     def every(self, name: str, total: int) -> int:
-        """eval_every / save_every, defaulting to a tenth of the run."""
+        """eval_every / save_every as given (eval_every 0: no evaluation), else default_every(total)."""
         value = getattr(self, name)
-        return value if value is not None else max(1, total // 10)
+        return value if value is not None else default_every(total)
+
+
+def default_every(total: int) -> int:
+    """The default save and eval cadence, scaled to the run's length: a run of up to 50 steps evaluates and saves
+    at its end only (on a CPU such runs are mostly I/O otherwise), a longer one every 50 steps or every tenth of
+    the run, whichever is rarer."""
+    if total <= 50:
+        return total
+    return max(50, total // 10)
 
 
 def loss_coefficients(spec: TrainSpec | type[TrainSpec] = TrainSpec) -> tuple[str, ...]:

@@ -1,0 +1,184 @@
+"""Benchmark `upcycle train`'s memory estimate against the peak RSS of real runs on CPU.
+
+For each configuration it asks the estimate (upcycle.train.loop.train with dry_run, the figures `--dry-run` prints),
+then runs the real command, `upcycle train MODEL --data TEXT --steps 2 --eval-every 2 --save-every 2 ...`, in a
+child process and reads the child's peak RSS (`ru_maxrss` from wait4: the whole run, loading, steps, the evaluation,
+the checkpoint and final/ included). One run at a time.
+
+Models:
+- `smollm2`: the demo SmolLM2-135M-Instruct upcycled by `upcycle convert smollm2 OUT` (Mixtral, 8 experts top-2,
+  692M parameters, float32 files);
+- `qwen05-L`: a dense Qwen2 at Qwen2.5-0.5B's dimensions (hidden 896, FFN 4864, 14 heads, 2 KV heads, vocab 151,936,
+  tied embeddings) with random bfloat16 weights and L layers (24 is the real depth; fewer keep a run under the
+  machine's memory), SmolLM2's tokenizer, upcycled with `--experts 8 --top-k 2 --every 2` (Qwen2-MoE);
+  a bf16 checkpoint that training materialises in float32.
+
+    python benchmarks/train_memory.py --work /tmp/mem --text some.txt                  # every configuration
+    python benchmarks/train_memory.py --work /tmp/mem --text some.txt --only smollm2:router:mb1
+    python benchmarks/train_memory.py --work /tmp/mem --text some.txt --estimate-only  # no runs: the table of
+                                                                                       # estimates (any size)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str  # "smollm2" or "qwen05-L"
+    train: str
+    micro_batch: int = 1
+    optimizer: str = "adamw"
+    grad_checkpointing: bool = False
+    seq_len: int = 256
+
+    @property
+    def name(self) -> str:
+        extra = f":{self.optimizer}" if self.optimizer != "adamw" else ""
+        extra += ":ckpt" if self.grad_checkpointing else ""
+        return f"{self.model}:{self.train}:mb{self.micro_batch}{extra}"
+
+    def flags(self) -> list[str]:
+        out = ["--train", self.train, "--micro-batch", str(self.micro_batch), "--seq-len", str(self.seq_len)]
+        out += ["--optimizer", self.optimizer]
+        return out + (["--grad-checkpointing"] if self.grad_checkpointing else [])
+
+
+MEASURED = [  # each under ~10 GiB of RSS on the 24 GiB machine
+    Config("smollm2", "router"),
+    Config("smollm2", "router", micro_batch=2),
+    Config("smollm2", "router", micro_batch=2, grad_checkpointing=True),
+    Config("smollm2", "all", optimizer="adafactor"),
+    Config("qwen05-12", "router"),
+    Config("qwen05-12", "router", micro_batch=2),
+    Config("qwen05-12", "experts", optimizer="adafactor", grad_checkpointing=True),
+    Config("qwen05-12", "all", optimizer="adafactor"),
+]
+ESTIMATED = [  # the full-depth shape: estimates only (a full --train all run needs more than a shared machine has)
+    Config("qwen05-24", "all"),
+    Config("qwen05-24", "all", grad_checkpointing=True),
+    Config("qwen05-24", "all", optimizer="adafactor"),
+    Config("qwen05-24", "all", optimizer="adafactor", grad_checkpointing=True),
+    Config("qwen05-24", "experts", optimizer="adafactor"),
+    Config("qwen05-24", "router"),
+    Config("qwen05-24", "router", micro_batch=2),
+]
+
+
+def upcycle(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "upcycle_cli.main", *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def model_folder(work: Path, name: str) -> Path:
+    """The upcycled model of `name`, written once into WORK."""
+    out = work / f"{name}-moe"
+    if (out / "config.json").is_file():
+        return out
+    if name == "smollm2":
+        upcycle("convert", "smollm2", str(out))
+        return out
+    layers = int(name.split("-")[1])
+    dense = work / f"{name}-dense"
+    if not (dense / "config.json").is_file():
+        smol = model_folder(work, "smollm2")  # its tokenizer
+        subprocess.run([sys.executable, "-c", MAKE_QWEN, str(dense), str(layers), str(smol)], check=True)
+    upcycle("convert", str(dense), str(out), "--experts", "8", "--top-k", "2", "--every", "2")
+    return out
+
+
+MAKE_QWEN = r"""
+import sys
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+out, layers, tok = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cfg = AutoConfig.for_model("qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+    num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+    tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6, dtype="bfloat16")
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+model.save_pretrained(out)
+AutoTokenizer.from_pretrained(tok).save_pretrained(out)
+"""
+
+
+def estimate(model: Path, text: Path, cfg: Config) -> dict[str, Any]:
+    from upcycle.train import loop
+    from upcycle.train.spec import build_train_spec
+
+    spec = build_train_spec(
+        data=str(text),
+        steps=2,
+        seq_len=cfg.seq_len,
+        micro_batch=cfg.micro_batch,
+        train=cfg.train,
+        optimizer=cfg.optimizer,
+        grad_checkpointing=cfg.grad_checkpointing,
+        eval_every=2,
+        save_every=2,
+    )
+    plan = loop.train(str(model), None, spec, dry_run=True).plan
+    return {"params_total": plan.params_total, "params_trainable": plan.params_trainable, **plan["memory"]}
+
+
+def measure(model: Path, text: Path, cfg: Config, work: Path) -> dict[str, Any]:
+    run_dir = work / "run"
+    args = [sys.executable, "-m", "upcycle_cli.main", "train", str(model), "--data", str(text), "--out", str(run_dir)]
+    args += ["--force", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--force-memory", *cfg.flags()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    t0 = time.time()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read() if proc.stderr else ""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cfg.name} failed:\n{err[-2000:]}")
+    return {"peak_rss": usage.ru_maxrss * 1024, "seconds": round(time.time() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True, help="where the models are written (and reused)")
+    ap.add_argument("--text", type=Path, required=True, help="training text (a .txt file)")
+    ap.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
+    ap.add_argument("--estimate-only", action="store_true", help="estimates of every configuration, no runs")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    configs = [c for c in MEASURED + ESTIMATED if not args.only or c.name in args.only]
+    for cfg in configs:
+        model = model_folder(args.work, cfg.model)
+        est = estimate(model, args.text, cfg)
+        row: dict[str, Any] = {"config": cfg.name, "estimate": est}
+        if not args.estimate_only and cfg in MEASURED:
+            row |= measure(model, args.text, cfg, args.work)
+            row["ratio"] = round(est["total"] / row["peak_rss"], 3)
+        rows.append(row)
+        measured = f"measured {row['peak_rss'] / GiB:.2f} GiB, ratio {row['ratio']}" if "peak_rss" in row else ""
+        print(
+            f"{cfg.name:44s} {est['params_trainable'] / 1e6:8.1f}M of {est['params_total'] / 1e6:.1f}M trainable  "
+            f"estimate {est['total'] / GiB:.2f} GiB ({est['phase']})  {measured}",
+            flush=True,
+        )
+    if args.out:
+        meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.machine(),
+                "cpus": os.cpu_count(), "python": platform.python_version()}  # fmt: skip
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""`upcycle train` on a machine that may be too small: the memory check before loading (refusal with the options
+that fit, --force-memory, the dry run's verdict), Adafactor, no optimizer state for frozen parameters, the warning
+for --train router on identical experts, the save/eval cadence and metrics.jsonl's timestamps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import cli, moe_store, tensors, text, train, train_records  # noqa: F401  (fixtures)
+
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
+from upcycle.train import loop
+from upcycle.train import setup as train_setup
+from upcycle.train.checkpoint import checkpoints
+from upcycle.train.distributed import destroy, init_distributed
+from upcycle.train.memory import GiB
+from upcycle.train.metrics import read_metrics
+from upcycle.train.optim import optimizer_state_bytes, state_bytes
+from upcycle.train.setup import read_source, setup
+from upcycle.train.spec import build_train_spec, default_every
+from upcycle.train.step import train_step
+
+BASE = ["--steps", "2", "--seq-len", "32", "--micro-batch", "2"]
+
+
+def planned_total(model: Path, text_path: Path, **options) -> int:
+    spec = build_train_spec(data=str(text_path), steps=2, seq_len=32, micro_batch=2, **options)
+    return loop.train(str(model), None, spec, dry_run=True).plan.memory.estimate.total
+
+
+@pytest.fixture
+def tight(moe_store, text):  # noqa: F811
+    """(model, --gpu-mem in GiB) where the default run does not fit and --optimizer adafactor does."""
+    model = moe_store("mixtral")
+    adamw, adafactor = planned_total(model, text), planned_total(model, text, optimizer="adafactor")
+    assert adafactor < adamw
+    return model, f"{(adamw + adafactor) / 2 / GiB:.12f}"
+
+
+def test_a_run_that_does_not_fit_is_refused_before_loading(tight, text, tmp_path, capsys, monkeypatch):  # noqa: F811
+    model, gib = tight
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(train_setup, "load_model", no_loading)
+    out = tmp_path / "run"
+    code, _, err = cli(["train", str(model), "--data", str(text), "--out", str(out), *BASE, "--gpu-mem", gib], capsys)
+    assert code == 2, err
+    assert err.startswith("error: this run needs about ") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"GiB is available (--gpu-mem {float(gib):g} GiB)" in err
+    assert "--optimizer adafactor (" in err and "--force-memory" in err
+    assert "--train router (" in err  # a frozen expert saves its gradient and its optimizer state
+    assert not out.exists()
+
+
+def test_force_memory_starts_anyway_with_a_note(tight, text, tmp_path, capsys):  # noqa: F811
+    model, gib = tight
+    out = tmp_path / "run"
+    args = ["train", str(model), "--data", str(text), "--out", str(out), *BASE, "--gpu-mem", gib, "--force-memory"]
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    assert "note: this run needs about" in err and "starting anyway (--force-memory)" in err
+    assert (out / "final" / "config.json").is_file()
+    # the option that fits, taken: the run starts without a note
+    code, _, err = cli([*args[:-1], "--optimizer", "adafactor", "--force"], capsys)
+    assert code == 0 and "needs about" not in err, err
+
+
+def test_dry_run_says_it_does_not_fit_and_what_would(tight, text, capsys):  # noqa: F811
+    model, gib = tight
+    args = ["train", str(model), "--data", str(text), *BASE, "--gpu-mem", gib, "--dry-run"]
+    code, out, err = cli(args, capsys)
+    assert code == 0  # a plan, not a run: it reports and exits 0
+    assert "does NOT fit" in " ".join(out.split())
+    line = next(line for line in err.splitlines() if "does not fit" in line)
+    assert line.startswith("note: does not fit, so a run would be refused: this run needs about ")
+    assert "--optimizer adafactor (" in line and "--force-memory" in line
+    code, out, _ = cli([*args, "--json", "-"], capsys)
+    mem = json.loads(out[out.index("{") :])["memory"]
+    assert mem["fits"] is False and mem["phase"] in ("load", "step", "save")
+    flags = {o["flags"]: o["total"] for o in mem["options"]}
+    assert flags["--optimizer adafactor"] == planned_total(model, text, optimizer="adafactor") <= float(gib) * GiB
+    assert all(total <= float(gib) * GiB for total in flags.values())
+
+
+def test_estimate_counts_the_real_optimizer_state_and_the_weight_files(moe_store, text):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    model = moe_store("mixtral")
+    plan = loop.train(str(model), None, build_train_spec(data=str(text), steps=2, optimizer="adafactor"), dry_run=True)
+    est = plan.plan.memory.estimate
+    net = AutoModelForCausalLM.from_pretrained(model)
+    assert est.optimizer == optimizer_state_bytes(net.parameters(), "adafactor")
+    assert est.optimizer < sum(p.numel() for p in net.parameters()) * 8 / 4  # factored: far below AdamW's 8 B
+    files = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    assert est.mapped == files and est.load_peak == est.runtime + files + est.weights  # an fp32 checkpoint: no cast
+    assert est.total == max(est.load_peak, est.step_peak(False), est.save_peak)
+
+
+def _run(model: Path, out: Path, **options):
+    env = init_distributed()
+    spec = build_train_spec(**{"seq_len": 32, "micro_batch": 2, "steps": 2, **options})
+    run = setup(read_source(str(model), out, spec, env, dry_run=False), out, spec, env, resume=False, force=False,
+                note=lambda _: None)  # fmt: skip
+    return env, run
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_frozen_parameters_get_no_gradient_and_no_optimizer_state(optimizer, moe_store, text, tmp_path):  # noqa: F811
+    held = {}
+    for what in ("all", "router"):
+        env, run = _run(moe_store("mixtral"), tmp_path / what, data=str(text), train=what, optimizer=optimizer)
+        try:
+            train_step(run, 1)
+            frozen = [p for p in run.model.parameters() if not p.requires_grad]
+            assert all(p.grad is None for p in frozen)
+            states = run.optimizer.state
+            assert not any(p in states for p in frozen)
+            trainable = [p for p in run.model.parameters() if p.requires_grad]
+            assert all(p in states for p in trainable)
+            tensors_held = [t for s in states.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
+            nbytes = sum(t.numel() * t.element_size() for t in tensors_held)
+            assert nbytes == optimizer_state_bytes(trainable, optimizer)
+            assert nbytes == sum(state_bytes(tuple(p.shape), optimizer) for p in trainable)
+            held[what] = nbytes
+        finally:
+            destroy(env)
+    assert held["router"] * (100 if optimizer == "adamw" else 10) < held["all"]
+
+
+def test_adafactor_trains_and_resumes_exactly(moe_store, text, tmp_path):  # noqa: F811
+    model = moe_store("mixtral")
+    whole = tmp_path / "whole"
+    options = dict(data=str(text), steps=6, save_every=3, eval_every=3, optimizer="adafactor", lr=1e-2, keep_last=3)
+    train(model, whole, **options)
+    records = train_records(whole)
+    assert records[-1]["lm"] < records[0]["lm"]
+    before, after = tensors(model), tensors(whole / "final")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+    # the same run, continued from its step-3 checkpoint
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    shutil.rmtree(part / "final")
+    for step, folder in checkpoints(part):
+        if step > 3:
+            shutil.rmtree(folder)
+    loop.train(str(model), part, build_train_spec(**{**dict(seq_len=32, micro_batch=4, log_every=1), **options}),
+               resume=True)  # fmt: skip
+    got = train_records(part)
+    for key in ("loss", "lm", "grad_norm", "lr"):
+        assert [r[key] for r in got if r["step"] > 3] == [r[key] for r in records if r["step"] > 3], key
+    a, b = tensors(whole / "final"), tensors(part / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_optimizer(moe_store, text, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    train(moe_store("mixtral"), out, data=str(text), steps=4, save_every=2, micro_batch=2)
+    shutil.rmtree(out / "final")
+    for step, folder in checkpoints(out):
+        if step > 2:
+            shutil.rmtree(folder)
+    args = ["train", str(moe_store("mixtral")), "--data", str(text), "--out", str(out), "--resume", "--steps", "4"]
+    args += ["--seq-len", "32", "--micro-batch", "2", "--optimizer", "adafactor"]
+    code, _, err = cli(args, capsys)
+    assert code == 2 and "--optimizer is 'adafactor' but the run" in err and "'adamw'" in err, err
+
+
+def test_router_on_identical_experts_warns_before_the_run(moe_store, dense_store, text, tmp_path, capsys):  # noqa: F811
+    model = moe_store("mixtral")  # cloned experts, no noise
+    base = ["train", str(model), "--data", str(text), *BASE]
+    code, _, err = cli([*base, "--out", str(tmp_path / "r"), "--train", "router"], capsys)
+    assert code == 0
+    warning = next(line for line in err.splitlines() if "identical copies" in line)
+    assert warning.startswith("note: --train router") and "--train all" in warning and "--noise" in warning
+    assert err.index("identical copies") < err.index("step 1/")  # before the first step
+    code, _, err = cli([*base, "--out", str(tmp_path / "a"), "--train", "all"], capsys)
+    assert code == 0 and "identical copies" not in err
+    noisy = tmp_path / "noisy"
+    convert(str(dense_store("llama")), noisy, build_spec(experts=4, top_k=2, noise=0.01))
+    code, _, err = cli(["train", str(noisy), "--data", str(text), *BASE, "--out", str(tmp_path / "n"),
+                        "--train", "router"], capsys)  # fmt: skip
+    assert code == 0 and "identical copies" not in err
+
+
+def test_eval_every_zero_skips_evaluation(moe_store, text, tmp_path):  # noqa: F811
+    """(On the Qwen2-MoE with its size-0 shared expert, under Adafactor, which once divided by that size.)"""
+    out = tmp_path / "run"
+    result = train(moe_store("qwen2_moe"), out, data=str(text), steps=4, eval_every=0, save_every=2,
+                   optimizer="adafactor")  # fmt: skip
+    kinds = {r["kind"] for r in read_metrics(out)}
+    assert "eval" not in kinds and "train" in kinds
+    assert result.summary["eval_loss"] is None and result.plan.eval_every == 0
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_metrics_carry_time_and_elapsed_seconds(moe_store, text, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    train(moe_store("mixtral"), out, data=str(text), steps=3, eval_every=3, save_every=3)
+    records = read_metrics(out)
+    assert {r["kind"] for r in records} >= {"train", "eval", "divergence"}
+    times = [datetime.fromisoformat(r["time"]) for r in records]
+    assert all(t.utcoffset().total_seconds() == 0 for t in times) and times == sorted(times)
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[0] >= 0
+    span = (times[-1] - times[0]).total_seconds()
+    assert abs((elapsed[-1] - elapsed[0]) - span) <= 1.5  # the same clock, to the second the stamp is cut to
+
+
+def test_save_and_eval_cadence_scales_with_the_run():
+    assert [default_every(n) for n in (1, 20, 50, 51, 100, 499, 500, 1000, 20_000)] == [
+        1, 20, 50, 50, 50, 50, 50, 100, 2000,
+    ]  # fmt: skip
+    spec = build_train_spec(data="x", steps=20)
+    assert (spec.every("eval_every", 20), spec.every("save_every", 20)) == (20, 20)
+    assert build_train_spec(data="x", steps=20, eval_every=0).every("eval_every", 20) == 0
