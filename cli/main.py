@@ -528,7 +528,7 @@ def train(
     ] = None,
     optimizer: Annotated[
         str | None,
-        typer.Option(help="adamw, or adafactor (factored second moments: less memory; lr is relative)." + _t("optimizer")),
+        typer.Option(help="adamw, or adafactor (factored second moments; lr is relative)." + _t("optimizer")),
     ] = None,
     experts_impl: Annotated[
         str | None, typer.Option(help="transformers experts kernel: grouped_mm or eager." + _t("experts_impl"))
