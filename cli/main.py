@@ -855,8 +855,10 @@ def train(
 
     global _interrupt_note
     _json_owns_stdout(json_out)
-    if not dry_run:  # a training run keeps what it has checkpointed; say so if it is stopped
-        _interrupt_note = f"{out_dir} keeps its complete checkpoints: continue with --resume"
+    if not dry_run:  # say what a stopped run left, as found once it has cleaned up
+        from upcycle.train.checkpoint import stop_note
+
+        _interrupt_note = lambda: stop_note(out_dir)  # noqa: E731
 
     spec = build_train_spec(
         load_run_config(config) if config else None,
@@ -999,7 +1001,7 @@ def _print_train_summary(summary: dict[str, Any], title: str) -> None:
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 EXIT_TERMINATED = 143  # SIGTERM: 128 + SIGTERM
 _terminated = False
-_interrupt_note = "nothing was written"
+_interrupt_note: str | Callable[[], str] = "nothing was written"
 
 
 def _sigterm(signum, frame):
@@ -1011,7 +1013,8 @@ def _sigterm(signum, frame):
 
 
 def _interrupted() -> int:
-    _say(err, f"{'terminated' if _terminated else 'interrupted'}; {_interrupt_note}")
+    note = _interrupt_note() if callable(_interrupt_note) else _interrupt_note
+    _say(err, f"{'terminated' if _terminated else 'interrupted'}; {note}")
     return EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED
 
 

@@ -619,3 +619,102 @@ def test_a_run_puts_the_process_wide_state_back(moe_store, text, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ or os.environ["CUBLAS_WORKSPACE_CONFIG"] != ":4096:8"
     assert hf_logging.is_progress_bar_enabled()
+
+
+# --- faults (issue 20) ----------------------------------------------------------------------------------
+
+
+def _args(model: Path, text: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    base = ["train", str(model), "--data", str(text), "--out", str(out), "--steps", str(steps)]
+    base += ["--seq-len", "32", "--micro-batch", "2", "--save-every", "2", "--eval-every", "2", "--log-every", "1"]
+    return [*base, *extra]
+
+
+def test_resume_finishes_a_missing_final(moe_store, text, tmp_path, capsys):
+    """Killed after its last checkpoint but before final/ was complete: --resume writes final/ (fault 3)."""
+    out = tmp_path / "run"
+    train(moe_store("mixtral"), out, data=str(text), steps=4, save_every=2, micro_batch=2)
+    expected = tensors(out / "final")
+    shutil.rmtree(out / "final")
+    (out / ".final.tmp-1@host-x").mkdir()  # what a kill during the export leaves
+    code, _, err = cli([*_args(moe_store("mixtral"), text, out, 4), "--resume"], capsys)
+    assert code == 0, err
+    got = tensors(out / "final")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert not any(p.name.startswith(".final.tmp-") for p in out.iterdir())
+    code, _, err = cli([*_args(moe_store("mixtral"), text, out, 4), "--resume"], capsys)
+    assert code == 2 and "already reached step 4" in err and err.count("\n") == 1
+
+
+def test_resume_refuses_another_model(moe_store, text, tmp_path, capsys):
+    """--resume naming another MODEL than the run's is refused, naming both (fault 5)."""
+    out = tmp_path / "run"
+    train(moe_store("mixtral"), out, data=str(text), steps=2, save_every=2, micro_batch=2)
+    code, _, err = cli([*_args(moe_store("qwen2_moe"), text, out, 4), "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert str(moe_store("mixtral").resolve()) in err and str(moe_store("qwen2_moe")) in err
+    assert [s for s, _ in checkpoints(out)] == [2] and (out / "final").is_dir()
+
+
+def _full_disk_at(monkeypatch, step: int, error: Exception) -> None:
+    """torch.save raises `error` when it writes the optimizer state of checkpoint step-`step`."""
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if f".step-{step}.tmp-" in str(f) and str(f).endswith("optimizer.pt"):
+            raise error
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+                     "file write failed"),
+        OSError(28, "No space left on device"),
+    ],
+)
+def test_a_full_disk_during_a_checkpoint_is_one_line_exit_3(error, moe_store, text, tmp_path, monkeypatch, capsys):
+    """A full disk while writing step-4 (fault 4): one line, exit 3, step-2 intact, nothing half-written; the resume
+    after freeing space continues from step 2."""
+    out = tmp_path / "run"
+    original = torch.save
+    _full_disk_at(monkeypatch, 4, error)
+    code, _, err = cli(_args(moe_store("mixtral"), text, out, 6), capsys)
+    assert code == 3, err
+    assert err.strip().splitlines()[-1].startswith("error:") and "no space left" in err and "step-4" in err
+    assert "Traceback" not in err
+    assert [s for s, _ in checkpoints(out)] == [2]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(torch, "save", original)
+    code, _, err = cli([*_args(moe_store("mixtral"), text, out, 6), "--resume"], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in train_records(out)] == list(range(1, 7))
+
+
+def test_too_little_free_space_is_refused_before_a_checkpoint(moe_store, text, tmp_path, monkeypatch, capsys):
+    from upcycle.train import checkpoint as ckpt_module
+
+    real, model = shutil.disk_usage, moe_store("mixtral")  # converted before the disk looks full
+    monkeypatch.setattr(ckpt_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "run"
+    code, _, err = cli(_args(model, text, out, 4), capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 3 and last.startswith("error:") and "step-2" in last and "no space left" in last, err
+    assert "Traceback" not in err
+    assert checkpoints(out) == []
+
+
+def test_stop_messages_say_what_is_true(tmp_path):
+    """The interrupted/terminated line names what RUN_DIR really holds (fault 9)."""
+    from upcycle.train.checkpoint import stop_note
+
+    out = tmp_path / "run"
+    assert "was not kept" in stop_note(out) and "--resume" not in stop_note(out)
+    out.mkdir()
+    assert "nothing to resume" in stop_note(out)
+    (out / "checkpoints" / "step-3").mkdir(parents=True)
+    (out / "checkpoints" / "step-3" / "trainer_state.json").write_text("{}")
+    assert "step-3" in stop_note(out) and "--resume" in stop_note(out)

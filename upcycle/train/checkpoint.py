@@ -9,6 +9,7 @@ scheduler and RNG states: plain tensors, numbers and lists).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -72,6 +73,17 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def stop_note(run_dir: Path) -> str:
+    """What a stopped run left in RUN_DIR, as found after its clean-up (for the interrupted/terminated line)."""
+    run_dir = Path(run_dir)
+    newest = latest_checkpoint(run_dir)
+    if newest is not None:
+        return f"{run_dir} keeps its complete checkpoints (newest {newest.name}): continue with --resume"
+    if run_dir.is_dir():
+        return f"{run_dir} has no complete checkpoint yet, so there is nothing to resume; start again with --force"
+    return f"no checkpoint was written and {run_dir} was not kept; start the run again"
 
 
 def remove_partial(run_dir: Path) -> None:
@@ -164,6 +176,7 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(exist_ok=True)
     final = root / f"step-{step}"
+    _check_free_space(root, final, model_state if model_state is not None else model.state_dict())
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
@@ -178,10 +191,34 @@ def save_checkpoint(
         if final.exists():  # a step folder from an abandoned later part of the run (resumed before it)
             _remove_tree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(final)  # a failed write on an open file names none
+        if not isinstance(exc, OSError) and _disk_full(exc):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from None
         raise
     return final
+
+
+# A full disk as the writers report it: torch's zip writer (a RuntimeError) and safetensors' SafetensorError
+# (its Rust io::Error, StorageFull) do not raise OSError.
+_DISK_FULL = ("No space left", "StorageFull", "file write failed", "Disk quota", "QuotaExceeded")
+SAVE_MARGIN = 3  # a checkpoint's size is at most about this many times the model's weights (+ AdamW's 2 moments)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and any(mark in str(exc) for mark in _DISK_FULL)
+
+
+def _check_free_space(root: Path, final: Path, weights: dict[str, Any]) -> None:
+    """Refuse to start a checkpoint that cannot fit: an OSError ENOSPC naming it (exit 3), the earlier ones intact."""
+    need = SAVE_MARGIN * sum(t.numel() * t.element_size() for t in weights.values())
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC, f"needs about {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free", str(final)
+        )
 
 
 def load_training_state(folder: Path) -> TrainingState:

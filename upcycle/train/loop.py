@@ -23,7 +23,7 @@ from .evaluate import Evaluation, evaluate, json_float
 from .export import peak_gpu_memory, summary_load, write_final, write_load
 from .metrics import Display, MetricsLog, layer_rows, truncate_metrics
 from .model import process_state
-from .plan import TrainPlan
+from .plan import TrainPlan, model_identity
 from .routing_log import divergence_record
 from .setup import Run, plan_only, read_source, setup
 from .spec import TrainSpec
@@ -240,6 +240,7 @@ def _save(run: Run, step: int, tokens: int) -> None:
             "data_key": run.data.key,
             "world_size": env.world_size,
             "model": run.plan.model,
+            "source": model_identity(run.source.name),  # what --resume must name again
             "upcycle": __version__,
             "tokens": tokens,
         }

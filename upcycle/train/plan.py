@@ -28,6 +28,12 @@ def public_name(value: str) -> str:
     return path.resolve().name if path.exists() else value
 
 
+def model_identity(value: str) -> str:
+    """MODEL as a resumed run compares it: a local folder by its absolute path, a Hub id as given."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
 def moe_shape(config: dict[str, Any], target: Target) -> tuple[int, int, bool]:
     """(experts, top-k, renormalise kept weights) from the target's config fields."""
     experts = int(config[target.config["experts"]])

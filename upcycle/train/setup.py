@@ -33,7 +33,7 @@ from .model import (
     use_deterministic_algorithms,
 )
 from .optim import build_optimizer, build_scheduler, module_params, param_groups
-from .plan import TrainPlan, make_plan
+from .plan import TrainPlan, make_plan, model_identity
 from .routing_hooks import RouterTap
 from .sampler import BlockSampler
 from .spec import TrainSpec
@@ -138,6 +138,8 @@ def setup(
     spec, capped = cap_seq_len(spec, source.config)
     total = spec.total_steps(env.world_size)  # with --tokens, the steps depend on the capped seq-len
     state = _checkpoint_to_resume(run_dir, spec, env, total, resume=resume, force=force)
+    if state is not None:
+        _check_same_model(state, source)
     resume_from = state.folder if state is not None else None
     tokenizer = _tokenizer(source.ref)
     train_blocks, eval_blocks, info = _data(spec, tokenizer, env)
@@ -281,9 +283,20 @@ def _check_resumable(state: ckpt.TrainingState, spec: TrainSpec, env: DistEnv, r
             f"{state.folder} was written by {state.state.get('world_size', 1)} process(es) and this run has "
             f"{env.world_size}; the global batch and its data order would change. Resume with the same number"
         )
-    if state.step >= total:
+    if state.step >= total and (run_dir / ckpt.FINAL / "config.json").is_file():
         raise UpcycleError(
             f"the run in {run_dir} already reached step {state.step}; pass a larger --steps to train further"
+        )
+
+
+def _check_same_model(state: ckpt.TrainingState, source: Source) -> None:
+    """A resumed run trains the checkpoint's weights and writes final/ with MODEL's recipe and card: refuse another
+    MODEL than the one the run started from."""
+    saved = state.state.get("source")  # older checkpoints have only the public name, which cannot tell folders apart
+    if saved is not None and saved != model_identity(source.name):
+        raise UpcycleError(
+            f"the run in {state.folder.parent.parent} was started from MODEL {saved} and this --resume names "
+            f"{source.name}; resume with the same MODEL (or start a new run with --force)"
         )
 
 
