@@ -718,3 +718,25 @@ def test_stop_messages_say_what_is_true(tmp_path):
     (out / "checkpoints" / "step-3").mkdir(parents=True)
     (out / "checkpoints" / "step-3" / "trainer_state.json").write_text("{}")
     assert "step-3" in stop_note(out) and "--resume" in stop_note(out)
+
+
+def test_a_second_process_on_a_live_run_dir_is_refused(moe_store, text, tmp_path, capsys):
+    """A live run's RUN_DIR is locked: a fresh run, --force and --resume are refused naming the holder; a lock
+    left by a dead process is taken over with a note (fault 1)."""
+    from upcycle.train.lock import lock_path, run_lock
+
+    out, model = tmp_path / "run", moe_store("mixtral")
+    train(model, out, data=str(text), steps=2, save_every=2, micro_batch=2)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with run_lock(out, note=lambda _: None):  # another open file: flock conflicts as with another process
+        for extra in ([], ["--force"], ["--resume"]):
+            code, _, err = cli([*_args(model, text, out, 4), *extra], capsys)
+            assert code == 2 and err.count("\n") == 1, err
+            assert f"process {os.getpid()}@" in err and "in use" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before and (out / "final").is_dir()
+    assert not lock_path(out).exists()
+    lock_path(out).write_text("999999999@elsewhere\n")  # what a SIGKILLed run leaves
+    code, _, err = cli([*_args(model, text, out, 4), "--resume"], capsys)
+    assert code == 0, err
+    assert "took over the lock" in err and "999999999@elsewhere" in err
+    assert not lock_path(out).exists()
