@@ -740,3 +740,24 @@ def test_a_second_process_on_a_live_run_dir_is_refused(moe_store, text, tmp_path
     assert code == 0, err
     assert "took over the lock" in err and "999999999@elsewhere" in err
     assert not lock_path(out).exists()
+
+
+def test_resume_notes_options_that_change_the_curve_and_checkpoints_are_fsynced(
+    moe_store, text, tmp_path, monkeypatch, capsys
+):
+    """--resume with another --warmup or --clip says so (fault 11); each checkpoint's files and folders are fsynced
+    before the rename publishes them."""
+    out, model = tmp_path / "run", moe_store("mixtral")
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    code, _, err = cli(_args(model, text, out, 2), capsys)
+    assert code == 0, err
+    tmp_files = [p for p in synced if ".step-2.tmp-" in p]
+    assert any(p.endswith("optimizer.pt") for p in tmp_files)
+    assert any(p.endswith("trainer_state.json") for p in tmp_files)
+    assert str(out / "checkpoints") in synced
+    code, _, err = cli([*_args(model, text, out, 4), "--resume", "--warmup", "1", "--clip", "0.5"], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "curve will not match" in line]
+    assert len(notes) == 2 and "--warmup is 1" in notes[0] and "--clip is 0.5" in notes[1]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UpcycleError
-from ..outdir import current_umask, staged_folder
+from ..outdir import current_umask, fsync_folder, fsync_tree, staged_folder
 from ..publish.card import CARD, RECIPE, update_recipe
 
 if TYPE_CHECKING:
@@ -188,9 +188,11 @@ def save_checkpoint(
         if tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / STATE_TENSORS)
         (tmp / STATE).write_text(json.dumps(state | {"step": step}, indent=2) + "\n")
+        fsync_tree(tmp)  # on disk before the rename makes it count, so a power cut cannot leave a named empty file
         if final.exists():  # a step folder from an abandoned later part of the run (resumed before it)
             _remove_tree(final)
         os.replace(tmp, final)
+        fsync_folder(root)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.filename is None:
@@ -249,6 +251,20 @@ def fixed_options(spec: Any) -> dict[str, Any]:
         if fixed[name] is not None and Path(fixed[name]).expanduser().exists():
             fixed[name] = str(Path(fixed[name]).expanduser().resolve())
     return fixed
+
+
+# Options a resumed run may change, though the curve then differs from the run it continues: each gets a note.
+RESUME_NOTED = ("aux_loss_coef", "z_loss_coef", "warmup", "min_lr", "clip", "dtype")
+
+
+def curve_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """A note for each RESUME_NOTED option that differs from the checkpoint's."""
+    return [
+        f"--{name.replace('_', '-')} is {current.get(name)!r} where the run had {saved.get(name)!r}: the resumed "
+        "steps follow the new value, so the curve will not match an uninterrupted run"
+        for name in RESUME_NOTED
+        if name in saved and saved.get(name) != current.get(name)
+    ]
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:

@@ -146,6 +146,9 @@ def setup(
     if capped:  # after every refusal, so that bad input gets one line
         note(capped)
     _check_after_reading(state, spec, env, info)
+    if state is not None:
+        for changed in ckpt.curve_changes(state.state.get("spec", {}), spec.to_dict()):
+            note(changed)
     if spec.deterministic:
         use_deterministic_algorithms()
     dtype = compute_dtype(spec, env.device)
