@@ -761,3 +761,29 @@ def test_resume_notes_options_that_change_the_curve_and_checkpoints_are_fsynced(
     assert code == 0, err
     notes = [line for line in err.splitlines() if "curve will not match" in line]
     assert len(notes) == 2 and "--warmup is 1" in notes[0] and "--clip is 0.5" in notes[1]
+
+
+@pytest.mark.parametrize("loss", [800.0, float("nan")])
+def test_an_eval_loss_that_overflows_or_is_nan_finishes_the_run(loss, moe_store, text, tmp_path, monkeypatch, capsys):
+    """An eval loss of 800 (exp overflows) or NaN is recorded as it is, the run finishes and resumes (fault 2)."""
+    from upcycle.train import evaluate as evaluating
+
+    real = evaluating.evaluate
+
+    def huge(run, step):
+        got = real(run, step)
+        if got is None:
+            return None
+        return type(got)(got.step, loss, evaluating.perplexity_of(loss), got.eval_tokens, got.counts)
+
+    monkeypatch.setattr(loop, "evaluate", huge)
+    out, model = tmp_path / "run", moe_store("mixtral")
+    code, stdout, err = cli([*_args(model, text, out, 2), "--json", "-"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["perplexity"] is None and (summary["eval_loss"] == loss or math.isnan(loss))
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    assert [r["perplexity"] for r in evals] == [None]
+    code, stdout, err = cli([*_args(model, text, out, 4), "--resume", "--json", "-"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["steps"] == 4 and (out / "final" / "config.json").is_file()
