@@ -787,3 +787,39 @@ def test_an_eval_loss_that_overflows_or_is_nan_finishes_the_run(loss, moe_store,
     code, stdout, err = cli([*_args(model, text, out, 4), "--resume", "--json", "-"], capsys)
     assert code == 0, err
     assert json.loads(stdout)["steps"] == 4 and (out / "final" / "config.json").is_file()
+
+
+def _overwrite_tail(folder: Path) -> None:
+    weights = next(folder.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-64:] = b"\xff" * 64  # NaN floats, the header still valid
+    weights.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda f: next(f.glob("model*.safetensors")).write_bytes(b""),
+        lambda f: (f / "rng_state.pt").write_bytes(b"garbage"),
+        lambda f: (f / "trainer_state.json").write_text(json.dumps({"step": 4})),
+        _overwrite_tail,
+    ],
+    ids=["empty-weights", "garbage-rng", "state-missing-fields", "overwritten-tail"],
+)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(damage, moe_store, text, tmp_path, capsys):
+    """Checksums written at save and verified on resume: a damaged newest checkpoint is named and the run resumes
+    from the one before it; with none intact, one line (fault 6)."""
+    out, model = tmp_path / "run", moe_store("mixtral")
+    code, _, err = cli(_args(model, text, out, 4), capsys)
+    assert code == 0, err
+    damage(out / "checkpoints" / "step-4")
+    shutil.rmtree(out / "final")
+    code, _, err = cli([*_args(model, text, out, 6), "--resume"], capsys)
+    assert code == 0, err
+    assert "step-4 is damaged" in err and "resuming from step-2" in err and "after step 2" in err
+    records = train_records(out)
+    assert [r["step"] for r in records] == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in records)
+    damage(out / "checkpoints" / "step-6")
+    damage(out / "checkpoints" / "step-4")
+    code, _, err = cli([*_args(model, text, out, 8), "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "no intact checkpoint" in err, err

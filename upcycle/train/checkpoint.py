@@ -188,6 +188,7 @@ def save_checkpoint(
         if tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / STATE_TENSORS)
         (tmp / STATE).write_text(json.dumps(state | {"step": step}, indent=2) + "\n")
+        write_checksums(tmp)
         fsync_tree(tmp)  # on disk before the rename makes it count, so a power cut cannot leave a named empty file
         if final.exists():  # a step folder from an abandoned later part of the run (resumed before it)
             _remove_tree(final)
@@ -223,18 +224,63 @@ def _check_free_space(root: Path, final: Path, weights: dict[str, Any]) -> None:
         )
 
 
+CHECKSUMS = "checksums.json"  # sha256 of every other file of the checkpoint, written at save, verified on resume
+STATE_FIELDS = ("step", "fixed", "spec")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+    (Path(folder) / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint's files (None when every checksum matches; a checkpoint written before
+    checksums existed is taken as it is)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        return None
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{CHECKSUMS} is unreadable"
+    for name, expected in sums.items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if _sha256(folder / name) != expected:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def load_training_state(folder: Path) -> TrainingState:
     import torch
 
     folder = Path(folder)
+    problem = damage(folder)
+    if problem is not None:
+        raise UpcycleError(f"the checkpoint {folder} is damaged ({problem}); remove it to resume from an older one")
     try:
         state = json.loads((folder / STATE).read_text())
+        missing = [name for name in STATE_FIELDS if name not in state]
+        if missing:
+            raise ValueError(f"{STATE} lacks {', '.join(missing)}")
         optimizer = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
         scheduler = torch.load(folder / SCHEDULER, weights_only=True, map_location="cpu")
         rng = torch.load(folder / RNG, weights_only=True, map_location="cpu")
-    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
+    except Exception as exc:  # a garbage file fails to unpickle with any exception
         raise UpcycleError(
-            f"the checkpoint {folder} is damaged ({exc}); remove it to resume from an older one"
+            f"the checkpoint {folder} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "remove it to resume from an older one"
         ) from None
     tensors = {}
     if (folder / STATE_TENSORS).is_file():

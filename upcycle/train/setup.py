@@ -137,7 +137,7 @@ def setup(
 
     spec, capped = cap_seq_len(spec, source.config)
     total = spec.total_steps(env.world_size)  # with --tokens, the steps depend on the capped seq-len
-    state = _checkpoint_to_resume(run_dir, spec, env, total, resume=resume, force=force)
+    state = _checkpoint_to_resume(run_dir, spec, env, total, resume=resume, force=force, note=note)
     if state is not None:
         _check_same_model(state, source)
     resume_from = state.folder if state is not None else None
@@ -233,7 +233,7 @@ def _restore(
 
 
 def _checkpoint_to_resume(
-    run_dir: Path, spec: TrainSpec, env: DistEnv, total: int, *, resume: bool, force: bool
+    run_dir: Path, spec: TrainSpec, env: DistEnv, total: int, *, resume: bool, force: bool, note: Note
 ) -> ckpt.TrainingState | None:
     """The refusals before any text is read: RUN_DIR, the Hub token for --push-to-hub, and a checkpoint that this
     run could not continue. Returns what a resumed run continues from (None for a new run)."""
@@ -242,10 +242,28 @@ def _checkpoint_to_resume(
         from ..publish.hub import require_token
 
         require_token()
-    state = ckpt.load_training_state(resume_from) if resume_from else None
+    state = _intact_checkpoint(run_dir, note) if resume_from else None
     if state is not None:
         _check_resumable(state, spec, env, run_dir, total)
     return state
+
+
+def _intact_checkpoint(run_dir: Path, note: Note) -> ckpt.TrainingState:
+    """The newest checkpoint whose files match their checksums and load; a damaged one is named and the run falls
+    back to the one before it (refused in one line when none is left)."""
+    damaged: list[str] = []
+    for _, folder in reversed(ckpt.checkpoints(run_dir)):
+        try:
+            state = ckpt.load_training_state(folder)
+        except UpcycleError as exc:
+            damaged.append(str(exc).split(";")[0])
+            continue
+        for reason in damaged:
+            note(f"{reason}; resuming from {folder.name}, the newest intact checkpoint")
+        return state
+    raise UpcycleError(
+        f"{run_dir} has no intact checkpoint to resume from ({'; '.join(damaged)}); start again with --force"
+    )
 
 
 def _check_after_reading(state: ckpt.TrainingState | None, spec: TrainSpec, env: DistEnv, info: DataInfo) -> None:
