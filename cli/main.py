@@ -626,7 +626,9 @@ def train(
         if dry_run:
             raise
         # a training run keeps what it has checkpointed; say so when it is stopped
-        raise Stopped(f"{out_dir} keeps its complete checkpoints: continue with --resume") from exc
+        from upcycle.train.checkpoint import stop_note
+
+        raise Stopped(stop_note(out_dir) if out_dir is not None else "nothing was written") from exc  # what RUN_DIR really holds, once the run has cleaned up
     if not result.is_main:  # under torchrun, rank 0 prints and writes --json
         return
     if dry_run:

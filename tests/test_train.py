@@ -619,3 +619,207 @@ def test_a_run_puts_the_process_wide_state_back(moe_store, text, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ or os.environ["CUBLAS_WORKSPACE_CONFIG"] != ":4096:8"
     assert hf_logging.is_progress_bar_enabled()
+
+
+# --- faults (issue 20) ----------------------------------------------------------------------------------
+
+
+def _args(model: Path, text: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    base = ["train", str(model), "--data", str(text), "--out", str(out), "--steps", str(steps)]
+    base += ["--seq-len", "32", "--micro-batch", "2", "--save-every", "2", "--eval-every", "2", "--log-every", "1"]
+    return [*base, *extra]
+
+
+def test_resume_finishes_a_missing_final(moe_store, text, tmp_path, capsys):
+    """Killed after its last checkpoint but before final/ was complete: --resume writes final/ (fault 3)."""
+    out = tmp_path / "run"
+    train(moe_store("mixtral"), out, data=str(text), steps=4, save_every=2, micro_batch=2)
+    expected = tensors(out / "final")
+    shutil.rmtree(out / "final")
+    (out / ".final.tmp-1@host-x").mkdir()  # what a kill during the export leaves
+    code, _, err = cli([*_args(moe_store("mixtral"), text, out, 4), "--resume"], capsys)
+    assert code == 0, err
+    got = tensors(out / "final")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert not any(p.name.startswith(".final.tmp-") for p in out.iterdir())
+    code, _, err = cli([*_args(moe_store("mixtral"), text, out, 4), "--resume"], capsys)
+    assert code == 2 and "already reached step 4" in err and err.count("\n") == 1
+
+
+def test_resume_refuses_another_model(moe_store, text, tmp_path, capsys):
+    """--resume naming another MODEL than the run's is refused, naming both (fault 5)."""
+    out = tmp_path / "run"
+    train(moe_store("mixtral"), out, data=str(text), steps=2, save_every=2, micro_batch=2)
+    code, _, err = cli([*_args(moe_store("qwen2_moe"), text, out, 4), "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert str(moe_store("mixtral").resolve()) in err and str(moe_store("qwen2_moe")) in err
+    assert [s for s, _ in checkpoints(out)] == [2] and (out / "final").is_dir()
+
+
+def _full_disk_at(monkeypatch, step: int, error: Exception) -> None:
+    """torch.save raises `error` when it writes the optimizer state of checkpoint step-`step`."""
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if f".step-{step}.tmp-" in str(f) and str(f).endswith("optimizer.pt"):
+            raise error
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+                     "file write failed"),
+        OSError(28, "No space left on device"),
+    ],
+)
+def test_a_full_disk_during_a_checkpoint_is_one_line_exit_3(error, moe_store, text, tmp_path, monkeypatch, capsys):
+    """A full disk while writing step-4 (fault 4): one line, exit 3, step-2 intact, nothing half-written; the resume
+    after freeing space continues from step 2."""
+    out = tmp_path / "run"
+    original = torch.save
+    _full_disk_at(monkeypatch, 4, error)
+    code, _, err = cli(_args(moe_store("mixtral"), text, out, 6), capsys)
+    assert code == 3, err
+    assert err.strip().splitlines()[-1].startswith("error:") and "no space left" in err and "step-4" in err
+    assert "Traceback" not in err
+    assert [s for s, _ in checkpoints(out)] == [2]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(torch, "save", original)
+    code, _, err = cli([*_args(moe_store("mixtral"), text, out, 6), "--resume"], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in train_records(out)] == list(range(1, 7))
+
+
+def test_too_little_free_space_is_refused_before_a_checkpoint(moe_store, text, tmp_path, monkeypatch, capsys):
+    from upcycle.train import checkpoint as ckpt_module
+
+    real, model = shutil.disk_usage, moe_store("mixtral")  # converted before the disk looks full
+    monkeypatch.setattr(ckpt_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "run"
+    code, _, err = cli(_args(model, text, out, 4), capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 3 and last.startswith("error:") and "step-2" in last and "no space left" in last, err
+    assert "Traceback" not in err
+    assert checkpoints(out) == []
+
+
+def test_stop_messages_say_what_is_true(tmp_path):
+    """The interrupted/terminated line names what RUN_DIR really holds (fault 9)."""
+    from upcycle.train.checkpoint import stop_note
+
+    out = tmp_path / "run"
+    assert "was not kept" in stop_note(out) and "--resume" not in stop_note(out)
+    out.mkdir()
+    assert "nothing to resume" in stop_note(out)
+    (out / "checkpoints" / "step-3").mkdir(parents=True)
+    (out / "checkpoints" / "step-3" / "trainer_state.json").write_text("{}")
+    assert "step-3" in stop_note(out) and "--resume" in stop_note(out)
+
+
+def test_a_second_process_on_a_live_run_dir_is_refused(moe_store, text, tmp_path, capsys):
+    """A live run's RUN_DIR is locked: a fresh run, --force and --resume are refused naming the holder; a lock
+    left by a dead process is taken over with a note (fault 1)."""
+    from upcycle.train.lock import lock_path, run_lock
+
+    out, model = tmp_path / "run", moe_store("mixtral")
+    train(model, out, data=str(text), steps=2, save_every=2, micro_batch=2)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with run_lock(out, note=lambda _: None):  # another open file: flock conflicts as with another process
+        for extra in ([], ["--force"], ["--resume"]):
+            code, _, err = cli([*_args(model, text, out, 4), *extra], capsys)
+            assert code == 2 and err.count("\n") == 1, err
+            assert f"process {os.getpid()}@" in err and "in use" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before and (out / "final").is_dir()
+    assert not lock_path(out).exists()
+    lock_path(out).write_text("999999999@elsewhere\n")  # what a SIGKILLed run leaves
+    code, _, err = cli([*_args(model, text, out, 4), "--resume"], capsys)
+    assert code == 0, err
+    assert "took over the lock" in err and "999999999@elsewhere" in err
+    assert not lock_path(out).exists()
+
+
+def test_resume_notes_options_that_change_the_curve_and_checkpoints_are_fsynced(
+    moe_store, text, tmp_path, monkeypatch, capsys
+):
+    """--resume with another --warmup or --clip says so (fault 11); each checkpoint's files and folders are fsynced
+    before the rename publishes them."""
+    out, model = tmp_path / "run", moe_store("mixtral")
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    code, _, err = cli(_args(model, text, out, 2), capsys)
+    assert code == 0, err
+    tmp_files = [p for p in synced if ".step-2.tmp-" in p]
+    assert any(p.endswith("optimizer.pt") for p in tmp_files)
+    assert any(p.endswith("trainer_state.json") for p in tmp_files)
+    assert str(out / "checkpoints") in synced
+    code, _, err = cli([*_args(model, text, out, 4), "--resume", "--warmup", "1", "--clip", "0.5"], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "curve will not match" in line]
+    assert len(notes) == 2 and "--warmup is 1" in notes[0] and "--clip is 0.5" in notes[1]
+
+
+@pytest.mark.parametrize("loss", [800.0, float("nan")])
+def test_an_eval_loss_that_overflows_or_is_nan_finishes_the_run(loss, moe_store, text, tmp_path, monkeypatch, capsys):
+    """An eval loss of 800 (exp overflows) or NaN is recorded as it is, the run finishes and resumes (fault 2)."""
+    from upcycle.train import evaluate as evaluating
+
+    real = evaluating.evaluate
+
+    def huge(run, step):
+        got = real(run, step)
+        if got is None:
+            return None
+        return type(got)(got.step, loss, evaluating.perplexity_of(loss), got.eval_tokens, got.counts)
+
+    monkeypatch.setattr(loop, "evaluate", huge)
+    out, model = tmp_path / "run", moe_store("mixtral")
+    code, stdout, err = cli([*_args(model, text, out, 2), "--json", "-"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["perplexity"] is None and (summary["eval_loss"] == loss or math.isnan(loss))
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    assert [r["perplexity"] for r in evals] == [None]
+    code, stdout, err = cli([*_args(model, text, out, 4), "--resume", "--json", "-"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["steps"] == 4 and (out / "final" / "config.json").is_file()
+
+
+def _overwrite_tail(folder: Path) -> None:
+    weights = next(folder.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-64:] = b"\xff" * 64  # NaN floats, the header still valid
+    weights.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda f: next(f.glob("model*.safetensors")).write_bytes(b""),
+        lambda f: (f / "rng_state.pt").write_bytes(b"garbage"),
+        lambda f: (f / "trainer_state.json").write_text(json.dumps({"step": 4})),
+        _overwrite_tail,
+    ],
+    ids=["empty-weights", "garbage-rng", "state-missing-fields", "overwritten-tail"],
+)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(damage, moe_store, text, tmp_path, capsys):
+    """Checksums written at save and verified on resume: a damaged newest checkpoint is named and the run resumes
+    from the one before it; with none intact, one line (fault 6)."""
+    out, model = tmp_path / "run", moe_store("mixtral")
+    code, _, err = cli(_args(model, text, out, 4), capsys)
+    assert code == 0, err
+    damage(out / "checkpoints" / "step-4")
+    shutil.rmtree(out / "final")
+    code, _, err = cli([*_args(model, text, out, 6), "--resume"], capsys)
+    assert code == 0, err
+    assert "step-4 is damaged" in err and "resuming from step-2" in err and "after step 2" in err
+    records = train_records(out)
+    assert [r["step"] for r in records] == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in records)
+    damage(out / "checkpoints" / "step-6")
+    damage(out / "checkpoints" / "step-4")
+    code, _, err = cli([*_args(model, text, out, 8), "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "no intact checkpoint" in err, err

@@ -98,6 +98,27 @@ def _name_the_target(exc: OSError, tmp: Path, out: Path) -> None:
         exc.filename = str(out)
 
 
+def fsync_folder(path: Path) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then each folder, so that what a rename publishes is on disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(Path(folder) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_folder(Path(folder))
+
+
 @contextmanager
 def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed."""
@@ -112,6 +133,7 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; OUT gets the usual mode
         yield tmp
+        fsync_tree(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "previous")
@@ -119,6 +141,7 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        fsync_folder(out.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):

@@ -9,6 +9,7 @@ scheduler and RNG states: plain tensors, numbers and lists).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UpcycleError
-from ..outdir import current_umask, staged_folder
+from ..outdir import current_umask, fsync_folder, fsync_tree, staged_folder
 from ..publish.card import CARD, RECIPE, update_recipe
 
 if TYPE_CHECKING:
@@ -72,6 +73,17 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def stop_note(run_dir: Path) -> str:
+    """What a stopped run left in RUN_DIR, as found after its clean-up (for the interrupted/terminated line)."""
+    run_dir = Path(run_dir)
+    newest = latest_checkpoint(run_dir)
+    if newest is not None:
+        return f"{run_dir} keeps its complete checkpoints (newest {newest.name}): continue with --resume"
+    if run_dir.is_dir():
+        return f"{run_dir} has no complete checkpoint yet, so there is nothing to resume; start again with --force"
+    return f"no checkpoint was written and {run_dir} was not kept; start the run again"
 
 
 def remove_partial(run_dir: Path) -> None:
@@ -164,6 +176,7 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(exist_ok=True)
     final = root / f"step-{step}"
+    _check_free_space(root, final, model_state if model_state is not None else model.state_dict())
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
@@ -175,27 +188,99 @@ def save_checkpoint(
         if tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / STATE_TENSORS)
         (tmp / STATE).write_text(json.dumps(state | {"step": step}, indent=2) + "\n")
+        write_checksums(tmp)
+        fsync_tree(tmp)  # on disk before the rename makes it count, so a power cut cannot leave a named empty file
         if final.exists():  # a step folder from an abandoned later part of the run (resumed before it)
             _remove_tree(final)
         os.replace(tmp, final)
-    except BaseException:
+        fsync_folder(root)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(final)  # a failed write on an open file names none
+        if not isinstance(exc, OSError) and _disk_full(exc):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from None
         raise
     return final
+
+
+# A full disk as the writers report it: torch's zip writer (a RuntimeError) and safetensors' SafetensorError
+# (its Rust io::Error, StorageFull) do not raise OSError.
+_DISK_FULL = ("No space left", "StorageFull", "file write failed", "Disk quota", "QuotaExceeded")
+SAVE_MARGIN = 3  # a checkpoint's size is at most about this many times the model's weights (+ AdamW's 2 moments)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and any(mark in str(exc) for mark in _DISK_FULL)
+
+
+def _check_free_space(root: Path, final: Path, weights: dict[str, Any]) -> None:
+    """Refuse to start a checkpoint that cannot fit: an OSError ENOSPC naming it (exit 3), the earlier ones intact."""
+    need = SAVE_MARGIN * sum(t.numel() * t.element_size() for t in weights.values())
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC, f"needs about {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free", str(final)
+        )
+
+
+CHECKSUMS = "checksums.json"  # sha256 of every other file of the checkpoint, written at save, verified on resume
+STATE_FIELDS = ("step", "fixed", "spec")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+    (Path(folder) / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint's files (None when every checksum matches; a checkpoint written before
+    checksums existed is taken as it is)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        return None
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{CHECKSUMS} is unreadable"
+    for name, expected in sums.items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if _sha256(folder / name) != expected:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def load_training_state(folder: Path) -> TrainingState:
     import torch
 
     folder = Path(folder)
+    problem = damage(folder)
+    if problem is not None:
+        raise UpcycleError(f"the checkpoint {folder} is damaged ({problem}); remove it to resume from an older one")
     try:
         state = json.loads((folder / STATE).read_text())
+        missing = [name for name in STATE_FIELDS if name not in state]
+        if missing:
+            raise ValueError(f"{STATE} lacks {', '.join(missing)}")
         optimizer = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
         scheduler = torch.load(folder / SCHEDULER, weights_only=True, map_location="cpu")
         rng = torch.load(folder / RNG, weights_only=True, map_location="cpu")
-    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
+    except Exception as exc:  # a garbage file fails to unpickle with any exception
         raise UpcycleError(
-            f"the checkpoint {folder} is damaged ({exc}); remove it to resume from an older one"
+            f"the checkpoint {folder} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "remove it to resume from an older one"
         ) from None
     tensors = {}
     if (folder / STATE_TENSORS).is_file():
@@ -212,6 +297,20 @@ def fixed_options(spec: Any) -> dict[str, Any]:
         if fixed[name] is not None and Path(fixed[name]).expanduser().exists():
             fixed[name] = str(Path(fixed[name]).expanduser().resolve())
     return fixed
+
+
+# Options a resumed run may change, though the curve then differs from the run it continues: each gets a note.
+RESUME_NOTED = ("aux_loss_coef", "z_loss_coef", "warmup", "min_lr", "clip", "dtype")
+
+
+def curve_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """A note for each RESUME_NOTED option that differs from the checkpoint's."""
+    return [
+        f"--{name.replace('_', '-')} is {current.get(name)!r} where the run had {saved.get(name)!r}: the resumed "
+        "steps follow the new value, so the curve will not match an uninterrupted run"
+        for name in RESUME_NOTED
+        if name in saved and saved.get(name) != current.get(name)
+    ]
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:

@@ -85,5 +85,11 @@ def evaluate(run: Run, step: int) -> Evaluation | None:
     for layer in run.plan.moe_layers:
         all_reduce_sum(counts[layer], env)
     eval_loss = float(loss_sum / n_pred)
-    perplexity = math.exp(eval_loss) if eval_loss < 700 else float("inf")
-    return Evaluation(step, eval_loss, perplexity, int(n_pred), counts, int(n_routed))
+    return Evaluation(step, eval_loss, perplexity_of(eval_loss), int(n_pred), counts, int(n_routed))
+
+
+def perplexity_of(loss: float) -> float:
+    """exp(loss); inf where it overflows, NaN for a NaN loss (both written as null)."""
+    if math.isnan(loss):
+        return math.nan
+    return math.exp(loss) if loss < 700 else math.inf

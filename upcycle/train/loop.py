@@ -21,9 +21,10 @@ from . import checkpoint as ckpt
 from .distributed import barrier, destroy, full_model_state, full_optimizer_state, init_distributed
 from .evaluate import Evaluation, evaluate, json_float
 from .export import peak_gpu_memory, summary_load, write_final, write_load
+from .lock import run_lock
 from .metrics import Display, MetricsLog, layer_rows, truncate_metrics
 from .model import process_state
-from .plan import TrainPlan
+from .plan import TrainPlan, model_identity
 from .routing_log import divergence_record
 from .setup import Run, plan_only, read_source, setup
 from .spec import TrainSpec
@@ -75,7 +76,10 @@ def train(
         if dry_run:
             result = TrainResult(plan=plan_only(source, spec, env, note=note), notes=notes, is_main=env.is_main)
         else:
-            with process_state(env):  # the global RNG, --deterministic, progress bars: put back at the end
+            # one process per RUN_DIR (rank 0 holds the lock for all ranks); the global RNG, --deterministic,
+            # progress bars: put back at the end
+            lock = run_lock(Path(run_dir), note) if env.is_main else contextlib.nullcontext()
+            with lock, process_state(env):
                 run = setup(source, Path(run_dir), spec, env, resume=resume, force=force, note=note)
                 display.info(_announcement(run))
                 if run.eval_blocks.n_blocks == 0:
@@ -242,6 +246,7 @@ def _save(run: Run, step: int, tokens: int) -> None:
             "data_key": run.data.key,
             "world_size": env.world_size,
             "model": run.plan.model,
+            "source": model_identity(run.source.name),  # what --resume must name again
             "upcycle": __version__,
             "tokens": tokens,
         }

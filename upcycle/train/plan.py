@@ -9,6 +9,7 @@ interface (tests/test_train_plan.py pins them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..source import public_name
@@ -20,6 +21,12 @@ if TYPE_CHECKING:
     import torch
 
     from ..arch import Target
+
+
+def model_identity(value: str) -> str:
+    """MODEL as a resumed run compares it: a local folder by its absolute path, a Hub id as given."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
 
 
 def moe_shape(config: dict[str, Any], target: Target) -> tuple[int, int, bool]:

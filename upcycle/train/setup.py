@@ -34,7 +34,7 @@ from .model import (
     use_deterministic_algorithms,
 )
 from .optim import build_optimizer, build_scheduler, module_params, param_groups
-from .plan import Footprint, TrainPlan, make_plan, memory_plan
+from .plan import Footprint, TrainPlan, make_plan, memory_plan, model_identity
 from .routing_hooks import RouterTap
 from .sampler import BlockSampler
 from .spec import TrainSpec
@@ -139,13 +139,18 @@ def setup(
 
     spec, capped = cap_seq_len(spec, source.config)
     total = spec.total_steps(env.world_size)  # with --tokens, the steps depend on the capped seq-len
-    state = _checkpoint_to_resume(run_dir, spec, env, total, resume=resume, force=force)
+    state = _checkpoint_to_resume(run_dir, spec, env, total, resume=resume, force=force, note=note)
+    if state is not None:
+        _check_same_model(state, source)
     resume_from = state.folder if state is not None else None
     tokenizer = _tokenizer(source.ref)
     train_blocks, eval_blocks, info = _data(spec, tokenizer, env)
     if capped:  # after every refusal, so that bad input gets one line
         note(capped)
     _check_after_reading(state, spec, env, info)
+    if state is not None:
+        for changed in ckpt.curve_changes(state.state.get("spec", {}), spec.to_dict()):
+            note(changed)
     if spec.deterministic:
         use_deterministic_algorithms()
     dtype = compute_dtype(spec, env.device)
@@ -248,7 +253,7 @@ def _restore(
 
 
 def _checkpoint_to_resume(
-    run_dir: Path, spec: TrainSpec, env: DistEnv, total: int, *, resume: bool, force: bool
+    run_dir: Path, spec: TrainSpec, env: DistEnv, total: int, *, resume: bool, force: bool, note: Note
 ) -> ckpt.TrainingState | None:
     """The refusals before any text is read: RUN_DIR, the Hub token for --push-to-hub, and a checkpoint that this
     run could not continue. Returns what a resumed run continues from (None for a new run)."""
@@ -257,10 +262,28 @@ def _checkpoint_to_resume(
         from ..publish.hub import require_token
 
         require_token()
-    state = ckpt.load_training_state(resume_from) if resume_from else None
+    state = _intact_checkpoint(run_dir, note) if resume_from else None
     if state is not None:
         _check_resumable(state, spec, env, run_dir, total)
     return state
+
+
+def _intact_checkpoint(run_dir: Path, note: Note) -> ckpt.TrainingState:
+    """The newest checkpoint whose files match their checksums and load; a damaged one is named and the run falls
+    back to the one before it (refused in one line when none is left)."""
+    damaged: list[str] = []
+    for _, folder in reversed(ckpt.checkpoints(run_dir)):
+        try:
+            state = ckpt.load_training_state(folder)
+        except UpcycleError as exc:
+            damaged.append(str(exc).split(";")[0])
+            continue
+        for reason in damaged:
+            note(f"{reason}; resuming from {folder.name}, the newest intact checkpoint")
+        return state
+    raise UpcycleError(
+        f"{run_dir} has no intact checkpoint to resume from ({'; '.join(damaged)}); start again with --force"
+    )
 
 
 def _check_after_reading(state: ckpt.TrainingState | None, spec: TrainSpec, env: DistEnv, info: DataInfo) -> None:
@@ -307,9 +330,20 @@ def _check_resumable(state: ckpt.TrainingState, spec: TrainSpec, env: DistEnv, r
             f"{state.folder} was written by {state.state.get('world_size', 1)} process(es) and this run has "
             f"{env.world_size}; the global batch and its data order would change. Resume with the same number"
         )
-    if state.step >= total:
+    if state.step >= total and (run_dir / ckpt.FINAL / "config.json").is_file():
         raise UpcycleError(
             f"the run in {run_dir} already reached step {state.step}; pass a larger --steps to train further"
+        )
+
+
+def _check_same_model(state: ckpt.TrainingState, source: Source) -> None:
+    """A resumed run trains the checkpoint's weights and writes final/ with MODEL's recipe and card: refuse another
+    MODEL than the one the run started from."""
+    saved = state.state.get("source")  # older checkpoints have only the public name, which cannot tell folders apart
+    if saved is not None and saved != model_identity(source.name):
+        raise UpcycleError(
+            f"the run in {state.folder.parent.parent} was started from MODEL {saved} and this --resume names "
+            f"{source.name}; resume with the same MODEL (or start a new run with --force)"
         )
 
 
