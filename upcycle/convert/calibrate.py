@@ -82,7 +82,8 @@ def text_prefix(text_file: Path, chars: int) -> tuple[str, bool]:
 def capture(model, ids: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
     """Each MoE layer's FFN input over the calibration ids: layer -> [T, H] float32.
 
-    The ids are run in independent chunks of at most CHUNK tokens (each chunk starts a new sequence).
+    The ids are run in independent chunks of at most CHUNK tokens (each chunk starts a new sequence), through
+    the decoder stack only: the LM head's logits (vocab x tokens) are never computed, and no KV cache is kept.
     """
     import torch
 
@@ -97,7 +98,7 @@ def capture(model, ids: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torc
     try:
         with torch.no_grad():
             for start in range(0, len(ids), chunk):
-                model(input_ids=ids[start : start + chunk][None])
+                model.model(input_ids=ids[start : start + chunk][None], use_cache=False)  # no LM head
     finally:
         for h in hooks:
             h.remove()
