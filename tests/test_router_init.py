@@ -208,3 +208,20 @@ def test_calibration_missing(capsys, dense_store, tmp_path):
     argv = ["convert", dense_store("llama"), out, "--router-init", "kmeans", "--calibration", tmp_path / "none.txt"]
     expect_error(capsys, argv, "no such file")
     assert_clean(out)
+
+
+@pytest.mark.parametrize("tokens", [1, 100, TOKENS, 10 * len(TEXT)])
+def test_calibration_ids_read_only_a_prefix(tokens, dense_store, calib, monkeypatch):
+    """calibration_ids reads and tokenises a growing prefix of the file (cut at a word boundary), and gives the
+    first `tokens` ids of the whole text's tokenisation; a request past the end gives the whole text."""
+    from upcycle.convert import calibrate
+
+    src = dense_store("llama")
+    whole = AutoTokenizer.from_pretrained(src)(TEXT, add_special_tokens=False)["input_ids"]
+    read: list[int] = []
+    real = calibrate.text_prefix
+    monkeypatch.setattr(calibrate, "text_prefix", lambda f, n: (read.append(n), real(f, n))[1])
+    ids = calibrate.calibration_ids(src, calib, tokens)
+    assert ids.tolist() == whole[:tokens]
+    if tokens * calibrate.CHARS_PER_TOKEN < len(TEXT):
+        assert read == [tokens * calibrate.CHARS_PER_TOKEN]  # one prefix, shorter than the file, was enough

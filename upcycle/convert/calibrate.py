@@ -43,27 +43,48 @@ if TYPE_CHECKING:
 LLOYD_ITERS = 50  # a fixed cap; the loop stops earlier once no assignment changes
 RIDGE = 1e-3  # ridge lambda, relative to the mean eigenvalue of X^T X
 CHUNK = 512  # tokens per forward pass (at most the model's max_position_embeddings)
+CHARS_PER_TOKEN = 8  # first guess at the characters of text per token when reading a prefix of the file
 
 
 def calibration_ids(folder: Path, text_file: Path, tokens: int) -> torch.Tensor:
-    """The first `tokens` token ids of the calibration text: [T]."""
+    """The first `tokens` token ids of the calibration text: [T].
+
+    Only as much of the file is read and tokenised as gives them: a prefix of CHARS_PER_TOKEN characters per
+    token, cut at its last whitespace (a word boundary, so the tokens before the cut are those the whole text
+    gives), doubled until it yields more than `tokens` ids or is the whole file.
+    """
     from transformers import AutoTokenizer
 
     if not text_file.is_file():
         raise UpcycleError(f"--calibration {text_file.name}: no such file; give a plain text file")
+    tok = AutoTokenizer.from_pretrained(folder)
+    chars = CHARS_PER_TOKEN * max(tokens, 1)
+    while True:
+        text, whole = text_prefix(text_file, chars)
+        if not whole:
+            cut = max(text.rfind(" "), text.rfind("\n"))
+            text = text[:cut] if cut > 0 else text
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        if whole or len(ids) > tokens:
+            return ids[:tokens]
+        chars *= 2
+
+
+def text_prefix(text_file: Path, chars: int) -> tuple[str, bool]:
+    """The first `chars` characters of a UTF-8 file, and whether that is the whole file."""
     try:
-        text = text_file.read_text(encoding="utf-8")
+        with text_file.open(encoding="utf-8") as f:
+            text = f.read(chars)
+            return text, not f.read(1)
     except UnicodeDecodeError:
         raise UpcycleError(f"--calibration {text_file.name} is not UTF-8 text; give a plain text file") from None
-    tok = AutoTokenizer.from_pretrained(folder)
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    return ids[:tokens]
 
 
 def capture(model, ids: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
     """Each MoE layer's FFN input over the calibration ids: layer -> [T, H] float32.
 
-    The ids are run in independent chunks of at most CHUNK tokens (each chunk starts a new sequence).
+    The ids are run in independent chunks of at most CHUNK tokens (each chunk starts a new sequence), through
+    the decoder stack only: the LM head's logits (vocab x tokens) are never computed, and no KV cache is kept.
     """
     import torch
 
@@ -78,7 +99,7 @@ def capture(model, ids: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torc
     try:
         with torch.no_grad():
             for start in range(0, len(ids), chunk):
-                model(input_ids=ids[start : start + chunk][None])
+                model.model(input_ids=ids[start : start + chunk][None], use_cache=False)  # no LM head
     finally:
         for h in hooks:
             h.remove()
