@@ -371,6 +371,13 @@ def verify(
     record: Annotated[
         bool, typer.Option("--record/--no-record", help="Store the result in MOE's upcycle.json and model card.")
     ] = True,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="Also run MOE in this inference engine (llama.cpp) and compare its greedy tokens."),
+    ] = None,
+    llama_cpp: Annotated[
+        Path | None, typer.Option(help="A llama.cpp tree with convert_hf_to_gguf.py and build/bin/ (--engine).")
+    ] = None,
 ) -> None:
     """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside.
 
@@ -379,6 +386,7 @@ def verify(
 
     if layerwise and whole:
         raise UpcycleError("--layerwise and --whole exclude each other; give one (or neither: chosen by memory)")
+    runner = _engine_runner(engine, llama_cpp)
     _json_owns_stdout(json_out)
     report = run_verify(
         dense,
@@ -394,11 +402,43 @@ def verify(
         notify=lambda note: err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True),
     )
     _print_verify(report, title=f"verify {dense} vs {moe} ({report.moe_class})")
+    engine_report = runner(dense, moe) if runner else None
+    if engine_report is not None:
+        _print_engine(engine_report)
     if report.recorded:
         _say(out, f"result stored in {moe}: {report.recorded}")
-    _emit_json(report.to_dict(), json_out)
-    if not report.passed:
+    _emit_json(report.to_dict() | ({"engine": engine_report.to_dict()} if engine_report else {}), json_out)
+    if not report.passed or (engine_report is not None and not engine_report.passed):
         raise typer.Exit(1)
+
+
+def _engine_runner(engine: str | None, llama_cpp: Path | None):
+    """The engine check `verify --engine` runs after the logits, found before any model loads (or None)."""
+    if engine is None:
+        if llama_cpp is not None:
+            raise UpcycleError("--llama-cpp DIR is used with --engine llama.cpp; add it")
+        return None
+    if engine.lower() not in ("llama.cpp", "llamacpp", "llama-cpp"):
+        raise UpcycleError(f"--engine {engine!r} is not one we can run; the one available is llama.cpp")
+    from upcycle.report.engines import llama_cpp as engine_mod
+
+    found = engine_mod.find(llama_cpp)
+    return lambda dense, moe: engine_mod.check(dense, moe, engine=found)
+
+
+def _print_engine(report) -> None:
+    table = Table()
+    for col in ("metric", "value", "limit", "ok"):
+        table.add_column(col)
+    table.add_row("engine", f"{report.engine} ({report.where})", "", "")
+    table.add_row("GGUF (llama.cpp's converter)", f"{report.gguf_bytes / 1e6:.1f} MB", "", "")
+    table.add_row(
+        "greedy tokens equal to transformers (dense)",
+        f"{report.matching} of {len(report.expected)}",
+        "all",
+        _ok(report.passed),
+    )
+    _show(f"{report.engine}: greedy continuation of {report.prompt!r}", table)
 
 
 def _ok(good: bool) -> str:
