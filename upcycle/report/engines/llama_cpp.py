@@ -131,13 +131,28 @@ def _last_error(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+OUTTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def _stored_dtype(model: Path) -> str:
+    import json
+
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
 def to_gguf(engine: LlamaCpp, model: Path, out: Path) -> Path:
     """Convert a transformers folder to GGUF with llama.cpp's own converter and gguf-py (not the installed gguf)."""
     paths = [engine.tree / "gguf-py", engine.tree / "pydeps"]  # pydeps: sentencepiece, put there by the build script
     env = os.environ | {"PYTHONPATH": os.pathsep.join([*map(str, paths), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(engine.tree / CONVERTER), str(model), "--outfile", str(out), "--outtype", "auto"]
+    outtype = OUTTYPE.get(_stored_dtype(model), "f32")  # as stored: the converter's "auto" makes float32 bf16
+    cmd = [sys.executable, str(engine.tree / CONVERTER), str(model), "--outfile", str(out), "--outtype", outtype]
     done = _run(cmd, env=env)
     if done.returncode != 0 or not out.is_file():
+        out.unlink(missing_ok=True)  # nothing half-written
         raise EngineRefused(f"llama.cpp's converter refused {model.name}: {_last_error(done.stderr + done.stdout)}")
     return out
 
