@@ -291,6 +291,13 @@ def verify(
     record: Annotated[
         bool, typer.Option("--record/--no-record", help="Store the result in MOE's upcycle.json and model card.")
     ] = True,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="Also run MOE in this inference engine (llama.cpp) and compare its greedy tokens."),
+    ] = None,
+    llama_cpp: Annotated[
+        Path | None, typer.Option(help="A llama.cpp tree with convert_hf_to_gguf.py and build/bin/ (--engine).")
+    ] = None,
 ) -> None:
     """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside.
 
@@ -300,6 +307,7 @@ def verify(
     if layerwise and whole:
         raise UpcycleError("--layerwise and --whole exclude each other; give one (or neither: chosen by memory)")
     screen = render.Screen.for_json(json_out)
+    runner = _engine_runner(engine, llama_cpp)
     report = run_verify(
         dense,
         moe,
@@ -314,11 +322,28 @@ def verify(
         notify=screen.note,
     )
     render.verify_report(screen, report, title=f"verify {dense} vs {moe} ({report.moe_class})")
+    engine_report = runner(dense, moe) if runner else None
+    if engine_report is not None:
+        render.engine_report(screen, engine_report)
     if report.recorded:
         screen.say(f"result stored in {moe}: {report.recorded}")
-    render.emit_json(report.to_dict(), json_out)
-    if not report.passed:
+    render.emit_json(report.to_dict() | ({"engine": engine_report.to_dict()} if engine_report else {}), json_out)
+    if not report.passed or (engine_report is not None and not engine_report.passed):
         raise typer.Exit(1)
+
+
+def _engine_runner(engine: str | None, llama_cpp: Path | None):
+    """The engine check `verify --engine` runs after the logits, found before any model loads (or None)."""
+    if engine is None:
+        if llama_cpp is not None:
+            raise UpcycleError("--llama-cpp DIR is used with --engine llama.cpp; add it")
+        return None
+    if engine.lower() not in ("llama.cpp", "llamacpp", "llama-cpp"):
+        raise UpcycleError(f"--engine {engine!r} is not one we can run; the one available is llama.cpp")
+    from upcycle.report.engines import llama_cpp as engine_mod
+
+    found = engine_mod.find(llama_cpp)
+    return lambda dense, moe: engine_mod.check(dense, moe, engine=found)
 
 
 
@@ -625,10 +650,10 @@ def train(
     except KeyboardInterrupt as exc:
         if dry_run:
             raise
-        # a training run keeps what it has checkpointed; say so when it is stopped
+        # say what RUN_DIR really holds, found once the run has cleaned up
         from upcycle.train.checkpoint import stop_note
 
-        raise Stopped(stop_note(out_dir) if out_dir is not None else "nothing was written") from exc  # what RUN_DIR really holds, once the run has cleaned up
+        raise Stopped(stop_note(out_dir) if out_dir is not None else "nothing was written") from exc
     if not result.is_main:  # under torchrun, rank 0 prints and writes --json
         return
     if dry_run:

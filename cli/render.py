@@ -498,3 +498,15 @@ def train_summary(screen: Screen, summary: dict[str, Any], title: str) -> None:
                 f"expert {row['least']}: {row['min']:.3f}",
             )
         screen.out.print(load)
+
+
+def engine_report(screen: Screen, report: Any) -> None:
+    """`verify --engine`: the engine's greedy continuation against transformers' on the dense model."""
+    table = Table(title=f"{report.engine}: greedy continuation of {report.prompt!r}", title_justify="left")
+    for col in ("metric", "value", "limit", "ok"):
+        table.add_column(col)
+    table.add_row("engine", f"{report.engine} ({report.where})", "", "")
+    table.add_row("GGUF (llama.cpp's converter)", f"{report.gguf_bytes / 1e6:.1f} MB", "", "")
+    matching = f"{report.matching} of {len(report.expected)}"
+    table.add_row("greedy tokens equal to transformers (dense)", matching, "all", "yes" if report.passed else "NO")
+    screen.out.print(table)

@@ -1,0 +1,1 @@
+"""Inference engines our outputs are checked in (test tools, never dependencies): llama.cpp."""
