@@ -60,7 +60,7 @@ def engine() -> llama_cpp.LlamaCpp:
         llama_cpp.find(None)
     except Exception:
         if os.environ.get("UPCYCLE_BUILD_LLAMA_CPP") != "1":
-            pytest.skip("no llama.cpp build cached: run benchmarks/engines/build_llama_cpp.sh (UPCYCLE_BUILD_LLAMA_CPP=1)")
+            pytest.skip("no llama.cpp build cached: see benchmarks/engines/build_llama_cpp.sh")
     if not (shutil.which("cmake") and shutil.which("c++")):
         pytest.fail("the engine tests build llama.cpp and need cmake and a C++ compiler")
     script = ROOT / llama_cpp.BUILD_SCRIPT
