@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import seeds
 from ..dtypes import DTYPE_BYTES, TORCH_TO_ST
 from ..errors import UpcycleError
 from ..source import Checkpoint, public_name, resolve
@@ -241,8 +242,7 @@ def input_ids(dense_folder: Path, vocab_size: int, *, text: Path | None, tokens:
     import torch
 
     if text is None:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randint(0, vocab_size, (1, tokens), generator=gen)
+        return torch.randint(0, vocab_size, (1, tokens), generator=seeds.generator(seed, "verify-tokens"))
     if not text.is_file():
         raise UpcycleError(f"--text {text} does not exist")
     from transformers import AutoTokenizer
