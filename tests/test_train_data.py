@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import itertools
 import json
 import os
 import pickle
@@ -428,6 +429,91 @@ def test_jargon_file_through_smollm2_tokenizer(jargon_text, smollm2_tokenizer, t
 
 
 # ---------------------------------------------------------------------------------------------------
+# A long document is tokenised in bounded pieces (issue 20, fault 7)
+
+
+class CallSizes:
+    """A tokenizer that records how many characters each call gets, and otherwise is the tokenizer it wraps."""
+
+    def __init__(self, tok) -> None:
+        self._tok, self.calls = tok, []
+
+    def __call__(self, texts, **kwargs):
+        self.calls.append(sum(map(len, texts)))
+        return self._tok(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+
+def long_line(rng: random.Random, chars: int) -> str:
+    """One line of words with what a pre-tokenizer cares about at a cut: runs of spaces, tabs, digits, punctuation,
+    contractions and non-ASCII letters."""
+    extra = ("  double", "\ttab", "x\t y", "1234567", "it's", "don't", "(paren)", "café", "日本語", "—dash", "a.b,c")
+    parts, size = [], 0
+    while size < chars:
+        word = rng.choice(WORDS + extra)
+        parts.append(word)
+        size += len(word) + 1
+    return " ".join(parts)
+
+
+def test_pieces_cut_before_a_space_and_join_to_the_text():
+    from upcycle.train.tokenise import pieces
+
+    rng = random.Random(7)
+    text = long_line(rng, 50_000) + "x" * 3_000 + long_line(rng, 5_000)  # a 3,000-character run with no space
+    cut = list(pieces(text, 1_000))
+    assert "".join(cut) == text and all(0 < len(p) <= 1_000 for p in cut)
+
+
+    def places(s: str) -> list[int]:  # where a cut may go: a space followed by a non-space
+        return [i for i in range(len(s) - 1) if s[i] == " " and not s[i + 1].isspace()]
+
+    hard = 0
+    for before, after in itertools.pairwise(cut):
+        window = (before + after)[500:1_001]  # the second half of the window, and the character after it
+        if after[0] == " ":
+            assert not after[1].isspace() and places(window)[-1] == len(before) - 500  # the last such place
+        else:
+            hard += 1
+            assert len(before) == 1_000 and not places(window)
+    assert hard >= 2  # in and at the end of the run of 3,000 "x", where the windows have no space
+    assert list(pieces("short", 1_000)) == ["short"] and list(pieces("", 1_000)) == [""]
+
+
+def test_long_line_is_tokenised_in_pieces_as_if_whole(smollm2_tokenizer, tmp_path):
+    from upcycle.train.tokenise import CALL_CHARS, PIECE_CHARS
+
+    rng = random.Random(20)
+    line = long_line(rng, 3 * CALL_CHARS)  # about 3 MB on one line: 48 pieces, 4 calls
+    docs = ["A short paragraph first.", line, "And a short one after it."]
+    data = tmp_path / "long.txt"
+    data.write_text("\n\n".join(docs) + "\n")
+    spy = CallSizes(smollm2_tokenizer)
+    train, _, info = prepare(str(data), spy, 8, eval_data=str(write_eval(tmp_path / "e.txt")), cache_dir=tmp_path / "c")
+    whole = expected_stream(smollm2_tokenizer, docs)  # each document in one call
+    assert stream_of(train) == whole and info.documents == 3
+    assert len(whole) > 500_000 and max(spy.calls) <= CALL_CHARS and len(spy.calls) >= len(line) // CALL_CHARS + 1
+    assert PIECE_CHARS < CALL_CHARS
+
+
+def test_run_without_spaces_is_cut_anywhere(tok, tmp_path):
+    """No space in a window: the cut falls at the window's end (exact for a character-level tokenizer)."""
+    from upcycle.train.tokenise import PIECE_CHARS
+
+    run = "".join(random.Random(3).choice("abcdefgh") for _ in range(5 * PIECE_CHARS // 2))
+    data = tmp_path / "run.txt"
+    data.write_text(run + "\n")
+    evals = str(write_eval(tmp_path / "e.txt"))
+    train, _, info = prepare(str(data), tok, 64, eval_data=evals, cache_dir=tmp_path / "c")
+    assert stream_of(train) == expected_stream(tok, [run]) and info.documents == 1
+
+
+# ---------------------------------------------------------------------------------------------------
 # Bad input: one line, nothing left in the cache
 
 
@@ -435,6 +521,7 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[str, dict, str]]:
     (tmp_path / "blank.txt").write_text("\n\n   \n\n")
     (tmp_path / "short.txt").write_text("Too short.")
     (tmp_path / "one.txt").write_text("A single paragraph, long enough for one block but not for two.")
+    (tmp_path / "two.txt").write_text("Short paragraph.\n\nA second one, long enough for one block of ids.")
     (tmp_path / "table.csv").write_text("text\nhello\n")
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "notes.md").write_text("# notes")
@@ -448,7 +535,8 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[str, dict, str]]:
         "missing-folder": ("./no/such/folder", {}, "does not exist"),
         "blank": (str(tmp_path / "blank.txt"), {}, "holds no text (0 non-empty documents)"),
         "short": (str(tmp_path / "short.txt"), {}, "has only 11 tokens, fewer than one block of --seq-len 40"),
-        "no-room-for-eval": (str(tmp_path / "one.txt"), {}, "too few to hold out an eval block"),
+        "no-room-for-eval": (str(tmp_path / "two.txt"), {}, "too few to hold out an eval block"),
+        "one-document": (str(tmp_path / "one.txt"), {}, "one.txt is a single document (63 tokens)"),
         "extension": (str(tmp_path / "table.csv"), {}, "unknown extension .csv"),
         "folder": (str(tmp_path / "odd"), {}, "the folder has no .txt, .jsonl, .json or .parquet files (it holds .md)"),
         "field": (str(tmp_path / "fields.jsonl"), {}, "has no field 'text' (its fields: title, body)"),
@@ -467,6 +555,7 @@ CASES = [
     "blank",
     "short",
     "no-room-for-eval",
+    "one-document",
     "extension",
     "folder",
     "field",
@@ -486,7 +575,7 @@ def test_bad_input_is_one_line(tok, tmp_path, monkeypatch, case):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     data, kwargs, message = bad_cases(tmp_path)[case]
-    seq_len = 40 if case in ("short", "no-room-for-eval", "eval-short") else 8
+    seq_len = 40 if case in ("short", "no-room-for-eval", "one-document", "eval-short") else 8
     cache = tmp_path / "cache"
     with pytest.raises(UpcycleError) as err:
         prepare(data, tok, seq_len, cache_dir=cache, **kwargs)

@@ -20,7 +20,11 @@ so a run over 100 GB starts at once; a saved dataset by its files, a Hub dataset
 uint16/uint32/int64 that holds the vocabulary) and `meta.json`. The folder is built beside its final name and
 renamed into place, so a killed run leaves no entry that looks complete; entries that fail the size check are
 rebuilt. Reading streams the files through `datasets` (`streaming=True` + `map(batched=True)`), writing ids in
-pieces: neither the text nor the ids are ever held whole in memory, and no Arrow copy of the text is made.
+pieces: neither the text nor the ids of the whole data are ever held in memory, and no Arrow copy of the text is
+made. One document's text is held whole while it is read, but a long one is given to the tokenizer in pieces
+(tokenise.py), so memory grows with the document's length, not ~200 bytes per character of it.
+
+A single document cannot be split into train and eval (the split is by documents): it is refused saying so.
 
 Eval split without `eval_data`: a seeded permutation of the documents; its first `eval_fraction` of them (at least
 one, and as many more as it takes to fill one block) form the eval stream, the rest the train stream, each kept in
@@ -46,6 +50,7 @@ import torch
 
 from ..compat import dataset_fingerprint
 from ..errors import UpcycleError
+from .tokenise import encode_documents
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -476,6 +481,12 @@ class _Job:
         order = torch.randperm(n_docs, generator=gen).numpy()
         filled = np.cumsum(lengths[order])  # (docs,) eval tokens if the first i+1 documents of `order` are held out
         count = max(1, round(eval_fraction * n_docs), int(np.searchsorted(filled, self.seq_len)) + 1)
+        if n_docs == 1:
+            raise UpcycleError(
+                f"{src.flag} {src.label} is a single document ({total:,} tokens), and the eval set is held out as "
+                "whole documents (paragraphs of a .txt, rows of a .jsonl): give --eval-data, or text in several "
+                "paragraphs (separated by blank lines) or rows"
+            )
         if count >= n_docs or total - int(filled[count - 1]) < self.seq_len:
             raise UpcycleError(
                 f"{src.flag} {src.label} has {total} tokens in {n_docs} documents, too few to hold out an eval "
@@ -562,11 +573,10 @@ def _token_lists(src: _Source, tokenizer: Any, eos: int, text_field: str, hf_cac
                     text = text.strip("\n")
                 if text is not None and text.strip():
                     texts.append(text)
-            enc = (
-                tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False) if texts else {}
-            )
-            ids = [[*doc, eos] for doc in enc.get("input_ids", []) if doc]
-            return pa.table({"ids": pa.array(ids, type=pa.list_(pa.int64()))})
+            enc = encode_documents(tokenizer, texts, eos)
+            offsets = np.concatenate([[0], np.cumsum(enc.lengths)])  # (documents+1,)
+            ids = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(enc.ids, type=pa.int64()))
+            return pa.table({"ids": ids})
 
         return encode
 
