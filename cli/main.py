@@ -513,6 +513,13 @@ def train(
     text_field: Annotated[
         str | None, typer.Option(help="Text field of .jsonl/.json/.parquet." + _t("text_field"))
     ] = None,
+    skip_bad_rows: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-bad-rows/--no-skip-bad-rows",
+            help="Leave out rows without the text field (else refused), counting them." + _t("skip_bad_rows"),
+        ),
+    ] = None,
     eval_data: Annotated[str | None, typer.Option(help="Held-out text. [default: a held-out share of DATA]")] = None,
     eval_fraction: Annotated[float | None, typer.Option(help="Share of DATA held out." + _t("eval_fraction"))] = None,
     seq_len: Annotated[
@@ -609,6 +616,7 @@ def train(
         load_run_config(config) if config else None,
         data=data,
         text_field=text_field,
+        skip_bad_rows=skip_bad_rows,
         eval_data=eval_data,
         eval_fraction=eval_fraction,
         seq_len=seq_len,

@@ -446,6 +446,31 @@ def test_missing_and_empty_data(moe_store, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
 
 
+def test_rows_without_the_text_field_are_refused_unless_skipped(moe_store, text, tmp_path, capsys):
+    """Issue 20, fault 8: a .jsonl row without the field is refused in one line naming its line; with
+    --skip-bad-rows the run trains on the other rows and reports the documents used and the rows skipped."""
+    paragraphs = [p for p in text.read_text().split("\n\n") if p.strip()]
+    rows = [{"text": p} for p in paragraphs]
+    rows[3] = {"title": paragraphs[3]}
+    rows[7] = {"text": "   "}
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    base = ["train", str(moe_store("mixtral")), "--data", str(data), "--out", str(out), "--steps", "1"]
+    base += ["--seq-len", "32", "--micro-batch", "2"]
+    err = _bad(capsys, base)
+    assert "rows.jsonl line 4 has no 'text' field" in err and "--skip-bad-rows" in err
+    assert not out.exists()
+    code, stdout, err = cli([*base, "--skip-bad-rows", "--json", "-"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["documents"] == len(rows) - 2
+    assert summary["skipped_rows"] == {"empty": 1, "without_text": 1}
+    assert f"data: {len(rows) - 2:,} documents (" in err and "skipped 1 rows without 'text' (--skip-bad-rows)" in err
+    command = json.loads((out / "final" / "upcycle.json").read_text())["training"]["command"]
+    assert "--skip-bad-rows" in command
+
+
 def test_dense_model_is_refused_with_a_hint(dense_store, text, tmp_path, capsys):
     out = tmp_path / "run"
     err = _bad(capsys, ["train", str(dense_store("llama")), "--data", str(text), "--out", str(out), "--steps", "2"])

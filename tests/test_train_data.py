@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -135,7 +136,7 @@ def test_each_format_gives_the_documents_joined_with_eos(tok, tmp_path, fmt):
     rng = random.Random(fmt)
     docs = [sentence(rng, i) for i in range(9)]
     rows = [{"id": i, "body": d, "lang": "en"} for i, d in enumerate(docs)]
-    rows.insert(3, {"id": 99, "body": None, "lang": "en"})  # missing and blank texts are not documents
+    rows.insert(3, {"id": 99, "body": None, "lang": "en"})  # null (bad) and blank texts are not documents
     rows.insert(6, {"id": 98, "body": "  ", "lang": "en"})
     path = tmp_path / f"corpus.{fmt}"
     if fmt == "jsonl":
@@ -147,13 +148,64 @@ def test_each_format_gives_the_documents_joined_with_eos(tok, tmp_path, fmt):
     else:
         path.write_bytes(gzip.compress("\n\n".join(docs).encode()))
     field = "text" if fmt == "txt.gz" else "body"
+    evals = str(write_eval(tmp_path / "e.txt"))
     train, _, info = prepare(
-        str(path), tok, 16, text_field=field, eval_data=str(write_eval(tmp_path / "e.txt")), cache_dir=tmp_path / "c"
+        str(path), tok, 16, text_field=field, eval_data=evals, cache_dir=tmp_path / "c", skip_bad_rows=True
     )
     want = expected_stream(tok, docs)
     assert stream_of(train) == want
     assert train.n_blocks == len(want) // 16 and info.documents == 9 and info.sources == [path.name]
     assert train.block(1).tolist() == want[16:32]
+    assert (info.skipped_bad, info.skipped_empty) == ((0, 0) if fmt == "txt.gz" else (1, 1))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "json", "parquet", "folder"])
+def test_rows_without_the_text_field_are_refused_or_skipped_and_counted(tok, tmp_path, fmt):
+    """Issue 20, fault 8: a row lacking the field is refused, naming where it is, unless skip_bad_rows; then the
+    documents used and the rows skipped are counted (also on a cache hit, which refuses without skip_bad_rows)."""
+    rng = random.Random(8)
+    rows = [{"id": i, "text": sentence(rng, i)} for i in range(12)]
+    rows[5] = {"id": 5}  # no text field
+    rows[9] = {"id": 9, "text": None}
+    rows[10] = {"id": 10, "text": " \n "}
+    good = [r["text"] for i, r in enumerate(rows) if i not in (5, 9, 10)]
+    where = {
+        "jsonl": "corpus.jsonl line 7",  # a blank line before the bad row: line numbers count it, rows do not
+        "jsonl.gz": "corpus.jsonl.gz line 7",
+        "json": "corpus.json row 6",
+        "parquet": "corpus.parquet row 6",
+        "folder": "b.jsonl line 2",  # a.jsonl holds rows 0-3, b.jsonl the rest (row 5 on its second line)
+    }[fmt]
+    lines = [json.dumps(r) for r in rows]
+    jsonl = "\n".join([*lines[:3], "", *lines[3:]]) + "\n"
+    if fmt == "folder":
+        path = tmp_path / "corpus"
+        path.mkdir()
+        (path / "a.jsonl").write_text("\n".join(lines[:4]) + "\n")
+        (path / "b.jsonl").write_text("\n".join(lines[4:]) + "\n")
+    else:
+        path = tmp_path / f"corpus.{fmt}"
+        if fmt == "jsonl":
+            path.write_text(jsonl)
+        elif fmt == "jsonl.gz":
+            path.write_bytes(gzip.compress(jsonl.encode()))
+        elif fmt == "json":
+            path.write_text(json.dumps(rows, indent=1))
+        else:
+            write_parquet(path, rows)
+    evals, cache = str(write_eval(tmp_path / "e.txt")), tmp_path / "c"
+    message = f"--data: {where} has no 'text' field (or it is null); fix that row"
+    with pytest.raises(UpcycleError, match=re.escape(message)) as err:
+        prepare(str(path), tok, 16, eval_data=evals, cache_dir=cache)
+    assert "--skip-bad-rows" in str(err.value) and "\n" not in str(err.value)
+    assert not cache.exists() or not any(cache.iterdir())
+    train, _, info = prepare(str(path), tok, 16, eval_data=evals, cache_dir=cache, skip_bad_rows=True)
+    assert stream_of(train) == expected_stream(tok, good)
+    assert (info.documents, info.skipped_bad, info.skipped_empty, info.cache_hit) == (9, 2, 1, False)
+    again = prepare(str(path), tok, 16, eval_data=evals, cache_dir=cache, skip_bad_rows=True)[2]
+    assert again.cache_hit and (again.documents, again.skipped_bad) == (9, 2)
+    with pytest.raises(UpcycleError, match=re.escape(message)):  # the cached entry does not let the rows through
+        prepare(str(path), tok, 16, eval_data=evals, cache_dir=cache)
 
 
 def test_folder_mixes_formats_in_sorted_path_order(tok, tmp_path):

@@ -82,6 +82,7 @@ def train(
             with lock, process_state(env):
                 run = setup(source, Path(run_dir), spec, env, resume=resume, force=force, note=note)
                 display.info(_announcement(run))
+                display.info(run.data.describe(run.spec.text_field))
                 if run.eval_blocks.n_blocks == 0:
                     note("no held-out blocks to evaluate on; give --eval-data or more text")
                 result = _published(run, train_loop(run, display), notes)
@@ -303,6 +304,8 @@ def _summary(run: Run, progress: Progress, final: Path | None) -> dict[str, Any]
         "eval_loss": last_eval.eval_loss if last_eval else None,
         "perplexity": json_float(last_eval.perplexity) if last_eval else None,
         "skipped_steps": progress.skipped,
+        "documents": run.data.documents,  # of DATA, held-out ones included
+        "skipped_rows": {"empty": run.data.skipped_empty, "without_text": run.data.skipped_bad},
         "expert_load": summary_load(load),
         "expert_load_tokens": counted if load else None,  # which tokens the load counts
         "peak_gpu_memory_gib": peak_gpu_memory(run),

@@ -371,6 +371,7 @@ def _data(
             eval_fraction=spec.eval_fraction,
             cache_dir=cache_dir() / "tokens",
             seed=spec.seed,
+            skip_bad_rows=spec.skip_bad_rows,
         )
 
     prepared = run() if env.is_main else None

@@ -50,7 +50,15 @@ FLOATS = (  # and every loss coefficient (a field ending in _coef), checked afte
     "gpu_mem",
     "eval_fraction",
 )
-BOOLS = ("router_noise", "grad_checkpointing", "compile", "deterministic", "tensorboard", "force_memory")
+BOOLS = (
+    "router_noise",
+    "grad_checkpointing",
+    "compile",
+    "deterministic",
+    "tensorboard",
+    "force_memory",
+    "skip_bad_rows",
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class TrainSpec:
 
     data: str | None = None  # a file, a folder of files, a saved dataset or a datasets Hub id
     text_field: str = "text"
+    skip_bad_rows: bool = False  # leave out rows without text_field (else they are refused), counting them
     eval_data: str | None = None  # else a held-out `eval_fraction` of DATA
     eval_fraction: float = 0.01
     seq_len: int = 2048  # capped at the model's max_position_embeddings, with a note
