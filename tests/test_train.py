@@ -517,6 +517,24 @@ def test_dry_run_plans_and_writes_nothing(moe_store, text, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_dry_run_json_to_a_pipe_is_the_json_alone(moe_store, text, tmp_path):
+    """Issue 20, fault 10: `upcycle train ... --dry-run --json - | python -m json.tool` works: in a child process
+    whose stdout is a pipe, stdout holds the JSON alone, and the plan table and the notes go to stderr."""
+    src = moe_store("qwen2_moe")
+    args = ["train", str(src), "--data", str(text), "--out", str(tmp_path / "run"), "--steps", "20", "--dry-run"]
+    args += ["--seq-len", "4096", "--micro-batch", "1", "--json", "-"]  # a seq-len above the limit: a note too
+    root = str(Path(__file__).parent.parent)  # this checkout's upcycle and upcycle_cli, not an installed copy
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "upcycle_cli.main", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["steps"] == 20 and plan["tokens_per_step"] == 256 and plan["moe_layers"] == [1, 3]
+    assert "lr schedule" in proc.stderr and "note: --seq-len 4096 is above the model's limit" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_lr_schedule():
     factors = [lr_factor(i, 10, 2, 0.1) for i in range(10)]
     assert factors[:3] == [0.5, 1.0, 1.0]
