@@ -270,6 +270,62 @@ def test_frozen_tensors_stay_bitwise_equal(what, moe_store, text, tmp_path):
     assert all(changed[kind] > 0 for kind in trains), changed
 
 
+def test_a_router_checkpoint_holds_the_trained_tensors_only_and_resumes_exactly(moe_store, text, tmp_path, capsys):
+    """A --train router checkpoint stores exactly the trainable tensors (the frozen rest is MODEL's, by its sha256);
+    a run resumed from it, and its final/, are bit for bit the uninterrupted run's; a changed MODEL is refused."""
+    from upcycle.report.routing_run import checkpoint_cosine
+    from upcycle.train.frozen import TRAINABLE, source_sha256
+
+    src = tmp_path / "src"  # a copy of its own, changed at the end
+    shutil.copytree(moe_store("mixtral"), src)
+    options = dict(data=str(text), steps=6, save_every=3, eval_every=6, train="router", lr=1e-2, jitter=0.01)
+    options |= dict(keep_last=3)
+    whole = tmp_path / "whole"
+    train(src, whole, **options)
+    step3 = whole / "checkpoints" / "step-3"
+    source = tensors(src)
+    routers = {k for k in source if _kind(k, "mixtral") == "router"}  # in the files' layout
+    model = AutoModelForCausalLM.from_pretrained(src)  # the names of the loaded model's parameters
+    router = targets()["mixtral"].modules["router"]
+    trainable = {n for n, _ in model.named_parameters() if any(n.startswith(router.format(layer=i)) for i in range(4))}
+    with safe_open(step3 / TRAINABLE, "pt") as fh:
+        stored = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert set(stored) == trainable and len(trainable) == 4
+    assert {t.dtype for t in stored.values()} == {torch.float32}
+    assert sorted(p.name for p in step3.glob("*.safetensors")) == [TRAINABLE]  # no model*.safetensors
+    model_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    ckpt_bytes = sum(p.stat().st_size for p in step3.iterdir())
+    assert (step3 / TRAINABLE).stat().st_size < model_bytes / 50 and ckpt_bytes < model_bytes / 5
+    state = json.loads((step3 / "trainer_state.json").read_text())
+    assert state["frozen"] == {"source": str(src.resolve()), "sha256": source_sha256(src), "tensors": 4}
+    assert checkpoint_cosine(step3) == checkpoint_cosine(src)  # the frozen experts read from MODEL
+
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    shutil.rmtree(part / "checkpoints" / "step-6")
+    shutil.rmtree(part / "final")
+    result = loop.train(str(src), part, build_train_spec(**{**SMALL, **options}), resume=True)
+    assert result.summary["resumed_from"] == 3
+    for r, q in zip(train_records(whole), train_records(part), strict=True):
+        assert {**r, **CLOCK} == {**q, **CLOCK}
+    a, b = tensors(whole / "final"), tensors(part / "final")
+    assert a.keys() == source.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], source[k]) for k in source if k not in routers)
+    assert not all(torch.equal(a[k], source[k]) for k in routers)
+
+    shutil.rmtree(part / "checkpoints" / "step-6")
+    shutil.rmtree(part / "final")
+    weights = next(src.glob("*.safetensors"))
+    changed = {k: v + 1 if k in routers else v for k, v in source.items()}
+    from safetensors.torch import save_file
+
+    save_file(changed, weights, metadata={"format": "pt"})
+    args = ["train", str(src), "--data", str(text), "--out", str(part), "--resume", "--steps", "6", "--seq-len", "32"]
+    args += ["--micro-batch", "4", "--save-every", "3", "--eval-every", "6", "--train", "router", "--lr", "1e-2"]
+    err = _bad(capsys, [*args, "--jitter", "0.01", "--log-every", "1", "--keep-last", "3"])
+    assert "takes the rest from MODEL" in err and "files changed since" in err, err
+
+
 # --- killed and resumed ---------------------------------------------------------------------------------
 
 SLOW_TRAIN = """

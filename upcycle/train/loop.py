@@ -21,6 +21,7 @@ from . import checkpoint as ckpt
 from .distributed import barrier, destroy, full_model_state, full_optimizer_state, init_distributed
 from .evaluate import Evaluation, evaluate, json_float
 from .export import peak_gpu_memory, summary_load, write_final, write_load
+from .frozen import FROZEN, trainable_state
 from .lock import run_lock
 from .metrics import Display, MetricsLog, layer_rows, truncate_metrics
 from .model import process_state
@@ -251,6 +252,14 @@ def _save(run: Run, step: int, tokens: int) -> None:
             "upcycle": __version__,
             "tokens": tokens,
         }
+        trainable = None
+        if run.trainable is not None:  # part of the model is frozen: store the trained tensors, reference the rest
+            state[FROZEN] = {
+                "source": state["source"],
+                "sha256": run.source_sha256,
+                "tensors": len(run.trainable),
+            }
+            trainable = trainable_state(run.model, run.trainable, model_state)
         ckpt.save_checkpoint(
             run.run_dir,
             step,
@@ -263,6 +272,7 @@ def _save(run: Run, step: int, tokens: int) -> None:
             rng={"routing": run.tap.rng_state()},
             model_state=model_state,
             optimizer_state=optimizer_state,
+            trainable=trainable,
         )
         ckpt.prune(run.run_dir, run.spec.keep_last)
     barrier(env)
