@@ -558,6 +558,10 @@ def train(
     dtype: Annotated[
         str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32 (or bfloat16, float32).")
     ] = None,
+    save_dtype: Annotated[
+        str | None,
+        typer.Option(help="final/'s dtype: source (MODEL's), float32, bfloat16 or float16." + _t("save_dtype")),
+    ] = None,
     optimizer: Annotated[
         str | None,
         typer.Option(help="adamw, or adafactor (factored second moments; lr is relative)." + _t("optimizer")),
@@ -639,6 +643,7 @@ def train(
         optimizer=optimizer,
         router_lr_scale=router_lr_scale,
         dtype=dtype,
+        save_dtype=save_dtype,
         experts_impl=experts_impl,
         grad_checkpointing=grad_checkpointing,
         compile=compile_model,

@@ -18,6 +18,7 @@ DType = Literal["auto", "bf16", "fp32"]
 BalanceScope = Literal["global", "micro"]
 ExpertsImpl = Literal["grouped_mm", "eager", "batched_mm", "deepgemm", "sonicmoe"]
 OptimizerName = Literal["adamw", "adafactor"]
+SaveDType = Literal["source", "float32", "bfloat16", "float16"]
 
 CHOICES = {
     "train": get_args(TrainWhat),
@@ -25,6 +26,7 @@ CHOICES = {
     "balance_scope": get_args(BalanceScope),
     "experts_impl": get_args(ExpertsImpl),
     "optimizer": get_args(OptimizerName),
+    "save_dtype": get_args(SaveDType),
 }
 INTS = (
     "seq_len",
@@ -90,6 +92,7 @@ class TrainSpec:
     optimizer: OptimizerName = "adamw"  # adafactor: factored second moments, no first moment (ST-MoE's optimizer)
     router_lr_scale: float = 1.0
     dtype: DType = "auto"  # bf16 on GPU, fp32 on CPU
+    save_dtype: SaveDType = "source"  # final/'s dtype: MODEL's own by default (checkpoints keep the fp32 masters)
     experts_impl: ExpertsImpl = "grouped_mm"
     grad_checkpointing: bool = False
     compile: bool = False
