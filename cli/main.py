@@ -513,6 +513,13 @@ def train(
     text_field: Annotated[
         str | None, typer.Option(help="Text field of .jsonl/.json/.parquet." + _t("text_field"))
     ] = None,
+    skip_bad_rows: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-bad-rows/--no-skip-bad-rows",
+            help="Leave out rows without the text field (else refused), counting them." + _t("skip_bad_rows"),
+        ),
+    ] = None,
     eval_data: Annotated[str | None, typer.Option(help="Held-out text. [default: a held-out share of DATA]")] = None,
     eval_fraction: Annotated[float | None, typer.Option(help="Share of DATA held out." + _t("eval_fraction"))] = None,
     seq_len: Annotated[
@@ -550,6 +557,10 @@ def train(
     ] = None,
     dtype: Annotated[
         str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32 (or bfloat16, float32).")
+    ] = None,
+    save_dtype: Annotated[
+        str | None,
+        typer.Option(help="final/'s dtype: source (MODEL's), float32, bfloat16 or float16." + _t("save_dtype")),
     ] = None,
     optimizer: Annotated[
         str | None,
@@ -609,6 +620,7 @@ def train(
         load_run_config(config) if config else None,
         data=data,
         text_field=text_field,
+        skip_bad_rows=skip_bad_rows,
         eval_data=eval_data,
         eval_fraction=eval_fraction,
         seq_len=seq_len,
@@ -631,6 +643,7 @@ def train(
         optimizer=optimizer,
         router_lr_scale=router_lr_scale,
         dtype=dtype,
+        save_dtype=save_dtype,
         experts_impl=experts_impl,
         grad_checkpointing=grad_checkpointing,
         compile=compile_model,

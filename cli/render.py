@@ -482,6 +482,10 @@ def train_summary(screen: Screen, summary: dict[str, Any], title: str) -> None:
         table.add_row("peak GPU memory", f"{summary['peak_gpu_memory_gib']:.2f} GiB (torch.cuda.max_memory_allocated)")
     if summary["skipped_steps"]:
         table.add_row("skipped steps", ", ".join(map(str, summary["skipped_steps"])))
+    if summary.get("documents") is not None:
+        skipped = [f"{n:,} {what.replace('_', ' ')}" for what, n in (summary.get("skipped_rows") or {}).items() if n]
+        left_out = f" ({', '.join(skipped)} skipped)" if skipped else ""
+        table.add_row("documents", f"{summary['documents']:,}{left_out}")
     table.add_row("final model", str(summary["final"]))
     screen.out.print(table)
     if summary["expert_load"]:

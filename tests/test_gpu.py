@@ -130,7 +130,8 @@ def test_autocast_runs_grouped_mm_in_bf16_on_cuda():
 @pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 def test_bf16_run_on_cuda_keeps_fp32_masters_and_loss_falls(impl, moe_store, text, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    result = train(moe_store("mixtral"), out, data=str(text), steps=20, lr=3e-3, experts_impl=impl, save_every=20)
+    options = dict(data=str(text), steps=20, lr=3e-3, experts_impl=impl, save_every=20)
+    result = train(moe_store("mixtral"), out, **options, save_dtype="bfloat16")  # final/ defaults to MODEL's fp32
     assert result.plan["device"] == "cuda" and result.plan["dtype"] == "bfloat16"  # auto: bf16 on a GPU
     assert result.summary["experts_implementation"] == impl
     records = train_records(out)
@@ -175,7 +176,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_torchrun_nccl_fsdp2_trains_checkpoints_resumes_and_writes_bf16_final(moe_store, text, tmp_path):  # noqa: F811
     args = [str(moe_store("mixtral")), "--data", str(text), "--steps", "8", "--save-every", "4", "--dtype", "bf16"]
-    args += COMMON
+    args += [*COMMON, "--save-dtype", "bfloat16"]  # final/ defaults to MODEL's float32
     run = tmp_path / "run"
     done = subprocess.run(cli(*args, "--out", str(run), "--json", "-", torchrun=True), capture_output=True,
                           text=True, env=ENV, timeout=300)  # fmt: skip

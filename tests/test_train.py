@@ -270,6 +270,62 @@ def test_frozen_tensors_stay_bitwise_equal(what, moe_store, text, tmp_path):
     assert all(changed[kind] > 0 for kind in trains), changed
 
 
+def test_a_router_checkpoint_holds_the_trained_tensors_only_and_resumes_exactly(moe_store, text, tmp_path, capsys):
+    """A --train router checkpoint stores exactly the trainable tensors (the frozen rest is MODEL's, by its sha256);
+    a run resumed from it, and its final/, are bit for bit the uninterrupted run's; a changed MODEL is refused."""
+    from upcycle.report.routing_run import checkpoint_cosine
+    from upcycle.train.frozen import TRAINABLE, source_sha256
+
+    src = tmp_path / "src"  # a copy of its own, changed at the end
+    shutil.copytree(moe_store("mixtral"), src)
+    options = dict(data=str(text), steps=6, save_every=3, eval_every=6, train="router", lr=1e-2, jitter=0.01)
+    options |= dict(keep_last=3)
+    whole = tmp_path / "whole"
+    train(src, whole, **options)
+    step3 = whole / "checkpoints" / "step-3"
+    source = tensors(src)
+    routers = {k for k in source if _kind(k, "mixtral") == "router"}  # in the files' layout
+    model = AutoModelForCausalLM.from_pretrained(src)  # the names of the loaded model's parameters
+    router = targets()["mixtral"].modules["router"]
+    trainable = {n for n, _ in model.named_parameters() if any(n.startswith(router.format(layer=i)) for i in range(4))}
+    with safe_open(step3 / TRAINABLE, "pt") as fh:
+        stored = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert set(stored) == trainable and len(trainable) == 4
+    assert {t.dtype for t in stored.values()} == {torch.float32}
+    assert sorted(p.name for p in step3.glob("*.safetensors")) == [TRAINABLE]  # no model*.safetensors
+    model_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    ckpt_bytes = sum(p.stat().st_size for p in step3.iterdir())
+    assert (step3 / TRAINABLE).stat().st_size < model_bytes / 50 and ckpt_bytes < model_bytes / 5
+    state = json.loads((step3 / "trainer_state.json").read_text())
+    assert state["frozen"] == {"source": str(src.resolve()), "sha256": source_sha256(src), "tensors": 4}
+    assert checkpoint_cosine(step3) == checkpoint_cosine(src)  # the frozen experts read from MODEL
+
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    shutil.rmtree(part / "checkpoints" / "step-6")
+    shutil.rmtree(part / "final")
+    result = loop.train(str(src), part, build_train_spec(**{**SMALL, **options}), resume=True)
+    assert result.summary["resumed_from"] == 3
+    for r, q in zip(train_records(whole), train_records(part), strict=True):
+        assert {**r, **CLOCK} == {**q, **CLOCK}
+    a, b = tensors(whole / "final"), tensors(part / "final")
+    assert a.keys() == source.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], source[k]) for k in source if k not in routers)
+    assert not all(torch.equal(a[k], source[k]) for k in routers)
+
+    shutil.rmtree(part / "checkpoints" / "step-6")
+    shutil.rmtree(part / "final")
+    weights = next(src.glob("*.safetensors"))
+    changed = {k: v + 1 if k in routers else v for k, v in source.items()}
+    from safetensors.torch import save_file
+
+    save_file(changed, weights, metadata={"format": "pt"})
+    args = ["train", str(src), "--data", str(text), "--out", str(part), "--resume", "--steps", "6", "--seq-len", "32"]
+    args += ["--micro-batch", "4", "--save-every", "3", "--eval-every", "6", "--train", "router", "--lr", "1e-2"]
+    err = _bad(capsys, [*args, "--jitter", "0.01", "--log-every", "1", "--keep-last", "3"])
+    assert "takes the rest from MODEL" in err and "files changed since" in err, err
+
+
 # --- killed and resumed ---------------------------------------------------------------------------------
 
 SLOW_TRAIN = """
@@ -446,6 +502,31 @@ def test_missing_and_empty_data(moe_store, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
 
 
+def test_rows_without_the_text_field_are_refused_unless_skipped(moe_store, text, tmp_path, capsys):
+    """Issue 20, fault 8: a .jsonl row without the field is refused in one line naming its line; with
+    --skip-bad-rows the run trains on the other rows and reports the documents used and the rows skipped."""
+    paragraphs = [p for p in text.read_text().split("\n\n") if p.strip()]
+    rows = [{"text": p} for p in paragraphs]
+    rows[3] = {"title": paragraphs[3]}
+    rows[7] = {"text": "   "}
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    base = ["train", str(moe_store("mixtral")), "--data", str(data), "--out", str(out), "--steps", "1"]
+    base += ["--seq-len", "32", "--micro-batch", "2"]
+    err = _bad(capsys, base)
+    assert "rows.jsonl line 4 has no 'text' field" in err and "--skip-bad-rows" in err
+    assert not out.exists()
+    code, stdout, err = cli([*base, "--skip-bad-rows", "--json", "-"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["documents"] == len(rows) - 2
+    assert summary["skipped_rows"] == {"empty": 1, "without_text": 1}
+    assert f"data: {len(rows) - 2:,} documents (" in err and "skipped 1 rows without 'text' (--skip-bad-rows)" in err
+    command = json.loads((out / "final" / "upcycle.json").read_text())["training"]["command"]
+    assert "--skip-bad-rows" in command
+
+
 def test_dense_model_is_refused_with_a_hint(dense_store, text, tmp_path, capsys):
     out = tmp_path / "run"
     err = _bad(capsys, ["train", str(dense_store("llama")), "--data", str(text), "--out", str(out), "--steps", "2"])
@@ -489,6 +570,24 @@ def test_dry_run_plans_and_writes_nothing(moe_store, text, tmp_path, capsys):
     assert plan["tokens_per_step"] == 64 * 4 * 2 and plan["steps"] == 100 and plan["warmup"] == 1
     assert plan["moe_layers"] == [1, 3] and plan["min_lr"] == pytest.approx(1e-5)
     assert "lr schedule" in err and "1 warmup steps to 0.0001, cosine to 1e-05" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_dry_run_json_to_a_pipe_is_the_json_alone(moe_store, text, tmp_path):
+    """Issue 20, fault 10: `upcycle train ... --dry-run --json - | python -m json.tool` works: in a child process
+    whose stdout is a pipe, stdout holds the JSON alone, and the plan table and the notes go to stderr."""
+    src = moe_store("qwen2_moe")
+    args = ["train", str(src), "--data", str(text), "--out", str(tmp_path / "run"), "--steps", "20", "--dry-run"]
+    args += ["--seq-len", "4096", "--micro-batch", "1", "--json", "-"]  # a seq-len above the limit: a note too
+    root = str(Path(__file__).parent.parent)  # this checkout's upcycle and upcycle_cli, not an installed copy
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "upcycle_cli.main", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["steps"] == 20 and plan["tokens_per_step"] == 256 and plan["moe_layers"] == [1, 3]
+    assert "lr schedule" in proc.stderr and "note: --seq-len 4096 is above the model's limit" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import itertools
 import json
 import os
 import pickle
@@ -136,7 +137,7 @@ def test_each_format_gives_the_documents_joined_with_eos(tok, tmp_path, fmt):
     rng = random.Random(fmt)
     docs = [sentence(rng, i) for i in range(9)]
     rows = [{"id": i, "body": d, "lang": "en"} for i, d in enumerate(docs)]
-    rows.insert(3, {"id": 99, "body": None, "lang": "en"})  # missing and blank texts are not documents
+    rows.insert(3, {"id": 99, "body": None, "lang": "en"})  # null (bad) and blank texts are not documents
     rows.insert(6, {"id": 98, "body": "  ", "lang": "en"})
     path = tmp_path / f"corpus.{fmt}"
     if fmt == "jsonl":
@@ -148,13 +149,64 @@ def test_each_format_gives_the_documents_joined_with_eos(tok, tmp_path, fmt):
     else:
         path.write_bytes(gzip.compress("\n\n".join(docs).encode()))
     field = "text" if fmt == "txt.gz" else "body"
+    evals = str(write_eval(tmp_path / "e.txt"))
     train, _, info = prepare(
-        str(path), tok, 16, text_field=field, eval_data=str(write_eval(tmp_path / "e.txt")), cache_dir=tmp_path / "c"
+        str(path), tok, 16, text_field=field, eval_data=evals, cache_dir=tmp_path / "c", skip_bad_rows=True
     )
     want = expected_stream(tok, docs)
     assert stream_of(train) == want
     assert train.n_blocks == len(want) // 16 and info.documents == 9 and info.sources == [path.name]
     assert train.block(1).tolist() == want[16:32]
+    assert (info.skipped_bad, info.skipped_empty) == ((0, 0) if fmt == "txt.gz" else (1, 1))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "json", "parquet", "folder"])
+def test_rows_without_the_text_field_are_refused_or_skipped_and_counted(tok, tmp_path, fmt):
+    """Issue 20, fault 8: a row lacking the field is refused, naming where it is, unless skip_bad_rows; then the
+    documents used and the rows skipped are counted (also on a cache hit, which refuses without skip_bad_rows)."""
+    rng = random.Random(8)
+    rows = [{"id": i, "text": sentence(rng, i)} for i in range(12)]
+    rows[5] = {"id": 5}  # no text field
+    rows[9] = {"id": 9, "text": None}
+    rows[10] = {"id": 10, "text": " \n "}
+    good = [r["text"] for i, r in enumerate(rows) if i not in (5, 9, 10)]
+    where = {
+        "jsonl": "corpus.jsonl line 7",  # a blank line before the bad row: line numbers count it, rows do not
+        "jsonl.gz": "corpus.jsonl.gz line 7",
+        "json": "corpus.json row 6",
+        "parquet": "corpus.parquet row 6",
+        "folder": "b.jsonl line 2",  # a.jsonl holds rows 0-3, b.jsonl the rest (row 5 on its second line)
+    }[fmt]
+    lines = [json.dumps(r) for r in rows]
+    jsonl = "\n".join([*lines[:3], "", *lines[3:]]) + "\n"
+    if fmt == "folder":
+        path = tmp_path / "corpus"
+        path.mkdir()
+        (path / "a.jsonl").write_text("\n".join(lines[:4]) + "\n")
+        (path / "b.jsonl").write_text("\n".join(lines[4:]) + "\n")
+    else:
+        path = tmp_path / f"corpus.{fmt}"
+        if fmt == "jsonl":
+            path.write_text(jsonl)
+        elif fmt == "jsonl.gz":
+            path.write_bytes(gzip.compress(jsonl.encode()))
+        elif fmt == "json":
+            path.write_text(json.dumps(rows, indent=1))
+        else:
+            write_parquet(path, rows)
+    evals, cache = str(write_eval(tmp_path / "e.txt")), tmp_path / "c"
+    message = f"--data: {where} has no 'text' field (or it is null); fix that row"
+    with pytest.raises(UpcycleError, match=re.escape(message)) as err:
+        prepare(str(path), tok, 16, eval_data=evals, cache_dir=cache)
+    assert "--skip-bad-rows" in str(err.value) and "\n" not in str(err.value)
+    assert not cache.exists() or not any(cache.iterdir())
+    train, _, info = prepare(str(path), tok, 16, eval_data=evals, cache_dir=cache, skip_bad_rows=True)
+    assert stream_of(train) == expected_stream(tok, good)
+    assert (info.documents, info.skipped_bad, info.skipped_empty, info.cache_hit) == (9, 2, 1, False)
+    again = prepare(str(path), tok, 16, eval_data=evals, cache_dir=cache, skip_bad_rows=True)[2]
+    assert again.cache_hit and (again.documents, again.skipped_bad) == (9, 2)
+    with pytest.raises(UpcycleError, match=re.escape(message)):  # the cached entry does not let the rows through
+        prepare(str(path), tok, 16, eval_data=evals, cache_dir=cache)
 
 
 def test_folder_mixes_formats_in_sorted_path_order(tok, tmp_path):
@@ -431,6 +483,91 @@ def test_jargon_file_through_smollm2_tokenizer(jargon_text, smollm2_tokenizer, t
 
 
 # ---------------------------------------------------------------------------------------------------
+# A long document is tokenised in bounded pieces (issue 20, fault 7)
+
+
+class CallSizes:
+    """A tokenizer that records how many characters each call gets, and otherwise is the tokenizer it wraps."""
+
+    def __init__(self, tok) -> None:
+        self._tok, self.calls = tok, []
+
+    def __call__(self, texts, **kwargs):
+        self.calls.append(sum(map(len, texts)))
+        return self._tok(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+
+def long_line(rng: random.Random, chars: int) -> str:
+    """One line of words with what a pre-tokenizer cares about at a cut: runs of spaces, tabs, digits, punctuation,
+    contractions and non-ASCII letters."""
+    extra = ("  double", "\ttab", "x\t y", "1234567", "it's", "don't", "(paren)", "café", "日本語", "—dash", "a.b,c")
+    parts, size = [], 0
+    while size < chars:
+        word = rng.choice(WORDS + extra)
+        parts.append(word)
+        size += len(word) + 1
+    return " ".join(parts)
+
+
+def test_pieces_cut_before_a_space_and_join_to_the_text():
+    from upcycle.train.tokenise import pieces
+
+    rng = random.Random(7)
+    text = long_line(rng, 50_000) + "x" * 3_000 + long_line(rng, 5_000)  # a 3,000-character run with no space
+    cut = list(pieces(text, 1_000))
+    assert "".join(cut) == text and all(0 < len(p) <= 1_000 for p in cut)
+
+
+    def places(s: str) -> list[int]:  # where a cut may go: a space followed by a non-space
+        return [i for i in range(len(s) - 1) if s[i] == " " and not s[i + 1].isspace()]
+
+    hard = 0
+    for before, after in itertools.pairwise(cut):
+        window = (before + after)[500:1_001]  # the second half of the window, and the character after it
+        if after[0] == " ":
+            assert not after[1].isspace() and places(window)[-1] == len(before) - 500  # the last such place
+        else:
+            hard += 1
+            assert len(before) == 1_000 and not places(window)
+    assert hard >= 2  # in and at the end of the run of 3,000 "x", where the windows have no space
+    assert list(pieces("short", 1_000)) == ["short"] and list(pieces("", 1_000)) == [""]
+
+
+def test_long_line_is_tokenised_in_pieces_as_if_whole(smollm2_tokenizer, tmp_path):
+    from upcycle.train.tokenise import CALL_CHARS, PIECE_CHARS
+
+    rng = random.Random(20)
+    line = long_line(rng, 3 * CALL_CHARS)  # about 3 MB on one line: 48 pieces, 4 calls
+    docs = ["A short paragraph first.", line, "And a short one after it."]
+    data = tmp_path / "long.txt"
+    data.write_text("\n\n".join(docs) + "\n")
+    spy = CallSizes(smollm2_tokenizer)
+    train, _, info = prepare(str(data), spy, 8, eval_data=str(write_eval(tmp_path / "e.txt")), cache_dir=tmp_path / "c")
+    whole = expected_stream(smollm2_tokenizer, docs)  # each document in one call
+    assert stream_of(train) == whole and info.documents == 3
+    assert len(whole) > 500_000 and max(spy.calls) <= CALL_CHARS and len(spy.calls) >= len(line) // CALL_CHARS + 1
+    assert PIECE_CHARS < CALL_CHARS
+
+
+def test_run_without_spaces_is_cut_anywhere(tok, tmp_path):
+    """No space in a window: the cut falls at the window's end (exact for a character-level tokenizer)."""
+    from upcycle.train.tokenise import PIECE_CHARS
+
+    run = "".join(random.Random(3).choice("abcdefgh") for _ in range(5 * PIECE_CHARS // 2))
+    data = tmp_path / "run.txt"
+    data.write_text(run + "\n")
+    evals = str(write_eval(tmp_path / "e.txt"))
+    train, _, info = prepare(str(data), tok, 64, eval_data=evals, cache_dir=tmp_path / "c")
+    assert stream_of(train) == expected_stream(tok, [run]) and info.documents == 1
+
+
+# ---------------------------------------------------------------------------------------------------
 # Bad input: one line, nothing left in the cache
 
 
@@ -438,6 +575,7 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[str, dict, str]]:
     (tmp_path / "blank.txt").write_text("\n\n   \n\n")
     (tmp_path / "short.txt").write_text("Too short.")
     (tmp_path / "one.txt").write_text("A single paragraph, long enough for one block but not for two.")
+    (tmp_path / "two.txt").write_text("Short paragraph.\n\nA second one, long enough for one block of ids.")
     (tmp_path / "table.csv").write_text("text\nhello\n")
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "notes.md").write_text("# notes")
@@ -451,7 +589,8 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[str, dict, str]]:
         "missing-folder": ("./no/such/folder", {}, "does not exist"),
         "blank": (str(tmp_path / "blank.txt"), {}, "holds no text (0 non-empty documents)"),
         "short": (str(tmp_path / "short.txt"), {}, "has only 11 tokens, fewer than one block of --seq-len 40"),
-        "no-room-for-eval": (str(tmp_path / "one.txt"), {}, "too few to hold out an eval block"),
+        "no-room-for-eval": (str(tmp_path / "two.txt"), {}, "too few to hold out an eval block"),
+        "one-document": (str(tmp_path / "one.txt"), {}, "one.txt is a single document (63 tokens)"),
         "extension": (str(tmp_path / "table.csv"), {}, "unknown extension .csv"),
         "folder": (str(tmp_path / "odd"), {}, "the folder has no .txt, .jsonl, .json or .parquet files (it holds .md)"),
         "field": (str(tmp_path / "fields.jsonl"), {}, "has no field 'text' (its fields: title, body)"),
@@ -470,6 +609,7 @@ CASES = [
     "blank",
     "short",
     "no-room-for-eval",
+    "one-document",
     "extension",
     "folder",
     "field",
@@ -489,7 +629,7 @@ def test_bad_input_is_one_line(tok, tmp_path, monkeypatch, case):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     data, kwargs, message = bad_cases(tmp_path)[case]
-    seq_len = 40 if case in ("short", "no-room-for-eval", "eval-short") else 8
+    seq_len = 40 if case in ("short", "no-room-for-eval", "one-document", "eval-short") else 8
     cache = tmp_path / "cache"
     with pytest.raises(UpcycleError) as err:
         prepare(data, tok, seq_len, cache_dir=cache, **kwargs)

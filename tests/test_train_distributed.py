@@ -229,3 +229,36 @@ def test_grad_accum_under_fsdp_reduces_gradients_on_the_last_micro_batch_only(ru
         for a, b in zip(expected, train_records, strict=True):
             for key in TERMS:
                 assert abs(a[key] - b[key]) <= 1e-5, (name, a["step"], key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_torchrun_router_checkpoints_hold_the_trained_tensors_and_resume_exactly(runs):
+    """Under FSDP2 a --train router checkpoint holds the router tensors only (taken from the gathered state), and a
+    run resumed from it repeats every loss and writes the same final/ bit for bit."""
+    from safetensors import safe_open
+
+    from upcycle.arch import targets
+    from upcycle.train.frozen import TRAINABLE
+
+    root = runs["root"]
+    common = [*runs["common"], "--micro-batch", "2", "--train", "router"]
+    done = torchrun(*common, "--out", str(root / "router"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    with safe_open(root / "router" / "checkpoints" / "step-3" / TRAINABLE, "pt") as fh:
+        stored = sorted(fh.keys())
+    router = targets()["mixtral"].modules["router"]  # the loaded model's router module of each layer
+    assert len(stored) == 4 and all(key.startswith(router.format(layer=i)) for i, key in enumerate(stored))
+    resumed = root / "router-resumed"
+    shutil.copytree(root / "router", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-6")
+    shutil.rmtree(resumed / "final")
+    again = torchrun(*common, "--out", str(resumed), "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    expected, got = records(root / "router", "train"), records(resumed, "train")
+    for key in TERMS:
+        assert [r[key] for r in got] == [r[key] for r in expected], key
+    from safetensors.torch import load_file
+
+    a = {k: v for f in sorted((root / "router" / "final").glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted((resumed / "final").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -288,3 +288,17 @@ def test_adafactor_state_is_factored():
     est = estimate(mixtral_config(), spec, trainable_params=600, total_params=1000, optimizer_state=77,
                    biggest_param=50, on_gpu=False)  # fmt: skip
     assert est.optimizer == 77 and est.optimizer_step >= 2 * 50 * 4
+
+
+def test_save_term_counts_what_is_written():
+    """A save adds SAVE_SHARE of the bytes written: the larger of a checkpoint (the whole fp32 model with --train
+    all, the trainable tensors otherwise) and final/ (the model in --save-dtype)."""
+    cfg = mixtral_config()
+    args = dict(total_params=1000, on_gpu=False)
+    router = TrainSpec(seq_len=16, micro_batch=1, train="router")
+    everything = TrainSpec(seq_len=16, micro_batch=1)
+    assert estimate(cfg, router, trainable_params=10, save_param_bytes=2, **args).save_extra == int(SAVE_SHARE * 2000)
+    assert estimate(cfg, router, trainable_params=10, **args).save_extra == int(SAVE_SHARE * 4000)  # fp32 final/
+    assert estimate(cfg, everything, trainable_params=1000, save_param_bytes=2, **args).save_extra == int(
+        SAVE_SHARE * 4000
+    )  # the checkpoint holds the whole fp32 model

@@ -78,13 +78,14 @@ def test_grouped_mm_and_eager_experts_agree_under_autocast(moe_store):  # noqa: 
 def test_bf16_run_keeps_fp32_masters_and_loss_falls(impl, moe_store, text, tmp_path):  # noqa: F811
     src = moe_store("mixtral")
     out = tmp_path / "run"
-    result = train(src, out, data=str(text), steps=20, lr=3e-3, dtype="bf16", experts_impl=impl, save_every=20)
+    options = dict(data=str(text), steps=20, lr=3e-3, dtype="bf16", experts_impl=impl, save_every=20)
+    result = train(src, out, **options, save_dtype="bfloat16")  # final/ defaults to MODEL's float32
     assert result.plan["dtype"] == "bfloat16" and result.summary["experts_implementation"] == impl
     records = train_records(out)
     first, last = sum(r["lm"] for r in records[:4]) / 4, sum(r["lm"] for r in records[-4:]) / 4
     assert last < first - 0.3, (first, last)
     masters = tensors(out / "checkpoints" / "step-20")  # what a resumed run continues from: float32
-    final = tensors(out / "final")  # the published model: in the compute dtype
+    final = tensors(out / "final")  # the published model: in --save-dtype bfloat16
     assert masters.keys() == final.keys()
     assert {t.dtype for t in masters.values()} == {torch.float32}
     assert {t.dtype for t in final.values()} == {torch.bfloat16}
@@ -109,3 +110,54 @@ def test_an_update_below_bf16_resolution_still_moves_the_masters(moe_store, text
     # in bf16 the same update would round away: almost every moved element rounds back to its old bf16 value
     lost = (new.bfloat16() == old.bfloat16()) & moved
     assert lost.sum() > 0.9 * moved.sum()
+
+
+def _bf16_copy(src, folder):
+    """SRC with every floating tensor in bfloat16 and config.json saying so: a MODEL stored in bf16."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, folder)
+    for file in folder.glob("*.safetensors"):
+        state = tensors(file.parent)
+        save_file({k: v.bfloat16() for k, v in state.items() if k in _keys(file)}, file, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def _keys(file) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as fh:
+        return set(fh.keys())
+
+
+@pytest.mark.parametrize("save_dtype", ["source", "float32", "float16"])
+def test_final_is_written_in_the_source_dtype_unless_asked(save_dtype, moe_store, text, tmp_path):  # noqa: F811
+    """final/ takes MODEL's dtype (bf16 here) by default, --save-dtype otherwise; checkpoints keep fp32 masters,
+    and the frozen tensors come back as MODEL's own values in the dtype asked."""
+    from upcycle.train.model import source_dtype
+
+    src = _bf16_copy(moe_store("mixtral"), tmp_path / "bf16")
+    assert source_dtype(src) == "bfloat16" and source_dtype(moe_store("mixtral")) == "float32"
+    out = tmp_path / "run"
+    train(src, out, data=str(text), steps=2, lr=1e-2, train="experts", save_every=2, eval_every=2,
+          save_dtype=save_dtype)  # fmt: skip
+    want = {"source": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[save_dtype]
+    source, final = tensors(src), tensors(out / "final")
+    assert final.keys() == source.keys() and {t.dtype for t in final.values()} == {want}
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == str(want).removeprefix("torch.")
+    final_bytes = sum(f.stat().st_size for f in (out / "final").glob("*.safetensors"))
+    source_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    assert final_bytes == pytest.approx(source_bytes * want.itemsize / 2, rel=0.02)  # headers differ a little
+    experts = [k for k in source if ".experts." in k]
+    frozen = [k for k in source if ".experts." not in k]
+    assert all(torch.equal(final[k], source[k].to(want)) for k in frozen)  # bf16 -> fp32 -> want: exact
+    assert not all(torch.equal(final[k], source[k].to(want)) for k in experts)
+    from safetensors import safe_open
+
+    with safe_open(out / "checkpoints" / "step-2" / "trainable.safetensors", "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}

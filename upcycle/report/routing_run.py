@@ -22,6 +22,7 @@ from ..errors import UpcycleError
 from ..outdir import check_target, staged_folder
 from ..train.checkpoint import FINAL, checkpoints
 from ..train.divergence import weight_cosine
+from ..train.frozen import frozen_source, weight_files
 from ..train.metrics import METRICS
 
 LOAD_DEFINITION = "each expert's share of the layer's top-k assignments; CV = std / mean of the shares (0 = balanced)"
@@ -100,6 +101,11 @@ def routing_run(run_dir: Path, out: Path, *, text: Path | None = None, force: bo
             from .routing import routing
 
             model = final if has_final else saved[-1][1]
+            if model != final and frozen_source(model) is not None:
+                raise UpcycleError(
+                    f"{run_dir} has no final/ yet and its newest checkpoint holds the trained tensors only; finish "
+                    "the run with `upcycle train ... --resume` (it writes final/), then route it"
+                )
             inner = tmp / ".routing"
             report = routing(str(model), Path(text), inner, **routing_options)
             for entry in inner.iterdir():
@@ -159,10 +165,7 @@ def checkpoint_cosine(folder: Path) -> dict[int, float]:
     if target is None:
         raise UpcycleError(f"{folder} is a {config.get('model_type')!r} model, not an MoE upcycle trains")
     experts = int(config[target.config["experts"]])
-    where: dict[str, Path] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as fh:
-            where.update(dict.fromkeys(fh.keys(), file))
+    where = weight_files(folder, frozen_source(folder))  # a checkpoint of the trained tensors only: + MODEL's
     router = _pattern(target.router, layer=r"(\d+)")
     layers = sorted(int(m.group(1)) for key in where if (m := router.fullmatch(key)))
     if not layers:

@@ -165,22 +165,32 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     rng: dict[str, Any] | None = None,
+    trainable: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically: model (native format, from_pretrained loads it), tokenizer,
     optimizer, scheduler, RNG states and trainer_state.json (last, though the rename is what makes it count).
     model_state / optimizer_state: full states gathered from FSDP shards, used instead of the module's own.
-    rng: generator states of the run's own beside torch's (e.g. {"routing": RouterTap.rng_state()})."""
+    rng: generator states of the run's own beside torch's (e.g. {"routing": RouterTap.rng_state()}).
+    trainable: with part of the model frozen, the trainable tensors, written (with config.json) instead of the
+    whole model; `state` then says where the frozen rest comes from (frozen.py)."""
     import torch
     from safetensors.torch import save_file
+
+    from .frozen import TRAINABLE
 
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(exist_ok=True)
     final = root / f"step-{step}"
-    _check_free_space(root, final, model_state if model_state is not None else model.state_dict())
+    weights = trainable if trainable is not None else model_state if model_state is not None else model.state_dict()
+    _check_free_space(root, final, weights)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
-        model.save_pretrained(tmp, state_dict=model_state)
+        if trainable is not None:
+            model.config.save_pretrained(tmp)
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / TRAINABLE)
+        else:
+            model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / OPTIMIZER)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER)

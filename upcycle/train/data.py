@@ -9,7 +9,8 @@ What a document is: a row of a json(l)/parquet file or dataset (its `text_field`
 *paragraph*, i.e. text between blank lines (`datasets`' text builder with `sample_by="paragraph"`; the newlines
 around a paragraph are dropped, the ones inside kept). Paragraphs rather than whole files so that a single long
 text can still give a held-out eval set of documents the training never sees. Empty or whitespace-only documents
-are skipped. Each document is tokenised without special tokens and followed by the tokenizer's EOS; the stream
+are skipped; a row without `text_field` (or a null one) is refused unless `skip_bad_rows` (rows.py); both are
+counted. Each document is tokenised without special tokens and followed by the tokenizer's EOS; the stream
 of all documents is cut into blocks of `seq_len` tokens (blocks may straddle documents; the last
 `n_tokens % seq_len` tokens are unused).
 
@@ -20,7 +21,11 @@ so a run over 100 GB starts at once; a saved dataset by its files, a Hub dataset
 uint16/uint32/int64 that holds the vocabulary) and `meta.json`. The folder is built beside its final name and
 renamed into place, so a killed run leaves no entry that looks complete; entries that fail the size check are
 rebuilt. Reading streams the files through `datasets` (`streaming=True` + `map(batched=True)`), writing ids in
-pieces: neither the text nor the ids are ever held whole in memory, and no Arrow copy of the text is made.
+pieces: neither the text nor the ids of the whole data are ever held in memory, and no Arrow copy of the text is
+made. One document's text is held whole while it is read, but a long one is given to the tokenizer in pieces
+(tokenise.py), so memory grows with the document's length, not ~200 bytes per character of it.
+
+A single document cannot be split into train and eval (the split is by documents): it is refused saying so.
 
 Eval split without `eval_data`: a seeded permutation of the documents; its first `eval_fraction` of them (at least
 one, and as many more as it takes to fill one block) form the eval stream, the rest the train stream, each kept in
@@ -30,6 +35,7 @@ document order. The two never share a document.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -47,11 +53,13 @@ from ..compat import dataset_fingerprint
 from ..errors import UpcycleError
 from ..outdir import staged_folder
 from ..seeds import derived_seed
+from .rows import RowCounts, bad_row_message, locate_row
+from .tokenise import encode_documents
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-FORMAT = 1  # bump when the cache layout or the meaning of a key changes
+FORMAT = 2  # bump when the cache layout or the meaning of a key changes
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 COMPRESSED = (".gz", ".bz2", ".xz")  # datasets decompresses these on the fly (not for parquet)
 BATCH_DOCS = 1000  # documents per tokeniser call and per write
@@ -118,9 +126,24 @@ class DataInfo:
     eval_sources: list[str] = field(default_factory=list)  # --eval-data's names; empty when held out from DATA
     eval_documents: int = 0  # documents in the eval stream
     dtype: str = "uint32"
+    skipped_empty: int = 0  # rows or paragraphs (of DATA and --eval-data) whose text is empty or whitespace only
+    skipped_bad: int = 0  # rows without the text field (or with a null one), left out with skip_bad_rows
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self, text_field: str) -> str:
+        """One line for the start of a run: the documents used and the rows skipped."""
+        if self.eval_sources:
+            line = f"data: {self.documents:,} documents, {self.eval_documents:,} in --eval-data"
+        else:
+            line = f"data: {self.documents:,} documents ({self.eval_documents:,} of them held out for eval)"
+        skipped = []
+        if self.skipped_bad:
+            skipped.append(f"{self.skipped_bad:,} rows without {text_field!r} (--skip-bad-rows)")
+        if self.skipped_empty:
+            skipped.append(f"{self.skipped_empty:,} empty")
+        return line + (f"; skipped {' and '.join(skipped)}" if skipped else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,6 +160,7 @@ def prepare(
     eval_fraction: float = 0.01,
     cache_dir: Path,
     seed: int = 0,
+    skip_bad_rows: bool = False,
     progress: Progress | None = None,
 ) -> tuple[TokenBlocks, TokenBlocks, DataInfo]:
     """Train and eval blocks of DATA, tokenised once and cached; see the module docstring for the rules.
@@ -144,6 +168,8 @@ def prepare(
     Under torchrun, call it on rank 0 first and on the other ranks after a barrier (then a cache hit).
     `progress(stage, done, total)` is called while building: stage "tokenise" or "tokenise eval" counts
     documents (total 0 when unknown, as for streamed files), "split" counts tokens.
+    A row without `text_field` (or with a null one) is refused, naming the first, unless `skip_bad_rows`; the cache
+    entry records how many it left out, so a later call without `skip_bad_rows` is refused the same way.
     """
     if not data:
         raise UpcycleError("give the training text: --data FILE, FOLDER or a datasets Hub id")
@@ -166,11 +192,13 @@ def prepare(
     if meta is None:
         root.mkdir(parents=True, exist_ok=True)
         with staged_folder(entry, force=False, keep_existing=True) as tmp:  # a lost race keeps the winner's
-            _build(_Job(tmp, tokenizer, eos, dtype, text_field, seq_len, progress), key, train_src, eval_src,
-                   eval_fraction, seed)
+            job = _Job(tmp, tokenizer, eos, dtype, text_field, seq_len, progress, skip_bad_rows)
+            _build(job, key, train_src, eval_src, eval_fraction, seed)
         meta = _read_entry(entry, key)
         if meta is None:  # only if something removed or damaged it between the rename and now
             raise UpcycleError(f"the token cache {entry.name} was damaged while it was written; run again")
+    if meta["skipped_bad"] and not skip_bad_rows:  # a cache entry built with skip_bad_rows
+        raise UpcycleError(bad_row_message(meta["first_bad"], text_field))
 
     def blocks(name: str) -> TokenBlocks:
         n = meta[f"{name}_tokens"]
@@ -186,6 +214,8 @@ def prepare(
         eval_sources=eval_src.names if eval_src else [],
         eval_documents=meta["eval_documents"],
         dtype=meta["dtype"],
+        skipped_empty=meta["skipped_empty"],
+        skipped_bad=meta["skipped_bad"],
     )
     return blocks("train"), blocks("eval"), info
 
@@ -404,13 +434,15 @@ class _Job:
     text_field: str
     seq_len: int
     progress: Progress | None
+    skip_bad_rows: bool = False
+    rows: RowCounts = field(default_factory=RowCounts)  # over every source of the entry
 
     def tokenise(self, src: _Source, out: _Writer, lengths: _Writer | None, stage: str) -> int:
         """Stream SRC's documents through the tokenizer into OUT (and their lengths into LENGTHS); -> documents."""
         documents = 0
         total = len(src.dataset) if src.dataset is not None else 0
         limit = np.iinfo(out.dtype).max
-        lists = _token_lists(src, self.tokenizer, self.eos, self.text_field, self.tmp / "hf")
+        lists = _token_lists(src, self, self.tmp / "hf")
         with contextlib.closing(lists):  # closed on any exit, so datasets' verbosity is put back at once
             for ids in lists:
                 flat = ids.flatten().to_numpy(zero_copy_only=False)  # (tokens,) the batch's documents, each + EOS
@@ -444,6 +476,12 @@ class _Job:
         order = torch.randperm(n_docs, generator=gen).numpy()
         filled = np.cumsum(lengths[order])  # (docs,) eval tokens if the first i+1 documents of `order` are held out
         count = max(1, round(eval_fraction * n_docs), int(np.searchsorted(filled, self.seq_len)) + 1)
+        if n_docs == 1:
+            raise UpcycleError(
+                f"{src.flag} {src.label} is a single document ({total:,} tokens), and the eval set is held out as "
+                "whole documents (paragraphs of a .txt, rows of a .jsonl): give --eval-data, or text in several "
+                "paragraphs (separated by blank lines) or rows"
+            )
         if count >= n_docs or total - int(filled[count - 1]) < self.seq_len:
             raise UpcycleError(
                 f"{src.flag} {src.label} has {total} tokens in {n_docs} documents, too few to hold out an eval "
@@ -496,6 +534,9 @@ def _build(
         "eos": job.eos,
         "documents": documents,
         "eval_documents": eval_documents,
+        "skipped_empty": job.rows.empty,
+        "skipped_bad": job.rows.bad,
+        "first_bad": job.rows.first_bad,
         "train_tokens": train_tokens,
         "eval_tokens": eval_tokens,
         "sources": train_src.names,
@@ -507,13 +548,18 @@ def _build(
     return meta
 
 
-def _token_lists(src: _Source, tokenizer: Any, eos: int, text_field: str, hf_cache: Path) -> Iterator[Any]:
-    """Per batch, an Arrow list array: one list of token ids (EOS appended) per non-empty document."""
+def _token_lists(src: _Source, job: _Job, hf_cache: Path) -> Iterator[Any]:
+    """Per batch, an Arrow list array: one list of token ids (EOS appended) per non-empty document. Rows that give
+    no document are counted in job.rows; a bad one is refused unless job.skip_bad_rows (see rows.py)."""
     import datasets
     import pyarrow as pa
 
-    def encoder(column: str, label: str, strip_newlines: bool) -> Callable[[pa.Table], pa.Table]:
-        def encode(batch: pa.Table) -> pa.Table:
+    text_field, rows = job.text_field, job.rows
+
+    def encoder(
+        column: str, label: str, strip_newlines: bool, locate: Callable[[int], str]
+    ) -> Callable[[pa.Table, list[int]], pa.Table]:
+        def encode(batch: pa.Table, indices: list[int]) -> pa.Table:
             values = batch.column(column)
             if not (
                 pa.types.is_string(values.type)
@@ -525,23 +571,35 @@ def _token_lists(src: _Source, tokenizer: Any, eos: int, text_field: str, hf_cac
                     "pick another with --text-field"
                 )
             texts = []
-            for text in values.to_pylist():
-                if strip_newlines and text is not None:
+            for index, text in zip(indices, values.to_pylist(), strict=True):
+                if text is None:
+                    if not job.skip_bad_rows:
+                        raise UpcycleError(bad_row_message(f"{src.flag}: {locate(index)}", column))
+                    rows.bad += 1
+                    rows.first_bad = rows.first_bad or f"{src.flag}: {locate(index)}"
+                    continue
+                if strip_newlines:
                     text = text.strip("\n")
-                if text is not None and text.strip():
+                if text.strip():
                     texts.append(text)
-            enc = (
-                tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False) if texts else {}
-            )
-            ids = [[*doc, eos] for doc in enc.get("input_ids", []) if doc]
-            return pa.table({"ids": pa.array(ids, type=pa.list_(pa.int64()))})
+                else:
+                    rows.empty += 1
+            enc = encode_documents(job.tokenizer, texts, job.eos)
+            rows.empty += len(texts) - len(enc.lengths)  # texts that gave no ids
+            offsets = np.concatenate([[0], np.cumsum(enc.lengths)])  # (documents+1,)
+            ids = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(enc.ids, type=pa.int64()))
+            return pa.table({"ids": ids})
 
         return encode
 
-    def stream(ds: Any, columns: list[str], column: str, label: str, strip: bool) -> Iterator[Any]:
+    def stream(
+        ds: Any, columns: list[str], column: str, label: str, strip: bool, locate: Callable[[int], str]
+    ) -> Iterator[Any]:
         # Arrow in, Arrow out: the map never turns rows into Python dicts, which would cost 3x the tokenising.
-        encode = encoder(column, label, strip)
-        mapped = ds.with_format("arrow").map(encode, batched=True, batch_size=BATCH_DOCS, remove_columns=columns)
+        encode = encoder(column, label, strip, locate)
+        mapped = ds.with_format("arrow").map(
+            encode, batched=True, batch_size=BATCH_DOCS, remove_columns=columns, with_indices=True
+        )
         for table in mapped.iter(batch_size=BATCH_DOCS):
             yield table.column("ids").combine_chunks()
 
@@ -563,7 +621,8 @@ def _token_lists(src: _Source, tokenizer: Any, eos: int, text_field: str, hf_cac
                 if first is None:
                     continue
                 _check_field(list(first), column, src.flag, label)
-                yield from stream(ds, list(first), column, label, builder == "text")
+                where = functools.partial(locate_row, builder, files)
+                yield from stream(ds, list(first), column, label, builder == "text", where)
             except (ValueError, OSError, pa.ArrowException, datasets.exceptions.DatasetGenerationError) as exc:
                 if isinstance(exc, UnicodeDecodeError):
                     raise UpcycleError(f"{src.flag}: {label} is not UTF-8 text ({_first_line(exc)})") from None
@@ -572,7 +631,7 @@ def _token_lists(src: _Source, tokenizer: Any, eos: int, text_field: str, hf_cac
             ds = src.dataset if src.dataset is not None else _load_saved(src)
             _check_field(ds.column_names, text_field, src.flag, src.label)
             ds = ds.select_columns([text_field]).to_iterable_dataset()
-            yield from stream(ds, [text_field], text_field, src.label, False)
+            yield from stream(ds, [text_field], text_field, src.label, False, lambda i: f"{src.label} row {i + 1}")
 
 
 def _check_field(fields: list[str], column: str, flag: str, label: str) -> None:

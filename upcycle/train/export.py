@@ -14,6 +14,7 @@ from .distributed import full_model_state
 from .evaluate import Evaluation, json_float
 from .losses import LOSSES
 from .metrics import layer_rows
+from .model import save_dtype
 from .routing_log import write_load_png
 from .spec import TrainSpec
 
@@ -58,13 +59,14 @@ def training_command(model: str, run_dir: Path, spec: TrainSpec) -> str:
 
 
 def write_final(run: Run, last_eval: Evaluation | None) -> Path | None:
-    """final/ (rank 0 writes it; None on the other ranks): the model in the compute dtype (bf16 halves it;
-    checkpoints keep the fp32 masters), its tokenizer, and the recipe and card extended with the training record.
-    Collective under FSDP: every rank joins the gathering of the full state."""
+    """final/ (rank 0 writes it; None on the other ranks): the model in --save-dtype, by default MODEL's own dtype
+    (a bf16 MODEL gives a bf16 final/; checkpoints keep the fp32 masters), its tokenizer, and the recipe and card
+    extended with the training record. Collective under FSDP: every rank joins the gathering of the full state."""
     env, plan = run.env, run.plan
+    dtype = save_dtype(run.spec, run.source.ref.folder)
     model_state = full_model_state(run.model, env) if env.distributed else None
     if not env.distributed:
-        run.model.to(plan.torch_dtype)
+        run.model.to(dtype)
     if not env.is_main:
         return None
     fallback = {"tool": {"name": "upcycle", "version": __version__}, "source": {"id": plan.model}}
@@ -74,7 +76,7 @@ def write_final(run: Run, last_eval: Evaluation | None) -> Path | None:
         tokenizer=run.tokenizer,
         source_folder=run.source.ref.folder,
         model_state=model_state,
-        dtype=plan.torch_dtype,
+        dtype=dtype,
         recipe_fields={"training": training_record(run, last_eval), "name": run.run_dir.name, "hub_repo": None},
         fallback_recipe=fallback,
     )

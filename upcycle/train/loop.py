@@ -21,6 +21,7 @@ from . import checkpoint as ckpt
 from .distributed import barrier, destroy, full_model_state, full_optimizer_state, init_distributed
 from .evaluate import Evaluation, evaluate, json_float
 from .export import peak_gpu_memory, summary_load, write_final, write_load
+from .frozen import FROZEN, trainable_state
 from .lock import run_lock
 from .metrics import Display, MetricsLog, layer_rows, truncate_metrics
 from .model import process_state
@@ -82,6 +83,7 @@ def train(
             with lock, process_state(env):
                 run = setup(source, Path(run_dir), spec, env, resume=resume, force=force, note=note)
                 display.info(_announcement(run))
+                display.info(run.data.describe(run.spec.text_field))
                 if run.eval_blocks.n_blocks == 0:
                     note("no held-out blocks to evaluate on; give --eval-data or more text")
                 result = _published(run, train_loop(run, display), notes)
@@ -250,6 +252,14 @@ def _save(run: Run, step: int, tokens: int) -> None:
             "upcycle": __version__,
             "tokens": tokens,
         }
+        trainable = None
+        if run.trainable is not None:  # part of the model is frozen: store the trained tensors, reference the rest
+            state[FROZEN] = {
+                "source": state["source"],
+                "sha256": run.source_sha256,
+                "tensors": len(run.trainable),
+            }
+            trainable = trainable_state(run.model, run.trainable, model_state)
         ckpt.save_checkpoint(
             run.run_dir,
             step,
@@ -262,6 +272,7 @@ def _save(run: Run, step: int, tokens: int) -> None:
             rng={"routing": run.tap.rng_state()},
             model_state=model_state,
             optimizer_state=optimizer_state,
+            trainable=trainable,
         )
         ckpt.prune(run.run_dir, run.spec.keep_last)
     barrier(env)
@@ -303,6 +314,8 @@ def _summary(run: Run, progress: Progress, final: Path | None) -> dict[str, Any]
         "eval_loss": last_eval.eval_loss if last_eval else None,
         "perplexity": json_float(last_eval.perplexity) if last_eval else None,
         "skipped_steps": progress.skipped,
+        "documents": run.data.documents,  # of DATA, held-out ones included
+        "skipped_rows": {"empty": run.data.skipped_empty, "without_text": run.data.skipped_bad},
         "expert_load": summary_load(load),
         "expert_load_tokens": counted if load else None,  # which tokens the load counts
         "peak_gpu_memory_gib": peak_gpu_memory(run),

@@ -35,8 +35,9 @@ On CPU the figure is the process's peak RSS, so three more terms count (measured
 - `mapped`: the source's weight files as loaded, resident from loading on (measured with transformers 5.25: an
   fp32 checkpoint stays memory-mapped, as clean page cache; a bf16 one leaves about its size of heap behind);
 - the load and save peaks: loading holds runtime + mapped + the fp32 weights, and a bf16 checkpoint materialised
-  in fp32 adds about its own size again while it is cast (`load_extra`); a save (checkpoint, final/) adds about
-  SAVE_SHARE of the model's fp32 bytes on top of the step's states (save_pretrained's copies).
+  in fp32 adds about its own size again while it is cast (`load_extra`); a save adds about SAVE_SHARE of the
+  bytes it writes on top of the step's states (save_pretrained's copies): the larger of a checkpoint (the whole
+  model in fp32 with `--train all`, else the trainable parameters only) and final/ (the model in --save-dtype).
 The whole run's peak is the largest of the load, step and save peaks. Not counted on a GPU: the CUDA context and
 allocator fragmentation (leave ~1-2 GiB).
 """
@@ -54,7 +55,8 @@ from .spec import TrainSpec
 GiB = 1 << 30
 FP32 = 4
 RUNTIME_CPU = int(0.85 * GiB)  # RSS of the interpreter, torch, transformers, tokenizer and data before the model
-SAVE_SHARE = 0.55  # a save's transient, as a share of the model's fp32 bytes (measured 0.49-0.59)
+SAVE_SHARE = 0.55  # a save's transient, as a share of the bytes saved (measured 0.49-0.59 of an fp32 model)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}  # final/'s dtypes (--save-dtype)
 
 Precision = Literal["fp32", "mixed", "bf16", "pure-bf16"]
 
@@ -282,6 +284,7 @@ def estimate(
     biggest_param: int = 0,
     source_bytes: int = 0,
     source_cast: bool = False,
+    save_param_bytes: int = FP32,
 ) -> MemoryEstimate:
     """Memory per rank for `spec` on a model with this config (a transformers config, object or dict).
 
@@ -295,6 +298,7 @@ def estimate(
     biggest_param: elements of the largest trainable tensor (Adafactor's step makes a full-size temporary of it).
     source_bytes: the size of the weight files loaded (CPU: resident through the run); source_cast: they hold
     another dtype than float32, so loading casts them (CPU: a transient of their size).
+    save_param_bytes: bytes per parameter of final/ (--save-dtype; MODEL's dtype by default).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
@@ -333,6 +337,9 @@ def estimate(
     def shard(n: int) -> int:
         return math.ceil(n / world_size)
 
+    # a checkpoint holds the whole model only when all of it trains; else the trainable tensors (frozen.py)
+    checkpoint_bytes = (total_params if spec.train == "all" else trainable_params) * FP32
+
     return MemoryEstimate(
         precision=precision,
         world_size=world_size,
@@ -350,7 +357,7 @@ def estimate(
         runtime=0 if on_gpu else RUNTIME_CPU,
         mapped=0 if on_gpu else source_bytes,
         load_extra=0 if on_gpu or not source_cast else source_bytes,
-        save_extra=0 if on_gpu else int(SAVE_SHARE * total_params * FP32),
+        save_extra=0 if on_gpu else int(SAVE_SHARE * max(checkpoint_bytes, total_params * save_param_bytes)),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import warnings
@@ -235,7 +236,10 @@ def footprint(folder: Path, target: Target, config: dict[str, Any], spec: TrainS
         states[what] = {name: optimizer_state_bytes(trainable, name) for name in get_args(OptimizerName)}
         biggest[what] = max((p.numel() for p in trainable), default=0)
     size, cast = weight_files(folder)
-    return Footprint(params, states, biggest, size, cast), list(tap.layers)
+    return Footprint(params, states, biggest, size, cast, source_dtype(folder)), list(tap.layers)
+
+
+SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 def weight_files(folder: Path) -> tuple[int, bool]:
@@ -243,16 +247,39 @@ def weight_files(folder: Path) -> tuple[int, bool]:
     headers alone."""
     files = sorted(Path(folder).glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
-    cast = False
+    cast = any(v.get("dtype") != "F32" for v in _header_entries(files))
+    return size, cast
+
+
+def source_dtype(folder: Path) -> str:
+    """The floating dtype that holds most of the weights' elements (MODEL's dtype: final/'s by default), from the
+    safetensors headers alone; float32 when there are none."""
+    elements: dict[str, int] = {}
+    for v in _header_entries(sorted(Path(folder).glob("*.safetensors"))):
+        if v.get("dtype") in SAFETENSORS_FLOATS:
+            elements[v["dtype"]] = elements.get(v["dtype"], 0) + math.prod(v.get("shape", []))
+    return SAFETENSORS_FLOATS[max(elements, key=elements.__getitem__)] if elements else "float32"
+
+
+def _header_entries(files: list[Path]) -> Iterator[dict[str, Any]]:
+    """Every tensor entry (dtype, shape, offsets) of the safetensors files' headers; unreadable files are skipped
+    (loading will say what is wrong with them)."""
     for f in files:
         try:
             with open(f, "rb") as fh:
                 (length,) = struct.unpack("<Q", fh.read(8))
                 header = json.loads(fh.read(length))
         except (OSError, ValueError, struct.error):
-            continue  # loading will say what is wrong with it
-        cast = cast or any(v.get("dtype") != "F32" for k, v in header.items() if k != "__metadata__")
-    return size, cast
+            continue
+        yield from (v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict))
+
+
+def save_dtype(spec: TrainSpec, folder: Path) -> torch.dtype:
+    """final/'s dtype: --save-dtype, or with `source` MODEL's own (the dtype of most of its weights)."""
+    import torch
+
+    name = source_dtype(folder) if spec.save_dtype == "source" else spec.save_dtype
+    return getattr(torch, name)
 
 
 def identical_experts(model: nn.Module, target: Target, layers: list[int]) -> bool:

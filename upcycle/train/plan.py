@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..source import public_name
 from .distributed import DistEnv, sharding
-from .memory import GiB, MemoryEstimate, estimate
+from .memory import DTYPE_BYTES, GiB, MemoryEstimate, estimate
 from .spec import TrainSpec, TrainWhat
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class Footprint:
     biggest: dict[str, int]  # --train choice -> elements of the largest trainable tensor
     source_bytes: int = 0  # the weight files loaded
     source_cast: bool = False  # they hold another dtype than float32
+    source_dtype: str = "float32"  # the dtype of most of their weights (final/'s with --save-dtype source)
 
     def estimate_args(self, spec: TrainSpec) -> dict[str, Any]:
         total, trainable = self.params[spec.train]
@@ -57,6 +58,7 @@ class Footprint:
             biggest_param=self.biggest[spec.train],
             source_bytes=self.source_bytes,
             source_cast=self.source_cast,
+            save_param_bytes=DTYPE_BYTES[self.source_dtype if spec.save_dtype == "source" else spec.save_dtype],
         )
 
 

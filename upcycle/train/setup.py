@@ -18,6 +18,7 @@ from ..compat import enable_activation_checkpointing, experts_implementation
 from ..errors import UpcycleError
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
+from . import frozen
 from .data import DataInfo, TokenBlocks, prepare
 from .distributed import DistEnv, barrier, load_full_optimizer_state, wrap_model
 from .memory import available_memory
@@ -73,6 +74,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     params: list[nn.Parameter]  # what the optimizer updates (gradient clipping covers these)
+    trainable: list[str] | None  # names of the trainable parameters when part of the model is frozen, else None
+    source_sha256: str | None  # of MODEL's weight files, when checkpoints take the frozen part from it (frozen.py)
     tokenizer: PreTrainedTokenizerBase
     data: DataInfo
     train_blocks: TokenBlocks
@@ -142,7 +145,13 @@ def setup(
     state = _checkpoint_to_resume(run_dir, spec, env, total, resume=resume, force=force, note=note)
     if state is not None:
         _check_same_model(state, source)
-    resume_from = state.folder if state is not None else None
+    # checkpoints of a run with frozen parameters hold the trained ones only: the rest is MODEL's, hashed once here
+    sha256 = frozen.source_sha256(source.ref.folder) if spec.train != "all" else None
+    saved_frozen = state.state.get(frozen.FROZEN) if state is not None else None
+    if saved_frozen is not None and sha256 is not None:
+        frozen.check_source(saved_frozen, sha256, source.name, state.folder)
+    # a whole-model checkpoint is loaded as it is; one with the trained tensors only goes over MODEL once loaded
+    load_from = state.folder if state is not None and saved_frozen is None else source.ref.folder
     tokenizer = _tokenizer(source.ref)
     train_blocks, eval_blocks, info = _data(spec, tokenizer, env)
     if capped:  # after every refusal, so that bad input gets one line
@@ -155,12 +164,15 @@ def setup(
         use_deterministic_algorithms()
     dtype = compute_dtype(spec, env.device)
     available = available_memory(spec.gpu_mem, env.device.index or 0)  # before the model takes its share
-    fp = _check_memory(source, resume_from or source.ref.folder, spec, env, available, note)
+    fp = _check_memory(source, load_from, spec, env, available, note)
     # float32 weights (the master weights) whatever the compute dtype: see model.compute_context
-    net = load_model(resume_from or source.ref.folder, torch.float32, spec, env.device)
+    net = load_model(load_from, torch.float32, spec, env.device)
     impl = experts_implementation(net)
     torch.manual_seed(spec.seed)  # the global RNG, for whatever in the model draws from it (dropout)
     tap = attach_routing(net, source.target, source.config, spec)
+    trainable = frozen.trainable_names(net) if sha256 is not None else None
+    if saved_frozen is not None and trainable is not None:
+        frozen.load_trainable(net, state.folder, trainable)
     noise = list(tap.noise_modules.parameters())
     params = count_params(net, noise)
     plan = make_plan(
@@ -203,6 +215,8 @@ def setup(
         optimizer=optimizer,
         scheduler=scheduler,
         params=[p for g in groups for p in g["params"]],
+        trainable=trainable,
+        source_sha256=sha256,
         tokenizer=tokenizer,
         data=info,
         train_blocks=train_blocks,
@@ -371,6 +385,7 @@ def _data(
             eval_fraction=spec.eval_fraction,
             cache_dir=cache_dir() / "tokens",
             seed=spec.seed,
+            skip_bad_rows=spec.skip_bad_rows,
         )
 
     prepared = run() if env.is_main else None

@@ -18,6 +18,7 @@ DType = Literal["auto", "bf16", "fp32"]
 BalanceScope = Literal["global", "micro"]
 ExpertsImpl = Literal["grouped_mm", "eager", "batched_mm", "deepgemm", "sonicmoe"]
 OptimizerName = Literal["adamw", "adafactor"]
+SaveDType = Literal["source", "float32", "bfloat16", "float16"]
 
 CHOICES = {
     "train": get_args(TrainWhat),
@@ -25,6 +26,7 @@ CHOICES = {
     "balance_scope": get_args(BalanceScope),
     "experts_impl": get_args(ExpertsImpl),
     "optimizer": get_args(OptimizerName),
+    "save_dtype": get_args(SaveDType),
 }
 INTS = (
     "seq_len",
@@ -50,7 +52,15 @@ FLOATS = (  # and every loss coefficient (a field ending in _coef), checked afte
     "gpu_mem",
     "eval_fraction",
 )
-BOOLS = ("router_noise", "grad_checkpointing", "compile", "deterministic", "tensorboard", "force_memory")
+BOOLS = (
+    "router_noise",
+    "grad_checkpointing",
+    "compile",
+    "deterministic",
+    "tensorboard",
+    "force_memory",
+    "skip_bad_rows",
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class TrainSpec:
 
     data: str | None = None  # a file, a folder of files, a saved dataset or a datasets Hub id
     text_field: str = "text"
+    skip_bad_rows: bool = False  # leave out rows without text_field (else they are refused), counting them
     eval_data: str | None = None  # else a held-out `eval_fraction` of DATA
     eval_fraction: float = 0.01
     seq_len: int = 2048  # capped at the model's max_position_embeddings, with a note
@@ -81,6 +92,7 @@ class TrainSpec:
     optimizer: OptimizerName = "adamw"  # adafactor: factored second moments, no first moment (ST-MoE's optimizer)
     router_lr_scale: float = 1.0
     dtype: DType = "auto"  # bf16 on GPU, fp32 on CPU
+    save_dtype: SaveDType = "source"  # final/'s dtype: MODEL's own by default (checkpoints keep the fp32 masters)
     experts_impl: ExpertsImpl = "grouped_mm"
     grad_checkpointing: bool = False
     compile: bool = False
