@@ -446,10 +446,15 @@ def test_missing_and_empty_data(moe_store, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
 
 
-def test_dense_model_is_refused_with_a_hint(dense_store, text, tmp_path, capsys):
+def test_a_model_type_upcycle_does_not_read_is_refused(dense, text, tmp_path, capsys):
+    """Dense models of the families upcycle converts train as they are (tests/test_train_dense.py); others are
+    refused in one line."""
+    src = dense("llama")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"model_type": "whisper"}))
     out = tmp_path / "run"
-    err = _bad(capsys, ["train", str(dense_store("llama")), "--data", str(text), "--out", str(out), "--steps", "2"])
-    assert "dense llama model" in err and "upcycle convert" in err
+    err = _bad(capsys, ["train", str(src), "--data", str(text), "--out", str(out), "--steps", "2"])
+    assert "'whisper' model, which upcycle cannot train" in err and "upcycle convert" in err
     assert not out.exists()
 
 

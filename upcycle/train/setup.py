@@ -54,7 +54,7 @@ class Source:
     name: str  # as the user gave it
     ref: SourceRef
     config: dict[str, Any]
-    target: Target
+    target: Target | None  # None: a dense model, trained as it is
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,26 @@ def read_source(model: str, run_dir: Path | None, spec: TrainSpec, env: DistEnv,
     spec.total_steps(env.world_size)  # refuses a run that says neither --steps nor --tokens
     ref = resolve(model)
     config = read_config(ref.folder)
-    return Source(model, ref, config, moe_target(config, model))
+    target = moe_target(config, model)
+    if target is None:
+        _check_dense_options(spec, model, config)
+    return Source(model, ref, config, target)
+
+
+def _check_dense_options(spec: TrainSpec, model: str, config: dict[str, Any]) -> None:
+    """A dense model has no routers or experts: refuse the options that act on them rather than ignore them."""
+    routing = {
+        "--train": spec.train != "all",
+        "--capacity-factor": spec.capacity_factor is not None,
+        "--jitter": spec.jitter > 0,
+        "--router-noise": spec.router_noise,
+    }
+    given = [flag for flag, set_ in routing.items() if set_]
+    if given:
+        raise UpcycleError(
+            f"{model} is a dense {config.get('model_type')} model (no routers or experts), so {', '.join(given)} "
+            "cannot apply; drop them, or convert it first: upcycle convert MODEL MOE_DIR"
+        )
 
 
 def plan_only(source: Source, spec: TrainSpec, env: DistEnv, *, note: Note) -> TrainPlan:
@@ -119,7 +138,7 @@ def plan_only(source: Source, spec: TrainSpec, env: DistEnv, *, note: Note) -> T
         layers=layers,
         params=fp.params[spec.train],
         dtype=dtype,
-        experts_impl=spec.experts_impl,
+        experts_impl=spec.experts_impl if source.target is not None else "none (dense)",
         available=available_memory(spec.gpu_mem),
         dry_run=True,
         footprint=fp,
@@ -157,8 +176,9 @@ def setup(
     available = available_memory(spec.gpu_mem, env.device.index or 0)  # before the model takes its share
     fp = _check_memory(source, resume_from or source.ref.folder, spec, env, available, note)
     # float32 weights (the master weights) whatever the compute dtype: see model.compute_context
-    net = load_model(resume_from or source.ref.folder, torch.float32, spec, env.device)
-    impl = experts_implementation(net)
+    dense = source.target is None
+    net = load_model(resume_from or source.ref.folder, torch.float32, spec, env.device, dense=dense)
+    impl = "none (dense)" if dense else experts_implementation(net)
     torch.manual_seed(spec.seed)  # the global RNG, for whatever in the model draws from it (dropout)
     tap = attach_routing(net, source.target, source.config, spec)
     noise = list(tap.noise_modules.parameters())
@@ -184,7 +204,8 @@ def setup(
     net = wrap_model(net, env, spec)
     if spec.compile:
         net.compile()
-    routers = [*module_params(net, source.target.modules["router"], tap.layers), *noise]
+    router_modules = source.target.modules["router"] if source.target is not None else ""
+    routers = [*module_params(net, router_modules, tap.layers), *noise]
     groups = param_groups(net, routers, spec)
     optimizer = build_optimizer(groups, env.device, spec.optimizer)
     scheduler = build_scheduler(optimizer, spec, total)
