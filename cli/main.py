@@ -504,7 +504,7 @@ def push(
 # options -> spec -> one upcycle.api call -> render, under 65 lines.
 @app.command()
 def train(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="An upcycled MoE: a folder or a Hub id.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="An MoE or a dense model: a folder or a Hub id.")],
     data: Annotated[
         str | None, typer.Option(help="Text: .txt/.jsonl/.json/.parquet, a folder of them, or a datasets id.")
     ] = None,
@@ -512,6 +512,19 @@ def train(
     config: Annotated[Path | None, typer.Option("--config", help="YAML run config; flags given here win.")] = None,
     text_field: Annotated[
         str | None, typer.Option(help="Text field of .jsonl/.json/.parquet." + _t("text_field"))
+    ] = None,
+    data_format: Annotated[
+        str | None,
+        typer.Option("--format", help="text, chat ({\"messages\": [...]} records), or auto (chat if DATA's records "
+                     "have messages)." + _t("format")),
+    ] = None,
+    packing: Annotated[
+        str | None, typer.Option(help="chat: several conversations per sequence (on) or one (off)." + _t("packing"))
+    ] = None,
+    long_conversations: Annotated[
+        str | None,
+        typer.Option(help="chat: a conversation over --seq-len: truncate (whole turns) or refuse."
+                     + _t("long_conversations")),
     ] = None,
     eval_data: Annotated[str | None, typer.Option(help="Held-out text. [default: a held-out share of DATA]")] = None,
     eval_fraction: Annotated[float | None, typer.Option(help="Share of DATA held out." + _t("eval_fraction"))] = None,
@@ -542,8 +555,15 @@ def train(
         bool | None,
         typer.Option("--router-noise/--no-router-noise", help="Noisy top-k routing." + _t("router_noise")),
     ] = None,
+    expert_dropout: Annotated[
+        float | None, typer.Option(help="Dropout inside the experts, in training (Switch: 0.4)." + _t("expert_dropout"))
+    ] = None,
     train_what: Annotated[
-        str | None, typer.Option("--train", help=f"What trains: {_or(get_args(TrainWhat))}." + _t("train"))
+        str | None,
+        typer.Option(
+            "--train",
+            help=f"What trains: {_or(get_args(TrainWhat))} (non-experts: ST-MoE's for fine-tuning)." + _t("train"),
+        ),
     ] = None,
     router_lr_scale: Annotated[
         float | None, typer.Option(help="Router lr = lr × this." + _t("router_lr_scale"))
@@ -600,7 +620,8 @@ def train(
         str | None, typer.Option("--json", help="Also write the summary as JSON to this file ('-': stdout).")
     ] = None,
 ) -> None:
-    """Continue pretraining an upcycled MoE on text; checkpoints, metrics and final/ go to RUN_DIR."""
+    """Continue pretraining an upcycled MoE (or a dense model) on text, or instruction-tune it on conversations;
+    checkpoints, metrics and final/ go to RUN_DIR."""
     from upcycle.api import train as run_train
     from upcycle.train.spec import build_train_spec, load_run_config
 
@@ -609,6 +630,9 @@ def train(
         load_run_config(config) if config else None,
         data=data,
         text_field=text_field,
+        format=data_format,
+        packing=packing,
+        long_conversations=long_conversations,
         eval_data=eval_data,
         eval_fraction=eval_fraction,
         seq_len=seq_len,
@@ -627,6 +651,7 @@ def train(
         capacity_factor=capacity_factor,
         jitter=jitter,
         router_noise=router_noise,
+        expert_dropout=expert_dropout,
         train=train_what,
         optimizer=optimizer,
         router_lr_scale=router_lr_scale,

@@ -18,8 +18,10 @@ from ..compat import enable_activation_checkpointing, experts_implementation
 from ..errors import UpcycleError
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
+from .chat import ChatBlocks, ChatOptions, looks_like_chat, prepare_chat
 from .data import DataInfo, TokenBlocks, prepare
 from .distributed import DistEnv, barrier, load_full_optimizer_state, wrap_model
+from .expert_dropout import add_expert_dropout
 from .memory import available_memory
 from .model import (
     attach_routing,
@@ -75,8 +77,8 @@ class Run:
     params: list[nn.Parameter]  # what the optimizer updates (gradient clipping covers these)
     tokenizer: PreTrainedTokenizerBase
     data: DataInfo
-    train_blocks: TokenBlocks
-    eval_blocks: TokenBlocks
+    train_blocks: TokenBlocks | ChatBlocks  # ChatBlocks: conversations (--format chat), the loss on the answers
+    eval_blocks: TokenBlocks | ChatBlocks
     sampler: BlockSampler
     compute: Callable[[], AbstractContextManager]  # the context forward runs under (model.compute_context)
 
@@ -113,6 +115,7 @@ def _check_dense_options(spec: TrainSpec, model: str, config: dict[str, Any]) ->
         "--capacity-factor": spec.capacity_factor is not None,
         "--jitter": spec.jitter > 0,
         "--router-noise": spec.router_noise,
+        "--expert-dropout": spec.expert_dropout > 0,
     }
     given = [flag for flag, set_ in routing.items() if set_]
     if given:
@@ -166,6 +169,11 @@ def setup(
     train_blocks, eval_blocks, info = _data(spec, tokenizer, env)
     if capped:  # after every refusal, so that bad input gets one line
         note(capped)
+    if isinstance(train_blocks, ChatBlocks) and train_blocks.left_out:
+        note(
+            f"{train_blocks.left_out} conversation(s) left out: even their first answer is longer than --seq-len "
+            f"{spec.seq_len}"
+        )
     _check_after_reading(state, spec, env, info)
     if state is not None:
         for changed in ckpt.curve_changes(state.state.get("spec", {}), spec.to_dict()):
@@ -181,6 +189,8 @@ def setup(
     impl = "none (dense)" if dense else experts_implementation(net)
     torch.manual_seed(spec.seed)  # the global RNG, for whatever in the model draws from it (dropout)
     tap = attach_routing(net, source.target, source.config, spec)
+    if source.target is not None:
+        add_expert_dropout(net, source.target, tap.layers, spec.expert_dropout)
     noise = list(tap.noise_modules.parameters())
     params = count_params(net, noise)
     plan = make_plan(
@@ -379,8 +389,14 @@ def _tokenizer(source: SourceRef) -> PreTrainedTokenizerBase:
 
 def _data(
     spec: TrainSpec, tokenizer: PreTrainedTokenizerBase, env: DistEnv
-) -> tuple[TokenBlocks, TokenBlocks, DataInfo]:
-    """Tokenise on rank 0 first; the other ranks then find the cache entry it wrote."""
+) -> tuple[TokenBlocks | ChatBlocks, TokenBlocks | ChatBlocks, DataInfo]:
+    """Conversations (--format chat, or auto and DATA's records have `messages`): tokenised by every rank (they are
+    small and need no cache). Text: tokenised on rank 0 first; the other ranks then find the cache entry it wrote."""
+    if is_chat(spec):
+        options = ChatOptions(spec.seq_len, spec.packing == "on", spec.long_conversations)
+        return prepare_chat(
+            spec.data, tokenizer, options, eval_data=spec.eval_data, eval_fraction=spec.eval_fraction, seed=spec.seed
+        )
 
     def run() -> tuple[TokenBlocks, TokenBlocks, DataInfo]:
         return prepare(
@@ -397,3 +413,10 @@ def _data(
     prepared = run() if env.is_main else None
     barrier(env)
     return prepared if prepared is not None else run()
+
+
+def is_chat(spec: TrainSpec) -> bool:
+    """--format chat, or --format auto with DATA's first record holding `messages`."""
+    if spec.format == "auto":
+        return spec.data is not None and looks_like_chat(spec.data)
+    return spec.format == "chat"
