@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from ..errors import UpcycleError
-from .data import DataInfo, derived_seed
+from ..seeds import derived_seed
+from .data import DataInfo
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
