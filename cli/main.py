@@ -504,7 +504,7 @@ def push(
 # options -> spec -> one upcycle.api call -> render, under 65 lines.
 @app.command()
 def train(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="An upcycled MoE: a folder or a Hub id.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="An MoE or a dense model: a folder or a Hub id.")],
     data: Annotated[
         str | None, typer.Option(help="Text: .txt/.jsonl/.json/.parquet, a folder of them, or a datasets id.")
     ] = None,
@@ -519,6 +519,19 @@ def train(
             "--skip-bad-rows/--no-skip-bad-rows",
             help="Leave out rows without the text field (else refused), counting them." + _t("skip_bad_rows"),
         ),
+    ] = None,
+    data_format: Annotated[
+        str | None,
+        typer.Option("--format", help="text, chat ({\"messages\": [...]} records), or auto (chat if DATA's records "
+                     "have messages)." + _t("format")),
+    ] = None,
+    packing: Annotated[
+        str | None, typer.Option(help="chat: several conversations per sequence (on) or one (off)." + _t("packing"))
+    ] = None,
+    long_conversations: Annotated[
+        str | None,
+        typer.Option(help="chat: a conversation over --seq-len: truncate (whole turns) or refuse."
+                     + _t("long_conversations")),
     ] = None,
     eval_data: Annotated[str | None, typer.Option(help="Held-out text. [default: a held-out share of DATA]")] = None,
     eval_fraction: Annotated[float | None, typer.Option(help="Share of DATA held out." + _t("eval_fraction"))] = None,
@@ -549,8 +562,15 @@ def train(
         bool | None,
         typer.Option("--router-noise/--no-router-noise", help="Noisy top-k routing." + _t("router_noise")),
     ] = None,
+    expert_dropout: Annotated[
+        float | None, typer.Option(help="Dropout inside the experts, in training (Switch: 0.4)." + _t("expert_dropout"))
+    ] = None,
     train_what: Annotated[
-        str | None, typer.Option("--train", help=f"What trains: {_or(get_args(TrainWhat))}." + _t("train"))
+        str | None,
+        typer.Option(
+            "--train",
+            help=f"What trains: {_or(get_args(TrainWhat))} (non-experts: ST-MoE's for fine-tuning)." + _t("train"),
+        ),
     ] = None,
     router_lr_scale: Annotated[
         float | None, typer.Option(help="Router lr = lr × this." + _t("router_lr_scale"))
@@ -611,7 +631,8 @@ def train(
         str | None, typer.Option("--json", help="Also write the summary as JSON to this file ('-': stdout).")
     ] = None,
 ) -> None:
-    """Continue pretraining an upcycled MoE on text; checkpoints, metrics and final/ go to RUN_DIR."""
+    """Continue pretraining an upcycled MoE (or a dense model) on text, or instruction-tune it on conversations;
+    checkpoints, metrics and final/ go to RUN_DIR."""
     from upcycle.api import train as run_train
     from upcycle.train.spec import build_train_spec, load_run_config
 
@@ -621,6 +642,9 @@ def train(
         data=data,
         text_field=text_field,
         skip_bad_rows=skip_bad_rows,
+        format=data_format,
+        packing=packing,
+        long_conversations=long_conversations,
         eval_data=eval_data,
         eval_fraction=eval_fraction,
         seq_len=seq_len,
@@ -639,6 +663,7 @@ def train(
         capacity_factor=capacity_factor,
         jitter=jitter,
         router_noise=router_noise,
+        expert_dropout=expert_dropout,
         train=train_what,
         optimizer=optimizer,
         router_lr_scale=router_lr_scale,

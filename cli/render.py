@@ -416,8 +416,11 @@ def train_plan(screen: Screen, plan: dict[str, Any], title: str) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("model", f"{plan['model']} ({plan['architecture']})")
-    table.add_row("MoE layers", _placement(plan["moe_layers"], plan["layers"]))
-    table.add_row("experts / top-k", f"{plan['experts']} / {plan['top_k']}")
+    if plan["moe_layers"]:
+        table.add_row("MoE layers", _placement(plan["moe_layers"], plan["layers"]))
+        table.add_row("experts / top-k", f"{plan['experts']} / {plan['top_k']}")
+    else:
+        table.add_row("MoE layers", f"none: a dense model of {plan['layers']} layers (no router losses)")
     table.add_row(
         "parameters",
         f"{count(plan['params_total'])} total, {count(plan['params_trainable'])} trainable (--train {plan['train']})",
@@ -474,7 +477,8 @@ def train_summary(screen: Screen, summary: dict[str, Any], title: str) -> None:
     table.add_column()
     table.add_row("final train loss", _num(summary["train_loss"], ".4f"))
     eval_line = f"{_num(summary['eval_loss'], '.4f')} / {_num(summary['perplexity'], '.2f')}"
-    table.add_row("eval loss / perplexity", eval_line)
+    on = " (assistant tokens)" if summary.get("loss_on") == "assistant tokens" else ""
+    table.add_row(f"eval loss / perplexity{on}", eval_line)
     table.add_row("steps / tokens", f"{summary['steps']:,} / {summary['tokens']:,}")
     speed = _num(summary["tokens_per_s"], ",.0f") + f" (experts {summary['experts_implementation']})"
     table.add_row("tokens/s", speed)

@@ -527,10 +527,15 @@ def test_rows_without_the_text_field_are_refused_unless_skipped(moe_store, text,
     assert "--skip-bad-rows" in command
 
 
-def test_dense_model_is_refused_with_a_hint(dense_store, text, tmp_path, capsys):
+def test_a_model_type_upcycle_does_not_read_is_refused(dense, text, tmp_path, capsys):
+    """Dense models of the families upcycle converts train as they are (tests/test_train_dense.py); others are
+    refused in one line."""
+    src = dense("llama")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"model_type": "whisper"}))
     out = tmp_path / "run"
-    err = _bad(capsys, ["train", str(dense_store("llama")), "--data", str(text), "--out", str(out), "--steps", "2"])
-    assert "dense llama model" in err and "upcycle convert" in err
+    err = _bad(capsys, ["train", str(src), "--data", str(text), "--out", str(out), "--steps", "2"])
+    assert "'whisper' model, which upcycle cannot train" in err and "upcycle convert" in err
     assert not out.exists()
 
 

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .batch import model_inputs, predicted_tokens
 from .distributed import all_reduce_sum
 from .losses import expert_counts
 from .metrics import layer_rows
@@ -25,6 +26,7 @@ class Evaluation:
     eval_tokens: int  # predicted tokens
     counts: dict[int, torch.Tensor]  # (E,) routed assignments per expert, per MoE layer, all ranks
     routed_tokens: int = 0  # tokens the routers saw (every position of every held-out block): what `counts` counts
+    loss_on: str = "all tokens"  # which tokens the loss counts: "assistant tokens" for conversations
 
     def record(self, tokens: int) -> dict[str, Any]:
         """The `eval` record of metrics.jsonl (a perplexity that overflowed is written as null), with the expert
@@ -37,9 +39,8 @@ class Evaluation:
             "eval_loss": self.eval_loss,
             "perplexity": json_float(self.perplexity),
             "eval_tokens": self.eval_tokens,
-            "routed_tokens": self.routed_tokens,
-            "layers": layer_rows(self.counts),
-        }
+            "loss_on": self.loss_on,
+        } | ({"routed_tokens": self.routed_tokens, "layers": layer_rows(self.counts)} if self.counts else {})
 
     def load_tokens(self) -> str:
         """Which tokens the load counts, for the reports."""
@@ -69,13 +70,13 @@ def evaluate(run: Run, step: int) -> Evaluation | None:
             first = start + env.rank * spec.micro_batch
             idx = list(range(first, min(first + spec.micro_batch, blocks.n_blocks)))
             weight = 1.0 if idx else 0.0
-            ids = blocks.blocks(idx or [0], env.device)  # every rank runs the same number of forwards
+            inputs = model_inputs(blocks, idx or [0], env.device)  # every rank runs the same number of forwards
             with run.compute():
-                out = model(input_ids=ids, labels=ids, use_cache=False)
-            predicted = ids.shape[0] * (ids.shape[1] - 1)
+                out = model(**inputs, use_cache=False)
+            predicted = predicted_tokens(inputs)  # every token after the first of text; an assistant's of chat
             loss_sum += out.loss.double() * predicted * weight
             n_pred += predicted * weight
-            n_routed += ids.numel() * weight
+            n_routed += inputs["input_ids"].numel() * weight
             for layer, r in run.tap.pop().items():
                 counts[layer] += expert_counts(r, run.plan.experts).to(counts[layer].dtype) * weight
     model.train()
@@ -85,7 +86,8 @@ def evaluate(run: Run, step: int) -> Evaluation | None:
     for layer in run.plan.moe_layers:
         all_reduce_sum(counts[layer], env)
     eval_loss = float(loss_sum / n_pred)
-    return Evaluation(step, eval_loss, perplexity_of(eval_loss), int(n_pred), counts, int(n_routed))
+    loss_on = getattr(blocks, "loss_on", "all tokens")
+    return Evaluation(step, eval_loss, perplexity_of(eval_loss), int(n_pred), counts, int(n_routed), loss_on)
 
 
 def perplexity_of(loss: float) -> float:

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from .setup import Run
 
 
+# card options that act on routers: a dense model's card leaves them out (it has none)
+ROUTING_OPTIONS = {"balance_scope", "capacity_factor", "jitter", "router_noise", "router_lr_scale"}
+
+
 def card_options() -> tuple[str, ...]:
     """Options recorded in the model card's training table (the rest are about how the run was operated); each
     router loss term's coefficient after "clip"."""
@@ -85,7 +89,8 @@ def write_final(run: Run, last_eval: Evaluation | None) -> Path | None:
 def training_record(run: Run, last_eval: Evaluation | None) -> dict[str, Any]:
     """The `training` section of final/upcycle.json, which the model card renders."""
     spec, plan = run.spec, run.plan
-    recipe = {key: getattr(spec, key) for key in card_options()}
+    routing = {term.coef for term in LOSSES.values()} | ROUTING_OPTIONS
+    recipe = {key: getattr(spec, key) for key in card_options() if not (plan.dense and key in routing)}
     recipe |= {"min_lr": plan.min_lr, "warmup": plan.warmup, "dtype": plan.dtype}
     recipe["world_size"] = plan.world_size
     recipe["experts_impl"] = plan.experts_impl
@@ -100,6 +105,7 @@ def training_record(run: Run, last_eval: Evaluation | None) -> dict[str, Any]:
     }
     if last_eval:
         record["final_eval"] = {"loss": last_eval.eval_loss, "perplexity": json_float(last_eval.perplexity)}
+    if last_eval and last_eval.counts:
         record["expert_load"] = [
             {k: row[k] for k in ("layer", "cv", "max", "min")} for row in layer_rows(last_eval.counts)
         ]

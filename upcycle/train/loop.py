@@ -173,8 +173,13 @@ def train_loop(run: Run, display: Display) -> dict[str, Any]:
 
 def _announcement(run: Run) -> str:
     plan, resume = run.plan, run.resume
+    shape = (
+        f"dense, {plan.layers} layers"
+        if plan.dense
+        else f"{len(plan.moe_layers)} MoE layers, {plan.experts} experts, top-{plan.top_k}"
+    )
     return (
-        f"training {plan.architecture} ({len(plan.moe_layers)} MoE layers, {plan.experts} experts, top-{plan.top_k}) "
+        f"training {plan.architecture} ({shape}) "
         f"on {plan.device} in {plan.dtype}, experts implementation {plan.experts_impl}; "
         f"{plan.params_trainable:,} of {plan.params_total:,} parameters trainable; {plan.steps} steps of "
         f"{plan.tokens_per_step:,} tokens"
@@ -202,7 +207,9 @@ def _train_record(step: int, tokens: int, result: StepResult, tokens_per_s: floa
         "grad_norm": result.grad_norm,
         "tokens_per_s": tokens_per_s,
     }
-    return record | {"layers": layer_rows(result.counts, result.dropped)} if logged else record
+    if not logged or not result.counts:  # a dense model has no load to log
+        return record
+    return record | {"layers": layer_rows(result.counts, result.dropped)}
 
 
 def _skip(
@@ -281,7 +288,7 @@ def _save(run: Run, step: int, tokens: int) -> None:
 def _log_divergence(run: Run, log: MetricsLog | None, step: int, display: Display) -> None:
     """A `divergence` record (mean pairwise cosine of each MoE layer's expert weights) at the start and each save.
     Under FSDP the experts are sharded across ranks, so it is skipped (once, with a note) rather than gathered."""
-    if log is None:
+    if log is None or run.plan.dense:
         return
     if run.env.distributed:
         if step == 0:
@@ -313,6 +320,7 @@ def _summary(run: Run, progress: Progress, final: Path | None) -> dict[str, Any]
         "lm": last_train["lm"] if last_train else None,
         "eval_loss": last_eval.eval_loss if last_eval else None,
         "perplexity": json_float(last_eval.perplexity) if last_eval else None,
+        "loss_on": getattr(run.train_blocks, "loss_on", "all tokens"),  # "assistant tokens" for conversations
         "skipped_steps": progress.skipped,
         "documents": run.data.documents,  # of DATA, held-out ones included
         "skipped_rows": {"empty": run.data.skipped_empty, "without_text": run.data.skipped_bad},

@@ -127,7 +127,8 @@ def duration(seconds: float) -> str:
 def train_line(r: dict[str, Any], total: int, eta: float | None = None) -> str:
     from .losses import LOSSES
 
-    terms = "".join(f"{name} {r[name]:.4f}  " for name in ("loss", "lm", *LOSSES))
+    names = [name for name in ("loss", "lm", *LOSSES) if name in r]  # a dense model's records have no router terms
+    terms = "".join(f"{name} {r[name]:.4f}  " for name in names)
     return (
         f"step {r['step']}/{total}  {terms}lr {r['lr']:.2e}  grad-norm {r['grad_norm']:.3f}  "
         f"{si(r['tokens_per_s'])} tok/s" + (f"  ETA {duration(eta)}" if eta is not None else "")
@@ -136,7 +137,8 @@ def train_line(r: dict[str, Any], total: int, eta: float | None = None) -> str:
 
 def eval_line(r: dict[str, Any]) -> str:
     ppl = r["perplexity"] if r["perplexity"] is not None else math.inf  # the record writes an overflow as null
-    return f"eval at step {r['step']}: loss {r['eval_loss']:.4f}, perplexity {ppl:.2f}" + (
+    on = " on assistant tokens" if r.get("loss_on") == "assistant tokens" else ""
+    return f"eval at step {r['step']}: loss{on} {r['eval_loss']:.4f}, perplexity {ppl:.2f}" + (
         "" if math.isfinite(ppl) else " (overflow)"
     )
 

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def moe_target(config: dict[str, Any], model: str) -> Target:
-    """The native MoE target of a model's config; a dense model is refused with the command that converts it."""
+def moe_target(config: dict[str, Any], model: str) -> Target | None:
+    """The native MoE target of a model's config; None for a dense model of a family upcycle reads, which trains as
+    it is (no routers: no router losses and no load). Anything else is refused."""
     target = target_for_config(config)
     if target is not None:
         return target
@@ -38,13 +39,10 @@ def moe_target(config: dict[str, Any], model: str) -> Target:
         family_for(config.get("model_type"))
     except UpcycleError:
         raise UpcycleError(
-            f"{model} is a {config.get('model_type')!r} model, which upcycle cannot train; give a folder or Hub id "
-            "written by `upcycle convert`"
+            f"{model} is a {config.get('model_type')!r} model, which upcycle cannot train; give a dense model of a "
+            "family upcycle converts, or a folder or Hub id written by `upcycle convert`"
         ) from None
-    raise UpcycleError(
-        f"{model} is a dense {config.get('model_type')} model; convert it to an MoE first: "
-        f"upcycle convert {model} MOE_DIR, then train MOE_DIR"
-    )
+    return None
 
 
 def cap_seq_len(spec: TrainSpec, config: dict[str, Any]) -> tuple[TrainSpec, str | None]:
@@ -122,19 +120,21 @@ def process_state(env: DistEnv) -> Iterator[None]:
 # --- loading ----------------------------------------------------------------------------------------------------
 
 
-def load_model(folder: Path, dtype: torch.dtype, spec: TrainSpec, device: torch.device) -> nn.Module:
+def load_model(
+    folder: Path, dtype: torch.dtype, spec: TrainSpec, device: torch.device, *, dense: bool = False
+) -> nn.Module:
+    """The model in `dtype` on `device`, with --experts-impl (a dense model has no experts kernel to choose)."""
     from transformers import AutoModelForCausalLM
 
     placement = {"device_map": str(device)} if device.type == "cuda" else {}  # straight onto the GPU
+    kernel = {} if dense else {"experts_implementation": spec.experts_impl}
     try:
         with _quiet_loading():
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, experts_implementation=spec.experts_impl, **placement
-            )
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kernel, **placement)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         raise UpcycleError(f"transformers could not load {folder}: {exc}".splitlines()[0]) from None
     impl = experts_implementation(model)
-    if device.type == "cuda" and impl == "eager" and spec.experts_impl != "eager":
+    if device.type == "cuda" and not dense and impl == "eager" and spec.experts_impl != "eager":
         raise UpcycleError(
             f"the experts fell back to the eager per-expert loop (asked for {spec.experts_impl}), which is 4-11x "
             "slower on a GPU; install a torch with grouped_mm for this GPU, or pass --experts-impl eager to accept it"
@@ -180,15 +180,18 @@ def _quiet_zero_init() -> Iterator[None]:
 
 
 def attach_routing(
-    model: nn.Module, target: Target, config: dict[str, Any], spec: TrainSpec, *, seeded: bool = True
+    model: nn.Module, target: Target | None, config: dict[str, Any], spec: TrainSpec, *, seeded: bool = True
 ) -> RouterTap:
-    """RouterTap on every MoE layer's router; then --train decides what stays trainable.
+    """RouterTap on every MoE layer's router; then --train decides what stays trainable. A dense model (target None)
+    gets a tap with no routers (it records nothing) and trains whole.
 
     Jitter and noise draw from the tap's own generators, seeded from --seed (not from torch's global RNG, which
     the run leaves to the model); checkpoints save their states. seeded=False: no generators (a meta-device model
     for --dry-run draws nothing)."""
     import torch
 
+    if target is None:
+        return RouterTap({}, num_experts=1, top_k=1, renormalize=False, hidden_size=int(config["hidden_size"]))
     generator = torch.Generator().manual_seed(derived_seed("routing", spec.seed)) if seeded else None
     routers = find_routers(model, target)
     experts, top_k, renorm = moe_shape(config, target)
@@ -219,9 +222,12 @@ def count_params(model: nn.Module, extra: list[nn.Parameter]) -> tuple[int, int]
 # --- what the memory estimate reads from the model --------------------------------------------------------------
 
 
-def footprint(folder: Path, target: Target, config: dict[str, Any], spec: TrainSpec) -> tuple[Footprint, list[int]]:
-    """The parameter counts and optimizer state of every --train and --optimizer choice, from a meta-device model
-    (no weight is read), and the size and dtype of the weight files in `folder`; with the MoE layers."""
+def footprint(
+    folder: Path, target: Target | None, config: dict[str, Any], spec: TrainSpec
+) -> tuple[Footprint, list[int]]:
+    """The parameter counts and optimizer state of every --train and --optimizer choice (a dense model: --train all
+    only), from a meta-device model (no weight is read), and the size and dtype of the weight files in `folder`;
+    with the MoE layers."""
     meta = meta_model(folder)
     tap = attach_routing(meta, target, config, spec, seeded=False)
     noise = list(tap.noise_modules.parameters())
@@ -229,8 +235,9 @@ def footprint(folder: Path, target: Target, config: dict[str, Any], spec: TrainS
     params: dict[str, tuple[int, int]] = {}
     states: dict[str, dict[str, int]] = {}
     biggest: dict[str, int] = {}
-    for what in get_args(TrainWhat):
-        set_trainable(meta, target, tap.layers, what, noise)
+    for what in get_args(TrainWhat) if target is not None else ("all",):
+        if target is not None:
+            set_trainable(meta, target, tap.layers, what, noise)
         params[what] = count_params(meta, noise)
         trainable = [p for p in [*meta.parameters(), *noise] if p.requires_grad]
         states[what] = {name: optimizer_state_bytes(trainable, name) for name in get_args(OptimizerName)}
@@ -304,10 +311,10 @@ def identical_experts(model: nn.Module, target: Target, layers: list[int]) -> bo
 
 
 def clone_warning(
-    model: nn.Module, target: Target, config: dict[str, Any], spec: TrainSpec, layers: list[int]
+    model: nn.Module, target: Target | None, config: dict[str, Any], spec: TrainSpec, layers: list[int]
 ) -> str | None:
     """The warning for --train router on identical experts: the LM loss cannot move, only the router losses."""
-    if spec.train != "router" or not identical_experts(model, target, layers):
+    if target is None or spec.train != "router" or not identical_experts(model, target, layers):
         return None
     _, _, renorm = moe_shape(config, target)
     effect = (

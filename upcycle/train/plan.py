@@ -29,12 +29,22 @@ def model_identity(value: str) -> str:
     return str(path.resolve()) if path.exists() else value
 
 
-def moe_shape(config: dict[str, Any], target: Target) -> tuple[int, int, bool]:
-    """(experts, top-k, renormalise kept weights) from the target's config fields."""
+def moe_shape(config: dict[str, Any], target: Target | None) -> tuple[int, int, bool]:
+    """(experts, top-k, renormalise kept weights) from the target's config fields; (0, 0, False) for a dense model."""
+    if target is None:
+        return 0, 0, False
     experts = int(config[target.config["experts"]])
     top_k = int(config[target.config["top_k"]])
     renorm = target.renormalize == "always" or bool(config.get(target.renormalize))
     return experts, top_k, renorm
+
+
+def architecture(config: dict[str, Any], target: Target | None) -> str:
+    """The class a run trains: the MoE target's, or a dense model's own (config.json's `architectures`)."""
+    if target is not None:
+        return target.architecture
+    names = config.get("architectures") or [f"{config.get('model_type')} causal LM"]
+    return str(names[0])
 
 
 @dataclass(frozen=True)
@@ -189,7 +199,7 @@ def fit_options(
     def total(fields_: dict[str, Any]) -> int:
         return _estimate(config, (0, 0), replace(spec, **fields_), env, unsharded_grads, footprint).total
 
-    variants = _variants(spec)
+    variants = [v for v in _variants(spec) if v[1].get("train", spec.train) in footprint.params]  # dense: all only
     single = [FitOption(flags, t) for flags, change in variants if (t := total(change)) <= available]
     if single:
         return tuple(sorted(single, key=lambda o: -o.total)[:most])
@@ -231,8 +241,8 @@ class TrainPlan:
     architecture: str
     moe_layers: tuple[int, ...]
     layers: int  # decoder layers, MoE or not
-    experts: int
-    top_k: int
+    experts: int  # 0 for a dense model
+    top_k: int  # 0 for a dense model
     params_total: int
     params_trainable: int
     train: TrainWhat
@@ -270,6 +280,11 @@ class TrainPlan:
                 out[f.name] = value
         return out
 
+    @property
+    def dense(self) -> bool:
+        """A model with no MoE layer: no routers, so no router loss terms and no load."""
+        return not self.moe_layers
+
     def __getitem__(self, key: str) -> Any:
         """plan["steps"]: the JSON view, key by key."""
         return self.to_dict()[key]
@@ -284,7 +299,7 @@ class TrainPlan:
 def make_plan(
     model_name: str,
     config: dict[str, Any],
-    target: Target,
+    target: Target | None,
     spec: TrainSpec,
     env: DistEnv,
     *,
@@ -307,7 +322,7 @@ def make_plan(
     memory = deferred if last_only else memory_plan(config, params, spec, env, available, footprint=footprint)
     return TrainPlan(
         model=public_name(model_name),
-        architecture=target.architecture,
+        architecture=architecture(config, target),
         moe_layers=tuple(layers),
         layers=int(config.get("num_hidden_layers", 0)),
         experts=experts,

@@ -19,8 +19,10 @@ from ..errors import UpcycleError
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
 from . import frozen
+from .chat import ChatBlocks, ChatOptions, looks_like_chat, prepare_chat
 from .data import DataInfo, TokenBlocks, prepare
 from .distributed import DistEnv, barrier, load_full_optimizer_state, wrap_model
+from .expert_dropout import add_expert_dropout
 from .memory import available_memory
 from .model import (
     attach_routing,
@@ -55,7 +57,7 @@ class Source:
     name: str  # as the user gave it
     ref: SourceRef
     config: dict[str, Any]
-    target: Target
+    target: Target | None  # None: a dense model, trained as it is
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,8 @@ class Run:
     source_sha256: str | None  # of MODEL's weight files, when checkpoints take the frozen part from it (frozen.py)
     tokenizer: PreTrainedTokenizerBase
     data: DataInfo
-    train_blocks: TokenBlocks
-    eval_blocks: TokenBlocks
+    train_blocks: TokenBlocks | ChatBlocks  # ChatBlocks: conversations (--format chat), the loss on the answers
+    eval_blocks: TokenBlocks | ChatBlocks
     sampler: BlockSampler
     compute: Callable[[], AbstractContextManager]  # the context forward runs under (model.compute_context)
 
@@ -103,7 +105,27 @@ def read_source(model: str, run_dir: Path | None, spec: TrainSpec, env: DistEnv,
     spec.total_steps(env.world_size)  # refuses a run that says neither --steps nor --tokens
     ref = resolve(model)
     config = read_config(ref.folder)
-    return Source(model, ref, config, moe_target(config, model))
+    target = moe_target(config, model)
+    if target is None:
+        _check_dense_options(spec, model, config)
+    return Source(model, ref, config, target)
+
+
+def _check_dense_options(spec: TrainSpec, model: str, config: dict[str, Any]) -> None:
+    """A dense model has no routers or experts: refuse the options that act on them rather than ignore them."""
+    routing = {
+        "--train": spec.train != "all",
+        "--capacity-factor": spec.capacity_factor is not None,
+        "--jitter": spec.jitter > 0,
+        "--router-noise": spec.router_noise,
+        "--expert-dropout": spec.expert_dropout > 0,
+    }
+    given = [flag for flag, set_ in routing.items() if set_]
+    if given:
+        raise UpcycleError(
+            f"{model} is a dense {config.get('model_type')} model (no routers or experts), so {', '.join(given)} "
+            "cannot apply; drop them, or convert it first: upcycle convert MODEL MOE_DIR"
+        )
 
 
 def plan_only(source: Source, spec: TrainSpec, env: DistEnv, *, note: Note) -> TrainPlan:
@@ -122,7 +144,7 @@ def plan_only(source: Source, spec: TrainSpec, env: DistEnv, *, note: Note) -> T
         layers=layers,
         params=fp.params[spec.train],
         dtype=dtype,
-        experts_impl=spec.experts_impl,
+        experts_impl=spec.experts_impl if source.target is not None else "none (dense)",
         available=available_memory(spec.gpu_mem),
         dry_run=True,
         footprint=fp,
@@ -156,6 +178,11 @@ def setup(
     train_blocks, eval_blocks, info = _data(spec, tokenizer, env)
     if capped:  # after every refusal, so that bad input gets one line
         note(capped)
+    if isinstance(train_blocks, ChatBlocks) and train_blocks.left_out:
+        note(
+            f"{train_blocks.left_out} conversation(s) left out: even their first answer is longer than --seq-len "
+            f"{spec.seq_len}"
+        )
     _check_after_reading(state, spec, env, info)
     if state is not None:
         for changed in ckpt.curve_changes(state.state.get("spec", {}), spec.to_dict()):
@@ -166,10 +193,13 @@ def setup(
     available = available_memory(spec.gpu_mem, env.device.index or 0)  # before the model takes its share
     fp = _check_memory(source, load_from, spec, env, available, note)
     # float32 weights (the master weights) whatever the compute dtype: see model.compute_context
-    net = load_model(load_from, torch.float32, spec, env.device)
-    impl = experts_implementation(net)
+    dense = source.target is None
+    net = load_model(load_from, torch.float32, spec, env.device, dense=dense)
+    impl = "none (dense)" if dense else experts_implementation(net)
     torch.manual_seed(spec.seed)  # the global RNG, for whatever in the model draws from it (dropout)
     tap = attach_routing(net, source.target, source.config, spec)
+    if source.target is not None:
+        add_expert_dropout(net, source.target, tap.layers, spec.expert_dropout)
     trainable = frozen.trainable_names(net) if sha256 is not None else None
     if saved_frozen is not None and trainable is not None:
         frozen.load_trainable(net, state.folder, trainable)
@@ -196,7 +226,8 @@ def setup(
     net = wrap_model(net, env, spec)
     if spec.compile:
         net.compile()
-    routers = [*module_params(net, source.target.modules["router"], tap.layers), *noise]
+    router_modules = source.target.modules["router"] if source.target is not None else ""
+    routers = [*module_params(net, router_modules, tap.layers), *noise]
     groups = param_groups(net, routers, spec)
     optimizer = build_optimizer(groups, env.device, spec.optimizer)
     scheduler = build_scheduler(optimizer, spec, total)
@@ -372,8 +403,14 @@ def _tokenizer(source: SourceRef) -> PreTrainedTokenizerBase:
 
 def _data(
     spec: TrainSpec, tokenizer: PreTrainedTokenizerBase, env: DistEnv
-) -> tuple[TokenBlocks, TokenBlocks, DataInfo]:
-    """Tokenise on rank 0 first; the other ranks then find the cache entry it wrote."""
+) -> tuple[TokenBlocks | ChatBlocks, TokenBlocks | ChatBlocks, DataInfo]:
+    """Conversations (--format chat, or auto and DATA's records have `messages`): tokenised by every rank (they are
+    small and need no cache). Text: tokenised on rank 0 first; the other ranks then find the cache entry it wrote."""
+    if is_chat(spec):
+        options = ChatOptions(spec.seq_len, spec.packing == "on", spec.long_conversations)
+        return prepare_chat(
+            spec.data, tokenizer, options, eval_data=spec.eval_data, eval_fraction=spec.eval_fraction, seed=spec.seed
+        )
 
     def run() -> tuple[TokenBlocks, TokenBlocks, DataInfo]:
         return prepare(
@@ -391,3 +428,10 @@ def _data(
     prepared = run() if env.is_main else None
     barrier(env)
     return prepared if prepared is not None else run()
+
+
+def is_chat(spec: TrainSpec) -> bool:
+    """--format chat, or --format auto with DATA's first record holding `messages`."""
+    if spec.format == "auto":
+        return spec.data is not None and looks_like_chat(spec.data)
+    return spec.format == "chat"

@@ -19,6 +19,9 @@ BalanceScope = Literal["global", "micro"]
 ExpertsImpl = Literal["grouped_mm", "eager", "batched_mm", "deepgemm", "sonicmoe"]
 OptimizerName = Literal["adamw", "adafactor"]
 SaveDType = Literal["source", "float32", "bfloat16", "float16"]
+DataFormat = Literal["auto", "text", "chat"]
+Packing = Literal["on", "off"]
+LongConversations = Literal["truncate", "refuse"]
 
 CHOICES = {
     "train": get_args(TrainWhat),
@@ -27,6 +30,9 @@ CHOICES = {
     "experts_impl": get_args(ExpertsImpl),
     "optimizer": get_args(OptimizerName),
     "save_dtype": get_args(SaveDType),
+    "format": get_args(DataFormat),
+    "packing": get_args(Packing),
+    "long_conversations": get_args(LongConversations),
 }
 INTS = (
     "seq_len",
@@ -51,6 +57,7 @@ FLOATS = (  # and every loss coefficient (a field ending in _coef), checked afte
     "router_lr_scale",
     "gpu_mem",
     "eval_fraction",
+    "expert_dropout",
 )
 BOOLS = (
     "router_noise",
@@ -70,6 +77,9 @@ class TrainSpec:
     data: str | None = None  # a file, a folder of files, a saved dataset or a datasets Hub id
     text_field: str = "text"
     skip_bad_rows: bool = False  # leave out rows without text_field (else they are refused), counting them
+    format: DataFormat = "auto"  # chat: conversations ({"messages": [...]}), the loss on the assistant's tokens
+    packing: Packing = "on"  # chat: several conversations per sequence, attention masked per conversation
+    long_conversations: LongConversations = "truncate"  # chat: a conversation over --seq-len, cut by whole turns
     eval_data: str | None = None  # else a held-out `eval_fraction` of DATA
     eval_fraction: float = 0.01
     seq_len: int = 2048  # capped at the model's max_position_embeddings, with a note
@@ -88,6 +98,7 @@ class TrainSpec:
     capacity_factor: float | None = None  # None: no token dropping
     jitter: float = 0.0  # ε of the router input jitter
     router_noise: bool = False  # noisy top-k (Shazeer 2017)
+    expert_dropout: float = 0.0  # dropout inside the experts (their hidden activations), in training only
     train: TrainWhat = "all"
     optimizer: OptimizerName = "adamw"  # adafactor: factored second moments, no first moment (ST-MoE's optimizer)
     router_lr_scale: float = 1.0
@@ -143,6 +154,8 @@ class TrainSpec:
             raise UpcycleError(f"--eval-every {self.eval_every} must be 0 (no evaluation) or more")
         if self.warmup is not None and self.warmup < 0:
             raise UpcycleError(f"--warmup {self.warmup} must not be negative")
+        if not 0 <= self.expert_dropout < 1:
+            raise UpcycleError(f"--expert-dropout {self.expert_dropout} must be in [0, 1) (Switch uses 0.4)")
         if self.jitter >= 1:
             raise UpcycleError(f"--jitter {self.jitter} must be below 1 (ST-MoE uses 0.01)")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
@@ -209,4 +222,6 @@ def build_train_spec(config: dict[str, Any] | None = None, **flags: Any) -> Trai
     merged = merge_options({f.name for f in fields(TrainSpec)}, config, "run config", flags)
     if "dtype" in merged:
         merged["dtype"] = dtype_short(merged["dtype"])
+    if isinstance(merged.get("packing"), bool):  # YAML reads `packing: on` as true
+        merged["packing"] = "on" if merged["packing"] else "off"
     return TrainSpec(**merged)

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .batch import model_inputs
 from .distributed import all_reduce_sum, full_tensor, set_gradient_sync
 from .losses import LOSSES, dropped_share, expert_counts, router_terms
 
@@ -48,14 +49,14 @@ def train_step(run: Run, step: int) -> StepResult:
     layers = run.plan.moe_layers
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
-    names = ["loss", "lm", *LOSSES]
+    names = ["loss", "lm", *(LOSSES if layers else ())]  # a dense model has no router loss terms
     counts = torch.zeros(len(layers), run.plan.experts, device=env.device)  # (L, E) assignments over the step
     sums = torch.zeros(len(names) + len(layers), dtype=torch.float64, device=env.device)  # named terms, dropped (L)
     for micro in range(spec.grad_accum):
         if run.plan.sync_last_micro_batch_only:  # FSDP: reduce-scatter once, after the last micro-batch's backward
             set_gradient_sync(run.model, env, micro == spec.grad_accum - 1)
-        ids = run.train_blocks.blocks(run.sampler.indices(step - 1, micro), env.device)  # (micro_batch, seq_len)
-        logged, dropped = _forward_backward(run, ids, counts)
+        inputs = model_inputs(run.train_blocks, run.sampler.indices(step - 1, micro), env.device)
+        logged, dropped = _forward_backward(run, inputs, counts)
         sums[: len(names)] += logged
         if dropped is not None:
             sums[len(names) :] += dropped
@@ -83,22 +84,27 @@ def train_step(run: Run, step: int) -> StepResult:
     return StepResult(terms, grad_norm, lr, dict(zip(layers, counts, strict=True)), dropped_v, reason)
 
 
-def _forward_backward(run: Run, ids: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-batch: forward, the named loss terms, backward (scaled by 1/grad_accum); adds its expert counts to
-    `counts` (L, E). Returns the terms to log, (loss, lm, each LOSSES term) float64, and with a capacity limit the
-    share of assignments dropped per MoE layer (L,) float64; no host sync."""
+def _forward_backward(
+    run: Run, inputs: dict[str, torch.Tensor], counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch (`inputs`: batch.model_inputs): forward, the named loss terms, backward (scaled by
+    1/grad_accum); adds its expert counts to `counts` (L, E). Returns the terms to log, (loss, lm, each LOSSES term;
+    a dense model: loss, lm) float64, and with a capacity limit the share of assignments dropped per MoE layer (L,)
+    float64; no host sync."""
     import torch
 
     spec, env, layers = run.spec, run.env, run.plan.moe_layers
     with run.compute():  # forward only: backward follows the dtypes autocast chose
-        out = run.model(input_ids=ids, labels=ids, use_cache=False)
+        out = run.model(**inputs, use_cache=False)
     records = run.tap.pop()
-    local = torch.stack([expert_counts(records[layer], run.plan.experts) for layer in layers]).to(counts)  # (L, E)
-    if spec.balance_scope == "global":  # f over the step's micro-batches so far, on every rank: one all-reduce
+    if not layers:  # a dense model: no routers
+        terms: dict[str, torch.Tensor] = {}
+    elif spec.balance_scope == "global":  # f over the step's micro-batches so far, on every rank: one all-reduce
+        local = torch.stack([expert_counts(records[layer], run.plan.experts) for layer in layers]).to(counts)  # (L, E)
         counts += all_reduce_sum(local, env)
         terms = router_terms(records, dict(zip(layers, counts, strict=True)))
     else:
-        counts += local
+        counts += torch.stack([expert_counts(records[layer], run.plan.experts) for layer in layers]).to(counts)
         terms = router_terms(records, None)
     lm = out.loss.float()
     loss = lm
@@ -108,6 +114,6 @@ def _forward_backward(run: Run, ids: torch.Tensor, counts: torch.Tensor) -> tupl
     run.tap.pop()  # activation checkpointing re-runs the routers in backward; those records are not ours
     with torch.no_grad():
         logged = torch.stack([t.detach().float() for t in (loss, lm, *terms.values())]).double()
-        if spec.capacity_factor is None:
+        if spec.capacity_factor is None or not layers:
             return logged, None
         return logged, torch.stack([dropped_share(records[layer]) for layer in layers])  # (L,)
