@@ -18,6 +18,7 @@ from ..compat import enable_activation_checkpointing, experts_implementation
 from ..errors import UpcycleError
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
+from .balance import SLOT, add_slots, restore_biases
 from .data import DataInfo, TokenBlocks, prepare
 from .distributed import DistEnv, barrier, load_full_optimizer_state, wrap_model
 from .memory import available_memory
@@ -100,7 +101,14 @@ def read_source(model: str, run_dir: Path | None, spec: TrainSpec, env: DistEnv,
     spec.total_steps(env.world_size)  # refuses a run that says neither --steps nor --tokens
     ref = resolve(model)
     config = read_config(ref.folder)
-    return Source(model, ref, config, moe_target(config, model))
+    source = Source(model, ref, config, moe_target(config, model))
+    if spec.selection_bias and spec.bias_export == "refuse" and SLOT not in source.target.modules:
+        raise UpcycleError(
+            f"--balance {spec.balance} trains a routing bias that {source.target.architecture} has no place for, so "
+            "final/ would route without it, and --bias-export is refuse; use --bias-export drop (the export then "
+            "says how much the routing changes) or --balance aux"
+        )
+    return source
 
 
 def plan_only(source: Source, spec: TrainSpec, env: DistEnv, *, note: Note) -> TrainPlan:
@@ -161,6 +169,7 @@ def setup(
     impl = experts_implementation(net)
     torch.manual_seed(spec.seed)  # the global RNG, for whatever in the model draws from it (dropout)
     tap = attach_routing(net, source.target, source.config, spec)
+    add_slots(net, source.target, tap)  # --balance bias|both: where the model keeps the bias, and where it starts
     noise = list(tap.noise_modules.parameters())
     params = count_params(net, noise)
     plan = make_plan(
@@ -241,7 +250,8 @@ def _restore(
     tap: RouterTap,
     env: DistEnv,
 ) -> None:
-    """A resumed run's optimizer, scheduler and router-noise weights (the model was loaded from the checkpoint; the
+    """A resumed run's optimizer, scheduler, router-noise weights and balancing biases (the model was loaded from the
+    checkpoint; the
     RNG states, the tap's included, are restored by the loop, right before the first step)."""
     if env.distributed:  # saved by name as full tensors; each rank takes its shard
         load_full_optimizer_state(model, optimizer, state.optimizer, env, from_rank0=False)
@@ -249,7 +259,9 @@ def _restore(
         optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict(state.scheduler)
     if len(tap.noise_modules):
-        tap.noise_modules.load_state_dict({k.removeprefix("noise."): v for k, v in state.tensors.items()})
+        noise = {k.removeprefix("noise."): v for k, v in state.tensors.items() if k.startswith("noise.")}
+        tap.noise_modules.load_state_dict(noise)
+    restore_biases(tap, state.tensors)
 
 
 def _checkpoint_to_resume(
@@ -319,6 +331,12 @@ def _check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> Path | None:
 
 def _check_resumable(state: ckpt.TrainingState, spec: TrainSpec, env: DistEnv, run_dir: Path, total: int) -> None:
     ckpt.check_resumable(state.state["fixed"], ckpt.fixed_options(spec), state.folder)
+    saved_balance = state.state.get("spec", {}).get("balance", "aux")  # runs before --balance balanced with α
+    if saved_balance != spec.balance:
+        raise UpcycleError(
+            f"--balance is {spec.balance!r} but the run in {run_dir} was started with {saved_balance!r}; resume with "
+            "the same value (or start a new run with --force)"
+        )
     saved_optimizer = state.state.get("spec", {}).get("optimizer", "adamw")  # runs before --optimizer used AdamW
     if saved_optimizer != spec.optimizer:
         raise UpcycleError(
