@@ -554,6 +554,17 @@ def train(
     balance_scope: Annotated[
         str | None, typer.Option(help="Expert counts of the balance loss: global or micro." + _t("balance_scope"))
     ] = None,
+    balance: Annotated[
+        str | None,
+        typer.Option(help="Balancing: aux (loss α), bias (DeepSeek-V3 routing bias, no α), both." + _t("balance")),
+    ] = None,
+    balance_rate: Annotated[
+        float | None, typer.Option(help="Step of the routing bias per optimizer step." + _t("balance_rate"))
+    ] = None,
+    bias_export: Annotated[
+        str | None,
+        typer.Option(help="Target with no place for the bias: drop it (measured) or refuse." + _t("bias_export")),
+    ] = None,
     capacity_factor: Annotated[
         float | None, typer.Option(help="Drop assignments over C = factor·tokens·k/E per expert. [default: off]")
     ] = None,
@@ -660,6 +671,9 @@ def train(
         aux_loss_coef=aux_loss_coef,
         z_loss_coef=z_loss_coef,
         balance_scope=balance_scope,
+        balance=balance,
+        balance_rate=balance_rate,
+        bias_export=bias_export,
         capacity_factor=capacity_factor,
         jitter=jitter,
         router_noise=router_noise,

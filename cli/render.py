@@ -491,6 +491,8 @@ def train_summary(screen: Screen, summary: dict[str, Any], title: str) -> None:
         left_out = f" ({', '.join(skipped)} skipped)" if skipped else ""
         table.add_row("documents", f"{summary['documents']:,}{left_out}")
     table.add_row("final model", str(summary["final"]))
+    if bias := summary.get("balance_bias"):
+        table.add_row("balancing bias", _bias_line(bias))
     screen.out.print(table)
     if summary["expert_load"]:
         counted = summary.get("expert_load_tokens") or "the last step"
@@ -506,6 +508,18 @@ def train_summary(screen: Screen, summary: dict[str, Any], title: str) -> None:
                 f"expert {row['least']}: {row['min']:.3f}",
             )
         screen.out.print(load)
+
+
+def _bias_line(bias: dict[str, Any]) -> str:
+    """Where the routing bias of --balance bias|both went in final/."""
+    if bias["exported"] == "slot":
+        return f"in final/ ({bias['slot']}): it routes as the run did"
+    top1 = bias["top1_agreement"].values()
+    return (
+        f"dropped (no place for it): first choice kept for {100 * sum(top1) / len(top1):.1f}% of {bias['tokens']:,} "
+        f"{bias['text']} tokens, max |Δ logits| {bias['max_abs_dlogits']:.3g}, "
+        f"loss {bias['loss_with']:.4f} -> {bias['loss_without']:.4f}"
+    )
 
 
 def engine_report(screen: Screen, report: Any) -> None:

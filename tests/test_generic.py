@@ -268,7 +268,11 @@ def test_generic_targets_are_tables_of_the_families():
             continue
         target = generic_target(fam.name)
         path = fam.mlp["path"]
-        assert target.modules == {"router": f"{path}.router", "experts": f"{path}.experts"}
+        assert target.modules == {
+            "router": f"{path}.router",
+            "experts": f"{path}.experts",
+            "router_bias": f"{path}.router.e_score_correction_bias",
+        }
         assert set(target.expert) == {r for r in ("gate", "up", "gate_up", "down") if fam.mlp.get(r)}
         stored = {*fam.ffn.values(), *fam.views}  # Phi-3's gate_up_proj is stored fused; the native path views it
         assert all(f"{path}.{fam.mlp[role]}.weight" in stored for role in target.expert), fam.name

@@ -17,6 +17,7 @@ from typing import Any
 from .errors import UpcycleError
 from .generic import ARCHITECTURE as GENERIC_ARCHITECTURE
 from .generic import MODEL_TYPE as GENERIC_MODEL_TYPE
+from .generic import ROUTER_BIAS as BIAS
 
 FFN_ROLES = ("gate", "up", "down")
 
@@ -60,7 +61,9 @@ class Target:
     router: str
     expert: dict[str, str]  # role -> key template with {layer} and {expert}
     extra: tuple[dict[str, Any], ...]  # zero tensors the class expects in every MoE layer
-    modules: dict[str, str]  # "router" | "experts" -> module path with {layer} in the loaded (in-memory) model
+    # "router" | "experts" -> module path with {layer} in the loaded (in-memory) model; "router_bias" (optional): the
+    # parameter the router adds to its softmax probabilities to choose the top-k (train --balance bias writes it)
+    modules: dict[str, str]
     # the always-on shared expert, where the class has one: role -> key template (among `extra`), and "size" ->
     # the config field of its intermediate size
     shared: dict[str, str] = field(default_factory=dict)
@@ -175,7 +178,8 @@ def generic_target(family_name: str) -> Target:
         router=f"{path}.router.weight",
         expert={role: f"{path}.experts.{{expert}}.{name}.weight" for role, name in names.items()},
         extra=(),
-        modules={"router": f"{path}.router", "experts": f"{path}.experts"},
+        # router_bias: the wrapper's e_score_correction_bias, present when config.router_bias is on
+        modules={"router": f"{path}.router", "experts": f"{path}.experts", "router_bias": f"{path}.router.{BIAS}"},
         shared={role: f"{path}.shared_expert.{name}.weight" for role, name in names.items()}
         | {"size": "shared_expert_intermediate_size"},
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 MODEL_TYPE = "upcycle_moe"
 ARCHITECTURE = "UpcycleMoeForCausalLM"
+ROUTER_BIAS = "e_score_correction_bias"  # the router's selection bias (config.router_bias), as in modeling_upcycle_moe
 CODE_FILES = ("configuration_upcycle_moe.py", "modeling_upcycle_moe.py")  # as in modeling_upcycle_moe.py
 AUTO_MAP = {
     "AutoConfig": "configuration_upcycle_moe.UpcycleMoeConfig",
@@ -48,4 +49,13 @@ def write_code(folder: Path) -> None:
         shutil.copyfile(here / name, Path(folder) / name)
 
 
-__all__ = ["ARCHITECTURE", "AUTO_MAP", "CODE_FILES", "MODEL_TYPE", "WHY_REMOTE_CODE", "register", "write_code"]
+__all__ = [
+    "ARCHITECTURE",
+    "AUTO_MAP",
+    "CODE_FILES",
+    "MODEL_TYPE",
+    "ROUTER_BIAS",
+    "WHY_REMOTE_CODE",
+    "register",
+    "write_code",
+]

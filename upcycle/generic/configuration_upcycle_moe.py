@@ -31,7 +31,9 @@ class UpcycleMoeConfig(PreTrainedConfig):
     its projection names (`gate` or None, `up`, `down`; or one fused `gate_up`, gate rows first), `bias`,
     `transposed` (GPT-2's Conv1D weights are stored [in, out]), `hidden_act` and `dropout` (applied to the block's
     output, as the dense MLP did). The forward adds no load-balancing loss of its own (`upcycle train` computes it
-    from the routers)."""
+    from the routers). `router_bias`: each router holds an `e_score_correction_bias` (E,) that is added to its
+    softmax probabilities to choose the top-k experts (not to weigh them), as Ernie 4.5-MoE does; `upcycle train
+    --balance bias` writes it."""
 
     model_type = "upcycle_moe"
 
@@ -45,6 +47,7 @@ class UpcycleMoeConfig(PreTrainedConfig):
         moe_layers: list[int] | None = None,
         moe_intermediate_size: int | None = None,
         shared_expert_intermediate_size: int = 0,
+        router_bias: bool = False,
         **kwargs: Any,
     ) -> None:
         # the dense config class fills defaults and derived values (layer types, RoPE parameters) as it always does
@@ -57,6 +60,7 @@ class UpcycleMoeConfig(PreTrainedConfig):
         self.moe_layers = list(moe_layers) if moe_layers is not None else list(range(dense.num_hidden_layers))
         self.moe_intermediate_size = moe_intermediate_size
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.router_bias = router_bias
         super().__init__(**{k: v for k, v in kwargs.items() if k in OWN_FIELDS})
         for key, value in dense.to_dict().items():
             if key not in OWN_FIELDS and key != "model_type":

@@ -41,7 +41,9 @@ AUTO_MAP = {
 
 
 class UpcycleMoeRouter(nn.Module):
-    """Returns (logits, top-k weights, top-k experts), like transformers' Qwen3MoeTopKRouter."""
+    """Returns (logits, top-k weights, top-k experts), like transformers' Qwen3MoeTopKRouter. With
+    config.router_bias, `e_score_correction_bias` (E,) is added to the probabilities to choose the experts (as in
+    Ernie 4.5-MoE); the weights stay the unbiased probabilities of the chosen ones."""
 
     def __init__(self, config: UpcycleMoeConfig) -> None:
         super().__init__()
@@ -50,12 +52,19 @@ class UpcycleMoeRouter(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.hidden_dim = config.hidden_size
         self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+        if getattr(config, "router_bias", False):
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(self.num_experts), requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)  # (T, H)
         router_logits = F.linear(hidden_states, self.weight)  # (T, E)
         router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)  # (T, E) float32
-        top_value, top_index = torch.topk(router_probs, self.top_k, dim=-1)  # (T, k), (T, k)
+        bias = getattr(self, "e_score_correction_bias", None)  # (E,) or None
+        if bias is None:
+            top_value, top_index = torch.topk(router_probs, self.top_k, dim=-1)  # (T, k), (T, k)
+        else:
+            top_index = torch.topk(router_probs + bias.float(), self.top_k, dim=-1).indices  # (T, k)
+            top_value = router_probs.gather(-1, top_index)  # (T, k) unbiased
         if self.norm_topk_prob:
             top_value /= top_value.sum(dim=-1, keepdim=True)  # (T, k), rows sum to 1
         return router_logits, top_value.to(router_logits.dtype), top_index
@@ -209,10 +218,15 @@ _CLASSES: dict[type, type] = {}
 def _moe_class(dense_cls: type) -> type:
     """UpcycleMoeForCausalLM combined with one dense causal-LM class (made once per class)."""
     if dense_cls not in _CLASSES:
+        fp32 = [*(getattr(dense_cls, "_keep_in_fp32_modules_strict", None) or []), "e_score_correction_bias"]
         _CLASSES[dense_cls] = type(
             UpcycleMoeForCausalLM.__name__,
             (UpcycleMoeForCausalLM, dense_cls),
-            {"__module__": __name__, "__qualname__": UpcycleMoeForCausalLM.__qualname__},
+            {
+                "__module__": __name__,
+                "__qualname__": UpcycleMoeForCausalLM.__qualname__,
+                "_keep_in_fp32_modules_strict": fp32,  # the selection bias is added in float32
+            },
         )
     return _CLASSES[dense_cls]
 
@@ -244,6 +258,15 @@ class UpcycleMoeForCausalLM(PreTrainedModel):
             block = UpcycleMoeBlock(config)
             self._init_block(block)
             setattr(self.get_submodule(parent), name, block)
+
+    def add_router_bias(self) -> None:
+        """Give every router its `e_score_correction_bias` (zeros: routing unchanged) and say so in the config."""
+        self.config.router_bias = True
+        for layer in self.config.moe_layers:
+            router = self.get_submodule(self.config.mlp["path"].format(layer=layer)).router
+            if not hasattr(router, "e_score_correction_bias"):
+                zeros = torch.zeros(router.num_experts, device=router.weight.device)
+                router.e_score_correction_bias = nn.Parameter(zeros, requires_grad=False)
 
     def _register_mapping(self) -> None:
         """The loader and save_pretrained look the fused-expert mapping up by class name once the model is built;

@@ -310,7 +310,7 @@ def fixed_options(spec: Any) -> dict[str, Any]:
 
 
 # Options a resumed run may change, though the curve then differs from the run it continues: each gets a note.
-RESUME_NOTED = ("aux_loss_coef", "z_loss_coef", "warmup", "min_lr", "clip", "dtype")
+RESUME_NOTED = ("aux_loss_coef", "z_loss_coef", "balance_rate", "warmup", "min_lr", "clip", "dtype")
 
 
 def curve_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

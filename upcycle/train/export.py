@@ -10,6 +10,7 @@ from .. import __version__
 from ..options import command_line
 from ..source import public_name
 from . import checkpoint as ckpt
+from .balance import sync_slots
 from .distributed import full_model_state
 from .evaluate import Evaluation, json_float
 from .losses import LOSSES
@@ -40,6 +41,8 @@ def card_options() -> tuple[str, ...]:
         "clip",
         *(term.coef for term in LOSSES.values()),
         "balance_scope",
+        "balance",
+        "balance_rate",
         "capacity_factor",
         "jitter",
         "router_noise",
@@ -62,10 +65,12 @@ def training_command(model: str, run_dir: Path, spec: TrainSpec) -> str:
     return command_line(words, options, type(spec)().to_dict())
 
 
-def write_final(run: Run, last_eval: Evaluation | None) -> Path | None:
+def write_final(run: Run, last_eval: Evaluation | None, bias: dict[str, Any] | None = None) -> Path | None:
     """final/ (rank 0 writes it; None on the other ranks): the model in --save-dtype, by default MODEL's own dtype
     (a bf16 MODEL gives a bf16 final/; checkpoints keep the fp32 masters), its tokenizer, and the recipe and card
-    extended with the training record. Collective under FSDP: every rank joins the gathering of the full state."""
+    extended with the training record. bias: the `balance_bias` record of bias_export (--balance bias|both); the
+    biases go into the target's slot, in float32, where it has one. Collective under FSDP: every rank joins the
+    gathering of the full state."""
     env, plan = run.env, run.plan
     dtype = save_dtype(run.spec, run.source.ref.folder)
     model_state = full_model_state(run.model, env) if env.distributed else None
@@ -73,6 +78,7 @@ def write_final(run: Run, last_eval: Evaluation | None) -> Path | None:
         run.model.to(dtype)
     if not env.is_main:
         return None
+    sync_slots(run.tap, run.model, run.source.target, model_state)
     fallback = {"tool": {"name": "upcycle", "version": __version__}, "source": {"id": plan.model}}
     return ckpt.write_final(
         run.run_dir,
@@ -81,7 +87,11 @@ def write_final(run: Run, last_eval: Evaluation | None) -> Path | None:
         source_folder=run.source.ref.folder,
         model_state=model_state,
         dtype=dtype,
-        recipe_fields={"training": training_record(run, last_eval), "name": run.run_dir.name, "hub_repo": None},
+        recipe_fields={
+            "training": training_record(run, last_eval) | ({"balance_bias": bias} if bias else {}),
+            "name": run.run_dir.name,
+            "hub_repo": None,
+        },
         fallback_recipe=fallback,
     )
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import UpcycleError
 from . import checkpoint as ckpt
+from .balance import bias_tensors, sync_slots
+from .bias_export import bias_export
 from .distributed import barrier, destroy, full_model_state, full_optimizer_state, init_distributed
 from .evaluate import Evaluation, evaluate, json_float
 from .export import peak_gpu_memory, summary_load, write_final, write_load
@@ -163,9 +165,10 @@ def train_loop(run: Run, display: Display) -> dict[str, Any]:
             display.close()
             if log:
                 log.close()
-        final = write_final(run, progress.last_eval)  # collective under FSDP; rank 0 writes
+        bias = bias_export(run, display.note)  # --balance bias|both: into the target's slot, or measured and dropped
+        final = write_final(run, progress.last_eval, bias)  # collective under FSDP; rank 0 writes
         barrier(env)
-    return _summary(run, progress, final)
+    return _summary(run, progress, final) | ({"balance_bias": bias} if bias is not None else {})
 
 
 # --- what the loop does around a step ---------------------------------------------------------------------------
@@ -249,6 +252,7 @@ def _save(run: Run, step: int, tokens: int) -> None:
     model_state = full_model_state(run.model, env) if env.distributed else None
     optimizer_state = full_optimizer_state(run.model, run.optimizer, env) if env.distributed else None
     if env.is_main:
+        sync_slots(run.tap, run.model, run.source.target, model_state)  # a target with a slot routes as the run
         state = {
             "spec": run.spec.to_dict(),
             "fixed": ckpt.fixed_options(run.spec),
@@ -275,7 +279,7 @@ def _save(run: Run, step: int, tokens: int) -> None:
             optimizer=run.optimizer,
             scheduler=run.scheduler,
             state=state,
-            tensors={f"noise.{k}": v for k, v in run.tap.noise_modules.state_dict().items()},
+            tensors={f"noise.{k}": v for k, v in run.tap.noise_modules.state_dict().items()} | bias_tensors(run.tap),
             rng={"routing": run.tap.rng_state()},
             model_state=model_state,
             optimizer_state=optimizer_state,

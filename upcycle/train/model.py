@@ -205,6 +205,7 @@ def attach_routing(
         noise=spec.router_noise,
         hidden_size=int(config["hidden_size"]),
         generator=generator,
+        selection_bias=spec.selection_bias,
     )
     set_trainable(model, target, tap.layers, spec.train, list(tap.noise_modules.parameters()))
     return tap

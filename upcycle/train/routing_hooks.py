@@ -7,6 +7,10 @@ records the logits for the losses. The model's own `output_router_logits` is nev
 
 Legend: T tokens in one forward (batch·seq, flattened), E experts, k experts per token, H hidden size.
 
+Balancing bias (--balance bias|both, balance.py): `bias` holds a float32 (E,) vector per MoE layer, added to the
+softmax probabilities for the top-k selection only; the gate weights stay the unbiased probabilities of the chosen
+experts (renormalised as the router does). It applies in eval mode too: it is part of how the model routes.
+
 Randomness: with a `generator` (what `upcycle train` passes), each layer gets its own generator seeded from it, on
 the router's device; `rng_state()` / `set_rng_state()` save and restore them (checkpoints carry them for exact
 resume). Activation checkpointing replays only the global RNG when it recomputes a layer in backward, so the tap
@@ -77,11 +81,18 @@ def find_routers(model: nn.Module, target: Target) -> dict[int, nn.Module]:
 
 
 def route_topk(
-    logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+    logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stock routers' maths: softmax over all E in float32, top-k, optional renormalisation -> (scores, indices)."""
+    """The stock routers' maths: softmax over all E in float32, top-k, optional renormalisation -> (scores, indices).
+
+    bias (E,): chooses the top-k by probs + bias (Ernie 4.5's e_score_correction_bias, DeepSeek-V3's aux-loss-free
+    balancing); the scores are still the unbiased probabilities of the chosen experts."""
     probs = torch.softmax(logits.float(), dim=-1)  # (T, E)
-    top, indices = torch.topk(probs, top_k, dim=-1)  # (T, k), (T, k)
+    if bias is None:
+        top, indices = torch.topk(probs, top_k, dim=-1)  # (T, k), (T, k)
+    else:
+        indices = torch.topk(probs + bias, top_k, dim=-1).indices  # (T, k) chosen by the biased scores
+        top = probs.gather(-1, indices)  # (T, k) their unbiased probabilities, with grad
     if renormalize:
         top = top / top.sum(dim=-1, keepdim=True)  # (T, k), each row sums to 1
     return top.to(dtype), indices
@@ -133,6 +144,7 @@ class RouterTap:
         noise: bool = False,
         hidden_size: int,
         generator: torch.Generator | None = None,
+        selection_bias: bool = False,
     ) -> None:
         if not 1 <= top_k <= num_experts:
             raise UpcycleError(f"top-k {top_k} must be between 1 and the number of experts ({num_experts})")
@@ -153,6 +165,9 @@ class RouterTap:
         self._replay: dict[tuple[int, str], torch.Tensor] = {}  # (layer, draw) -> generator state before the draw
         self._records: dict[int, list[LayerRouting]] = {}
         self._handles: list[Any] = []
+        # layer -> (E,) float32 balancing bias on the router's device (empty: the model's own routing); balance.py
+        self.bias: dict[int, torch.Tensor] = {}
+        self.bias_on = True  # False: route without the bias (what an export without a slot for it does)
         for layer, router in sorted(routers.items()):
             weight = router_weight(router)
             if tuple(weight.shape) != (num_experts, hidden_size):
@@ -160,6 +175,8 @@ class RouterTap:
                     f"router of layer {layer} has weight shape {tuple(weight.shape)}, "
                     f"expected ({num_experts}, {hidden_size}) from the config"
                 )
+            if selection_bias:
+                self.bias[layer] = torch.zeros(num_experts, device=weight.device, dtype=torch.float32)
             if noise:
                 w_noise = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=torch.float32)
                 nn.init.zeros_(w_noise.weight)
@@ -194,7 +211,10 @@ class RouterTap:
             with self._drawing(layer, "noise") as generator:
                 eps = torch.randn(std.shape, device=std.device, dtype=torch.float32, generator=generator)  # (T, E)
             logits32 = logits32 + std * eps  # (T, E) noisy logits choose the experts
-            scores, indices = route_topk(logits32, self.top_k, self.renormalize, scores.dtype)  # (T, k), (T, k)
+            changed = True
+        bias = self.bias.get(layer) if self.bias_on else None  # (E,) or None
+        if changed or bias is not None:
+            scores, indices = route_topk(logits32, self.top_k, self.renormalize, scores.dtype, bias)  # (T, k) ×2
             changed = True
         keep = None  # nothing dropped
         if module.training and self.capacity_factor is not None:
@@ -244,6 +264,16 @@ class RouterTap:
         self._records = {}
         self._replay = {}
 
+    @contextmanager
+    def without_bias(self) -> Iterator[None]:
+        """Route as the model's own router does, without the balancing bias (what an export with no slot for it
+        gives), for the forwards inside."""
+        self.bias_on = False
+        try:
+            yield
+        finally:
+            self.bias_on = True
+
     def rng_state(self) -> dict[int, torch.Tensor]:
         """The per-layer generators' states (empty when the tap uses the global RNG)."""
         return {layer: g.get_state() for layer, g in self._generators.items()}
@@ -267,6 +297,7 @@ def tap_model(
     jitter: float = 0.0,
     noise: bool = False,
     generator: torch.Generator | None = None,
+    selection_bias: bool = False,
 ) -> RouterTap:
     """A RouterTap on every router of `model`, with E, k, H and renormalisation read from its config via the table."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -281,6 +312,7 @@ def tap_model(
         noise=noise,
         hidden_size=config.hidden_size,
         generator=generator,
+        selection_bias=selection_bias,
     )
 
 

@@ -19,6 +19,7 @@ from ..errors import UpcycleError
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
 from . import frozen
+from .balance import SLOT, add_slots, restore_biases
 from .chat import ChatBlocks, ChatOptions, looks_like_chat, prepare_chat
 from .data import DataInfo, TokenBlocks, prepare
 from .distributed import DistEnv, barrier, load_full_optimizer_state, wrap_model
@@ -108,6 +109,12 @@ def read_source(model: str, run_dir: Path | None, spec: TrainSpec, env: DistEnv,
     target = moe_target(config, model)
     if target is None:
         _check_dense_options(spec, model, config)
+    elif spec.selection_bias and spec.bias_export == "refuse" and SLOT not in target.modules:
+        raise UpcycleError(
+            f"--balance {spec.balance} trains a routing bias that {target.architecture} has no place for, so "
+            "final/ would route without it, and --bias-export is refuse; use --bias-export drop (the export then "
+            "says how much the routing changes) or --balance aux"
+        )
     return Source(model, ref, config, target)
 
 
@@ -119,6 +126,7 @@ def _check_dense_options(spec: TrainSpec, model: str, config: dict[str, Any]) ->
         "--jitter": spec.jitter > 0,
         "--router-noise": spec.router_noise,
         "--expert-dropout": spec.expert_dropout > 0,
+        "--balance": spec.balance != "aux",
     }
     given = [flag for flag, set_ in routing.items() if set_]
     if given:
@@ -200,6 +208,7 @@ def setup(
     tap = attach_routing(net, source.target, source.config, spec)
     if source.target is not None:
         add_expert_dropout(net, source.target, tap.layers, spec.expert_dropout)
+        add_slots(net, source.target, tap)  # --balance bias|both: where the model keeps the bias, and where it starts
     trainable = frozen.trainable_names(net) if sha256 is not None else None
     if saved_frozen is not None and trainable is not None:
         frozen.load_trainable(net, state.folder, trainable)
@@ -286,7 +295,8 @@ def _restore(
     tap: RouterTap,
     env: DistEnv,
 ) -> None:
-    """A resumed run's optimizer, scheduler and router-noise weights (the model was loaded from the checkpoint; the
+    """A resumed run's optimizer, scheduler, router-noise weights and balancing biases (the model was loaded from the
+    checkpoint; the
     RNG states, the tap's included, are restored by the loop, right before the first step)."""
     if env.distributed:  # saved by name as full tensors; each rank takes its shard
         load_full_optimizer_state(model, optimizer, state.optimizer, env, from_rank0=False)
@@ -294,7 +304,9 @@ def _restore(
         optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict(state.scheduler)
     if len(tap.noise_modules):
-        tap.noise_modules.load_state_dict({k.removeprefix("noise."): v for k, v in state.tensors.items()})
+        noise = {k.removeprefix("noise."): v for k, v in state.tensors.items() if k.startswith("noise.")}
+        tap.noise_modules.load_state_dict(noise)
+    restore_biases(tap, state.tensors)
 
 
 def _checkpoint_to_resume(
@@ -364,6 +376,12 @@ def _check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> Path | None:
 
 def _check_resumable(state: ckpt.TrainingState, spec: TrainSpec, env: DistEnv, run_dir: Path, total: int) -> None:
     ckpt.check_resumable(state.state["fixed"], ckpt.fixed_options(spec), state.folder)
+    saved_balance = state.state.get("spec", {}).get("balance", "aux")  # runs before --balance balanced with α
+    if saved_balance != spec.balance:
+        raise UpcycleError(
+            f"--balance is {spec.balance!r} but the run in {run_dir} was started with {saved_balance!r}; resume with "
+            "the same value (or start a new run with --force)"
+        )
     saved_optimizer = state.state.get("spec", {}).get("optimizer", "adamw")  # runs before --optimizer used AdamW
     if saved_optimizer != spec.optimizer:
         raise UpcycleError(

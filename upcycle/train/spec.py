@@ -16,6 +16,8 @@ from ..options import dtype_short, merge_options, read_yaml_options
 TrainWhat = Literal["all", "experts", "non-experts", "router"]
 DType = Literal["auto", "bf16", "fp32"]
 BalanceScope = Literal["global", "micro"]
+Balance = Literal["aux", "bias", "both"]
+BiasExport = Literal["drop", "refuse"]
 ExpertsImpl = Literal["grouped_mm", "eager", "batched_mm", "deepgemm", "sonicmoe"]
 OptimizerName = Literal["adamw", "adafactor"]
 SaveDType = Literal["source", "float32", "bfloat16", "float16"]
@@ -27,6 +29,8 @@ CHOICES = {
     "train": get_args(TrainWhat),
     "dtype": get_args(DType),
     "balance_scope": get_args(BalanceScope),
+    "balance": get_args(Balance),
+    "bias_export": get_args(BiasExport),
     "experts_impl": get_args(ExpertsImpl),
     "optimizer": get_args(OptimizerName),
     "save_dtype": get_args(SaveDType),
@@ -54,6 +58,7 @@ FLOATS = (  # and every loss coefficient (a field ending in _coef), checked afte
     "clip",
     "capacity_factor",
     "jitter",
+    "balance_rate",
     "router_lr_scale",
     "gpu_mem",
     "eval_fraction",
@@ -95,6 +100,11 @@ class TrainSpec:
     aux_loss_coef: float = 0.01  # α: Switch balance loss (losses.LOSSES["balance"])
     z_loss_coef: float = 0.001  # β: ST-MoE router z-loss (losses.LOSSES["z"])
     balance_scope: BalanceScope = "global"
+    # aux: the balance loss (α); bias: DeepSeek-V3's aux-loss-free balancing, a per-expert bias on the selection
+    # scores moved by balance_rate after each step, no balance loss; both: the two together (balance.py)
+    balance: Balance = "aux"
+    balance_rate: float = 1e-3  # u of the bias update b += u·sign(mean load - load)
+    bias_export: BiasExport = "drop"  # a target with no slot for the bias: final/ routes without it, or refuse the run
     capacity_factor: float | None = None  # None: no token dropping
     jitter: float = 0.0  # ε of the router input jitter
     router_noise: bool = False  # noisy top-k (Shazeer 2017)
@@ -147,7 +157,7 @@ class TrainSpec:
             raise UpcycleError(f"--lr {self.lr} must be positive")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise UpcycleError(f"--min-lr {self.min_lr} must be between 0 and --lr ({self.lr})")
-        for name in ("weight_decay", "clip", *coefs, "jitter", "router_lr_scale"):
+        for name in ("weight_decay", "clip", *coefs, "jitter", "router_lr_scale", "balance_rate"):
             if getattr(self, name) < 0:
                 raise UpcycleError(f"--{_flag(name)} {getattr(self, name)} must not be negative")
         if self.eval_every is not None and self.eval_every < 0:
@@ -169,6 +179,18 @@ class TrainSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def loss_weight(self, coef: str) -> float:
+        """The weight of a router loss term in the total (its `_coef` field); --balance bias drops the balance loss
+        (it is still logged)."""
+        if coef == "aux_loss_coef" and self.balance == "bias":
+            return 0.0
+        return getattr(self, coef)
+
+    @property
+    def selection_bias(self) -> bool:
+        """Whether the routers choose their experts with the balancing bias (--balance bias or both)."""
+        return self.balance != "aux"
 
     # --- derived values (the defaults that depend on other options) ---------------------------------------
 

@@ -3,7 +3,9 @@
 modules hand over each MoE layer's logits, and the router loss terms of losses.LOSSES are computed from them in
 float32: total = lm + Σ coef·term (today lm + α·balance + β·z). With --balance-scope global the expert counts f
 of the balance loss cover the step's micro-batches seen so far on every rank (summed over ranks each micro-batch),
-as Qwen's global-batch balancing does; with micro they cover the local micro-batch only.
+as Qwen's global-batch balancing does; with micro they cover the local micro-batch only. With --balance bias|both
+the routers' balancing biases move after each step taken (balance.py), from the step's counts over every rank;
+--balance bias leaves the balance term out of the total (it is still logged).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .balance import update_biases
 from .batch import model_inputs
 from .distributed import all_reduce_sum, full_tensor, set_gradient_sync
 from .losses import LOSSES, dropped_share, expert_counts, router_terms
@@ -76,6 +79,8 @@ def train_step(run: Run, step: int) -> StepResult:
     lr = spec.lr * group["lr"] / group["initial_lr"]
     if reason is None:
         run.optimizer.step()
+        if spec.selection_bias:  # counts: (L, E) over the step's micro-batches and every rank
+            update_biases(run.tap, dict(zip(layers, counts, strict=True)), spec.balance_rate)
     run.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # the lr is a function of the step, also when a step was skipped
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
@@ -109,7 +114,7 @@ def _forward_backward(
     lm = out.loss.float()
     loss = lm
     for name, value in terms.items():
-        loss = loss + getattr(spec, LOSSES[name].coef) * value.float()
+        loss = loss + spec.loss_weight(LOSSES[name].coef) * value.float()
     (loss / spec.grad_accum).backward()
     run.tap.pop()  # activation checkpointing re-runs the routers in backward; those records are not ours
     with torch.no_grad():
