@@ -146,13 +146,33 @@ def convert(
     router_init: Annotated[
         str | None,
         typer.Option(
-            help="Router weights: random, zero, kmeans (from --calibration text) or hidden (mean hidden state of "
-            "each expert's --expert-prompts)." + _c("router_init")
+            help="Router weights: random, zero, kmeans (from --calibration text), hidden (mean hidden state of "
+            "each expert's --expert-prompts) or cheap_embed (their mean token embedding, mergekit's)."
+            + _c("router_init")
         ),
     ] = None,
     expert_prompts: Annotated[
         Path | None,
-        typer.Option(help="With --router-init hidden: a YAML (or JSON) list with one list of prompts per expert."),
+        typer.Option(
+            help="With --router-init hidden or cheap_embed: a YAML (or JSON) list with one list of prompts per expert "
+            "(or per --expert-from model)."
+        ),
+    ] = None,
+    expert_from: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expert-from",
+            metavar="MODEL",
+            help="Repeatable: a fine-tune of SRC whose FFNs become --experts / (number given) experts each, in "
+            "order (Branch-Train-MiX, mergekit-moe); SRC itself may be one.",
+        ),
+    ] = None,
+    shared_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="With --expert-from: the tensors besides the experts: base (SRC's) or average (float32 mean of the "
+            "--expert-from models, BTX)." + _c("shared_weights")
+        ),
     ] = None,
     calibration: Annotated[
         Path | None,
@@ -221,6 +241,8 @@ def convert(
         calibration=str(calibration) if calibration is not None else None,
         calibration_tokens=calibration_tokens,
         expert_prompts=str(expert_prompts) if expert_prompts is not None else None,
+        expert_from=tuple(expert_from) if expert_from else None,
+        shared_weights=shared_weights,
         seed=seed,
         target=target,
         dtype=dtype,

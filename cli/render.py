@@ -177,9 +177,39 @@ def convert_plan(screen: Screen, plan, title: str) -> None:
         f"{count(plan.active_params)} active per token",
     )
     table.add_row("bytes on disk", human_bytes(plan.total_bytes) + f" ({plan.config['dtype']})")
+    if plan.sources:
+        shared = [op for op in plan.ops if op.kind in ("copy", "mean")]
+        how = "their float32 mean" if any(op.kind == "mean" for op in shared) else "BASE's"
+        each = plan.experts // len(plan.sources)
+        table.add_row("experts from", f"{', '.join(plan.sources)} ({each} experts each); the other tensors are {how}")
+        table.add_row("shared tensors", f"{len(plan.differences)} of {len(shared)} differ between the sources")
     screen.show(title, table)
+    _differences(screen, plan)
     for note in plan.notes:
         screen.note(note)
+
+
+DIFFERENCES_SHOWN = 10
+
+
+def _differences(screen: Screen, plan) -> None:
+    """The non-expert tensors that differ between the sources, most moved by averaging first."""
+    if not plan.differences:
+        return
+    table = Table()
+    for col in ("tensor", "differs in", "max |Δ| vs BASE", "mean moves BASE by"):
+        table.add_column(col, overflow="fold")
+    ranked = sorted(plan.differences, key=lambda d: -d.relative)
+    for d in ranked[:DIFFERENCES_SHOWN]:
+        table.add_row(
+            d.name,
+            ", ".join(plan.sources[i - 1] for i in d.differing),
+            f"{d.max_abs:.3g}",
+            f"{100 * d.relative:.3g}%",
+        )
+    screen.show("tensors besides the experts that differ between the sources", table)
+    if len(ranked) > DIFFERENCES_SHOWN:
+        screen.say(f"... and {len(ranked) - DIFFERENCES_SHOWN} more (all in --json: shared_differences)")
 
 
 # --- verify ------------------------------------------------------------------------------------------

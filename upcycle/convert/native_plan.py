@@ -242,7 +242,8 @@ def tensor_ops(
     def ffn_op(name: str, layer: int, role: str, built: expert_methods.ExpertTensor, e: int | None) -> Expert:
         src = family.ffn[role].format(layer=layer)
         kind = Expert if e is not None else Shared
-        return kind(name, built.shape, out_dtype(tensors[src].dtype), src, layer, e, built.transform, role)
+        dtype = out_dtype(tensors[src].dtype)
+        return kind(name, built.shape, dtype, src, layer, e, built.transform, role, built.source)
 
     groups: dict[tuple[int, int], list[TensorOp]] = {}  # (section, layer) -> ops
     for name in sorted(tensors, key=order):

@@ -1,0 +1,337 @@
+"""Experts from several fine-tunes (`convert BASE OUT --expert-from A --expert-from B`, Branch-Train-MiX):
+each expert is its source's FFN, the rest BASE's (or the float32 mean), and bad combinations are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_bad_input import assert_clean, expect_error
+from test_methods import tensors
+from tiny import make_dense, save_tokenizer
+from transformers import AutoModelForCausalLM
+
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
+
+IDS = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+def fine_tune(base: Path, dst: Path, seed: int, *, also: str | None = None, scale: float = 0.05) -> Path:
+    """A copy of BASE with its FFN weights (and tensors whose name holds `also`) perturbed: a stand-in fine-tune."""
+    shutil.copytree(base, dst)
+    g = torch.Generator().manual_seed(seed)
+    for shard in dst.glob("*.safetensors"):
+        sd = load_file(shard)
+        for key in sd:
+            if ".mlp." in key or (also and also in key):
+                noise = torch.randn(sd[key].shape, generator=g).to(sd[key].dtype)
+                sd[key] = sd[key] + noise * scale
+        save_file(sd, shard, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    base = make_dense(root / "base", "llama")
+    return {
+        "base": base,
+        "a": fine_tune(base, root / "ft-a", 1),
+        "b": fine_tune(base, root / "ft-b", 2),
+        "c": fine_tune(base, root / "ft-c", 3, also="self_attn"),  # attention differs too
+    }
+
+
+def logits(folder: Path, force: int | None = None) -> torch.Tensor:
+    """FOLDER's logits on IDS; with `force`, every MoE layer's router sends each token to expert `force` alone."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if force is not None:
+        for layer in model.model.layers:
+            layer.mlp.gate.register_forward_hook(
+                lambda _m, _a, out: (out[0], torch.ones_like(out[1]), torch.full_like(out[2], force))
+            )
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def ffn(folder: Path, layer: int) -> dict[str, torch.Tensor]:
+    t = tensors(folder)
+    return {r: t[f"model.layers.{layer}.mlp.{r}_proj.weight"] for r in ("gate", "up", "down")}
+
+
+def test_each_expert_is_its_source(models, tmp_path):
+    """Top-1 routing forced to expert i reproduces fine-tune i's logits exactly (fine-tunes differ in FFN only)."""
+    out = tmp_path / "moe"
+    spec = build_spec(experts=3, top_k=1, expert_from=(str(models["a"]), str(models["b"]), str(models["base"])))
+    plan = convert(str(models["base"]), out, spec).plan
+    assert plan.sources == ("ft-a", "ft-b", "base") and not plan.exact and "3 different models" in plan.exact_text
+    for i, name in enumerate(("a", "b", "base")):
+        assert torch.equal(logits(out, force=i), logits(models[name]))
+    assert not torch.equal(logits(out, force=0), logits(out, force=1))
+
+
+def test_several_experts_per_source(models, tmp_path):
+    """--experts 4 from 2 sources: experts 0-1 are A's FFN, 2-3 B's, byte for byte."""
+    out = tmp_path / "moe"
+    convert(str(models["base"]), out, build_spec(experts=4, expert_from=(str(models["a"]), str(models["b"]))))
+    written = tensors(out)
+    for layer in range(2):
+        for e, name in enumerate(("a", "a", "b", "b")):
+            mine = ffn(models[name], layer)
+            for role, key in (("gate", "w1"), ("down", "w2"), ("up", "w3")):
+                got = written.get(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{key}.weight")
+                if got is None:  # the per-expert names of the target
+                    got = written[f"model.layers.{layer}.mlp.experts.{e}.{role}_proj.weight"]
+                assert torch.equal(got, mine[role])
+
+
+def test_split_per_source(models, tmp_path):
+    """--init split with 2 experts per source: each source's FFN cut in two, down_proj rescaled as for one model."""
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, top_k=2, init="split", expert_from=(str(models["a"]), str(models["b"])))
+    convert(str(models["base"]), out, spec)
+    # routed to one source's two experts only (top-2 of 4, weights 1/2 each) the MoE computes that source's FFN:
+    # split's down_proj scale is N = 2 for 2 parts, and the kept weights renormalise to 1/2 each
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(
+            lambda _m, _a, o: (o[0], torch.full_like(o[1], 0.5), torch.tensor([2, 3]).expand_as(o[2]))
+        )
+    with torch.no_grad():
+        got = model(input_ids=IDS).logits
+    torch.testing.assert_close(got, logits(models["b"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--experts", "3"], "not a multiple of the 2 --expert-from"),
+        (["--experts", "2", "--init", "split"], "--init split cuts each source's FFN"),
+        (["--experts", "4", "--router-init", "kmeans", "--calibration", "x.txt"], "--router-init kmeans"),
+        (["--experts", "4", "--shared-experts", "1", "--target", "qwen2_moe"], "--shared-experts"),
+    ],
+)
+def test_bad_combinations(flags, needle, models, capsys, tmp_path):
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"], *flags]
+    expect_error(capsys, argv, needle)
+    assert_clean(out)
+
+
+def test_shared_weights_average_needs_sources(models, capsys, tmp_path):
+    out = tmp_path / "moe"
+    expect_error(capsys, ["convert", models["base"], out, "--shared-weights", "average"], "--expert-from")
+    assert_clean(out)
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda root: make_dense(root / "other", "qwen2"), "is a qwen2 model, but BASE"),
+        (lambda root: make_dense(root / "other", "llama", intermediate_size=96), "intermediate_size=96"),
+        (lambda root: make_dense(root / "other", "llama", tokenizer=False), None),
+    ],
+    ids=["family", "shape", "no-tokenizer"],
+)
+def test_sources_must_match_base(make, needle, models, capsys, tmp_path):
+    other = make(tmp_path)
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", other, "--experts", "2"]
+    if needle is None:  # a source without tokenizer files is read with BASE's tokenizer: accepted
+        convert(str(models["base"]), out, build_spec(experts=2, expert_from=(str(models["a"]), str(other))))
+        return
+    line = expect_error(capsys, argv, needle)
+    assert str(other) in line and str(models["base"]) in line  # names both
+    assert_clean(out)
+
+
+def test_different_vocabulary_refused(models, capsys, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(models["a"], other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).unlink()
+    save_tokenizer(other, 40)  # same ids up to 40, then none: another vocabulary
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", other, "--experts", "2"]
+    expect_error(capsys, argv, "different tokenizer vocabulary")
+    assert_clean(out)
+
+
+def test_chat_template_change_is_same_vocabulary(models, tmp_path):
+    """A fine-tune's tokenizer_config (chat template) differs from BASE's: same ids, accepted."""
+    other = tmp_path / "chat"
+    shutil.copytree(models["a"], other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": "{{ messages }}"}))
+    convert(str(models["base"]), tmp_path / "moe", build_spec(experts=2, expert_from=(str(models["b"]), str(other))))
+
+
+# --- the tensors besides the experts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_shared_weights_average(dtype, models, tmp_path):
+    """--shared-weights average: each non-expert tensor is the float32 mean of the sources, then cast; the plan
+    lists exactly the tensors that differ (C's attention), with the numbers measured on them."""
+    out = tmp_path / "moe"
+    pair = (str(models["a"]), str(models["c"]))
+    spec = build_spec(experts=2, expert_from=pair, shared_weights="average", dtype=dtype)
+    plan = convert(str(models["base"]), out, spec).plan
+    a, c, base, written = tensors(models["a"]), tensors(models["c"]), tensors(models["base"]), tensors(out)
+    cast = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    moved = 0
+    for key in base:
+        if ".mlp." in key:
+            continue
+        mean = (a[key].float() + c[key].float()) / 2
+        assert torch.equal(written[key], mean.to(cast)), key
+        moved += not torch.equal(mean, base[key])
+    attn = sorted(k for k in base if "self_attn" in k)
+    assert sorted(d.name for d in plan.differences) == attn and moved == len(attn)
+    for d in plan.differences:
+        assert d.differing == (2,)  # C, not A
+        assert d.max_abs == pytest.approx(float((c[d.name].double() - base[d.name].double()).abs().max()))
+        mean = (a[d.name].double() + c[d.name].double()) / 2
+        rel = float((mean - base[d.name].double()).norm() / base[d.name].double().norm())
+        assert d.relative == pytest.approx(rel)
+
+
+def test_shared_weights_base(models, tmp_path):
+    """The default: BASE's attention, norms and embeddings, byte for byte; the differences are still listed."""
+    out = tmp_path / "moe"
+    spec = build_spec(experts=2, expert_from=(str(models["a"]), str(models["c"])))
+    plan = convert(str(models["base"]), out, spec).plan
+    base, written = tensors(models["base"]), tensors(out)
+    assert all(torch.equal(written[k], base[k]) for k in base if ".mlp." not in k)
+    assert len(plan.differences) == len([k for k in base if "self_attn" in k])
+
+
+def test_plan_table_names_differences(models, capsys, tmp_path):
+    from upcycle_cli.main import run
+
+    argv = ["convert", models["base"], tmp_path / "moe", "--expert-from", models["a"], "--expert-from", models["c"],
+            "--experts", "2", "--shared-weights", "average", "--dry-run"]  # fmt: skip
+    assert run([str(a) for a in argv]) == 0
+    shown = capsys.readouterr().out
+    assert "differ between the sources" in shown and "self_attn" in shown and "ft-c" in shown
+    assert not (tmp_path / "moe").exists()
+
+
+# --- streaming ----------------------------------------------------------------------------------------------
+
+
+def test_repeated_experts_copied_from_output(models, monkeypatch, tmp_path):
+    """A source's second clone is copied from the bytes its first clone already wrote, not read from the source."""
+    from upcycle.convert.writer import ShardedWriter
+
+    original, copied = ShardedWriter.put_range, []
+
+    def put_range(self, name, src, offset, length):
+        copied.append((name, Path(src).parent == self.folder))
+        return original(self, name, src, offset, length)
+
+    monkeypatch.setattr(ShardedWriter, "put_range", put_range)
+    spec = build_spec(experts=4, expert_from=(str(models["a"]), str(models["b"])))
+    convert(str(models["base"]), tmp_path / "moe", spec)
+    from_output = {name for name, inside in copied if inside}
+    experts = {name for name, _ in copied if ".experts." in name}
+    assert from_output and from_output == {n for n in experts if ".experts.1." in n or ".experts.3." in n}
+
+
+def test_one_layer_of_each_source_held(models, monkeypatch, tmp_path):
+    """Computed experts (split) load each source's FFN one layer at a time, in order, each layer once."""
+    from upcycle.source import Checkpoint
+
+    original, loads = Checkpoint.load, []
+
+    def load(self, name):
+        if ".mlp." in name:
+            loads.append((self.folder.name, int(name.split(".")[2])))
+        return original(self, name)
+
+    monkeypatch.setattr(Checkpoint, "load", load)
+    spec = build_spec(experts=4, init="split", expert_from=(str(models["a"]), str(models["b"])))
+    convert(str(models["base"]), tmp_path / "moe", spec)
+    for source in ("ft-a", "ft-b"):
+        layers = [layer for name, layer in loads if name == source]
+        assert layers == sorted(layers) and len(layers) == 3 * 4  # gate, up, down of each of 4 layers, once
+    assert all(name in ("ft-a", "ft-b") for name, _ in loads)  # BASE's FFN is never read
+
+
+# --- routers --------------------------------------------------------------------------------------------------
+
+SOURCE_PROMPTS = [["def add(a, b): return a + b", "import numpy as np"], ["The Senate passed the bill on Tuesday."]]
+
+
+def router_rows(out: Path, plan) -> dict[int, torch.Tensor]:
+    weights = tensors(out)
+    return {op.layer: weights[op.name].float() for op in plan.ops if op.kind == "router"}
+
+
+def test_cheap_embed_per_source(models, tmp_path):
+    """mergekit's cheap_embed: row = normalised sum of BASE's token embeddings over BOS + each prompt, the same in
+    every layer, scaled to a random row's norm; one prompt list per source stands for each of its experts."""
+    from transformers import AutoTokenizer
+
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(json.dumps(SOURCE_PROMPTS))
+    spec = build_spec(experts=4, expert_from=(str(models["a"]), str(models["b"])), router_init="cheap_embed",
+                      expert_prompts=str(prompts))  # fmt: skip
+    out = tmp_path / "moe"
+    plan = convert(str(models["base"]), out, spec).plan
+    tok = AutoTokenizer.from_pretrained(models["base"])
+    embed = tensors(models["base"])["model.embed_tokens.weight"].double()
+    want = []
+    for texts in SOURCE_PROMPTS:
+        ids = [i for t in texts for i in tok(tok.bos_token + t, add_special_tokens=False)["input_ids"]]
+        total = embed[ids].sum(0)
+        want.append(total / total.norm() * 0.02 * 32**0.5)  # router_std * sqrt(hidden)
+    want = torch.stack([want[0], want[0], want[1], want[1]]).float()
+    for rows in router_rows(out, plan).values():
+        torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-7)
+    recipe = json.loads((out / "upcycle.json").read_text())
+    assert [s["prompts"] for s in recipe["sources"]] == SOURCE_PROMPTS
+
+
+def test_hidden_per_source(models, tmp_path):
+    """--router-init hidden with one prompt list per source: each source's experts get its rows (BASE's hidden
+    states, as mergekit's hidden gate reads the base model)."""
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(json.dumps(SOURCE_PROMPTS))
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, expert_from=(str(models["a"]), str(models["b"])), router_init="hidden",
+                      expert_prompts=str(prompts))  # fmt: skip
+    plan = convert(str(models["base"]), out, spec).plan
+    for rows in router_rows(out, plan).values():
+        assert torch.equal(rows[0], rows[1]) and torch.equal(rows[2], rows[3]) and not torch.equal(rows[0], rows[2])
+
+
+@pytest.mark.parametrize("init", ["random", "zero"])
+def test_random_and_zero(init, models, tmp_path):
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, expert_from=(str(models["a"]), str(models["b"])), router_init=init)
+    rows = router_rows(out, convert(str(models["base"]), out, spec).plan)
+    assert all(bool((r == 0).all()) is (init == "zero") for r in rows.values())
+
+
+@pytest.mark.parametrize(
+    ("prompts", "flags", "needle"),
+    [
+        (None, ["--router-init", "cheap_embed"], "--router-init cheap_embed needs --expert-prompts"),
+        ([["a"], ["b"], ["c"]], ["--router-init", "cheap_embed"], "or one per --expert-from model: 2"),
+        ([["a"], ["b"]], ["--router-init", "random"], "--expert-prompts applies to --router-init hidden or cheap"),
+    ],
+)
+def test_bad_router_options(prompts, flags, needle, models, capsys, tmp_path):
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"], "--experts", "4"]
+    if prompts is not None:
+        (tmp_path / "p.yaml").write_text(json.dumps(prompts))
+        argv += ["--expert-prompts", tmp_path / "p.yaml"]
+    expect_error(capsys, [*argv, *flags], needle)
+    assert_clean(out)
