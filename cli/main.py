@@ -167,6 +167,15 @@ def convert(
             "order (Branch-Train-MiX, mergekit-moe); SRC itself may be one.",
         ),
     ] = None,
+    shared_from: Annotated[
+        str | None,
+        typer.Option(
+            "--shared-from",
+            metavar="MODEL",
+            help="With --expert-from: the model whose FFN is the always-on shared expert (SRC, 'base', or one of the "
+            "--expert-from), targets with one (qwen2_moe); routed experts' down_proj is halved against its 1/2 gate.",
+        ),
+    ] = None,
     shared_weights: Annotated[
         str | None,
         typer.Option(
@@ -243,6 +252,7 @@ def convert(
         expert_prompts=str(expert_prompts) if expert_prompts is not None else None,
         expert_from=tuple(expert_from) if expert_from else None,
         shared_weights=shared_weights,
+        shared_from=shared_from,
         seed=seed,
         target=target,
         dtype=dtype,
@@ -320,6 +330,15 @@ def verify(
     llama_cpp: Annotated[
         Path | None, typer.Option(help="A llama.cpp tree with convert_hf_to_gguf.py and build/bin/ (--engine).")
     ] = None,
+    expert_from: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expert-from",
+            metavar="MODEL",
+            help="Repeatable: the models MOE's experts came from (convert --expert-from), in order; then every "
+            "tensor is checked against its own source.",
+        ),
+    ] = None,
 ) -> None:
     """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside.
 
@@ -342,6 +361,7 @@ def verify(
         mode="layerwise" if layerwise else "whole" if whole else "auto",
         record=record,
         notify=screen.note,
+        sources=tuple(expert_from or ()),
     )
     render.verify_report(screen, report, title=f"verify {dense} vs {moe} ({report.moe_class})")
     engine_report = runner(dense, moe) if runner else None

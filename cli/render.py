@@ -239,16 +239,19 @@ def _verify_table(report) -> Table:
     for col in ("metric", "value", "limit", "ok"):
         table.add_column(col)
     table.add_row("mode", report.mode, "", "")
-    table.add_row("tokens", f"{report.tokens} ({report.input}, {report.dtype})", "", "")
+    if report.mode != "sources":
+        table.add_row("tokens", f"{report.tokens} ({report.input}, {report.dtype})", "", "")
     if report.plan_exact is not None:
         table.add_row("exact at init (plan)", "yes" if report.plan_exact else "no (note below)", "", "")
     if report.tensor_check is not None:
         check = report.tensor_check
         cast = f", {check.cast} after the cast" if check.cast else ""
-        computed = f", {check.computed} recomputed by the expert method" if check.computed else ""
+        by = "the expert method or as averages" if report.mode == "sources" else "the expert method"
+        computed = f", {check.computed} recomputed by {by}" if check.computed else ""
         table.add_row(
             "copied tensors",
-            f"{check.equal} of {check.compared} equal to the source{cast}{computed} "
+            f"{check.equal} of {check.compared} equal to the source{'s' if report.mode == 'sources' else ''}"
+            f"{cast}{computed} "
             f"({human_bytes(check.bytes_read)} read)",
             "all",
             _ok(check.passed),
@@ -262,6 +265,8 @@ def _verify_table(report) -> Table:
             f"≤ {limits.layer_rtol:g} × max |MLP output|",
             _ok(not failed),
         )
+    if report.max_abs_diff is None:  # mode "sources": the tensors are the check
+        return table
     table.add_row(
         "max |Δlogits|",
         f"{report.max_abs_diff:.3e}",
@@ -301,7 +306,7 @@ def verify_report(screen: Screen, report, title: str) -> None:
         if not row.passed:
             worse = f"MoE block max |Δ| {row.block_max_abs_diff:.3e} > limit {row.block_limit:.2e}"
             screen.say(f"layer {row.layer}: {worse}")
-    if report.plan_exact is False:  # a table cell would wrap the reason: it gets a line of its own
+    if report.plan_exact is False and report.mode != "sources":  # a table cell would wrap the reason: own line
         why = f" ({report.plan_why})" if report.plan_why else ""
         screen.say(f"note: the plan did not claim this MoE exact at init{why}; the numbers are expected to differ")
     screen.say("PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")

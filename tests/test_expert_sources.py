@@ -83,10 +83,8 @@ def test_several_experts_per_source(models, tmp_path):
     for layer in range(2):
         for e, name in enumerate(("a", "a", "b", "b")):
             mine = ffn(models[name], layer)
-            for role, key in (("gate", "w1"), ("down", "w2"), ("up", "w3")):
-                got = written.get(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{key}.weight")
-                if got is None:  # the per-expert names of the target
-                    got = written[f"model.layers.{layer}.mlp.experts.{e}.{role}_proj.weight"]
+            for role, key in (("gate", "w1"), ("down", "w2"), ("up", "w3")):  # Mixtral's per-expert names
+                got = written[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{key}.weight"]
                 assert torch.equal(got, mine[role])
 
 
@@ -329,9 +327,135 @@ def test_random_and_zero(init, models, tmp_path):
 )
 def test_bad_router_options(prompts, flags, needle, models, capsys, tmp_path):
     out = tmp_path / "moe"
-    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"], "--experts", "4"]
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"]]
+    argv += ["--experts", "4"]
     if prompts is not None:
         (tmp_path / "p.yaml").write_text(json.dumps(prompts))
         argv += ["--expert-prompts", tmp_path / "p.yaml"]
     expect_error(capsys, [*argv, *flags], needle)
+    assert_clean(out)
+
+
+# --- verify ---------------------------------------------------------------------------------------------------
+
+
+def run_cli(argv) -> int:
+    from upcycle_cli.main import run
+
+    return run([str(a) for a in argv])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dict(experts=4, shared_weights="average"),
+        dict(experts=4, init="split", top_k=2),
+        dict(experts=2, dtype="bfloat16"),
+    ],
+    ids=["clone-average", "split", "bf16-cast"],
+)
+def test_verify_each_tensor_against_its_source(spec, models, capsys, tmp_path):
+    out = tmp_path / "moe"
+    pair = (models["a"], models["c"])
+    convert(str(models["base"]), out, build_spec(expert_from=tuple(map(str, pair)), **spec))
+    capsys.readouterr()
+    argv = ["verify", models["base"], out, "--expert-from", pair[0], "--expert-from", pair[1], "--json", "-"]
+    assert run_cli(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    check = report["tensor_check"]
+    assert report["mode"] == "sources" and report["passed"] and report["max_abs_diff"] is None
+    assert check["equal"] == check["compared"] == len(tensors(out)) - 4  # all but the 4 routers
+    assert check["skipped"] == 4 and not check["mismatched"]
+
+
+def test_verify_finds_a_wrong_expert(models, capsys, tmp_path):
+    """An expert swapped for another source's FFN is named; so is a model given in the wrong order."""
+    out = tmp_path / "moe"
+    convert(str(models["base"]), out, build_spec(experts=2, expert_from=(str(models["a"]), str(models["b"]))))
+    for shard in out.glob("*.safetensors"):
+        sd = load_file(shard)
+        key = "model.layers.1.block_sparse_moe.experts.1.w2.weight"
+        if key in sd:
+            sd[key] = ffn(models["a"], 1)["down"].clone()
+            save_file(sd, shard, metadata={"format": "pt"})
+    capsys.readouterr()
+    assert run_cli(["verify", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"]]) == 1
+    shown = capsys.readouterr().out
+    assert "tensor differs from its source: model.layers.1.block_sparse_moe.experts.1.w2.weight" in shown
+    expect_error(capsys, ["verify", models["base"], out, "--expert-from", models["b"], "--expert-from", models["a"]],
+                 "is not what")  # fmt: skip
+    expect_error(capsys, ["verify", models["base"], out], "was made from 2 --expert-from models (ft-a, ft-b)")
+
+
+# --- upcycle.json and the card --------------------------------------------------------------------------------
+
+
+def test_recipe_and_card_name_the_sources(models, tmp_path, monkeypatch):
+    """Local folders by their name (never a path), Hub sources by id and revision; base_model lists the Hub ones
+    with the Hub's `merge` relation; the command reproduces the model."""
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub import ModelCard
+    from test_hub import COMMIT, populate_cache
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    populate_cache(cache, "tiny-org/ft-b", models["b"])
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(json.dumps(SOURCE_PROMPTS))
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, expert_from=(str(models["a"]), "tiny-org/ft-b"), router_init="cheap_embed",
+                      expert_prompts=str(prompts), shared_weights="average")  # fmt: skip
+    convert(str(models["base"]), out, spec, base_model="tiny-org/base")
+    recipe = json.loads((out / "upcycle.json").read_text())
+    text = (out / "upcycle.json").read_text() + (out / "README.md").read_text()
+    assert str(tmp_path) not in text and str(models["a"]) not in text
+    a, b = recipe["sources"]
+    assert (a["id"], a["kind"], a["revision"], a["experts"]) == ("ft-a", "folder", None, [0, 1])
+    assert (b["id"], b["kind"], b["revision"], b["experts"]) == ("tiny-org/ft-b", "hub", COMMIT, [2, 3])
+    assert recipe["shared_weights"] == "average" and recipe["plan"]["sources"] == ["ft-a", "tiny-org/ft-b"]
+    assert "--expert-from ft-a --expert-from tiny-org/ft-b" in recipe["command"]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == ["tiny-org/base", "tiny-org/ft-b"] and card.data.base_model_relation == "merge"
+    assert "| 0–1 | `ft-a` | def add(a, b): return a + b; import numpy as np |" in card.text
+    assert f"[tiny-org/ft-b](https://huggingface.co/tiny-org/ft-b) at `{COMMIT[:12]}`" in card.text
+
+
+# --- --shared-from ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", ["base", "a"])
+def test_shared_from(shared, models, capsys, tmp_path):
+    """Qwen2-MoE's always-on shared expert is the chosen model's FFN; the routed experts' down_proj is halved
+    against its sigmoid(0) = 1/2 gate (as --shared-experts 1 does for one model); verify checks it."""
+    out = tmp_path / "moe"
+    pair = (str(models["a"]), str(models["b"]))
+    given = str(models["base"]) if shared == "base" else pair[0]
+    spec = build_spec(experts=2, expert_from=pair, shared_from=given, target="qwen2_moe")
+    convert(str(models["base"]), out, spec)
+    written, mine = tensors(out), ffn(models[shared], 0)
+    for role in ("gate", "up", "down"):
+        assert torch.equal(written[f"model.layers.0.mlp.shared_expert.{role}_proj.weight"], mine[role])
+    for e, name in enumerate(("a", "b")):
+        theirs = ffn(models[name], 0)
+        assert torch.equal(written[f"model.layers.0.mlp.experts.{e}.down_proj.weight"], theirs["down"] / 2)
+        assert torch.equal(written[f"model.layers.0.mlp.experts.{e}.up_proj.weight"], theirs["up"])
+    capsys.readouterr()
+    assert run_cli(["verify", models["base"], out, "--expert-from", pair[0], "--expert-from", pair[1]]) == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--shared-from", "nowhere"], "--shared-from nowhere is neither base nor one of"),
+        (["--shared-from", "base", "--init", "split", "--experts", "4"], "--init split is not supported with it"),
+        (["--shared-experts", "1"], "needs --shared-from MODEL"),
+        (["--shared-from", "base"], "--shared-from needs a target class with a shared expert (qwen2_moe)"),
+    ],
+)
+def test_bad_shared_from(flags, needle, models, capsys, tmp_path):
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"], *flags]
+    expect_error(capsys, argv, needle)
     assert_clean(out)

@@ -25,6 +25,7 @@ from ..source import (
     TensorInfo,
     file_sha256,
     looks_like_repo_id,
+    public_name,
     read_config,
     resolve,
 )
@@ -236,6 +237,8 @@ def convert(
             from ..publish.hub import require_token
 
             require_token()
+    if spec.shared_from not in (None, "base", *spec.expert_from) and public_name(spec.shared_from) == public_name(src):
+        spec = replace(spec, shared_from="base")  # --shared-from SRC: BASE's FFN
     source = resolve(src, spec.revision, materialize=not dry_run)
     extra = expert_sources(src, source, spec, None if dry_run else out, materialize=not dry_run)
     others = tuple(e.dense for e in extra)

@@ -82,6 +82,7 @@ class ConvertSpec:
     expert_prompts: str | None = None  # YAML/JSON file for --router-init hidden / cheap_embed
     expert_from: tuple[str, ...] = ()  # models whose FFNs become the experts (BTX), in order; () = SRC alone
     shared_weights: SharedWeights = "base"  # non-expert tensors: BASE's, or the float32 mean of the --expert-from
+    shared_from: str | None = None  # with --expert-from: whose FFN is the shared expert ("base" or an --expert-from)
     shared_experts: int = 0
     seed: int = 0
     target: str = "auto"  # auto, a targets/*.json name, or generic
@@ -146,6 +147,9 @@ class ConvertSpec:
     def _check_sources(self) -> None:
         """--expert-from and what goes with it (the checks that need the models are in convert/sources.py)."""
         n = len(self.expert_from)
+        if self.shared_from is not None and not n:
+            raise UpcycleError("--shared-from applies to --expert-from (the shared expert is one of several models); "
+                               "without --expert-from, --shared-experts 1 puts SRC's FFN there")  # fmt: skip
         if not n:
             if self.shared_weights != "base":
                 raise UpcycleError(
@@ -163,11 +167,31 @@ class ConvertSpec:
                 "--router-init kmeans gives each expert a cluster of BASE's hidden states, not its source's; with "
                 "--expert-from use hidden or cheap_embed (with --expert-prompts), random or zero"
             )
-        if self.shared_experts:
+        if self.shared_experts and self.shared_from is None:
             raise UpcycleError(
-                "--shared-experts builds the shared expert from one dense FFN; with --expert-from it is not "
-                "supported yet: leave --shared-experts out"
+                "--shared-experts with --expert-from needs --shared-from MODEL (base, or one of the --expert-from "
+                "models): whose FFN the always-on shared expert is"
             )
+        if self.shared_from is not None and self.shared_experts != 1:
+            raise UpcycleError(f"--shared-from fills one shared expert; --shared-experts {self.shared_experts} "
+                               "cannot be honoured: leave it out (or give 1)")  # fmt: skip
+        self.shared_source  # noqa: B018 - refuses a --shared-from that names no source
+        if self.shared_from is not None and self.init != "clone":
+            raise UpcycleError(f"--shared-from puts a whole FFN in the shared expert, which --init clone does; "
+                               f"--init {self.init} is not supported with it")  # fmt: skip
+
+    @property
+    def shared_source(self) -> int:
+        """The source index of --shared-from: 0 BASE, i the i-th --expert-from (matched by public name)."""
+        if self.shared_from in (None, "base"):
+            return 0
+        names = [public_name(s) for s in self.expert_from]
+        if public_name(self.shared_from) not in names:
+            raise UpcycleError(
+                f"--shared-from {self.shared_from} is neither base nor one of the --expert-from models "
+                f"({', '.join(names)}); give base or one of them"
+            )
+        return 1 + names.index(public_name(self.shared_from))
 
     def _check_method_options(self) -> None:
         """Checks of the method options that need no model (those that do live in the methods, at plan time)."""
@@ -220,6 +244,7 @@ class ConvertSpec:
             if d[name]:
                 d[name] = Path(d[name]).name
         d["expert_from"] = [public_name(s) for s in self.expert_from]  # Hub ids as given, folders by name
+        d["shared_from"] = public_name(self.shared_from) if self.shared_from else None
         return d
 
 
@@ -243,6 +268,8 @@ def build_spec(recipe: dict[str, Any] | None = None, **flags: Any) -> ConvertSpe
     merged = merge_options({f.name for f in fields(ConvertSpec)} - {"extra"}, recipe, "recipe", flags)
     if "layers" in merged:
         merged["layers"] = parse_layers(merged["layers"])
+    if merged.get("shared_from") is not None and merged.get("shared_experts") is None:
+        merged["shared_experts"] = 1  # --shared-from fills the one shared expert
     if "expert_from" in merged:
         value = merged["expert_from"]
         merged["expert_from"] = (value,) if isinstance(value, str) else tuple(value or ())

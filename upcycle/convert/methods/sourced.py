@@ -31,7 +31,9 @@ def layout(spec: ConvertSpec, hidden: int, intermediate: int, method: Callable[.
             f"from {sources} models is {per} per model; give --experts {least * sources} or more (or --init clone)"
         )
     # one model's spec (an MoE layer has at least 2 experts: with one per source, the first of 2 is taken)
-    one = replace(spec, experts=max(per, 2), top_k=min(spec.top_k, per), expert_from=(), shared_weights="base")
+    one = replace(
+        spec, experts=max(per, 2), top_k=min(spec.top_k, per), expert_from=(), shared_weights="base", shared_from=None
+    )
     try:
         base = method(one, hidden, intermediate)
     except UpcycleError as exc:
@@ -45,4 +47,7 @@ def layout(spec: ConvertSpec, hidden: int, intermediate: int, method: Callable[.
         f"the experts come from {sources} different models ({per} each, by --init {spec.init}), so the MoE computes "
         "none of them exactly; routed to one expert (top-1) it computes that model's FFN"
     )
-    return replace(base, experts=experts, exact=False, why=why)
+    shared = base.shared
+    if shared is not None:  # --shared-from: that model's whole FFN (clone's shared expert), routed halves halved
+        shared = {role: replace(t, source=spec.shared_source) for role, t in shared.items()}
+    return replace(base, experts=experts, exact=False, why=why, shared=shared)
