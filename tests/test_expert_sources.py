@@ -459,3 +459,98 @@ def test_bad_shared_from(flags, needle, models, capsys, tmp_path):
     argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"], *flags]
     expect_error(capsys, argv, needle)
     assert_clean(out)
+
+
+# --- mergekit-moe recipes -------------------------------------------------------------------------------------
+
+
+def mergekit_yaml(path: Path, text: str, **names: Path) -> Path:
+    path.write_text(text.format(**{k: str(v) for k, v in names.items()}))
+    return path
+
+
+def test_mergekit_sparse_upcycling_example(models, tmp_path):
+    """mergekit's docs: 'Sparse upcycling of smol_llama into a 8x220M MoE' (the same model 8 times, random gate,
+    bfloat16): every expert is the base FFN, cast to bfloat16."""
+    experts = "".join("  - source_model: {base}\n" for _ in range(8))
+    cfg = mergekit_yaml(tmp_path / "moe.yml", "base_model: {base}\ngate_mode: random\ndtype: bfloat16\nexperts:\n"
+                        + experts, base=models["base"])  # fmt: skip
+    out = tmp_path / "moe"
+    assert run_cli(["convert", "--mergekit-config", cfg, out]) == 0
+    written, mine = tensors(out), ffn(models["base"], 2)
+    recipe = json.loads((out / "upcycle.json").read_text())
+    assert recipe["plan"]["experts"] == 8 and recipe["plan"]["top_k"] == 2 and recipe["dtype"] == "bfloat16"
+    for e in range(8):
+        got = written[f"model.layers.2.block_sparse_moe.experts.{e}.w2.weight"]
+        assert torch.equal(got, mine["down"].to(torch.bfloat16))
+
+
+CLOWN_CAR = """base_model: {base}
+gate_mode: hidden
+dtype: float32
+experts:
+  - source_model: {base}
+    positive_prompts:
+      - "<|im_start|>user\\nHello, who are you?<|im_end|>"
+      - "<|im_start|>user\\nI need help with"
+  - source_model: {a}
+    positive_prompts:
+      - "As a doctor of medicine,"
+  - source_model: {b}
+    positive_prompts:
+      - "[Genres: Science Fiction]\\n[Tags: humor, old school, sci fi]"
+      - "> get ye flask"
+"""
+
+
+def test_mergekit_hidden_example(models, capsys, tmp_path):
+    """mergekit's 'clown car' example (hidden gate, prompts per expert): one expert per entry, routers from the
+    prompts, each expert its source's FFN; verify checks it."""
+    cfg = mergekit_yaml(tmp_path / "moe.yml", CLOWN_CAR, base=models["base"], a=models["a"], b=models["b"])
+    out = tmp_path / "moe"
+    assert run_cli(["convert", "--mergekit-config", cfg, out]) == 0
+    recipe = json.loads((out / "upcycle.json").read_text())
+    assert [s["id"] for s in recipe["sources"]] == ["base", "ft-a", "ft-b"]
+    assert recipe["sources"][1]["prompts"] == ["As a doctor of medicine,"]
+    assert recipe["recipe"]["router_init"] == "hidden" and recipe["plan"]["experts"] == 3
+    capsys.readouterr()
+    argv = ["verify", models["base"], out, "--expert-from", models["base"], "--expert-from", models["a"],
+            "--expert-from", models["b"]]  # fmt: skip
+    assert run_cli(argv) == 0
+
+
+def test_mergekit_shared_expert_example_refused_by_field(models, capsys, tmp_path):
+    """mergekit's shared-expert example (Qwen MoE) sets the shared expert's prompts and residual_scale: each is
+    refused by name, in one line; without them it converts to Qwen2-MoE with that model's FFN shared."""
+    text = ("base_model: {base}\ngate_mode: random\ndtype: float32\nexperts:\n  - source_model: {a}\n"
+            "  - source_model: {b}\nshared_experts:\n  - source_model: {base}\n    positive_prompts:\n"
+            "      - \"blah blah\"\n    residual_scale: 0.1\n")  # fmt: skip
+    cfg = mergekit_yaml(tmp_path / "moe.yml", text, base=models["base"], a=models["a"], b=models["b"])
+    out = tmp_path / "moe"
+    line = expect_error(capsys, ["convert", "--mergekit-config", cfg, out], "cannot honour")
+    assert "shared_experts[0].residual_scale" in line and "shared_experts[0].positive_prompts" in line
+    assert_clean(out)
+    cfg.write_text(text.split("    positive_prompts")[0].format(base=models["base"], a=models["a"], b=models["b"]))
+    assert run_cli(["convert", "--mergekit-config", cfg, out]) == 0
+    written = tensors(out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
+    assert torch.equal(written["model.layers.0.mlp.shared_expert.up_proj.weight"], ffn(models["base"], 0)["up"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ("gate_mode: uniform_random\n", "gate_mode uniform_random"),
+        ("architecture: deepseek\n", "architecture deepseek"),
+        ("merge_method: slerp\n", "merge_method (not a mergekit-moe field)"),
+        ("dtype: int8\n", "dtype int8"),
+    ],
+)
+def test_mergekit_fields_refused(extra, needle, models, capsys, tmp_path):
+    text = "base_model: {base}\ngate_mode: random\nexperts:\n  - source_model: {a}\n    noise_scale: 0.01\n"
+    cfg = mergekit_yaml(tmp_path / "moe.yml", text.replace("gate_mode: random\n", "") + extra if "gate" in extra
+                        else text + extra, base=models["base"], a=models["a"])  # fmt: skip
+    out = tmp_path / "moe"
+    line = expect_error(capsys, ["convert", "--mergekit-config", cfg, out], needle)
+    assert "experts[0].noise_scale" in line  # every field that cannot be honoured, in the one line
+    assert_clean(out)

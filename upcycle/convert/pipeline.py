@@ -239,6 +239,7 @@ def convert(
             require_token()
     if spec.shared_from not in (None, "base", *spec.expert_from) and public_name(spec.shared_from) == public_name(src):
         spec = replace(spec, shared_from="base")  # --shared-from SRC: BASE's FFN
+    spec.shared_source  # noqa: B018 - refuses a --shared-from that is neither SRC nor an --expert-from model
     source = resolve(src, spec.revision, materialize=not dry_run)
     extra = expert_sources(src, source, spec, None if dry_run else out, materialize=not dry_run)
     others = tuple(e.dense for e in extra)

@@ -175,7 +175,6 @@ class ConvertSpec:
         if self.shared_from is not None and self.shared_experts != 1:
             raise UpcycleError(f"--shared-from fills one shared expert; --shared-experts {self.shared_experts} "
                                "cannot be honoured: leave it out (or give 1)")  # fmt: skip
-        self.shared_source  # noqa: B018 - refuses a --shared-from that names no source
         if self.shared_from is not None and self.init != "clone":
             raise UpcycleError(f"--shared-from puts a whole FFN in the shared expert, which --init clone does; "
                                f"--init {self.init} is not supported with it")  # fmt: skip
