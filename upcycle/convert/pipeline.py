@@ -459,12 +459,11 @@ def copy_side_files(src: Path, dst: Path, plan: Plan) -> None:
 def _command(label: str, out: Path, spec: ConvertSpec, source: SourceRef, base_model: str | None) -> str:
     """The command that reproduces the model, naming the source and OUT without their folders."""
     options = spec.to_dict()
-    froms = options.pop("expert_from")
-    label += "".join(f" --expert-from {name}" for name in froms)
+    froms = [word for name in options.pop("expert_from") for word in ("--expert-from", name)]  # a repeated flag
     if source.kind == "hub" and source.revision:
         options["revision"] = source.revision  # pin the commit that was converted
     options["base_model"] = base_model
-    return command_line(["upcycle", "convert", label, out.name], options, ConvertSpec().to_dict())
+    return command_line(["upcycle", "convert", label, out.name, *froms], options, ConvertSpec().to_dict())
 
 
 def make_recipe(
