@@ -242,7 +242,8 @@ def _verify_table(report) -> Table:
     if report.mode != "sources":
         table.add_row("tokens", f"{report.tokens} ({report.input}, {report.dtype})", "", "")
     if report.plan_exact is not None:
-        table.add_row("exact at init (plan)", "yes" if report.plan_exact else "no (note below)", "", "")
+        below = "" if report.mode == "sources" else " (note below)"  # sources: no logits to explain
+        table.add_row("exact at init (plan)", "yes" if report.plan_exact else f"no{below}", "", "")
     if report.tensor_check is not None:
         check = report.tensor_check
         cast = f", {check.cast} after the cast" if check.cast else ""
