@@ -95,7 +95,10 @@ def convert(
         str,
         typer.Argument(metavar="SRC", help="Dense model: a folder, a Hub id (org/name), a .gguf file, or 'smollm2'."),
     ],
-    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the MoE checkpoint to.")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Argument(metavar="OUT", help="Folder to write the MoE checkpoint to (alone with --mergekit-config)."),
+    ] = None,
     experts: Annotated[int | None, typer.Option(help="Experts per MoE layer." + _c("experts"))] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Experts each token is routed to." + _c("top_k"))] = None,
     every: Annotated[
@@ -146,13 +149,42 @@ def convert(
     router_init: Annotated[
         str | None,
         typer.Option(
-            help="Router weights: random, zero, kmeans (from --calibration text) or hidden (mean hidden state of "
-            "each expert's --expert-prompts)." + _c("router_init")
+            help="Router weights: random, zero, kmeans (from --calibration text), hidden (mean hidden state of "
+            "each expert's --expert-prompts) or cheap_embed (their mean token embedding, mergekit's)."
+            + _c("router_init")
         ),
     ] = None,
     expert_prompts: Annotated[
         Path | None,
-        typer.Option(help="With --router-init hidden: a YAML (or JSON) list with one list of prompts per expert."),
+        typer.Option(
+            help="With --router-init hidden or cheap_embed: a YAML (or JSON) list with one list of prompts per expert "
+            "(or per --expert-from model)."
+        ),
+    ] = None,
+    expert_from: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expert-from",
+            metavar="MODEL",
+            help="Repeatable: a fine-tune of SRC whose FFNs become --experts / (number given) experts each, in "
+            "order (Branch-Train-MiX, mergekit-moe); SRC itself may be one.",
+        ),
+    ] = None,
+    shared_from: Annotated[
+        str | None,
+        typer.Option(
+            "--shared-from",
+            metavar="MODEL",
+            help="With --expert-from: the model whose FFN is the always-on shared expert (SRC, 'base', or one of the "
+            "--expert-from), targets with one (qwen2_moe); routed experts' down_proj is halved against its 1/2 gate.",
+        ),
+    ] = None,
+    shared_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="With --expert-from: the tensors besides the experts: base (SRC's) or average (float32 mean of the "
+            "--expert-from models, BTX)." + _c("shared_weights")
+        ),
     ] = None,
     calibration: Annotated[
         Path | None,
@@ -181,6 +213,14 @@ def convert(
     ] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of SRC.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML recipe; flags given here win.")] = None,
+    mergekit_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--mergekit-config",
+            help="A mergekit-moe YAML (base_model, experts, gate_mode, ...): `upcycle convert --mergekit-config "
+            "moe.yml OUT`; fields upcycle cannot honour are refused by name. Flags given here win.",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     json_out: Annotated[
@@ -198,10 +238,10 @@ def convert(
 ) -> None:
     """Convert a dense causal LM into a Mixture-of-Experts checkpoint."""
     from upcycle.api import convert as run_convert
-    from upcycle.convert.spec import build_spec, load_recipe
+    from upcycle.convert.spec import build_spec
 
     screen = render.Screen.for_json(json_out)
-    recipe = load_recipe(config) if config else None
+    src, out_dir, recipe = _convert_inputs(src, out_dir, config, mergekit_config)
     spec = build_spec(
         recipe,
         experts=experts,
@@ -221,6 +261,9 @@ def convert(
         calibration=str(calibration) if calibration is not None else None,
         calibration_tokens=calibration_tokens,
         expert_prompts=str(expert_prompts) if expert_prompts is not None else None,
+        expert_from=tuple(expert_from) if expert_from else None,
+        shared_weights=shared_weights,
+        shared_from=shared_from,
         seed=seed,
         target=target,
         dtype=dtype,
@@ -250,6 +293,33 @@ def convert(
     if result.pushed is not None:
         screen.say(f"Pushed {len(result.pushed.files)} files to {result.pushed.repo_id}: {result.pushed.url}")
     render.emit_json(result.recipe["plan"] if result.recipe else result.plan.summary(), json_out)
+
+
+def _convert_inputs(src: str, out: Path | None, config: Path | None, mergekit: Path | None):
+    """SRC, OUT and the recipe: --config's, or a --mergekit-config's mapped (its prompts in a temporary file)."""
+    from upcycle.convert.spec import load_recipe
+
+    if mergekit is None:
+        if out is None:
+            raise UpcycleError("give OUT, the folder to write: upcycle convert SRC OUT")
+        return src, out, load_recipe(config) if config else None
+    if out is not None:
+        raise UpcycleError("with --mergekit-config give only OUT: the YAML's base_model is the source")
+    if config is not None:
+        raise UpcycleError("--config and --mergekit-config exclude each other; give one recipe")
+    import atexit
+    import shutil
+    import tempfile
+
+    from upcycle.convert.mergekit import read_mergekit, write_prompts
+
+    recipe = read_mergekit(mergekit)
+    options = dict(recipe.options)
+    folder = Path(tempfile.mkdtemp(prefix="upcycle-mergekit-"))
+    atexit.register(shutil.rmtree, folder, True)
+    if recipe.prompts is not None:
+        options["expert_prompts"] = str(write_prompts(recipe.prompts, folder, mergekit.stem))
+    return recipe.base, Path(src), options
 
 
 # --- verify ------------------------------------------------------------------------------------------
@@ -298,6 +368,15 @@ def verify(
     llama_cpp: Annotated[
         Path | None, typer.Option(help="A llama.cpp tree with convert_hf_to_gguf.py and build/bin/ (--engine).")
     ] = None,
+    expert_from: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expert-from",
+            metavar="MODEL",
+            help="Repeatable: the models MOE's experts came from (convert --expert-from), in order; then every "
+            "tensor is checked against its own source.",
+        ),
+    ] = None,
 ) -> None:
     """Check on logits that MOE computes what DENSE computed. Exit 0 within tolerance, 1 outside.
 
@@ -320,6 +399,7 @@ def verify(
         mode="layerwise" if layerwise else "whole" if whole else "auto",
         record=record,
         notify=screen.note,
+        sources=tuple(expert_from or ()),
     )
     render.verify_report(screen, report, title=f"verify {dense} vs {moe} ({report.moe_class})")
     engine_report = runner(dense, moe) if runner else None

@@ -177,9 +177,39 @@ def convert_plan(screen: Screen, plan, title: str) -> None:
         f"{count(plan.active_params)} active per token",
     )
     table.add_row("bytes on disk", human_bytes(plan.total_bytes) + f" ({plan.config['dtype']})")
+    if plan.sources:
+        shared = [op for op in plan.ops if op.kind in ("copy", "mean")]
+        how = "their float32 mean" if any(op.kind == "mean" for op in shared) else "BASE's"
+        each = plan.experts // len(plan.sources)
+        table.add_row("experts from", f"{', '.join(plan.sources)} ({each} experts each); the other tensors are {how}")
+        table.add_row("shared tensors", f"{len(plan.differences)} of {len(shared)} differ between the sources")
     screen.show(title, table)
+    _differences(screen, plan)
     for note in plan.notes:
         screen.note(note)
+
+
+DIFFERENCES_SHOWN = 10
+
+
+def _differences(screen: Screen, plan) -> None:
+    """The non-expert tensors that differ between the sources, most moved by averaging first."""
+    if not plan.differences:
+        return
+    table = Table()
+    for col in ("tensor", "differs in", "max |Δ| vs BASE", "mean moves BASE by"):
+        table.add_column(col, overflow="fold")
+    ranked = sorted(plan.differences, key=lambda d: -d.relative)
+    for d in ranked[:DIFFERENCES_SHOWN]:
+        table.add_row(
+            d.name,
+            ", ".join(plan.sources[i - 1] for i in d.differing),
+            f"{d.max_abs:.3g}",
+            f"{100 * d.relative:.3g}%",
+        )
+    screen.show("tensors besides the experts that differ between the sources", table)
+    if len(ranked) > DIFFERENCES_SHOWN:
+        screen.say(f"... and {len(ranked) - DIFFERENCES_SHOWN} more (all in --json: shared_differences)")
 
 
 # --- verify ------------------------------------------------------------------------------------------
@@ -209,16 +239,20 @@ def _verify_table(report) -> Table:
     for col in ("metric", "value", "limit", "ok"):
         table.add_column(col)
     table.add_row("mode", report.mode, "", "")
-    table.add_row("tokens", f"{report.tokens} ({report.input}, {report.dtype})", "", "")
+    if report.mode != "sources":
+        table.add_row("tokens", f"{report.tokens} ({report.input}, {report.dtype})", "", "")
     if report.plan_exact is not None:
-        table.add_row("exact at init (plan)", "yes" if report.plan_exact else "no (note below)", "", "")
+        below = "" if report.mode == "sources" else " (note below)"  # sources: no logits to explain
+        table.add_row("exact at init (plan)", "yes" if report.plan_exact else f"no{below}", "", "")
     if report.tensor_check is not None:
         check = report.tensor_check
         cast = f", {check.cast} after the cast" if check.cast else ""
-        computed = f", {check.computed} recomputed by the expert method" if check.computed else ""
+        by = "the expert method or as averages" if report.mode == "sources" else "the expert method"
+        computed = f", {check.computed} recomputed by {by}" if check.computed else ""
         table.add_row(
             "copied tensors",
-            f"{check.equal} of {check.compared} equal to the source{cast}{computed} "
+            f"{check.equal} of {check.compared} equal to the source{'s' if report.mode == 'sources' else ''}"
+            f"{cast}{computed} "
             f"({human_bytes(check.bytes_read)} read)",
             "all",
             _ok(check.passed),
@@ -232,6 +266,8 @@ def _verify_table(report) -> Table:
             f"≤ {limits.layer_rtol:g} × max |MLP output|",
             _ok(not failed),
         )
+    if report.max_abs_diff is None:  # mode "sources": the tensors are the check
+        return table
     table.add_row(
         "max |Δlogits|",
         f"{report.max_abs_diff:.3e}",
@@ -271,7 +307,7 @@ def verify_report(screen: Screen, report, title: str) -> None:
         if not row.passed:
             worse = f"MoE block max |Δ| {row.block_max_abs_diff:.3e} > limit {row.block_limit:.2e}"
             screen.say(f"layer {row.layer}: {worse}")
-    if report.plan_exact is False:  # a table cell would wrap the reason: it gets a line of its own
+    if report.plan_exact is False and report.mode != "sources":  # a table cell would wrap the reason: own line
         why = f" ({report.plan_why})" if report.plan_why else ""
         screen.say(f"note: the plan did not claim this MoE exact at init{why}; the numbers are expected to differ")
     screen.say("PASS" if report.passed else "FAIL", style="bold green" if report.passed else "bold red")

@@ -89,13 +89,15 @@ def verify(
     mode: Literal["auto", "whole", "layerwise"] = "auto",
     record: bool = False,
     notify: Callable[[str], None] | None = None,
+    sources: tuple[str, ...] | list[str] = (),
 ) -> VerifyReport:
     """Check on logits that MOE computes what DENSE computed; `report.passed` says whether it is within tolerance.
 
     `text` is a text file to run (default: seeded random token ids). `mode` "whole" loads both models,
     "layerwise" holds one layer at a time and also compares every copied tensor with its source; "auto"
     chooses by memory. With `record`, the result is stored in MOE's upcycle.json and model card.
-    `notify(line)` receives notes (e.g. which mode was chosen and why).
+    `notify(line)` receives notes (e.g. which mode was chosen and why). `sources`: the --expert-from models an MoE
+    was made from, in order: each tensor is then checked against its own source (mode "sources").
     """
     from .report.verify import verify as run
 
@@ -111,6 +113,7 @@ def verify(
         mode=mode,
         record=record,
         notify=notify,
+        sources=tuple(sources),
     )
 
 

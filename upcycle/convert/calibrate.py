@@ -177,7 +177,7 @@ def calibrate(
     if spec.router_init == "hidden":  # read the file before the model: a bad file fails fast
         group = max(groups.values(), default=1)
         what = f"replica rows (--experts / --granularity = {spec.experts // group})" if group > 1 else "experts"
-        prompts = read_expert_prompts(Path(spec.expert_prompts), spec.experts // group, what)
+        prompts = read_expert_prompts(Path(spec.expert_prompts), spec.experts // group, what, len(spec.expert_from))
     ids = calibration_ids(folder, Path(spec.calibration), spec.calibration_tokens) if spec.calibration else None
     if ids is not None:
         need = 2

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..dtypes import DTYPE_BYTES, lossy, torch_dtype
 from ..source import Checkpoint, RangeReader, TensorInfo
 from .methods import LayerBuilder
-from .ops import CastCheck, Copy, Expert, Fused, Plan, Router, TensorOp, ValueChange, Zeros
+from .ops import CastCheck, Copy, Expert, Fused, Mean, Plan, Router, TensorOp, ValueChange, Zeros
 from .router_init import init_router
 from .writer import Placed
 
@@ -37,28 +37,36 @@ Chunk = memoryview | bytes | Placed
 
 
 class LayerFFNs:
-    """The dense FFN tensors of one MoE layer at a time, for the expert methods that compute from them.
+    """The dense FFN tensors of one MoE layer at a time (per source model), for the methods that compute from them.
 
     A layer's gate/up/down are loaded when its first computed expert tensor is asked for and dropped when the
-    next layer's are, so memory holds one layer's FFN (plus one expert) whatever the model's size.
+    next layer's are, so memory holds one layer's FFN of each source (plus one expert) whatever the model's size.
+    `others` are the --expert-from models (source i is others[i - 1]; 0 is CKPT, BASE).
     """
 
-    def __init__(self, ckpt: Checkpoint, plan: Plan, seed: int, partitions: dict | None = None):
-        self.ckpt, self.seed, self.partitions = ckpt, seed, partitions or {}
+    def __init__(
+        self, ckpt: Checkpoint, plan: Plan, seed: int, partitions: dict | None = None, others: tuple = ()
+    ):
+        self.ckpts = (ckpt, *others)
+        self.seed, self.partitions = seed, partitions or {}
         self.keys: dict[int, dict[str, str]] = {}  # layer -> role -> source key
         for op in plan.expert_ops():
             if op.role is not None:
                 self.keys.setdefault(op.layer, {})[op.role] = op.src
-        self._layer: int | None = None
-        self._builder: LayerBuilder | None = None
+        self._held: dict[int, tuple[int, LayerBuilder]] = {}  # source -> (layer, its builder)
 
-    def builder(self, layer: int) -> LayerBuilder:
-        if layer != self._layer:
-            self._builder = None  # free the previous layer first
-            dense = {role: self.ckpt.load(key) for role, key in self.keys[layer].items()}
-            built = LayerBuilder(dense, self.seed, layer, self.partitions.get(layer))
-            self._builder, self._layer = built, layer
-        return self._builder
+    @property
+    def ckpt(self) -> Checkpoint:
+        return self.ckpts[0]
+
+    def builder(self, layer: int, source: int = 0) -> LayerBuilder:
+        held = self._held.get(source)
+        if held is None or held[0] != layer:
+            self._held.pop(source, None)  # free the previous layer first
+            dense = {role: self.ckpts[source].load(key) for role, key in self.keys[layer].items()}
+            partitions = self.partitions.get(layer) if source == 0 else None
+            self._held[source] = (layer, LayerBuilder(dense, self.seed, layer, partitions))
+        return self._held[source][1]
 
 
 @dataclass(frozen=True)
@@ -77,15 +85,16 @@ class RouterInit:
 
 
 class Reuse:
-    """Expert tensors already written: an equal one (same source, transform and dtype) copies those bytes again."""
+    """Expert tensors already written: an equal one (same model, source tensor, transform and dtype) copies those
+    bytes again. `folders[i]` is source i's folder, so a model given twice (BASE and --expert-from) is one."""
 
-    def __init__(self, writer: ShardedWriter):
-        self.writer = writer
+    def __init__(self, writer: ShardedWriter, folders: tuple = ()):
+        self.writer, self.folders = writer, folders
         self.seen: dict[tuple, Placed] = {}
 
-    @staticmethod
-    def key(op: Expert) -> tuple:
-        return (op.src, op.transform, op.dtype)
+    def key(self, op: Expert) -> tuple:
+        model = self.folders[op.source] if op.source < len(self.folders) else op.source
+        return (model, op.src, op.transform, op.dtype)
 
     def remember(self, op: Expert, placed: Placed) -> None:
         self.seen.setdefault(self.key(op), placed)
@@ -109,6 +118,14 @@ class Sources:
     routers: RouterInit | None = None
     meter: CastMeter | None = None
     reuse: Reuse | None = None
+
+    def model(self, source: int) -> Checkpoint:
+        """Source model `source`: 0 BASE, i the i-th --expert-from."""
+        return self.layers.ckpts[source]
+
+    def info(self, op: TensorOp) -> TensorInfo:
+        """The source tensor OP reads (an op with `src`)."""
+        return self.model(getattr(op, "source", 0)).tensors[op.src]
 
 
 # --- the interpreter --------------------------------------------------------------------------------------------
@@ -139,10 +156,10 @@ def produce(op: TensorOp, sources: Sources) -> Iterator[Chunk]:
 def in_place(op: TensorOp, sources: Sources) -> Placed | None:
     """Where all of OP's bytes already are, as one byte range: an equal expert tensor already written, or a source
     tensor copied as it is (None: they must be produced). The writer copies such a range in the kernel."""
-    if sources.reuse is not None and isinstance(op, Expert) and Reuse.key(op) in sources.reuse.seen:
-        return sources.reuse.seen[Reuse.key(op)]
+    if sources.reuse is not None and isinstance(op, Expert) and sources.reuse.key(op) in sources.reuse.seen:
+        return sources.reuse.seen[sources.reuse.key(op)]
     as_is = (isinstance(op, Copy) and op.values is None) or (isinstance(op, Expert) and op.transform is None)
-    info = sources.ckpt.tensors[op.src] if as_is else None
+    info = sources.info(op) if as_is else None
     return Placed(info.file, info.offset, info.nbytes) if info is not None and info.dtype == op.dtype else None
 
 
@@ -172,13 +189,28 @@ def _copy(op: Copy, sources: Sources) -> Iterator[Chunk]:
         yield from source_bytes(info, op.dtype, sources.meter)
 
 
+@handles(Mean)
+def _mean(op: Mean, sources: Sources) -> Iterator[Chunk]:
+    """The float32 mean of the sources' tensors, piece by piece (one piece of each source at a time)."""
+    from .views import apply_values
+
+    infos = [sources.model(i).tensors[op.src] for i in op.sources]
+    out = torch_dtype(op.dtype)
+    for pieces in zip(*(read_chunks(info, 4) for info in infos), strict=True):
+        total = pieces[0].float()  # a copy: the piece's buffer is reused
+        for x in pieces[1:]:
+            total += x.float()
+        mean = total / len(pieces)
+        yield as_bytes(apply_values(mean, op.values, out) if op.values is not None else mean.to(out))
+
+
 @handles(Expert)
 def _expert(op: Expert, sources: Sources) -> Iterator[Chunk]:
-    info = sources.ckpt.tensors[op.src]
+    info = sources.info(op)
     if op.transform is None:  # the dense tensor itself
         yield from source_bytes(info, op.dtype, sources.meter)
         return
-    built = sources.layers.builder(op.layer).tensor(op.role, op.transform)  # computed from the layer's FFN
+    built = sources.layers.builder(op.layer, op.source).tensor(op.role, op.transform)  # from the layer's FFN
     written = built.to(torch_dtype(op.dtype))
     if sources.meter is not None and lossy(info.dtype, op.dtype):
         sources.meter.add(info.dtype, op.dtype, built, written)

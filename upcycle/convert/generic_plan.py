@@ -178,7 +178,7 @@ def generic_ops(
         shape = info.shape if bias or built.transform is None else built.shape
         transform, role_ = (None, None) if bias else (built.transform, role)
         kind = Expert if e is not None else Shared
-        return kind(name, shape, out_dtype(info.dtype), info.name, layer, e, transform, role_)
+        return kind(name, shape, out_dtype(info.dtype), info.name, layer, e, transform, role_, built.source)
 
     ops = [(key(n), Copy(n, t.shape, out_dtype(t.dtype), t.name)) for n, t in tensors.items()]
     ops = [(k, op) for k, op in ops if op.name not in replaced]

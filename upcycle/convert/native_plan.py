@@ -179,10 +179,11 @@ def check_target_options(target: Target, spec: ConvertSpec, family: Family | Non
             f"--routing softmax-topk keeps the top-k weights unnormalised, but {target.name} always renormalises "
             "them; use --target qwen2_moe (or qwen3_moe for Qwen3) or --routing topk-softmax"
         )
+    flag = "--shared-from" if spec.shared_from else "--shared-experts"
     if spec.shared_experts and not target.shared and mine and not any(t.shared for t in mine):
         raise UpcycleError(
-            f"--shared-experts needs a target class with a shared expert that upcycle fills; {target.name} has none, "
-            f"and no native MoE class for {family.name} models has one; leave --shared-experts out"
+            f"{flag} needs a target class with a shared expert that upcycle fills; {target.name} has none, "
+            f"and no native MoE class for {family.name} models has one; leave {flag} out"
             + (
                 " (--target generic, upcycle's own wrapper, also holds one: it needs trust_remote_code=True outside "
                 "upcycle)"
@@ -193,8 +194,8 @@ def check_target_options(target: Target, spec: ConvertSpec, family: Family | Non
     if spec.shared_experts and not target.shared:
         have = [t.name for t in targets().values() if t.shared]
         raise UpcycleError(
-            f"--shared-experts needs a target class with a shared expert ({', '.join(have)}); "
-            f"{target.name} has none. Use --target {have[0]} or leave --shared-experts out (--target generic, "
+            f"{flag} needs a target class with a shared expert ({', '.join(have)}); "
+            f"{target.name} has none. Use --target {have[0]} or leave {flag} out (--target generic, "
             "upcycle's own wrapper, also holds one: it needs trust_remote_code=True outside upcycle)"
         )
 
@@ -242,7 +243,8 @@ def tensor_ops(
     def ffn_op(name: str, layer: int, role: str, built: expert_methods.ExpertTensor, e: int | None) -> Expert:
         src = family.ffn[role].format(layer=layer)
         kind = Expert if e is not None else Shared
-        return kind(name, built.shape, out_dtype(tensors[src].dtype), src, layer, e, built.transform, role)
+        dtype = out_dtype(tensors[src].dtype)
+        return kind(name, built.shape, dtype, src, layer, e, built.transform, role, built.source)
 
     groups: dict[tuple[int, int], list[TensorOp]] = {}  # (section, layer) -> ops
     for name in sorted(tensors, key=order):

@@ -6,6 +6,7 @@ A plan is an ordered tuple of ops, one per tensor written. Each op type says whe
   element-wise by the family (`ValueChange`, Gemma's 1+w);
 * `Expert`: one FFN tensor of one routed expert (`Shared`: of the shared expert), the dense tensor itself
   or what its method's transform (`Parts`, `Drop`, `Noise`) computes from the layer's dense FFN;
+* `Mean`: a source tensor averaged over several sources in float32, then cast (`--shared-weights average`);
 * `Router`: a new gate weight, initialised by `--router-init`; `Zeros`: a tensor the target needs as zeros;
 * `Fused`: all experts of a layer in one tensor, the bytes of its `Expert` parts in order.
 
@@ -119,16 +120,33 @@ class Copy(TensorOp):
 
 
 @dataclass(frozen=True)
+class Mean(TensorOp):
+    """The source tensor `src` averaged over `sources` (indices, see the module's doc) in float32, then changed
+    by `values` (if any) and cast: BTX's averaged attention, norms and embeddings (`--shared-weights average`)."""
+
+    src: str
+    sources: tuple[int, ...]
+    values: ValueChange | None = None
+    kind: ClassVar[str] = "mean"
+
+    def row(self) -> dict[str, Any]:
+        extra = {"values": self.values.as_list()} if self.values else {}
+        return super().row() | {"src": self.src, "sources": list(self.sources)} | extra
+
+
+@dataclass(frozen=True)
 class Expert(TensorOp):
     src: str  # the dense FFN tensor of the same role
     layer: int
     expert: int | None  # routed expert index (None: the shared expert)
     transform: Transform | None = None  # None: the dense bytes themselves
     role: str | None = None  # gate, up or down (None: a bias the generic wrapper copies)
+    source: int = 0  # which model the dense FFN is read from: 0 BASE, i the i-th --expert-from
     kind: ClassVar[str] = "expert"
 
     def row(self) -> dict[str, Any]:
-        return super().row() | {"src": self.src, "transform": self.transform.as_list() if self.transform else None}
+        row = super().row() | {"src": self.src, "transform": self.transform.as_list() if self.transform else None}
+        return row | ({"source": self.source} if self.source else {})
 
 
 @dataclass(frozen=True)
@@ -232,6 +250,23 @@ class Cast:
         }
 
 
+# --- several sources ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """How one non-expert tensor differs between the source models: what `--shared-weights average` changes."""
+
+    name: str
+    differing: tuple[int, ...]  # source indices whose tensor is not BASE's, bit for bit
+    max_abs: float  # largest |x_source - x_BASE| over those sources
+    relative: float  # ||mean - x_BASE|| / ||x_BASE||: how far the average moves BASE's tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sources": list(self.differing), "max_abs": self.max_abs,
+                "relative": self.relative}  # fmt: skip
+
+
 # --- the plan ----------------------------------------------------------------------------------------------------
 
 
@@ -252,6 +287,8 @@ class Plan:
     casts: tuple[Cast, ...] = field(default=())  # dtype changes of copied and expert tensors
     exact_text: str = ""  # why the MoE is (or is not) exact at init, as the expert method sees it
     method_exact: bool = True  # exact as far as the expert method and its scales go (casts aside)
+    sources: tuple[str, ...] = ()  # the --expert-from models (public names) the experts come from; (): SRC alone
+    differences: tuple[TensorDiff, ...] = ()  # non-expert tensors that differ between the sources (measured)
 
     def lossy_casts(self) -> list[tuple[str, str]]:
         """Dtype pairs whose cost has to be measured on the weights before the plan can claim exactness."""
@@ -321,4 +358,5 @@ class Plan:
             "active_params": self.active_params,
             "bytes": self.total_bytes,
             "notes": list(self.notes),
-        }
+        } | ({"sources": list(self.sources), "shared_differences": [d.to_dict() for d in self.differences]}
+             if self.sources else {})  # fmt: skip

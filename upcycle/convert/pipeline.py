@@ -6,7 +6,7 @@ import math
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from ..source import (
     TensorInfo,
     file_sha256,
     looks_like_repo_id,
+    public_name,
     read_config,
     resolve,
 )
@@ -32,6 +33,7 @@ from .execute import CastMeter, LayerFFNs, Reuse, RouterInit, Sources, cast_chun
 from .ops import CastCheck, Copy, Expert, Plan
 from .plan import check_causal_lm
 from .planner import make_plan
+from .sources import check_compatible, check_vocabulary, differences
 from .spec import ConvertSpec
 from .views import with_views
 from .writer import Entry, ShardedWriter
@@ -158,13 +160,47 @@ def with_family_views(ckpt: Checkpoint, cfg: dict[str, Any]) -> Checkpoint:
     return ckpt.with_virtual({k: v for k, v in views.items() if k not in ckpt.tensors})
 
 
-def plan_for(source: SourceRef, spec: ConvertSpec, *, measure: bool = True) -> tuple[Dense, Plan]:
-    """The plan for SOURCE; with `measure`, lossy dtype casts are measured on the weights (a read-only pass)."""
+def plan_for(
+    source: SourceRef, spec: ConvertSpec, *, measure: bool = True, others: tuple[Dense, ...] = ()
+) -> tuple[Dense, Plan]:
+    """The plan for SOURCE; with `measure`, lossy dtype casts are measured on the weights (a read-only pass).
+    `others`: the --expert-from models, whose differences from SOURCE in the non-expert tensors are measured."""
     dense = read_dense(source)
     plan = dense.plan(spec)
     if measure and plan.lossy_casts() and dense.checkpoint is not None:
         plan = dense.plan(spec, measure_casts(dense.checkpoint.tensors, plan))
+    models = (dense.checkpoint, *(d.checkpoint for d in others))
+    if others and all(m is not None for m in models):
+        plan = replace(plan, differences=differences(plan, models))
     return dense, plan
+
+
+@dataclass(frozen=True)
+class ExpertSource:
+    """One --expert-from model: as given, resolved, and read."""
+
+    given: str
+    ref: SourceRef
+    dense: Dense
+
+
+def expert_sources(
+    src: str, source: SourceRef, spec: ConvertSpec, out: Path | None, materialize: bool
+) -> tuple[ExpertSource, ...]:
+    """The --expert-from models, each checked to be a fine-tune of SRC (family, shapes, tensors, vocabulary)."""
+    if not spec.expert_from:
+        return ()
+    base = read_dense(source)
+    found = []
+    for given in spec.expert_from:
+        if out is not None:
+            check_not_source(given, out)
+        ref = source if given == src else resolve(given, None, materialize=materialize)
+        dense = base if given == src else read_dense(ref)
+        check_compatible(src, base.config, base.tensors, given, dense.config, dense.tensors)
+        check_vocabulary(src, source.folder, given, ref.folder)
+        found.append(ExpertSource(given, ref, dense))
+    return tuple(found)
 
 
 def check_not_source(src: str, out: Path) -> None:
@@ -201,28 +237,41 @@ def convert(
             from ..publish.hub import require_token
 
             require_token()
+    if spec.shared_from not in (None, "base", *spec.expert_from) and public_name(spec.shared_from) == public_name(src):
+        spec = replace(spec, shared_from="base")  # --shared-from SRC: BASE's FFN
+    spec.shared_source  # noqa: B018 - refuses a --shared-from that is neither SRC nor an --expert-from model
     source = resolve(src, spec.revision, materialize=not dry_run)
-    dense, plan = plan_for(source, spec, measure=dry_run)
+    extra = expert_sources(src, source, spec, None if dry_run else out, materialize=not dry_run)
+    others = tuple(e.dense for e in extra)
+    dense, plan = plan_for(source, spec, measure=dry_run, others=others)
     if dry_run:
         return ConvertResult(out=None, plan=plan, source=source, recipe=None)
     ckpt = dense.checkpoint
     check_room(source, out, plan)
     routers, partitions, calibration = None, None, {}
-    if spec.calibration or spec.router_init == "hidden":  # a read-only pass over the dense model, before writing
+    if spec.router_init == "cheap_embed":  # reads the embedding only: no forward pass
+        from .cheap_embed import cheap_embed_rows
+
+        routers, calibration = cheap_embed_rows(source.folder, ckpt, plan, spec)
+    elif spec.calibration or spec.router_init == "hidden":  # a read-only pass over the dense model, before writing
         from .calibrate import calibrate
 
         routers, partitions, calibration = calibrate(source.folder, ckpt, plan, spec)
     hashes = BackgroundHashes(ckpt.files)  # overlaps the copying; stopped at once if the conversion fails
     try:
         with staged_folder(out, force) as tmp:
-            measured = write_weights(ckpt, plan, spec, tmp, max_shard, progress, routers, partitions)
-            plan = dense.plan(spec, measured) if plan.lossy_casts() else plan
+            measured = write_weights(
+                ckpt, plan, spec, tmp, max_shard, progress, routers, partitions, tuple(d.checkpoint for d in others)
+            )
+            plan = replace(dense.plan(spec, measured), differences=plan.differences) if plan.lossy_casts() else plan
             write_config(plan, tmp)
             copy_side_files(source.folder, tmp, plan)
             label = src if src in EMBEDDED else source.id  # how the command names the source: never a path
             command = _command(label, out, spec, source, base_model)
             recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command, base_model)
             recipe |= calibration  # which text (by name) and how many tokens made routers or partitions
+            if extra:
+                recipe |= sources_record(extra, plan, spec)
             write_card_and_recipe(tmp, recipe | {"name": out.name})
     finally:
         hashes.cancel()
@@ -324,17 +373,20 @@ def write_weights(
     progress: Callable[[int, int], None] | None = None,
     routers: dict | None = None,
     partitions: dict | None = None,
+    others: tuple[Checkpoint, ...] = (),
 ) -> dict[tuple[str, str], CastCheck]:
     """Write every tensor of the plan as `execute.produce` makes it; returns what the lossy casts did to the values
     they cast.
 
     `routers` (layer -> [E, H] float32) holds router rows computed beforehand (--router-init kmeans/hidden),
-    `partitions` (layer -> (by, parts) -> neuron groups) the --split-by coactivation groups.
+    `partitions` (layer -> (by, parts) -> neuron groups) the --split-by coactivation groups, `others` the
+    --expert-from models (source i is others[i - 1]).
     """
     entries = [Entry(op.name, op.dtype, op.shape, op.nbytes) for op in plan.ops]
     writer = ShardedWriter(folder, entries, max_shard, {"format": "pt"})
-    layers = LayerFFNs(ckpt, plan, spec.seed, partitions)  # ops run layer by layer: one layer's FFN is held
-    sources = Sources(ckpt, layers, RouterInit.of(spec, routers), CastMeter(), Reuse(writer))
+    layers = LayerFFNs(ckpt, plan, spec.seed, partitions, others)  # layer by layer: one layer's FFN per source
+    folders = tuple(c.folder for c in (ckpt, *others))
+    sources = Sources(ckpt, layers, RouterInit.of(spec, routers), CastMeter(), Reuse(writer, folders))
     total, done = plan.total_bytes, 0
     try:
         for op in plan.ops:
@@ -407,10 +459,11 @@ def copy_side_files(src: Path, dst: Path, plan: Plan) -> None:
 def _command(label: str, out: Path, spec: ConvertSpec, source: SourceRef, base_model: str | None) -> str:
     """The command that reproduces the model, naming the source and OUT without their folders."""
     options = spec.to_dict()
+    froms = [word for name in options.pop("expert_from") for word in ("--expert-from", name)]  # a repeated flag
     if source.kind == "hub" and source.revision:
         options["revision"] = source.revision  # pin the commit that was converted
     options["base_model"] = base_model
-    return command_line(["upcycle", "convert", label, out.name], options, ConvertSpec().to_dict())
+    return command_line(["upcycle", "convert", label, out.name, *froms], options, ConvertSpec().to_dict())
 
 
 def make_recipe(
@@ -445,3 +498,23 @@ def make_recipe(
         "dtype": plan.config["dtype"],
         "config": plan.config,
     }
+
+
+def sources_record(extra: tuple[ExpertSource, ...], plan: Plan, spec: ConvertSpec) -> dict[str, Any]:
+    """upcycle.json's `sources`: each --expert-from model (Hub id and revision, or folder name: never a path),
+    which experts it gave, and their prompts; `base_model` for the card lists them all."""
+    per = spec.experts // len(extra)
+    prompts = None
+    if spec.expert_prompts:
+        from .prompts import prompts_by_source
+
+        prompts = prompts_by_source(Path(spec.expert_prompts), len(extra))
+    rows = []
+    for i, e in enumerate(extra):
+        hub = e.ref.kind in ("hub", "gguf") and looks_like_repo_id(e.ref.id)
+        row = {"id": e.ref.id, "kind": e.ref.kind, "revision": e.ref.revision, "hub": hub,
+               "experts": list(range(i * per, (i + 1) * per))}  # fmt: skip
+        if prompts is not None:
+            row["prompts"] = prompts[i]
+        rows.append(row)
+    return {"sources": rows, "shared_weights": spec.shared_weights}

@@ -6,13 +6,14 @@ Pure: from the dense config (as a dict) and the source tensor index; no tensor i
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..arch import GENERIC, Family, family_for
-from ..source import TensorInfo
+from ..source import TensorInfo, public_name
 from .generic_plan import make_generic_plan
 from .native_plan import make_native_plan
-from .ops import CastCheck, Plan
+from .ops import CastCheck, Copy, Mean, Plan
 from .plan import check_causal_lm, native_refusal
 from .spec import ConvertSpec
 
@@ -43,4 +44,25 @@ def make_plan(
     family = family_for(cfg.get("model_type"))
     check_causal_lm(cfg)
     make = make_generic_plan if wants_generic(family, cfg, spec) else make_native_plan  # generic: upcycle's wrapper
-    return make(family, cfg, tensors, spec, expected=expected, optional=optional, measured=measured)
+    plan = make(family, cfg, tensors, spec, expected=expected, optional=optional, measured=measured)
+    return with_sources(plan, spec)
+
+
+def with_sources(plan: Plan, spec: ConvertSpec) -> Plan:
+    """With --expert-from: the number of sources, and with --shared-weights average every tensor that is not an
+    expert's (attention, norms, embeddings, the FFNs of dense layers) the float32 mean of the sources'."""
+    n = len(spec.expert_from)
+    if not n:
+        return plan
+    ops = plan.ops
+    if spec.shared_weights == "average":
+        every = tuple(range(1, n + 1))
+        ops = tuple(
+            Mean(op.name, op.shape, op.dtype, op.src, every, op.values) if isinstance(op, Copy) else op for op in ops
+        )
+        note = (
+            f"--shared-weights average: every tensor but the experts is the float32 mean of the {n} --expert-from "
+            "models, cast to the written dtype"
+        )
+        plan = replace(plan, notes=(*plan.notes, note))
+    return replace(plan, ops=ops, sources=tuple(public_name(s) for s in spec.expert_from))

@@ -9,9 +9,11 @@ from typing import Any, Literal, get_args
 from ..arch import GENERIC, targets
 from ..errors import UpcycleError
 from ..options import dtype_name, merge_options, read_yaml_options
+from ..source import public_name
 from .methods import LAYOUTS
 
-RouterInit = Literal["random", "zero", "kmeans", "hidden"]
+RouterInit = Literal["random", "zero", "kmeans", "hidden", "cheap_embed"]
+SharedWeights = Literal["base", "average"]
 Routing = Literal["topk-softmax", "softmax-topk"]
 SplitBy = Literal["random", "cluster", "coactivation"]
 FineGrainedScale = Literal["down", "cube-root"]
@@ -25,7 +27,9 @@ CHOICES = {
     "routing": get_args(Routing),
     "target": ("auto", *targets(), GENERIC),
     "dtype": get_args(DType),
+    "shared_weights": get_args(SharedWeights),
 }
+PROMPTED = ("hidden", "cheap_embed")  # router inits made from --expert-prompts
 NUMBERS = {
     "experts": int,
     "top_k": int,
@@ -75,7 +79,10 @@ class ConvertSpec:
     noise: float | None = None
     granularity: int | None = None
     fine_grained_scale: FineGrainedScale | None = None
-    expert_prompts: str | None = None  # YAML/JSON file for --router-init hidden
+    expert_prompts: str | None = None  # YAML/JSON file for --router-init hidden / cheap_embed
+    expert_from: tuple[str, ...] = ()  # models whose FFNs become the experts (BTX), in order; () = SRC alone
+    shared_weights: SharedWeights = "base"  # non-expert tensors: BASE's, or the float32 mean of the --expert-from
+    shared_from: str | None = None  # with --expert-from: whose FFN is the shared expert ("base" or an --expert-from)
     shared_experts: int = 0
     seed: int = 0
     target: str = "auto"  # auto, a targets/*.json name, or generic
@@ -104,6 +111,7 @@ class ConvertSpec:
         if self.router_std < 0:
             raise UpcycleError(f"--router-std {self.router_std} must not be negative")
         self._check_calibration()
+        self._check_sources()
         if self.layers is not None and not self.layers:
             raise UpcycleError("--layers is empty; list layer indices such as 1,5,9")
         self._check_method_options()
@@ -124,16 +132,65 @@ class ConvertSpec:
                 "--calibration applies to --router-init kmeans or --split-by coactivation, "
                 f"not --router-init {self.router_init}"
             )
-        if self.router_init == "hidden" and not self.expert_prompts:
+        if self.router_init in PROMPTED and not self.expert_prompts:
             raise UpcycleError(
-                "--router-init hidden needs --expert-prompts FILE: a YAML list with one list of prompts per expert"
+                f"--router-init {self.router_init} needs --expert-prompts FILE: a YAML list with one list of prompts "
+                "per expert" + (" (or per --expert-from source)" if self.expert_from else "")
             )
-        if self.expert_prompts and self.router_init != "hidden":
+        if self.expert_prompts and self.router_init not in PROMPTED:
             raise UpcycleError(
-                f"--expert-prompts applies to --router-init hidden, not --router-init {self.router_init}"
+                f"--expert-prompts applies to --router-init hidden or cheap_embed, not --router-init {self.router_init}"
             )
         if self.calibration_tokens < 1:
             raise UpcycleError(f"--calibration-tokens {self.calibration_tokens} must be 1 or more")
+
+    def _check_sources(self) -> None:
+        """--expert-from and what goes with it (the checks that need the models are in convert/sources.py)."""
+        n = len(self.expert_from)
+        if self.shared_from is not None and not n:
+            raise UpcycleError("--shared-from applies to --expert-from (the shared expert is one of several models); "
+                               "without --expert-from, --shared-experts 1 puts SRC's FFN there")  # fmt: skip
+        if not n:
+            if self.shared_weights != "base":
+                raise UpcycleError(
+                    f"--shared-weights {self.shared_weights} averages the --expert-from models; give two or more "
+                    "--expert-from models, or leave --shared-weights out"
+                )
+            return
+        if self.experts % n:
+            raise UpcycleError(
+                f"--experts {self.experts} is not a multiple of the {n} --expert-from models; give --experts "
+                f"{n * max(1, self.experts // n)} or {n * (self.experts // n + 1)} (the same number from each)"
+            )
+        if self.router_init == "kmeans":
+            raise UpcycleError(
+                "--router-init kmeans gives each expert a cluster of BASE's hidden states, not its source's; with "
+                "--expert-from use hidden or cheap_embed (with --expert-prompts), random or zero"
+            )
+        if self.shared_experts and self.shared_from is None:
+            raise UpcycleError(
+                "--shared-experts with --expert-from needs --shared-from MODEL (base, or one of the --expert-from "
+                "models): whose FFN the always-on shared expert is"
+            )
+        if self.shared_from is not None and self.shared_experts != 1:
+            raise UpcycleError(f"--shared-from fills one shared expert; --shared-experts {self.shared_experts} "
+                               "cannot be honoured: leave it out (or give 1)")  # fmt: skip
+        if self.shared_from is not None and self.init != "clone":
+            raise UpcycleError(f"--shared-from puts a whole FFN in the shared expert, which --init clone does; "
+                               f"--init {self.init} is not supported with it")  # fmt: skip
+
+    @property
+    def shared_source(self) -> int:
+        """The source index of --shared-from: 0 BASE, i the i-th --expert-from (matched by public name)."""
+        if self.shared_from in (None, "base"):
+            return 0
+        names = [public_name(s) for s in self.expert_from]
+        if public_name(self.shared_from) not in names:
+            raise UpcycleError(
+                f"--shared-from {self.shared_from} is neither base nor one of the --expert-from models "
+                f"({', '.join(names)}); give base or one of them"
+            )
+        return 1 + names.index(public_name(self.shared_from))
 
     def _check_method_options(self) -> None:
         """Checks of the method options that need no model (those that do live in the methods, at plan time)."""
@@ -185,6 +242,8 @@ class ConvertSpec:
         for name in ("calibration", "expert_prompts"):  # a file name, never a local path
             if d[name]:
                 d[name] = Path(d[name]).name
+        d["expert_from"] = [public_name(s) for s in self.expert_from]  # Hub ids as given, folders by name
+        d["shared_from"] = public_name(self.shared_from) if self.shared_from else None
         return d
 
 
@@ -208,6 +267,11 @@ def build_spec(recipe: dict[str, Any] | None = None, **flags: Any) -> ConvertSpe
     merged = merge_options({f.name for f in fields(ConvertSpec)} - {"extra"}, recipe, "recipe", flags)
     if "layers" in merged:
         merged["layers"] = parse_layers(merged["layers"])
+    if merged.get("shared_from") is not None and merged.get("shared_experts") is None:
+        merged["shared_experts"] = 1  # --shared-from fills the one shared expert
+    if "expert_from" in merged:
+        value = merged["expert_from"]
+        merged["expert_from"] = (value,) if isinstance(value, str) else tuple(value or ())
     for name, kind in (NUMBERS | METHOD_NUMBERS).items():  # YAML reads `experts: 8.0` as a float: a whole number
         value = merged.get(name)
         if kind is int and isinstance(value, float) and value.is_integer():

@@ -129,16 +129,35 @@ def _source_md(source: dict[str, Any], base: str | None) -> str:
     return f"{local}, made from [{base}](https://huggingface.co/{base})" if base else local
 
 
+def _lineage(base: str | None, sources: list[dict[str, Any]]) -> list[str]:
+    """The Hub's `base_model`: BASE and every --expert-from model that is a Hub repo (local folders cannot be
+    named there), in order, once each. With more than one the Hub's relation is `merge`."""
+    ids = [base] if base else []
+    ids += [row["id"] for row in sources if row.get("hub")]
+    return list(dict.fromkeys(ids))
+
+
+def _expert_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One --expert-from model for the card: its link (Hub) or folder name, revision, experts and prompts."""
+    link = f"[{row['id']}](https://huggingface.co/{row['id']})" if row.get("hub") else f"`{row['id']}`"
+    revision = f" at `{row['revision'][:12]}`" if row.get("revision") else ""
+    experts = row["experts"]
+    span = str(experts[0]) if len(experts) == 1 else f"{experts[0]}–{experts[-1]}"
+    prompts = "; ".join(p.replace("|", "\\|").replace("\n", " ") for p in row.get("prompts") or []) or "none"
+    return {"source": link + revision, "experts": span, "prompts": prompts}
+
+
 def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
     """Render the card from the content of upcycle.json; `name` is the folder name, used until it is pushed."""
     src, spec, plan = recipe["source"], recipe["recipe"], recipe["plan"]
     repo_id = recipe.get("hub_repo")
     base = _base_model(src)
+    lineage = _lineage(base, recipe.get("sources") or [])
     remote_code = plan["target"] == GENERIC  # upcycle's wrapper: its code ships in the folder
     tags = ["moe", "upcycled", "upcycle", "mixture-of-experts", plan["target"], *(["custom_code"] * remote_code)]
     data = ModelCardData(
-        base_model=base,
-        base_model_relation="finetune" if base else None,
+        base_model=lineage[0] if len(lineage) == 1 else lineage or None,
+        base_model_relation=("merge" if len(lineage) > 1 else "finetune") if lineage else None,
         library_name="transformers",
         license=src.get("license"),
         tags=tags,
@@ -186,6 +205,8 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         lossy_casts=[c["text"] for c in plan.get("casts", []) if not c["exact"] and "text" in c],
         load_memory=human_bytes(int(LOAD_MEMORY_BASE + LOAD_MEMORY_FACTOR * plan["bytes"])),
         verify=recipe.get("verify"),
+        expert_sources=[_expert_row(row) for row in recipe.get("sources") or []],
+        shared_weights=recipe.get("shared_weights"),
         training=recipe.get("training"),
         repo_hint=repo_id or name,
         command=recipe["command"],

@@ -83,14 +83,14 @@ class VerifyReport:
     tokens: int
     input: str  # "text:<file>" or "random:<seed>"
     dtype: str
-    max_abs_diff: float
-    mean_kl: float  # mean over positions of KL(dense ‖ moe), in nats
-    top1_agreement: float
-    atol: float  # the limits applied (also in `limits`, with how they were set)
-    min_agreement: float
+    max_abs_diff: float | None  # None in mode "sources": the MoE is none of its sources, logits are not compared
+    mean_kl: float | None  # mean over positions of KL(dense ‖ moe), in nats
+    top1_agreement: float | None
+    atol: float | None  # the limits applied (also in `limits`, with how they were set)
+    min_agreement: float | None
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
-    mode: str = "whole"  # "whole" | "layerwise"
+    mode: str = "whole"  # "whole" | "layerwise" | "sources" (tensors against several --expert-from models)
     mode_note: str | None = None  # why auto chose layerwise
     logit_scale: float = 0.0  # max |dense logit|
     limits: Limits | None = None
@@ -106,6 +106,8 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
+        if self.mode == "sources":
+            return self.tensor_check is not None and self.tensor_check.passed
         return (
             not self.missing_keys
             and not self.unexpected_keys
@@ -338,11 +340,13 @@ def verify(
     mode: str = "auto",
     record: bool = False,
     notify: Callable[[str], None] | None = None,
+    sources: tuple[str, ...] = (),
 ) -> VerifyReport:
     """Compare logits; with `record`, store the report in MOE's upcycle.json and model card (local folders).
 
     `atol`/`min_agreement` left as None take the limits of `dtype`; `notify` receives a one-line note when
-    auto mode switches to layerwise."""
+    auto mode switches to layerwise. `sources`: the --expert-from models an MoE was made from (mode "sources":
+    every tensor against its own source, layer by layer)."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
@@ -365,17 +369,19 @@ def verify(
     limit = min(dense_cfg.max_position_embeddings, moe_cfg.max_position_embeddings)
     ids = input_ids(dense_folder, vocab, text=text, tokens=min(tokens, limit), seed=seed)
 
-    need = whole_model_bytes(dense_ckpt, moe_ckpt, dtype, int(ids.numel()), vocab)
-    chosen, note = choose_mode(mode, need, available_memory() if mode != "layerwise" else need)
-    if note and notify:
-        notify(note)
-
     from ..publish.card import read_recipe
 
     recipe = read_recipe(moe_folder)
     claim = (recipe or {}).get("plan") or {}
     plan_exact = claim.get("exact_at_init") if isinstance(claim.get("exact_at_init"), bool) else None
     check_family(dense, moe, dense_cfg.model_type, claim.get("family"))
+    if sources or (recipe or {}).get("sources"):  # several source models: the tensors, each against its own
+        return _record(verify_sources(dense, moe, dense_ckpt, moe_ckpt, recipe, sources, ids, dtype), record)
+
+    need = whole_model_bytes(dense_ckpt, moe_ckpt, dtype, int(ids.numel()), vocab)
+    chosen, note = choose_mode(mode, need, available_memory() if mode != "layerwise" else need)
+    if note and notify:
+        notify(note)
     layers: tuple[LayerRow, ...] = ()
     tensor_check = None
     if chosen == "whole":
@@ -427,6 +433,12 @@ def verify(
         plan_exact=plan_exact,
         plan_why=(str(claim.get("exact_why") or "") or None) if plan_exact is not None else None,
     )
+    return _record(report, record)
+
+
+def _record(report: VerifyReport, record: bool) -> VerifyReport:
+    """REPORT, stored in MOE's upcycle.json and card with `record` (a local folder with an upcycle.json)."""
+    dense, moe = report.dense, report.moe
     if record and Path(moe).is_dir():
         from dataclasses import replace
 
@@ -441,3 +453,39 @@ def verify(
                 return replace(report, recorded=f"not recorded ({exc.strerror})")
             report = replace(report, recorded="upcycle.json and README.md" if card else "upcycle.json")
     return report
+
+
+def verify_sources(
+    dense: str, moe: str, dense_ckpt: Checkpoint, moe_ckpt: Checkpoint, recipe: dict[str, Any] | None,
+    sources: tuple[str, ...], ids, dtype: str,
+) -> VerifyReport:  # fmt: skip
+    """An MoE made from several models (--expert-from): each expert's FFN against its source's, every other tensor
+    against BASE's or the float32 mean, tensor by tensor, one layer's FFN per source in memory."""
+    from .verify_layerwise import check_tensors, conversion_plan
+
+    made_from = [s.get("id") for s in (recipe or {}).get("sources") or []]
+    names = ", ".join(map(str, made_from))
+    if not made_from:
+        raise UpcycleError(f"{moe} was not made from --expert-from models (its upcycle.json lists none); "
+                           "leave --expert-from out")  # fmt: skip
+    if len(sources) != len(made_from):
+        raise UpcycleError(
+            f"{moe} was made from {len(made_from)} --expert-from models ({names}), but {len(sources)} were given; "
+            "give each, in order, with --expert-from"
+        )
+    for i, (given, recorded) in enumerate(zip(sources, made_from, strict=True)):
+        if public_name(given) != recorded:
+            raise UpcycleError(
+                f"--expert-from {given} is not what {moe}'s experts of source {i + 1} came from ({recorded}); "
+                f"give them in order: {names}"
+            )
+    others = tuple(Checkpoint.open(resolve(s).folder) for s in sources)
+    plan, spec = conversion_plan(dense_ckpt, moe_ckpt, recipe)
+    check = check_tensors(plan, dense_ckpt, moe_ckpt, strict_dtype=True, seed=spec.seed, others=others)
+    claim = (recipe or {}).get("plan") or {}
+    return VerifyReport(
+        dense=dense, moe=moe, moe_class=plan.architecture, tokens=0, input="tensors", dtype=dtype,
+        max_abs_diff=None, mean_kl=None, top1_agreement=None, atol=None, min_agreement=None,
+        missing_keys=check.missing, unexpected_keys=check.unexpected, mode="sources", tensor_check=check,
+        plan_exact=claim.get("exact_at_init"), plan_why=claim.get("exact_why"),
+    )  # fmt: skip

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..arch import family_for, target_for_config
 from ..compat import init_weights, tied_weights_keys, weight_loader
-from ..convert.ops import Copy, Expert, Fused, Router, Zeros, by_coactivation, flat
+from ..convert.ops import Copy, Expert, Fused, Mean, Router, Zeros, by_coactivation, flat
 from ..dtypes import torch_dtype
 from ..errors import UpcycleError
 from ..source import Checkpoint, TensorInfo, read_tensor
@@ -102,19 +102,22 @@ def conversion_plan(dense: Checkpoint, moe: Checkpoint, recipe: dict[str, Any] |
         raise UpcycleError(f"--layerwise could not rebuild the conversion plan: {exc}") from None
 
 
-def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: bool, seed: int = 0) -> TensorCheck:
+def check_tensors(
+    plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: bool, seed: int = 0, others: tuple[Checkpoint, ...] = ()
+) -> TensorCheck:
     """Compare every planned tensor of MOE with what the converter produces for it, streaming; `strict_dtype`: the
     plan knows the dtypes; `seed`: the conversion's, which the seeded methods (split by cluster, drop, noise) drew
-    with."""
+    with; `others`: the --expert-from models (each expert against its own source's FFN, averages recomputed)."""
     from ..convert.execute import LayerFFNs, Sources, same_as_produced, with_dtype
     from ..convert.pipeline import dense_config, with_family_views
 
     dense = with_family_views(dense, dense_config(dense.folder).to_dict())  # fused tensors read as their views
+    others = tuple(with_family_views(o, dense_config(o.folder).to_dict()) for o in others)
     moe = per_expert_views(plan, moe)  # an MoE saved in transformers' fused layout, read under upcycle's names
     planned = {op.name for op in plan.ops}
     mismatched: list[str] = []
     partitions, unrecovered = written_partitions(plan, dense, moe)
-    sources = Sources(dense, LayerFFNs(dense, plan, seed, partitions))  # one layer's FFN is held at a time
+    sources = Sources(dense, LayerFFNs(dense, plan, seed, partitions, others))  # one layer's FFN per source
     tally = dict.fromkeys(("compared", "equal", "cast", "computed", "zeros", "skipped", "bytes_read"), 0)
     for op in plan.ops:
         got = moe.tensors.get(op.name)
@@ -130,7 +133,7 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
             tally["skipped"] += 1
             continue
         tally["bytes_read"] += got.nbytes
-        for key, count in counts(op, dense, got.dtype).items():
+        for key, count in counts(op, sources, got.dtype).items():
             tally[key] += count
         ok = same_as_produced(with_dtype(op, got.dtype), got, sources)  # the bytes the converter writes
         tally["equal"] += ok and not isinstance(op, Zeros)
@@ -144,18 +147,20 @@ def check_tensors(plan, dense: Checkpoint, moe: Checkpoint, *, strict_dtype: boo
     )
 
 
-def counts(op, dense: Checkpoint, dtype: str) -> dict[str, int]:
+def counts(op, sources, dtype: str) -> dict[str, int]:
     """What comparing OP with a tensor of DTYPE counts as: zeros, or compared (and cast, computed)."""
     if isinstance(op, Zeros):
         return {"zeros": 1}
     if isinstance(op, Fused):  # every expert's part, at its place in the fused tensor
         computed = any(part.transform is not None for part in op.parts)
-        return {"compared": 1, "computed": computed, "cast": any(dense.tensors[p.src].dtype != dtype for p in op.parts)}
+        return {"compared": 1, "computed": computed, "cast": any(sources.info(p).dtype != dtype for p in op.parts)}
+    if isinstance(op, Mean):  # the float32 mean of the sources, recomputed
+        return {"compared": 1, "computed": 1}
     if isinstance(op, Copy) and op.values is not None:  # changed element-wise by the family (Gemma's 1+w)
         return {"compared": 1}
     if isinstance(op, Expert) and op.transform is not None:  # computed by the expert method
         return {"compared": 1, "computed": 1}
-    return {"compared": 1, "cast": int(dense.tensors[op.src].dtype != dtype)}
+    return {"compared": 1, "cast": int(sources.info(op).dtype != dtype)}
 
 
 def per_expert_views(plan, moe: Checkpoint) -> Checkpoint:

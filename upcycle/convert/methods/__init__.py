@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..ops import Drop, Noise, Parts, Transform
-from . import clone, drop, fine_grained, noise, split
+from . import clone, drop, fine_grained, noise, sourced, split
 from .base import Expert, ExpertTensor, Layout
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ LAYOUTS: dict[str, Callable[[ConvertSpec, int, int], Layout]] = {
 
 
 def layout(spec: ConvertSpec, hidden: int, intermediate: int) -> Layout:
+    if spec.expert_from:  # experts from several models: the method applied to each (methods/sourced.py)
+        return sourced.layout(spec, hidden, intermediate, LAYOUTS[spec.init])
     return LAYOUTS[spec.init](spec, hidden, intermediate)
 
 

@@ -27,6 +27,7 @@ class ExpertTensor:
 
     shape: tuple[int, ...]
     transform: Transform | None = None
+    source: int = 0  # the model whose dense FFN it is made from: 0 BASE, i the i-th --expert-from
 
 
 Expert = dict[str, ExpertTensor]  # role (gate/up/down) -> tensor

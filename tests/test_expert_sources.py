@@ -1,0 +1,556 @@
+"""Experts from several fine-tunes (`convert BASE OUT --expert-from A --expert-from B`, Branch-Train-MiX):
+each expert is its source's FFN, the rest BASE's (or the float32 mean), and bad combinations are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_bad_input import assert_clean, expect_error
+from test_methods import tensors
+from tiny import make_dense, save_tokenizer
+from transformers import AutoModelForCausalLM
+
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
+
+IDS = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+def fine_tune(base: Path, dst: Path, seed: int, *, also: str | None = None, scale: float = 0.05) -> Path:
+    """A copy of BASE with its FFN weights (and tensors whose name holds `also`) perturbed: a stand-in fine-tune."""
+    shutil.copytree(base, dst)
+    g = torch.Generator().manual_seed(seed)
+    for shard in dst.glob("*.safetensors"):
+        sd = load_file(shard)
+        for key in sd:
+            if ".mlp." in key or (also and also in key):
+                noise = torch.randn(sd[key].shape, generator=g).to(sd[key].dtype)
+                sd[key] = sd[key] + noise * scale
+        save_file(sd, shard, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    base = make_dense(root / "base", "llama")
+    return {
+        "base": base,
+        "a": fine_tune(base, root / "ft-a", 1),
+        "b": fine_tune(base, root / "ft-b", 2),
+        "c": fine_tune(base, root / "ft-c", 3, also="self_attn"),  # attention differs too
+    }
+
+
+def logits(folder: Path, force: int | None = None) -> torch.Tensor:
+    """FOLDER's logits on IDS; with `force`, every MoE layer's router sends each token to expert `force` alone."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if force is not None:
+        for layer in model.model.layers:
+            layer.mlp.gate.register_forward_hook(
+                lambda _m, _a, out: (out[0], torch.ones_like(out[1]), torch.full_like(out[2], force))
+            )
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def ffn(folder: Path, layer: int) -> dict[str, torch.Tensor]:
+    t = tensors(folder)
+    return {r: t[f"model.layers.{layer}.mlp.{r}_proj.weight"] for r in ("gate", "up", "down")}
+
+
+def test_each_expert_is_its_source(models, tmp_path):
+    """Top-1 routing forced to expert i reproduces fine-tune i's logits exactly (fine-tunes differ in FFN only)."""
+    out = tmp_path / "moe"
+    spec = build_spec(experts=3, top_k=1, expert_from=(str(models["a"]), str(models["b"]), str(models["base"])))
+    plan = convert(str(models["base"]), out, spec).plan
+    assert plan.sources == ("ft-a", "ft-b", "base") and not plan.exact and "3 different models" in plan.exact_text
+    for i, name in enumerate(("a", "b", "base")):
+        assert torch.equal(logits(out, force=i), logits(models[name]))
+    assert not torch.equal(logits(out, force=0), logits(out, force=1))
+
+
+def test_several_experts_per_source(models, tmp_path):
+    """--experts 4 from 2 sources: experts 0-1 are A's FFN, 2-3 B's, byte for byte."""
+    out = tmp_path / "moe"
+    convert(str(models["base"]), out, build_spec(experts=4, expert_from=(str(models["a"]), str(models["b"]))))
+    written = tensors(out)
+    for layer in range(2):
+        for e, name in enumerate(("a", "a", "b", "b")):
+            mine = ffn(models[name], layer)
+            for role, key in (("gate", "w1"), ("down", "w2"), ("up", "w3")):  # Mixtral's per-expert names
+                got = written[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{key}.weight"]
+                assert torch.equal(got, mine[role])
+
+
+def test_split_per_source(models, tmp_path):
+    """--init split with 2 experts per source: each source's FFN cut in two, down_proj rescaled as for one model."""
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, top_k=2, init="split", expert_from=(str(models["a"]), str(models["b"])))
+    convert(str(models["base"]), out, spec)
+    # routed to one source's two experts only (top-2 of 4, weights 1/2 each) the MoE computes that source's FFN:
+    # split's down_proj scale is N = 2 for 2 parts, and the kept weights renormalise to 1/2 each
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(
+            lambda _m, _a, o: (o[0], torch.full_like(o[1], 0.5), torch.tensor([2, 3]).expand_as(o[2]))
+        )
+    with torch.no_grad():
+        got = model(input_ids=IDS).logits
+    torch.testing.assert_close(got, logits(models["b"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--experts", "3"], "not a multiple of the 2 --expert-from"),
+        (["--experts", "2", "--init", "split"], "--init split cuts each source's FFN"),
+        (["--experts", "4", "--router-init", "kmeans", "--calibration", "x.txt"], "--router-init kmeans"),
+        (["--experts", "4", "--shared-experts", "1", "--target", "qwen2_moe"], "--shared-experts"),
+    ],
+)
+def test_bad_combinations(flags, needle, models, capsys, tmp_path):
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"], *flags]
+    expect_error(capsys, argv, needle)
+    assert_clean(out)
+
+
+def test_shared_weights_average_needs_sources(models, capsys, tmp_path):
+    out = tmp_path / "moe"
+    expect_error(capsys, ["convert", models["base"], out, "--shared-weights", "average"], "--expert-from")
+    assert_clean(out)
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda root: make_dense(root / "other", "qwen2"), "is a qwen2 model, but BASE"),
+        (lambda root: make_dense(root / "other", "llama", intermediate_size=96), "intermediate_size=96"),
+        (lambda root: make_dense(root / "other", "llama", tokenizer=False), None),
+    ],
+    ids=["family", "shape", "no-tokenizer"],
+)
+def test_sources_must_match_base(make, needle, models, capsys, tmp_path):
+    other = make(tmp_path)
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", other, "--experts", "2"]
+    if needle is None:  # a source without tokenizer files is read with BASE's tokenizer: accepted
+        convert(str(models["base"]), out, build_spec(experts=2, expert_from=(str(models["a"]), str(other))))
+        return
+    line = expect_error(capsys, argv, needle)
+    assert str(other) in line and str(models["base"]) in line  # names both
+    assert_clean(out)
+
+
+def test_different_vocabulary_refused(models, capsys, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(models["a"], other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).unlink()
+    save_tokenizer(other, 40)  # same ids up to 40, then none: another vocabulary
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", other, "--experts", "2"]
+    expect_error(capsys, argv, "different tokenizer vocabulary")
+    assert_clean(out)
+
+
+def test_chat_template_change_is_same_vocabulary(models, tmp_path):
+    """A fine-tune's tokenizer_config (chat template) differs from BASE's: same ids, accepted."""
+    other = tmp_path / "chat"
+    shutil.copytree(models["a"], other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": "{{ messages }}"}))
+    convert(str(models["base"]), tmp_path / "moe", build_spec(experts=2, expert_from=(str(models["b"]), str(other))))
+
+
+# --- the tensors besides the experts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_shared_weights_average(dtype, models, tmp_path):
+    """--shared-weights average: each non-expert tensor is the float32 mean of the sources, then cast; the plan
+    lists exactly the tensors that differ (C's attention), with the numbers measured on them."""
+    out = tmp_path / "moe"
+    pair = (str(models["a"]), str(models["c"]))
+    spec = build_spec(experts=2, expert_from=pair, shared_weights="average", dtype=dtype)
+    plan = convert(str(models["base"]), out, spec).plan
+    a, c, base, written = tensors(models["a"]), tensors(models["c"]), tensors(models["base"]), tensors(out)
+    cast = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    moved = 0
+    for key in base:
+        if ".mlp." in key:
+            continue
+        mean = (a[key].float() + c[key].float()) / 2
+        assert torch.equal(written[key], mean.to(cast)), key
+        moved += not torch.equal(mean, base[key])
+    attn = sorted(k for k in base if "self_attn" in k)
+    assert sorted(d.name for d in plan.differences) == attn and moved == len(attn)
+    for d in plan.differences:
+        assert d.differing == (2,)  # C, not A
+        assert d.max_abs == pytest.approx(float((c[d.name].double() - base[d.name].double()).abs().max()))
+        mean = (a[d.name].double() + c[d.name].double()) / 2
+        rel = float((mean - base[d.name].double()).norm() / base[d.name].double().norm())
+        assert d.relative == pytest.approx(rel)
+
+
+def test_shared_weights_base(models, tmp_path):
+    """The default: BASE's attention, norms and embeddings, byte for byte; the differences are still listed."""
+    out = tmp_path / "moe"
+    spec = build_spec(experts=2, expert_from=(str(models["a"]), str(models["c"])))
+    plan = convert(str(models["base"]), out, spec).plan
+    base, written = tensors(models["base"]), tensors(out)
+    assert all(torch.equal(written[k], base[k]) for k in base if ".mlp." not in k)
+    assert len(plan.differences) == len([k for k in base if "self_attn" in k])
+
+
+def test_plan_table_names_differences(models, capsys, tmp_path):
+    from upcycle_cli.main import run
+
+    argv = ["convert", models["base"], tmp_path / "moe", "--expert-from", models["a"], "--expert-from", models["c"],
+            "--experts", "2", "--shared-weights", "average", "--dry-run"]  # fmt: skip
+    assert run([str(a) for a in argv]) == 0
+    shown = capsys.readouterr().out
+    assert "differ between the sources" in shown and "self_attn" in shown and "ft-c" in shown
+    assert not (tmp_path / "moe").exists()
+
+
+# --- streaming ----------------------------------------------------------------------------------------------
+
+
+def test_repeated_experts_copied_from_output(models, monkeypatch, tmp_path):
+    """A source's second clone is copied from the bytes its first clone already wrote, not read from the source."""
+    from upcycle.convert.writer import ShardedWriter
+
+    original, copied = ShardedWriter.put_range, []
+
+    def put_range(self, name, src, offset, length):
+        copied.append((name, Path(src).parent == self.folder))
+        return original(self, name, src, offset, length)
+
+    monkeypatch.setattr(ShardedWriter, "put_range", put_range)
+    spec = build_spec(experts=4, expert_from=(str(models["a"]), str(models["b"])))
+    convert(str(models["base"]), tmp_path / "moe", spec)
+    from_output = {name for name, inside in copied if inside}
+    experts = {name for name, _ in copied if ".experts." in name}
+    assert from_output and from_output == {n for n in experts if ".experts.1." in n or ".experts.3." in n}
+
+
+def test_one_layer_of_each_source_held(models, monkeypatch, tmp_path):
+    """Computed experts (split) load each source's FFN one layer at a time, in order, each layer once."""
+    from upcycle.source import Checkpoint
+
+    original, loads = Checkpoint.load, []
+
+    def load(self, name):
+        if ".mlp." in name:
+            loads.append((self.folder.name, int(name.split(".")[2])))
+        return original(self, name)
+
+    monkeypatch.setattr(Checkpoint, "load", load)
+    spec = build_spec(experts=4, init="split", expert_from=(str(models["a"]), str(models["b"])))
+    convert(str(models["base"]), tmp_path / "moe", spec)
+    for source in ("ft-a", "ft-b"):
+        layers = [layer for name, layer in loads if name == source]
+        assert layers == sorted(layers) and len(layers) == 3 * 4  # gate, up, down of each of 4 layers, once
+    assert all(name in ("ft-a", "ft-b") for name, _ in loads)  # BASE's FFN is never read
+
+
+# --- routers --------------------------------------------------------------------------------------------------
+
+SOURCE_PROMPTS = [["def add(a, b): return a + b", "import numpy as np"], ["The Senate passed the bill on Tuesday."]]
+
+
+def router_rows(out: Path, plan) -> dict[int, torch.Tensor]:
+    weights = tensors(out)
+    return {op.layer: weights[op.name].float() for op in plan.ops if op.kind == "router"}
+
+
+def test_cheap_embed_per_source(models, tmp_path):
+    """mergekit's cheap_embed: row = normalised sum of BASE's token embeddings over BOS + each prompt, the same in
+    every layer, scaled to a random row's norm; one prompt list per source stands for each of its experts."""
+    from transformers import AutoTokenizer
+
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(json.dumps(SOURCE_PROMPTS))
+    spec = build_spec(experts=4, expert_from=(str(models["a"]), str(models["b"])), router_init="cheap_embed",
+                      expert_prompts=str(prompts))  # fmt: skip
+    out = tmp_path / "moe"
+    plan = convert(str(models["base"]), out, spec).plan
+    tok = AutoTokenizer.from_pretrained(models["base"])
+    embed = tensors(models["base"])["model.embed_tokens.weight"].double()
+    want = []
+    for texts in SOURCE_PROMPTS:
+        ids = [i for t in texts for i in tok(tok.bos_token + t, add_special_tokens=False)["input_ids"]]
+        total = embed[ids].sum(0)
+        want.append(total / total.norm() * 0.02 * 32**0.5)  # router_std * sqrt(hidden)
+    want = torch.stack([want[0], want[0], want[1], want[1]]).float()
+    for rows in router_rows(out, plan).values():
+        torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-7)
+    recipe = json.loads((out / "upcycle.json").read_text())
+    assert [s["prompts"] for s in recipe["sources"]] == SOURCE_PROMPTS
+
+
+def test_hidden_per_source(models, tmp_path):
+    """--router-init hidden with one prompt list per source: each source's experts get its rows (BASE's hidden
+    states, as mergekit's hidden gate reads the base model)."""
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(json.dumps(SOURCE_PROMPTS))
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, expert_from=(str(models["a"]), str(models["b"])), router_init="hidden",
+                      expert_prompts=str(prompts))  # fmt: skip
+    plan = convert(str(models["base"]), out, spec).plan
+    for rows in router_rows(out, plan).values():
+        assert torch.equal(rows[0], rows[1]) and torch.equal(rows[2], rows[3]) and not torch.equal(rows[0], rows[2])
+
+
+@pytest.mark.parametrize("init", ["random", "zero"])
+def test_random_and_zero(init, models, tmp_path):
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, expert_from=(str(models["a"]), str(models["b"])), router_init=init)
+    rows = router_rows(out, convert(str(models["base"]), out, spec).plan)
+    assert all(bool((r == 0).all()) is (init == "zero") for r in rows.values())
+
+
+@pytest.mark.parametrize(
+    ("prompts", "flags", "needle"),
+    [
+        (None, ["--router-init", "cheap_embed"], "--router-init cheap_embed needs --expert-prompts"),
+        ([["a"], ["b"], ["c"]], ["--router-init", "cheap_embed"], "or one per --expert-from model: 2"),
+        ([["a"], ["b"]], ["--router-init", "random"], "--expert-prompts applies to --router-init hidden or cheap"),
+    ],
+)
+def test_bad_router_options(prompts, flags, needle, models, capsys, tmp_path):
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"]]
+    argv += ["--experts", "4"]
+    if prompts is not None:
+        (tmp_path / "p.yaml").write_text(json.dumps(prompts))
+        argv += ["--expert-prompts", tmp_path / "p.yaml"]
+    expect_error(capsys, [*argv, *flags], needle)
+    assert_clean(out)
+
+
+# --- verify ---------------------------------------------------------------------------------------------------
+
+
+def run_cli(argv) -> int:
+    from upcycle_cli.main import run
+
+    return run([str(a) for a in argv])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dict(experts=4, shared_weights="average"),
+        dict(experts=4, init="split", top_k=2),
+        dict(experts=2, dtype="bfloat16"),
+    ],
+    ids=["clone-average", "split", "bf16-cast"],
+)
+def test_verify_each_tensor_against_its_source(spec, models, capsys, tmp_path):
+    out = tmp_path / "moe"
+    pair = (models["a"], models["c"])
+    convert(str(models["base"]), out, build_spec(expert_from=tuple(map(str, pair)), **spec))
+    capsys.readouterr()
+    argv = ["verify", models["base"], out, "--expert-from", pair[0], "--expert-from", pair[1], "--json", "-"]
+    assert run_cli(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    check = report["tensor_check"]
+    assert report["mode"] == "sources" and report["passed"] and report["max_abs_diff"] is None
+    assert check["equal"] == check["compared"] == len(tensors(out)) - 4  # all but the 4 routers
+    assert check["skipped"] == 4 and not check["mismatched"]
+
+
+def test_verify_finds_a_wrong_expert(models, capsys, tmp_path):
+    """An expert swapped for another source's FFN is named; so is a model given in the wrong order."""
+    out = tmp_path / "moe"
+    convert(str(models["base"]), out, build_spec(experts=2, expert_from=(str(models["a"]), str(models["b"]))))
+    for shard in out.glob("*.safetensors"):
+        sd = load_file(shard)
+        key = "model.layers.1.block_sparse_moe.experts.1.w2.weight"
+        if key in sd:
+            sd[key] = ffn(models["a"], 1)["down"].clone()
+            save_file(sd, shard, metadata={"format": "pt"})
+    capsys.readouterr()
+    assert run_cli(["verify", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"]]) == 1
+    shown = capsys.readouterr().out
+    assert "tensor differs from its source: model.layers.1.block_sparse_moe.experts.1.w2.weight" in shown
+    expect_error(capsys, ["verify", models["base"], out, "--expert-from", models["b"], "--expert-from", models["a"]],
+                 "is not what")  # fmt: skip
+    expect_error(capsys, ["verify", models["base"], out], "was made from 2 --expert-from models (ft-a, ft-b)")
+
+
+# --- upcycle.json and the card --------------------------------------------------------------------------------
+
+
+def test_recipe_and_card_name_the_sources(models, tmp_path, monkeypatch):
+    """Local folders by their name (never a path), Hub sources by id and revision; base_model lists the Hub ones
+    with the Hub's `merge` relation; the command reproduces the model."""
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub import ModelCard
+    from test_hub import COMMIT, populate_cache
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    populate_cache(cache, "tiny-org/ft-b", models["b"])
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(json.dumps(SOURCE_PROMPTS))
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, expert_from=(str(models["a"]), "tiny-org/ft-b"), router_init="cheap_embed",
+                      expert_prompts=str(prompts), shared_weights="average")  # fmt: skip
+    convert(str(models["base"]), out, spec, base_model="tiny-org/base")
+    recipe = json.loads((out / "upcycle.json").read_text())
+    text = (out / "upcycle.json").read_text() + (out / "README.md").read_text()
+    assert str(tmp_path) not in text and str(models["a"]) not in text
+    a, b = recipe["sources"]
+    assert (a["id"], a["kind"], a["revision"], a["experts"]) == ("ft-a", "folder", None, [0, 1])
+    assert (b["id"], b["kind"], b["revision"], b["experts"]) == ("tiny-org/ft-b", "hub", COMMIT, [2, 3])
+    assert recipe["shared_weights"] == "average" and recipe["plan"]["sources"] == ["ft-a", "tiny-org/ft-b"]
+    assert recipe["command"].startswith("upcycle convert base moe --expert-from ft-a --expert-from tiny-org/ft-b ")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == ["tiny-org/base", "tiny-org/ft-b"] and card.data.base_model_relation == "merge"
+    assert "| 0–1 | `ft-a` | def add(a, b): return a + b; import numpy as np |" in card.text
+    assert f"[tiny-org/ft-b](https://huggingface.co/tiny-org/ft-b) at `{COMMIT[:12]}`" in card.text
+
+
+# --- --shared-from ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", ["base", "a"])
+def test_shared_from(shared, models, capsys, tmp_path):
+    """Qwen2-MoE's always-on shared expert is the chosen model's FFN; the routed experts' down_proj is halved
+    against its sigmoid(0) = 1/2 gate (as --shared-experts 1 does for one model); verify checks it."""
+    out = tmp_path / "moe"
+    pair = (str(models["a"]), str(models["b"]))
+    given = str(models["base"]) if shared == "base" else pair[0]
+    spec = build_spec(experts=2, expert_from=pair, shared_from=given, target="qwen2_moe")
+    convert(str(models["base"]), out, spec)
+    written, mine = tensors(out), ffn(models[shared], 0)
+    for role in ("gate", "up", "down"):
+        assert torch.equal(written[f"model.layers.0.mlp.shared_expert.{role}_proj.weight"], mine[role])
+    for e, name in enumerate(("a", "b")):
+        theirs = ffn(models[name], 0)
+        assert torch.equal(written[f"model.layers.0.mlp.experts.{e}.down_proj.weight"], theirs["down"] / 2)
+        assert torch.equal(written[f"model.layers.0.mlp.experts.{e}.up_proj.weight"], theirs["up"])
+    capsys.readouterr()
+    assert run_cli(["verify", models["base"], out, "--expert-from", pair[0], "--expert-from", pair[1]]) == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--shared-from", "nowhere"], "--shared-from nowhere is neither base nor one of"),
+        (["--shared-from", "base", "--init", "split", "--experts", "4"], "--init split is not supported with it"),
+        (["--shared-experts", "1"], "needs --shared-from MODEL"),
+        (["--shared-from", "base"], "--shared-from needs a target class with a shared expert (qwen2_moe)"),
+    ],
+)
+def test_bad_shared_from(flags, needle, models, capsys, tmp_path):
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"], *flags]
+    expect_error(capsys, argv, needle)
+    assert_clean(out)
+
+
+# --- mergekit-moe recipes -------------------------------------------------------------------------------------
+
+
+def mergekit_yaml(path: Path, text: str, **names: Path) -> Path:
+    path.write_text(text.format(**{k: str(v) for k, v in names.items()}))
+    return path
+
+
+def test_mergekit_sparse_upcycling_example(models, tmp_path):
+    """mergekit's docs: 'Sparse upcycling of smol_llama into a 8x220M MoE' (the same model 8 times, random gate,
+    bfloat16): every expert is the base FFN, cast to bfloat16."""
+    experts = "".join("  - source_model: {base}\n" for _ in range(8))
+    cfg = mergekit_yaml(tmp_path / "moe.yml", "base_model: {base}\ngate_mode: random\ndtype: bfloat16\nexperts:\n"
+                        + experts, base=models["base"])  # fmt: skip
+    out = tmp_path / "moe"
+    assert run_cli(["convert", "--mergekit-config", cfg, out]) == 0
+    written, mine = tensors(out), ffn(models["base"], 2)
+    recipe = json.loads((out / "upcycle.json").read_text())
+    assert recipe["plan"]["experts"] == 8 and recipe["plan"]["top_k"] == 2 and recipe["dtype"] == "bfloat16"
+    for e in range(8):
+        got = written[f"model.layers.2.block_sparse_moe.experts.{e}.w2.weight"]
+        assert torch.equal(got, mine["down"].to(torch.bfloat16))
+
+
+CLOWN_CAR = """base_model: {base}
+gate_mode: hidden
+dtype: float32
+experts:
+  - source_model: {base}
+    positive_prompts:
+      - "<|im_start|>user\\nHello, who are you?<|im_end|>"
+      - "<|im_start|>user\\nI need help with"
+  - source_model: {a}
+    positive_prompts:
+      - "As a doctor of medicine,"
+  - source_model: {b}
+    positive_prompts:
+      - "[Genres: Science Fiction]\\n[Tags: humor, old school, sci fi]"
+      - "> get ye flask"
+"""
+
+
+def test_mergekit_hidden_example(models, capsys, tmp_path):
+    """mergekit's 'clown car' example (hidden gate, prompts per expert): one expert per entry, routers from the
+    prompts, each expert its source's FFN; verify checks it."""
+    cfg = mergekit_yaml(tmp_path / "moe.yml", CLOWN_CAR, base=models["base"], a=models["a"], b=models["b"])
+    out = tmp_path / "moe"
+    assert run_cli(["convert", "--mergekit-config", cfg, out]) == 0
+    recipe = json.loads((out / "upcycle.json").read_text())
+    assert [s["id"] for s in recipe["sources"]] == ["base", "ft-a", "ft-b"]
+    assert recipe["sources"][1]["prompts"] == ["As a doctor of medicine,"]
+    assert recipe["recipe"]["router_init"] == "hidden" and recipe["plan"]["experts"] == 3
+    capsys.readouterr()
+    argv = ["verify", models["base"], out, "--expert-from", models["base"], "--expert-from", models["a"],
+            "--expert-from", models["b"]]  # fmt: skip
+    assert run_cli(argv) == 0
+
+
+def test_mergekit_shared_expert_example_refused_by_field(models, capsys, tmp_path):
+    """mergekit's shared-expert example (Qwen MoE) sets the shared expert's prompts and residual_scale: each is
+    refused by name, in one line; without them it converts to Qwen2-MoE with that model's FFN shared."""
+    text = ("base_model: {base}\ngate_mode: random\ndtype: float32\nexperts:\n  - source_model: {a}\n"
+            "  - source_model: {b}\nshared_experts:\n  - source_model: {base}\n    positive_prompts:\n"
+            "      - \"blah blah\"\n    residual_scale: 0.1\n")  # fmt: skip
+    cfg = mergekit_yaml(tmp_path / "moe.yml", text, base=models["base"], a=models["a"], b=models["b"])
+    out = tmp_path / "moe"
+    line = expect_error(capsys, ["convert", "--mergekit-config", cfg, out], "cannot honour")
+    assert "shared_experts[0].residual_scale" in line and "shared_experts[0].positive_prompts" in line
+    assert_clean(out)
+    cfg.write_text(text.split("    positive_prompts")[0].format(base=models["base"], a=models["a"], b=models["b"]))
+    assert run_cli(["convert", "--mergekit-config", cfg, out]) == 0
+    written = tensors(out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
+    assert torch.equal(written["model.layers.0.mlp.shared_expert.up_proj.weight"], ffn(models["base"], 0)["up"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ("gate_mode: uniform_random\n", "gate_mode uniform_random"),
+        ("architecture: deepseek\n", "architecture deepseek"),
+        ("merge_method: slerp\n", "merge_method (not a mergekit-moe field)"),
+        ("dtype: int8\n", "dtype int8"),
+    ],
+)
+def test_mergekit_fields_refused(extra, needle, models, capsys, tmp_path):
+    text = "base_model: {base}\ngate_mode: random\nexperts:\n  - source_model: {a}\n    noise_scale: 0.01\n"
+    cfg = mergekit_yaml(tmp_path / "moe.yml", text.replace("gate_mode: random\n", "") + extra if "gate" in extra
+                        else text + extra, base=models["base"], a=models["a"])  # fmt: skip
+    out = tmp_path / "moe"
+    line = expect_error(capsys, ["convert", "--mergekit-config", cfg, out], needle)
+    assert "experts[0].noise_scale" in line  # every field that cannot be honoured, in the one line
+    assert_clean(out)
