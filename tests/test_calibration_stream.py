@@ -53,9 +53,9 @@ def models(tmp_path_factory):
     return get
 
 
-def whole_model(src: Path, sequences: list[torch.Tensor], layers: list[int]) -> dict[int, list[torch.Tensor]]:
-    """Each layer's FFN input per sequence, from the whole model (plain transformers, float32)."""
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+def whole_model(src: Path, sequences: list[torch.Tensor], layers: list[int], dtype=torch.float32) -> dict:
+    """Each layer's FFN input per sequence, from the whole model (plain transformers): layer -> [[t, H]]."""
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     stack = next(m for m in model.base_model.children() if isinstance(m, torch.nn.ModuleList))
     seen: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     for i in layers:
@@ -135,6 +135,22 @@ def test_a_bfloat16_source_runs_in_float32(models, tmp_path):
     want = whole_model(src, sequences, [1])
     assert got[1][0].dtype == torch.float32
     assert (got[1][0] - want[1][0]).abs().max().item() <= 1e-5
+
+
+def test_calibration_dtype_source_runs_a_bfloat16_source_in_bfloat16(tmp_path, capsys):
+    from test_bad_input import expect_error
+
+    src = make_dense(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    ckpt = Checkpoint.open(src)
+    assert calibrate_module.pass_dtype(ckpt, "source") == torch.bfloat16
+    assert calibrate_module.pass_dtype(ckpt, "float32") == torch.float32
+    sequences = [torch.arange(3, 60), torch.arange(5, 20)]
+    got = dict(stream.ffn_inputs(src, ckpt, sequences, (0, 2), torch.bfloat16))
+    want = whole_model(src, sequences, [0, 2], torch.bfloat16)
+    for i in (0, 2):
+        assert all(torch.equal(a, b.float()) for a, b in zip(got[i], want[i], strict=True))
+    argv = ["convert", src, tmp_path / "out", "--calibration-dtype", "source"]
+    expect_error(capsys, argv, "--calibration-dtype source applies only where the dense model is run")
 
 
 def test_whole_model_fallback_when_the_keys_differ(models, tmp_path):

@@ -25,6 +25,7 @@ SmolLM2-135M: 4096 x 576 x 30 x 4 B = 283 MB), plus the dense model in float32 f
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 LLOYD_ITERS = 50  # a fixed cap; the loop stops earlier once no assignment changes
 RIDGE = 1e-3  # ridge lambda, relative to the mean eigenvalue of X^T X
 CHUNK = 512  # tokens per forward pass (at most the model's max_position_embeddings)
-PASS_DTYPE = "float32"  # the dtype the dense model runs in for calibration (float32: as the whole-model pass did)
 CHARS_PER_TOKEN = 8  # first guess at the characters of text per token when reading a prefix of the file
 
 
@@ -174,7 +174,6 @@ def calibrate(
 
     One pass over the dense model, one decoder layer at a time (stream.py), serves every user at once; each MoE
     layer's result is computed as soon as its FFN inputs are captured, and those inputs are then dropped."""
-    import torch
     from transformers import AutoConfig
 
     groups = {op.layer: op.group for op in plan.ops if isinstance(op, Router)}
@@ -198,7 +197,7 @@ def calibrate(
     chunk = min(CHUNK, getattr(config, "max_position_embeddings", CHUNK) or CHUNK)
     seqs = Sequences.of(ids, prompt_ids, chunk)
     layer_results = LayerResults(ckpt, plan, spec, config, groups, prompts is not None)
-    dtype = getattr(torch, PASS_DTYPE)
+    dtype = pass_dtype(ckpt, spec.calibration_dtype)
     for layer, xs in ffn_inputs(folder, ckpt, seqs.ids, tuple(sorted(groups)), dtype):
         layer_results.add(layer, xs, seqs)
     records: dict = {}
@@ -211,6 +210,19 @@ def calibrate(
             "tokens": sum(len(t) for texts in prompt_ids for t in texts),
         }
     return layer_results.routers, layer_results.partitions, records
+
+
+def pass_dtype(ckpt: Checkpoint, choice: str) -> torch.dtype:
+    """The dtype the dense model runs in: float32 (as the whole-model pass always did), or with "source" the
+    floating dtype most of the source's tensors are stored in."""
+    import torch
+
+    from ..dtypes import FLOAT_DTYPES, torch_dtype
+
+    if choice == "float32":
+        return torch.float32
+    stored = Counter(t.dtype for t in ckpt.tensors.values() if t.dtype in FLOAT_DTYPES)
+    return torch_dtype(stored.most_common(1)[0][0]) if stored else torch.float32
 
 
 def prompt_token_ids(folder: Path, prompts: list[list[str]]) -> list[list[torch.Tensor]]:
