@@ -1,9 +1,9 @@
 """What the conversion learns by running the dense model: `--router-init kmeans` and `--split-by coactivation`
 (from calibration text), `--router-init hidden` (from per-expert prompts).
 
-One forward pass of the dense model (transformers, float32, CPU) over the first N tokens of the text captures,
-with a forward pre-hook on each MoE layer's dense `mlp`, the hidden state the router will see (after the
-post-attention norm). Per layer the rows are then:
+One pass of the dense model (stream.py: one decoder layer at a time, float32 or the source's dtype, CPU) over
+the first N tokens of the text captures, with a forward pre-hook on each MoE layer's dense `mlp`, the hidden
+state the router will see (after the post-attention norm). Per layer the rows are then:
 - clone, drop (and noise): the k-means centroids of those inputs, one per expert: a token is routed to the
   experts whose centroid it points towards most;
 - fine-grained: k-means with one centroid per virtual group, shared by the group's parts (as the random router
@@ -12,14 +12,16 @@ post-attention norm). Per layer the rows are then:
   experts (least squares is linear in its targets, so this regresses each expert's norm minus the mean expert
   norm: a common component would shift every logit alike and route nothing).
 For --split-by coactivation, each layer's co-activation graph is built from the same captured inputs and cut
-into balanced neuron groups (methods/split.py), one layer at a time. For --router-init hidden, row e is the mean
-FFN input over every token of expert e's prompts (each prompt its own forward pass).
+into balanced neuron groups (methods/split.py). For --router-init hidden, row e is the mean FFN input over every
+token of router row e's prompts (each prompt its own sequence, in the same pass). Each MoE layer's result is
+computed as soon as the pass yields its inputs, which are then dropped.
 Every row is then scaled to the norm a random row has, router_std * sqrt(hidden), so the logits start at the
 random router's scale and only their direction is learnt from data: training settings tuned for the random
 router (learning rate, z-loss) see the same magnitudes.
 
-Memory: the captured inputs of every MoE layer at once, tokens x hidden x layers float32 (4096 tokens of
-SmolLM2-135M: 4096 x 576 x 30 x 4 B = 283 MB), plus the dense model in float32 for the pass.
+Memory, beyond the clone conversion's: one decoder layer and the hidden states of every chunk (stream.py), one
+MoE layer's captured inputs (tokens x hidden float32: 4096 x 576 x 4 B = 9.4 MB for SmolLM2), and what its
+method computes from them (the co-activation graph: intermediate^2 float32, and its float64 accumulator).
 """
 
 from __future__ import annotations
@@ -98,14 +100,16 @@ def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = LLOYD_ITE
     c = torch.stack(centroids)  # [k, D]
     labels = torch.full((len(x),), -1, dtype=torch.long)
     for _ in range(iters):
-        new = torch.cdist(x, c).argmin(1)  # [T]
+        # the nearest centroid: ||x - c||^2 less the ||x||^2 every centroid shares, as one product (torch.cdist
+        # against a few centroids, and a mask per cluster, were most of a calibrated conversion's time)
+        new = ((c * c).sum(1)[None, :] - 2 * (x @ c.T)).argmin(1)  # [T]
         if torch.equal(new, labels):
             break
         labels = new
-        for j in range(k):
-            members = x[labels == j]
-            if len(members):  # an empty cluster keeps its centroid
-                c[j] = members.mean(0)
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # [T, k]
+        counts = onehot.sum(0)  # [k]
+        members = counts > 0  # an empty cluster keeps its centroid
+        c[members] = (onehot.T @ x)[members] / counts[members, None]
     return c
 
 
