@@ -195,6 +195,13 @@ def convert(
     calibration_tokens: Annotated[
         int | None, typer.Option(help="With --calibration: tokens of the text used." + _c("calibration_tokens"))
     ] = None,
+    calibration_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="With --calibration or --expert-prompts: the dtype the dense model runs in, float32 or source "
+            "(its own dtype: half the memory of a bf16 model's layer)." + _c("calibration_dtype")
+        ),
+    ] = None,
     router_std: Annotated[float | None, typer.Option(help="Std of a random router." + _c("router_std"))] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for every random choice." + _c("seed"))] = None,
     target: Annotated[
@@ -260,6 +267,7 @@ def convert(
         router_std=router_std,
         calibration=str(calibration) if calibration is not None else None,
         calibration_tokens=calibration_tokens,
+        calibration_dtype=calibration_dtype,
         expert_prompts=str(expert_prompts) if expert_prompts is not None else None,
         expert_from=tuple(expert_from) if expert_from else None,
         shared_weights=shared_weights,

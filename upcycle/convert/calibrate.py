@@ -1,9 +1,9 @@
 """What the conversion learns by running the dense model: `--router-init kmeans` and `--split-by coactivation`
 (from calibration text), `--router-init hidden` (from per-expert prompts).
 
-One forward pass of the dense model (transformers, float32, CPU) over the first N tokens of the text captures,
-with a forward pre-hook on each MoE layer's dense `mlp`, the hidden state the router will see (after the
-post-attention norm). Per layer the rows are then:
+One pass of the dense model (stream.py: one decoder layer at a time, float32 or the source's dtype, CPU) over
+the first N tokens of the text captures, with a forward pre-hook on each MoE layer's dense `mlp`, the hidden
+state the router will see (after the post-attention norm). Per layer the rows are then:
 - clone, drop (and noise): the k-means centroids of those inputs, one per expert: a token is routed to the
   experts whose centroid it points towards most;
 - fine-grained: k-means with one centroid per virtual group, shared by the group's parts (as the random router
@@ -12,19 +12,23 @@ post-attention norm). Per layer the rows are then:
   experts (least squares is linear in its targets, so this regresses each expert's norm minus the mean expert
   norm: a common component would shift every logit alike and route nothing).
 For --split-by coactivation, each layer's co-activation graph is built from the same captured inputs and cut
-into balanced neuron groups (methods/split.py), one layer at a time. For --router-init hidden, row e is the mean
-FFN input over every token of expert e's prompts (each prompt its own forward pass).
+into balanced neuron groups (methods/split.py). For --router-init hidden, row e is the mean FFN input over every
+token of router row e's prompts (each prompt its own sequence, in the same pass). Each MoE layer's result is
+computed as soon as the pass yields its inputs, which are then dropped.
 Every row is then scaled to the norm a random row has, router_std * sqrt(hidden), so the logits start at the
 random router's scale and only their direction is learnt from data: training settings tuned for the random
 router (learning rate, z-loss) see the same magnitudes.
 
-Memory: the captured inputs of every MoE layer at once, tokens x hidden x layers float32 (4096 tokens of
-SmolLM2-135M: 4096 x 576 x 30 x 4 B = 283 MB), plus the dense model in float32 for the pass.
+Memory, beyond the clone conversion's: one decoder layer and the hidden states of every chunk (stream.py), one
+MoE layer's captured inputs (tokens x hidden float32: 4096 x 576 x 4 B = 9.4 MB for SmolLM2), and what its
+method computes from them (the co-activation graph: intermediate^2 float32, and its float64 accumulator).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +36,7 @@ from ..errors import UpcycleError
 from .methods import LayerBuilder
 from .ops import Router, by_coactivation
 from .prompts import read_expert_prompts
+from .stream import ffn_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -80,32 +85,6 @@ def text_prefix(text_file: Path, chars: int) -> tuple[str, bool]:
         raise UpcycleError(f"--calibration {text_file.name} is not UTF-8 text; give a plain text file") from None
 
 
-def capture(model, ids: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
-    """Each MoE layer's FFN input over the calibration ids: layer -> [T, H] float32.
-
-    The ids are run in independent chunks of at most CHUNK tokens (each chunk starts a new sequence), through
-    the decoder stack only: the LM head's logits (vocab x tokens) are never computed, and no KV cache is kept.
-    """
-    import torch
-
-    seen: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    hooks = [
-        model.model.layers[i].mlp.register_forward_pre_hook(
-            lambda _m, args, i=i: seen[i].append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        )
-        for i in layers
-    ]
-    chunk = min(CHUNK, getattr(model.config, "max_position_embeddings", CHUNK))
-    try:
-        with torch.no_grad():
-            for start in range(0, len(ids), chunk):
-                model.model(input_ids=ids[start : start + chunk][None], use_cache=False)  # no LM head
-    finally:
-        for h in hooks:
-            h.remove()
-    return {i: torch.cat(xs).float() for i, xs in seen.items()}
-
-
 def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = LLOYD_ITERS) -> torch.Tensor:
     """Centroids [k, D] of x [T, D]: k-means++ seeding, then Lloyd iterations until no assignment changes."""
     import torch
@@ -121,14 +100,16 @@ def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = LLOYD_ITE
     c = torch.stack(centroids)  # [k, D]
     labels = torch.full((len(x),), -1, dtype=torch.long)
     for _ in range(iters):
-        new = torch.cdist(x, c).argmin(1)  # [T]
+        # the nearest centroid: ||x - c||^2 less the ||x||^2 every centroid shares, as one product (torch.cdist
+        # against a few centroids, and a mask per cluster, were most of a calibrated conversion's time)
+        new = ((c * c).sum(1)[None, :] - 2 * (x @ c.T)).argmin(1)  # [T]
         if torch.equal(new, labels):
             break
         labels = new
-        for j in range(k):
-            members = x[labels == j]
-            if len(members):  # an empty cluster keeps its centroid
-                c[j] = members.mean(0)
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # [T, k]
+        counts = onehot.sum(0)  # [k]
+        members = counts > 0  # an empty cluster keeps its centroid
+        c[members] = (onehot.T @ x)[members] / counts[members, None]
     return c
 
 
@@ -163,14 +144,41 @@ def expert_norms(x: torch.Tensor, builder: LayerBuilder, experts: list[dict], ac
     return torch.stack(cols, 1)
 
 
+@dataclass(frozen=True)
+class Sequences:
+    """The token sequences of the pass (each run on its own, positions from 0) and whose each is: -1 for a chunk
+    of the calibration text, e for a chunk of a prompt of router row e (--expert-prompts)."""
+
+    ids: list[torch.Tensor]
+    owner: list[int]
+
+    @classmethod
+    def of(cls, calibration: torch.Tensor | None, prompts: list[list[torch.Tensor]], chunk: int) -> Sequences:
+        ids, owner = [], []
+        for e, texts in [(-1, [calibration] if calibration is not None else []), *enumerate(prompts)]:
+            for t in texts:
+                pieces = list(t.split(chunk))
+                ids += pieces
+                owner += [e] * len(pieces)
+        return cls(ids, owner)
+
+    def calibration(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """The captured rows of the calibration text: [T, H]."""
+        import torch
+
+        return torch.cat([x for x, e in zip(xs, self.owner, strict=True) if e < 0])
+
+
 def calibrate(
     folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec
 ) -> tuple[dict[int, torch.Tensor] | None, dict[int, dict] | None, dict]:
     """What the conversion needs from running the dense model, before anything is written:
     router rows (layer -> [E, H] float32) for --router-init kmeans/hidden, neuron partitions (layer -> (by, parts)
-    -> groups) for --split-by coactivation, and what to record in upcycle.json about the text used."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    -> groups) for --split-by coactivation, and what to record in upcycle.json about the text used.
+
+    One pass over the dense model, one decoder layer at a time (stream.py), serves every user at once; each MoE
+    layer's result is computed as soon as its FFN inputs are captured, and those inputs are then dropped."""
+    from transformers import AutoConfig
 
     groups = {op.layer: op.group for op in plan.ops if isinstance(op, Router)}
     prompts = None
@@ -188,25 +196,132 @@ def calibrate(
                 f"--calibration {Path(spec.calibration).name} gives {len(ids)} tokens, fewer than the {max(need, 2)} "
                 "the conversion needs (one per cluster, at least 2); give a longer text"
             )
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.eval()
+    config = AutoConfig.from_pretrained(folder)
+    prompt_ids = prompt_token_ids(folder, prompts) if prompts is not None else []
+    chunk = min(CHUNK, getattr(config, "max_position_embeddings", CHUNK) or CHUNK)
+    seqs = Sequences.of(ids, prompt_ids, chunk)
+    layer_results = LayerResults(ckpt, plan, spec, config, groups, prompts is not None)
+    dtype = pass_dtype(ckpt, spec.calibration_dtype)
+    for layer, xs in ffn_inputs(folder, ckpt, seqs.ids, tuple(sorted(groups)), dtype):
+        layer_results.add(layer, xs, seqs)
     records: dict = {}
-    routers = partitions = None
     if ids is not None:
-        inputs = capture(model, ids, tuple(sorted(groups)))
         records["calibration"] = {"file": Path(spec.calibration).name, "tokens": len(ids)}
-        if spec.split_by == "coactivation":
-            partitions = coactivation_partitions(inputs, ckpt, plan, spec, model)
-        if spec.router_init == "kmeans":
-            routers = kmeans_rows(inputs, ckpt, plan, spec, model, groups, partitions)
     if prompts is not None:
-        routers, tokens = hidden_rows(folder, model, prompts, spec, groups)
         records["expert_prompts"] = {
             "file": Path(spec.expert_prompts).name,
             "prompts": sum(map(len, prompts)),
-            "tokens": tokens,
+            "tokens": sum(len(t) for texts in prompt_ids for t in texts),
         }
-    return routers, partitions, records
+    return layer_results.routers, layer_results.partitions, records
+
+
+def pass_dtype(ckpt: Checkpoint, choice: str) -> torch.dtype:
+    """The dtype the dense model runs in: float32 (as the whole-model pass always did), or with "source" the
+    floating dtype most of the source's tensors are stored in."""
+    import torch
+
+    from ..dtypes import FLOAT_DTYPES, torch_dtype
+
+    if choice == "float32":
+        return torch.float32
+    stored = Counter(t.dtype for t in ckpt.tensors.values() if t.dtype in FLOAT_DTYPES)
+    return torch_dtype(stored.most_common(1)[0][0]) if stored else torch.float32
+
+
+def prompt_token_ids(folder: Path, prompts: list[list[str]]) -> list[list[torch.Tensor]]:
+    """The token ids of every prompt of every router row (no special tokens), as the prompts are listed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    found = []
+    for e, texts in enumerate(prompts):
+        found.append([tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0] for text in texts])
+        if any(not len(t) for t in found[-1]):
+            raise UpcycleError(f"--expert-prompts: a prompt of expert {e} gives no tokens; give some text")
+    return found
+
+
+class LayerResults:
+    """Each calibration user's result, layer by layer as the pass yields each MoE layer's FFN inputs."""
+
+    def __init__(self, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec, config, groups: dict[int, int], hidden: bool):
+        from transformers.activations import ACT2FN
+
+        from ..arch import family_for
+
+        self.ckpt, self.plan, self.spec, self.groups, self.hidden = ckpt, plan, spec, groups, hidden
+        self.act = ACT2FN[getattr(config, family_for(config.model_type).mlp.get("act") or "hidden_act")]
+        self.target_norm = spec.router_std * math.sqrt(config.hidden_size)  # a random N(0, std^2) row's norm
+        self.keys = _dense_keys(plan)
+        self.routed = _routed_transforms(plan) if spec.router_init == "kmeans" and spec.init == "split" else {}
+        self.wanted = {(op.layer, op.transform.parts) for op in plan.expert_ops() if by_coactivation(op)}
+        self.routers: dict[int, torch.Tensor] | None = {} if spec.router_init in ("kmeans", "hidden") else None
+        self.partitions: dict[int, dict] | None = {} if self.wanted else None
+
+    def add(self, layer: int, xs: list[torch.Tensor], seqs: Sequences) -> None:
+        """One MoE layer's FFN inputs, xs[s] [t_s, H] for each sequence s."""
+        wanted = sorted(p for at, p in self.wanted if at == layer)
+        if wanted:
+            found = coactivation_partition(seqs.calibration(xs), self.ckpt, self.keys[layer], self.act, self.spec)
+            self.partitions[layer] = {("coactivation", parts): found(layer, parts) for parts in wanted}
+        if self.spec.router_init == "kmeans":
+            self.routers[layer] = self.kmeans_row(layer, seqs.calibration(xs))
+        elif self.hidden:
+            self.routers[layer] = hidden_row(xs, seqs.owner, self.target_norm, self.groups[layer])
+
+    def kmeans_row(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """--router-init kmeans: the layer's rows from its captured FFN inputs x [T, H]."""
+        import torch
+
+        from .router_init import layer_generator
+
+        spec, group = self.spec, self.groups[layer]
+        if spec.init == "split":
+            dense = {role: self.ckpt.load(key) for role, key in self.keys[layer].items()}
+            builder = LayerBuilder(dense, spec.seed, layer, (self.partitions or {}).get(layer))
+            with torch.no_grad():
+                y = expert_norms(x, builder, self.routed[layer], self.act)  # [T, E]
+            w = norm_directions(x, y)  # [E, H]
+            return scaled(w - w.mean(0, keepdim=True), self.target_norm)
+        c = kmeans(x, spec.experts // group, layer_generator(spec.seed, layer))  # [E/G, H]
+        return scaled(c, self.target_norm).repeat_interleave(group, dim=0)  # [E, H]
+
+
+def hidden_row(xs: list[torch.Tensor], owner: list[int], norm: float, group: int) -> torch.Tensor:
+    """--router-init hidden (mergekit-moe's hidden gate, averaged over tokens): row e is the mean FFN input over
+    all tokens of router row e's prompts, scaled to a random row's norm: [E, H]."""
+    import torch
+
+    rows = max(owner) + 1
+    sums = torch.zeros(rows, xs[0].shape[1], dtype=torch.float64)  # [E', H]
+    counts = torch.zeros(rows, dtype=torch.float64)
+    for x, e in zip(xs, owner, strict=True):
+        if e >= 0:
+            sums[e] += x.double().sum(0)
+            counts[e] += len(x)
+    return scaled((sums / counts[:, None]).float(), norm).repeat_interleave(group, dim=0)  # [E, H]
+
+
+def coactivation_partition(x: torch.Tensor, ckpt: Checkpoint, keys: dict[str, str], act, spec: ConvertSpec):
+    """--split-by coactivation for one MoE layer: a function (layer, parts) -> the balanced partition of its
+    neurons that keeps co-activated neurons together (methods/split.py), from its FFN inputs x [T, H]."""
+    import torch
+
+    from .methods.base import generator
+    from .methods.split import coactivation_graph, graph_partition
+
+    share = min(spec.top_k / spec.experts, 0.5)
+    gate, up = (ckpt.load(keys[role]).float() for role in ("gate", "up"))
+    with torch.no_grad():
+        w = coactivation_graph(x, gate, up, act, share)  # [I, I]
+    del gate, up
+
+    def found(layer: int, parts: int) -> list[torch.Tensor]:
+        labels = graph_partition(w, parts, generator(spec.seed, "coactivation", layer))
+        return [torch.nonzero(labels == c).squeeze(1) for c in range(parts)]
+
+    return found
 
 
 def _dense_keys(plan: Plan) -> dict[int, dict[str, str]]:
@@ -216,101 +331,6 @@ def _dense_keys(plan: Plan) -> dict[int, dict[str, str]]:
         if op.role is not None:
             keys.setdefault(op.layer, {})[op.role] = op.src
     return keys
-
-
-def kmeans_rows(
-    inputs: dict[int, torch.Tensor],
-    ckpt: Checkpoint,
-    plan: Plan,
-    spec: ConvertSpec,
-    model,
-    groups: dict[int, int],
-    partitions: dict[int, dict] | None,
-) -> dict[int, torch.Tensor]:
-    """--router-init kmeans: each layer's rows from its captured FFN inputs (freed as each layer is done)."""
-    import torch
-    from transformers.activations import ACT2FN
-
-    from .router_init import layer_generator
-
-    target_norm = spec.router_std * math.sqrt(model.config.hidden_size)  # a random N(0, std^2) row's norm
-    routed = _routed_transforms(plan)
-    keys = _dense_keys(plan)
-    rows: dict[int, torch.Tensor] = {}
-    for layer, group in groups.items():
-        x = inputs.pop(layer)  # [T, H]
-        if spec.init == "split":
-            dense = {role: ckpt.load(key) for role, key in keys[layer].items()}
-            builder = LayerBuilder(dense, spec.seed, layer, (partitions or {}).get(layer))
-            act = ACT2FN[model.config.hidden_act]  # from the config: Phi-3's MLP names it activation_fn
-            with torch.no_grad():
-                y = expert_norms(x, builder, routed[layer], act)  # [T, E]
-            w = norm_directions(x, y)  # [E, H]
-            rows[layer] = scaled(w - w.mean(0, keepdim=True), target_norm)
-        else:
-            c = kmeans(x, spec.experts // group, layer_generator(spec.seed, layer))  # [E/G, H]
-            rows[layer] = scaled(c, target_norm).repeat_interleave(group, dim=0)  # [E, H]
-    return rows
-
-
-def hidden_rows(
-    folder: Path, model, prompts: list[list[str]], spec: ConvertSpec, groups: dict[int, int]
-) -> tuple[dict[int, torch.Tensor], int]:
-    """--router-init hidden (mergekit-moe's hidden gate, averaged over tokens): row e of every MoE layer is the
-    mean FFN input over all tokens of expert e's prompts, scaled to a random row's norm. Returns the rows and
-    how many prompt tokens made them."""
-    import torch
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    layers = tuple(sorted(groups))
-    hidden = model.config.hidden_size
-    sums = {layer: torch.zeros(len(prompts), hidden, dtype=torch.float64) for layer in layers}  # [E', H]
-    total = 0
-    for e, texts in enumerate(prompts):
-        count = 0
-        for text in texts:
-            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-            if not len(ids):
-                raise UpcycleError(f"--expert-prompts: a prompt of expert {e} gives no tokens; give some text")
-            for layer, x in capture(model, ids, layers).items():  # x [T, H]
-                sums[layer][e] += x.double().sum(0)
-            count += len(ids)
-        for layer in layers:
-            sums[layer][e] /= count
-        total += count
-    target_norm = spec.router_std * math.sqrt(hidden)
-    rows = {
-        layer: scaled(sums[layer].float(), target_norm).repeat_interleave(groups[layer], dim=0)  # [E, H]
-        for layer in layers
-    }
-    return rows, total
-
-
-def coactivation_partitions(
-    inputs: dict[int, torch.Tensor], ckpt: Checkpoint, plan: Plan, spec: ConvertSpec, model
-) -> dict[int, dict]:
-    """--split-by coactivation: per MoE layer (one at a time), the balanced partition of its neurons that keeps
-    co-activated neurons together: layer -> {("coactivation", parts): [groups of neuron indices]}."""
-    import torch
-    from transformers.activations import ACT2FN
-
-    from .methods.base import generator
-    from .methods.split import coactivation_graph, graph_partition
-
-    wanted = {(op.layer, op.transform.parts) for op in plan.expert_ops() if by_coactivation(op)}
-    keys = _dense_keys(plan)
-    share = min(spec.top_k / spec.experts, 0.5)
-    found: dict[int, dict] = {}
-    for layer, parts in sorted(wanted):
-        gate, up = (ckpt.load(keys[layer][role]).float() for role in ("gate", "up"))
-        act = ACT2FN[model.config.hidden_act]
-        with torch.no_grad():
-            w = coactivation_graph(inputs[layer], gate, up, act, share)  # [I, I]
-        labels = graph_partition(w, parts, generator(spec.seed, "coactivation", layer))
-        groups = [torch.nonzero(labels == c).squeeze(1) for c in range(parts)]
-        found.setdefault(layer, {})[("coactivation", parts)] = groups
-    return found
 
 
 def _routed_transforms(plan: Plan) -> dict[int, list[dict]]:

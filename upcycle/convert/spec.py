@@ -18,6 +18,7 @@ Routing = Literal["topk-softmax", "softmax-topk"]
 SplitBy = Literal["random", "cluster", "coactivation"]
 FineGrainedScale = Literal["down", "cube-root"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
+CalibrationDType = Literal["float32", "source"]  # the dtype the dense model runs in for calibration
 
 
 # --init and --target choices are the registries' keys: a method in methods.LAYOUTS, a target in targets/*.json
@@ -28,6 +29,7 @@ CHOICES = {
     "target": ("auto", *targets(), GENERIC),
     "dtype": get_args(DType),
     "shared_weights": get_args(SharedWeights),
+    "calibration_dtype": get_args(CalibrationDType),
 }
 PROMPTED = ("hidden", "cheap_embed")  # router inits made from --expert-prompts
 NUMBERS = {
@@ -73,6 +75,7 @@ class ConvertSpec:
     router_std: float = 0.02
     calibration: str | None = None  # text file for --router-init kmeans and --split-by coactivation
     calibration_tokens: int = 4096
+    calibration_dtype: CalibrationDType = "float32"  # float32, or the source's own floating dtype
     routing: Routing = "topk-softmax"
     split_by: SplitBy | None = None
     drop_ratio: float | None = None
@@ -143,6 +146,11 @@ class ConvertSpec:
             )
         if self.calibration_tokens < 1:
             raise UpcycleError(f"--calibration-tokens {self.calibration_tokens} must be 1 or more")
+        if self.calibration_dtype != "float32" and not (self.calibration or self.expert_prompts):
+            raise UpcycleError(
+                f"--calibration-dtype {self.calibration_dtype} applies only where the dense model is run: with "
+                "--calibration or --expert-prompts"
+            )
 
     def _check_sources(self) -> None:
         """--expert-from and what goes with it (the checks that need the models are in convert/sources.py)."""

@@ -1,0 +1,215 @@
+"""Calibrated conversions (issue 26): time and peak RSS of each calibrated method beside clone, and the
+co-activation partition's time per layer by FFN width.
+
+`convert`: `upcycle convert MODEL OUT <flags>` in a child process per run (wall time and that child's peak RSS
+from os.wait4), clone run before every calibrated method, so that each ratio compares runs made back to back
+under the same load. MODEL is the embedded SmolLM2 (float32, 30 layers, width 1,536) or `llama-0.5b`, random
+weights of a ~0.45B Llama shape saved in bfloat16 (hidden 896, width 4,864, 24 layers, SmolLM2's tokenizer and
+vocabulary), built once under --work.
+
+`coactivation`: random inputs and weights of the given widths, `coactivation_graph` then `graph_partition`
+(8 parts, share 0.25), each width in a child process of its own (its peak RSS from os.wait4).
+
+    python benchmarks/calibration_bench.py convert --model smollm2
+    python benchmarks/calibration_bench.py convert --model llama-0.5b --layers 0,8,16,23
+    python benchmarks/calibration_bench.py coactivation --widths 1536,4864,14336
+
+Results go to stdout as markdown rows and to benchmarks/results/calibration_<yyyymm>.json (appended by section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CALIBRATION = ["--calibration", str(ROOT / "README.md")]
+PROMPTS = ["--router-init", "hidden", "--expert-prompts", str(HERE / "expert_prompts_8.yaml")]
+METHODS = {  # name -> convert flags; clone runs before each of the others
+    "kmeans": ["--experts", "8", "--top-k", "2", "--router-init", "kmeans", *CALIBRATION],
+    "hidden": ["--experts", "8", "--top-k", "2", *PROMPTS],
+    "split-ridge": ["--init", "split", "--experts", "8", "--top-k", "2", "--router-init", "kmeans", *CALIBRATION],
+    "coactivation": ["--init", "split", "--split-by", "coactivation", "--experts", "8", "--top-k", "2", *CALIBRATION],
+}
+CLONE = ["--experts", "8", "--top-k", "2"]
+WIDTHS = {1536: 576, 4864: 896, 14336: 4096}  # FFN width -> hidden size of the model it comes from
+
+
+def run_child(argv: list[str], timeout: float | None = None) -> dict:
+    """Run argv under a tiny helper that reports the child's own wall time, ru_maxrss and exit code."""
+    helper = (
+        "import os, sys, time, json\n"
+        "t = time.perf_counter(); pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+        "_, status, usage = os.wait4(pid, 0)\n"
+        "sys.stderr.write(json.dumps({'wall': time.perf_counter() - t, 'rss': usage.ru_maxrss * 1024,"
+        " 'rc': os.waitstatus_to_exitcode(status)}) + '\\n')\n"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", helper, *argv], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"wall": timeout, "rss": 0, "rc": 124, "stdout": "", "stderr": "timed out"}
+    stats = json.loads(proc.stderr.strip().splitlines()[-1])
+    return stats | {"stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def llama_05b(folder: Path) -> Path:
+    """Random weights of a ~0.45B Llama shape in bfloat16, with SmolLM2's tokenizer (built once)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from upcycle.source import resolve
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(resolve("smollm2").folder).save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def convert_rows(args) -> list[dict]:
+    upcycle = str(Path(sys.executable).parent / "upcycle")
+    src = "smollm2" if args.model == "smollm2" else str(llama_05b(args.work / "llama-0.5b"))
+    extra = ["--layers", args.layers] if args.layers else []
+    rows = []
+    for name in args.only.split(",") if args.only else list(METHODS):
+        pair = {}
+        for label, flags in (("clone", CLONE), (name, METHODS[name])):
+            out = args.work / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            stats = run_child([upcycle, "convert", src, str(out), *flags, *extra])
+            if stats["rc"] != 0:
+                print(f"{label}: convert failed: {stats['stderr'].strip().splitlines()[-2:]}", file=sys.stderr)
+            pair[label] = stats
+            shutil.rmtree(out, ignore_errors=True)
+        clone, method = pair["clone"], pair[name]
+        row = {
+            "model": args.model,
+            "method": name,
+            "flags": " ".join(os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a for a in METHODS[name]),
+            "layers": args.layers,
+            "clone_s": clone["wall"],
+            "clone_rss_gib": clone["rss"] / 2**30,
+            "method_s": method["wall"],
+            "method_rss_gib": method["rss"] / 2**30,
+            "time_ratio": method["wall"] / clone["wall"],
+            "rss_over_clone_gib": (method["rss"] - clone["rss"]) / 2**30,
+            "rc": method["rc"],
+            "load_avg": os.getloadavg()[0],
+        }
+        rows.append(row)
+        print(
+            f"| {args.model} | {name} | {clone['wall']:.1f} | {row['clone_rss_gib']:.2f} | {method['wall']:.1f} | "
+            f"{row['method_rss_gib']:.2f} | {row['time_ratio']:.2f}× | {row['load_avg']:.0f} |",
+            flush=True,
+        )
+    return rows
+
+
+def coactivation_one(width: int, tokens: int) -> None:
+    """One width, in this process: prints the graph's and the partition's seconds as JSON."""
+    import torch
+
+    from upcycle.convert.methods.base import generator
+    from upcycle.convert.methods.split import coactivation_graph, graph_partition
+
+    hidden = WIDTHS.get(width, 1024)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g)
+    gate = torch.randn(width, hidden, generator=g) / hidden**0.5
+    up = torch.randn(width, hidden, generator=g) / hidden**0.5
+    t = time.perf_counter()
+    w = coactivation_graph(x, gate, up, torch.nn.functional.silu, 0.25)
+    graph = time.perf_counter() - t
+    del x, gate, up
+    t = time.perf_counter()
+    labels = graph_partition(w, 8, generator(0, "coactivation", 0))
+    part = time.perf_counter() - t
+    assert torch.bincount(labels).tolist() == [width // 8] * 8
+    print(json.dumps({"graph_s": graph, "partition_s": part}))
+
+
+def coactivation_rows(args) -> list[dict]:
+    rows = []
+    for width in map(int, args.widths.split(",")):
+        argv = [sys.executable, __file__, "coactivation-one", "--width", str(width), "--tokens", str(args.tokens)]
+        stats = run_child(argv, timeout=args.timeout)
+        found = json.loads(stats["stdout"].strip().splitlines()[-1]) if stats["rc"] == 0 else {}
+        row = {
+            "width": width,
+            "hidden": WIDTHS.get(width, 1024),
+            "tokens": args.tokens,
+            "graph_s": found.get("graph_s"),
+            "partition_s": found.get("partition_s"),
+            "total_s": stats["wall"],
+            "peak_rss_gib": stats["rss"] / 2**30,
+            "rc": stats["rc"],
+            "load_avg": os.getloadavg()[0],
+        }
+        rows.append(row)
+        shown = [f"{row[k]:.1f}" if row[k] is not None else "–" for k in ("graph_s", "partition_s")]
+        print(
+            f"| {width:,} | {row['hidden']:,} | {args.tokens:,} | {shown[0]} | {shown[1]} | {stats['wall']:.1f}"
+            f"{' (timed out)' if stats['rc'] == 124 else ''} | {row['peak_rss_gib']:.2f} | {row['load_avg']:.0f} |",
+            flush=True,
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["convert", "coactivation", "coactivation-one"])
+    parser.add_argument("--model", choices=["smollm2", "llama-0.5b"], default="smollm2")
+    parser.add_argument("--only", help=f"comma-separated methods (default: {','.join(METHODS)})")
+    parser.add_argument("--layers", help="--layers for every conversion, clone's too (default: every layer)")
+    parser.add_argument("--widths", default=",".join(map(str, WIDTHS)))
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per co-activation width")
+    parser.add_argument("--work", type=Path, default=HERE / "_work" / "calibration")
+    parser.add_argument("--results", type=Path, help="JSON to extend (default: results/calibration_<yyyymm>.json)")
+    args = parser.parse_args(argv)
+    if args.what == "coactivation-one":
+        coactivation_one(args.width, args.tokens)
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = convert_rows(args) if args.what == "convert" else coactivation_rows(args)
+    results = args.results or HERE / "results" / f"calibration_{datetime.now(UTC):%Y%m}.json"
+    saved = json.loads(results.read_text()) if results.is_file() else {"runs": []}
+    saved["runs"].append(
+        {
+            "what": args.what,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "cpu_count": os.cpu_count(),
+            "rows": rows,
+        }
+    )
+    results.write_text(json.dumps(saved, indent=2) + "\n")
+    print(f"wrote {results}")
+
+
+if __name__ == "__main__":
+    main()
