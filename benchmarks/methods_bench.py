@@ -7,6 +7,13 @@ as a markdown table and to benchmarks/results/methods_<yyyymm>.json.
 
     python benchmarks/methods_bench.py                 # every method below
     python benchmarks/methods_bench.py --only split8-top2,drop
+
+`--speed` measures conversion speed alone on a real-size shape instead: a random ~0.5B bf16 Llama (hidden 2048,
+FFN 5632, 8 layers; made once under --work) converted by each method of SPEED (8 experts top-2 every layer, or
+their own config), then `cp -r` of that output, round after round so that every method sees the same load; each
+row gives the median of the rounds. Results go to benchmarks/results/methods_speed_<yyyymm>.json.
+
+    python benchmarks/methods_bench.py --speed --work /tmp/methods-speed --rounds 3
 """
 
 from __future__ import annotations
@@ -57,6 +64,17 @@ METHODS = {
 }
 
 
+# name -> convert flags of the --speed rows (every layer MoE, Mixtral)
+SPEED = {
+    "clone": ["--experts", "8", "--top-k", "2"],
+    "drop-r0.5": ["--config", str(CONFIGS / "drop-upcycling-r0.5.yaml")],
+    "split8-top2": ["--config", str(CONFIGS / "llama-moe-split8-top2.yaml")],
+    "fine-grained-64-g8-top8": ["--config", str(CONFIGS / "fine-grained-virtual-groups.yaml")],
+    "clone-noise0.01": ["--experts", "8", "--top-k", "2", "--noise", "0.01"],
+}
+SPEED_SHAPE = dict(hidden=2048, intermediate=5632, layers=8, heads=16, kv_heads=8)  # ~0.5B, 1.0 GB in bf16
+
+
 def run_child(argv: list[str]) -> tuple[float, float, str, str, int]:
     """Run argv under a tiny helper that reports the child's own wall time and ru_maxrss."""
     helper = (
@@ -73,13 +91,62 @@ def run_child(argv: list[str]) -> tuple[float, float, str, str, int]:
     return stats["wall"], stats["rss"] / 1e9, proc.stdout, proc.stderr, stats["rc"]
 
 
+def speed(work: Path, rounds: int, names: list[str]) -> None:
+    """Wall time and peak RSS of `upcycle convert` per method on the ~0.5B shape, beside `cp -r` of its output."""
+    from statistics import median
+
+    from convert_bench import ModelShape, make_dense
+
+    upcycle = str(Path(sys.executable).parent / "upcycle")
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free / 1e9
+    if free < 12:
+        raise SystemExit(f"{work}: {free:.1f} GB free; --speed writes up to ~10 GB at a time (output and its copy)")
+    dense = make_dense(work / "dense-0.5b", ModelShape(**SPEED_SHAPE), shards=2)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names:
+            out, copy = work / "out", work / "copy"
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            wall, rss, _, err, rc = run_child([upcycle, "convert", str(dense), str(out), *SPEED[name]])
+            if rc != 0:
+                raise SystemExit(f"{name}: convert failed: {err.strip().splitlines()[-2:]}")
+            os.sync()
+            cp_wall, _, _, _, _ = run_child(["cp", "-r", str(out), str(copy)])
+            size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e9
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            row = {"convert_s": wall, "peak_rss_gib": rss * 1e9 / 2**30, "cp_s": cp_wall, "output_gb": size}
+            runs[name].append(row)
+            print(f"round {r + 1} {name}: {wall:.1f} s, {rss * 1e9 / 2**30:.2f} GiB, cp -r {cp_wall:.1f} s", flush=True)
+    rows = []
+    base = median(x["convert_s"] for x in runs[names[0]])
+    print(f"\n| method | convert s | × {names[0]} | peak RSS GiB | cp -r s | output GB |\n|---|---|---|---|---|---|")
+    for name in names:
+        m = {k: median(x[k] for x in runs[name]) for k in runs[name][0]}
+        rows.append({"method": name, "flags": SPEED[name], "median": m, "runs": runs[name]})
+        print(f"| {name} | {m['convert_s']:.1f} | {m['convert_s'] / base:.2f} | {m['peak_rss_gib']:.2f} | "
+              f"{m['cp_s']:.1f} | {m['output_gb']:.2f} |")  # fmt: skip
+    results = HERE / "results" / f"methods_speed_{datetime.now(UTC):%Y%m}.json"
+    load = os.getloadavg()
+    meta = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
+            "loadavg_at_end": load, "shape": SPEED_SHAPE, "rounds": rounds}  # fmt: skip
+    results.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {results}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated method names (default: all)")
     parser.add_argument("--work", type=Path, default=HERE / "_work" / "methods")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--results", type=Path, help="JSON to write (default: results/methods_<yyyymm>.json)")
+    parser.add_argument("--speed", action="store_true", help="conversion speed on the ~0.5B shape (see above)")
+    parser.add_argument("--rounds", type=int, default=3, help="--speed: rounds over every method (medians)")
     args = parser.parse_args()
+    if args.speed:
+        return speed(args.work, args.rounds, args.only.split(",") if args.only else list(SPEED))
     upcycle = str(Path(sys.executable).parent / "upcycle")
     names = args.only.split(",") if args.only else list(METHODS)
     args.work.mkdir(parents=True, exist_ok=True)

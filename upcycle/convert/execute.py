@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..dtypes import DTYPE_BYTES, lossy, torch_dtype
 from ..source import Checkpoint, RangeReader, TensorInfo
 from .methods import LayerBuilder
+from .methods.ahead import Ahead, Order
 from .ops import CastCheck, Copy, Expert, Fused, Mean, Plan, Router, TensorOp, ValueChange, Zeros
 from .router_init import init_router
 from .writer import Placed
@@ -40,8 +41,9 @@ class LayerFFNs:
     """The dense FFN tensors of one MoE layer at a time (per source model), for the methods that compute from them.
 
     A layer's gate/up/down are loaded when its first computed expert tensor is asked for and dropped when the
-    next layer's are, so memory holds one layer's FFN of each source (plus one expert) whatever the model's size.
-    `others` are the --expert-from models (source i is others[i - 1]; 0 is CKPT, BASE).
+    next layer's are, so memory holds one layer's FFN of each source (plus a few expert tensors) whatever the
+    model's size. `others` are the --expert-from models (source i is others[i - 1]; 0 is CKPT, BASE). `written`
+    makes the next few computed tensors of the layer meanwhile, in worker threads (methods/ahead.py).
     """
 
     def __init__(
@@ -50,10 +52,15 @@ class LayerFFNs:
         self.ckpts = (ckpt, *others)
         self.seed, self.partitions = seed, partitions or {}
         self.keys: dict[int, dict[str, str]] = {}  # layer -> role -> source key
+        self.order: dict[tuple[int, int], Order] = {}  # (layer, source) -> (role, transform) -> (place, shape)
         for op in plan.expert_ops():
             if op.role is not None:
                 self.keys.setdefault(op.layer, {})[op.role] = op.src
+                if op.transform is not None:
+                    order = self.order.setdefault((op.layer, op.source), {})
+                    order.setdefault((op.role, op.transform), (len(order), op.shape))
         self._held: dict[int, tuple[int, LayerBuilder]] = {}  # source -> (layer, its builder)
+        self._ahead = Ahead()
 
     @property
     def ckpt(self) -> Checkpoint:
@@ -67,6 +74,14 @@ class LayerFFNs:
             partitions = self.partitions.get(layer) if source == 0 else None
             self._held[source] = (layer, LayerBuilder(dense, self.seed, layer, partitions))
         return self._held[source][1]
+
+    def written(self, op: Expert, dtype: torch.dtype) -> torch.Tensor:
+        """OP's computed tensor in DTYPE (`LayerBuilder.written`); `release` it once its bytes are written."""
+        order = self.order.get((op.layer, op.source), {})
+        return self._ahead.get(self.builder(op.layer, op.source), order, op.role, op.transform, op.shape, dtype)
+
+    def release(self, t: torch.Tensor) -> None:
+        self._ahead.release(t)
 
 
 @dataclass(frozen=True)
@@ -144,7 +159,8 @@ def handles(kind: type[TensorOp]) -> Callable:
 
 
 def produce(op: TensorOp, sources: Sources) -> Iterator[Chunk]:
-    """The bytes of OP, in order: buffers, or `Placed` byte ranges of a file."""
+    """The bytes of OP, in order: buffers, or `Placed` byte ranges of a file. A buffer is valid until the next
+    chunk is asked for (its memory may then take other bytes): write or compare it before."""
     handler = next((HANDLERS[k] for k in type(op).__mro__ if k in HANDLERS), None)
     if handler is None:
         raise RuntimeError(f"no handler produces {type(op).__name__} ops")
@@ -210,11 +226,17 @@ def _expert(op: Expert, sources: Sources) -> Iterator[Chunk]:
     if op.transform is None:  # the dense tensor itself
         yield from source_bytes(info, op.dtype, sources.meter)
         return
-    built = sources.layers.builder(op.layer, op.source).tensor(op.role, op.transform)  # from the layer's FFN
-    written = built.to(torch_dtype(op.dtype))
-    if sources.meter is not None and lossy(info.dtype, op.dtype):
+    if sources.meter is not None and lossy(info.dtype, op.dtype):  # the cast's rounding is tallied on float32
+        built = sources.layers.builder(op.layer, op.source).tensor(op.role, op.transform)  # from the layer's FFN
+        written = built.to(torch_dtype(op.dtype))
         sources.meter.add(info.dtype, op.dtype, built, written)
-    yield as_bytes(written)
+        yield as_bytes(written)
+        return
+    written = sources.layers.written(op, torch_dtype(op.dtype))  # the same bytes, made in the written dtype
+    try:
+        yield as_bytes(written)
+    finally:  # asked for what comes next (or closed): these bytes are written, their buffer may be reused
+        sources.layers.release(written)
 
 
 @handles(Router)

@@ -9,6 +9,7 @@ transform), so memory stays at one layer's FFN whatever the model's size.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     import torch
 
     from ..spec import ConvertSpec
+
+DROPPED_KEPT = 4  # dropped-neuron sets held per layer (the experts computed ahead of the one written among them)
 
 LAYOUTS: dict[str, Callable[[ConvertSpec, int, int], Layout]] = {
     "clone": clone.layout,
@@ -36,7 +39,12 @@ def layout(spec: ConvertSpec, hidden: int, intermediate: int) -> Layout:
 
 
 class LayerBuilder:
-    """Computes transformed expert tensors (float32) of one MoE layer from that layer's dense FFN tensors."""
+    """Computes transformed expert tensors of one MoE layer from that layer's dense FFN tensors: in float32
+    (`tensor`), or straight in the written dtype (`written`, the same bytes as `tensor(...).to(dtype)`).
+
+    Safe to call from several threads: what is computed once per layer (partitions, dropped neurons, moments) is
+    computed under a lock; the rest reads the dense tensors only.
+    """
 
     def __init__(
         self,
@@ -50,27 +58,83 @@ class LayerBuilder:
         self._partitions: dict[tuple[str, int], list[torch.Tensor]] = dict(partitions or {})
         self._dropped: dict[tuple[int, float], torch.Tensor] = {}
         self._moments: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread working tensors (_scratch)
 
     def tensor(self, role: str, transform: Transform) -> torch.Tensor:
         """The expert tensor of `role` that `transform` computes (float32)."""
+        dense = self.dense[role]
         if isinstance(transform, Parts):
-            key = (transform.by, transform.parts)
-            if key not in self._partitions:  # k-means once per layer, not once per expert
-                self._partitions[key] = split.partition(self.dense, *key, self.seed, self.layer)
-            return split.take(self.dense[role], role, self._partitions[key], transform.chosen, transform.scale)
+            return split.take(dense, role, self._groups(transform), transform.chosen, transform.scale)
         if isinstance(transform, Drop):
-            key = (transform.expert, transform.ratio)
-            if key not in self._dropped:  # the same neurons in gate, up and down
-                neurons = self.dense["gate"].shape[0]
-                self._dropped = {key: drop.dropped(neurons, transform.ratio, self.seed, self.layer, transform.expert)}
-            if role not in self._moments:  # once per layer and role, not once per expert
-                self._moments[role] = drop.stats(self.dense[role])
-            dense, idx, moments = self.dense[role], self._dropped[key], self._moments[role]
+            idx, moments = self._drop(role, transform)
             return drop.reinit(dense, role, idx, moments, self.seed, self.layer, transform.expert, transform.scale)
         if isinstance(transform, Noise):
             e, sigma, scale = transform.expert, transform.sigma, transform.scale
-            return noise.perturb(self.dense[role], role, sigma, self.seed, self.layer, e, scale)
+            return noise.perturb(dense, role, sigma, self.seed, self.layer, e, scale)
         raise ValueError(f"unknown expert transform {transform!r}")
+
+    def written(
+        self, role: str, transform: Transform, dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`tensor(role, transform).to(dtype)`, byte for byte, without a float32 copy of the dense tensor: kept
+        neurons are copied (or scaled) in the dense dtype where that gives the same bytes, and only what is drawn
+        passes through float32 (methods/base.scaled). NaN weights keep their bytes (a float32 round trip would
+        have made them the canonical NaN). OUT: a tensor of the result's shape and DTYPE that Drop and Noise write
+        into and return (Parts return a view of the dense tensor or a gather of their own)."""
+        import torch
+
+        dense = self.dense[role]
+        if isinstance(transform, Parts):
+            groups = self._groups(transform)
+            return split.take_written(dense, role, groups, transform.chosen, transform.scale, dtype)
+        if isinstance(transform, Drop):
+            idx, moments = self._drop(role, transform)
+            shape = drop.fresh_shape(dense, role, len(idx))
+            new = drop.fresh(shape, moments, self.seed, self.layer, transform.expert, role, self._scratch(shape))
+            spare = self._scratch(shape, dtype, "cast") if dtype != torch.float32 else None
+            return drop.reinit_written(dense, role, idx, new, transform.scale, dtype, spare, out)
+        if isinstance(transform, Noise):
+            e, sigma, shape = transform.expert, transform.sigma, tuple(dense.shape)
+            kept = out is not None or dtype != torch.float32  # else the float32 result is the draw itself
+            f = noise.factors(shape, sigma, self.seed, self.layer, e, role, self._scratch(shape) if kept else None)
+            return noise.perturb_written(dense, f, transform.scale, dtype, out)
+        raise ValueError(f"unknown expert transform {transform!r}")
+
+    def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype | None = None, name: str = "draw") -> torch.Tensor:
+        """A working tensor of this thread, reused from tensor to tensor (the draws of one layer share a few
+        shapes): no allocation per expert tensor, so the allocator has no large blocks to scatter over the heap."""
+        import torch
+
+        dtype = dtype or torch.float32
+        held: dict = self._local.__dict__.setdefault("held", {})
+        t = held.pop((name, dtype), None)  # a tensor of another shape is freed before the new one is made
+        if t is None or tuple(t.shape) != tuple(shape):
+            t = torch.empty(shape, dtype=dtype)
+        held[(name, dtype)] = t
+        return t
+
+    def _groups(self, transform: Parts) -> list[torch.Tensor]:
+        key = (transform.by, transform.parts)
+        with self._lock:
+            if key not in self._partitions:  # k-means once per layer, not once per expert
+                self._partitions[key] = split.partition(self.dense, *key, self.seed, self.layer)
+            return self._partitions[key]
+
+    def _drop(self, role: str, transform: Drop) -> tuple[torch.Tensor, tuple[float, float]]:
+        """The neurons expert `transform.expert` re-initialises (the same in gate, up and down) and the moments of
+        the dense ROLE matrix they are drawn from."""
+        key = (transform.expert, transform.ratio)
+        with self._lock:
+            if key not in self._dropped:
+                neurons = self.dense["gate"].shape[0]
+                idx = drop.dropped(neurons, transform.ratio, self.seed, self.layer, transform.expert)
+                self._dropped[key] = idx
+                if len(self._dropped) > DROPPED_KEPT:  # experts are asked for in order: keep the last few
+                    self._dropped.pop(next(iter(self._dropped)))
+            if role not in self._moments:  # once per layer and role, not once per expert
+                self._moments[role] = drop.stats(self.dense[role])
+            return self._dropped[key], self._moments[role]
 
 
 __all__ = ["LAYOUTS", "Expert", "ExpertTensor", "LayerBuilder", "Layout", "layout"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -92,3 +93,35 @@ def parts_transform(by: str, parts: int, chosen: tuple[int, ...], scale: float) 
     if parts == 1 and scale == 1.0:
         return None
     return Parts(by, parts, chosen, float(scale))
+
+
+# --- writing in the written dtype: the bytes of the float32 arithmetic, without the float32 round trip -----------
+
+
+@functools.cache
+def scales_exactly(dtype: torch.dtype, scale: float) -> bool:
+    """Does `x * scale` computed on DTYPE tensors give the bytes of `(x.float() * scale).to(DTYPE)` for every x
+    that is not a NaN? Float32: the same arithmetic. Bfloat16 and float16: checked on all 65,536 bit patterns
+    (torch multiplies them in float32 and rounds once, so this holds for any scale; checked, not assumed)."""
+    import torch
+
+    if scale == 1.0 or dtype == torch.float32:
+        return True
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[~x.isnan()]
+    return torch.equal((x * scale).view(torch.int16), (x.float() * scale).to(dtype).view(torch.int16))
+
+
+def scaled(t: torch.Tensor, scale: float, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`(t.float() * scale).to(dtype)`, byte for byte (NaNs aside), computed in DTYPE where that is exact, into OUT
+    when given. Without OUT it may return T itself (scale 1 in its own dtype): copy it before changing it."""
+    import torch
+
+    if t.dtype == dtype and scales_exactly(dtype, scale):
+        if scale == 1.0:
+            return t if out is None else out.copy_(t)
+        return t * scale if out is None else torch.mul(t, scale, out=out)
+    w = t.float() * scale
+    return w.to(dtype) if out is None else out.copy_(w)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..ops import Drop
-from .base import Layout, expert, generator
+from .base import Layout, expert, generator, scaled
 from .clone import routed_scale
 
 if TYPE_CHECKING:
@@ -42,6 +42,30 @@ def stats(dense: torch.Tensor) -> tuple[float, float]:
     return w.mean().item(), w.std().item()
 
 
+def fresh(
+    shape: tuple[int, int],
+    moments: tuple[float, float],
+    seed: int,
+    layer: int,
+    expert_index: int,
+    role: str,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The re-initialised neurons' weights (float32, SHAPE), drawn in one block from N(mean, std) = `moments` with
+    the generator of (seed, layer, expert, role): the draw that fixes the bytes for a seed. OUT: a float32 tensor
+    of SHAPE to draw into (the values do not depend on what it held)."""
+    import torch
+
+    mean, std = moments
+    out = torch.empty(shape) if out is None else out
+    return out.normal_(mean, std, generator=generator(seed, "drop", layer, expert_index, role))
+
+
+def fresh_shape(dense: torch.Tensor, role: str, count: int) -> tuple[int, int]:
+    """The shape of the fresh block: COUNT columns of down [H, I], COUNT rows of gate/up [I, H]."""
+    return (dense.shape[0], count) if role == "down" else (count, dense.shape[1])
+
+
 def reinit(
     dense: torch.Tensor,
     role: str,
@@ -52,15 +76,40 @@ def reinit(
     expert_index: int,
     scale: float,
 ) -> torch.Tensor:
-    """The dense tensor with neurons `idx` drawn anew from N(mean, std) = `moments` of the dense matrix."""
-    import torch
-
+    """The dense tensor with neurons `idx` drawn anew from N(mean, std) = `moments` of the dense matrix (float32)."""
     w = dense.float().clone()
-    mean, std = moments
-    shape = (w.shape[0], len(idx)) if role == "down" else (len(idx), w.shape[1])
-    fresh = torch.empty(shape).normal_(mean, std, generator=generator(seed, "drop", layer, expert_index, role))
+    new = fresh(fresh_shape(dense, role, len(idx)), moments, seed, layer, expert_index, role)
     if role == "down":
-        w[:, idx] = fresh  # [H, I]: a neuron is a column
+        w[:, idx] = new  # [H, I]: a neuron is a column
     else:
-        w[idx] = fresh  # [I, H]: a neuron is a row
+        w[idx] = new  # [I, H]: a neuron is a row
     return w * scale
+
+
+def reinit_written(
+    dense: torch.Tensor,
+    role: str,
+    idx: torch.Tensor,
+    new: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    spare: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`reinit(...).to(dtype)` byte for byte, given the draw NEW (`fresh`, float32, scaled in place): the kept
+    neurons are the dense bytes (times `scale` in DTYPE where base.scaled finds that exact), only the fresh block
+    is cast from float32. SPARE: a DTYPE tensor of NEW's shape to cast into (else one is made); OUT: the DTYPE
+    tensor of DENSE's shape to write the result into (else one is made).
+
+    A fresh value goes through the same float32 multiply and one rounding as before; the kept ones are copied
+    (or scaled) in DTYPE: the whole tensor once, then the fresh rows of gate/up or columns of down written over it
+    (index_copy_, in DTYPE), so no float32 copy of the tensor is ever made.
+    """
+    out = scaled(dense, scale, dtype, out)
+    if out is dense:
+        out = dense.clone()
+    if scale != 1.0:  # x 1.0 changes no drawn value
+        new.mul_(scale)
+    cast = new if dtype == new.dtype else spare.copy_(new) if spare is not None else new.to(dtype)
+    out.index_copy_(1 if role == "down" else 0, idx, cast)
+    return out

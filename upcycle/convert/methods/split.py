@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...errors import UpcycleError
-from .base import Layout, expert, generator, parts_transform, routing_factor, zero_router
+from .base import Layout, expert, generator, parts_transform, routing_factor, scaled, zero_router
 
 if TYPE_CHECKING:
     import torch
@@ -146,6 +146,23 @@ def take(dense: torch.Tensor, role: str, groups: list[torch.Tensor], chosen: tup
     if role == "down":
         return dense.float()[:, idx] * scale  # [H, I] -> [H, |idx|]
     return dense.float()[idx] * scale  # [I, H] -> [|idx|, H]
+
+
+def take_written(
+    dense: torch.Tensor, role: str, groups: list[torch.Tensor], chosen: tuple[int, ...], scale: float, dtype
+) -> torch.Tensor:
+    """`take(...).to(dtype)` byte for byte: the neurons are picked in the dense dtype (a view where they are one
+    contiguous range, as in fine-grained parts), then scaled in DTYPE where base.scaled finds that exact."""
+    import torch
+
+    idx = torch.cat([groups[i] for i in chosen])
+    dim = 1 if role == "down" else 0
+    first = int(idx[0]) if len(idx) else 0
+    if torch.equal(idx, torch.arange(first, first + len(idx))):  # one range of neurons: a view, no gather
+        part = dense.narrow(dim, first, len(idx))
+    else:
+        part = dense.index_select(dim, idx)
+    return scaled(part, scale, dtype)
 
 
 # --- coactivation (MoEfication, Zhang et al. 2022): a balanced partition of the co-activation graph ---------

@@ -1,0 +1,120 @@
+"""Expert tensors made in the written dtype (LayerBuilder.written, what convert writes) are byte for byte the
+float32 arithmetic they replace (LayerBuilder.tensor, then one cast), for every transform, dtype and scale; the
+tensors made ahead in worker threads (methods/ahead.py) are the same whatever the order they are asked for in."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from upcycle.convert.execute import LayerFFNs, Sources, as_bytes, produce
+from upcycle.convert.methods import LayerBuilder
+from upcycle.convert.methods.base import generator, scales_exactly
+from upcycle.convert.ops import Drop, Expert, Noise, Parts
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
+from upcycle.source import Checkpoint
+
+INTERMEDIATE, HIDDEN = 64, 48
+SCALES = [1.0, 0.5, 2.0, 4.0, 8.0, 3.0, 4 ** (1 / 3)]  # shared halves, N/k, split N, fine-grained G, cube root
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _dense(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """gate/up [I, H] and down [H, I] with the awkward values: zeros of both signs, subnormals, values that a
+    scale of 8 takes past the dtype's largest."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    shapes = {"gate": (INTERMEDIATE, HIDDEN), "up": (INTERMEDIATE, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}
+    for role, shape in shapes.items():
+        w = torch.randn(shape, generator=g) * 0.02
+        flat = w.view(-1)
+        flat[:4] = torch.tensor([0.0, -0.0, 1e-40, -3e-39])  # float32 subnormals (bf16 keeps some; f16 flushes)
+        big = torch.finfo(dtype).max / 4
+        flat[4:6] = torch.tensor([big, -big])
+        out[role] = w.to(dtype)
+    return out
+
+
+def _transforms(scale: float) -> list:
+    return [
+        Drop(1, 0.5, scale),
+        Drop(2, 0.25, scale),
+        Noise(3, 0.1, scale),
+        Parts("random", 4, (1,), scale),
+        Parts("random", 4, (0, 3), scale),
+        Parts("contiguous", 4, (2,), scale),  # one range of neurons: a view of the dense tensor
+        Parts("contiguous", 1, (0,), scale),  # clone's scaled down_proj
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", SCALES)
+def test_written_is_the_float32_arithmetic_byte_for_byte(dtype, scale):
+    dense = _dense(dtype)
+    made, reference = LayerBuilder(dense, 7, 3), LayerBuilder(dense, 7, 3)
+    for t in _transforms(scale):
+        for role in ("gate", "up", "down"):
+            want = reference.tensor(role, t).to(dtype)
+            got = made.written(role, t, dtype)
+            assert got.dtype == dtype and got.shape == want.shape
+            assert as_bytes(got) == as_bytes(want), (t, role)
+            if isinstance(t, Drop | Noise):  # into a given buffer: the same bytes, and that buffer returned
+                buf = torch.full(want.shape, 5.0, dtype=dtype)
+                assert made.written(role, t, dtype, buf) is buf and torch.equal(buf.view(-1), want.view(-1))
+    for role, w in dense.items():  # nothing changed the dense tensors (views, in-place arithmetic)
+        assert torch.equal(w, _dense(dtype)[role])
+
+
+def test_drop_bytes_are_the_documented_draw():
+    """Kept neurons are the dense bytes; the re-initialised ones are N(mean, std) of the dense matrix, drawn in one
+    float32 block per (seed, layer, expert, role) and cast once: the bytes a seed has always given."""
+    dense = _dense(torch.bfloat16)
+    got = LayerBuilder(dense, 11, 2).written("down", Drop(5, 0.5, 2.0), torch.bfloat16)
+    idx = torch.randperm(INTERMEDIATE, generator=generator(11, "drop", 2, 5))[: INTERMEDIATE // 2].sort().values
+    w = dense["down"].float()
+    draw = generator(11, "drop", 2, 5, "down")
+    fresh = torch.empty(HIDDEN, len(idx)).normal_(w.mean().item(), w.std().item(), generator=draw)
+    keep = torch.ones(INTERMEDIATE, dtype=torch.bool)
+    keep[idx] = False
+    assert torch.equal(got[:, keep], (w[:, keep] * 2.0).bfloat16())
+    assert torch.equal(got[:, idx], (fresh * 2.0).bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_scaling_in_the_dtype_is_exact_for_the_scales_methods_use(dtype):
+    """Checked on every bit pattern at run time; if a torch version rounded differently, written() would fall back
+    to float32 (slower, the same bytes) and this test would say so."""
+    assert all(scales_exactly(dtype, s) for s in [*SCALES, 16.0, 0.25, 1 / 3])
+
+
+def test_nan_weights_keep_their_bytes():
+    """A copied neuron keeps its bytes, NaN payloads and signs included (clone's byte copies do the same)."""
+    dense = _dense(torch.bfloat16)
+    dense["gate"].view(torch.int16)[0, :2] = torch.tensor([0x7FC1, -0x40], dtype=torch.int16)  # payload, -NaN
+    got = LayerBuilder(dense, 0, 0).written("gate", Parts("contiguous", 4, (0,), 1.0), torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), dense["gate"][:16].view(torch.int16))
+
+
+@pytest.mark.parametrize("spec", [dict(init="drop", experts=4), dict(experts=4, noise=0.05)], ids=["drop", "noise"])
+def test_tensors_made_ahead_do_not_depend_on_the_order_asked(spec, dense_store, tmp_path):
+    """Ask for the written expert tensors in reverse and shuffled order (verify --layerwise skips some; made-ahead
+    tensors are then dropped, buffers recycled): every one is still the bytes convert wrote."""
+    src = dense_store("llama", dtype=torch.bfloat16)
+    out = tmp_path / "moe"
+    plan = convert(str(src), out, build_spec(seed=4, **spec)).plan
+    written = {}
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, "pt") as fh:
+            written |= {k: as_bytes(fh.get_tensor(k)).tobytes() for k in fh.keys()}
+    ops = [op for op in plan.ops if isinstance(op, Expert) and op.transform is not None]
+    assert len(ops) == 4 * 4 * 3  # every routed expert tensor of the 4 layers is computed
+    ckpt = Checkpoint.open(src)
+    for order in (ops[::-1], random.Random(0).sample(ops, len(ops)), ops[::2]):
+        sources = Sources(ckpt, LayerFFNs(ckpt, plan, 4))
+        for op in order:
+            got = b"".join(bytes(memoryview(c).cast("B")) for c in produce(op, sources))
+            assert got == written[op.name], op.name
