@@ -542,7 +542,8 @@ def test_noise_and_capacity_resume_exactly_and_stay_out_of_final(moe_store, text
     options |= dict(jitter=0.01, keep_last=3)
     train(src, tmp_path / "a", **options)
     records = train_records(tmp_path / "a")
-    assert all(row["dropped"] > 0 for r in records for row in r["layers"])
+    dropped = [row["dropped"] for r in records for row in r["layers"]]
+    assert all(0 <= d < 1 for d in dropped) and sum(dropped) > 0  # shares of T·k; capacity 1.0 overflows
     with safe_open(tmp_path / "a" / "checkpoints" / "step-3" / "trainer_state.safetensors", "pt") as fh:
         assert sorted(fh.keys()) == [f"noise.{i}.weight" for i in range(4)]
     assert tensors(tmp_path / "a" / "final").keys() == tensors(src).keys()

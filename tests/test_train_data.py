@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import random
+import re
+import socket
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -301,7 +303,8 @@ def test_damaged_cache_entries_are_rebuilt(tok, tmp_path):
     assert not prepare(str(path), tok, 16, cache_dir=cache)[2].cache_hit
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = cache / f"{info.key}.tmp-{int(dead.stdout)}-deadbeef"  # a half-built folder of a process that is gone
+    host = re.sub(r"[^\w.-]", "_", socket.gethostname())  # outdir.staged_folder's name: .KEY.tmp-<pid>@<host>-<rand>
+    stale = cache / f".{info.key}.tmp-{int(dead.stdout)}@{host}-deadbeef"  # left by a process that is gone
     stale.mkdir()
     (stale / "all.bin").write_bytes(b"\0" * 64)
     (entry / "meta.json").unlink()

@@ -120,10 +120,16 @@ def fsync_tree(root: Path) -> None:
 
 
 @contextmanager
-def staged_folder(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed."""
+def staged_folder(out: Path, force: bool, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed.
+
+    The one staged-folder tool: convert's OUT, train's final/ and checkpoints, the token cache's entries.
+    keep_existing: `out` is a cache entry that any process may build: when another process published it first
+    (a lost race), ours is dropped and theirs kept, rather than refused or replaced.
+    """
     out = Path(out)
-    check_target(out, force)
+    if not keep_existing:
+        check_target(out, force)
     remove_stale(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}@{_host()}-", dir=out.parent))
@@ -134,7 +140,9 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; OUT gets the usual mode
         yield tmp
         fsync_tree(tmp)
-        if out.exists():
+        if keep_existing and out.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "previous")
             os.replace(tmp, out)

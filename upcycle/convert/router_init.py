@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import seeds
+
 
 def layer_generator(seed: int, layer: int) -> torch.Generator:
-    """One generator per layer, so a layer's router depends on (seed, layer) only."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    """One generator per layer, so a layer's router depends on (seed, layer) only (the one scheme: seeds.py)."""
+    return seeds.generator(seed, "router", layer)
 
 
 def init_router(

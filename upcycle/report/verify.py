@@ -16,15 +16,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import seeds
+from ..dtypes import DTYPE_BYTES, TORCH_TO_ST
 from ..errors import UpcycleError
-from ..source import DTYPE_BYTES, Checkpoint, public_name, resolve
+from ..source import Checkpoint, public_name, resolve
 
 if TYPE_CHECKING:
     from .verify_layerwise import LayerRow, TensorCheck
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("auto", "whole", "layerwise")
-ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 # Unit roundoff of each compute dtype: half the distance from 1 to the next number (2^-(mantissa bits + 1)).
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
@@ -195,7 +196,7 @@ def whole_model_bytes(dense: Checkpoint, moe: Checkpoint, dtype: str, tokens: in
     """What a whole-model verify takes: the larger model's weights at the compute dtype (the two are loaded one
     after the other) with the loader's transient copies, both logits tensors, and the interpreter."""
     params = max(sum(math.prod(t.shape) for t in ckpt.tensors.values()) for ckpt in (dense, moe))
-    weights = params * DTYPE_BYTES[ST_DTYPE[dtype]]
+    weights = params * DTYPE_BYTES[TORCH_TO_ST[dtype]]
     activations = 3 * tokens * vocab * 4  # both models' logits, and the float32 head output being computed
     return int(weights * LOAD_OVERHEAD) + activations + BASE_BYTES
 
@@ -241,8 +242,7 @@ def input_ids(dense_folder: Path, vocab_size: int, *, text: Path | None, tokens:
     import torch
 
     if text is None:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randint(0, vocab_size, (1, tokens), generator=gen)
+        return torch.randint(0, vocab_size, (1, tokens), generator=seeds.generator(seed, "verify-tokens"))
     if not text.is_file():
         raise UpcycleError(f"--text {text} does not exist")
     from transformers import AutoTokenizer

@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -46,6 +45,8 @@ import torch
 
 from ..compat import dataset_fingerprint
 from ..errors import UpcycleError
+from ..outdir import staged_folder
+from ..seeds import derived_seed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -122,13 +123,6 @@ class DataInfo:
         return asdict(self)
 
 
-def derived_seed(*parts: object) -> int:
-    """A 63-bit generator seed from several values, without the collisions of seed·K + epoch (the eval split's
-    permutation here, the block order in sampler.py)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 # ---------------------------------------------------------------------------------------------------
 # prepare()
 
@@ -171,15 +165,9 @@ def prepare(
     hit = meta is not None
     if meta is None:
         root.mkdir(parents=True, exist_ok=True)
-        _remove_stale(root, key)
-        tmp = root / f"{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            job = _Job(tmp, tokenizer, eos, dtype, text_field, seq_len, progress)
-            meta = _build(job, key, train_src, eval_src, eval_fraction, seed)
-            _publish(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with staged_folder(entry, force=False, keep_existing=True) as tmp:  # a lost race keeps the winner's
+            _build(_Job(tmp, tokenizer, eos, dtype, text_field, seq_len, progress), key, train_src, eval_src,
+                   eval_fraction, seed)
         meta = _read_entry(entry, key)
         if meta is None:  # only if something removed or damaged it between the rename and now
             raise UpcycleError(f"the token cache {entry.name} was damaged while it was written; run again")
@@ -380,26 +368,6 @@ def _read_entry(entry: Path, key: str) -> dict[str, Any] | None:
         return meta
     shutil.rmtree(entry, ignore_errors=True)
     return None
-
-
-def _remove_stale(root: Path, key: str) -> None:
-    """Half-built folders of this key left by runs that were killed (their process is gone)."""
-    for tmp in root.glob(f"{key}.tmp-*"):
-        try:
-            pid = int(tmp.name.split(".tmp-")[1].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue
-
-
-def _publish(tmp: Path, entry: Path) -> None:
-    try:
-        os.rename(tmp, entry)
-    except OSError:
-        if not entry.is_dir():  # not a lost race with another process building the same entry
-            raise
 
 
 # ---------------------------------------------------------------------------------------------------

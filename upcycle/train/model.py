@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from ..arch import Target, family_for, target_for_config
 from ..compat import enable_grouped_mm_autocast, experts_implementation
 from ..errors import UpcycleError
-from .data import derived_seed
+from ..seeds import derived_seed
 from .distributed import DistEnv, mixed_precision
 from .optim import optimizer_state_bytes, set_trainable
 from .plan import Footprint, moe_shape

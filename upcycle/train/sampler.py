@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..errors import UpcycleError
-from .data import derived_seed
+from ..seeds import derived_seed
 
 
 class BlockSampler:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ... import seeds
 from ...arch import FFN_ROLES
 from ..ops import Parts, Transform
 
@@ -83,10 +83,7 @@ def expert(hidden: int, size: int, gate_up: Transform | None, down: Transform | 
 
 def generator(seed: int, *keys: object) -> torch.Generator:
     """A generator seeded from (seed, *keys) alone, so each layer's/expert's draws are independent of the rest."""
-    import torch
-
-    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return seeds.generator(seed, *keys)
 
 
 def parts_transform(by: str, parts: int, chosen: tuple[int, ...], scale: float) -> Parts | None:
