@@ -1,29 +1,35 @@
-"""Does upcycling pay? From one dense parent, train each arm for the same tokens and compare held-out perplexity.
+"""Does upcycling pay? From one dense parent, train each arm and compare held-out perplexity, fairly.
 
-Arms (issue 14): `dense` (the parent, trained on), `moe-all` (clone-upcycled Mixtral, 8 experts, top-2, every
-layer), `moe-every2` (Qwen2-MoE, 8 experts, top-2, every other layer) and `drop-r0.5` (Drop-Upcycling, 8×top-2,
-every layer). Every arm and seed: same text in the same order (the seed sets the data order, and the conversion's
-seed), same AdamW, warmup and cosine decay to 10%, same tokens. Held-out perplexity on one fixed set that no phase
-trains on, at the start and along the way.
+Arms (issues 14 and 25): `dense` (the parent, trained on, re-warmed to its learning rate), `dense-nowarm` (the
+parent trained on from its final pretraining learning rate, no warmup), `dense-wide` (the parent's FFNs widened
+function-preserving by Net2Net splitting to the MoE's active parameters: more active parameters, no sparsity),
+`moe-all` (clone-upcycled Mixtral, 8 experts, top-2, every layer), `moe-all-flop` (the same MoE with its own full
+schedule ending at dense's training FLOPs), `moe-every2` (Qwen2-MoE, 8 experts, top-2, every other layer) and
+`drop-r0.5` (Drop-Upcycling, 8×top-2, every layer). Every arm and seed: same text in the same order (the seed
+sets the data order and the conversion's seed), same AdamW, warmup and cosine decay to 10%. With `--lr-sweep`
+each arm first trains at 3e-4, 1e-3 and 3e-3 (seed 0, the sweep's token budget, judged on a validation part)
+and then runs at its best; `dense-nowarm`'s learning rate is the parent's final one by definition.
+
+FLOPs per token: 6 · N_active + 12 · L · d · S (N_active counts routed experts at top-k/E and the tied embedding
+once, as the output head; L layers, d hidden size, S the sequence length: the attention scores and values).
 
 Training goes through `upcycle.train.loop.train`, the function behind `upcycle train`. That function trains MoE
-checkpoints only, so the dense model trains as a Mixtral with ONE expert and top-1: the softmax over one logit is
+checkpoints only, so the dense models train as Mixtrals with ONE expert and top-1: the softmax over one logit is
 1, so its MoE block is exactly the dense FFN (checked on logits when the folder is made), with no balance or
-z-loss (their coefficients are 0 for the dense runs). The parent is pretrained from scratch the same way and
-turned back into a Llama folder, which `upcycle convert` then upcycles.
+z-loss. The parent is pretrained from scratch the same way and turned back into a Llama folder, which `upcycle
+convert` then upcycles.
 
 Text: the Jargon File, `fortunes`, Perl's manual (perl-doc) and Git's (git-doc) from Debian packages (apt-get
-download, cached), and the source files of this Python's standard library (~47 MB, ~15.7M tokens with the 4k
-BPE); a byte-level BPE tokenizer trained on the training parts with the `tokenizers` library (the gpu preset uses
-SmolLM2 and its own tokenizer). Documents (paragraphs) are shuffled once with a fixed seed and cut into three
-disjoint parts: held-out, parent pretraining, continuation (the arms).
+download, cached; their versions are recorded), and the source files of this Python's standard library. Whole
+FILES are held out, stratified by source, and the training text is cleaned of held-out text (study_corpus.py:
+13-word overlap measured and reported); a byte-level BPE tokenizer is trained on the training parts.
 
 Outputs under benchmarks/results/: upcycle_vs_dense_<preset>.json (rewritten as each run finishes, so an
-interrupted study keeps what it finished), upcycle_vs_dense_<preset>_tokens.png and _flops.png.
+interrupted study keeps what it finished; a rerun reuses the runs it finds finished), _tokens.png and _flops.png.
 
-    python benchmarks/upcycle_vs_dense.py --preset cpu          # <= 45 min on 2 idle cores
-    python benchmarks/upcycle_vs_dense.py --preset cpu-long     # then: cpu's parent, 3 seeds, 2x the tokens
-    python benchmarks/upcycle_vs_dense.py --preset smoke        # seconds; what the smoke test runs
+    python benchmarks/upcycle_vs_dense.py --preset cpu --lr-sweep   # <= 45 min on 2 idle cores (not yet rerun)
+    python benchmarks/upcycle_vs_dense.py --preset cpu-long         # then: cpu's parent, 3 seeds, 2x the tokens
+    python benchmarks/upcycle_vs_dense.py --preset smoke            # about a minute; what the smoke test runs
 """
 
 from __future__ import annotations
@@ -33,8 +39,6 @@ import json
 import math
 import os
 import platform
-import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -48,24 +52,41 @@ from importlib.metadata import PackageNotFoundError, version
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIGS = ROOT / "configs"
+if str(HERE) not in sys.path:  # the sibling modules, also in spawned workers
+    sys.path.insert(0, str(HERE))
 
-# arm -> `upcycle convert` flags (None: the dense arm, a one-expert Mixtral of the parent)
-ARMS: dict[str, list[str] | None] = {
-    "dense": None,
-    "moe-all": ["--experts", "8", "--top-k", "2"],
-    "moe-every2": ["--experts", "8", "--top-k", "2", "--every", "2"],
-    "drop-r0.5": ["--config", str(CONFIGS / "drop-upcycling-r0.5.yaml")],
+import study_corpus  # noqa: E402
+
+MOE_ALL = ("--experts", "8", "--top-k", "2")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: how its model is made and how it trains."""
+
+    label: str
+    flags: tuple[str, ...] | None = None  # `upcycle convert` flags; None: a dense model (a one-expert Mixtral)
+    model: str = "convert"  # "parent": the parent itself; "wide": the parent widened (Net2Net); "convert"
+    rewarm: bool = True  # False: no warmup, the parent's final learning rate
+    flop_matched: bool = False  # its tokens cut so that its training FLOPs equal dense's
+    uses: str | None = None  # the arm whose model and swept learning rate it takes
+
+
+ARMS: dict[str, Arm] = {
+    "dense": Arm("dense (continued, re-warmed)", model="parent"),
+    "dense-nowarm": Arm("dense (continued from the parent's final lr, no re-warm)", model="parent", rewarm=False),
+    "dense-wide": Arm("dense widened (Net2Net) to the MoE's active params", model="wide"),
+    "moe-all": Arm("clone MoE 8×top-2, every layer", MOE_ALL),
+    "moe-all-flop": Arm("clone MoE 8×top-2, every layer, at dense's FLOPs", MOE_ALL, flop_matched=True, uses="moe-all"),
+    "moe-every2": Arm("clone MoE 8×top-2, every other layer", (*MOE_ALL, "--every", "2")),
+    "drop-r0.5": Arm("Drop-Upcycling r=0.5, 8×top-2", ("--config", str(CONFIGS / "drop-upcycling-r0.5.yaml"))),
 }
-ARM_LABELS = {
-    "dense": "dense (continued)",
-    "moe-all": "clone MoE 8×top-2, every layer",
-    "moe-every2": "clone MoE 8×top-2, every other layer",
-    "drop-r0.5": "Drop-Upcycling r=0.5, 8×top-2",
-}
+ARM_LABELS = {name: arm.label for name, arm in ARMS.items()}
 DEBIAN = {  # package -> the member folder or file the text is read from
     "jargon-text": "usr/share/doc/jargon-text/jargon.txt.gz",
     "fortunes": "usr/share/games/fortunes",
@@ -73,6 +94,7 @@ DEBIAN = {  # package -> the member folder or file the text is read from
     "git-doc": "usr/share/doc/git-doc",  # Git's manual pages and guides: *.txt (AsciiDoc)
 }
 MANUALS = {"perl-doc": "*.pod", "git-doc": "*.txt"}  # package -> the files of its folder that are text
+SWEEP_LRS = (3e-4, 1e-3, 3e-3)
 
 
 @dataclass(frozen=True)
@@ -92,11 +114,15 @@ class Preset:
     parent_lr: float = 3e-3
     arm_tokens: int = 2_000_000
     continue_tokens: int | None = None  # what the continuation part of the corpus is sized for (None: arm_tokens)
-    arm_lr: float = 1e-3
+    arm_lr: float = 1e-3  # without --lr-sweep
+    sweep_lrs: tuple[float, ...] = SWEEP_LRS
+    sweep_tokens: int | None = None  # tokens per sweep run (None: arm_tokens)
     warmup_frac: float = 0.02
     seeds: tuple[int, ...] = (0, 1)
     evals: int = 8  # held-out evaluations per arm run (besides the one at the start)
-    heldout_bytes: int = 200_000  # text held out for evaluation (~65k tokens)
+    heldout_bytes: int = 200_000  # whole files held out for the test (~65k tokens)
+    valid_bytes: int = 100_000  # whole files held out for choosing the learning rate
+    wide_noise: float = 1e-3  # Net2Net's symmetry-breaking noise, relative to the down projection's std
     stdlib: bool = True  # add the Python standard library's source files to the corpus
     manuals: bool = True  # add Perl's and Git's manuals (Debian's perl-doc and git-doc) to the corpus
     text_bytes: int | None = None  # cap on the corpus (smoke)
@@ -108,9 +134,9 @@ class Preset:
     base: str | None = None  # a preset whose corpus, tokenizer, parent and converted models this one reuses
 
 
-# <= 45 min on 2 idle cores (36 min measured, benchmarks/README.md): a 1.1M-parameter parent (0.59M outside the
-# tied embedding) pretrained on 11.5M tokens, 10.3 per parameter; 1.5M tokens per arm run, 2 seeds. The corpus
-# (~15.7M tokens) holds the pretraining and a 3.3M-token continuation part, so no phase repeats text.
+# <= 45 min on 2 idle cores (36 min measured for the 4 arms of issue 14, benchmarks/README.md): a 1.1M-parameter
+# parent (0.59M outside the tied embedding) pretrained on 11.5M tokens, 10.3 per parameter; 1.5M tokens per arm
+# run, 2 seeds. The corpus (~15.7M tokens) holds the pretraining and a 3.3M-token continuation part.
 CPU = Preset(
     intermediate=256, kv_heads=2, parent_tokens=11_500_000, continue_tokens=3_000_000, arm_tokens=1_500_000, evals=6
 )
@@ -130,15 +156,15 @@ PRESETS: dict[str, Preset] = {
         seeds=(0,),
         evals=2,
         heldout_bytes=20_000,
-        stdlib=False,
+        valid_bytes=10_000,
         manuals=False,
         text_bytes=300_000,
         jobs=1,
     ),
     "cpu": CPU,
     # longer (~1 hour on 2 idle cores once `cpu` has made the parent): cpu's corpus, parent and converted
-    # models, 3 seeds and 3M tokens per arm run
-    "cpu-long": replace(CPU, arm_tokens=3_000_000, seeds=(0, 1, 2), evals=8, base="cpu"),
+    # models, 3 seeds and 3M tokens per arm run; its sweep runs at cpu's 1.5M tokens (shared with cpu's)
+    "cpu-long": replace(CPU, arm_tokens=3_000_000, sweep_tokens=1_500_000, seeds=(0, 1, 2), evals=8, base="cpu"),
     "gpu": Preset(
         parent="smollm2",
         seq_len=1024,
@@ -147,6 +173,7 @@ PRESETS: dict[str, Preset] = {
         arm_lr=3e-4,
         evals=10,
         heldout_bytes=2_000_000,
+        valid_bytes=1_000_000,
         device="cuda",
         dtype="bf16",
         jobs=1,
@@ -155,7 +182,19 @@ PRESETS: dict[str, Preset] = {
 }
 
 # fields only the arm runs read: a preset with a `base` may differ from it in these and nothing else
-ARM_ONLY = {"arm_tokens", "arm_lr", "seeds", "evals", "jobs", "threads", "parent_threads", "base"}
+ARM_ONLY = {
+    "arm_tokens",
+    "arm_lr",
+    "sweep_lrs",
+    "sweep_tokens",
+    "seeds",
+    "evals",
+    "wide_noise",
+    "jobs",
+    "threads",
+    "parent_threads",
+    "base",
+}
 
 
 def parent_settings(preset: Preset) -> dict[str, Any]:
@@ -170,6 +209,30 @@ def base_mismatch(name: str) -> list[str]:
         return []
     mine, base = parent_settings(preset), parent_settings(PRESETS[preset.base])
     return [k for k, v in mine.items() if v != base[k]]
+
+
+def dense_params(preset: Preset) -> int:
+    """Parameters of the scratch parent (tied embedding once; norms included)."""
+    head_dim = preset.hidden // preset.heads
+    attn = 2 * preset.hidden * preset.heads * head_dim + 2 * preset.hidden * preset.kv_heads * head_dim
+    layer = attn + 3 * preset.hidden * preset.intermediate + 2 * preset.hidden
+    return preset.vocab * preset.hidden + preset.layers * layer + preset.hidden
+
+
+def scaled(preset: Preset, scale: int, parent_tokens: int | None = None) -> Preset:
+    """A larger parent (`--parent-scale`): hidden size, FFN and heads times SCALE (head size kept), pretrained on
+    PARENT_TOKENS, else as many tokens per parameter as PRESET's parent. Its own work folder and corpus split."""
+    if scale == 1 and parent_tokens is None:
+        return preset
+    big = replace(
+        preset,
+        hidden=preset.hidden * scale,
+        intermediate=preset.intermediate * scale,
+        heads=preset.heads * scale,
+        kv_heads=preset.kv_heads * scale,
+    )
+    tokens = parent_tokens or round(preset.parent_tokens * dense_params(big) / dense_params(preset))
+    return replace(big, parent_tokens=tokens)
 
 
 # --- text -----------------------------------------------------------------------------------------------
@@ -244,45 +307,59 @@ def source_texts(preset: Preset) -> list[tuple[str, str]]:
     return out
 
 
+def package_versions(preset: Preset) -> dict[str, Any]:
+    """Where the corpus comes from: each Debian package's version (from the .deb that was extracted, and from
+    dpkg-query where the package is also installed), and the Python whose standard library is read."""
+    out: dict[str, Any] = {}
+    names = ["jargon-text", "fortunes", *(MANUALS if preset.manuals else ())]
+    for name in names:
+        deb = (debian_package(name) / ".complete").read_text().strip()
+        parts = deb.split("_")
+        installed = None
+        try:
+            proc = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", name], capture_output=True, text=True)
+            installed = proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+        except OSError:
+            pass
+        out[name] = {"deb": deb, "version": unquote(parts[1]) if len(parts) > 2 else None, "installed": installed}
+    if preset.stdlib:
+        import sysconfig
+
+        out["python-stdlib"] = {"version": platform.python_version(), "path": sysconfig.get_paths()["stdlib"]}
+    return out
+
+
 def split_corpus(preset: Preset, folder: Path) -> dict[str, Any]:
-    """Paragraph documents, shuffled once (seed 0), into heldout / pretrain / continue .txt files in FOLDER."""
+    """Whole files into heldout / valid / pretrain / continue .txt files in FOLDER (study_corpus.py), the training
+    parts cleaned of held-out text; corpus.json (written last, so a folder without it is rebuilt) says how."""
     done = folder / "corpus.json"
     if done.is_file():
         return json.loads(done.read_text())
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    docs, sources = [], []
-    for name, text in source_texts(preset):
-        sources.append(name)
-        docs += [d.strip("\n") for d in re.split(r"\n\s*\n", text) if d.strip()]
-    random.Random(0).shuffle(docs)
-    if preset.text_bytes:
-        kept, total = [], 0
-        for d in docs:
-            if total >= preset.text_bytes:
-                break
-            kept.append(d)
-            total += len(d) + 2
-        docs = kept
-    heldout, i, size = [], 0, 0
-    while i < len(docs) and size < preset.heldout_bytes:
-        heldout.append(docs[i])
-        size += len(docs[i]) + 2
-        i += 1
-    rest = docs[i:]
-    # the continuation gets its share of the rest by the runs' token budgets (the parent's when pretrained)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = source_texts(preset)
+    docs = study_corpus.documents(files)
+    # the continuation gets its share of the training text by the runs' token budgets (the parent's when pretrained)
     cont = preset.continue_tokens or preset.arm_tokens
     share = cont / (cont + (preset.parent_tokens if preset.parent == "scratch" else 0))
-    cut = len(rest) - max(1, round(share * len(rest)))
-    parts = {"heldout": heldout, "pretrain": rest[:cut], "continue": rest[cut:]}
-    info: dict[str, Any] = {"sources": len(sources), "documents": len(docs), "parts": {}}
-    for name, part in parts.items():
-        (folder / name).mkdir()
-        text = "\n\n".join(part) + "\n"
-        (folder / name / f"{name}.txt").write_text(text)
-        info["parts"][name] = {"documents": len(part), "bytes": len(text.encode())}
-    info["source_groups"] = sorted({s.split("/")[0] for s in sources})
-    done.write_text(json.dumps(info, indent=2))
+    # a parent pretrained on more tokens than the corpus holds (--parent-scale) repeats its part; the arms' part
+    # still gets their tokens (at ~3.0 bytes per token, as the 4k BPE cuts this corpus)
+    spec = study_corpus.SplitSpec(
+        preset.heldout_bytes, preset.valid_bytes, share, preset.text_bytes, continue_min_bytes=3 * cont
+    )
+    parts, overlap = study_corpus.clean(study_corpus.assign(docs, spec))
+    info: dict[str, Any] = {"unit": "file", "files": len(docs), "sources": {}}
+    for d in docs:
+        row = info["sources"].setdefault(d.source, {"files": 0, "bytes": 0})
+        row["files"] += 1
+        row["bytes"] += d.size
+    info |= study_corpus.write_parts(parts, tmp)
+    info["overlap"] = overlap
+    info["packages"] = package_versions(preset)
+    (tmp / "corpus.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
     return info
 
 
@@ -425,31 +502,70 @@ def active_params(folder: Path) -> tuple[int, int]:
     return total, active
 
 
+def flops_per_token(folder: Path, active: int, seq_len: int) -> int:
+    """Training FLOPs per token: 6 · N_active + 12 · L · d · S (forward and backward of the weights, and of the
+    attention scores and values over a sequence of S tokens)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(folder)
+    return 6 * active + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+FLOPS_FORMULA = "6 · N_active + 12 · L · d · S per token (N_active: routed experts at top-k/E, tied embedding once)"
+
+
+def widened_parent(parent: Path, wider: int, noise: float, seed: int, out: Path) -> dict[str, Any]:
+    """The parent with `wider` FFN neurons per layer (net2net.py), saved as a Llama folder; checked on logits."""
+    import net2net
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    src = LlamaForCausalLM.from_pretrained(parent, dtype=torch.float32).eval()
+    exact = net2net.widen_llama(src, wider, noise=0.0, seed=seed).eval()
+    diff_exact = _check_same_logits(src, exact, src.config.vocab_size, "Net2Net widening (no noise)")
+    wide = net2net.widen_llama(src, wider, noise=noise, seed=seed).eval()
+    diff = _check_same_logits(src, wide, src.config.vocab_size, "Net2Net widening (with noise)")
+    wide.save_pretrained(out)
+    AutoTokenizer.from_pretrained(parent).save_pretrained(out)
+    return {
+        "intermediate": wider,
+        "noise": noise,
+        "max_abs_logit_diff": diff,
+        "max_abs_logit_diff_no_noise": diff_exact,
+    }
+
+
 # --- one run (in a worker process) ----------------------------------------------------------------------
 
 
-def heldout_loss(model_dir: Path, data: dict[str, str], preset: Preset) -> float:
-    """Mean next-token loss of MODEL over the held-out blocks before any training (the curves' first point)."""
+def eval_losses(model_dir: Path, evals: dict[str, str], train: str, preset: Preset) -> dict[str, float | None]:
+    """Mean next-token loss of MODEL over the blocks of each eval text (None: a text shorter than one block)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from upcycle.errors import UpcycleError
     from upcycle.source import cache_dir
     from upcycle.train.data import prepare
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    _, heldout, _ = prepare(
-        data["continue"], tok, preset.seq_len, eval_data=data["heldout"], cache_dir=cache_dir() / "tokens"
-    )
     device = torch.device(preset.device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    total, count = 0.0, 0
-    with torch.no_grad(), _autocast(preset, device):
-        for start in range(0, heldout.n_blocks, preset.micro_batch):
-            ids = heldout.blocks(range(start, min(start + preset.micro_batch, heldout.n_blocks))).to(device)
-            n = ids.shape[0] * (ids.shape[1] - 1)
-            total += model(input_ids=ids, labels=ids).loss.double().item() * n
-            count += n
-    return total / count
+    out: dict[str, float | None] = {}
+    for name, path in evals.items():
+        try:
+            _, blocks, _ = prepare(train, tok, preset.seq_len, eval_data=path, cache_dir=cache_dir() / "tokens")
+        except UpcycleError:
+            out[name] = None
+            continue
+        total, count = 0.0, 0
+        with torch.no_grad(), _autocast(preset, device):
+            for start in range(0, blocks.n_blocks, preset.micro_batch):
+                ids = blocks.blocks(range(start, min(start + preset.micro_batch, blocks.n_blocks))).to(device)
+                n = ids.shape[0] * (ids.shape[1] - 1)
+                total += model(input_ids=ids, labels=ids).loss.double().item() * n
+                count += n
+        out[name] = total / count if count else None
+    return out
 
 
 def _autocast(preset: Preset, device):
@@ -461,7 +577,11 @@ def _autocast(preset: Preset, device):
 
 
 def train_run(job: dict[str, Any]) -> dict[str, Any]:
-    """Train job["model"] with upcycle's training loop; return its eval curve. Runs in a spawned process."""
+    """Train job["model"] with upcycle's training loop; return its eval curve. Runs in a spawned process.
+
+    job: arm, seed, model, run_dir, train (its text), eval (the text of the curve), by_source ({source: text},
+    evaluated at the start and at the end), tokens, lr, warmup (None: the preset's share), evals, aux, z,
+    eval_at_start, threads, preset."""
     import torch
 
     from upcycle.train.loop import train
@@ -470,16 +590,19 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
 
     preset = Preset(**job["preset"])
     torch.set_num_threads(job.get("threads") or preset.threads)
-    start_loss = heldout_loss(Path(job["model"]), job["data"], preset) if job["eval_at_start"] else None
+    model = Path(job["model"])
+    starts = {"curve": job["eval"], **job.get("by_source", {})} if job["eval_at_start"] else {}
+    start = eval_losses(model, starts, job["train"], preset) if starts else {}
     steps = max(1, job["tokens"] // (preset.seq_len * preset.micro_batch))
+    warmup = job.get("warmup")
     spec = TrainSpec(
-        data=job["data"][job["phase"]],
-        eval_data=job["data"]["heldout"],
+        data=job["train"],
+        eval_data=job["eval"],
         seq_len=preset.seq_len,
         micro_batch=preset.micro_batch,
         steps=steps,
         lr=job["lr"],
-        warmup=max(1, round(preset.warmup_frac * steps)),
+        warmup=max(1, round(preset.warmup_frac * steps)) if warmup is None else warmup,
         eval_every=max(1, steps // job["evals"]),
         save_every=steps,
         keep_last=1,
@@ -490,22 +613,32 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
         dtype=preset.dtype,
     )
     t0 = time.perf_counter()
-    result = train(job["model"], Path(job["run_dir"]), spec, force=True)
+    result = train(str(model), Path(job["run_dir"]), spec, force=True)
     wall = time.perf_counter() - t0
     records = read_metrics(Path(job["run_dir"]))
-    evals = [{"tokens": 0, "eval_loss": start_loss}] if start_loss is not None else []
+    evals = [{"tokens": 0, "eval_loss": start["curve"]}] if "curve" in start else []
     evals += [{"tokens": r["tokens"], "eval_loss": r["eval_loss"]} for r in records if r["kind"] == "eval"]
     train_loss = [{"tokens": r["tokens"], "lm": r["lm"]} for r in records if r["kind"] == "train"]
+    final = result.summary.get("final")
+    by_source = {}
+    if job.get("by_source") and final:
+        end = eval_losses(Path(final), job["by_source"], job["train"], preset)
+        by_source = {k: {"start": start.get(k), "final": v} for k, v in end.items()}
     return {
         "arm": job["arm"],
         "seed": job["seed"],
+        "lr": job["lr"],
+        "warmup_steps": spec.warmup,
         "steps": steps,
         "tokens": steps * preset.seq_len * preset.micro_batch,
+        "train_data": job["train"],
+        "eval_data": job["eval"],
         "wall_s": wall,
         "tokens_per_s": result.summary.get("tokens_per_s"),
         "evals": evals,
+        "heldout_by_source": by_source,
         "train_lm": train_loss,
-        "final": result.summary.get("final"),
+        "final": final,
     }
 
 
@@ -549,8 +682,8 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
         "seed": 0,
         "model": str(one),
         "run_dir": str(work / "runs" / "parent"),
-        "data": data,
-        "phase": "pretrain",
+        "train": data["pretrain"],
+        "eval": data["heldout"],
         "tokens": preset.parent_tokens,
         "lr": preset.parent_lr,
         "evals": 4,
@@ -571,6 +704,9 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
     total, _ = active_params(tmp)
     info = {
         "params": total,
+        "non_embedding_params": total - preset.vocab * preset.hidden,
+        "train_data": res["train_data"],
+        "final_lr": 0.1 * preset.parent_lr,  # cosine decay to 10% of the peak
         "tokens": res["tokens"],
         "tokens_per_param": res["tokens"] / total,
         "wall_s": res["wall_s"],
@@ -580,31 +716,83 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
     (tmp / ".complete").write_text(json.dumps(info))
     shutil.rmtree(parent, ignore_errors=True)
     os.replace(tmp, parent)
-    shutil.rmtree(work / "runs" / "parent" / "checkpoints", ignore_errors=True)
     record["parent"] = info
     return parent
 
 
-def arm_model(arm: str, seed: int, parent: Path, work: Path, log: Path) -> Path:
-    out = work / "models" / f"{arm}-s{seed}"
-    if arm == "dense":
+def arm_model(arm: str, seed: int, parent: Path, work: Path, log: Path, preset: Preset) -> Path:
+    """The folder ARM's run with SEED starts from (made once, then reused)."""
+    spec = ARMS[arm]
+    if spec.model == "parent":
+        out = work / "models" / f"dense-s{seed}"
         if not (out / "config.json").is_file():
             shutil.rmtree(out, ignore_errors=True)
             dense_to_one_expert(parent, out)
         return out
-    convert(parent, out, ARMS[arm] or [], seed, log)
+    if spec.model == "wide":
+        return wide_model(seed, parent, work, log, preset)
+    out = work / "models" / f"{spec.uses or arm}-s{seed}"
+    if not (out / "config.json").is_file():  # upcycle convert writes beside and renames: a folder is complete
+        convert(parent, out, list(spec.flags or ()), seed, log)
     return out
 
 
+def wide_model(seed: int, parent: Path, work: Path, log: Path, preset: Preset) -> Path:
+    """The parent widened (Net2Net) to the every-layer MoE's active parameters, as a one-expert Mixtral."""
+    out = work / "models" / f"dense-wide-s{seed}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(parent)
+    _, moe_active = active_params(arm_model("moe-all", seed, parent, work, log, preset))
+    _, dense_active = active_params(parent)
+    per_neuron = 3 * cfg.hidden_size * cfg.num_hidden_layers
+    # to a multiple of 8 neurons: the experts' grouped matmul needs 16-byte strides (fp32 and bf16)
+    wider = 8 * round((cfg.intermediate_size + (moe_active - dense_active) / per_neuron) / 8)
+    llama = work / "models" / f"dense-wide-s{seed}-llama"
+    shutil.rmtree(llama, ignore_errors=True)
+    info = widened_parent(parent, wider, preset.wide_noise, seed, llama)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dense_to_one_expert(llama, tmp)
+    (tmp / "net2net.json").write_text(json.dumps(info, indent=2))
+    os.replace(tmp, out)
+    shutil.rmtree(llama, ignore_errors=True)
+    return out
+
+
+def final_ppl(run: dict[str, Any], last: int = 2) -> float | None:
+    """Perplexity of the mean eval loss of RUN's last `last` evals (its start excluded)."""
+    tail = [e["eval_loss"] for e in run["evals"] if e["tokens"] > 0][-last:]
+    return math.exp(statistics.fmean(tail)) if tail else None
+
+
+def _paired(mine: dict[int, float], ref: dict[int, float]) -> dict[str, Any]:
+    """MINE against REF in %, paired by seed: each seed, the mean and the sd (the resolution) over seeds."""
+    diffs = [100 * (v / ref[s] - 1) for s, v in mine.items() if s in ref]
+    if not diffs:
+        return {}
+    return {
+        "pct_by_seed": diffs,
+        "pct_mean": statistics.fmean(diffs),
+        "pct_sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
+    }
+
+
 def summarise(runs: list[dict[str, Any]], last: int = 2) -> dict[str, Any]:
-    """Per arm: perplexity of the mean of the last `last` evals, mean/sd/min/max over seeds; paired Δ vs dense."""
+    """Per arm: perplexity of the mean of the last `last` evals, mean/sd/min/max over seeds; paired Δ against
+    dense and against the widened dense; per source of the held-out files, the final perplexity and Δ vs dense."""
     per: dict[str, dict[int, float]] = {}
+    source_ppl: dict[str, dict[str, dict[int, float]]] = {}
     for r in runs:
-        tail = [e["eval_loss"] for e in r["evals"] if e["tokens"] > 0][-last:]
-        if tail:
-            per.setdefault(r["arm"], {})[r["seed"]] = math.exp(statistics.fmean(tail))
-    out = {}
-    dense = per.get("dense", {})
+        ppl = final_ppl(r, last)
+        if ppl is not None:
+            per.setdefault(r["arm"], {})[r["seed"]] = ppl
+        for source, loss in (r.get("heldout_by_source") or {}).items():
+            if loss.get("final") is not None:
+                source_ppl.setdefault(r["arm"], {}).setdefault(source, {})[r["seed"]] = math.exp(loss["final"])
+    out: dict[str, Any] = {}
     for arm, by_seed in per.items():
         ppl = list(by_seed.values())
         row: dict[str, Any] = {
@@ -615,21 +803,36 @@ def summarise(runs: list[dict[str, Any]], last: int = 2) -> dict[str, Any]:
             "ppl_max": max(ppl),
             "ppl_by_seed": {str(s): v for s, v in by_seed.items()},
         }
-        paired = [100 * (v / dense[s] - 1) for s, v in by_seed.items() if s in dense]
-        if arm != "dense" and paired:
-            row["vs_dense_pct_by_seed"] = paired
-            row["vs_dense_pct_mean"] = statistics.fmean(paired)
+        for ref, key in (("dense", "vs_dense"), ("dense-wide", "vs_dense_wide")):
+            paired = _paired(by_seed, per.get(ref, {})) if arm != ref else {}
+            if paired:
+                row[f"{key}_pct_by_seed"] = paired["pct_by_seed"]
+                row[f"{key}_pct_mean"] = paired["pct_mean"]
+                row[f"{key}_pct_sd"] = paired["pct_sd"]
+        sources = source_ppl.get(arm, {})
+        if sources:
+            ref = source_ppl.get("dense", {})
+            row["by_source"] = {}
+            for src, values in sorted(sources.items()):
+                cell = {"ppl_mean": statistics.fmean(values.values())}
+                paired = _paired(values, ref.get(src, {})) if arm != "dense" else {}
+                if paired:
+                    cell["vs_dense_pct_mean"] = paired["pct_mean"]
+                row["by_source"][src] = cell
         out[arm] = row
-    seeds_dense = list(dense.values())
+    seeds_dense = list(per.get("dense", {}).values())
     if len(seeds_dense) > 1:
         out["_noise"] = {"dense_seed_spread_pct": 100 * (max(seeds_dense) / min(seeds_dense) - 1)}
     return out
 
 
 def curves(record: dict[str, Any], arm: str, axis: str) -> dict[int, list[tuple[float, float]]]:
-    """seed -> [(x, perplexity)] of ARM's runs; x is tokens, or training FLOPs (6 x active parameters x tokens)."""
+    """seed -> [(x, perplexity)] of ARM's runs; x is tokens, or training FLOPs (the record's FLOPs per token;
+    records written before issue 25 have only 6 × active parameters)."""
     runs = [r for r in record["runs"] if r["arm"] == arm]
-    scale = 6 * record["active_params"][arm] if axis == "flops" and runs else 1
+    scale = 1
+    if axis == "flops" and runs:
+        scale = (record.get("flops_per_token") or {}).get(arm) or 6 * record["active_params"][arm]
     return {r["seed"]: [(e["tokens"] * scale, math.exp(e["eval_loss"])) for e in r["evals"]] for r in runs}
 
 
@@ -660,11 +863,11 @@ def plot(record: dict[str, Any], stem: Path) -> list[str]:
     written = []
     for axis, label in (
         ("tokens", "training tokens (continuation)"),
-        ("flops", "training FLOPs (6 × active × tokens)"),
+        ("flops", "training FLOPs (6·N_active + 12·L·d·S per token)"),
     ):
         fig, (ax, rel) = plt.subplots(1, 2, figsize=(13, 4.8))
         shown: list[float] = []
-        for arm in ARMS:
+        for arm in record["arms"]:
             per_seed = curves(record, arm, axis)
             if not per_seed:
                 continue
@@ -675,7 +878,7 @@ def plot(record: dict[str, Any], stem: Path) -> list[str]:
             xs = sorted(per_x)
             mean = [statistics.fmean(per_x[x]) for x in xs]
             n = len(per_seed)
-            (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{ARM_LABELS[arm]} ({n} seed{'s' * (n > 1)})")
+            (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{_label(record, arm)} ({n} seed{'s' * (n > 1)})")
             if n > 1:
                 ax.fill_between(
                     xs, [min(per_x[x]) for x in xs], [max(per_x[x]) for x in xs], color=line.get_color(), alpha=0.2
@@ -709,6 +912,10 @@ def plot(record: dict[str, Any], stem: Path) -> list[str]:
     return written
 
 
+def _label(record: dict[str, Any], arm: str) -> str:
+    return (record.get("arms") or {}).get(arm, {}).get("label") or ARM_LABELS.get(arm, arm)
+
+
 def write(record: dict[str, Any], path: Path) -> None:
     record["summary"] = summarise(record["runs"])
     tmp = path.with_suffix(".tmp")
@@ -740,32 +947,46 @@ def machine(preset: Preset) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: the preset's)")
     parser.add_argument("--arm-tokens", type=int, help="tokens per arm run (default: the preset's)")
+    parser.add_argument(
+        "--lr-sweep", action="store_true", help="first train each arm at 3e-4, 1e-3, 3e-3, then run it at its best"
+    )
+    parser.add_argument("--parent-scale", type=int, default=1, help="a larger parent: hidden, FFN and heads times N")
+    parser.add_argument("--parent-tokens", type=int, help="pretraining tokens of a --parent-scale parent")
     parser.add_argument("--parent-threads", type=int, help="torch threads for the parent (default: every core)")
+    parser.add_argument(
+        "--keep-checkpoints",
+        nargs="?",
+        type=Path,
+        const=True,
+        default=True,
+        metavar="PATH",
+        help="keep each run's last checkpoint beside final/ (the default); with PATH, also copy final/ there",
+    )
+    parser.add_argument("--no-keep-checkpoints", dest="keep_checkpoints", action="store_const", const=False)
     parser.add_argument("--work", type=Path, help="default benchmarks/_work/upcycle_vs_dense/<preset>")
     parser.add_argument(
         "--results", type=Path, help="JSON path (default benchmarks/results/upcycle_vs_dense_<preset>.json)"
     )
     parser.add_argument("--text-cache", type=Path, help="where Debian's packages are kept (default: in the cache)")
     parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the PNGs of a saved results file")
-    args = parser.parse_args(argv)
-    if args.replot:
-        saved = json.loads(args.replot.read_text())
-        for png in plot(saved, args.replot.with_suffix("")):
-            print(f"wrote {_public(png)}")
-        return saved
-    if args.text_cache:
-        TEXT_CACHE[:] = [args.text_cache]
+    return parser, parser.parse_args(argv)
 
+
+def configure(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Preset:
     if base_mismatch(args.preset):
         parser.error(f"preset {args.preset} differs from its base in {base_mismatch(args.preset)}")
     preset = PRESETS[args.preset]
+    if args.parent_scale < 1 or (args.parent_tokens is not None and args.parent_tokens < 1):
+        parser.error("--parent-scale and --parent-tokens take a whole number, 1 or more")
+    base = PRESETS[preset.base] if preset.base else preset
+    preset = replace(scaled(base, args.parent_scale, args.parent_tokens), **{k: getattr(preset, k) for k in ARM_ONLY})
     if args.seeds:
         preset = replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.jobs:
@@ -775,11 +996,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preset = replace(preset, continue_tokens=cont, arm_tokens=args.arm_tokens)
     if args.parent_threads:
         preset = replace(preset, parent_threads=args.parent_threads)
+    return preset
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser, args = parse(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        for png in plot(saved, args.replot.with_suffix("")):
+            print(f"wrote {_public(png)}")
+        return saved
+    if args.text_cache:
+        TEXT_CACHE[:] = [args.text_cache]
+    preset = configure(parser, args)
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
-    work = (args.work or HERE / "_work" / "upcycle_vs_dense" / (preset.base or args.preset)).resolve()
+    big = args.parent_scale > 1 or args.parent_tokens is not None
+    suffix = f"-x{args.parent_scale}" + (f"-{args.parent_tokens}" if args.parent_tokens else "") if big else ""
+    work = (args.work or HERE / "_work" / "upcycle_vs_dense" / f"{preset.base or args.preset}{suffix}").resolve()
     made_for = parent_settings(preset)
     stamp = work / "made_for.json"  # what the corpus and parent in WORK were made with
     if stamp.is_file() and json.loads(stamp.read_text()) != made_for:
@@ -789,7 +1025,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (work / "runs" / args.preset).mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(made_for, indent=2))
     log = work / "log.txt"
-    path = (args.results or HERE / "results" / f"upcycle_vs_dense_{args.preset}.json").resolve()
+    path = (args.results or HERE / "results" / f"upcycle_vs_dense_{args.preset}{suffix}.json").resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -799,61 +1035,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "preset_name": args.preset,
         "preset": asdict(preset),
         "machine": machine(preset),
-        "arms": {a: {"label": ARM_LABELS[a], "flags": " ".join(_public(f) for f in ARMS[a] or [])} for a in arms},
+        "arms": {a: {"label": ARMS[a].label, "flags": " ".join(_public(f) for f in ARMS[a].flags or [])} for a in arms},
+        "flops_formula": FLOPS_FORMULA,
+        "keep_checkpoints": _public(str(keep)) if isinstance(keep := args.keep_checkpoints, Path) else keep,
         "runs": [],
         "complete": False,
     }
-    corpus = split_corpus(preset, work / "corpus")
-    record["corpus"] = corpus
-    data = {p: str(work / "corpus" / p) for p in ("heldout", "pretrain", "continue")}
+    record["corpus"] = split_corpus(preset, work / "corpus")
+    data = {p: str(work / "corpus" / p) for p in ("heldout", "valid", "pretrain", "continue")}
+    by_source = {
+        src: str(work / "corpus" / "heldout-by-source" / row["path"])
+        for src, row in record["corpus"]["heldout_by_source"].items()
+    }
     parent = make_parent(preset, work, data, log, record)
     record["data_tokens"] = count_tokens(parent, data, preset)
     record["arm_epochs"] = preset.arm_tokens / record["data_tokens"]["continue"]  # above 1: the arms repeat text
+    if "pretrain" in record["data_tokens"]:
+        record["parent_epochs"] = preset.parent_tokens / record["data_tokens"]["pretrain"]
     print(f"parent ready ({time.perf_counter() - t_start:.0f} s); tokens: {record['data_tokens']}", flush=True)
 
-    jobs, record["active_params"], record["total_params"] = [], {}, {}
-    # dense and the every-layer MoE first, both seeds, so that a study cut short still has the main comparison
-    first = [a for a in arms if a in ("dense", "moe-all")]
-    order = [(a, s) for pair in (first, [a for a in arms if a not in first]) for s in preset.seeds for a in pair]
-    for arm, seed in order:
-        model = arm_model(arm, seed, parent, work, log)
-        total, active = active_params(model)
-        if arm == "dense":  # the one-expert router is not part of the dense model
-            total -= preset.hidden * preset.layers
-            active -= preset.hidden * preset.layers
-        record["total_params"][arm], record["active_params"][arm] = total, active
-        jobs.append(
-            {
-                "arm": arm,
-                "seed": seed,
-                "model": str(model),
-                "run_dir": str(work / "runs" / args.preset / f"{arm}-s{seed}"),
-                "data": data,
-                "phase": "continue",
-                "tokens": preset.arm_tokens,
-                "lr": preset.arm_lr,
-                "evals": preset.evals,
-                "aux": 0.0 if arm == "dense" else 0.01,
-                "z": 0.0 if arm == "dense" else 0.001,
-                "eval_at_start": True,
-                "preset": asdict(preset),
-            }
-        )
+    models = describe_models(arms, preset, parent, work, log, record)
+    runner = Runner(preset, record, path, args.keep_checkpoints, args.preset, t_start)
+    lrs = {a: preset.arm_lr for a in ARMS}
+    if args.lr_sweep:
+        lrs |= sweep(arms, preset, models, data, work, runner, record)
+    jobs = arm_jobs(arms, preset, models, data, by_source, lrs, work / "runs" / args.preset, record)
     write(record, path)
-    with ProcessPoolExecutor(preset.jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(train_run, job): job for job in jobs}
-        for fut in as_completed(futures):
-            res = fut.result()
-            shutil.rmtree(Path(futures[fut]["run_dir"]) / "checkpoints", ignore_errors=True)
-            record["runs"].append(res)
-            write(record, path)
-            record["pngs"] = [_public(p) for p in plot(record, path.with_suffix(""))]
-            last = math.exp(res["evals"][-1]["eval_loss"])
-            print(
-                f"done {res['arm']} seed {res['seed']}: ppl {last:.2f}, {res['wall_s']:.0f} s "
-                f"({res['tokens_per_s'] or 0:.0f} tokens/s); {time.perf_counter() - t_start:.0f} s in all",
-                flush=True,
-            )
+    runner.run(jobs, "runs")
     record["complete"] = True
     record["wall_s"] = time.perf_counter() - t_start
     write(record, path)
@@ -862,6 +1070,193 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(record)
     print(f"wrote {_public(str(path))}")
     return record
+
+
+def describe_models(
+    arms: list[str], preset: Preset, parent: Path, work: Path, log: Path, record: dict[str, Any]
+) -> dict[tuple[str, int], Path]:
+    """Each (arm, seed)'s starting folder; the arms' parameters (total, active) and FLOPs per token in RECORD."""
+    from transformers import AutoConfig
+
+    models: dict[tuple[str, int], Path] = {}
+    record["active_params"], record["total_params"], record["flops_per_token"] = {}, {}, {}
+    _, dense_active = active_params(parent)
+    record["flops_per_token"]["_parent"] = flops_per_token(parent, dense_active, preset.seq_len)
+    for seed in preset.seeds:
+        for arm in arms:
+            model = models[arm, seed] = arm_model(arm, seed, parent, work, log, preset)
+            total, active = active_params(model)
+            if ARMS[arm].flags is None:  # the one-expert router is not part of the dense model
+                cfg = AutoConfig.from_pretrained(model)
+                total -= cfg.hidden_size * cfg.num_hidden_layers
+                active -= cfg.hidden_size * cfg.num_hidden_layers
+            record["total_params"][arm], record["active_params"][arm] = total, active
+            record["flops_per_token"][arm] = flops_per_token(model, active, preset.seq_len)
+            if ARMS[arm].model == "wide":
+                record["net2net"] = json.loads((model / "net2net.json").read_text())
+    return models
+
+
+def arm_jobs(
+    arms: list[str],
+    preset: Preset,
+    models: dict[tuple[str, int], Path],
+    data: dict[str, str],
+    by_source: dict[str, str],
+    lrs: dict[str, float],
+    runs: Path,
+    record: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The main runs: dense and the every-layer MoE first, every seed, so that a study cut short has them."""
+    first = [a for a in arms if a in ("dense", "moe-all", "moe-all-flop")]
+    order = [(a, s) for group in (first, [a for a in arms if a not in first]) for s in preset.seeds for a in group]
+    fpt = record["flops_per_token"]
+    jobs = []
+    for arm, seed in order:
+        spec = ARMS[arm]
+        tokens = preset.arm_tokens
+        if spec.flop_matched:  # its own full schedule, ending where dense's FLOPs end
+            block = preset.seq_len * preset.micro_batch
+            tokens = max(1, preset.arm_tokens * fpt["_parent"] // fpt[arm] // block) * block
+        lr = lrs[spec.uses or arm]
+        if not spec.rewarm:
+            lr = (record.get("parent") or {}).get("final_lr") or preset.arm_lr
+        jobs.append(
+            {
+                "arm": arm,
+                "seed": seed,
+                "model": str(models[arm, seed]),
+                "run_dir": str(runs / f"{arm}-s{seed}"),
+                "train": data["continue"],
+                "eval": data["heldout"],
+                "by_source": by_source,
+                "tokens": tokens,
+                "lr": lr,
+                "warmup": None if spec.rewarm else 0,
+                "evals": preset.evals,
+                "aux": 0.0 if spec.flags is None else 0.01,
+                "z": 0.0 if spec.flags is None else 0.001,
+                "eval_at_start": True,
+                "preset": asdict(preset),
+            }
+        )
+    return jobs
+
+
+def sweep(
+    arms: list[str],
+    preset: Preset,
+    models: dict[tuple[str, int], Path],
+    data: dict[str, str],
+    work: Path,
+    runner: Runner,
+    record: dict[str, Any],
+) -> dict[str, float]:
+    """Each re-warmed arm at every sweep lr (first seed, sweep tokens, judged on the validation part): the best lr
+    of each, by the perplexity of the mean of its last two validation evals."""
+    seed, tokens = preset.seeds[0], preset.sweep_tokens or preset.arm_tokens
+    swept = sorted({ARMS[a].uses or a for a in arms if ARMS[a].rewarm})
+    jobs = []
+    for arm in swept:
+        model = next(models[a, seed] for a in arms if (ARMS[a].uses or a) == arm)  # moe-all-flop: moe-all's
+        for lr in preset.sweep_lrs:
+            jobs.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "model": str(model),
+                    "run_dir": str(work / "runs" / f"sweep-{tokens}" / f"{arm}-lr{lr:g}-s{seed}"),
+                    "train": data["continue"],
+                    "eval": data["valid"],
+                    "tokens": tokens,
+                    "lr": lr,
+                    "warmup": None,
+                    "evals": 4,
+                    "aux": 0.0 if ARMS[arm].flags is None else 0.01,
+                    "z": 0.0 if ARMS[arm].flags is None else 0.001,
+                    "eval_at_start": False,
+                    "preset": asdict(preset),
+                }
+            )
+    record["lr_sweep"] = {"seed": seed, "tokens": tokens, "judged_on": "valid", "lrs": list(preset.sweep_lrs)}
+    record["sweep_runs"] = []
+    runner.run(jobs, "sweep_runs")
+    best, table = {}, {}
+    for arm in swept:
+        ppl = {r["lr"]: final_ppl(r) for r in record["sweep_runs"] if r["arm"] == arm}
+        best[arm] = min(ppl, key=lambda lr: ppl[lr] if ppl[lr] is not None else math.inf)
+        edge = best[arm] in (min(preset.sweep_lrs), max(preset.sweep_lrs))
+        valid = {f"{lr:g}": v for lr, v in sorted(ppl.items())}
+        table[arm] = {"valid_ppl": valid, "best_lr": best[arm], "at_edge": edge}
+    record["lr_sweep"]["arms"] = table
+    print("lr sweep: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items()), flush=True)
+    return best
+
+
+@dataclass
+class Runner:
+    """Runs jobs in worker processes, reusing runs already finished with the same job; keeps or drops their
+    checkpoints; appends each result to record[key] and rewrites the JSON as each finishes."""
+
+    preset: Preset
+    record: dict[str, Any]
+    path: Path
+    keep: bool | Path
+    preset_name: str
+    t_start: float
+
+    def run(self, jobs: list[dict[str, Any]], key: str) -> None:
+        todo = []
+        for job in jobs:
+            Path(job["run_dir"]).parent.mkdir(parents=True, exist_ok=True)
+            done = Path(job["run_dir"]) / "study_run.json"
+            saved = json.loads(done.read_text()) if done.is_file() else None
+            if saved and saved["job"] == _job_key(job) and Path(saved["result"]["final"] or "").is_dir():
+                self._finish(job, saved["result"], key, reused=True)
+            else:
+                todo.append(job)
+        if not todo:
+            return
+        with ProcessPoolExecutor(self.preset.jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(train_run, job): job for job in todo}
+            for fut in as_completed(futures):
+                job, res = futures[fut], fut.result()
+                res["kept"] = self._keep(job, res)
+                (Path(job["run_dir"]) / "study_run.json").write_text(json.dumps({"job": _job_key(job), "result": res}))
+                self._finish(job, res, key, reused=False)
+
+    def _keep(self, job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+        run_dir = Path(job["run_dir"])
+        if not self.keep:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        kept: dict[str, Any] = {"final": _public(res["final"]) if res["final"] else None}
+        kept["checkpoints"] = _public(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
+        weights = sorted(Path(res["final"]).glob("*.safetensors")) if res["final"] else []
+        kept["final_sha256"] = {w.name: study_corpus.sha256(w) for w in weights}
+        if isinstance(self.keep, Path) and res["final"]:
+            dest = self.keep / self.preset_name / run_dir.parent.name / run_dir.name
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(res["final"], dest)
+            kept["copy"] = str(dest)
+        return kept
+
+    def _finish(self, job: dict[str, Any], res: dict[str, Any], key: str, reused: bool) -> None:
+        res = dict(res, reused=reused, flops=res["tokens"] * (self.record["flops_per_token"].get(res["arm"]) or 0))
+        self.record.setdefault(key, []).append(res)
+        write(self.record, self.path)
+        if key == "runs":
+            self.record["pngs"] = [_public(p) for p in plot(self.record, self.path.with_suffix(""))]
+        last = math.exp(res["evals"][-1]["eval_loss"])
+        print(
+            f"{'reused' if reused else 'done'} {key} {res['arm']} seed {res['seed']} lr {res['lr']:g}: ppl {last:.2f}, "
+            f"{res['wall_s']:.0f} s; {time.perf_counter() - self.t_start:.0f} s in all",
+            flush=True,
+        )
+
+
+def _job_key(job: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's result (not how many threads ran it), as JSON holds it."""
+    return json.loads(json.dumps({k: v for k, v in job.items() if k != "threads"}))
 
 
 def count_tokens(parent: Path, data: dict[str, str], preset: Preset) -> dict[str, int]:
@@ -881,18 +1276,27 @@ def count_tokens(parent: Path, data: dict[str, str], preset: Preset) -> dict[str
         )
         out[phase] = train_blocks.n_tokens
         out["heldout"] = heldout.n_tokens
+    _, valid, _ = prepare(
+        data["continue"], tok, preset.seq_len, eval_data=data["valid"], cache_dir=cache_dir() / "tokens"
+    )
+    out["valid"] = valid.n_tokens
     return out
 
 
 def print_table(record: dict[str, Any]) -> None:
-    print("\n| arm | active params | final ppl (mean of last 2 evals) | sd over seeds | vs dense (paired) |")
-    print("|---|---|---|---|---|")
+    print("\n| arm | active params | FLOPs/token | lr | tokens | final ppl (last 2 evals) | sd | vs dense | vs wide |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    runs = {r["arm"]: r for r in record["runs"]}
     for arm, row in record["summary"].items():
         if arm.startswith("_"):
             continue
         sd = f"{row['ppl_sd']:.2f}" if row["ppl_sd"] is not None else "-"
-        vs = f"{row['vs_dense_pct_mean']:+.2f}%" if "vs_dense_pct_mean" in row else "-"
-        print(f"| {ARM_LABELS[arm]} | {record['active_params'][arm]:,} | {row['ppl_mean']:.2f} | {sd} | {vs} |")
+        vs = [f"{row[k]:+.2f}%" if k in row else "-" for k in ("vs_dense_pct_mean", "vs_dense_wide_pct_mean")]
+        run = runs[arm]
+        print(
+            f"| {_label(record, arm)} | {record['active_params'][arm]:,} | {record['flops_per_token'][arm]:.3g} | "
+            f"{run['lr']:g} | {run['tokens']:,} | {row['ppl_mean']:.2f} | {sd} | {vs[0]} | {vs[1]} |"
+        )
 
 
 def _public(arg: str) -> str:

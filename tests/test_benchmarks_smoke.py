@@ -7,14 +7,17 @@ skips and says why. benchmarks/upcycle_vs_dense.py --preset smoke: the whole stu
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -94,10 +97,45 @@ def test_vs_mergekit_mergekit_arm(mergekit_result):
     assert check["logits_passed"] and check["max_abs_diff"] < 1e-3 and check["top1_agreement"] == 1.0
 
 
+def _ngrams(text: str, n: int = 13) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def _check_split_is_document_disjoint(saved: dict, work: Path) -> None:
+    """No held-out or validation file feeds any training (parent or arm), checked on names and on the text."""
+    parts = saved["corpus"]["parts"]
+    trained = set(parts["pretrain"]["file_names"]) | set(parts["continue"]["file_names"])
+    for part in ("heldout", "valid"):
+        assert parts[part]["files"] > 0 and set(parts[part]["file_names"]).isdisjoint(trained), part
+    assert set(parts["heldout"]["file_names"]).isdisjoint(parts["valid"]["file_names"])
+    corpus = work / "corpus"
+    assert saved["parent"]["train_data"] == str(corpus / "pretrain")
+    for run in saved["runs"] + saved.get("sweep_runs", []):
+        assert run["train_data"] == str(corpus / "continue"), run["arm"]
+    for part in ("pretrain", "continue", "heldout", "valid"):
+        assert [p.name for p in (corpus / part).iterdir()] == [f"{part}.txt"]
+    # the 13-word overlap, measured here on the files as written: none of the held-out text is in training text
+    train = "".join((corpus / p / f"{p}.txt").read_text() for p in ("pretrain", "continue"))
+    train_grams = _ngrams(train)
+    for part in ("heldout", "valid"):
+        text = (corpus / part / f"{part}.txt").read_text()
+        assert _ngrams(text) and not _ngrams(text) & train_grams, part
+        # paragraphs of 8 words or more: none equal to a training paragraph (shorter ones are markup, left alone)
+        paragraphs = {" ".join(p.split()) for p in text.split("\n\n") if len(re.findall(r"\w+", p)) >= 8}
+        assert paragraphs and paragraphs.isdisjoint(" ".join(p.split()) for p in train.split("\n\n")), part
+    overlap = saved["corpus"]["overlap"]
+    assert overlap["after"]["heldout"]["ngram13_share"] == 0 and overlap["after"]["valid"]["ngram13_share"] == 0
+    assert overlap["after"]["heldout"]["verbatim_paragraphs"] == 0
+    # the stdlib's boilerplate (licence headers, test scaffolding) is shared across files: there was some to remove
+    assert overlap["dropped_paragraphs"] > 0 and overlap["before"]["heldout"]["ngram13_words"] >= 0
+
+
 @pytest.mark.slow
 def test_upcycle_vs_dense_smoke(tmp_path):
     study = _load("upcycle_vs_dense")
-    args = ["--preset", "smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "r.json")]
+    work = tmp_path / "work"
+    args = ["--preset", "smoke", "--work", str(work), "--results", str(tmp_path / "r.json")]
     args += ["--text-cache", str(USER_CACHE / "realtext" / "debian")]
     try:
         record = study.main(args)
@@ -106,29 +144,60 @@ def test_upcycle_vs_dense_smoke(tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["complete"] and saved["summary"] == json.loads(json.dumps(record["summary"]))
     assert sorted(r["arm"] for r in saved["runs"]) == sorted(study.ARMS)
+    _check_split_is_document_disjoint(saved, work.resolve())
+    preset, fpt, active = saved["preset"], saved["flops_per_token"], saved["active_params"]
+    sources = set(saved["corpus"]["heldout_by_source"])
+    assert sources and sources <= {"python-stdlib", "python-stdlib/test", "fortunes", "jargon-text"}
     for run in saved["runs"]:
         losses = [e["eval_loss"] for e in run["evals"]]
         assert run["evals"][0]["tokens"] == 0 and len(losses) == 1 + 2  # start + the preset's 2 evals
-        assert all(math.isfinite(x) and 0 < x < math.log(saved["preset"]["vocab"]) + 2 for x in losses)
-        assert run["tokens"] == saved["preset"]["arm_tokens"] and run["tokens_per_s"] > 0
-    start = {r["arm"]: r["evals"][0]["eval_loss"] for r in saved["runs"]}
-    # the dense arm starts where the parent's pretraining ended (same weights, same held-out blocks), and the
-    # clone-upcycled MoEs start exactly there too; Drop-Upcycling re-initialises half of each FFN, so it does not
-    # (at this size the parent has barely learnt anything, so the re-drawn half may even lower the loss)
+        assert all(math.isfinite(x) and 0 < x < math.log(preset["vocab"]) + 2 for x in losses)
+        assert run["tokens_per_s"] > 0 and run["flops"] == run["tokens"] * fpt[run["arm"]]
+        assert set(run["heldout_by_source"]) == sources
+        assert all(math.isfinite(v["start"]) and math.isfinite(v["final"]) for v in run["heldout_by_source"].values())
+        final = Path(run["final"])  # kept, with the last checkpoint (the default), and hashed
+        assert (final / "config.json").is_file() and (final.parent / "checkpoints").is_dir()
+        assert run["kept"]["final_sha256"]["model.safetensors"] == hashlib.sha256(
+            (final / "model.safetensors").read_bytes()
+        ).hexdigest()
+        # FLOPs per token: 6 · N_active + 12 · L · d · S
+        assert fpt[run["arm"]] == 6 * active[run["arm"]] + 12 * preset["layers"] * preset["hidden"] * preset["seq_len"]
+    runs = {r["arm"]: r for r in saved["runs"]}
+    assert all(runs[a]["tokens"] == preset["arm_tokens"] for a in study.ARMS if a != "moe-all-flop")
+    # the same-FLOP MoE: its own schedule, ending within one step of dense's FLOPs
+    flop = runs["moe-all-flop"]
+    block = preset["seq_len"] * preset["micro_batch"]
+    assert flop["tokens"] < preset["arm_tokens"] and flop["steps"] * block == flop["tokens"]
+    assert 0 <= runs["dense"]["flops"] - flop["flops"] < block * fpt["moe-all-flop"]
+    assert "6 · N_active + 12 · L · d · S" in saved["flops_formula"]
+    # learning rates: one for all without --lr-sweep; dense-nowarm continues at the parent's final lr, no warmup
+    nowarm = runs.pop("dense-nowarm")
+    assert nowarm["lr"] == pytest.approx(0.1 * preset["parent_lr"]) and nowarm["warmup_steps"] == 0
+    assert all(r["lr"] == preset["arm_lr"] and r["warmup_steps"] >= 1 for r in runs.values())
+    runs["dense-nowarm"] = nowarm
+    start = {a: r["evals"][0]["eval_loss"] for a, r in runs.items()}
+    # the dense arms start where the parent's pretraining ended (same weights, same held-out blocks), and so do the
+    # Net2Net-widened dense model and the clone-upcycled MoEs (all function-preserving); Drop-Upcycling
+    # re-initialises half of each FFN, so it does not
     assert start["dense"] == pytest.approx(saved["parent"]["evals"][-1]["eval_loss"], abs=1e-4)
-    assert start["moe-all"] == pytest.approx(start["dense"], abs=1e-4)
-    assert start["moe-every2"] == pytest.approx(start["dense"], abs=1e-4)
+    for arm in ("dense-nowarm", "dense-wide", "moe-all", "moe-all-flop", "moe-every2"):
+        assert start[arm] == pytest.approx(start["dense"], abs=1e-4), arm
     assert abs(start["drop-r0.5"] - start["dense"]) > 1e-3
-    assert saved["active_params"]["moe-all"] > saved["active_params"]["moe-every2"] > saved["active_params"]["dense"]
+    assert active["moe-all"] > active["moe-every2"] > active["dense"] == active["dense-nowarm"]
+    # the widened dense control has the MoE's active parameters, to the 8 neurons per layer it is rounded to
+    wide = saved["net2net"]
+    assert abs(active["dense-wide"] - active["moe-all"]) <= 4 * 3 * preset["hidden"] * preset["layers"]
+    assert wide["intermediate"] > preset["intermediate"] and wide["max_abs_logit_diff"] < 1e-4
     summary = saved["summary"]
     assert all(math.isfinite(summary[a]["ppl_mean"]) for a in study.ARMS)
     assert "vs_dense_pct_mean" in summary["moe-all"] and "vs_dense_pct_mean" not in summary["dense"]
-    parts = saved["corpus"]["parts"]
-    assert parts["heldout"]["documents"] > 0 and parts["continue"]["documents"] > 0
-    assert saved["data_tokens"]["continue"] >= saved["preset"]["arm_tokens"]  # no arm repeats its text
-    assert saved["parent"]["tokens"] == saved["preset"]["parent_tokens"]
+    assert "vs_dense_wide_pct_mean" in summary["moe-all"] and set(summary["moe-all"]["by_source"]) == sources
+    assert saved["data_tokens"]["continue"] >= preset["arm_tokens"]  # no arm repeats its text
+    assert saved["parent"]["tokens"] == preset["parent_tokens"]
+    for part, row in saved["corpus"]["parts"].items():
+        assert row["sha256"] == hashlib.sha256((work / "corpus" / part / f"{part}.txt").read_bytes()).hexdigest()
+    assert saved["corpus"]["packages"]["fortunes"]["version"]  # the Debian package's version, from its .deb
     # the right-hand panel: each arm against dense at the same tokens, paired by seed, from the first eval on
-    runs = {r["arm"]: r for r in saved["runs"]}
     paired = zip(runs["moe-all"]["evals"], runs["dense"]["evals"], strict=True)
     expected = {e["tokens"]: 100 * (math.exp(e["eval_loss"] - d["eval_loss"]) - 1) for e, d in paired if e["tokens"]}
     got = study.vs_dense(saved, "moe-all", "tokens")
@@ -136,19 +205,42 @@ def test_upcycle_vs_dense_smoke(tmp_path):
     pngs = [tmp_path / "r_tokens.png", tmp_path / "r_flops.png"]
     for png in pngs:
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
-    # a preset with a `base` (as cpu-long has cpu) reuses the base's corpus, tokenizer and parent: no new pretraining
+    _smoke_more_with_sweep(study, tmp_path, args, saved)
+
+
+def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) -> None:
+    """A preset with a `base` (as cpu-long has cpu) reuses the base's corpus, tokenizer and parent; --lr-sweep
+    picks each arm's learning rate on the validation part; a second identical call reuses every finished run."""
     study.PRESETS["smoke-more"] = study.replace(study.PRESETS["smoke"], arm_tokens=4096, seeds=(1,), base="smoke")
+    keep = tmp_path / "kept"
+    more_args = ["--preset", "smoke-more", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "m.json")]
+    more_args += [*args[-2:], "--arms", "dense,moe-all-flop", "--lr-sweep", "--keep-checkpoints", str(keep)]
     try:
-        more_args = ["--preset", "smoke-more", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "m.json")]
-        more = study.main([*more_args, *args[-2:], "--arms", "dense,moe-all"])
+        more = study.main(more_args)
+        again = study.main(more_args)
     finally:
         del study.PRESETS["smoke-more"]
     assert more["parent"] == saved["parent"] and more["corpus"] == saved["corpus"]
-    runs = sorted((r["arm"], r["seed"], r["tokens"]) for r in more["runs"])
-    assert runs == [("dense", 1, 4096), ("moe-all", 1, 4096)]
-    assert (tmp_path / "work" / "runs" / "smoke-more" / "moe-all-s1").is_dir()
-    start = {r["arm"]: r["evals"][0]["eval_loss"] for r in more["runs"]}
-    assert start["dense"] == pytest.approx(saved["parent"]["evals"][-1]["eval_loss"], abs=1e-4)
+    sweep = more["lr_sweep"]
+    assert sweep["judged_on"] == "valid" and sweep["tokens"] == 4096 and sorted(sweep["arms"]) == ["dense", "moe-all"]
+    assert sorted((r["arm"], r["lr"]) for r in more["sweep_runs"]) == [
+        (a, lr) for a in ("dense", "moe-all") for lr in (3e-4, 1e-3, 3e-3)
+    ]
+    for arm, row in sweep["arms"].items():
+        ppl = {r["lr"]: math.exp(sum(e["eval_loss"] for e in r["evals"][-2:]) / 2)
+               for r in more["sweep_runs"] if r["arm"] == arm}  # fmt: skip
+        assert row["best_lr"] == min(ppl, key=ppl.get)
+        assert all(r["eval_data"].endswith("valid") for r in more["sweep_runs"])
+    runs = {r["arm"]: r for r in more["runs"]}
+    assert sorted((a, r["seed"]) for a, r in runs.items()) == [("dense", 1), ("moe-all-flop", 1)]
+    assert runs["dense"]["lr"] == sweep["arms"]["dense"]["best_lr"]
+    assert runs["moe-all-flop"]["lr"] == sweep["arms"]["moe-all"]["best_lr"]  # the every-layer MoE's best
+    assert runs["dense"]["tokens"] == 4096 and runs["dense"]["eval_data"].endswith("heldout")
+    assert (keep / "smoke-more" / "smoke-more" / "dense-s1" / "model.safetensors").is_file()
+    start = runs["dense"]["evals"][0]["eval_loss"]
+    assert start == pytest.approx(saved["parent"]["evals"][-1]["eval_loss"], abs=1e-4)
+    assert all(r["reused"] for r in again["runs"] + again["sweep_runs"])
+    assert again["summary"] == more["summary"] and again["lr_sweep"] == more["lr_sweep"]
 
 
 def test_upcycle_vs_dense_presets_and_stale_work(tmp_path):
@@ -159,6 +251,25 @@ def test_upcycle_vs_dense_presets_and_stale_work(tmp_path):
     cpu = study.PRESETS["cpu"]
     assert cpu.parent_tokens >= 10 * 1_100_000  # >= 10 tokens per parameter for the ~1.1M-parameter parent
     assert (cpu.continue_tokens or 0) >= study.PRESETS["cpu-long"].arm_tokens >= cpu.arm_tokens
+    assert study.PRESETS["cpu-long"].sweep_tokens == cpu.arm_tokens  # the sweep at the smaller budget, shared
+    # --parent-scale 2: 4x the non-embedding parameters, as many tokens per parameter; the count is the model's
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    big = study.scaled(cpu, 2)
+    for preset in (cpu, big):
+        cfg = LlamaConfig(vocab_size=preset.vocab, hidden_size=preset.hidden, intermediate_size=preset.intermediate,
+                          num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+                          num_key_value_heads=preset.kv_heads, tie_word_embeddings=True)  # fmt: skip
+        with torch.device("meta"):
+            assert study.dense_params(preset) == sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    outside = {p: study.dense_params(p) - p.vocab * p.hidden for p in (cpu, big)}
+    assert outside[big] / outside[cpu] == pytest.approx(4, rel=0.01)
+    per_param = [p.parent_tokens / study.dense_params(p) for p in (cpu, big)]
+    assert per_param[1] == pytest.approx(per_param[0], rel=1e-6)
+    for bad in (["--parent-scale", "0"], ["--arms", "dense,nope"]):
+        with pytest.raises(SystemExit) as exc:
+            study.main(["--preset", "smoke", "--work", str(tmp_path / "w2"), *bad])
+        assert exc.value.code == 2 and not (tmp_path / "w2").exists()
     # a work folder made with other settings is refused (exit 2) before anything is read or written in it
     work = tmp_path / "work"
     work.mkdir()
