@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UpcycleError
-from ..outdir import current_umask, fsync_folder, fsync_tree, staged_folder
+from ..outdir import staged_folder
 from ..publish.card import CARD, RECIPE, update_recipe
 
 if TYPE_CHECKING:
@@ -183,32 +183,23 @@ def save_checkpoint(
     final = root / f"step-{step}"
     weights = trainable if trainable is not None else model_state if model_state is not None else model.state_dict()
     _check_free_space(root, final, weights)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        os.chmod(tmp, 0o777 & ~current_umask())
-        if trainable is not None:
-            model.config.save_pretrained(tmp)
-            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / TRAINABLE)
-        else:
-            model.save_pretrained(tmp, state_dict=model_state)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / OPTIMIZER)
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER)
-        torch.save(rng_state() | (rng or {}), tmp / RNG)
-        if tensors:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / STATE_TENSORS)
-        (tmp / STATE).write_text(json.dumps(state | {"step": step}, indent=2) + "\n")
-        write_checksums(tmp)
-        fsync_tree(tmp)  # on disk before the rename makes it count, so a power cut cannot leave a named empty file
-        if final.exists():  # a step folder from an abandoned later part of the run (resumed before it)
-            _remove_tree(final)
-        os.replace(tmp, final)
-        fsync_folder(root)
+        with staged_folder(final, force=True) as tmp:  # a step folder left by an abandoned later part is replaced
+            if trainable is not None:
+                model.config.save_pretrained(tmp)
+                save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / TRAINABLE)
+            else:
+                model.save_pretrained(tmp, state_dict=model_state)
+            tokenizer.save_pretrained(tmp)
+            torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / OPTIMIZER)
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+            torch.save(rng_state() | (rng or {}), tmp / RNG)
+            if tensors:
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / STATE_TENSORS)
+            (tmp / STATE).write_text(json.dumps(state | {"step": step}, indent=2) + "\n")
+            write_checksums(tmp)  # staged_folder fsyncs the files and the folder before and after the rename
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(final)  # a failed write on an open file names none
-        if not isinstance(exc, OSError) and _disk_full(exc):
+        if not isinstance(exc, OSError) and _disk_full(exc):  # torch's zip writer, safetensors: no errno of theirs
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from None
         raise
     return final
