@@ -106,9 +106,24 @@ def _convert(tmp_path: Path, family: str, flags: list[str]) -> tuple[Path, Path]
     return src, out
 
 
+# layouts llama.cpp 0.3.36 loads but does not yet run as transformers does (issue 22, found by these tests):
+# strict, so a fix (ours or llama.cpp's) turns them into failures to update here and in docs/serving.md
+DIFFERS = {
+    "qwen2_moe": "no shared expert is written as a zero-width one (shared_expert_intermediate_size 0), which "
+    "llama.cpp refuses: 'blk.0.ffn_gate_shexp.weight has wrong shape; expected 32, 64, got 32, 0'",
+    "qwen2_moe-shared": "llama.cpp runs it but its greedy tokens differ from transformers' (cause not found yet)",
+}
+
+
 @pytest.mark.slow
 @pytest.mark.engine
-@pytest.mark.parametrize("layout", sorted(RUNS))
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=DIFFERS[k])) if k in DIFFERS else k
+        for k in sorted(RUNS)
+    ],
+)
 def test_layout_runs_in_llama_cpp_with_transformers_greedy_tokens(layout, engine, tmp_path):
     family, flags = RUNS[layout]
     src, moe = _convert(tmp_path, family, flags)

@@ -418,7 +418,7 @@ def test_no_printed_line_ends_in_spaces(capsys, dense_store, converted, tmp_path
 
 @pytest.mark.parametrize(
     "command, usage",
-    [("convert", "SRC OUT"), ("verify", "DENSE MOE"), ("inspect", "[PATH]"), ("push", "DIR REPO_ID")],
+    [("convert", "SRC [OUT]"), ("verify", "DENSE MOE"), ("inspect", "[PATH]"), ("push", "DIR REPO_ID")],
 )
 def test_help_shows_plain_argument_names(capsys, command, usage):
     assert run([command, "--help"]) == 0

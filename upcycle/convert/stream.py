@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..compat import init_weights
 from ..source import RangeReader, read_tensor
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ def _make_front_real(plan: LayerPlan, ckpt: Checkpoint, sequences: list[torch.Te
         for _, module in front:
             module.to_empty(device="cpu")
             for sub in module.modules():
-                base._init_weights(sub)
+                init_weights(base, sub)
         for at, module in front:
             for n, p in module.named_parameters():
                 name = f"{at}.{n}"
