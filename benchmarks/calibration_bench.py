@@ -23,11 +23,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from methods_bench import measure
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -44,22 +46,8 @@ WIDTHS = {1536: 576, 4864: 896, 14336: 4096}  # FFN width -> hidden size of the 
 
 
 def run_child(argv: list[str], timeout: float | None = None) -> dict:
-    """Run argv under a tiny helper that reports the child's own wall time, ru_maxrss and exit code."""
-    helper = (
-        "import os, sys, time, json\n"
-        "t = time.perf_counter(); pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    os.execvp(sys.argv[1], sys.argv[1:])\n"
-        "_, status, usage = os.wait4(pid, 0)\n"
-        "sys.stderr.write(json.dumps({'wall': time.perf_counter() - t, 'rss': usage.ru_maxrss * 1024,"
-        " 'rc': os.waitstatus_to_exitcode(status)}) + '\\n')\n"
-    )
-    try:
-        proc = subprocess.run([sys.executable, "-c", helper, *argv], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"wall": timeout, "rss": 0, "rc": 124, "stdout": "", "stderr": "timed out"}
-    stats = json.loads(proc.stderr.strip().splitlines()[-1])
-    return stats | {"stdout": proc.stdout, "stderr": proc.stderr}
+    """ARGV's own wall time, ru_maxrss and exit code (methods_bench's measure), with its stdout/stderr."""
+    return measure(argv, timeout)
 
 
 def llama_05b(folder: Path) -> Path:

@@ -75,20 +75,32 @@ SPEED = {
 SPEED_SHAPE = dict(hidden=2048, intermediate=5632, layers=8, heads=16, kv_heads=8)  # ~0.5B, 1.0 GB in bf16
 
 
-def run_child(argv: list[str]) -> tuple[float, float, str, str, int]:
-    """Run argv under a tiny helper that reports the child's own wall time and ru_maxrss."""
-    helper = (
-        "import os, sys, time, json\n"
-        "t = time.perf_counter(); pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    os.execvp(sys.argv[1], sys.argv[1:])\n"
-        "_, status, usage = os.wait4(pid, 0)\n"
-        "sys.stderr.write(json.dumps({'wall': time.perf_counter() - t, 'rss': usage.ru_maxrss * 1024,"
-        " 'rc': os.waitstatus_to_exitcode(status)}) + '\\n')\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", helper, *argv], capture_output=True, text=True)
+# Runs argv in a forked child and prints the child's own wall time, ru_maxrss and exit code as JSON on stderr.
+MEASURE = (
+    "import os, sys, time, json\n"
+    "t = time.perf_counter(); pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "sys.stderr.write(json.dumps({'wall': time.perf_counter() - t, 'rss': usage.ru_maxrss * 1024,"
+    " 'rc': os.waitstatus_to_exitcode(status)}) + '\\n')\n"
+)
+
+
+def measure(argv: list[str], timeout: float | None = None) -> dict:
+    """ARGV's own wall time ('wall', s), peak RSS ('rss', bytes) and exit code ('rc'), with its stdout/stderr."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"wall": timeout, "rss": 0, "rc": 124, "stdout": "", "stderr": "timed out"}
     stats = json.loads(proc.stderr.strip().splitlines()[-1])
-    return stats["wall"], stats["rss"] / 1e9, proc.stdout, proc.stderr, stats["rc"]
+    return stats | {"stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def run_child(argv: list[str]) -> tuple[float, float, str, str, int]:
+    """`measure` as (wall s, peak RSS GB, stdout, stderr, exit code)."""
+    stats = measure(argv)
+    return stats["wall"], stats["rss"] / 1e9, stats["stdout"], stats["stderr"], stats["rc"]
 
 
 def speed(work: Path, rounds: int, names: list[str]) -> None:
