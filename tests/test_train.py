@@ -180,8 +180,17 @@ def test_z_loss_shrinks_router_logits(moe_store, text, tmp_path):
     assert z_on < 0.7 * z_off, (z_start, z_off, z_on)
 
 
-def _skewed(src: Path, out: Path, text: Path) -> Path:
-    """A copy of `src` whose routers all prefer expert 0: its row points along the mean router input."""
+def _prefer_expert_0(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router rows whose expert 0 row points along the mean router input of x (T, H): its logit ≈ 4 on average."""
+    mean = x.mean(0)  # (H,)
+    w = weight.clone()  # (E, H)
+    w[0] = 4.0 * mean / mean.square().sum()
+    return w
+
+
+def _skewed(src: Path, out: Path, text: Path, rows=_prefer_expert_0) -> Path:
+    """A copy of `src` whose routers all prefer expert 0: each layer's router weight is `rows(x, weight)`, x the
+    layer's router inputs (T, H) on a stretch of `text` (by default: expert 0's row along their mean)."""
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(src)
@@ -198,8 +207,7 @@ def _skewed(src: Path, out: Path, text: Path) -> Path:
         for h in hooks:
             h.remove()
         for i, layer in enumerate(model.model.layers):
-            mean = inputs[i].mean(0)  # (H,)
-            layer.mlp.gate.weight[0] = 4.0 * mean / mean.square().sum()  # logit of expert 0 ≈ 4 on average
+            layer.mlp.gate.weight.copy_(rows(inputs[i], layer.mlp.gate.weight))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     for name in ("upcycle.json", "README.md"):

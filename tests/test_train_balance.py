@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train import CLOCK, SMALL, cli, moe_store, tensors, text, train, train_records  # noqa: F401  (fixtures)
+from test_train import _skewed as skewed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from upcycle.arch import target_for_config
@@ -78,31 +79,16 @@ def _skewed(src: Path, out: Path, corpus: Path, boost: float = 3.0) -> Path:
     each expert's logit has std 1 over the tokens of a stretch of text, plus `boost` along the mean router input on
     row 0 (its logit is `boost` higher on average). A router with no spread (the tiny models' std-0.02 one) would
     flip all its tokens at once as the bias moves; real routers have spread."""
-    model = AutoModelForCausalLM.from_pretrained(src)
-    tok = AutoTokenizer.from_pretrained(src)
-    ids = tok(corpus.read_text()[:2000], return_tensors="pt").input_ids[:, :256]
-    inputs: dict[int, torch.Tensor] = {}
-
-    def keep(i: int):
-        return lambda module, args: inputs.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]))  # (T, H)
-
-    hooks = [layer.mlp.gate.register_forward_pre_hook(keep(i)) for i, layer in enumerate(model.model.layers)]
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        model(ids)
-        for h in hooks:
-            h.remove()
-        for i, layer in enumerate(model.model.layers):
-            mean = inputs[i].mean(0)  # (H,)
-            w = torch.randn(layer.mlp.gate.weight.shape, generator=generator)  # (E, H)
-            w /= ((inputs[i] - mean) @ w.t()).std(0)[:, None]  # each expert's logit: std 1 over the tokens
-            w[0] += boost * mean / mean.square().sum()
-            layer.mlp.gate.weight.copy_(w)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    for name in ("upcycle.json", "README.md"):
-        shutil.copyfile(src / name, out / name)
-    return out
+
+    def rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(0)  # (H,)
+        w = torch.randn(weight.shape, generator=generator)  # (E, H)
+        w /= ((x - mean) @ w.t()).std(0)[:, None]  # each expert's logit: std 1 over the tokens
+        w[0] += boost * mean / mean.square().sum()
+        return w
+
+    return skewed(src, out, corpus, rows)
 
 
 def test_bias_balances_a_skewed_router_without_any_aux_term(moe_store, text, tmp_path):  # noqa: F811
