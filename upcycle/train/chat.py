@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import UpcycleError
-from ..seeds import derived_seed
+from ..seeds import generator as seeded_generator
 from .data import DataInfo
 
 if TYPE_CHECKING:
@@ -379,7 +379,7 @@ def prepare_chat(
                 f"--data {data} has {len(train)} usable conversation(s), too few to hold one out for evaluation "
                 "and train on the rest; give more conversations or --eval-data"
             )
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(derived_seed("eval", seed)))
+        order = torch.randperm(len(train), generator=seeded_generator("eval", seed))
         n_eval = max(1, round(eval_fraction * len(train)))
         held_set = set(order[:n_eval].tolist())
         held = [c for i, c in enumerate(train) if i in held_set]

@@ -52,7 +52,7 @@ import torch
 from ..compat import dataset_fingerprint
 from ..errors import UpcycleError
 from ..outdir import staged_folder
-from ..seeds import derived_seed
+from ..seeds import generator as seeded_generator
 from .rows import RowCounts, bad_row_message, locate_row
 from .tokenise import encode_documents
 
@@ -472,7 +472,7 @@ class _Job:
         Returns (train tokens, eval tokens, eval documents)."""
         lengths = np.fromfile(self.tmp / "docs.bin", dtype=np.int64)  # (docs,) tokens of each document, EOS included
         n_docs, total = len(lengths), int(lengths.sum())
-        gen = torch.Generator().manual_seed(derived_seed("eval", seed))
+        gen = seeded_generator("eval", seed)
         order = torch.randperm(n_docs, generator=gen).numpy()
         filled = np.cumsum(lengths[order])  # (docs,) eval tokens if the first i+1 documents of `order` are held out
         count = max(1, round(eval_fraction * n_docs), int(np.searchsorted(filled, self.seq_len)) + 1)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from ..arch import Target, family_for, target_for_config
 from ..compat import enable_grouped_mm_autocast, experts_implementation
 from ..errors import UpcycleError
-from ..seeds import derived_seed
+from ..seeds import generator as seeded_generator
 from .distributed import DistEnv, mixed_precision
 from .optim import optimizer_state_bytes, set_trainable
 from .plan import Footprint, moe_shape
@@ -188,11 +188,9 @@ def attach_routing(
     Jitter and noise draw from the tap's own generators, seeded from --seed (not from torch's global RNG, which
     the run leaves to the model); checkpoints save their states. seeded=False: no generators (a meta-device model
     for --dry-run draws nothing)."""
-    import torch
-
     if target is None:
         return RouterTap({}, num_experts=1, top_k=1, renormalize=False, hidden_size=int(config["hidden_size"]))
-    generator = torch.Generator().manual_seed(derived_seed("routing", spec.seed)) if seeded else None
+    generator = seeded_generator("routing", spec.seed) if seeded else None
     routers = find_routers(model, target)
     experts, top_k, renorm = moe_shape(config, target)
     tap = RouterTap(

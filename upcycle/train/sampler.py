@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..errors import UpcycleError
-from ..seeds import derived_seed
+from ..seeds import generator as seeded_generator
 
 
 class BlockSampler:
@@ -65,6 +65,6 @@ class BlockSampler:
         if epoch not in self._perms:
             if len(self._perms) >= 2:  # a step spans at most two epochs unless blocks are fewer than B
                 self._perms.pop(next(iter(self._perms)))
-            gen = torch.Generator().manual_seed(derived_seed("blocks", self.seed, epoch))
+            gen = seeded_generator("blocks", self.seed, epoch)
             self._perms[epoch] = torch.randperm(self.n_blocks, generator=gen).numpy()
         return self._perms[epoch]
