@@ -209,6 +209,25 @@ def test_rows_without_the_text_field_are_refused_or_skipped_and_counted(tok, tmp
         prepare(str(path), tok, 16, eval_data=evals, cache_dir=cache)
 
 
+def test_folder_files_may_carry_different_extra_fields(tok, tmp_path):
+    """datasets takes one schema per builder run: a later .jsonl/.parquet with fields the first lacks is still read
+    (each such file is its own run), its rows in order, the extra fields ignored."""
+    rng = random.Random(2)
+    docs = [sentence(rng, i) for i in range(7)]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"text": docs[0]}, {"text": docs[1]}])
+    write_jsonl(folder / "b.jsonl", [{"text": docs[2], "id": 7, "meta": {"source": "x"}}])
+    write_jsonl(folder / "c.jsonl", [{"id": 8, "text": docs[3]}, {"text": docs[4], "lang": "en"}])
+    write_parquet(folder / "d.parquet", [{"text": docs[5]}])
+    write_parquet(folder / "e.parquet", [{"text": docs[6], "score": 0.5}])
+    train, _, info = prepare(
+        str(folder), tok, 8, eval_data=str(write_eval(tmp_path / "e.txt")), cache_dir=tmp_path / "c"
+    )
+    assert stream_of(train) == expected_stream(tok, docs)
+    assert info.documents == 7
+
+
 def test_folder_mixes_formats_in_sorted_path_order(tok, tmp_path):
     import datasets
 

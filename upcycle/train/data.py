@@ -276,9 +276,12 @@ def _folder(path: Path, arg: str, flag: str) -> _Source:
         seen = f" (it holds {', '.join(other)})" if other else " (it is empty)"
         raise UpcycleError(f"{flag} {arg}: the folder has no {EXTENSIONS} files{seen}")
     groups: list[tuple[str, list[Path]]] = []
-    for p in files:  # consecutive files of one format are read by one builder, keeping the sorted order
+    # Consecutive text files are read by one builder, keeping the sorted order. JSON and parquet files are read one
+    # by one: datasets takes one schema from the first file of a run, so a later file with other fields (columns we
+    # do not read) would fail its cast. The rows, their order and so the tokens are the same either way.
+    for p in files:
         builder = _builder(p)
-        if groups and groups[-1][0] == builder:
+        if groups and groups[-1][0] == builder == "text":
             groups[-1][1].append(p)
         else:
             groups.append((builder, [p]))
