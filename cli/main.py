@@ -295,6 +295,7 @@ def convert(
             push_to_hub=push_to_hub,
             private=private,
             base_model=base_model,
+            mergekit_config=mergekit_config,
         )
     render.convert_plan(screen, result.plan, title=f"Wrote {out_dir}")
     render.gguf_note(screen, result.source)
@@ -319,15 +320,12 @@ def _convert_inputs(src: str, out: Path | None, config: Path | None, mergekit: P
     import shutil
     import tempfile
 
-    from upcycle.convert.mergekit import read_mergekit, write_prompts
+    from upcycle.convert.mergekit import read_mergekit, recipe_options
 
     recipe = read_mergekit(mergekit)
-    options = dict(recipe.options)
     folder = Path(tempfile.mkdtemp(prefix="upcycle-mergekit-"))
     atexit.register(shutil.rmtree, folder, True)
-    if recipe.prompts is not None:
-        options["expert_prompts"] = str(write_prompts(recipe.prompts, folder, mergekit.stem))
-    return recipe.base, Path(src), options
+    return recipe.base, Path(src), recipe_options(recipe, folder)
 
 
 # --- verify ------------------------------------------------------------------------------------------

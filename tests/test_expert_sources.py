@@ -519,6 +519,42 @@ def test_mergekit_hidden_example(models, capsys, tmp_path):
     assert run_cli(argv) == 0
 
 
+def test_mergekit_recorded_command_reproduces(models, capsys, tmp_path, monkeypatch):
+    """OUT keeps the YAML (models by folder name, never a path) and the recorded command converts from that copy,
+    with the flags given beside it, never naming a temporary prompts file: run where the models are, it writes
+    the same tensors and records the same command."""
+    import shlex
+
+    import yaml
+
+    cfg = mergekit_yaml(tmp_path / "moe.yml", CLOWN_CAR, base=models["base"], a=models["a"], b=models["b"])
+    out = tmp_path / "moe"
+    assert run_cli(["convert", "--mergekit-config", cfg, out, "--top-k", "1", "--router-std", "0.5"]) == 0
+    recipe = json.loads((out / "upcycle.json").read_text())
+    command = recipe["command"]
+    assert command == "upcycle convert --mergekit-config mergekit_moe_config.yml moe --top-k 1 --router-std 0.5"
+    assert recipe["mergekit_config"] == "mergekit_moe_config.yml"
+    kept = (out / "mergekit_moe_config.yml").read_text()
+    assert str(tmp_path) not in kept
+    data = yaml.safe_load(kept)
+    assert data["base_model"] == "base" and [e["source_model"] for e in data["experts"]] == ["base", "ft-a", "ft-b"]
+    assert data["experts"][2]["positive_prompts"] == ["[Genres: Science Fiction]\n[Tags: humor, old school, sci fi]",
+                                                      "> get ye flask"]  # fmt: skip
+    card = (out / "README.md").read_text()
+    assert command in card and "`mergekit_moe_config.yml` beside the weights" in card
+    again = tmp_path / "again"
+    again.mkdir()
+    for name in ("base", "ft-a", "ft-b"):
+        (again / name).symlink_to(models["base"].parent / name)
+    shutil.copy(out / "mergekit_moe_config.yml", again)
+    monkeypatch.chdir(again)
+    capsys.readouterr()
+    assert run_cli(shlex.split(command)[1:]) == 0
+    first, second = tensors(out), tensors(again / "moe")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((again / "moe" / "upcycle.json").read_text())["command"] == command
+
+
 def test_mergekit_shared_expert_example_refused_by_field(models, capsys, tmp_path):
     """mergekit's shared-expert example (Qwen MoE) sets the shared expert's prompts and residual_scale: each is
     refused by name, in one line; without them it converts to Qwen2-MoE with that model's FFN shared."""

@@ -47,6 +47,7 @@ def convert(
     push_to_hub: str | None = None,
     private: bool = False,
     base_model: str | None = None,
+    mergekit_config: str | Path | None = None,
     **options: Any,
 ) -> ConvertResult:
     """Convert the dense model SRC (folder, Hub id, .gguf file or 'smollm2') into an MoE checkpoint at OUT.
@@ -54,7 +55,8 @@ def convert(
     Give a ConvertSpec, or its fields as keyword options (`experts=8, top_k=2, init="split"`) over an optional
     `recipe` dict (a YAML recipe's content). With `dry_run`, only plan: `result.plan` says what would be
     written. `progress(done_bytes, total_bytes)` is called while writing. Returns the plan, the source and
-    the recipe written to OUT/upcycle.json (and the push, with `push_to_hub`).
+    the recipe written to OUT/upcycle.json (and the push, with `push_to_hub`). `mergekit_config`: the
+    mergekit-moe YAML the options came from (OUT keeps a copy, which the recorded command names).
     """
     from .convert.pipeline import convert as run
     from .convert.spec import ConvertSpec, build_spec
@@ -73,6 +75,7 @@ def convert(
         push_to_hub=push_to_hub,
         private=private,
         base_model=base_model,
+        mergekit_config=Path(mergekit_config) if mergekit_config is not None else None,
     )
 
 

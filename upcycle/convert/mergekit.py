@@ -17,6 +17,9 @@ cannot do what mergekit would; every refused field is named, in one line, with w
 Refused: `negative_prompts`, `noise_scale`, `residual_scale` (other than 1), the shared expert's prompts (its gate
 starts at zero here), more than one shared expert, `gate_mode: uniform_random`, other architectures, and any
 field mergekit does not have.
+
+A conversion keeps the YAML in OUT as `mergekit_moe_config.yml` (its models named as the recorded command names
+them: Hub ids as given, local folders by their name), and the recorded command converts from that copy.
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UpcycleError
+from ..source import public_name
 
 TOP = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture"}
 EXPERT = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
 GATES = {"hidden": "hidden", "cheap_embed": "cheap_embed", "random": "random"}
 TARGETS = {"mixtral": "mixtral", "qwen": "qwen2_moe"}
 DTYPES = ("float32", "float16", "bfloat16")
+RECORDED = "mergekit_moe_config.yml"  # the copy kept in OUT, which the recorded command names
+PROMPTS = "mergekit_moe_prompts.yaml"  # the experts' positive prompts as an --expert-prompts file
 
 
 @dataclass(frozen=True)
@@ -122,10 +128,37 @@ def shared_options(shared: Any, options: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_prompts(prompts: list[list[str]], folder: Path, stem: str) -> Path:
-    """The experts' positive prompts as an --expert-prompts file (YAML), beside nothing of the user's."""
+def recipe_options(recipe: MergekitRecipe, folder: Path) -> dict[str, Any]:
+    """The recipe's options, its prompts (if its gate reads them) written as FOLDER/PROMPTS for --expert-prompts."""
     import yaml
 
-    path = folder / f"{stem}.prompts.yaml"
-    path.write_text(yaml.safe_dump(prompts, allow_unicode=True), encoding="utf-8")
-    return path
+    options = dict(recipe.options)
+    if recipe.prompts is not None:
+        path = folder / PROMPTS
+        path.write_text(yaml.safe_dump(recipe.prompts, allow_unicode=True), encoding="utf-8")
+        options["expert_prompts"] = str(path)
+    return options
+
+
+def recorded_config(path: Path) -> str:
+    """The YAML as kept in OUT: the same fields, every model named by `public_name` (never a local path)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))  # read_mergekit accepted it already
+    data["base_model"] = public_name(data["base_model"])
+    for group in ("experts", "shared_experts"):
+        for entry in data.get(group) or []:
+            entry["source_model"] = public_name(entry["source_model"])
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def mapped_options(path: Path) -> dict[str, Any]:
+    """What the YAML alone maps to, as ConvertSpec.to_dict() writes it: a recorded command gives only the flags
+    that differ from these (the ones given beside --mergekit-config)."""
+    from .spec import build_spec
+
+    recipe = read_mergekit(path)
+    options = dict(recipe.options)
+    if recipe.prompts is not None:
+        options["expert_prompts"] = PROMPTS
+    return build_spec(options).to_dict()

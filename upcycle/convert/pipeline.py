@@ -221,10 +221,12 @@ def convert(
     push_to_hub: str | None = None,
     private: bool = False,
     base_model: str | None = None,
+    mergekit_config: Path | None = None,
 ) -> ConvertResult:
     """Convert the dense model SRC into an MoE at OUT. `progress(done_bytes, total_bytes)` is called as it goes.
 
-    `base_model` names the Hub model a local source was made from, for the card's metadata.
+    `base_model` names the Hub model a local source was made from, for the card's metadata. `mergekit_config`:
+    the mergekit-moe YAML SPEC was read from; OUT keeps a copy and the recorded command converts from it.
     """
     out = Path(out)
     max_shard = shard_size(spec.max_shard_size)
@@ -267,11 +269,19 @@ def convert(
             write_config(plan, tmp)
             copy_side_files(source.folder, tmp, plan)
             label = src if src in EMBEDDED else source.id  # how the command names the source: never a path
-            command = _command(label, out, spec, source, base_model)
+            if mergekit_config is not None:
+                from .mergekit import RECORDED, recorded_config
+
+                (tmp / RECORDED).write_text(recorded_config(mergekit_config), encoding="utf-8")
+                command = _mergekit_command(mergekit_config, out, spec, source, base_model)
+            else:
+                command = _command(label, out, spec, source, base_model)
             recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command, base_model)
             recipe |= calibration  # which text (by name) and how many tokens made routers or partitions
             if extra:
                 recipe |= sources_record(extra, plan, spec)
+            if mergekit_config is not None:
+                recipe["mergekit_config"] = RECORDED  # the YAML beside the weights, which the command names
             write_card_and_recipe(tmp, recipe | {"name": out.name})
     finally:
         hashes.cancel()
@@ -464,6 +474,22 @@ def _command(label: str, out: Path, spec: ConvertSpec, source: SourceRef, base_m
         options["revision"] = source.revision  # pin the commit that was converted
     options["base_model"] = base_model
     return command_line(["upcycle", "convert", label, out.name, *froms], options, ConvertSpec().to_dict())
+
+
+def _mergekit_command(
+    config: Path, out: Path, spec: ConvertSpec, source: SourceRef, base_model: str | None
+) -> str:
+    """`upcycle convert --mergekit-config mergekit_moe_config.yml OUT` (the copy in OUT), then the flags given
+    beside it: those whose value differs from what the YAML maps to."""
+    from .mergekit import RECORDED, mapped_options
+
+    options, mapped = spec.to_dict(), mapped_options(config)
+    sources = options.pop("expert_from")
+    froms = [] if sources == mapped.pop("expert_from") else [w for name in sources for w in ("--expert-from", name)]
+    if source.kind == "hub" and source.revision:
+        options["revision"] = source.revision  # pin the commit that was converted
+    options["base_model"] = base_model
+    return command_line(["upcycle", "convert", "--mergekit-config", RECORDED, out.name, *froms], options, mapped)
 
 
 def make_recipe(

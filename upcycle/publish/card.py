@@ -210,6 +210,7 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         training=recipe.get("training"),
         repo_hint=repo_id or name,
         command=recipe["command"],
+        mergekit_config=recipe.get("mergekit_config"),
     )
 
 
