@@ -182,7 +182,10 @@ def convert_plan(screen: Screen, plan, title: str) -> None:
         how = "their float32 mean" if any(op.kind == "mean" for op in shared) else "BASE's"
         each = plan.experts // len(plan.sources)
         table.add_row("experts from", f"{', '.join(plan.sources)} ({each} experts each); the other tensors are {how}")
-        table.add_row("shared tensors", f"{len(plan.differences)} of {len(shared)} differ between the sources")
+        for row in plan.source_casts:
+            table.add_row(f"casts of {row.source}", row.describe())
+        differ = f"{len(plan.differences)} of {len(shared)} differ between the sources"
+        table.add_row("shared tensors", f"not measured: {plan.unmeasured}" if plan.unmeasured else differ)
     screen.show(title, table)
     _differences(screen, plan)
     for note in plan.notes:

@@ -4,6 +4,7 @@ each expert is its source's FFN, the rest BASE's (or the float32 mean), and bad 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -218,6 +219,74 @@ def test_plan_table_names_differences(models, capsys, tmp_path):
     shown = capsys.readouterr().out
     assert "differ between the sources" in shown and "self_attn" in shown and "ft-c" in shown
     assert not (tmp_path / "moe").exists()
+
+
+def cast_to(folder: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """FOLDER's checkpoint with every tensor stored in DTYPE (a fine-tune saved in another dtype)."""
+    shutil.copytree(folder, dst)
+    for shard in dst.glob("*.safetensors"):
+        save_file({k: v.to(dtype) for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    return dst
+
+
+def flat(text: str) -> str:
+    """A rich table's text with its borders and line breaks gone (a wrapped cell reads as one line)."""
+    return " ".join(re.sub("[│┌┐└┘─┬┴├┤┼┃┏┓┗┛━┳┻┡┩╇]", " ", text).split())
+
+
+def test_dry_run_casts_per_source(models, capsys, tmp_path):
+    """Each --expert-from model's own casts into the written dtype, measured on its weights: a float32 fine-tune
+    written as bfloat16 rounds exactly the values bf16 cannot hold; a bf16 one is written as is."""
+    b16 = cast_to(models["b"], tmp_path / "ft-b16", torch.bfloat16)
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", b16, "--experts", "2",
+            "--dtype", "bfloat16", "--dry-run", "--json", "-"]  # fmt: skip
+    capsys.readouterr()
+    assert run_cli(argv) == 0
+    cap = capsys.readouterr()
+    plan = json.loads(cap.out)
+    a, b = plan["source_casts"]
+    values = rounded = 0
+    big = 0.0
+    for layer in range(json.loads((models["a"] / "config.json").read_text())["num_hidden_layers"]):
+        for x in ffn(models["a"], layer).values():
+            values += x.numel()
+            rounded += int((x.to(torch.bfloat16).float() != x).sum())
+            big = max(big, float(x.abs().max()))
+    (cast,) = a["casts"]
+    assert (a["source"], a["stored"], a["measured"]) == ("ft-a", ["F32"], True)
+    assert (cast["src"], cast["dst"], cast["values"], cast["rounded"], cast["overflow"]) == ("F32", "BF16", values,
+                                                                                              rounded, 0)  # fmt: skip
+    assert cast["largest_abs"] == pytest.approx(big) and 0 < rounded <= values
+    assert (b["source"], b["stored"], b["casts"], b["measured"]) == ("ft-b16", ["BF16"], [], True)
+    shown = flat(cap.err)
+    assert "casts of ft-a" in shown and f"{rounded:,} of {values:,} values rounded" in shown
+    assert "none (stored as BF16, written as is)" in shown
+    assert plan["shared_differences_measured"] and plan["unmeasured"] is None
+    assert_clean(out)
+
+
+def test_dry_run_gguf_source_says_what_is_not_measured(capsys, tmp_path, monkeypatch):
+    """A GGUF model (the embedded SmolLM2) is not dequantized by a dry run: its casts come from its metadata and
+    are said to be unmeasured, and so are the differences between the sources: never "0 differ"."""
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "moe"
+    argv = ["convert", "smollm2", out, "--expert-from", "smollm2", "--expert-from", "smollm2", "--experts", "2",
+            "--dtype", "bfloat16", "--dry-run", "--json", "-"]  # fmt: skip
+    capsys.readouterr()
+    assert run_cli(argv) == 0
+    cap = capsys.readouterr()
+    plan = json.loads(cap.out)
+    for row in plan["source_casts"]:
+        assert row["source"] == "smollm2" and not row["measured"] and row["stored"] == ["F32"]
+        assert [(c["src"], c["dst"], c["measured"]) for c in row["casts"]] == [("F32", "BF16", False)]
+        assert "smollm2 is a GGUF file, which a dry run does not dequantize" in row["unmeasured"]
+    assert not plan["shared_differences_measured"] and plan["shared_differences"] == []
+    assert plan["unmeasured"].startswith("BASE HuggingFaceTB/SmolLM2-135M-Instruct is a GGUF file")
+    shown = flat(cap.err)
+    assert "differ between the sources" not in shown and "F32→BF16; not measured: smollm2 is a GGUF" in shown
+    assert not (tmp_path / "cache").exists()
+    assert_clean(out)
 
 
 # --- streaming ----------------------------------------------------------------------------------------------

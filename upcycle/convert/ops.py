@@ -267,6 +267,36 @@ class TensorDiff:
                 "relative": self.relative}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class SourceCasts:
+    """What writing one --expert-from model's FFN tensors as the written dtype does: its own casts, measured on
+    its weights, or why they could not be (a GGUF file is dequantized only by the conversion)."""
+
+    source: str  # public name
+    stored: tuple[str, ...]  # the dtypes its expert tensors are stored in
+    casts: tuple[Cast, ...]  # () when every one is written in its own dtype
+    unmeasured: str = ""  # why its weights were not read ("": they were, where a cast needed it)
+
+    def describe(self) -> str:
+        if self.unmeasured:  # the casts its metadata implies, nothing about its values
+            kept = f"none ({', '.join(self.stored)}, written as is)"
+            what = ", ".join(f"{c.src}→{c.dst}" for c in self.casts) or kept
+            return f"{what}; not measured: {self.unmeasured}"
+        if not self.casts:
+            return f"none (stored as {', '.join(self.stored)}, written as is)"
+        return "; ".join(c.describe() for c in self.casts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "stored": list(self.stored),
+            "casts": [c.to_dict() for c in self.casts],
+            "measured": not self.unmeasured,
+            "unmeasured": self.unmeasured or None,
+            "text": self.describe(),
+        }
+
+
 # --- the plan ----------------------------------------------------------------------------------------------------
 
 
@@ -289,6 +319,8 @@ class Plan:
     method_exact: bool = True  # exact as far as the expert method and its scales go (casts aside)
     sources: tuple[str, ...] = ()  # the --expert-from models (public names) the experts come from; (): SRC alone
     differences: tuple[TensorDiff, ...] = ()  # non-expert tensors that differ between the sources (measured)
+    source_casts: tuple[SourceCasts, ...] = ()  # each --expert-from model's casts into the written dtype
+    unmeasured: str = ""  # why `differences` could not be measured ("": it was); then it is empty, not "none"
 
     def lossy_casts(self) -> list[tuple[str, str]]:
         """Dtype pairs whose cost has to be measured on the weights before the plan can claim exactness."""
@@ -358,5 +390,7 @@ class Plan:
             "active_params": self.active_params,
             "bytes": self.total_bytes,
             "notes": list(self.notes),
-        } | ({"sources": list(self.sources), "shared_differences": [d.to_dict() for d in self.differences]}
+        } | ({"sources": list(self.sources), "shared_differences": [d.to_dict() for d in self.differences],
+              "shared_differences_measured": not self.unmeasured, "unmeasured": self.unmeasured or None,
+              "source_casts": [c.to_dict() for c in self.source_casts]}
              if self.sources else {})  # fmt: skip

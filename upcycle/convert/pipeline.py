@@ -161,18 +161,37 @@ def with_family_views(ckpt: Checkpoint, cfg: dict[str, Any]) -> Checkpoint:
 
 
 def plan_for(
-    source: SourceRef, spec: ConvertSpec, *, measure: bool = True, others: tuple[Dense, ...] = ()
+    source: SourceRef,
+    spec: ConvertSpec,
+    *,
+    measure: bool = True,
+    others: tuple[Dense, ...] = (),
+    names: tuple[str, ...] = (),
 ) -> tuple[Dense, Plan]:
     """The plan for SOURCE; with `measure`, lossy dtype casts are measured on the weights (a read-only pass).
-    `others`: the --expert-from models, whose differences from SOURCE in the non-expert tensors are measured."""
+    `others`: the --expert-from models (`names`: theirs, public), whose differences from SOURCE in the non-expert
+    tensors and whose own casts into the written dtype are measured; a GGUF file not dequantized yet (a dry run)
+    is named as not measured instead."""
     dense = read_dense(source)
     plan = dense.plan(spec)
     if measure and plan.lossy_casts() and dense.checkpoint is not None:
         plan = dense.plan(spec, measure_casts(dense.checkpoint.tensors, plan))
+    if not others:
+        return dense, plan
+    from .sources import source_casts, unread_why
+
     models = (dense.checkpoint, *(d.checkpoint for d in others))
-    if others and all(m is not None for m in models):
+    names = names or tuple(f"--expert-from #{i}" for i in range(1, len(others) + 1))
+    if all(m is not None for m in models):
         plan = replace(plan, differences=differences(plan, models))
-    return dense, plan
+    else:
+        unread = unread_why(source.id, base=True) if dense.checkpoint is None else next(
+            unread_why(n) for n, d in zip(names, others, strict=True) if d.checkpoint is None
+        )
+        plan = replace(plan, unmeasured=unread)
+    readable = [(n, d.checkpoint.tensors if d.checkpoint else d.tensors, d.checkpoint is not None)
+                for n, d in zip(names, others, strict=True)]  # fmt: skip
+    return dense, replace(plan, source_casts=source_casts(plan, readable))
 
 
 @dataclass(frozen=True)
@@ -245,7 +264,8 @@ def convert(
     source = resolve(src, spec.revision, materialize=not dry_run)
     extra = expert_sources(src, source, spec, None if dry_run else out, materialize=not dry_run)
     others = tuple(e.dense for e in extra)
-    dense, plan = plan_for(source, spec, measure=dry_run, others=others)
+    names = tuple(public_name(e.given) for e in extra)
+    dense, plan = plan_for(source, spec, measure=dry_run, others=others, names=names)
     if dry_run:
         return ConvertResult(out=None, plan=plan, source=source, recipe=None)
     ckpt = dense.checkpoint
@@ -265,7 +285,9 @@ def convert(
             measured = write_weights(
                 ckpt, plan, spec, tmp, max_shard, progress, routers, partitions, tuple(d.checkpoint for d in others)
             )
-            plan = replace(dense.plan(spec, measured), differences=plan.differences) if plan.lossy_casts() else plan
+            if plan.lossy_casts():
+                kept = {"differences": plan.differences, "source_casts": plan.source_casts}
+                plan = replace(dense.plan(spec, measured), **kept, unmeasured=plan.unmeasured)
             write_config(plan, tmp)
             copy_side_files(source.folder, tmp, plan)
             label = src if src in EMBEDDED else source.id  # how the command names the source: never a path

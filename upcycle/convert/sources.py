@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UpcycleError
-from .ops import Copy, Mean, Plan, TensorDiff
+from .ops import Cast, Copy, Expert, Mean, Plan, SourceCasts, TensorDiff
 
 if TYPE_CHECKING:
     from ..source import Checkpoint, TensorInfo
@@ -84,6 +84,43 @@ def check_vocabulary(base: str, base_folder: Path | None, other: str, folder: Pa
             f"--expert-from {other} has a different tokenizer vocabulary from BASE {base}; the experts would read "
             "other token ids than BASE's embeddings give: every --expert-from model must use BASE's tokenizer"
         )
+
+
+def unread_why(name: str, base: bool = False) -> str:
+    """Why a dry run cannot read a GGUF source's weights (said instead of guessing what they hold)."""
+    who = f"BASE {name}" if base else name
+    return (f"{who} is a GGUF file, which a dry run does not dequantize (the conversion loads it whole into "
+            "float32), so its weights were not read")  # fmt: skip
+
+
+def source_casts(
+    plan: Plan, models: Sequence[tuple[str, dict[str, TensorInfo], bool]]
+) -> tuple[SourceCasts, ...]:
+    """Each --expert-from model's casts of its FFN tensors into the written dtype, measured on its weights (each
+    lossily cast tensor read once). `models`: (public name, its tensors, readable), in --expert-from order; an
+    unreadable one (a GGUF file in a dry run) gets its casts from its metadata and says why they are unmeasured."""
+    from ..dtypes import LOSSLESS
+    from .execute import CastMeter, cast_chunks
+
+    experts = [op for op in plan.flat_ops() if isinstance(op, Expert)]
+    found = []
+    for i, (name, tensors, readable) in enumerate(models, start=1):
+        mine = [op for op in experts if op.source == i and op.src in tensors]
+        stored = tuple(sorted({tensors[op.src].dtype for op in mine}))
+        pairs = sorted({(tensors[op.src].dtype, op.dtype) for op in mine} - {(d, d) for d in stored})
+        lossy = [pair for pair in pairs if pair not in LOSSLESS]
+        meter = CastMeter(lossy)
+        if readable:
+            done: set[str] = set()
+            for op in mine:
+                if (tensors[op.src].dtype, op.dtype) in lossy and op.src not in done:
+                    done.add(op.src)
+                    for _ in cast_chunks(tensors[op.src], op.dtype, meter):
+                        pass
+        checks = meter.result() if readable else {}
+        casts = tuple(Cast(a, b, (a, b) in LOSSLESS, checks.get((a, b))) for a, b in pairs)
+        found.append(SourceCasts(name, stored, casts, "" if readable else unread_why(name)))
+    return tuple(found)
 
 
 def distinct(folders: Sequence[Path | None]) -> tuple[int, ...]:
