@@ -64,6 +64,8 @@ def test_qwen2_moe_for_llama_cpp_is_exact_in_transformers(shared, dense_store, t
     verdicts = {v["engine"]: v for v in plan["serving"]}
     assert verdicts["llama.cpp"]["loads"] and verdicts["llama.cpp"]["evidence"] == "tested"
     assert verdicts["transformers"]["loads"]
+    # verify rebuilds the plan from upcycle.json's recipe (serve included) and checks every tensor's bytes
+    assert run(["verify", str(src), str(tmp_path / "gguf"), "--layerwise", "--no-record"]) == 0
 
 
 def test_gate_fill_sigmoid_is_exactly_one_half():
