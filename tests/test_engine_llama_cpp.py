@@ -84,7 +84,9 @@ def _dense_with_real_tokenizer(folder: Path, family: str) -> Path:
 
 # what --serve llama.cpp needs of a Qwen2-MoE (docs/serving.md): llama.cpp never renormalises its top-k weights, so
 # softmax-topk, exact with a zero router; the shared expert, gate and head are written as it reads them
-QWEN2_LLAMA_CPP = ["--target", "qwen2_moe", "--routing", "softmax-topk", "--router-init", "zero", "--serve", "llama.cpp"]
+QWEN2_LLAMA_CPP = [
+    "--target", "qwen2_moe", "--routing", "softmax-topk", "--router-init", "zero", "--serve", "llama.cpp",
+]  # fmt: skip
 # (source family, convert flags): every layout we write for the families llama.cpp supports
 RUNS = {
     "mixtral": ("llama", ["--target", "mixtral"]),

@@ -21,8 +21,8 @@ from .ops import Copy, Plan, Serving, TensorOp, Zeros
 ENGINES = ("transformers", "llama.cpp", "vllm", "sglang")
 DEFAULT = ("transformers",)
 LLAMA_CPP = "llama.cpp (vendored in llama-cpp-python 0.3.36)"
-VLLM = "vLLM 002fb90788ae"
-SGLANG = "SGLang 0115497da8f2"
+VLLM = "vLLM 0.34.0"
+SGLANG = "SGLang 0.5.23"
 
 # a shared expert of this width, all zeros, stands for "no shared expert" where an engine cannot hold width 0
 SHARED_PAD = 64
@@ -153,6 +153,21 @@ QWEN2_SGLANG = (
     ),
 )
 
+SGLANG_MIXTRAL = (
+    Rule(
+        lambda x: x.head_dim_derived,
+        "its Mixtral takes head_dim as hidden_size / num_attention_heads, and this model's head_dim differs",
+        flag="a --serve list without sglang",
+    ),
+)
+SGLANG_QWEN3 = (
+    Rule(
+        lambda x: x.every_layer,
+        "its Qwen3-MoE makes every layer sparse (mlp_only_layers is not read)",
+        flag="--every 1 (every layer MoE, no --layers)",
+    ),
+)
+
 # engine -> target -> (evidence, rules); a target not listed is one we have neither run nor read there
 RULES: dict[str, dict[str, tuple[str, tuple[Rule, ...]]]] = {
     "llama.cpp": {
@@ -161,7 +176,11 @@ RULES: dict[str, dict[str, tuple[str, tuple[Rule, ...]]]] = {
         "qwen3_moe": ("tested", QWEN3_LLAMA_CPP),
     },
     "vllm": {"mixtral": ("read", ()), "qwen2_moe": ("read", QWEN2_VLLM), "qwen3_moe": ("read", ())},
-    "sglang": {"mixtral": ("read", ()), "qwen2_moe": ("read", QWEN2_SGLANG), "qwen3_moe": ("read", ())},
+    "sglang": {
+        "mixtral": ("read", SGLANG_MIXTRAL),
+        "qwen2_moe": ("read", QWEN2_SGLANG),
+        "qwen3_moe": ("read", SGLANG_QWEN3),
+    },
 }
 VERSIONS = {"llama.cpp": LLAMA_CPP, "vllm": VLLM, "sglang": SGLANG}
 
