@@ -219,6 +219,15 @@ def convert(
         str | None, typer.Option(help="Largest shard, e.g. 5GB or 500MB." + _c("max_shard_size"))
     ] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of SRC.")] = None,
+    serve: Annotated[
+        str | None,
+        typer.Option(
+            "--serve",
+            metavar="ENGINE[,ENGINE]",
+            help="Engines the output must run in: transformers, llama.cpp, vllm, sglang (default transformers); "
+            "the layout they need is written where it costs no exactness, else the plan is refused.",
+        ),
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML recipe; flags given here win.")] = None,
     mergekit_config: Annotated[
         Path | None,
@@ -277,6 +286,7 @@ def convert(
         dtype=dtype,
         max_shard_size=max_shard_size,
         revision=revision,
+        serve=serve,
     )
     if dry_run:
         result = run_convert(src, out_dir, spec, dry_run=True, base_model=base_model)

@@ -177,6 +177,8 @@ def convert_plan(screen: Screen, plan, title: str) -> None:
         f"{count(plan.active_params)} active per token",
     )
     table.add_row("bytes on disk", human_bytes(plan.total_bytes) + f" ({plan.config['dtype']})")
+    for v in plan.serving:  # which engines load it, and why (not)
+        table.add_row(f"runs in {v.engine}", ("yes: " if v.loads else "no: ") + v.why)
     if plan.sources:
         shared = [op for op in plan.ops if op.kind in ("copy", "mean")]
         how = "their float32 mean" if any(op.kind == "mean" for op in shared) else "BASE's"

@@ -82,14 +82,21 @@ def _dense_with_real_tokenizer(folder: Path, family: str) -> Path:
     return folder
 
 
+# what --serve llama.cpp needs of a Qwen2-MoE (docs/serving.md): llama.cpp never renormalises its top-k weights, so
+# softmax-topk, exact with a zero router; the shared expert, gate and head are written as it reads them
+QWEN2_LLAMA_CPP = [
+    "--target", "qwen2_moe", "--routing", "softmax-topk", "--router-init", "zero", "--serve", "llama.cpp",
+]  # fmt: skip
 # (source family, convert flags): every layout we write for the families llama.cpp supports
 RUNS = {
     "mixtral": ("llama", ["--target", "mixtral"]),
     "mixtral-fine-grained": ("llama", ["--target", "mixtral", "--experts", "8", "--top-k", "4", "--init", "fine-grained", "--granularity", "2"]),  # noqa: E501
     "mixtral-split": ("llama", ["--target", "mixtral", "--init", "split", "--top-k", "4"]),
-    "qwen2_moe": ("qwen2", ["--target", "qwen2_moe"]),
-    "qwen2_moe-shared": ("qwen2", ["--target", "qwen2_moe", "--shared-experts", "1"]),
+    "qwen2_moe": ("qwen2", QWEN2_LLAMA_CPP),
+    "qwen2_moe-shared": ("qwen2", [*QWEN2_LLAMA_CPP, "--shared-experts", "1"]),
+    "qwen2_moe-tied": ("llama", QWEN2_LLAMA_CPP),  # SmolLM2-like: tied embeddings, no q/k/v biases
     "qwen3_moe": ("qwen3", ["--target", "qwen3_moe"]),
+    "serve-auto": ("llama", ["--serve", "llama.cpp"]),
 }
 # layouts llama.cpp refuses, with the line it refuses them with (docs/serving.md)
 REFUSED = {
@@ -106,24 +113,9 @@ def _convert(tmp_path: Path, family: str, flags: list[str]) -> tuple[Path, Path]
     return src, out
 
 
-# layouts llama.cpp 0.3.36 loads but does not yet run as transformers does (issue 22, found by these tests):
-# strict, so a fix (ours or llama.cpp's) turns them into failures to update here and in docs/serving.md
-DIFFERS = {
-    "qwen2_moe": "no shared expert is written as a zero-width one (shared_expert_intermediate_size 0), which "
-    "llama.cpp refuses: 'blk.0.ffn_gate_shexp.weight has wrong shape; expected 32, 64, got 32, 0'",
-    "qwen2_moe-shared": "llama.cpp runs it but its greedy tokens differ from transformers' (cause not found yet)",
-}
-
-
 @pytest.mark.slow
 @pytest.mark.engine
-@pytest.mark.parametrize(
-    "layout",
-    [
-        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=DIFFERS[k])) if k in DIFFERS else k
-        for k in sorted(RUNS)
-    ],
-)
+@pytest.mark.parametrize("layout", sorted(RUNS))
 def test_layout_runs_in_llama_cpp_with_transformers_greedy_tokens(layout, engine, tmp_path):
     family, flags = RUNS[layout]
     src, moe = _convert(tmp_path, family, flags)

@@ -215,8 +215,10 @@ def test_experts_keep_the_dense_mlp_names_layout_and_bytes(generic_store, dense_
 
 def test_qwen3_gets_a_shared_expert_through_the_generic_path(generic_store, dense_store, tmp_path, capsys):
     qwen3 = dense_of(dense_store, "qwen3")
-    assert run(["convert", str(qwen3), str(tmp_path / "out"), "--shared-experts", "1"]) == 2
+    assert run(["convert", str(qwen3), str(tmp_path / "out"), "--shared-experts", "1", "--target", "qwen3_moe"]) == 2
     assert "--target generic, upcycle's own wrapper, also holds one" in " ".join(capsys.readouterr().err.split())
+    assert run(["convert", str(qwen3), str(tmp_path / "auto"), "--shared-experts", "1", "--dry-run"]) == 0
+    assert "--target auto wrote generic, since" in " ".join(capsys.readouterr().err.split())  # issue 22
     moe, dense = keys_of(generic_store("qwen3", 2, shared_experts=1)), keys_of(qwen3)
     for layer in (1, 3):
         base = f"model.layers.{layer}.mlp"

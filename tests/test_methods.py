@@ -418,13 +418,13 @@ def test_every_recipe(recipe, dense_store, tmp_path, capsys):
         ("llama", ["--init", "clone", "--granularity", "2"], "--granularity applies"),
         ("llama", ["--fine-grained-scale", "down"], "--fine-grained-scale applies to --init fine-grained"),
         ("llama", ["--init", "fine-grained", "--granularity", "2", "--fine-grained-scale", "sqrt"], "cube-root"),
-        ("llama", ["--shared-experts", "1"], "--shared-experts"),  # every layer: Mixtral
+        ("llama", ["--shared-experts", "1", "--target", "mixtral"], "--shared-experts"),  # auto: qwen2_moe
         ("mistral", ["--shared-experts", "1", "--target", "mixtral"], "mixtral has none"),
-        ("qwen3", ["--shared-experts", "1"], "qwen3_moe has none"),
+        ("qwen3", ["--shared-experts", "1", "--target", "qwen3_moe"], "qwen3_moe has none"),
         ("llama", ["--shared-experts", "2", "--target", "qwen2_moe"], "--shared-experts 2"),
         ("llama", ["--shared-experts", "-1"], "--shared-experts"),
         ("qwen2", ["--init", "fine-grained", "--granularity", "2", "--shared-experts", "1"], "not available yet"),
-        ("llama", ["--routing", "softmax-topk"], "mixtral always renormalises"),
+        ("llama", ["--routing", "softmax-topk", "--target", "mixtral"], "mixtral always renormalises"),
         ("mistral", ["--routing", "softmax-topk", "--target", "mixtral"], "--target qwen2_moe"),
         ("llama", ["--routing", "topk"], "--routing"),
     ],

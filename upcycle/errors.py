@@ -20,6 +20,11 @@ class UpcycleError(Exception):
     exit_code = EXIT_BAD_INPUT
 
 
+class NoForm(UpcycleError):
+    """The target asked for (or tried by --target auto) cannot hold the request exactly, or a --serve engine
+    cannot load it: --target auto goes on to the next target, an explicit --target is refused with this line."""
+
+
 _ACCESS = "give your user access to it (chmod, chown) or choose another path"
 _CHECK = "check the path"
 _SPACE = "free some space on that disk or write somewhere else (another OUT), then run again"

@@ -255,6 +255,11 @@ def _router(op: Router, sources: Sources) -> Iterator[Chunk]:
 
 @handles(Zeros)
 def _zeros(op: Zeros, sources: Sources) -> Iterator[Chunk]:
+    if op.value:  # a small constant tensor (a shared-expert gate row): made whole
+        import torch
+
+        yield as_bytes(torch.full(op.shape, op.value, dtype=torch_dtype(op.dtype)))
+        return
     for start in range(0, op.nbytes, CHUNK_BYTES):
         yield bytes(min(CHUNK_BYTES, op.nbytes - start))
 

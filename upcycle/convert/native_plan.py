@@ -15,7 +15,7 @@ from typing import Any
 from ..arch import FFN_ROLES, Family, Target, targets
 from ..convert import methods as expert_methods
 from ..dtypes import ST_TO_TORCH
-from ..errors import UpcycleError
+from ..errors import NoForm, UpcycleError
 from ..source import TensorInfo
 from .ops import CastCheck, Copy, Expert, Fused, Plan, Router, Shared, TensorOp, Zeros
 from .plan import (
@@ -43,18 +43,18 @@ def choose_target(family: Family, spec: ConvertSpec, all_layers: bool) -> Target
         name = family.auto_target["every_layer" if all_layers else "some_layers"]
     if name not in family.targets:
         choices = sorted(family.targets) + (["generic"] if family.mlp else [])
-        raise UpcycleError(
+        raise NoForm(
             f"a {family.name} model has no exact {name} form; choose --target {' or '.join(choices)} (or auto)"
         )
     target = targets()[name]
     if not all_layers and not target.interleave:
         choices = [t for t in family.targets if targets()[t].interleave]
         if not choices:
-            raise UpcycleError(
+            raise NoForm(
                 f"{name} makes every layer MoE (it has no dense layers), and it is the only native MoE class "
                 f"that holds {family.name} models exactly; make every layer MoE (--every 1, no --layers)"
             )
-        raise UpcycleError(
+        raise NoForm(
             f"{name} makes every layer MoE, but --every/--layers leaves dense layers; use --target "
             f"{' or '.join(choices) or 'auto'} or make every layer MoE (--every 1)"
         )
@@ -72,7 +72,7 @@ def write_attention(target: Target, types: list[str], window: int | None) -> dic
         out = {"use_sliding_window": any_sliding, "max_window_layers": len(types), "layer_types": types}
         return out | ({"sliding_window": window} if any_sliding else {})
     if len(sliding) > 1:
-        raise UpcycleError(
+        raise NoForm(
             f"the model mixes sliding-window and full-attention layers, which {target.name} cannot express; "
             "no exact target exists for it"
         )
@@ -81,7 +81,7 @@ def write_attention(target: Target, types: list[str], window: int | None) -> dic
         return {"sliding_window": window if uniform else None}
     if target.attention == "none":  # the class has no sliding window (FlexOlmo, GraniteMoe)
         if uniform:
-            raise UpcycleError(f"the model uses sliding-window attention, which {target.name} does not have")
+            raise NoForm(f"the model uses sliding-window attention, which {target.name} does not have")
         return {}
     if target.attention == "all_or_none":
         return {"use_sliding_window": uniform} | ({"sliding_window": window} if uniform else {})
@@ -170,18 +170,18 @@ def check_target_options(target: Target, spec: ConvertSpec, family: Family | Non
     mine = [targets()[t] for t in family.targets] if family is not None else []
     only_renormalising = bool(mine) and all(t.renormalize == "always" for t in mine)
     if not spec.renormalize and target.renormalize == "always" and only_renormalising:
-        raise UpcycleError(
+        raise NoForm(
             f"--routing softmax-topk keeps the top-k weights unnormalised, but {target.name}, the only native MoE "
             f"class for {family.name} models, always renormalises them; use --routing topk-softmax"
         )
     if not spec.renormalize and target.renormalize == "always":
-        raise UpcycleError(
+        raise NoForm(
             f"--routing softmax-topk keeps the top-k weights unnormalised, but {target.name} always renormalises "
             "them; use --target qwen2_moe (or qwen3_moe for Qwen3) or --routing topk-softmax"
         )
     flag = "--shared-from" if spec.shared_from else "--shared-experts"
     if spec.shared_experts and not target.shared and mine and not any(t.shared for t in mine):
-        raise UpcycleError(
+        raise NoForm(
             f"{flag} needs a target class with a shared expert that upcycle fills; {target.name} has none, "
             f"and no native MoE class for {family.name} models has one; leave {flag} out"
             + (
@@ -193,7 +193,7 @@ def check_target_options(target: Target, spec: ConvertSpec, family: Family | Non
         )
     if spec.shared_experts and not target.shared:
         have = [t.name for t in targets().values() if t.shared]
-        raise UpcycleError(
+        raise NoForm(
             f"{flag} needs a target class with a shared expert ({', '.join(have)}); "
             f"{target.name} has none. Use --target {have[0]} or leave {flag} out (--target generic, "
             "upcycle's own wrapper, also holds one: it needs trust_remote_code=True outside upcycle)"
@@ -283,7 +283,7 @@ def layer_range(target: Target, moe: tuple[int, ...]) -> dict[str, int]:
     interval = math.gcd(*(i + 1 for i in moe))
     start, end = min(moe), max(moe)
     if tuple(i for i in range(start, end + 1) if (i + 1) % interval == 0) != tuple(sorted(moe)):
-        raise UpcycleError(
+        raise NoForm(
             f"{target.name} makes MoE every n-th layer of one range of layers; layers "
             f"{','.join(map(str, moe))} are not such a set. Use --every N, or --layers with consecutive layers"
         )

@@ -167,9 +167,28 @@ class Router(TensorOp):
 
 
 @dataclass(frozen=True)
+class Serving:
+    """Whether one serving engine loads the output, how we know it, and why (not)."""
+
+    engine: str
+    loads: bool
+    evidence: str  # "tested", "read" (from the engine's code), "native" (transformers), or "unchecked"
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine, "loads": self.loads, "evidence": self.evidence, "why": self.why}
+
+
+@dataclass(frozen=True)
 class Zeros(TensorOp):
+    """A tensor of one constant: zeros, or `value` where an engine needs a non-zero constant (see serving.py)."""
+
     layer: int
+    value: float = 0.0
     kind: ClassVar[str] = "zeros"
+
+    def row(self) -> dict[str, Any]:
+        return super().row() | ({"value": self.value} if self.value else {})
 
 
 @dataclass(frozen=True)
@@ -321,6 +340,7 @@ class Plan:
     differences: tuple[TensorDiff, ...] = ()  # non-expert tensors that differ between the sources (measured)
     source_casts: tuple[SourceCasts, ...] = ()  # each --expert-from model's casts into the written dtype
     unmeasured: str = ""  # why `differences` could not be measured ("": it was); then it is empty, not "none"
+    serving: tuple[Serving, ...] = ()  # where the output runs: one verdict per engine (convert/serving.py)
 
     def lossy_casts(self) -> list[tuple[str, str]]:
         """Dtype pairs whose cost has to be measured on the weights before the plan can claim exactness."""
@@ -390,7 +410,8 @@ class Plan:
             "active_params": self.active_params,
             "bytes": self.total_bytes,
             "notes": list(self.notes),
-        } | ({"sources": list(self.sources), "shared_differences": [d.to_dict() for d in self.differences],
-              "shared_differences_measured": not self.unmeasured, "unmeasured": self.unmeasured or None,
-              "source_casts": [c.to_dict() for c in self.source_casts]}
-             if self.sources else {})  # fmt: skip
+        } | ({"serving": [v.to_dict() for v in self.serving]} if self.serving else {}) | (
+            {"sources": list(self.sources), "shared_differences": [d.to_dict() for d in self.differences],
+             "shared_differences_measured": not self.unmeasured, "unmeasured": self.unmeasured or None,
+             "source_casts": [c.to_dict() for c in self.source_casts]}
+            if self.sources else {})  # fmt: skip

@@ -10,11 +10,13 @@ from dataclasses import replace
 from typing import Any
 
 from ..arch import GENERIC, Family, family_for
+from ..errors import NoForm
 from ..source import TensorInfo, public_name
 from .generic_plan import make_generic_plan
 from .native_plan import make_native_plan
 from .ops import CastCheck, Copy, Mean, Plan
-from .plan import check_causal_lm, native_refusal
+from .plan import check_causal_lm, moe_layer_indices, native_refusal
+from .serving import serve
 from .spec import ConvertSpec
 
 
@@ -43,9 +45,39 @@ def make_plan(
     """
     family = family_for(cfg.get("model_type"))
     check_causal_lm(cfg)
-    make = make_generic_plan if wants_generic(family, cfg, spec) else make_native_plan  # generic: upcycle's wrapper
-    plan = make(family, cfg, tensors, spec, expected=expected, optional=optional, measured=measured)
-    return with_sources(plan, spec)
+    kw: dict[str, Any] = dict(expected=expected, optional=optional, measured=measured)
+    if spec.target != "auto" or wants_generic(family, cfg, spec):
+        make = make_generic_plan if wants_generic(family, cfg, spec) else make_native_plan  # generic: upcycle's wrapper
+        plan = serve(make(family, cfg, tensors, spec, **kw), spec.serve, cfg)
+        return with_sources(plan, spec)
+    first: NoForm | None = None
+    for name in auto_candidates(family, cfg, spec):
+        try:
+            if name == GENERIC:
+                plan = make_generic_plan(family, cfg, tensors, replace(spec, target=GENERIC), **kw)
+            else:
+                plan = make_native_plan(family, cfg, tensors, replace(spec, target=name), **kw)
+            plan = serve(plan, spec.serve, cfg)
+        except NoForm as exc:
+            first = first or exc
+            continue
+        if first is not None:  # never silently: the plan says why the first choice was not taken
+            plan = replace(plan, notes=(f"--target auto wrote {plan.target}, since {first}", *plan.notes))
+        return with_sources(plan, spec)
+    assert first is not None
+    raise first
+
+
+def auto_candidates(family: Family, cfg: dict[str, Any], spec: ConvertSpec) -> list[str]:
+    """The targets --target auto tries, in order: the family's choice for these layers, its other native classes,
+    then upcycle's generic wrapper (where it holds the family); the first that holds the request exactly (and
+    loads in every --serve engine) is written."""
+    num_layers = int(cfg["num_hidden_layers"])
+    all_layers = len(moe_layer_indices(num_layers, spec)) == num_layers
+    first = family.auto_target.get("every_layer" if all_layers else "some_layers")
+    natives = [first] if first else []
+    natives += [t for t in family.targets if t not in natives]
+    return natives + ([GENERIC] if family.mlp else [])
 
 
 def with_sources(plan: Plan, spec: ConvertSpec) -> Plan:

@@ -11,6 +11,8 @@ from ..errors import UpcycleError
 from ..options import dtype_name, merge_options, read_yaml_options
 from ..source import public_name
 from .methods import LAYOUTS
+from .serving import DEFAULT as DEFAULT_SERVE
+from .serving import parse_serve
 
 RouterInit = Literal["random", "zero", "kmeans", "hidden", "cheap_embed"]
 SharedWeights = Literal["base", "average"]
@@ -92,9 +94,11 @@ class ConvertSpec:
     dtype: DType = "auto"
     max_shard_size: str = "5GB"
     revision: str | None = None
+    serve: tuple[str, ...] = DEFAULT_SERVE  # the engines the output must load in (convert/serving.py)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "serve", parse_serve(self.serve))
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise UpcycleError(
@@ -247,6 +251,7 @@ class ConvertSpec:
         d = asdict(self)
         d.pop("extra")
         d["layers"] = list(self.layers) if self.layers is not None else None
+        d["serve"] = list(self.serve)
         for name in ("calibration", "expert_prompts"):  # a file name, never a local path
             if d[name]:
                 d[name] = Path(d[name]).name

@@ -23,6 +23,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..arch import GENERIC
+from ..convert.serving import runs_in
 from ..fmt import count, human_bytes
 from ..outdir import current_umask
 from ..source import looks_like_repo_id
@@ -203,6 +204,7 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         method_exact=plan.get("method_exact", True),
         casts=[c["text"].replace("|", "\\|") for c in plan.get("casts", []) if "text" in c],  # inside a table
         lossy_casts=[c["text"] for c in plan.get("casts", []) if not c["exact"] and "text" in c],
+        runs_in=runs_in(plan),
         load_memory=human_bytes(int(LOAD_MEMORY_BASE + LOAD_MEMORY_FACTOR * plan["bytes"])),
         verify=recipe.get("verify"),
         expert_sources=[_expert_row(row) for row in recipe.get("sources") or []],
