@@ -194,7 +194,7 @@ def fit_options(
     available: int,
     footprint: Footprint,
     unsharded_grads: bool = False,
-    most: int = 4,
+    most: int = 5,  # room for both lighter optimizers beside the other changes
 ) -> tuple[FitOption, ...]:
     """Up to `most` changes of --grad-checkpointing, --optimizer, --micro-batch (same tokens per step) or --train
     that make the run fit, each alone; when none does alone, the first combination that does (the changes added in
