@@ -58,23 +58,24 @@ class Config:
         return out + (["--grad-checkpointing"] if self.grad_checkpointing else [])
 
 
-MEASURED = [  # each under ~10 GiB of RSS on the 24 GiB machine
+MEASURED = [  # smallest first; a run whose estimate (+15%, +1 GiB) exceeds the RAM available is skipped (--margin)
     Config("smollm2", "router"),
     Config("smollm2", "router", micro_batch=2),
     Config("smollm2", "router", micro_batch=2, grad_checkpointing=True),
     Config("smollm2", "all", optimizer="adafactor"),
+    Config("smollm2", "all"),
     Config("qwen05-12", "router"),
     Config("qwen05-12", "router", micro_batch=2),
     Config("qwen05-12", "experts", optimizer="adafactor", grad_checkpointing=True),
     Config("qwen05-12", "all", optimizer="adafactor"),
+    Config("qwen05-24", "router"),
+    Config("qwen05-24", "all", optimizer="adafactor"),
 ]
-ESTIMATED = [  # the full-depth shape: estimates only (a full --train all run needs more than a shared machine has)
+ESTIMATED = [  # the full-depth shape: estimates only (AdamW on all of it needs more than the machine has)
     Config("qwen05-24", "all"),
     Config("qwen05-24", "all", grad_checkpointing=True),
-    Config("qwen05-24", "all", optimizer="adafactor"),
     Config("qwen05-24", "all", optimizer="adafactor", grad_checkpointing=True),
     Config("qwen05-24", "experts", optimizer="adafactor"),
-    Config("qwen05-24", "router"),
     Config("qwen05-24", "router", micro_batch=2),
 ]
 
@@ -156,6 +157,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     ap.add_argument("--estimate-only", action="store_true", help="estimates of every configuration, no runs")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--margin", type=float, default=1.15, help="run only when estimate x MARGIN + 1 GiB is available")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -164,20 +166,41 @@ def main() -> None:
         model = model_folder(args.work, cfg.model)
         est = estimate(model, args.text, cfg)
         row: dict[str, Any] = {"config": cfg.name, "estimate": est}
-        if not args.estimate_only and cfg in MEASURED:
+        need, free = est["total"] * args.margin + GiB, ram_available()
+        if not args.estimate_only and cfg in MEASURED and need > free:  # other jobs share the machine
+            row["skipped"] = f"{free / GiB:.1f} GiB available, {need / GiB:.1f} GiB wanted"
+        elif not args.estimate_only and cfg in MEASURED:
             row |= measure(model, args.text, cfg, args.work)
             row["ratio"] = round(est["total"] / row["peak_rss"], 3)
+            row["load_average"] = round(os.getloadavg()[0], 1)
         rows.append(row)
+        if args.out:  # after every row: a later run that fails keeps the earlier ones
+            write(args.out, rows)
         measured = f"measured {row['peak_rss'] / GiB:.2f} GiB, ratio {row['ratio']}" if "peak_rss" in row else ""
+        measured = f"skipped: {row['skipped']}" if "skipped" in row else measured
         print(
             f"{cfg.name:44s} {est['params_trainable'] / 1e6:8.1f}M of {est['params_total'] / 1e6:.1f}M trainable  "
             f"estimate {est['total'] / GiB:.2f} GiB ({est['phase']})  {measured}",
             flush=True,
         )
-    if args.out:
-        meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.machine(),
-                "cpus": os.cpu_count(), "python": platform.python_version()}  # fmt: skip
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def ram_available() -> int:
+    from upcycle.train.memory import available_memory
+
+    return available_memory()[0]
+
+
+def write(out: Path, rows: list[dict[str, Any]]) -> None:
+    import torch
+    import transformers
+
+    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}  # fmt: skip
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -691,7 +691,10 @@ def train(
     ] = None,
     optimizer: Annotated[
         str | None,
-        typer.Option(help="adamw, or adafactor (factored second moments; lr is relative)." + _t("optimizer")),
+        typer.Option(
+            help="adamw, adafactor (factored second moments; lr is relative) or adamw8bit (8-bit moments, needs "
+            "bitsandbytes: pip install 'upcycle[adamw8bit]')." + _t("optimizer")
+        ),
     ] = None,
     experts_impl: Annotated[
         str | None, typer.Option(help="transformers experts kernel: grouped_mm or eager." + _t("experts_impl"))

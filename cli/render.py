@@ -485,7 +485,8 @@ def train_plan(screen: Screen, plan: dict[str, Any], title: str) -> None:
 
 def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
     """The estimate of upcycle.train.memory, per process."""
-    optimizer = "AdamW" if mem["optimizer_name"] == "adamw" else "Adafactor"
+    names = {"adamw": "AdamW", "adafactor": "Adafactor", "adamw8bit": "AdamW8bit"}
+    optimizer = names.get(mem["optimizer_name"], mem["optimizer_name"])
     parts = [("weights", "weights"), ("grads", "grads"), (optimizer, "optimizer"), ("working copies", "working")]
     states = ", ".join(f"{label} {gib(mem[key])}" for label, key in parts if mem[key])
     table.add_row("memory per process", f"{states} ({mem['precision']} precision, {mem['world_size']} process(es))")

@@ -5,6 +5,7 @@ for --train router on identical experts, the save/eval cadence and metrics.jsonl
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -15,13 +16,14 @@ from test_train import cli, moe_store, tensors, text, train, train_records  # no
 
 from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
+from upcycle.errors import UpcycleError
 from upcycle.train import loop
 from upcycle.train import setup as train_setup
 from upcycle.train.checkpoint import checkpoints
 from upcycle.train.distributed import destroy, init_distributed
 from upcycle.train.memory import GiB
 from upcycle.train.metrics import read_metrics
-from upcycle.train.optim import optimizer_state_bytes, state_bytes
+from upcycle.train.optim import QMAPS_8BIT, check_optimizer, eight_bit_available, optimizer_state_bytes, state_bytes
 from upcycle.train.setup import read_source, setup
 from upcycle.train.spec import build_train_spec, default_every
 from upcycle.train.step import train_step
@@ -112,7 +114,12 @@ def _run(model: Path, out: Path, **options):
     return env, run
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+HAS_BNB = eight_bit_available()
+NEEDS_BNB = pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (pip install 'upcycle[adamw8bit]')")
+EIGHT_BIT = pytest.param("adamw8bit", marks=NEEDS_BNB)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", EIGHT_BIT])
 def test_frozen_parameters_get_no_gradient_and_no_optimizer_state(optimizer, moe_store, text, tmp_path):  # noqa: F811
     held = {}
     for what in ("all", "router"):
@@ -125,20 +132,30 @@ def test_frozen_parameters_get_no_gradient_and_no_optimizer_state(optimizer, moe
             assert not any(p in states for p in frozen)
             trainable = [p for p in run.model.parameters() if p.requires_grad]
             assert all(p in states for p in trainable)
-            tensors_held = [t for s in states.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
-            nbytes = sum(t.numel() * t.element_size() for t in tensors_held)
+            # each tensor once: AdamW8bit's quantile maps are shared by every parameter
+            held_tensors = [t for s in states.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
+            tensors_held = {t.data_ptr(): t for t in held_tensors}
+            nbytes = sum(t.numel() * t.element_size() for t in tensors_held.values())
             assert nbytes == optimizer_state_bytes(trainable, optimizer)
-            assert nbytes == sum(state_bytes(tuple(p.shape), optimizer) for p in trainable)
+            maps = QMAPS_8BIT if optimizer == "adamw8bit" and any(p.numel() >= 4096 for p in trainable) else 0
+            assert nbytes == sum(state_bytes(tuple(p.shape), optimizer) for p in trainable) + maps
             held[what] = nbytes
+            if optimizer == "adamw8bit" and what == "all":  # 1-byte moments for every tensor of 4096+ elements
+                big = [p for p in trainable if p.numel() >= 4096]
+                assert big and all(states[p][k].dtype == torch.uint8 for p in big for k in ("state1", "state2"))
+                held["params"] = sum(p.numel() for p in trainable)
         finally:
             destroy(env)
     assert held["router"] * (100 if optimizer == "adamw" else 10) < held["all"]
+    if optimizer == "adamw8bit":  # the tiny model's many small tensors keep fp32 moments: still under 3 B/param
+        assert held["all"] < 3 * held["params"]
 
 
-def test_adafactor_trains_and_resumes_exactly(moe_store, text, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(("optimizer", "lr"), [("adafactor", 1e-2), pytest.param("adamw8bit", 3e-3, marks=NEEDS_BNB)])
+def test_light_optimizers_train_and_resume_exactly(optimizer, lr, moe_store, text, tmp_path):  # noqa: F811
     model = moe_store("mixtral")
     whole = tmp_path / "whole"
-    options = dict(data=str(text), steps=6, save_every=3, eval_every=3, optimizer="adafactor", lr=1e-2, keep_last=3)
+    options = dict(data=str(text), steps=6, save_every=3, eval_every=3, optimizer=optimizer, lr=lr, keep_last=3)
     train(model, whole, **options)
     records = train_records(whole)
     assert records[-1]["lm"] < records[0]["lm"]
@@ -221,3 +238,47 @@ def test_save_and_eval_cadence_scales_with_the_run():
     spec = build_train_spec(data="x", steps=20)
     assert (spec.every("eval_every", 20), spec.every("save_every", 20)) == (20, 20)
     assert build_train_spec(data="x", steps=20, eval_every=0).every("eval_every", 20) == 0
+
+
+def test_adamw8bit_without_bitsandbytes_is_one_line_exit_3(moe_store, text, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets when not installed
+    out = tmp_path / "run"
+    args = ["train", str(moe_store("mixtral")), "--data", str(text), "--out", str(out), *BASE]
+    code, _, err = cli([*args, "--optimizer", "adamw8bit"], capsys)
+    assert code == 3 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: --optimizer adamw8bit needs the bitsandbytes package; install it: pip install")
+    assert not out.exists()
+
+
+def test_adamw8bit_is_refused_under_torchrun():
+    with pytest.raises(UpcycleError, match="not supported under torchrun") as info:
+        check_optimizer("adamw8bit", distributed=True)
+    assert info.value.exit_code == 2 and "--optimizer adamw or adafactor" in str(info.value)
+    check_optimizer("adafactor", distributed=True)  # the others pass
+
+
+def test_adamw8bit_state_bytes():
+    assert state_bytes((1000, 1000), "adamw8bit") == 2 * (1_000_000 + math.ceil(1_000_000 / 256) * 4)
+    assert state_bytes((64, 63), "adamw8bit") == state_bytes((64, 63), "adamw") == 64 * 63 * 8  # under 4096: fp32
+
+
+@NEEDS_BNB
+def test_the_plan_offers_adamw8bit_and_counts_its_state(moe_store, text, capsys):  # noqa: F811
+    model = moe_store("mixtral")
+    adamw, eight = planned_total(model, text), planned_total(model, text, optimizer="adamw8bit")
+    assert eight < adamw
+    plan = loop.train(str(model), None, build_train_spec(data=str(text), steps=2, optimizer="adamw8bit"), dry_run=True)
+    est = plan.plan.memory.estimate
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(model)
+    assert est.optimizer == optimizer_state_bytes(net.parameters(), "adamw8bit")
+    biggest = max(p.numel() for p in net.parameters())
+    assert est.optimizer_step == 5 * biggest * 4  # its CPU step: both moments of one tensor dequantised
+    gib = f"{(adamw + eight) / 2 / GiB:.12f}"
+    args = ["train", str(model), "--data", str(text), *BASE, "--gpu-mem", gib, "--dry-run", "--json", "-"]
+    code, out, _ = cli(args, capsys)
+    flags = {o["flags"]: o["total"] for o in json.loads(out[out.index("{") :])["memory"]["options"]}
+    assert code == 0 and flags["--optimizer adamw8bit"] == eight

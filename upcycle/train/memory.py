@@ -29,6 +29,8 @@ attention so the s² scores are never stored):
 
 The step's peak is taken as weights + grads + optimizer states + working copies + max(activations + logits, the
 optimizer step's temporaries): an upper bound, since the gradients fill up while backward frees the activations.
+The temporaries are the largest trainable tensor's, for optimizers that step one tensor at a time on CPU: twice
+it in fp32 for Adafactor, five times for bitsandbytes' AdamW8bit (its CPU step dequantises both moments).
 
 On CPU the figure is the process's peak RSS, so three more terms count (measured, see benchmarks/train_memory.py):
 - `runtime`: the interpreter with torch, transformers, the tokenizer and the data (RUNTIME_CPU);
@@ -50,6 +52,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ..arch import target_for_config
+from .optim import STEP_COPIES_8BIT
 from .spec import TrainSpec
 
 GiB = 1 << 30
@@ -330,7 +333,11 @@ def estimate(
     step_temp = trainable_params * p.step_temp if on_gpu else biggest_layer_params * FP32  # CPU: per-tensor loop
     if spec.optimizer == "adafactor":  # one tensor at a time: its full-size variance estimate and update
         step_temp = max(step_temp if on_gpu else 0, 2 * biggest_param * FP32)
+    if spec.optimizer == "adamw8bit" and not on_gpu:  # one tensor at a time, its moments dequantised to fp32
+        step_temp = STEP_COPIES_8BIT * biggest_param * FP32
     moments = trainable_params * p.optimizer
+    if spec.optimizer == "adamw8bit":  # two 1-byte moments instead of two fp32 ones (absmax blocks left out)
+        moments -= trainable_params * 2 * (FP32 - 1)
     if optimizer_state is not None:  # the optimizer's own state, plus the fp32 master copies a recipe keeps
         moments = optimizer_state + trainable_params * max(0, p.optimizer - 2 * FP32)
 

@@ -10,7 +10,11 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from ..errors import EXIT_ENVIRONMENT, UpcycleError
+
 if TYPE_CHECKING:
+    from types import ModuleType
+
     import torch
     from torch import nn
 
@@ -84,17 +88,79 @@ def lr_factor(index: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# bitsandbytes' 8-bit optimizers: tensors of fewer elements keep fp32 moments (its min_8bit_size); the others keep
+# each moment in uint8 with one fp32 absmax per block of 256 elements, and share two 256-entry fp32 quantile maps
+MIN_8BIT_SIZE = 4096
+BLOCK_8BIT = 256
+QMAPS_8BIT = 2 * 256 * 4
+# its CPU step dequantises one tensor's two moments to fp32, with the scaled gradient and the denominator: about
+# 5 fp32 copies of the tensor at once (measured, benchmarks/README.md, train_memory.py section)
+STEP_COPIES_8BIT = 5
+INSTALL_8BIT = "pip install 'upcycle[adamw8bit]' (or: pip install 'bitsandbytes>=0.50')"
+
+
+class OptimizerMissing(UpcycleError):
+    """The package an optimizer needs is not installed: the environment's fault (exit 3)."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+def check_optimizer(name: str, distributed: bool) -> None:
+    """Refuse, before any work, an optimizer this run cannot use: adamw8bit without bitsandbytes (exit 3), or
+    under torchrun, where its kernels meet FSDP2's sharded DTensor parameters and fail."""
+    if name != "adamw8bit":
+        return
+    if distributed:
+        raise UpcycleError(
+            "--optimizer adamw8bit is not supported under torchrun: bitsandbytes' 8-bit step does not take FSDP's "
+            "sharded parameters; train in one process, or use --optimizer adamw or adafactor"
+        )
+    _bitsandbytes()
+
+
+def _bitsandbytes() -> ModuleType:
+    import importlib
+    import logging
+
+    # bitsandbytes' CPU backend logs a warning at import when it cannot fetch an optional 4-bit matmul kernel
+    # from the Hub; nothing here uses it
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError:
+        raise OptimizerMissing(
+            f"--optimizer adamw8bit needs the bitsandbytes package; install it: {INSTALL_8BIT}"
+        ) from None
+    except (OSError, RuntimeError) as exc:  # installed but its native library does not load
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OptimizerMissing(f"bitsandbytes failed to load ({reason}); reinstall it: {INSTALL_8BIT}") from None
+    finally:
+        log.setLevel(level)
+
+
+def eight_bit_available() -> bool:
+    """Whether bitsandbytes is installed (not imported: the memory plan only offers --optimizer adamw8bit then)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def build_optimizer(groups: list[dict], device: torch.device, name: str = "adamw") -> torch.optim.Optimizer:
     """AdamW (betas 0.9/0.95), or torch's Adafactor (factored second moments, no first moment: ST-MoE's
-    optimizer), whose step is its lr times each tensor's RMS, so its lr is relative (1e-3 to 1e-2 is typical)."""
+    optimizer), whose step is its lr times each tensor's RMS, so its lr is relative (1e-3 to 1e-2 is typical), or
+    bitsandbytes' AdamW8bit (the same betas and eps, both moments in 8 bits per element: ~2 bytes per parameter
+    instead of 8)."""
     import torch
 
     if not groups:
-        from ..errors import UpcycleError
-
         raise UpcycleError("nothing to train: --train froze every parameter")
     if name == "adafactor":
         return torch.optim.Adafactor(groups)
+    if name == "adamw8bit":
+        bnb = _bitsandbytes()
+        return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.95), eps=1e-8, min_8bit_size=MIN_8BIT_SIZE)
     if name != "adamw":
         raise ValueError(f"unknown optimizer {name!r}")
     # fused: one kernel over all parameters on CUDA and on the CPU (torch >= 2.4), ~10x the unfused CPU step, which
@@ -105,10 +171,13 @@ def build_optimizer(groups: list[dict], device: torch.device, name: str = "adamw
 
 def state_bytes(shape: tuple[int, ...], name: str) -> int:
     """Bytes of optimizer state one float32 parameter of `shape` gets: AdamW's two moments; Adafactor's row and
-    column means of the squared gradient over the last two dimensions (the whole second moment for a vector)."""
+    column means of the squared gradient over the last two dimensions (the whole second moment for a vector);
+    AdamW8bit's two uint8 moments and their per-block absmax (fp32 moments below MIN_8BIT_SIZE elements)."""
     numel = math.prod(shape)
-    if name == "adamw":
+    if name == "adamw" or (name == "adamw8bit" and numel < MIN_8BIT_SIZE):
         return 2 * numel * 4
+    if name == "adamw8bit":
+        return 2 * (numel + math.ceil(numel / BLOCK_8BIT) * 4)
     if len(shape) < 2:
         return numel * 4
     rows = math.prod(shape[:-1])
@@ -120,11 +189,13 @@ def optimizer_state_bytes(params: Iterable[nn.Parameter], name: str) -> int:
     """Optimizer state of the trainable parameters (each counted once; frozen ones get none)."""
     seen: set[int] = set()
     total = 0
+    quantised = False
     for p in params:
         if p.requires_grad and id(p) not in seen and p.numel():
             seen.add(id(p))
             total += state_bytes(tuple(p.shape), name)
-    return total
+            quantised |= p.numel() >= MIN_8BIT_SIZE
+    return total + (QMAPS_8BIT if name == "adamw8bit" and quantised else 0)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec, total: int) -> torch.optim.lr_scheduler.LambdaLR:

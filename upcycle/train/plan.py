@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..source import public_name
 from .distributed import DistEnv, sharding
 from .memory import DTYPE_BYTES, GiB, MemoryEstimate, estimate
+from .optim import eight_bit_available
 from .spec import TrainSpec, TrainWhat
 
 if TYPE_CHECKING:
@@ -165,12 +166,15 @@ def _estimate(
     )
 
 
-def _variants(spec: TrainSpec) -> list[tuple[str, dict[str, Any]]]:
-    """Single changes that lower the peak, each as (flags, TrainSpec fields), lightest change first."""
+def _variants(spec: TrainSpec, eight_bit: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """Single changes that lower the peak, each as (flags, TrainSpec fields), lightest change first; `eight_bit`:
+    --optimizer adamw8bit can run (bitsandbytes installed, one process)."""
     out: list[tuple[str, dict[str, Any]]] = []
     if not spec.grad_checkpointing:
         out.append(("--grad-checkpointing", {"grad_checkpointing": True}))
-    if spec.optimizer == "adamw":
+    if spec.optimizer == "adamw" and eight_bit:
+        out.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
+    if spec.optimizer in ("adamw", "adamw8bit"):
         out.append(("--optimizer adafactor", {"optimizer": "adafactor"}))
     micro = spec.micro_batch // 2
     while micro >= 1:  # the same tokens per step
@@ -190,7 +194,7 @@ def fit_options(
     available: int,
     footprint: Footprint,
     unsharded_grads: bool = False,
-    most: int = 4,
+    most: int = 5,  # room for both lighter optimizers beside the other changes
 ) -> tuple[FitOption, ...]:
     """Up to `most` changes of --grad-checkpointing, --optimizer, --micro-batch (same tokens per step) or --train
     that make the run fit, each alone; when none does alone, the first combination that does (the changes added in
@@ -199,7 +203,9 @@ def fit_options(
     def total(fields_: dict[str, Any]) -> int:
         return _estimate(config, (0, 0), replace(spec, **fields_), env, unsharded_grads, footprint).total
 
-    variants = [v for v in _variants(spec) if v[1].get("train", spec.train) in footprint.params]  # dense: all only
+    eight_bit = not env.distributed and eight_bit_available()
+    variants = _variants(spec, eight_bit)
+    variants = [v for v in variants if v[1].get("train", spec.train) in footprint.params]  # dense: all only
     single = [FitOption(flags, t) for flags, change in variants if (t := total(change)) <= available]
     if single:
         return tuple(sorted(single, key=lambda o: -o.total)[:most])

@@ -37,7 +37,7 @@ from .model import (
     moe_target,
     use_deterministic_algorithms,
 )
-from .optim import build_optimizer, build_scheduler, module_params, param_groups
+from .optim import build_optimizer, build_scheduler, check_optimizer, module_params, param_groups
 from .plan import Footprint, TrainPlan, make_plan, memory_plan, model_identity
 from .routing_hooks import RouterTap
 from .sampler import BlockSampler
@@ -173,6 +173,7 @@ def setup(
     spec, capped = cap_seq_len(spec, source.config)
     total = spec.total_steps(env.world_size)  # with --tokens, the steps depend on the capped seq-len
     state = _checkpoint_to_resume(run_dir, spec, env, total, resume=resume, force=force, note=note)
+    check_optimizer(spec.optimizer, env.distributed)  # before the data and the model: a missing package is exit 3
     if state is not None:
         _check_same_model(state, source)
     # checkpoints of a run with frozen parameters hold the trained ones only: the rest is MODEL's, hashed once here

@@ -19,7 +19,7 @@ BalanceScope = Literal["global", "micro"]
 Balance = Literal["aux", "bias", "both"]
 BiasExport = Literal["drop", "refuse"]
 ExpertsImpl = Literal["grouped_mm", "eager", "batched_mm", "deepgemm", "sonicmoe"]
-OptimizerName = Literal["adamw", "adafactor"]
+OptimizerName = Literal["adamw", "adafactor", "adamw8bit"]
 SaveDType = Literal["source", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "text", "chat"]
 Packing = Literal["on", "off"]
@@ -110,7 +110,8 @@ class TrainSpec:
     router_noise: bool = False  # noisy top-k (Shazeer 2017)
     expert_dropout: float = 0.0  # dropout inside the experts (their hidden activations), in training only
     train: TrainWhat = "all"
-    optimizer: OptimizerName = "adamw"  # adafactor: factored second moments, no first moment (ST-MoE's optimizer)
+    optimizer: OptimizerName = "adamw"  # adafactor: factored second moments, no first moment (ST-MoE's optimizer);
+    # adamw8bit: bitsandbytes' AdamW with 8-bit blockwise moments (optim.py)
     router_lr_scale: float = 1.0
     dtype: DType = "auto"  # bf16 on GPU, fp32 on CPU
     save_dtype: SaveDType = "source"  # final/'s dtype: MODEL's own by default (checkpoints keep the fp32 masters)
