@@ -107,13 +107,25 @@ def write_slots(tap: RouterTap, model: nn.Module, target: Target) -> bool:
 
 
 def write_slot_state(tap: RouterTap, target: Target, state: dict[str, torch.Tensor]) -> bool:
-    """The same for a gathered full state dict (under torchrun): replace the slot entries; False if it has none."""
-    names = {layer: slot_name(target, layer) for layer in tap.bias}
-    if not names or any(name is None or name not in state for name in names.values()):
+    """The same for a gathered full state dict (under torchrun): replace the slot entries, in float32; False if it
+    has none. A final/ in a lower dtype must leave them so (slot_keys names them for checkpoint.write_final)."""
+    names = slot_keys(tap, target)
+    if not names or any(name not in state for name in names.values()):
         return False
     for layer, name in names.items():
         state[name] = tap.bias[layer].detach().float().reshape(state[name].shape).cpu()
     return True
+
+
+def slot_keys(tap: RouterTap, target: Target) -> dict[int, str]:
+    """layer -> the state-dict name of its slot; empty with --balance aux or where the target has no slot."""
+    names = {}
+    for layer in tap.bias:
+        name = slot_name(target, layer)
+        if name is None:
+            return {}
+        names[layer] = name
+    return names
 
 
 def sync_slots(tap: RouterTap, model: nn.Module, target: Target, state: dict[str, torch.Tensor] | None) -> bool:
