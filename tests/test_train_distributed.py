@@ -262,3 +262,36 @@ def test_torchrun_router_checkpoints_hold_the_trained_tensors_and_resume_exactly
     a = {k: v for f in sorted((root / "router" / "final").glob("*.safetensors")) for k, v in load_file(f).items()}
     b = {k: v for f in sorted((resumed / "final").glob("*.safetensors")) for k, v in load_file(f).items()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_torchrun_writes_the_selection_bias_slot_in_float32(dense_store, jargon_text, tmp_path):
+    """--balance bias under FSDP2 into a bfloat16 final/: the generic wrapper's correction bias stays float32 (as in
+    one process: the routing adds it to float32 probabilities) and holds the run's biases exactly; the rest is bf16."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    moe, text, out = tmp_path / "moe", tmp_path / "jargon.txt", tmp_path / "run"
+    head = jargon_text.read_text()[:30_000]
+    text.write_text(head[: head.rindex("\n\n")] + "\n")
+    convert(str(dense_store("llama")), moe, build_spec(target="generic", experts=4, top_k=2))
+    args = [str(moe), "--data", str(text), "--steps", "4", "--seq-len", "32", "--micro-batch", "2", "--lr", "3e-3"]
+    args += ["--save-every", "4", "--eval-every", "4", "--balance", "bias", "--balance-rate", "0.02"]
+    done = torchrun(*args, "--save-dtype", "bfloat16", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = load_file(out / "checkpoints" / "step-4" / "trainer_state.safetensors")  # balance_bias.{layer}, fp32
+    dtypes, slots = {}, {}
+    for path in sorted((out / "final").glob("*.safetensors")):
+        with safe_open(path, "pt") as fh:
+            for key in fh.keys():
+                tensor = fh.get_tensor(key)
+                dtypes[key] = tensor.dtype
+                if key.endswith("e_score_correction_bias"):
+                    slots[key] = tensor
+    assert len(slots) == len(trained) == 4
+    for layer in range(4):
+        (key,) = [k for k in slots if f".layers.{layer}." in k]
+        assert slots[key].dtype == torch.float32
+        assert torch.equal(slots[key], trained[f"balance_bias.{layer}"])  # ±0.02 steps: not exact in bf16
+    assert max(float(t.abs().max()) for t in slots.values()) >= 0.02  # the run moved them
+    assert {dtypes[k] for k in dtypes if k not in slots} == {torch.bfloat16}

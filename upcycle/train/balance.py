@@ -1,4 +1,5 @@
-"""Aux-loss-free load balancing (DeepSeek-V3; Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy"):
+"""Aux-loss-free load balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
+Mixture-of-Experts"; DeepSeek-AI 2024, DeepSeek-V3):
 a per-expert bias on the routing scores that steers the top-k selection towards underloaded experts, moved after
 each optimizer step by a fixed amount instead of by a gradient.
 
@@ -11,10 +12,13 @@ assignments per expert summed over its micro-batches and every rank (the step al
     Δ = u·sign(mean(c) − c)      +u for an underloaded expert, −u for an overloaded one, 0 at the mean
     b ← b + (Δ − mean(Δ))        shifted to zero mean, so Σb stays 0 and only the ranking of the experts moves
 
-u is --balance-rate (1e-3, DeepSeek-V3's γ). The biases are state, not parameters: no gradient reaches them, the
-optimizer never sees them, checkpoints carry them (trainer_state.safetensors, `BIAS_KEY`) and a resumed run
-continues from them exactly. Where the target has a slot for them (Ernie 4.5-MoE's `e_score_correction_bias`,
-upcycle's generic wrapper) they are written there; see bias_export.py for the rest.
+u is --balance-rate (1e-3, DeepSeek-V3's γ). DeepSeek-V3 adds b to sigmoid affinities; here it is added to the
+router's softmax probabilities, as Ernie 4.5-MoE routes with its correction bias. The papers move b by ±u; the shift
+to zero mean is ours (a shift common to all experts changes no top-k; it keeps Σb at 0). The biases are state, not
+parameters: no gradient reaches them, the optimizer never sees them, checkpoints carry them
+(trainer_state.safetensors, `BIAS_KEY`) and a resumed run continues from them exactly. Where the target has a slot
+for them (Ernie 4.5-MoE's `e_score_correction_bias`, upcycle's generic wrapper) they are written there; see
+bias_export.py for the rest.
 """
 
 from __future__ import annotations
@@ -107,13 +111,25 @@ def write_slots(tap: RouterTap, model: nn.Module, target: Target) -> bool:
 
 
 def write_slot_state(tap: RouterTap, target: Target, state: dict[str, torch.Tensor]) -> bool:
-    """The same for a gathered full state dict (under torchrun): replace the slot entries; False if it has none."""
-    names = {layer: slot_name(target, layer) for layer in tap.bias}
-    if not names or any(name is None or name not in state for name in names.values()):
+    """The same for a gathered full state dict (under torchrun): replace the slot entries, in float32; False if it
+    has none. A final/ in a lower dtype must leave them so (slot_keys names them for checkpoint.write_final)."""
+    names = slot_keys(tap, target)
+    if not names or any(name not in state for name in names.values()):
         return False
     for layer, name in names.items():
         state[name] = tap.bias[layer].detach().float().reshape(state[name].shape).cpu()
     return True
+
+
+def slot_keys(tap: RouterTap, target: Target) -> dict[int, str]:
+    """layer -> the state-dict name of its slot; empty with --balance aux or where the target has no slot."""
+    names = {}
+    for layer in tap.bias:
+        name = slot_name(target, layer)
+        if name is None:
+            return {}
+        names[layer] = name
+    return names
 
 
 def sync_slots(tap: RouterTap, model: nn.Module, target: Target, state: dict[str, torch.Tensor] | None) -> bool:

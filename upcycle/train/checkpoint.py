@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,16 +393,20 @@ def write_final(
     fallback_recipe: dict[str, Any],
     model_state: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    keep_fp32: Collection[str] = (),
 ) -> Path:
     """final/: the trained model in the native format, its tokenizer, and upcycle.json + model card. The source's
     recipe and card are carried over and extended with `recipe_fields` (the `training` record); a source that
     upcycle did not write gets `fallback_recipe` + `recipe_fields` as its upcycle.json.
 
     model_state: the full state gathered from FSDP shards (float32 masters), written in `dtype` when given, with
-    config.json's dtype saying so (save_pretrained would take the dtype of the sharded fp32 model)."""
+    config.json's dtype saying so (save_pretrained would take the dtype of the sharded fp32 model), except the
+    entries named in `keep_fp32` (the selection-bias slot, which the single-process path also keeps in float32)."""
     final = Path(run_dir) / FINAL
     if model_state is not None and dtype is not None:
-        model_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model_state.items()}
+        model_state = {
+            k: v.to(dtype) if v.is_floating_point() and k not in keep_fp32 else v for k, v in model_state.items()
+        }
     with staged_folder(final, force=True) as tmp:
         model.save_pretrained(tmp, state_dict=model_state)
         if model_state is not None and dtype is not None:

@@ -1,5 +1,5 @@
-"""`--expert-dropout P`: dropout inside the experts only, in training mode only (Switch Transformer §2.4 and
-Table 4: dropout 0.1 outside the experts and 0.4 inside them fine-tuned best; ST-MoE keeps it for fine-tuning).
+"""`--expert-dropout P`: dropout inside the experts only, in training mode only (Switch Transformer, Fedus et al.,
+§2.4 and Table 4: dropout 0.1 outside the experts and 0.4 inside them fine-tuned best of the rates tried).
 
 Where: on each expert's hidden activation, act(x·W_gate) ⊙ (x·W_up), between the up and the down projection, as
 in Switch. transformers 5.x computes every experts kernel (eager, grouped_mm, batched_mm) as

@@ -10,7 +10,7 @@ from .. import __version__
 from ..options import command_line
 from ..source import public_name
 from . import checkpoint as ckpt
-from .balance import sync_slots
+from .balance import slot_keys, sync_slots
 from .distributed import full_model_state
 from .evaluate import Evaluation, json_float
 from .losses import LOSSES
@@ -78,7 +78,8 @@ def write_final(run: Run, last_eval: Evaluation | None, bias: dict[str, Any] | N
         run.model.to(dtype)
     if not env.is_main:
         return None
-    sync_slots(run.tap, run.model, run.source.target, model_state)
+    written = sync_slots(run.tap, run.model, run.source.target, model_state)
+    keep_fp32 = set(slot_keys(run.tap, run.source.target).values()) if written else set()
     fallback = {"tool": {"name": "upcycle", "version": __version__}, "source": {"id": plan.model}}
     return ckpt.write_final(
         run.run_dir,
@@ -87,6 +88,7 @@ def write_final(run: Run, last_eval: Evaluation | None, bias: dict[str, Any] | N
         source_folder=run.source.ref.folder,
         model_state=model_state,
         dtype=dtype,
+        keep_fp32=keep_fp32,
         recipe_fields={
             "training": training_record(run, last_eval) | ({"balance_bias": bias} if bias else {}),
             "name": run.run_dir.name,
