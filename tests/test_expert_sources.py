@@ -520,7 +520,10 @@ def test_shared_from(shared, models, capsys, tmp_path):
         (["--shared-from", "nowhere"], "--shared-from nowhere is neither base nor one of"),
         (["--shared-from", "base", "--init", "split", "--experts", "4"], "--init split is not supported with it"),
         (["--shared-experts", "1"], "needs --shared-from MODEL"),
-        (["--shared-from", "base"], "--shared-from needs a target class with a shared expert (qwen2_moe)"),
+        (
+            ["--shared-from", "base", "--target", "mixtral"],
+            "--shared-from needs a target class with a shared expert (qwen2_moe)",
+        ),
     ],
 )
 def test_bad_shared_from(flags, needle, models, capsys, tmp_path):
@@ -528,6 +531,19 @@ def test_bad_shared_from(flags, needle, models, capsys, tmp_path):
     argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"], *flags]
     expect_error(capsys, argv, needle)
     assert_clean(out)
+
+
+def test_shared_from_under_auto_writes_qwen2_moe(models, capsys, tmp_path):
+    """--target auto with --shared-from: Mixtral (the Llama family's every-layer choice) has no shared expert, so
+    auto writes the family's Qwen2-MoE class, saying why, with the base FFN in the shared expert."""
+    out = tmp_path / "moe"
+    argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", models["b"]]
+    assert run_cli([*argv, "--shared-from", "base"]) == 0
+    assert "--target auto wrote qwen2_moe, since --shared-from needs a target class" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
+    written, mine = tensors(out), ffn(models["base"], 0)
+    for role in ("gate", "up", "down"):
+        assert torch.equal(written[f"model.layers.0.mlp.shared_expert.{role}_proj.weight"], mine[role])
 
 
 # --- mergekit-moe recipes -------------------------------------------------------------------------------------
