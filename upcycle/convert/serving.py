@@ -332,12 +332,3 @@ FIXES: dict[str, Callable[[Plan, dict[str, Any]], tuple[Plan, str]]] = {
     "untie": _untie,
     "qkv_bias": _qkv_bias,
 }
-
-
-def runs_in(plan_summary: dict[str, Any]) -> str:
-    """The model card's "Runs in" line, from the plan summary's `serving` ("" for outputs made before it)."""
-    rows = plan_summary.get("serving") or []
-    how = {"tested": "run by upcycle's engine tests", "read": "from reading its code", "native": "native"}
-    yes = [f"{r['engine']} ({how.get(r['evidence'], r['evidence'])})" for r in rows if r["loads"]]
-    no = [f"not {r['engine']} ({r['why']})" for r in rows if not r["loads"]]
-    return "; ".join([", ".join(yes)] * bool(yes) + no).replace("|", "\\|")

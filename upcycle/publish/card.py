@@ -23,7 +23,6 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..arch import GENERIC
-from ..convert.serving import runs_in
 from ..fmt import count, human_bytes
 from ..outdir import current_umask
 from ..source import looks_like_repo_id
@@ -204,7 +203,7 @@ def build_card(recipe: dict[str, Any], name: str) -> ModelCard:
         method_exact=plan.get("method_exact", True),
         casts=[c["text"].replace("|", "\\|") for c in plan.get("casts", []) if "text" in c],  # inside a table
         lossy_casts=[c["text"] for c in plan.get("casts", []) if not c["exact"] and "text" in c],
-        runs_in=runs_in(plan),
+        runs_in=_runs_in(plan),
         load_memory=human_bytes(int(LOAD_MEMORY_BASE + LOAD_MEMORY_FACTOR * plan["bytes"])),
         verify=recipe.get("verify"),
         expert_sources=[_expert_row(row) for row in recipe.get("sources") or []],
@@ -267,3 +266,12 @@ def update_recipe(folder: Path, **fields: Any) -> bool:
     else:
         _atomic_write(Path(folder) / RECIPE, json.dumps(recipe, indent=2) + "\n")
     return regenerate
+
+
+def _runs_in(plan_summary: dict[str, Any]) -> str:
+    """The model card's "Runs in" line, from the plan summary's `serving` ("" for outputs made before it)."""
+    rows = plan_summary.get("serving") or []
+    how = {"tested": "run by upcycle's engine tests", "read": "from reading its code", "native": "native"}
+    yes = [f"{r['engine']} ({how.get(r['evidence'], r['evidence'])})" for r in rows if r["loads"]]
+    no = [f"not {r['engine']} ({r['why']})" for r in rows if not r["loads"]]
+    return "; ".join([", ".join(yes)] * bool(yes) + no).replace("|", "\\|")
