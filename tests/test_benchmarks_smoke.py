@@ -1,8 +1,8 @@
 """The issue-14 benchmark scripts run end to end at tiny sizes and write real results.
 
-benchmarks/vs_mergekit.py: upcycle and `cp -r` always; the mergekit arm only where mergekit's own virtual
-environment exists (it is never a project dependency, and CI has no network to build it), else that one test
-skips and says why. benchmarks/upcycle_vs_dense.py --preset smoke: the whole study on Debian's text.
+benchmarks/vs_mergekit.py and vs_mergekit_sources.py: upcycle and `cp -r` always; the mergekit arm only where
+mergekit's own virtual environment exists (it is never a project dependency, and CI has no network to build it),
+else that one test skips and says why. benchmarks/upcycle_vs_dense.py --preset smoke: the whole study on Debian's text.
 """
 
 from __future__ import annotations
@@ -95,6 +95,123 @@ def test_vs_mergekit_mergekit_arm(mergekit_result):
     assert mk["output_bytes"] == pytest.approx(up["output_bytes"], rel=0.1)  # the same tensors, other names
     check = saved["verify"]["mergekit"]
     assert check["logits_passed"] and check["max_abs_diff"] < 1e-3 and check["top1_agreement"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def sources_result(tmp_path_factory):
+    vs = _load("vs_mergekit_sources")
+    tmp = tmp_path_factory.mktemp("vs_mergekit_sources")
+    argv = ["--size", "tiny", "--repeats", "1", "--work", str(tmp / "work"), "--results", str(tmp / "r.json"),
+            "--mergekit-venv", str(USER_CACHE / "mergekit-venv")]  # fmt: skip
+    result = vs.main(argv)
+    return vs, result, json.loads((tmp / "r.json").read_text()), tmp / "work"
+
+
+@pytest.mark.slow
+def test_vs_mergekit_sources_upcycle_arm(sources_result):
+    """benchmarks/vs_mergekit_sources.py --size tiny: every gate mode converts the recipe, measured against cp."""
+    _, result, saved, work = sources_result
+    assert saved["modes"] == json.loads(json.dumps(result["modes"]))
+    assert list(saved["modes"]) == ["random", "hidden", "cheap_embed"] and saved["repeats"] == 1
+    hidden = saved["base"]["config"]["hidden_size"]
+    assert saved["base"]["size"] == "tiny" and hidden == 64
+    # 2 layers × 3 experts (one per fine-tune) × gate, up, down of 64 × 256 in bf16
+    expert_bytes = 2 * 3 * 3 * 64 * 256 * 2
+    for mode, block in saved["modes"].items():
+        up = block["summary"]["upcycle"]
+        assert up["ok"] and up["runs"] == 1, mode
+        run = block["runs"]["upcycle"][0]
+        assert run["rc"] == 0 and run["wall_s"] > 0 and run["cp_s"] > 0, mode
+        assert up["ratio_to_cp"] == pytest.approx(run["wall_s"] / run["cp_s"])
+        assert expert_bytes < up["output_bytes"] < 2 * expert_bytes, mode
+        assert 50 * 2**20 < up["peak_rss_bytes"] < 4 * 2**30, mode
+        # the command upcycle.json records converts from OUT's copy of the YAML, with the flags given beside it
+        std = ["--router-std", repr(1 / math.sqrt(hidden))] if mode != "random" else []
+        assert block["upcycle_flags"] == ["--mergekit-config", "moe.yml", "OUT", *std]
+        assert block["upcycle_command"].split() == ["upcycle", "convert", "--mergekit-config",
+                                                    "mergekit_moe_config.yml", "out-upcycle", *std]  # fmt: skip
+        assert f"gate_mode: {mode}" in (work / f"moe-{mode}.yml").read_text()
+        if not saved["mergekit"]["usable"]:
+            assert block["summary"]["mergekit"] == {"ok": False, "skipped": saved["mergekit"]["why"]}
+            assert block["agreement"] is None
+    assert not (work / "out-upcycle").exists()  # outputs are removed after each mode
+    # the stand-in fine-tunes: BASE with every FFN weight perturbed, every other tensor BASE's bytes
+    from safetensors.torch import load_file
+
+    base = load_file(work / "dense-tiny" / "model.safetensors")
+    fts = [load_file(work / "fine-tunes-tiny" / f"ft-{i}" / "model.safetensors") for i in (1, 2, 3)]
+    for ft in fts:
+        assert ft.keys() == base.keys()
+        for name, x in base.items():
+            assert torch.equal(ft[name], x) == (".mlp." not in name), name
+    w = "model.layers.0.mlp.up_proj.weight"
+    delta = (fts[0][w].float() - base[w].float()).std() / base[w].float().std()
+    assert 0.05 < float(delta) < 0.2  # --ft-scale 0.1 of the tensor's std, in bf16
+    assert not torch.equal(fts[0][w], fts[1][w])
+
+
+@pytest.mark.slow
+def test_vs_mergekit_sources_comparison(sources_result, tmp_path):
+    """The comparison of the mergekit arm, checked without mergekit: upcycle's `hidden` output against a copy
+    in mergekit's fused layout (routers doubled) agrees tensor by tensor, and its router rows are the
+    'FFN input, every token' definition the README reports."""
+    import subprocess
+
+    from safetensors.torch import load_file, save_file
+
+    vs, _, saved, work = sources_result
+    out = tmp_path / "up"
+    cmd = [str(Path(sys.executable).parent / "upcycle"), "convert", "--mergekit-config", str(work / "moe-hidden.yml"),
+           str(out), *saved["modes"]["hidden"]["upcycle_flags"][3:]]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    tensors: dict[str, torch.Tensor] = {}
+    for f in out.glob("*.safetensors"):
+        tensors |= load_file(f)
+    fused: dict[str, torch.Tensor] = {}
+    for layer in range(2):
+        stem = f"model.layers.{layer}.block_sparse_moe"
+        ex = [{w: tensors.pop(f"{stem}.experts.{e}.{w}.weight") for w in ("w1", "w2", "w3")} for e in range(3)]
+        gate_up = [torch.cat([x["w1"], x["w3"]]) for x in ex]  # mergekit's fused layout: gate rows, then up rows
+        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+        fused[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([x["w2"] for x in ex])
+        fused[f"model.layers.{layer}.mlp.gate.weight"] = tensors.pop(f"{stem}.gate.weight") * 2
+    mk = tmp_path / "mk"
+    mk.mkdir()
+    save_file(tensors | fused, str(mk / "model.safetensors"))
+    agree = vs.compare(out, mk)
+    assert agree["compared"] == len(vs.canonical(out)) and not agree["only_upcycle"] and not agree["only_mergekit"]
+    kinds = agree["by_kind"]
+    assert kinds["expert"] == {"tensors": 18, "byte_identical": 18, "max_abs_diff": 0.0}
+    assert kinds["other"]["tensors"] == kinds["other"]["byte_identical"] == len(tensors)
+    assert kinds["router"]["tensors"] == 2 and kinds["router"]["byte_identical"] == 0
+    rows = agree["router_rows"]
+    assert rows["rows"] == 6 and rows["cosine_min"] > 0.9999
+    assert rows["norm_ratio_min"] == pytest.approx(0.5) and rows["norm_ratio_max"] == pytest.approx(0.5)
+    # upcycle's hidden rows: the FFN input averaged over every prompt token, not mergekit's residual/last token
+    found = vs.explain_hidden(work / "dense-tiny", {"upcycle": out})["upcycle"]
+    assert found["ffn_input/all"]["cosine_min"] > 0.999
+    assert all(found[k]["cosine_median"] < 0.99 for k in found if k != "ffn_input/all"), found
+
+
+@pytest.mark.slow
+def test_vs_mergekit_sources_mergekit_arm(sources_result):
+    _, _, saved, _ = sources_result
+    if not saved["mergekit"]["usable"]:
+        pytest.skip(f"mergekit arm not run: {saved['mergekit']['why']}")
+    for mode, block in saved["modes"].items():
+        mk, up = block["summary"]["mergekit"], block["summary"]["upcycle"]
+        assert mk["ok"] and mk["runs"] == 1, mode
+        assert mk["output_bytes"] == pytest.approx(up["output_bytes"], rel=0.1)  # the same tensors, other names
+        agree = block["agreement"]
+        assert agree["compared"] > 0 and not agree["only_upcycle"] and not agree["only_mergekit"]
+        for k in ("expert", "other"):  # experts and copied tensors: the same bytes in every gate mode
+            assert agree["by_kind"][k]["byte_identical"] == agree["by_kind"][k]["tensors"] > 0, (mode, k)
+    routers = saved["modes"]["cheap_embed"]["agreement"]["by_kind"]["router"]
+    assert routers["byte_identical"] == routers["tensors"] == 2  # cheap_embed with --router-std 1/√hidden
+    defs = saved["modes"]["hidden"]["agreement"]["definitions"]
+    assert defs["mergekit"]["residual/last"]["cosine_min"] > 0.99
+    assert defs["upcycle"]["ffn_input/all"]["cosine_min"] > 0.99
 
 
 def _ngrams(text: str, n: int = 13) -> set[tuple[str, ...]]:
