@@ -135,6 +135,26 @@ def test_serve_refusals_are_one_line(flags, needle, dense_store, tmp_path, capsy
     assert_clean(out)
 
 
+@pytest.mark.parametrize(
+    ("family", "overrides", "needle"),
+    [
+        ("gemma", {}, "activation is not silu"),  # llama.cpp's MoE graphs are SiLU whatever hidden_act says
+        ("mistral", {"sliding_window": 8}, "read no sliding window"),
+    ],
+)
+def test_llama_cpp_refuses_what_its_graphs_compute_otherwise(family, overrides, needle, dense_store, tmp_path, capsys):
+    """A Gemma (GELU) or windowed Mistral source becomes a Mixtral that transformers runs exactly, but llama.cpp's
+    graph would compute something else: the plan says so, and --serve llama.cpp is refused in one line."""
+    src = dense_store(family, **overrides)
+    plan = convert(src, tmp_path / "moe")
+    assert plan["target"] == "mixtral"
+    (row,) = [s for s in plan["serving"] if s["engine"] == "llama.cpp"]
+    assert not row["loads"] and needle in row["why"]
+    line = expect_error(capsys, ["convert", src, tmp_path / "no", "--experts", "4", "--serve", "llama.cpp"], needle)
+    assert "--serve llama.cpp: mixtral output would not run in llama.cpp" in line
+    assert_clean(tmp_path / "no")
+
+
 def test_auto_refusal_names_flags_that_work(dense_store, tmp_path, capsys):
     """The flags an auto refusal names give an output that runs there (here: qwen2_moe with llama.cpp's routing)."""
     src = dense_store("llama")
