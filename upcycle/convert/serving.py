@@ -97,8 +97,7 @@ LLAMA_CPP_GRAPH = (
     ),
     Rule(
         lambda x: not x.sliding,
-        "its MoE graphs read no sliding window and attend over the whole context, and this model attends "
-        "through one",
+        "its MoE graphs read no sliding window and attend over the whole context, and this model attends through one",
         flag="a --serve list without llama.cpp (no layout of this model runs there)",
     ),
 )
