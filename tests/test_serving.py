@@ -124,6 +124,8 @@ def test_dry_run_says_where_it_runs(dense_store, tmp_path, capsys):
         (["--target", "generic", "--serve", "vllm"], "--serve vllm: generic output would not run in vllm"),
         (["--target", "qwen2_moe", "--every", "2", "--serve", "sglang"], "makes every layer sparse"),
         ([*LLAMA_CPP_QWEN2, "--serve", "llama.cpp", "--dtype", "float16"], "use --dtype bfloat16 or float32"),
+        # auto: mixtral has no shared expert and qwen2_moe needs llama.cpp's routing; the line names that routing
+        (["--shared-experts", "1", "--serve", "llama.cpp"], "qwen2_moe output would not run in llama.cpp"),
     ],
 )
 def test_serve_refusals_are_one_line(flags, needle, dense_store, tmp_path, capsys):
@@ -131,6 +133,39 @@ def test_serve_refusals_are_one_line(flags, needle, dense_store, tmp_path, capsy
     line = expect_error(capsys, ["convert", dense_store("llama"), out, "--experts", "4", *flags], needle)
     assert needle in line
     assert_clean(out)
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "needle"),
+    [
+        ("gemma", {}, "activation is not silu"),  # llama.cpp's MoE graphs are SiLU whatever hidden_act says
+        ("mistral", {"sliding_window": 8}, "read no sliding window"),
+    ],
+)
+def test_llama_cpp_refuses_what_its_graphs_compute_otherwise(family, overrides, needle, dense_store, tmp_path, capsys):
+    """A Gemma (GELU) or windowed Mistral source becomes a Mixtral that transformers runs exactly, but llama.cpp's
+    graph would compute something else: the plan says so, and --serve llama.cpp is refused in one line."""
+    src = dense_store(family, **overrides)
+    plan = convert(src, tmp_path / "moe")
+    assert plan["target"] == "mixtral"
+    (row,) = [s for s in plan["serving"] if s["engine"] == "llama.cpp"]
+    assert not row["loads"] and needle in row["why"]
+    line = expect_error(capsys, ["convert", src, tmp_path / "no", "--experts", "4", "--serve", "llama.cpp"], needle)
+    assert "--serve llama.cpp: mixtral output would not run in llama.cpp" in line
+    assert_clean(tmp_path / "no")
+
+
+def test_auto_refusal_names_flags_that_work(dense_store, tmp_path, capsys):
+    """The flags an auto refusal names give an output that runs there (here: qwen2_moe with llama.cpp's routing)."""
+    src = dense_store("llama")
+    flags = ["--shared-experts", "1", "--serve", "llama.cpp"]
+    line = expect_error(capsys, ["convert", src, tmp_path / "no", "--experts", "4", *flags], "use --routing")
+    named = line.split("; use ")[-1].split(" (")[0].split()
+    assert named == ["--routing", "softmax-topk", "--router-init", "zero"]
+    plan = convert(src, tmp_path / "moe", *flags, *named)
+    assert plan["target"] == "qwen2_moe"
+    assert [s["loads"] for s in plan["serving"] if s["engine"] == "llama.cpp"] == [True]
+    assert run(["verify", str(src), str(tmp_path / "moe"), "--no-record"]) == 0
 
 
 def test_parse_serve_orders_and_dedupes():

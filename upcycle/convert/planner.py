@@ -51,21 +51,28 @@ def make_plan(
         plan = serve(make(family, cfg, tensors, spec, **kw), spec.serve, cfg)
         return with_sources(plan, spec)
     first: NoForm | None = None
+    engine: NoForm | None = None  # the first target that holds the request but that a --serve engine cannot load
     for name in auto_candidates(family, cfg, spec):
         try:
             if name == GENERIC:
                 plan = make_generic_plan(family, cfg, tensors, replace(spec, target=GENERIC), **kw)
             else:
                 plan = make_native_plan(family, cfg, tensors, replace(spec, target=name), **kw)
-            plan = serve(plan, spec.serve, cfg)
         except NoForm as exc:
             first = first or exc
+            continue
+        try:
+            plan = serve(plan, spec.serve, cfg)
+        except NoForm as exc:
+            first, engine = first or exc, engine or exc
             continue
         if first is not None:  # never silently: the plan says why the first choice was not taken
             plan = replace(plan, notes=(f"--target auto wrote {plan.target}, since {first}", *plan.notes))
         return with_sources(plan, spec)
-    assert first is not None
-    raise first
+    # no target fits: the engine's refusal names flags that work (the first target's may name one an engine refuses)
+    failed = engine or first
+    assert failed is not None
+    raise failed
 
 
 def auto_candidates(family: Family, cfg: dict[str, Any], spec: ConvertSpec) -> list[str]:

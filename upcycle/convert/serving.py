@@ -66,6 +66,8 @@ class Layout:
     head_dim_derived: bool  # head_dim == hidden_size / num_attention_heads
     dtype: str
     gate_nonzero: bool  # every shared-expert gate written as a non-zero constant (or computed)
+    act: str = "silu"  # the experts' activation (hidden_act)
+    sliding: bool = False  # some layer attends through a sliding window
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,23 @@ def _is_qwen2(target: str) -> bool:
     return target == "qwen2_moe"
 
 
+# llama.cpp's Mixtral (its llama graph), Qwen2-MoE and Qwen3-MoE: SiLU experts and full attention, whatever the
+# GGUF says (LLM_FFN_SILU in src/models/llama.cpp, qwen2moe.cpp and qwen3moe.cpp; none of them reads a window)
+LLAMA_CPP_GRAPH = (
+    Rule(
+        lambda x: x.act == "silu",
+        "its MoE graphs compute every expert with SiLU (LLM_FFN_SILU) and ignore hidden_act, and this model's "
+        "activation is not silu (Gemma's gelu_pytorch_tanh)",
+        flag="a --serve list without llama.cpp (no layout of this model runs there)",
+    ),
+    Rule(
+        lambda x: not x.sliding,
+        "its MoE graphs read no sliding window and attend over the whole context, and this model attends through one",
+        flag="a --serve list without llama.cpp (no layout of this model runs there)",
+    ),
+)
 QWEN2_LLAMA_CPP = (
+    *LLAMA_CPP_GRAPH,
     Rule(
         lambda x: x.every_layer,
         "its Qwen2-MoE needs a router and experts in every layer (mlp_only_layers is not "
@@ -116,6 +134,7 @@ QWEN2_LLAMA_CPP = (
     Rule(lambda x: not x.tied, "its Qwen2-MoE needs its own output matrix ('output.weight not found')", fix="untie"),
 )
 QWEN3_LLAMA_CPP = (
+    *LLAMA_CPP_GRAPH,
     Rule(
         lambda x: x.every_layer,
         "its Qwen3-MoE needs a router and experts in every layer (its converter stops at "
@@ -171,7 +190,7 @@ SGLANG_QWEN3 = (
 # engine -> target -> (evidence, rules); a target not listed is one we have neither run nor read there
 RULES: dict[str, dict[str, tuple[str, tuple[Rule, ...]]]] = {
     "llama.cpp": {
-        "mixtral": ("tested", ()),
+        "mixtral": ("tested", LLAMA_CPP_GRAPH),
         "qwen2_moe": ("tested", QWEN2_LLAMA_CPP),
         "qwen3_moe": ("tested", QWEN3_LLAMA_CPP),
     },
@@ -203,7 +222,18 @@ def read_layout(plan: Plan) -> Layout:
         gate_nonzero=all(
             op.value != 0 for op in plan.ops if isinstance(op, Zeros) and op.name.endswith("shared_expert_gate.weight")
         ),
+        act=str(c.get("hidden_act") or "silu"),
+        sliding=_slides(c),
     )
+
+
+def _slides(c: dict[str, Any]) -> bool:
+    """Whether the written config makes transformers attend through a sliding window in some layer."""
+    if c.get("layer_types"):
+        return "sliding_attention" in c["layer_types"]
+    if c.get("sliding_window") is None:
+        return False
+    return bool(c.get("use_sliding_window", True))  # Qwen2/3-MoE switch it on; Mixtral uses any window it is given
 
 
 def verdict(engine: str, plan: Plan, fixed: frozenset[str] = frozenset()) -> tuple[Serving, Rule | None]:
