@@ -128,8 +128,8 @@ def run_lr(model_dir: Path, data: list[torch.Tensor], lr: float, weight_decay: f
         stats = update_stats(before, model, intended_updates(opt))
         steps.append({"step": i + 1, "loss": round(loss.item(), 4), **stats})
         a = stats["all"]
-        print(f"lr {lr:g} step {i + 1}: loss {loss.item():.3f}  lost to bf16 {a['lost_bf16']:.1%}  "
-              f"lost to fp32 {a['lost_fp32']:.3%}  median |Δ|/|w| {a['rel_update_median']:.2e}", flush=True)  # fmt: skip
+        line = f"lr {lr:g} step {i + 1}: loss {loss.item():.3f}  lost to bf16 {a['lost_bf16']:.1%}  "
+        print(line + f"lost to fp32 {a['lost_fp32']:.3%}  median |Δ|/|w| {a['rel_update_median']:.2e}", flush=True)
     summary: dict[str, Any] = {}
     for key in steps[0]:
         if key in ("step", "loss"):
