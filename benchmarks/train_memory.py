@@ -156,7 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="where the models are written (and reused)")
     ap.add_argument("--text", type=Path, required=True, help="training text (a .txt file)")
-    ap.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
+    ap.add_argument("--only", nargs="*", help="configuration names to run, in this order (default: all)")
     ap.add_argument("--estimate-only", action="store_true", help="estimates of every configuration, no runs")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--margin", type=float, default=1.15, help="run only when estimate x MARGIN + 1 GiB is available")
@@ -165,7 +165,10 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    configs = [c for c in MEASURED + ESTIMATED if not args.only or c.name in args.only]
+    known = {c.name: c for c in MEASURED + ESTIMATED}
+    if unknown := [n for n in args.only or [] if n not in known]:
+        raise SystemExit(f"unknown configurations: {', '.join(unknown)}; known: {', '.join(known)}")
+    configs = [known[n] for n in args.only] if args.only else MEASURED + ESTIMATED  # in the order given
     for cfg in configs:
         model = model_folder(args.work, cfg.model)
         est = estimate(model, args.text, cfg)
