@@ -63,10 +63,12 @@ MEASURED = [  # smallest first; a run whose estimate (+15%, +1 GiB) exceeds the 
     Config("smollm2", "router", micro_batch=2),
     Config("smollm2", "router", micro_batch=2, grad_checkpointing=True),
     Config("smollm2", "all", optimizer="adafactor"),
+    Config("smollm2", "all", optimizer="adamw8bit"),
     Config("smollm2", "all"),
     Config("qwen05-12", "router"),
     Config("qwen05-12", "router", micro_batch=2),
     Config("qwen05-12", "experts", optimizer="adafactor", grad_checkpointing=True),
+    Config("qwen05-12", "experts", optimizer="adamw8bit", grad_checkpointing=True),
     Config("qwen05-12", "all", optimizer="adafactor"),
     Config("qwen05-24", "router"),
     Config("qwen05-24", "all", optimizer="adafactor"),
@@ -154,25 +156,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="where the models are written (and reused)")
     ap.add_argument("--text", type=Path, required=True, help="training text (a .txt file)")
-    ap.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
+    ap.add_argument("--only", nargs="*", help="configuration names to run, in this order (default: all)")
     ap.add_argument("--estimate-only", action="store_true", help="estimates of every configuration, no runs")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--margin", type=float, default=1.15, help="run only when estimate x MARGIN + 1 GiB is available")
+    ap.add_argument("--headroom", type=float, default=3.0, help="... and estimate + HEADROOM GiB (a shared machine)")
+    ap.add_argument("--wait", type=float, default=0.0, help="seconds to wait for that much memory before skipping")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    configs = [c for c in MEASURED + ESTIMATED if not args.only or c.name in args.only]
+    known = {c.name: c for c in MEASURED + ESTIMATED}
+    if unknown := [n for n in args.only or [] if n not in known]:
+        raise SystemExit(f"unknown configurations: {', '.join(unknown)}; known: {', '.join(known)}")
+    configs = [known[n] for n in args.only] if args.only else MEASURED + ESTIMATED  # in the order given
     for cfg in configs:
         model = model_folder(args.work, cfg.model)
         est = estimate(model, args.text, cfg)
         row: dict[str, Any] = {"config": cfg.name, "estimate": est}
-        need, free = est["total"] * args.margin + GiB, ram_available()
+        need = max(est["total"] * args.margin + GiB, est["total"] + args.headroom * GiB)
+        free = wait_for(need, args.wait) if not args.estimate_only and cfg in MEASURED else ram_available()
         if not args.estimate_only and cfg in MEASURED and need > free:  # other jobs share the machine
             row["skipped"] = f"{free / GiB:.1f} GiB available, {need / GiB:.1f} GiB wanted"
         elif not args.estimate_only and cfg in MEASURED:
+            row["load_average_start"] = round(os.getloadavg()[0], 1)
             row |= measure(model, args.text, cfg, args.work)
             row["ratio"] = round(est["total"] / row["peak_rss"], 3)
             row["load_average"] = round(os.getloadavg()[0], 1)
+            row["available_before"] = free
         rows.append(row)
         if args.out:  # after every row: a later run that fails keeps the earlier ones
             write(args.out, rows)
@@ -183,6 +193,14 @@ def main() -> None:
             f"estimate {est['total'] / GiB:.2f} GiB ({est['phase']})  {measured}",
             flush=True,
         )
+
+
+def wait_for(need: float, seconds: float) -> int:
+    """The RAM available, once it is at least `need` or after `seconds` (polled every 10 s)."""
+    deadline = time.time() + seconds
+    while (free := ram_available()) < need and time.time() < deadline:
+        time.sleep(10)
+    return free
 
 
 def ram_available() -> int:
