@@ -27,6 +27,7 @@ settings and continues with the next (an arm interrupted mid-run starts again). 
 result holds whole seeds of paired arms first.
 
     python benchmarks/sft_dense_vs_moe.py --preset smoke   # well under a minute; what tests/test_benchmarks_sft.py runs
+    nice -n 10 python benchmarks/sft_dense_vs_moe.py --preset cpu-short   # the cpu preset at half the steps
     nice -n 10 python benchmarks/sft_dense_vs_moe.py --preset cpu   # SmolLM2-135M-Instruct; rerun to continue
 """
 
@@ -102,6 +103,9 @@ PRESETS: dict[str, Preset] = {
         seeds=(0,),
         threads=1,
     ),
+    # SmolLM2-135M-Instruct (embedded) and its 254M-parameter MoE, half the cpu preset's steps and held-out set:
+    # 20 steps of 4 × 256 tokens per arm run, two paired seeds.
+    "cpu-short": Preset(eval_conversations=48, train_conversations=1000, steps=20, warmup=2),
     # SmolLM2-135M-Instruct (embedded) and its 254M-parameter MoE; 40 steps of 4 × 256 tokens per arm run.
     # Idle 2-core estimate from docs/train.md's SFT example: ~3-4 min per MoE arm run, ~25 min in all.
     "cpu": Preset(),
