@@ -28,7 +28,7 @@ result holds whole seeds of paired arms first. Beside the JSON, a plot of the sa
 each arm's loss before and after per seed, and its gain per seed.
 
     python benchmarks/sft_dense_vs_moe.py --preset smoke   # well under a minute; what tests/test_benchmarks_sft.py runs
-    nice -n 10 python benchmarks/sft_dense_vs_moe.py --preset cpu-short   # the cpu preset at half the steps
+    nice -n 10 python benchmarks/sft_dense_vs_moe.py --preset cpu-short   # 12 steps per arm run
     nice -n 10 python benchmarks/sft_dense_vs_moe.py --preset cpu   # SmolLM2-135M-Instruct; rerun to continue
 """
 
@@ -104,9 +104,9 @@ PRESETS: dict[str, Preset] = {
         seeds=(0,),
         threads=1,
     ),
-    # SmolLM2-135M-Instruct (embedded) and its 254M-parameter MoE, half the cpu preset's steps and held-out set:
-    # 20 steps of 4 × 256 tokens per arm run, two paired seeds.
-    "cpu-short": Preset(eval_conversations=48, train_conversations=1000, steps=20, warmup=2),
+    # SmolLM2-135M-Instruct (embedded) and its 254M-parameter MoE, a short cpu preset for a loaded machine:
+    # 12 steps of 4 × 256 tokens per arm run, 32 held-out conversations, two paired seeds.
+    "cpu-short": Preset(eval_conversations=32, train_conversations=600, steps=12, warmup=2),
     # SmolLM2-135M-Instruct (embedded) and its 254M-parameter MoE; 40 steps of 4 × 256 tokens per arm run.
     # Idle 2-core estimate from docs/train.md's SFT example: ~3-4 min per MoE arm run, ~25 min in all.
     "cpu": Preset(),
