@@ -24,9 +24,11 @@ scripts/chat_corpora.py into windows of `max_messages` messages; the smoke prese
 Resumable: benchmarks/results/sft_dense_vs_moe_<preset>.json is rewritten after every finished arm run, with
 `"partial": true` until all are done; the same command run again skips the runs it finds recorded for the same
 settings and continues with the next (an arm interrupted mid-run starts again). Runs go seed by seed, so a partial
-result holds whole seeds of paired arms first.
+result holds whole seeds of paired arms first. Beside the JSON, a plot of the same (sft_dense_vs_moe_<preset>.png):
+each arm's loss before and after per seed, and its gain per seed.
 
     python benchmarks/sft_dense_vs_moe.py --preset smoke   # well under a minute; what tests/test_benchmarks_sft.py runs
+    nice -n 10 python benchmarks/sft_dense_vs_moe.py --preset cpu-short   # 12 steps per arm run
     nice -n 10 python benchmarks/sft_dense_vs_moe.py --preset cpu   # SmolLM2-135M-Instruct; rerun to continue
 """
 
@@ -102,6 +104,9 @@ PRESETS: dict[str, Preset] = {
         seeds=(0,),
         threads=1,
     ),
+    # SmolLM2-135M-Instruct (embedded) and its 254M-parameter MoE, a short cpu preset for a loaded machine:
+    # 12 steps of 4 × 256 tokens per arm run, 32 held-out conversations, two paired seeds.
+    "cpu-short": Preset(eval_conversations=32, train_conversations=600, steps=12, warmup=2),
     # SmolLM2-135M-Instruct (embedded) and its 254M-parameter MoE; 40 steps of 4 × 256 tokens per arm run.
     # Idle 2-core estimate from docs/train.md's SFT example: ~3-4 min per MoE arm run, ~25 min in all.
     "cpu": Preset(),
@@ -311,6 +316,36 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """Two panels: each arm's held-out assistant-token loss before SFT (a line) and after (a dot per seed), and
+    each arm's gain (before − after) per seed; written to `path` (a PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in ARMS if any(r["arm"] == a for r in results["runs"].values())]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for x, arm in enumerate(arms):
+        runs = sorted((r for r in results["runs"].values() if r["arm"] == arm), key=lambda r: r["seed"])
+        start = results["before"]["dense" if arm == "dense" else "moe"]
+        left.hlines(start, x - 0.3, x + 0.3, colors="grey", linestyles="dashed", label="before" if x == 0 else None)
+        for r in runs:
+            left.plot(x, r["after"], "o", color=f"C{r['seed']}", label=f"after, seed {r['seed']}" if x == 0 else None)
+            right.plot(x, start - r["after"], "o", color=f"C{r['seed']}")
+        right.bar(x, statistics.fmean(start - r["after"] for r in runs), width=0.5, color="lightgrey", zorder=0)
+    for ax, title in ((left, "held-out loss on assistant tokens"), (right, "gain from SFT (before − after)")):
+        ax.set_xticks(range(len(arms)), arms)
+        ax.set_title(title, fontsize=10)
+    left.legend(fontsize=8)
+    partial = " (partial)" if results.get("partial") else ""
+    fig.suptitle(f"sft_dense_vs_moe, preset {results['preset']}{partial}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run_study(name: str, out_dir: Path, work: Path, log=print) -> dict[str, Any]:
     """Run (or continue) the preset's study; returns the results, also written to results_path()."""
     import torch
@@ -359,10 +394,12 @@ def run_study(name: str, out_dir: Path, work: Path, log=print) -> dict[str, Any]
             results["partial"] = len(results["runs"]) < len(ARMS) * len(preset.seeds)
             results["summary"] = summarise(results, preset)
             write_json(path, results)
+            plot(results, path.with_suffix(".png"))
             record = results["runs"][key]
             log(f"{key}: after {record['after']:.4f} in {record['seconds']:.0f} s")
     results["summary"] = summarise(results, preset)
     write_json(path, results)
+    plot(results, path.with_suffix(".png"))
     return results
 
 

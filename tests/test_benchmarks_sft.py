@@ -56,6 +56,8 @@ def test_smoke_study_records_each_arms_gain_from_sft(study):
         assert row["gains"] == [row["before"] - runs[f"{arm}/seed0"]["after"]]
     paired = results["summary"]["paired"]["moe minus dense gain"]["per_seed"]
     assert paired == [runs["dense/seed0"]["after"] - runs["moe/seed0"]["after"]]
+    png = bench.results_path(root / "results", "smoke").with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000  # the plot beside the JSON
 
 
 @pytest.mark.slow
