@@ -546,6 +546,7 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     eval_at_start, threads, preset."""
     import torch
 
+    from upcycle.train.checkpoint import latest_checkpoint
     from upcycle.train.loop import train
     from upcycle.train.metrics import read_metrics
     from upcycle.train.spec import TrainSpec
@@ -566,16 +567,25 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
         lr=job["lr"],
         warmup=max(1, round(preset.warmup_frac * steps)) if warmup is None else warmup,
         eval_every=max(1, steps // job["evals"]),
-        save_every=steps,
-        keep_last=1,
+        save_every=max(1, steps // job["evals"]),  # at every eval (and the last step): a killed run resumes
+        keep_last=2,  # the last two: a run killed while writing one still has the other
         log_every=max(1, steps // 50),
         seed=job["seed"],
         aux_loss_coef=job["aux"],
         z_loss_coef=job["z"],
         dtype=preset.dtype,
     )
+    run_dir = Path(job["run_dir"])
+    # the same job killed part-way resumes from its last checkpoint (exactly: upcycle train's --resume); any
+    # other content of RUN_DIR is moved aside
+    stamp = run_dir.with_name(run_dir.name + ".job.json")
+    resume = (
+        stamp.is_file() and json.loads(stamp.read_text()) == _job_key(job) and latest_checkpoint(run_dir) is not None
+    )
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(_job_key(job)))
     t0 = time.perf_counter()
-    result = train(str(model), Path(job["run_dir"]), spec, force=True)
+    result = train(str(model), run_dir, spec, resume=resume, force=not resume)
     wall = time.perf_counter() - t0
     records = read_metrics(Path(job["run_dir"]))
     evals = [{"tokens": 0, "eval_loss": start["curve"]}] if "curve" in start else []
@@ -597,6 +607,7 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
         "eval_data": job["eval"],
         "wall_s": wall,
         "tokens_per_s": result.summary.get("tokens_per_s"),
+        "resumed_from_step": result.summary.get("resumed_from"),  # wall_s and tokens_per_s: this process's part
         "evals": evals,
         "heldout_by_source": by_source,
         "train_lm": train_loss,

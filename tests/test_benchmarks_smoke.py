@@ -212,6 +212,32 @@ def test_upcycle_vs_dense_smoke(tmp_path):
     for png in pngs:
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     _smoke_more_with_sweep(study, tmp_path, args, saved)
+    _killed_run_resumes(study, tmp_path, work.resolve(), saved)
+
+
+def _killed_run_resumes(study, tmp_path: Path, work: Path, saved: dict) -> None:
+    """A run killed after a checkpoint continues from it on the next call (upcycle train's exact resume), so a
+    long run (the parent, hours at --parent-scale 2) loses at most one eval interval; another job starts afresh."""
+    import shutil
+
+    from upcycle.train.checkpoint import checkpoints
+
+    corpus = work / "corpus"
+    job = {"arm": "dense", "seed": 0, "model": str(work / "parent"), "run_dir": str(tmp_path / "resume" / "dense-s0"),
+           "train": str(corpus / "continue"), "eval": str(corpus / "heldout"), "tokens": 2048, "lr": 1e-3,
+           "warmup": None, "evals": 2, "aux": 0.0, "z": 0.0, "eval_at_start": False,
+           "preset": saved["preset"]}  # fmt: skip
+    full = study.train_run(job)
+    run_dir = Path(job["run_dir"])
+    assert full["steps"] == 8 and [s for s, _ in checkpoints(run_dir)] == [4, 8] and not full["resumed_from_step"]
+    shutil.rmtree(run_dir / "final")  # as if killed after step 4's checkpoint
+    shutil.rmtree(run_dir / "checkpoints" / "step-8")
+    again = study.train_run(job)
+    assert again["resumed_from_step"] == 4 and Path(again["final"]).is_dir()
+    assert [e["tokens"] for e in again["evals"]] == [e["tokens"] for e in full["evals"]] == [1024, 2048]
+    assert again["evals"][-1]["eval_loss"] == pytest.approx(full["evals"][-1]["eval_loss"], rel=1e-6)
+    other = study.train_run(dict(job, lr=3e-4))  # a different job: trained from the start, not resumed
+    assert not other["resumed_from_step"] and other["evals"][-1]["eval_loss"] != full["evals"][-1]["eval_loss"]
 
 
 def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) -> None:
