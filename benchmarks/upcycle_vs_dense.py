@@ -7,23 +7,26 @@ function-preserving by Net2Net splitting to the MoE's active parameters: more ac
 schedule ending at dense's training FLOPs), `moe-every2` (Qwen2-MoE, 8 experts, top-2, every other layer) and
 `drop-r0.5` (Drop-Upcycling, 8×top-2, every layer). Every arm and seed: same text in the same order (the seed
 sets the data order and the conversion's seed), same AdamW, warmup and cosine decay to 10%. With `--lr-sweep`
-each arm first trains at 3e-4, 1e-3 and 3e-3 (seed 0, the sweep's token budget, judged on a validation part)
-and then runs at its best; `dense-nowarm`'s learning rate is the parent's final one by definition.
+each re-warmed arm first trains at 1e-4, 3e-4 and 1e-3 (seed 0, the sweep's token budget, judged on a validation
+part); an arm whose best is at an edge of that grid gets one step more beyond it (3e-5 or 3e-3), and one still at
+an edge is flagged (`at_edge`); then each arm runs at its best. `dense-nowarm`'s learning rate is the parent's
+final one by definition.
 
 FLOPs per token: 6 · N_active + 12 · L · d · S (N_active counts routed experts at top-k/E and the tied embedding
 once, as the output head; L layers, d hidden size, S the sequence length: the attention scores and values).
 
-Training goes through `upcycle.train.loop.train`, the function behind `upcycle train`. That function trains MoE
-checkpoints only, so the dense models train as Mixtrals with ONE expert and top-1: the softmax over one logit is
-1, so its MoE block is exactly the dense FFN (checked on logits when the folder is made), with no balance or
-z-loss. The parent is pretrained from scratch the same way and turned back into a Llama folder, which `upcycle
-convert` then upcycles.
+Training goes through `upcycle.train.loop.train`, the function behind `upcycle train`, for every arm: the dense
+arms (the parent, and its Net2Net-widened copy) are plain Llama folders, which `upcycle train` trains as they
+are (issue 24: no routers, so no balance or z-loss), in the same loop, on the same data, schedule and
+checkpoints as the MoEs. The parent is pretrained from scratch the same way; `upcycle convert` then upcycles it.
 
 Text: the Jargon File, `fortunes`, Perl's manual (perl-doc) and Git's (git-doc) from Debian packages (apt-get
 download, cached; their versions are recorded), and the source files of this Python's standard library. Whole
 FILES are held out, stratified by source, and the training text is cleaned of held-out text (study_corpus.py:
 13-word overlap measured and reported); a byte-level BPE tokenizer is trained on the training parts.
 
+Work (corpus, tokenizer, parent, converted models, every run's final model and last checkpoint) goes to the user
+cache, $UPCYCLE_CACHE/studies/upcycle_vs_dense/<preset> (default ~/.cache/upcycle/...), never into the repository.
 Outputs under benchmarks/results/: upcycle_vs_dense_<preset>.json (rewritten as each run finishes, so an
 interrupted study keeps what it finished; a rerun reuses the runs it finds finished), _tokens.png and _flops.png.
 
@@ -70,7 +73,7 @@ class Arm:
     """One arm: how its model is made and how it trains."""
 
     label: str
-    flags: tuple[str, ...] | None = None  # `upcycle convert` flags; None: a dense model (a one-expert Mixtral)
+    flags: tuple[str, ...] | None = None  # `upcycle convert` flags; None: a dense Llama, trained as it is
     model: str = "convert"  # "parent": the parent itself; "wide": the parent widened (Net2Net); "convert"
     rewarm: bool = True  # False: no warmup, the parent's final learning rate
     flop_matched: bool = False  # its tokens cut so that its training FLOPs equal dense's
@@ -94,7 +97,7 @@ DEBIAN = {  # package -> the member folder or file the text is read from
     "git-doc": "usr/share/doc/git-doc",  # Git's manual pages and guides: *.txt (AsciiDoc)
 }
 MANUALS = {"perl-doc": "*.pod", "git-doc": "*.txt"}  # package -> the files of its folder that are text
-SWEEP_LRS = (3e-4, 1e-3, 3e-3)
+SWEEP_LRS = (1e-4, 3e-4, 1e-3)
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,12 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def default_work(name: str) -> Path:
+    """The study's work folder for preset NAME: in the user cache, not the repository (it holds every run's final
+    model and checkpoint, and a rerun resumes from it)."""
+    return cache_root() / "studies" / "upcycle_vs_dense" / name
+
+
 class TextUnavailable(RuntimeError):
     """apt-get could not provide a Debian text package (no apt, no network): the study cannot build its corpus."""
 
@@ -383,7 +392,7 @@ def train_tokenizer(corpus: Path, vocab: int, out: Path):
     return fast
 
 
-# --- dense <-> one-expert Mixtral ----------------------------------------------------------------------
+# --- the dense models -----------------------------------------------------------------------------------
 
 
 def llama_config(preset: Preset, tokenizer) -> Any:
@@ -432,53 +441,6 @@ def _check_same_logits(a, b, vocab: int, what: str) -> float:
     if diff > 1e-4:
         raise SystemExit(f"{what}: logits differ by {diff}; the mapping is wrong")
     return diff
-
-
-def dense_to_one_expert(dense: Path, out: Path) -> Path:
-    """The dense Llama as a Mixtral with one expert, top-1 (exactly the same function)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
-
-    src = LlamaForCausalLM.from_pretrained(dense, dtype=torch.float32)
-    cfg = MixtralConfig(
-        **_shared_fields(src.config), num_local_experts=1, num_experts_per_tok=1, router_aux_loss_coef=0.0
-    )
-    moe = MixtralForCausalLM(cfg).to(torch.float32)
-    state = {k: v for k, v in src.state_dict().items() if ".mlp." not in k}
-    for i, layer in enumerate(src.model.layers):
-        m = layer.mlp
-        state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([m.gate_proj.weight, m.up_proj.weight])[None]
-        state[f"model.layers.{i}.mlp.experts.down_proj"] = m.down_proj.weight[None].clone()
-        state[f"model.layers.{i}.mlp.gate.weight"] = torch.zeros(1, cfg.hidden_size)
-    missing, unexpected = moe.load_state_dict(state, strict=False)
-    if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise SystemExit(f"one-expert mapping: missing {missing}, unexpected {unexpected}")
-    moe.tie_weights()
-    _check_same_logits(src, moe, cfg.vocab_size, "dense -> one-expert Mixtral")
-    moe.save_pretrained(out)
-    AutoTokenizer.from_pretrained(dense).save_pretrained(out)
-    return out
-
-
-def one_expert_to_dense(moe_dir: Path, out: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
-
-    moe = MixtralForCausalLM.from_pretrained(moe_dir, dtype=torch.float32)
-    dense = LlamaForCausalLM(LlamaConfig(**_shared_fields(moe.config))).to(torch.float32)
-    state = {k: v for k, v in moe.state_dict().items() if ".mlp." not in k}
-    h = moe.config.intermediate_size
-    for i, layer in enumerate(moe.model.layers):
-        gate_up, down = layer.mlp.experts.gate_up_proj[0], layer.mlp.experts.down_proj[0]  # (2I, H), (H, I)
-        state[f"model.layers.{i}.mlp.gate_proj.weight"] = gate_up[:h].clone()
-        state[f"model.layers.{i}.mlp.up_proj.weight"] = gate_up[h:].clone()
-        state[f"model.layers.{i}.mlp.down_proj.weight"] = down.clone()
-    dense.load_state_dict(state, strict=False)
-    dense.tie_weights()
-    _check_same_logits(moe, dense, moe.config.vocab_size, "one-expert Mixtral -> dense")
-    dense.save_pretrained(out)
-    AutoTokenizer.from_pretrained(moe_dir).save_pretrained(out)
-    return out
 
 
 # --- counting ------------------------------------------------------------------------------------------
@@ -584,6 +546,7 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     eval_at_start, threads, preset."""
     import torch
 
+    from upcycle.train.checkpoint import latest_checkpoint
     from upcycle.train.loop import train
     from upcycle.train.metrics import read_metrics
     from upcycle.train.spec import TrainSpec
@@ -604,16 +567,25 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
         lr=job["lr"],
         warmup=max(1, round(preset.warmup_frac * steps)) if warmup is None else warmup,
         eval_every=max(1, steps // job["evals"]),
-        save_every=steps,
-        keep_last=1,
+        save_every=max(1, steps // job["evals"]),  # at every eval (and the last step): a killed run resumes
+        keep_last=2,  # the last two: a run killed while writing one still has the other
         log_every=max(1, steps // 50),
         seed=job["seed"],
         aux_loss_coef=job["aux"],
         z_loss_coef=job["z"],
         dtype=preset.dtype,
     )
+    run_dir = Path(job["run_dir"])
+    # the same job killed part-way resumes from its last checkpoint (exactly: upcycle train's --resume); any
+    # other content of RUN_DIR is moved aside
+    stamp = run_dir.with_name(run_dir.name + ".job.json")
+    resume = (
+        stamp.is_file() and json.loads(stamp.read_text()) == _job_key(job) and latest_checkpoint(run_dir) is not None
+    )
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(_job_key(job)))
     t0 = time.perf_counter()
-    result = train(str(model), Path(job["run_dir"]), spec, force=True)
+    result = train(str(model), run_dir, spec, resume=resume, force=not resume)
     wall = time.perf_counter() - t0
     records = read_metrics(Path(job["run_dir"]))
     evals = [{"tokens": 0, "eval_loss": start["curve"]}] if "curve" in start else []
@@ -635,6 +607,7 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
         "eval_data": job["eval"],
         "wall_s": wall,
         "tokens_per_s": result.summary.get("tokens_per_s"),
+        "resumed_from_step": result.summary.get("resumed_from"),  # wall_s and tokens_per_s: this process's part
         "evals": evals,
         "heldout_by_source": by_source,
         "train_lm": train_loss,
@@ -659,7 +632,7 @@ def convert(parent: Path, out: Path, flags: list[str], seed: int, log: Path) -> 
 
 
 def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, record: dict[str, Any]) -> Path:
-    """The dense parent: SmolLM2 (gpu), or a Llama pretrained from scratch through a one-expert Mixtral."""
+    """The dense parent: SmolLM2 (gpu), or a Llama pretrained from scratch by `upcycle train`'s loop."""
     if preset.parent != "scratch":
         from upcycle.source import resolve
 
@@ -676,11 +649,10 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
     torch.manual_seed(0)
     LlamaForCausalLM(llama_config(preset, tok)).save_pretrained(init)
     tok.save_pretrained(init)
-    one = dense_to_one_expert(init, work / "parent-init-e1")
     job = {
         "arm": "parent",
         "seed": 0,
-        "model": str(one),
+        "model": str(init),
         "run_dir": str(work / "runs" / "parent"),
         "train": data["pretrain"],
         "eval": data["heldout"],
@@ -700,7 +672,7 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
         res = pool.submit(train_run, job).result()
     tmp = work / "parent.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    one_expert_to_dense(Path(res["final"]), tmp)
+    shutil.copytree(res["final"], tmp)
     total, _ = active_params(tmp)
     info = {
         "params": total,
@@ -723,12 +695,9 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
 def arm_model(arm: str, seed: int, parent: Path, work: Path, log: Path, preset: Preset) -> Path:
     """The folder ARM's run with SEED starts from (made once, then reused)."""
     spec = ARMS[arm]
-    if spec.model == "parent":
-        out = work / "models" / f"dense-s{seed}"
-        if not (out / "config.json").is_file():
-            shutil.rmtree(out, ignore_errors=True)
-            dense_to_one_expert(parent, out)
-        return out
+    (work / "models").mkdir(parents=True, exist_ok=True)
+    if spec.model == "parent":  # the parent's own folder: `upcycle train` trains a dense Llama as it is
+        return parent
     if spec.model == "wide":
         return wide_model(seed, parent, work, log, preset)
     out = work / "models" / f"{spec.uses or arm}-s{seed}"
@@ -738,7 +707,7 @@ def arm_model(arm: str, seed: int, parent: Path, work: Path, log: Path, preset: 
 
 
 def wide_model(seed: int, parent: Path, work: Path, log: Path, preset: Preset) -> Path:
-    """The parent widened (Net2Net) to the every-layer MoE's active parameters, as a one-expert Mixtral."""
+    """The parent widened (Net2Net) to the every-layer MoE's active parameters: a Llama folder."""
     out = work / "models" / f"dense-wide-s{seed}"
     if (out / "config.json").is_file():
         return out
@@ -748,17 +717,13 @@ def wide_model(seed: int, parent: Path, work: Path, log: Path, preset: Preset) -
     _, moe_active = active_params(arm_model("moe-all", seed, parent, work, log, preset))
     _, dense_active = active_params(parent)
     per_neuron = 3 * cfg.hidden_size * cfg.num_hidden_layers
-    # to a multiple of 8 neurons: the experts' grouped matmul needs 16-byte strides (fp32 and bf16)
+    # to a multiple of 8 neurons (aligned matmul strides)
     wider = 8 * round((cfg.intermediate_size + (moe_active - dense_active) / per_neuron) / 8)
-    llama = work / "models" / f"dense-wide-s{seed}-llama"
-    shutil.rmtree(llama, ignore_errors=True)
-    info = widened_parent(parent, wider, preset.wide_noise, seed, llama)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    dense_to_one_expert(llama, tmp)
+    info = widened_parent(parent, wider, preset.wide_noise, seed, tmp)
     (tmp / "net2net.json").write_text(json.dumps(info, indent=2))
     os.replace(tmp, out)
-    shutil.rmtree(llama, ignore_errors=True)
     return out
 
 
@@ -955,7 +920,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Nam
     parser.add_argument("--jobs", type=int, help="runs at a time (default: the preset's)")
     parser.add_argument("--arm-tokens", type=int, help="tokens per arm run (default: the preset's)")
     parser.add_argument(
-        "--lr-sweep", action="store_true", help="first train each arm at 3e-4, 1e-3, 3e-3, then run it at its best"
+        "--lr-sweep",
+        action="store_true",
+        help="first train each arm at 1e-4, 3e-4, 1e-3 (one step more past an edge best), then run it at its best",
     )
     parser.add_argument("--parent-scale", type=int, default=1, help="a larger parent: hidden, FFN and heads times N")
     parser.add_argument("--parent-tokens", type=int, help="pretraining tokens of a --parent-scale parent")
@@ -970,7 +937,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Nam
         help="keep each run's last checkpoint beside final/ (the default); with PATH, also copy final/ there",
     )
     parser.add_argument("--no-keep-checkpoints", dest="keep_checkpoints", action="store_const", const=False)
-    parser.add_argument("--work", type=Path, help="default benchmarks/_work/upcycle_vs_dense/<preset>")
+    parser.add_argument(
+        "--work", type=Path, help="work folder (default: the user cache, studies/upcycle_vs_dense/<preset>)"
+    )
     parser.add_argument(
         "--results", type=Path, help="JSON path (default benchmarks/results/upcycle_vs_dense_<preset>.json)"
     )
@@ -1015,7 +984,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
     big = args.parent_scale > 1 or args.parent_tokens is not None
     suffix = f"-x{args.parent_scale}" + (f"-{args.parent_tokens}" if args.parent_tokens else "") if big else ""
-    work = (args.work or HERE / "_work" / "upcycle_vs_dense" / f"{preset.base or args.preset}{suffix}").resolve()
+    work = (args.work or default_work(f"{preset.base or args.preset}{suffix}")).resolve()
     made_for = parent_settings(preset)
     stamp = work / "made_for.json"  # what the corpus and parent in WORK were made with
     if stamp.is_file() and json.loads(stamp.read_text()) != made_for:
@@ -1076,7 +1045,6 @@ def describe_models(
     arms: list[str], preset: Preset, parent: Path, work: Path, log: Path, record: dict[str, Any]
 ) -> dict[tuple[str, int], Path]:
     """Each (arm, seed)'s starting folder; the arms' parameters (total, active) and FLOPs per token in RECORD."""
-    from transformers import AutoConfig
 
     models: dict[tuple[str, int], Path] = {}
     record["active_params"], record["total_params"], record["flops_per_token"] = {}, {}, {}
@@ -1086,10 +1054,6 @@ def describe_models(
         for arm in arms:
             model = models[arm, seed] = arm_model(arm, seed, parent, work, log, preset)
             total, active = active_params(model)
-            if ARMS[arm].flags is None:  # the one-expert router is not part of the dense model
-                cfg = AutoConfig.from_pretrained(model)
-                total -= cfg.hidden_size * cfg.num_hidden_layers
-                active -= cfg.hidden_size * cfg.num_hidden_layers
             record["total_params"][arm], record["active_params"][arm] = total, active
             record["flops_per_token"][arm] = flops_per_token(model, active, preset.seq_len)
             if ARMS[arm].model == "wide":
@@ -1152,45 +1116,75 @@ def sweep(
     runner: Runner,
     record: dict[str, Any],
 ) -> dict[str, float]:
-    """Each re-warmed arm at every sweep lr (first seed, sweep tokens, judged on the validation part): the best lr
-    of each, by the perplexity of the mean of its last two validation evals."""
+    """Each re-warmed arm at every sweep lr (first seed, sweep tokens, judged on the validation part), the best lr
+    of each by the perplexity of the mean of its last two validation evals; an arm whose best is at an edge of the
+    grid gets one run more, one step (1-3-10) beyond that edge, and one whose best is still at an edge is flagged."""
     seed, tokens = preset.seeds[0], preset.sweep_tokens or preset.arm_tokens
     swept = sorted({ARMS[a].uses or a for a in arms if ARMS[a].rewarm})
-    jobs = []
-    for arm in swept:
-        model = next(models[a, seed] for a in arms if (ARMS[a].uses or a) == arm)  # moe-all-flop: moe-all's
-        for lr in preset.sweep_lrs:
-            jobs.append(
-                {
-                    "arm": arm,
-                    "seed": seed,
-                    "model": str(model),
-                    "run_dir": str(work / "runs" / f"sweep-{tokens}" / f"{arm}-lr{lr:g}-s{seed}"),
-                    "train": data["continue"],
-                    "eval": data["valid"],
-                    "tokens": tokens,
-                    "lr": lr,
-                    "warmup": None,
-                    "evals": 4,
-                    "aux": 0.0 if ARMS[arm].flags is None else 0.01,
-                    "z": 0.0 if ARMS[arm].flags is None else 0.001,
-                    "eval_at_start": False,
-                    "preset": asdict(preset),
-                }
-            )
+    model = {arm: next(models[a, seed] for a in arms if (ARMS[a].uses or a) == arm) for arm in swept}  # flop: moe-all's
+
+    def job(arm: str, lr: float) -> dict[str, Any]:
+        return {
+            "arm": arm,
+            "seed": seed,
+            "model": str(model[arm]),
+            "run_dir": str(work / "runs" / f"sweep-{tokens}" / f"{arm}-lr{lr:g}-s{seed}"),
+            "train": data["continue"],
+            "eval": data["valid"],
+            "tokens": tokens,
+            "lr": lr,
+            "warmup": None,
+            "evals": 4,
+            "aux": 0.0 if ARMS[arm].flags is None else 0.01,
+            "z": 0.0 if ARMS[arm].flags is None else 0.001,
+            "eval_at_start": False,
+            "preset": asdict(preset),
+        }
+
     record["lr_sweep"] = {"seed": seed, "tokens": tokens, "judged_on": "valid", "lrs": list(preset.sweep_lrs)}
     record["sweep_runs"] = []
-    runner.run(jobs, "sweep_runs")
+    runner.run([job(arm, lr) for arm in swept for lr in preset.sweep_lrs], "sweep_runs")
+    extra = {arm: lr for arm in swept if (lr := beyond_edge(sweep_table(record, arm, preset.sweep_lrs)[1]))}
+    runner.run([job(arm, lr) for arm, lr in extra.items()], "sweep_runs")
     best, table = {}, {}
     for arm in swept:
-        ppl = {r["lr"]: final_ppl(r) for r in record["sweep_runs"] if r["arm"] == arm}
-        best[arm] = min(ppl, key=lambda lr: ppl[lr] if ppl[lr] is not None else math.inf)
-        edge = best[arm] in (min(preset.sweep_lrs), max(preset.sweep_lrs))
-        valid = {f"{lr:g}": v for lr, v in sorted(ppl.items())}
-        table[arm] = {"valid_ppl": valid, "best_lr": best[arm], "at_edge": edge}
+        grid = sorted({*preset.sweep_lrs, *([extra[arm]] if arm in extra else [])})
+        ppl, edge = sweep_table(record, arm, grid)
+        best[arm] = min(ppl, key=lambda lr: _or_inf(ppl[lr]))
+        table[arm] = {
+            "valid_ppl": {f"{lr:g}": v for lr, v in sorted(ppl.items())},
+            "best_lr": best[arm],
+            "extended_to": extra.get(arm),
+            "at_edge": edge is not None,  # best at an edge of its (extended) grid: the optimum may lie beyond
+        }
     record["lr_sweep"]["arms"] = table
-    print("lr sweep: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items()), flush=True)
+    print("lr sweep: " + ", ".join(f"{a} {lr:g}" + " (at edge)" * table[a]["at_edge"] for a, lr in best.items()))
     return best
+
+
+def sweep_table(record: dict[str, Any], arm: str, grid: list[float] | tuple[float, ...]) -> tuple[dict, Any]:
+    """ARM's validation perplexity at each lr of GRID it ran, and which edge its best sits at: (lr, +1 above the
+    grid's top or -1 below its bottom), or None when the best is inside the grid."""
+    ppl = {r["lr"]: final_ppl(r) for r in record["sweep_runs"] if r["arm"] == arm and r["lr"] in grid}
+    best = min(ppl, key=lambda lr: _or_inf(ppl[lr]))
+    edge = (best, 1) if best == max(grid) else (best, -1) if best == min(grid) else None
+    return ppl, edge
+
+
+def _or_inf(ppl: float | None) -> float:
+    """A perplexity to rank by: a missing or diverged (nan) run ranks last."""
+    return ppl if ppl is not None and math.isfinite(ppl) else math.inf
+
+
+def beyond_edge(edge: tuple[float, int] | None) -> float | None:
+    """The next learning rate past an edge on the 1-3-10 ladder (1e-3 -> 3e-3, 1e-4 -> 3e-5); None: no edge."""
+    if edge is None:
+        return None
+    lr, direction = edge
+    exp = math.floor(math.log10(lr) + 1e-9)
+    ladder = [m * 10.0**e for e in range(exp - 1, exp + 2) for m in (1, 3)]
+    i = min(range(len(ladder)), key=lambda j: abs(math.log(ladder[j] / lr)))
+    return float(f"{ladder[i + direction]:.3g}")
 
 
 @dataclass

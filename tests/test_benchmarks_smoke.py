@@ -281,6 +281,12 @@ def test_upcycle_vs_dense_smoke(tmp_path):
         assert fpt[run["arm"]] == 6 * active[run["arm"]] + 12 * preset["layers"] * preset["hidden"] * preset["seq_len"]
     runs = {r["arm"]: r for r in saved["runs"]}
     assert all(runs[a]["tokens"] == preset["arm_tokens"] for a in study.ARMS if a != "moe-all-flop")
+    # the dense arms are plain Llamas, trained by `upcycle train` itself (no one-expert MoE stand-in)
+    for arm in study.ARMS:
+        config = json.loads((Path(runs[arm]["final"]) / "config.json").read_text())
+        dense = arm in ("dense", "dense-nowarm", "dense-wide")
+        assert (config["architectures"] == ["LlamaForCausalLM"]) == dense, arm
+    assert runs["dense"]["train_data"] == runs["moe-all"]["train_data"]
     # the same-FLOP MoE: its own schedule, ending within one step of dense's FLOPs
     flop = runs["moe-all-flop"]
     block = preset["seq_len"] * preset["micro_batch"]
@@ -323,6 +329,32 @@ def test_upcycle_vs_dense_smoke(tmp_path):
     for png in pngs:
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     _smoke_more_with_sweep(study, tmp_path, args, saved)
+    _killed_run_resumes(study, tmp_path, work.resolve(), saved)
+
+
+def _killed_run_resumes(study, tmp_path: Path, work: Path, saved: dict) -> None:
+    """A run killed after a checkpoint continues from it on the next call (upcycle train's exact resume), so a
+    long run (the parent, hours at --parent-scale 2) loses at most one eval interval; another job starts afresh."""
+    import shutil
+
+    from upcycle.train.checkpoint import checkpoints
+
+    corpus = work / "corpus"
+    job = {"arm": "dense", "seed": 0, "model": str(work / "parent"), "run_dir": str(tmp_path / "resume" / "dense-s0"),
+           "train": str(corpus / "continue"), "eval": str(corpus / "heldout"), "tokens": 2048, "lr": 1e-3,
+           "warmup": None, "evals": 2, "aux": 0.0, "z": 0.0, "eval_at_start": False,
+           "preset": saved["preset"]}  # fmt: skip
+    full = study.train_run(job)
+    run_dir = Path(job["run_dir"])
+    assert full["steps"] == 8 and [s for s, _ in checkpoints(run_dir)] == [4, 8] and not full["resumed_from_step"]
+    shutil.rmtree(run_dir / "final")  # as if killed after step 4's checkpoint
+    shutil.rmtree(run_dir / "checkpoints" / "step-8")
+    again = study.train_run(job)
+    assert again["resumed_from_step"] == 4 and Path(again["final"]).is_dir()
+    assert [e["tokens"] for e in again["evals"]] == [e["tokens"] for e in full["evals"]] == [1024, 2048]
+    assert again["evals"][-1]["eval_loss"] == pytest.approx(full["evals"][-1]["eval_loss"], rel=1e-6)
+    other = study.train_run(dict(job, lr=3e-4))  # a different job: trained from the start, not resumed
+    assert not other["resumed_from_step"] and other["evals"][-1]["eval_loss"] != full["evals"][-1]["eval_loss"]
 
 
 def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) -> None:
@@ -340,13 +372,16 @@ def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) 
     assert more["parent"] == saved["parent"] and more["corpus"] == saved["corpus"]
     sweep = more["lr_sweep"]
     assert sweep["judged_on"] == "valid" and sweep["tokens"] == 4096 and sorted(sweep["arms"]) == ["dense", "moe-all"]
-    assert sorted((r["arm"], r["lr"]) for r in more["sweep_runs"]) == [
-        (a, lr) for a in ("dense", "moe-all") for lr in (3e-4, 1e-3, 3e-3)
-    ]
+    assert sweep["lrs"] == [1e-4, 3e-4, 1e-3]
     for arm, row in sweep["arms"].items():
         ppl = {r["lr"]: math.exp(sum(e["eval_loss"] for e in r["evals"][-2:]) / 2)
                for r in more["sweep_runs"] if r["arm"] == arm}  # fmt: skip
-        assert row["best_lr"] == min(ppl, key=ppl.get)
+        grid = {lr: v for lr, v in ppl.items() if lr in sweep["lrs"]}
+        best = min(grid, key=grid.get)  # on the grid; an edge best gets one step more beyond that edge
+        step = {1e-4: 3e-5, 1e-3: 3e-3}.get(best)
+        assert sorted(ppl) == sorted([*sweep["lrs"], *([step] if step else [])]), arm
+        assert row["extended_to"] == step and row["best_lr"] == min(ppl, key=ppl.get)
+        assert row["at_edge"] == (row["best_lr"] in (min(ppl), max(ppl)))
         assert all(r["eval_data"].endswith("valid") for r in more["sweep_runs"])
     runs = {r["arm"]: r for r in more["runs"]}
     assert sorted((a, r["seed"]) for a, r in runs.items()) == [("dense", 1), ("moe-all-flop", 1)]
@@ -360,7 +395,7 @@ def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) 
     assert again["summary"] == more["summary"] and again["lr_sweep"] == more["lr_sweep"]
 
 
-def test_upcycle_vs_dense_presets_and_stale_work(tmp_path):
+def test_upcycle_vs_dense_presets_and_stale_work(tmp_path, monkeypatch):
     study = _load("upcycle_vs_dense")
     for name, preset in study.PRESETS.items():  # a based preset differs from its base only in what the arms read
         assert study.base_mismatch(name) == [], name
@@ -383,6 +418,12 @@ def test_upcycle_vs_dense_presets_and_stale_work(tmp_path):
     assert outside[big] / outside[cpu] == pytest.approx(4, rel=0.01)
     per_param = [p.parent_tokens / study.dense_params(p) for p in (cpu, big)]
     assert per_param[1] == pytest.approx(per_param[0], rel=1e-6)
+    # the work folder (every run's model and checkpoint) lives in the user cache, never in the repository
+    assert study.default_work("cpu") == Path(os.environ["UPCYCLE_CACHE"]) / "studies" / "upcycle_vs_dense" / "cpu"
+    monkeypatch.delenv("UPCYCLE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert study.default_work("cpu") == tmp_path / "xdg" / "upcycle" / "studies" / "upcycle_vs_dense" / "cpu"
+    monkeypatch.undo()
     for bad in (["--parent-scale", "0"], ["--arms", "dense,nope"]):
         with pytest.raises(SystemExit) as exc:
             study.main(["--preset", "smoke", "--work", str(tmp_path / "w2"), *bad])

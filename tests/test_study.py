@@ -6,6 +6,7 @@ The whole study on real text runs in tests/test_benchmarks_smoke.py (`--preset s
 from __future__ import annotations
 
 import importlib.util
+import math
 import random
 import sys
 from pathlib import Path
@@ -133,3 +134,18 @@ def test_split_never_cuts_a_file_and_keeps_big_single_files_in_training():
     assert corpus.source_of("python-stdlib/email/parser.py") == "python-stdlib"
     assert corpus.source_of("python-stdlib/test.py") == "python-stdlib"
     assert corpus.source_of("fortunes/art") == "fortunes"
+
+
+def test_lr_sweep_steps_one_rung_past_the_edge_its_best_sits_at():
+    study = _load("upcycle_vs_dense")
+    assert study.SWEEP_LRS == (1e-4, 3e-4, 1e-3)
+    assert study.beyond_edge((1e-3, 1)) == 3e-3 and study.beyond_edge((1e-4, -1)) == 3e-5
+    assert study.beyond_edge((3e-3, 1)) == 1e-2 and study.beyond_edge((3e-4, -1)) == 1e-4
+    assert study.beyond_edge(None) is None
+    runs = [{"arm": "dense", "lr": lr, "evals": [{"tokens": 1, "eval_loss": loss}, {"tokens": 2, "eval_loss": loss}]}
+            for lr, loss in ((1e-4, 5.0), (3e-4, 4.8), (1e-3, 4.6), (3e-3, float("nan")))]  # fmt: skip
+    ppl, edge = study.sweep_table({"sweep_runs": runs}, "dense", study.SWEEP_LRS)
+    assert sorted(ppl) == [1e-4, 3e-4, 1e-3] and edge == (1e-3, 1)  # best at the top: one step up
+    ppl, edge = study.sweep_table({"sweep_runs": runs}, "dense", [1e-4, 3e-4, 1e-3, 3e-3])
+    assert edge is None  # the diverged 3e-3 run ranks last, so 1e-3 is inside the extended grid
+    assert ppl[1e-3] == pytest.approx(math.exp(4.6))
