@@ -11,7 +11,8 @@ as a markdown table and to benchmarks/results/methods_<yyyymm>.json.
 `--speed` measures conversion speed alone on a real-size shape instead: a random ~0.5B bf16 Llama (hidden 2048,
 FFN 5632, 8 layers; made once under --work) converted by each method of SPEED (8 experts top-2 every layer, or
 their own config), then `cp -r` of that output, round after round so that every method sees the same load; each
-row gives the median of the rounds. Results go to benchmarks/results/methods_speed_<yyyymm>.json.
+row gives the median of the rounds and of the ratios to clone in the same round. Results go to
+benchmarks/results/methods_speed_<yyyymmdd>.json, rewritten after every conversion ("complete": false until the last).
 
     python benchmarks/methods_bench.py --speed --work /tmp/methods-speed --rounds 3
 """
@@ -104,9 +105,10 @@ def run_child(argv: list[str]) -> tuple[float, float, str, str, int]:
 
 
 def speed(work: Path, rounds: int, names: list[str]) -> None:
-    """Wall time and peak RSS of `upcycle convert` per method on the ~0.5B shape, beside `cp -r` of its output."""
-    from statistics import median
+    """Wall time and peak RSS of `upcycle convert` per method on the ~0.5B shape, beside `cp -r` of its output.
 
+    Round after round over every method (alternated, so each sees the same load); the results JSON is rewritten
+    after every conversion ("complete": false until the last), with the load average at each run."""
     from convert_bench import ModelShape, make_dense
 
     upcycle = str(Path(sys.executable).parent / "upcycle")
@@ -115,12 +117,14 @@ def speed(work: Path, rounds: int, names: list[str]) -> None:
     if free < 12:
         raise SystemExit(f"{work}: {free:.1f} GB free; --speed writes up to ~10 GB at a time (output and its copy)")
     dense = make_dense(work / "dense-0.5b", ModelShape(**SPEED_SHAPE), shards=2)
+    results = HERE / "results" / f"methods_speed_{datetime.now(UTC):%Y%m%d}.json"
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names:
             out, copy = work / "out", work / "copy"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
+            load = os.getloadavg()[0]
             wall, rss, _, err, rc = run_child([upcycle, "convert", str(dense), str(out), *SPEED[name]])
             if rc != 0:
                 raise SystemExit(f"{name}: convert failed: {err.strip().splitlines()[-2:]}")
@@ -129,23 +133,46 @@ def speed(work: Path, rounds: int, names: list[str]) -> None:
             size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e9
             shutil.rmtree(copy, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
-            row = {"convert_s": wall, "peak_rss_gib": rss * 1e9 / 2**30, "cp_s": cp_wall, "output_gb": size}
+            row = {"round": r + 1, "convert_s": wall, "peak_rss_gib": rss * 1e9 / 2**30, "cp_s": cp_wall,
+                   "output_gb": size, "load_before": load, "load_after": os.getloadavg()[0]}  # fmt: skip
             runs[name].append(row)
-            print(f"round {r + 1} {name}: {wall:.1f} s, {rss * 1e9 / 2**30:.2f} GiB, cp -r {cp_wall:.1f} s", flush=True)
-    rows = []
-    base = median(x["convert_s"] for x in runs[names[0]])
-    print(f"\n| method | convert s | × {names[0]} | peak RSS GiB | cp -r s | output GB |\n|---|---|---|---|---|---|")
-    for name in names:
-        m = {k: median(x[k] for x in runs[name]) for k in runs[name][0]}
-        rows.append({"method": name, "flags": SPEED[name], "median": m, "runs": runs[name]})
-        print(f"| {name} | {m['convert_s']:.1f} | {m['convert_s'] / base:.2f} | {m['peak_rss_gib']:.2f} | "
-              f"{m['cp_s']:.1f} | {m['output_gb']:.2f} |")  # fmt: skip
-    results = HERE / "results" / f"methods_speed_{datetime.now(UTC):%Y%m}.json"
-    load = os.getloadavg()
-    meta = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
-            "loadavg_at_end": load, "shape": SPEED_SHAPE, "rounds": rounds}  # fmt: skip
-    results.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+            print(f"round {r + 1} {name}: {wall:.1f} s, {rss * 1e9 / 2**30:.2f} GiB, cp -r {cp_wall:.1f} s, "
+                  f"load {load:.1f}", flush=True)  # fmt: skip
+            done = r == rounds - 1 and name == names[-1]
+            save_speed(results, names, runs, rounds, done)
     print(f"wrote {results}")
+
+
+def speed_rows(names: list[str], runs: dict[str, list[dict]]) -> list[dict]:
+    """Per method: the medians over its runs so far, and each run's time over clone's of the same round."""
+    from statistics import median
+
+    base = {x["round"]: x["convert_s"] for x in runs.get("clone", [])}
+    rows = []
+    for name in names:
+        if not runs[name]:
+            continue
+        m = {k: median(x[k] for x in runs[name]) for k in ("convert_s", "peak_rss_gib", "cp_s", "output_gb")}
+        ratios = [x["convert_s"] / base[x["round"]] for x in runs[name] if x["round"] in base]
+        rows.append({"method": name, "flags": [os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a
+                                               for a in SPEED[name]],
+                     "median": m, "ratio_to_clone_same_round": ratios,
+                     "median_ratio_to_clone": median(ratios) if ratios else None, "runs": runs[name]})  # fmt: skip
+    return rows
+
+
+def save_speed(results: Path, names: list[str], runs: dict[str, list[dict]], rounds: int, complete: bool) -> None:
+    rows = speed_rows(names, runs)
+    meta = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
+            "complete": complete, "shape": SPEED_SHAPE, "rounds": rounds}  # fmt: skip
+    results.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    if complete:
+        print("\n| method | convert s | × clone (same round, median) | peak RSS GiB | cp -r s | output GB |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            m, ratio = row["median"], row["median_ratio_to_clone"]
+            print(f"| {row['method']} | {m['convert_s']:.1f} | {ratio:.2f} | {m['peak_rss_gib']:.2f} | "
+                  f"{m['cp_s']:.1f} | {m['output_gb']:.2f} |")  # fmt: skip
 
 
 def main() -> None:

@@ -247,3 +247,17 @@ def test_iterative_spectral_start_is_balanced_and_beats_random(monkeypatch):
     assert torch.bincount(labels, minlength=6).tolist() == [16] * 6
     rand = [inside_weight(w, torch.randperm(96, generator=g) % 6) for _ in range(20)]
     assert inside_weight(w, labels) > max(rand)
+
+
+def test_graph_is_float32_and_matches_a_float64_reference():
+    """The graph is built and held in float32 (co-firing counts are whole numbers, exact in float32), chunk by
+    chunk, and equals the float64 computation of P(i and j) - P(i) P(j) to float32 rounding."""
+    x, gate, up, act, _ = planted(4, 16, tokens=700)
+    w = coactivation_graph(x, gate, up, act, share=0.25, chunk=128)  # 6 chunks, the last one short
+    h = (act(x @ gate.T) * (x @ up.T)).abs().double()
+    fires = torch.zeros_like(h).scatter_(1, h.topk(16, 1).indices, 1.0)
+    p = fires.mean(0)
+    want = (fires.T @ fires / len(x) - p[:, None] * p[None]).clamp_min(0).fill_diagonal_(0)
+    assert w.dtype == torch.float32
+    assert (want > 0).sum() > 100  # a graph with edges, not an empty one
+    torch.testing.assert_close(w.double(), want, rtol=0, atol=1e-7)

@@ -21,7 +21,7 @@ router (learning rate, z-loss) see the same magnitudes.
 
 Memory, beyond the clone conversion's: one decoder layer and the hidden states of every chunk (stream.py), one
 MoE layer's captured inputs (tokens x hidden float32: 4096 x 576 x 4 B = 9.4 MB for SmolLM2), and what its
-method computes from them (the co-activation graph: intermediate^2 float32, and its float64 accumulator).
+method computes from them (the co-activation graph: intermediate^2 float32, built in place).
 """
 
 from __future__ import annotations
@@ -89,14 +89,21 @@ def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = LLOYD_ITE
     """Centroids [k, D] of x [T, D]: k-means++ seeding, then Lloyd iterations until no assignment changes."""
     import torch
 
+    # squared distances as ||x||^2 - 2 x.c + ||c||^2, one matrix-vector product per centroid: no [T, D] copy of
+    # the activations (x - c and its square were two per centroid)
+    xx = torch.einsum("td,td->t", x, x)  # [T]
+
+    def dist2(c: torch.Tensor) -> torch.Tensor:
+        return (xx - 2 * (x @ c) + c @ c).clamp_min_(0)  # [T]
+
     first = int(torch.randint(len(x), (1,), generator=gen))
     centroids = [x[first]]
-    d2 = ((x - x[first]) ** 2).sum(1)  # [T]: squared distance to the nearest centroid so far
+    d2 = dist2(x[first])  # [T]: squared distance to the nearest centroid so far
     for _ in range(1, k):
         probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
         pick = int(torch.multinomial(probs, 1, generator=gen))
         centroids.append(x[pick])
-        d2 = torch.minimum(d2, ((x - x[pick]) ** 2).sum(1))
+        d2 = torch.minimum(d2, dist2(x[pick]))
     c = torch.stack(centroids)  # [k, D]
     labels = torch.full((len(x),), -1, dtype=torch.long)
     for _ in range(iters):
@@ -262,11 +269,12 @@ class LayerResults:
     def add(self, layer: int, xs: list[torch.Tensor], seqs: Sequences) -> None:
         """One MoE layer's FFN inputs, xs[s] [t_s, H] for each sequence s."""
         wanted = sorted(p for at, p in self.wanted if at == layer)
+        x = seqs.calibration(xs) if wanted or self.spec.router_init == "kmeans" else None  # [T, H], made once
         if wanted:
-            found = coactivation_partition(seqs.calibration(xs), self.ckpt, self.keys[layer], self.act, self.spec)
+            found = coactivation_partition(x, self.ckpt, self.keys[layer], self.act, self.spec)
             self.partitions[layer] = {("coactivation", parts): found(layer, parts) for parts in wanted}
         if self.spec.router_init == "kmeans":
-            self.routers[layer] = self.kmeans_row(layer, seqs.calibration(xs))
+            self.routers[layer] = self.kmeans_row(layer, x)
         elif self.hidden:
             self.routers[layer] = hidden_row(xs, seqs.owner, self.target_norm, self.groups[layer])
 

@@ -19,7 +19,7 @@ from ..dtypes import DTYPE_BYTES, lossy, torch_dtype
 from ..source import Checkpoint, RangeReader, TensorInfo
 from .methods import LayerBuilder
 from .methods.ahead import Ahead, Order
-from .ops import CastCheck, Copy, Expert, Fused, Mean, Plan, Router, TensorOp, ValueChange, Zeros
+from .ops import CastCheck, Copy, Expert, Fused, Mean, Parts, Plan, Router, TensorOp, ValueChange, Zeros
 from .router_init import init_router
 from .writer import Placed
 
@@ -174,9 +174,25 @@ def in_place(op: TensorOp, sources: Sources) -> Placed | None:
     tensor copied as it is (None: they must be produced). The writer copies such a range in the kernel."""
     if sources.reuse is not None and isinstance(op, Expert) and sources.reuse.key(op) in sources.reuse.seen:
         return sources.reuse.seen[sources.reuse.key(op)]
+    if isinstance(op, Expert) and op.transform is not None:
+        return row_range(op, sources.info(op))
     as_is = (isinstance(op, Copy) and op.values is None) or (isinstance(op, Expert) and op.transform is None)
     info = sources.info(op) if as_is else None
     return Placed(info.file, info.offset, info.nbytes) if info is not None and info.dtype == op.dtype else None
+
+
+def row_range(op: Expert, info: TensorInfo) -> Placed | None:
+    """Where OP's bytes already are when it is a block of consecutive rows of its dense tensor, unscaled, in the
+    source's dtype: gate/up of consecutive parts of a contiguous partition (fine-grained, split contiguous). A
+    block of rows of a row-major tensor is one byte range, which the writer copies in the kernel (None: not such
+    a block; down's parts are columns)."""
+    t = op.transform
+    if not isinstance(t, Parts) or t.by != "contiguous" or t.scale != 1.0 or op.role == "down":
+        return None
+    if info.dtype != op.dtype or t.chosen != tuple(range(t.chosen[0], t.chosen[0] + len(t.chosen))):
+        return None
+    row_bytes, size = info.nbytes // info.shape[0], info.shape[0] // t.parts
+    return Placed(info.file, info.offset + t.chosen[0] * size * row_bytes, len(t.chosen) * size * row_bytes)
 
 
 def with_dtype(op: TensorOp, dtype: str) -> TensorOp:
@@ -225,6 +241,9 @@ def _expert(op: Expert, sources: Sources) -> Iterator[Chunk]:
     info = sources.info(op)
     if op.transform is None:  # the dense tensor itself
         yield from source_bytes(info, op.dtype, sources.meter)
+        return
+    if (rows := row_range(op, info)) is not None:  # a block of its rows, as they are
+        yield rows
         return
     if sources.meter is not None and lossy(info.dtype, op.dtype):  # the cast's rounding is tallied on float32
         built = sources.layers.builder(op.layer, op.source).tensor(op.role, op.transform)  # from the layer's FFN

@@ -183,15 +183,22 @@ def coactivation_graph(
 
     neurons = gate.shape[0]
     count = max(1, round(share * neurons))
-    both = torch.zeros(neurons, neurons, dtype=torch.float64)  # [I, I]: tokens on which i and j both fire
+    # [I, I] float32 counts of the tokens on which i and j both fire: sums of 0/1 products, whole numbers, so
+    # float32 holds them exactly up to 2^24 tokens (no float64 accumulator, no [I, I] temporary per chunk)
+    both = torch.zeros(neurons, neurons)
     for xs in x.split(chunk):
         h = (act(xs @ gate.T) * (xs @ up.T)).abs()  # [t, I]
         fires = torch.zeros_like(h).scatter_(1, h.topk(count, dim=1).indices, 1.0)  # [t, I] 0/1
-        both += (fires.T @ fires).double()
-    p = both.diagonal() / len(x)  # [I]: how often each neuron fires
-    w = (both / len(x) - p[:, None] * p[None, :]).clamp_min(0)
+        del h
+        both.addmm_(fires.T, fires)
+    tokens = len(x)
+    p = both.diagonal() / tokens  # [I]: how often each neuron fires
+    w = both.div_(tokens)  # in place: the graph is the accumulator's memory
+    for rows in range(0, neurons, chunk):  # minus P(i) P(j), a block of rows at a time (no [I, I] outer product)
+        w[rows : rows + chunk].sub_(p[rows : rows + chunk, None] * p[None, :])
+    w.clamp_min_(0)
     w.fill_diagonal_(0)
-    return w.float()
+    return w
 
 
 def graph_partition(w: torch.Tensor, parts: int, gen: torch.Generator, rounds: int = REFINE_ROUNDS) -> torch.Tensor:
@@ -225,7 +232,8 @@ def spectral_embedding(w: torch.Tensor, parts: int, gen: torch.Generator) -> tor
 
     Below DENSE_EIGH_BELOW neurons the full eigendecomposition, O(I^3). Above, randomized subspace iteration
     for the P vectors alone: SUBSPACE_ITERS products of the graph with a seeded random [I, P + OVERSAMPLE]
-    block (O(I^2 P) each, re-orthonormalised), then Rayleigh-Ritz on that block. (torch.lobpcg was tried and was
+    block (O(I^2 P) each, re-orthonormalised; D^-1/2 applied to the block on either side, so the normalised
+    graph is never formed beside W), then Rayleigh-Ritz on that block. (torch.lobpcg was tried and was
     several times slower at these sizes: its Python-level bookkeeping dominates.)
     """
     import torch
@@ -236,20 +244,27 @@ def spectral_embedding(w: torch.Tensor, parts: int, gen: torch.Generator) -> tor
         d = d.double()
         _, vecs = torch.linalg.eigh(d[:, None] * w.double() * d[None, :])  # ascending eigenvalues
         return vecs[:, -parts:]
-    a = d[:, None] * w.float() * d[None, :]  # [I, I] float32: the graph's size, once
+    w = w.float()
+    dc = d.float()[:, None]  # [I, 1]
+
+    def shifted(q: torch.Tensor) -> torch.Tensor:
+        """(D^-1/2 W D^-1/2 + 1) q for q [I, m], without forming the normalised graph: one [I, I] product."""
+        return torch.addcmul(q, dc, w @ (dc * q))
+
     # The spectrum is shifted by +1 (a normalised graph's eigenvalues lie in [-1, 1]) so that the largest
     # eigenvalues are also the largest in magnitude, which subspace iteration converges to.
-    a.diagonal().add_(1.0)
     q = torch.linalg.qr(torch.randn(n, parts + OVERSAMPLE, generator=gen))[0]  # [I, P + p]
     for _ in range(SUBSPACE_ITERS):
-        q = torch.linalg.qr(a @ q)[0]
-    _, small = torch.linalg.eigh((q.T @ a @ q).double())  # Rayleigh-Ritz on the [P + p] block, ascending
+        q = torch.linalg.qr(shifted(q))[0]
+    _, small = torch.linalg.eigh((q.T @ shifted(q)).double())  # Rayleigh-Ritz on the [P + p] block, ascending
     return q.double() @ small[:, -parts:]
 
 
 def inside_weight(w: torch.Tensor, labels: torch.Tensor) -> float:
-    """Total edge weight between neurons of the same group."""
+    """Total edge weight between neurons of the same group: the [I, I] product in w's dtype (float32), its
+    [I, P] result summed in float64 (no float64 copy of the graph)."""
     import torch
 
-    onehot = torch.nn.functional.one_hot(labels).to(torch.float64)  # [I, P]
-    return float((onehot.T @ w.double() @ onehot).trace())
+    onehot = torch.nn.functional.one_hot(labels).to(w.dtype)  # [I, P]
+    into = (w @ onehot).gather(1, labels[:, None])  # [I, 1]: each neuron's weight into its own group
+    return float(into.double().sum())
