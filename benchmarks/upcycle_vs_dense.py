@@ -1249,8 +1249,12 @@ class Runner:
 
 
 def _job_key(job: dict[str, Any]) -> dict[str, Any]:
-    """What decides a run's result (not how many threads ran it), as JSON holds it."""
-    return json.loads(json.dumps({k: v for k, v in job.items() if k != "threads"}))
+    """What decides a run's result, as JSON holds it: the job, less how many threads ran it, and of the preset only
+    what the run reads (not its seeds, token budgets, lr grid or --jobs, which the job itself carries or which do
+    not touch one run): so cpu-long reuses cpu's sweep runs, and a rerun with other --jobs or --seeds reuses all."""
+    key = {k: v for k, v in job.items() if k not in ("threads", "preset")}
+    key["preset"] = {k: v for k, v in job["preset"].items() if k not in ARM_ONLY}
+    return json.loads(json.dumps(key))
 
 
 def count_tokens(parent: Path, data: dict[str, str], preset: Preset) -> dict[str, int]:
