@@ -30,7 +30,8 @@ cache, $UPCYCLE_CACHE/studies/upcycle_vs_dense/<preset> (default ~/.cache/upcycl
 Outputs under benchmarks/results/: upcycle_vs_dense_<preset>.json (rewritten as each run finishes, so an
 interrupted study keeps what it finished; a rerun reuses the runs it finds finished), _tokens.png and _flops.png.
 
-    python benchmarks/upcycle_vs_dense.py --preset cpu --lr-sweep   # <= 45 min on 2 idle cores (not yet rerun)
+    python benchmarks/upcycle_vs_dense.py --preset cpu --lr-sweep   # ~80-90 min on 2 idle cores (estimated)
+    python benchmarks/upcycle_vs_dense.py --preset cpu --lr-sweep --arms dense,dense-nowarm,moe-all,moe-all-flop
     python benchmarks/upcycle_vs_dense.py --preset cpu-long         # then: cpu's parent, 3 seeds, 2x the tokens
     python benchmarks/upcycle_vs_dense.py --preset smoke            # about a minute; what the smoke test runs
 """
@@ -137,7 +138,7 @@ class Preset:
     base: str | None = None  # a preset whose corpus, tokenizer, parent and converted models this one reuses
 
 
-# <= 45 min on 2 idle cores (36 min measured for the 4 arms of issue 14, benchmarks/README.md): a 1.1M-parameter
+# 36 min measured on 2 idle cores for the 4 arms of issue 14 without a sweep (benchmarks/README.md): a 1.1M-parameter
 # parent (0.59M outside the tied embedding) pretrained on 11.5M tokens, 10.3 per parameter; 1.5M tokens per arm
 # run, 2 seeds. The corpus (~15.7M tokens) holds the pretraining and a 3.3M-token continuation part.
 CPU = Preset(
