@@ -25,7 +25,7 @@ download, cached; their versions are recorded), and the source files of this Pyt
 FILES are held out, stratified by source, and the training text is cleaned of held-out text (study_corpus.py:
 13-word overlap measured and reported); a byte-level BPE tokenizer is trained on the training parts.
 
-Work (corpus, tokenizer, parent, converted models, every run's final model and last checkpoint) goes to the user
+Work (corpus, tokenizer, parent, converted models, every run's final model and last two checkpoints) goes to the user
 cache, $UPCYCLE_CACHE/studies/upcycle_vs_dense/<preset> (default ~/.cache/upcycle/...), never into the repository.
 Outputs under benchmarks/results/: upcycle_vs_dense_<preset>.json (rewritten as each run finishes, so an
 interrupted study keeps what it finished; a rerun reuses the runs it finds finished), _tokens.png and _flops.png.
