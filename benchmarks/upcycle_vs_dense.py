@@ -25,12 +25,13 @@ download, cached; their versions are recorded), and the source files of this Pyt
 FILES are held out, stratified by source, and the training text is cleaned of held-out text (study_corpus.py:
 13-word overlap measured and reported); a byte-level BPE tokenizer is trained on the training parts.
 
-Work (corpus, tokenizer, parent, converted models, every run's final model and last checkpoint) goes to the user
+Work (corpus, tokenizer, parent, converted models, every run's final model and last two checkpoints) goes to the user
 cache, $UPCYCLE_CACHE/studies/upcycle_vs_dense/<preset> (default ~/.cache/upcycle/...), never into the repository.
 Outputs under benchmarks/results/: upcycle_vs_dense_<preset>.json (rewritten as each run finishes, so an
 interrupted study keeps what it finished; a rerun reuses the runs it finds finished), _tokens.png and _flops.png.
 
-    python benchmarks/upcycle_vs_dense.py --preset cpu --lr-sweep   # <= 45 min on 2 idle cores (not yet rerun)
+    python benchmarks/upcycle_vs_dense.py --preset cpu --lr-sweep   # ~80-90 min on 2 idle cores (estimated)
+    python benchmarks/upcycle_vs_dense.py --preset cpu --lr-sweep --arms dense,dense-nowarm,moe-all,moe-all-flop
     python benchmarks/upcycle_vs_dense.py --preset cpu-long         # then: cpu's parent, 3 seeds, 2x the tokens
     python benchmarks/upcycle_vs_dense.py --preset smoke            # about a minute; what the smoke test runs
 """
@@ -137,7 +138,7 @@ class Preset:
     base: str | None = None  # a preset whose corpus, tokenizer, parent and converted models this one reuses
 
 
-# <= 45 min on 2 idle cores (36 min measured for the 4 arms of issue 14, benchmarks/README.md): a 1.1M-parameter
+# 36 min measured on 2 idle cores for the 4 arms of issue 14 without a sweep (benchmarks/README.md): a 1.1M-parameter
 # parent (0.59M outside the tied embedding) pretrained on 11.5M tokens, 10.3 per parameter; 1.5M tokens per arm
 # run, 2 seeds. The corpus (~15.7M tokens) holds the pretraining and a 3.3M-token continuation part.
 CPU = Preset(
@@ -1249,8 +1250,12 @@ class Runner:
 
 
 def _job_key(job: dict[str, Any]) -> dict[str, Any]:
-    """What decides a run's result (not how many threads ran it), as JSON holds it."""
-    return json.loads(json.dumps({k: v for k, v in job.items() if k != "threads"}))
+    """What decides a run's result, as JSON holds it: the job, less how many threads ran it, and of the preset only
+    what the run reads (not its seeds, token budgets, lr grid or --jobs, which the job itself carries or which do
+    not touch one run): so cpu-long reuses cpu's sweep runs, and a rerun with other --jobs or --seeds reuses all."""
+    key = {k: v for k, v in job.items() if k not in ("threads", "preset")}
+    key["preset"] = {k: v for k, v in job["preset"].items() if k not in ARM_ONLY}
+    return json.loads(json.dumps(key))
 
 
 def count_tokens(parent: Path, data: dict[str, str], preset: Preset) -> dict[str, int]:

@@ -367,6 +367,7 @@ def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) 
     try:
         more = study.main(more_args)
         again = study.main(more_args)
+        other_jobs = study.main([*more_args, "--jobs", "2"])  # what runs at a time does not change a run
     finally:
         del study.PRESETS["smoke-more"]
     assert more["parent"] == saved["parent"] and more["corpus"] == saved["corpus"]
@@ -391,7 +392,7 @@ def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) 
     assert (keep / "smoke-more" / "smoke-more" / "dense-s1" / "model.safetensors").is_file()
     start = runs["dense"]["evals"][0]["eval_loss"]
     assert start == pytest.approx(saved["parent"]["evals"][-1]["eval_loss"], abs=1e-4)
-    assert all(r["reused"] for r in again["runs"] + again["sweep_runs"])
+    assert all(r["reused"] for r in again["runs"] + again["sweep_runs"] + other_jobs["runs"] + other_jobs["sweep_runs"])
     assert again["summary"] == more["summary"] and again["lr_sweep"] == more["lr_sweep"]
 
 
