@@ -106,6 +106,42 @@ def test_split_per_source(models, tmp_path):
     torch.testing.assert_close(got, logits(models["b"]), rtol=1e-5, atol=1e-5)
 
 
+def test_fine_grained_per_source(models, tmp_path):
+    """--init fine-grained --granularity 2 with 2 experts per source: each source's FFN cut in two, down_proj
+    scaled by G; routed to one source's two parts (weights 1/2 each) the MoE computes that source's FFN."""
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, top_k=2, init="fine-grained", granularity=2,
+                      expert_from=(str(models["a"]), str(models["b"])))  # fmt: skip
+    convert(str(models["base"]), out, spec)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(
+            lambda _m, _a, o: (o[0], torch.full_like(o[1], 0.5), torch.tensor([0, 1]).expand_as(o[2]))
+        )
+    with torch.no_grad():
+        got = model(input_ids=IDS).logits
+    torch.testing.assert_close(got, logits(models["a"]), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, logits(models["b"]), rtol=1e-5, atol=1e-5)
+
+
+def test_drop_per_source(models, tmp_path):
+    """--init drop (Drop-Upcycling) per source: each expert keeps its own source's neurons but for round(r × I)
+    re-initialised ones (the same neuron draw as one model's expert i: only the source differs)."""
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, init="drop", drop_ratio=0.25, expert_from=(str(models["a"]), str(models["b"])))
+    convert(str(models["base"]), out, spec)
+    written = tensors(out)
+    intermediate = json.loads((models["base"] / "config.json").read_text())["intermediate_size"]
+    for layer in range(2):
+        for e, (mine, other) in enumerate((("a", "b"), ("a", "b"), ("b", "a"), ("b", "a"))):
+            w1 = written[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight"]
+            w2 = written[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight"]
+            kept = (w1 == ffn(models[mine], layer)["gate"]).all(1)
+            assert int(kept.sum()) == intermediate - round(0.25 * intermediate), (layer, e)
+            assert torch.equal((w2 == ffn(models[mine], layer)["down"]).all(0), kept)  # down: the same neurons
+            assert not (w1 == ffn(models[other], layer)["gate"]).all(1).any()  # nothing from the other source
+
+
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
