@@ -255,6 +255,8 @@ def test_plan_table_names_differences(models, capsys, tmp_path):
     assert run([str(a) for a in argv]) == 0
     shown = capsys.readouterr().out
     assert "differ between the sources" in shown and "self_attn" in shown and "ft-c" in shown
+    # verify's sources mode compares tensors, not logits (the MoE computes none of its sources): the plan says so
+    assert "verify checks every tensor against its source" in flat(shown) and "checks the logits" not in shown
     assert not (tmp_path / "moe").exists()
 
 
