@@ -106,6 +106,42 @@ def test_split_per_source(models, tmp_path):
     torch.testing.assert_close(got, logits(models["b"]), rtol=1e-5, atol=1e-5)
 
 
+def test_fine_grained_per_source(models, tmp_path):
+    """--init fine-grained --granularity 2 with 2 experts per source: each source's FFN cut in two, down_proj
+    scaled by G; routed to one source's two parts (weights 1/2 each) the MoE computes that source's FFN."""
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, top_k=2, init="fine-grained", granularity=2,
+                      expert_from=(str(models["a"]), str(models["b"])))  # fmt: skip
+    convert(str(models["base"]), out, spec)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(
+            lambda _m, _a, o: (o[0], torch.full_like(o[1], 0.5), torch.tensor([0, 1]).expand_as(o[2]))
+        )
+    with torch.no_grad():
+        got = model(input_ids=IDS).logits
+    torch.testing.assert_close(got, logits(models["a"]), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, logits(models["b"]), rtol=1e-5, atol=1e-5)
+
+
+def test_drop_per_source(models, tmp_path):
+    """--init drop (Drop-Upcycling) per source: each expert keeps its own source's neurons but for round(r × I)
+    re-initialised ones (the same neuron draw as one model's expert i: only the source differs)."""
+    out = tmp_path / "moe"
+    spec = build_spec(experts=4, init="drop", drop_ratio=0.25, expert_from=(str(models["a"]), str(models["b"])))
+    convert(str(models["base"]), out, spec)
+    written = tensors(out)
+    intermediate = json.loads((models["base"] / "config.json").read_text())["intermediate_size"]
+    for layer in range(2):
+        for e, (mine, other) in enumerate((("a", "b"), ("a", "b"), ("b", "a"), ("b", "a"))):
+            w1 = written[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight"]
+            w2 = written[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight"]
+            kept = (w1 == ffn(models[mine], layer)["gate"]).all(1)
+            assert int(kept.sum()) == intermediate - round(0.25 * intermediate), (layer, e)
+            assert torch.equal((w2 == ffn(models[mine], layer)["down"]).all(0), kept)  # down: the same neurons
+            assert not (w1 == ffn(models[other], layer)["gate"]).all(1).any()  # nothing from the other source
+
+
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
@@ -157,7 +193,8 @@ def test_different_vocabulary_refused(models, capsys, tmp_path):
     save_tokenizer(other, 40)  # same ids up to 40, then none: another vocabulary
     out = tmp_path / "moe"
     argv = ["convert", models["base"], out, "--expert-from", models["a"], "--expert-from", other, "--experts", "2"]
-    expect_error(capsys, argv, "different tokenizer vocabulary")
+    line = expect_error(capsys, argv, "different tokenizer vocabulary")
+    assert str(other) in line and str(models["base"]) in line  # names both
     assert_clean(out)
 
 
@@ -218,6 +255,8 @@ def test_plan_table_names_differences(models, capsys, tmp_path):
     assert run([str(a) for a in argv]) == 0
     shown = capsys.readouterr().out
     assert "differ between the sources" in shown and "self_attn" in shown and "ft-c" in shown
+    # verify's sources mode compares tensors, not logits (the MoE computes none of its sources): the plan says so
+    assert "verify checks every tensor against its source" in flat(shown) and "checks the logits" not in shown
     assert not (tmp_path / "moe").exists()
 
 
@@ -572,7 +611,7 @@ def test_mergekit_sparse_upcycling_example(models, tmp_path):
 
 CLOWN_CAR = """base_model: {base}
 gate_mode: hidden
-dtype: float32
+dtype: bfloat16
 experts:
   - source_model: {base}
     positive_prompts:
@@ -585,22 +624,39 @@ experts:
     positive_prompts:
       - "[Genres: Science Fiction]\\n[Tags: humor, old school, sci fi]"
       - "> get ye flask"
+      - "[Mode: Interactive Storyteller]"
+  - source_model: {c}
+    positive_prompts:
+      - "<|im_start|>user\\nWie geht es dir?<|im_end|>"
+      - "Das ist ein Satz auf Deutsch."
 """
 
 
+def clown_car(models: dict[str, Path], path: Path) -> Path:
+    return mergekit_yaml(path, CLOWN_CAR, base=models["base"], a=models["a"], b=models["b"], c=models["c"])
+
+
 def test_mergekit_hidden_example(models, capsys, tmp_path):
-    """mergekit's 'clown car' example (hidden gate, prompts per expert): one expert per entry, routers from the
-    prompts, each expert its source's FFN; verify checks it."""
-    cfg = mergekit_yaml(tmp_path / "moe.yml", CLOWN_CAR, base=models["base"], a=models["a"], b=models["b"])
+    """mergekit's 'clown car' example as its docs give it (hidden gate, bfloat16, 4 experts with their prompts;
+    the models are tiny stand-ins): one expert per entry, routers from the prompts, each expert its source's FFN
+    cast to bfloat16, BASE's attention (C's differs: mergekit also takes BASE's); verify checks it."""
+    cfg = clown_car(models, tmp_path / "moe.yml")
     out = tmp_path / "moe"
     assert run_cli(["convert", "--mergekit-config", cfg, out]) == 0
     recipe = json.loads((out / "upcycle.json").read_text())
-    assert [s["id"] for s in recipe["sources"]] == ["base", "ft-a", "ft-b"]
+    assert [s["id"] for s in recipe["sources"]] == ["base", "ft-a", "ft-b", "ft-c"]
     assert recipe["sources"][1]["prompts"] == ["As a doctor of medicine,"]
-    assert recipe["recipe"]["router_init"] == "hidden" and recipe["plan"]["experts"] == 3
+    assert recipe["sources"][3]["prompts"] == ["<|im_start|>user\nWie geht es dir?<|im_end|>",
+                                               "Das ist ein Satz auf Deutsch."]  # fmt: skip
+    assert recipe["recipe"]["router_init"] == "hidden" and recipe["dtype"] == "bfloat16"
+    assert recipe["plan"]["experts"] == 4 and recipe["plan"]["top_k"] == 2
+    written, base = tensors(out), tensors(models["base"])
+    assert torch.equal(written["model.layers.1.block_sparse_moe.experts.3.w3.weight"],
+                       ffn(models["c"], 1)["up"].to(torch.bfloat16))  # fmt: skip
+    key = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(written[key], base[key].to(torch.bfloat16))
     capsys.readouterr()
-    argv = ["verify", models["base"], out, "--expert-from", models["base"], "--expert-from", models["a"],
-            "--expert-from", models["b"]]  # fmt: skip
+    argv = ["verify", models["base"], out] + [x for m in ("base", "a", "b", "c") for x in ("--expert-from", models[m])]
     assert run_cli(argv) == 0
 
 
@@ -612,7 +668,7 @@ def test_mergekit_recorded_command_reproduces(models, capsys, tmp_path, monkeypa
 
     import yaml
 
-    cfg = mergekit_yaml(tmp_path / "moe.yml", CLOWN_CAR, base=models["base"], a=models["a"], b=models["b"])
+    cfg = clown_car(models, tmp_path / "moe.yml")
     out = tmp_path / "moe"
     assert run_cli(["convert", "--mergekit-config", cfg, out, "--top-k", "1", "--router-std", "0.5"]) == 0
     recipe = json.loads((out / "upcycle.json").read_text())
@@ -622,14 +678,15 @@ def test_mergekit_recorded_command_reproduces(models, capsys, tmp_path, monkeypa
     kept = (out / "mergekit_moe_config.yml").read_text()
     assert str(tmp_path) not in kept
     data = yaml.safe_load(kept)
-    assert data["base_model"] == "base" and [e["source_model"] for e in data["experts"]] == ["base", "ft-a", "ft-b"]
+    assert data["base_model"] == "base"
+    assert [e["source_model"] for e in data["experts"]] == ["base", "ft-a", "ft-b", "ft-c"]
     assert data["experts"][2]["positive_prompts"] == ["[Genres: Science Fiction]\n[Tags: humor, old school, sci fi]",
-                                                      "> get ye flask"]  # fmt: skip
+                                                      "> get ye flask", "[Mode: Interactive Storyteller]"]  # fmt: skip
     card = (out / "README.md").read_text()
     assert command in card and "`mergekit_moe_config.yml` beside the weights" in card
     again = tmp_path / "again"
     again.mkdir()
-    for name in ("base", "ft-a", "ft-b"):
+    for name in ("base", "ft-a", "ft-b", "ft-c"):
         (again / name).symlink_to(models["base"].parent / name)
     shutil.copy(out / "mergekit_moe_config.yml", again)
     monkeypatch.chdir(again)
@@ -674,4 +731,87 @@ def test_mergekit_fields_refused(extra, needle, models, capsys, tmp_path):
     out = tmp_path / "moe"
     line = expect_error(capsys, ["convert", "--mergekit-config", cfg, out], needle)
     assert "experts[0].noise_scale" in line  # every field that cannot be honoured, in the one line
+    assert_clean(out)
+
+
+def test_mergekit_config_syntax_example_refused_by_field(models, capsys, tmp_path):
+    """The config-syntax example of mergekit's docs: its second expert has no positive_prompts under the hidden
+    gate (mergekit refuses that too: "Expert 1 has no positive prompts"), and with its optional negative_prompts
+    uncommented those are refused as well, each named."""
+    text = ("base_model: {base}\ngate_mode: hidden\ndtype: bfloat16\nexperts:\n  - source_model: {a}\n"
+            "    positive_prompts:\n"
+            "      - \"This is a prompt that is demonstrative of what expert_model_1 excels at\"\n"
+            "{negative}  - source_model: {b}\n")  # fmt: skip
+    negative = "    negative_prompts:\n      - \"This is a prompt expert_model_1 should not be used for\"\n"
+    out = tmp_path / "moe"
+    cfg = mergekit_yaml(tmp_path / "moe.yml", text, base=models["base"], a=models["a"], b=models["b"], negative="")
+    line = expect_error(capsys, ["convert", "--mergekit-config", cfg, out], "experts[1] (gate_mode hidden needs")
+    assert "negative_prompts" not in line
+    mergekit_yaml(cfg, text, base=models["base"], a=models["a"], b=models["b"], negative=negative)
+    line = expect_error(capsys, ["convert", "--mergekit-config", cfg, out], "experts[0].negative_prompts")
+    assert "experts[1] (gate_mode hidden needs positive_prompts)" in line
+    assert_clean(out)
+    # prompts for the second expert too, negative ones left out: it converts, top-2 of 2 by mergekit's default
+    mergekit_yaml(cfg, text + "    positive_prompts: [\"def f(x):\"]\n", base=models["base"], a=models["a"],
+                  b=models["b"], negative="")  # fmt: skip
+    assert run_cli(["convert", "--mergekit-config", cfg, out]) == 0
+    assert json.loads((out / "upcycle.json").read_text())["plan"]["top_k"] == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "want"),
+    [
+        ("experts_per_token: 1\n", {"top_k": 1, "target": "mixtral"}),
+        ("architecture: mixtral\n", {"top_k": 2, "target": "mixtral"}),
+        ("architecture: qwen\n", {"top_k": 2, "target": "qwen2_moe"}),
+        ("experts_per_token: 3\narchitecture: qwen\n", {"top_k": 3, "target": "qwen2_moe"}),
+    ],
+)
+def test_mergekit_fields_mapped(fields, want, models, capsys, tmp_path):
+    """experts_per_token -> --top-k, architecture -> --target; residual_scale 1 (mergekit's no-op) is accepted."""
+    text = ("base_model: {base}\ngate_mode: random\n" + fields + "experts:\n  - source_model: {a}\n"
+            "    residual_scale: 1.0\n  - source_model: {b}\n  - source_model: {c}\n")  # fmt: skip
+    cfg = mergekit_yaml(tmp_path / "moe.yml", text, base=models["base"], a=models["a"], b=models["b"], c=models["c"])
+    capsys.readouterr()
+    out = tmp_path / "moe"
+    assert run_cli(["convert", "--mergekit-config", cfg, out, "--dry-run", "--json", "-"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["top_k"], plan["target"], plan["experts"]) == (want["top_k"], want["target"], 3)
+    assert_clean(out)
+
+
+BODY = "base_model: {base}\ngate_mode: cheap_embed\n"
+TWO = "  - source_model: {a}\n    positive_prompts: [x]\n  - source_model: {b}\n    positive_prompts: [y]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (BODY + "experts_per_token: two\nexperts:\n" + TWO, "experts_per_token two (give a whole number from 1"),
+        (BODY + "experts_per_token: 1.5\nexperts:\n" + TWO, "experts_per_token 1.5"),
+        (BODY + "experts_per_token: 3\nexperts:\n" + TWO, "experts_per_token 3 (give a whole number from 1 to the 2"),
+        (BODY + "experts_per_token: 0\nexperts:\n" + TWO, "experts_per_token 0"),
+        (BODY + "experts:\n  - source_model: {a}\n    positive_prompts: just one string\n  - source_model: {b}\n"
+         "    positive_prompts: [y]\n", "experts[0].positive_prompts (give a list of prompt strings)"),
+        (BODY + "experts:\n  - source_model: {a}\n    positive_prompts: [{{k: v}}]\n  - source_model: {b}\n"
+         "    positive_prompts: [y]\n", "experts[0].positive_prompts (give a list of prompt strings)"),
+        (BODY + "experts:\n  a: {a}\n", "experts (give a list of entries, each with a source_model)"),
+        (BODY + "experts_per_token: 1\nexperts:\n  - source_model: {a}\n    positive_prompts: [x]\n",
+         "experts (upcycle makes an MoE of 2 experts or more; this recipe has 1)"),
+        (BODY + "experts:\n" + TWO + "shared_experts:\n  - source_model: {base}\n  - source_model: {a}\n",
+         "shared_experts (upcycle fills one shared expert"),
+        (BODY + "architecture: mixtral\nexperts:\n" + TWO + "shared_experts:\n  - source_model: {base}\n",
+         "architecture mixtral (upcycle writes mixtral, or qwen with one shared expert)"),
+        (BODY + "experts:\n  - source_model: {a}\n    positive_prompts: [x]\n    residual_scale: 0.5\n"
+         "  - source_model: {b}\n    positive_prompts: [y]\n", "experts[0].residual_scale"),
+    ],
+    ids=["per-token-word", "per-token-float", "per-token-over", "per-token-zero", "prompts-string", "prompts-dict",
+         "experts-dict", "one-expert", "two-shared", "mixtral-shared", "residual-scale"],
+)
+def test_mergekit_bad_values_refused(text, needle, models, capsys, tmp_path):
+    """Each value mergekit-moe's own config would reject, or upcycle cannot honour, is one line naming the field."""
+    cfg = mergekit_yaml(tmp_path / "moe.yml", text, base=models["base"], a=models["a"], b=models["b"])
+    out = tmp_path / "moe"
+    line = expect_error(capsys, ["convert", "--mergekit-config", cfg, out], needle)
+    assert line.startswith("error: --mergekit-config moe.yml: ")
     assert_clean(out)

@@ -10,13 +10,13 @@ cannot do what mergekit would; every refused field is named, in one line, with w
 | `experts[].positive_prompts` | `--expert-prompts` (one list per expert) |
 | `gate_mode` | `--router-init`: hidden, cheap_embed, random (uniform_random is refused) |
 | `dtype` | `--dtype` |
-| `experts_per_token` | `--top-k` (mergekit's default 2) |
+| `experts_per_token` | `--top-k` (mergekit's default 2; a whole number from 1 to the number of experts) |
 | `shared_experts` (one) | `--shared-from` its source_model, `--target qwen2_moe` |
 | `architecture` | `--target`: mixtral, qwen (qwen2_moe) |
 
 Refused: `negative_prompts`, `noise_scale`, `residual_scale` (other than 1), the shared expert's prompts (its gate
-starts at zero here), more than one shared expert, `gate_mode: uniform_random`, other architectures, and any
-field mergekit does not have.
+starts at zero here), more than one shared expert, `gate_mode: uniform_random`, other architectures, fewer than 2
+experts, prompts that are not a list of strings, and any field mergekit does not have.
 
 A conversion keeps the YAML in OUT as `mergekit_moe_config.yml` (its models named as the recorded command names
 them: Hub ids as given, local folders by their name), and the recorded command converts from that copy.
@@ -73,18 +73,28 @@ def read_mergekit(path: Path) -> MergekitRecipe:
             options["dtype"] = data["dtype"]
         else:
             refused.append(f"dtype {data['dtype']} (give float32, float16 or bfloat16)")
-    options["top_k"] = int(data.get("experts_per_token", 2))
     experts = data["experts"] if isinstance(data["experts"], list) else []
-    sources, prompts = [], []
+    if not experts:
+        refused.append("experts (give a list of entries, each with a source_model)")
+    elif len(experts) < 2:
+        refused.append(f"experts (upcycle makes an MoE of 2 experts or more; this recipe has {len(experts)})")
+    sources, prompts, malformed = [], [], set()
     for i, expert in enumerate(experts):
         if not isinstance(expert, dict) or not isinstance(expert.get("source_model"), str):
             refused.append(f"experts[{i}] (needs a source_model)")
             continue
         sources.append(expert["source_model"])
-        prompts.append([str(p) for p in expert.get("positive_prompts") or []])
-        refused += expert_refusals(expert, f"experts[{i}]")
+        given, bad = prompt_list(expert.get("positive_prompts"), f"experts[{i}].positive_prompts")
+        prompts.append(given)
+        malformed |= {i} if bad else set()
+        refused += bad + expert_refusals(expert, f"experts[{i}]")
     options["expert_from"] = tuple(sources)
     options["experts"] = len(sources)
+    per_token = data.get("experts_per_token", 2)  # mergekit's default
+    if isinstance(per_token, int) and not isinstance(per_token, bool) and 1 <= per_token <= max(len(sources), 1):
+        options["top_k"] = per_token
+    elif sources:
+        refused.append(f"experts_per_token {per_token} (give a whole number from 1 to the {len(sources)} experts)")
     refused += shared_options(data.get("shared_experts"), options)
     if options.get("shared_from") == data["base_model"]:
         options["shared_from"] = "base"
@@ -96,10 +106,20 @@ def read_mergekit(path: Path) -> MergekitRecipe:
             refused.append(f"architecture {arch} (upcycle writes mixtral, or qwen with one shared expert)")
     needs_prompts = options.get("router_init") in ("hidden", "cheap_embed")
     if needs_prompts:
-        refused += [f"experts[{i}] (gate_mode {gate} needs positive_prompts)" for i, p in enumerate(prompts) if not p]
+        refused += [f"experts[{i}] (gate_mode {gate} needs positive_prompts)" for i, p in enumerate(prompts)
+                    if not p and i not in malformed]  # fmt: skip
     if refused:
         raise UpcycleError(f"{name}: cannot honour " + "; ".join(refused))
     return MergekitRecipe(data["base_model"], options, prompts if needs_prompts else None)
+
+
+def prompt_list(given: Any, where: str) -> tuple[list[str], list[str]]:
+    """An entry's positive_prompts as a list of strings, or the refusal (mergekit wants a list of strings too)."""
+    if given is None:
+        return [], []
+    if not isinstance(given, list) or not all(isinstance(p, str) for p in given):
+        return [], [f"{where} (give a list of prompt strings)"]
+    return list(given), []
 
 
 def expert_refusals(expert: dict[str, Any], where: str) -> list[str]:

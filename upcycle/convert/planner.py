@@ -16,7 +16,7 @@ from .generic_plan import make_generic_plan
 from .native_plan import make_native_plan
 from .ops import CastCheck, Copy, Mean, Plan
 from .plan import check_causal_lm, moe_layer_indices, native_refusal
-from .serving import serve
+from .serving import serve, verdict
 from .spec import ConvertSpec
 
 
@@ -104,4 +104,7 @@ def with_sources(plan: Plan, spec: ConvertSpec) -> Plan:
             "models, cast to the written dtype"
         )
         plan = replace(plan, notes=(*plan.notes, note))
-    return replace(plan, ops=ops, sources=tuple(public_name(s) for s in spec.expert_from))
+    plan = replace(plan, ops=ops, sources=tuple(public_name(s) for s in spec.expert_from))
+    # transformers' verdict says what verify checks: with several sources, each tensor against its source
+    serving = tuple(verdict(v.engine, plan)[0] if v.engine == "transformers" else v for v in plan.serving)
+    return replace(plan, serving=serving)

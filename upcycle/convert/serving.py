@@ -241,7 +241,9 @@ def verdict(engine: str, plan: Plan, fixed: frozenset[str] = frozenset()) -> tup
     if engine == "transformers":
         if plan.target == GENERIC:
             return Serving(engine, True, "native", "upcycle's wrapper, loaded with trust_remote_code=True"), None
-        return Serving(engine, True, "native", f"its own {plan.architecture}; verify checks the logits"), None
+        # several sources: the MoE computes none of them, so verify checks each tensor against its source instead
+        checks = "verify checks every tensor against its source" if plan.sources else "verify checks the logits"
+        return Serving(engine, True, "native", f"its own {plan.architecture}; {checks}"), None
     if plan.target == GENERIC:
         return Serving(engine, False, "unchecked", "upcycle's generic wrapper is no architecture it knows"), Rule(
             lambda x: False, "", flag="a native --target"
