@@ -28,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -138,18 +139,56 @@ def estimate(model: Path, text: Path, cfg: Config) -> dict[str, Any]:
 
 
 def measure(model: Path, text: Path, cfg: Config, work: Path) -> dict[str, Any]:
+    """Peak RSS of the real run (ru_maxrss from wait4), and from /proc/PID/status sampled every 0.2 s: the
+    anonymous and file-backed parts at the sampled peak and what the run had printed last by then (its phase)."""
     run_dir = work / "run"
     args = [sys.executable, "-m", "upcycle_cli.main", "train", str(model), "--data", str(text), "--out", str(run_dir)]
     args += ["--force", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--force-memory", *cfg.flags()]
+    args += ["--log-every", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[tuple[float, str]] = []
+    peak: dict[str, Any] = {"rss": 0}
+    done = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append((time.time() - t0, line.strip()[:80]))
+
+    def sample() -> None:
+        while not done.is_set():
+            status = proc_status(proc.pid)
+            if status.get("VmRSS", 0) > peak["rss"]:
+                last = [text for t, text in lines if text]
+                peak.update(rss=status["VmRSS"], anon=status.get("RssAnon", 0), file=status.get("RssFile", 0),
+                            at_s=round(time.time() - t0, 1), after=last[-1] if last else "(loading)")  # fmt: skip
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=read), threading.Thread(target=sample)]
+    for t in threads:
+        t.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    for t in threads:
+        t.join()
     err = proc.stderr.read() if proc.stderr else ""
     shutil.rmtree(run_dir, ignore_errors=True)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cfg.name} failed:\n{err[-2000:]}")
-    return {"peak_rss": usage.ru_maxrss * 1024, "seconds": round(time.time() - t0, 1)}
+    sampled = {f"sampled_{k}": v for k, v in peak.items()}
+    return {"peak_rss": usage.ru_maxrss * 1024, "seconds": round(time.time() - t0, 1), **sampled}
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon and RssFile of a process, in bytes (empty once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rows = [line.split() for line in f if line.startswith(("VmRSS:", "RssAnon:", "RssFile:"))]
+    except OSError:
+        return {}
+    return {row[0].rstrip(":"): int(row[1]) * 1024 for row in rows}
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ attention so the s² scores are never stored):
 The step's peak is taken as weights + grads + optimizer states + working copies + max(activations + logits, the
 optimizer step's temporaries): an upper bound, since the gradients fill up while backward frees the activations.
 The temporaries are the largest trainable tensor's, for optimizers that step one tensor at a time on CPU: twice
-it in fp32 for Adafactor, five times for bitsandbytes' AdamW8bit (its CPU step dequantises both moments).
+it in fp32 for Adafactor, six times for bitsandbytes' AdamW8bit (its CPU step dequantises both moments).
 
 On CPU the figure is the process's peak RSS, so three more terms count (measured, see benchmarks/train_memory.py):
 - `runtime`: the interpreter with torch, transformers, the tokenizer and the data (RUNTIME_CPU);

@@ -93,9 +93,10 @@ def lr_factor(index: int, total: int, warmup: int, min_ratio: float) -> float:
 MIN_8BIT_SIZE = 4096
 BLOCK_8BIT = 256
 QMAPS_8BIT = 2 * 256 * 4
-# its CPU step dequantises one tensor's two moments to fp32, with the scaled gradient and the denominator: about
-# 5 fp32 copies of the tensor at once (measured, benchmarks/README.md, train_memory.py section)
-STEP_COPIES_8BIT = 5
+# its CPU step dequantises one tensor's two moments to fp32, with the scaled gradient and the denominator: 6.0 fp32
+# copies of the tensor at once above its state (measured on one 2048 x 4096 tensor and on one SmolLM2-MoE layer's
+# experts: tests/test_train_memory.py, benchmarks/README.md's adamw8bit_step.py section)
+STEP_COPIES_8BIT = 6
 INSTALL_8BIT = "pip install 'upcycle[adamw8bit]' (or: pip install 'bitsandbytes>=0.50')"
 
 
