@@ -249,9 +249,14 @@ def test_iterative_spectral_start_is_balanced_and_beats_random(monkeypatch):
     assert inside_weight(w, labels) > max(rand)
 
 
-def test_graph_is_float32_and_matches_a_float64_reference():
+@pytest.mark.parametrize("block", [1024, 24])
+def test_graph_is_float32_and_matches_a_float64_reference(block, monkeypatch):
     """The graph is built and held in float32 (co-firing counts are whole numbers, exact in float32), chunk by
-    chunk, and equals the float64 computation of P(i and j) - P(i) P(j) to float32 rounding."""
+    chunk, and equals the float64 computation of P(i and j) - P(i) P(j) to float32 rounding; with blocks smaller
+    than the layer (24 of 64 neurons: the upper block triangle computed, the lower mirrored) too."""
+    from upcycle.convert.methods import split
+
+    monkeypatch.setattr(split, "BLOCK", block)
     x, gate, up, act, _ = planted(4, 16, tokens=700)
     w = coactivation_graph(x, gate, up, act, share=0.25, chunk=128)  # 6 chunks, the last one short
     h = (act(x @ gate.T) * (x @ up.T)).abs().double()

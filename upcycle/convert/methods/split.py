@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 KMEANS_ITERS = 25
 REFINE_ROUNDS = 20  # cap on the balanced reassignment rounds of graph_partition (each must raise the score)
 DENSE_EIGH_BELOW = 1024  # graphs smaller than this take the full eigendecomposition (cheap, and exact)
-SUBSPACE_ITERS = 40  # block power iterations of the spectral start above DENSE_EIGH_BELOW neurons
+SUBSPACE_ITERS = 40  # block power iterations of the spectral start above DENSE_EIGH_BELOW neurons (at most)
+SUBSPACE_TOL = 1e-3  # ... stopped once an iteration turns the subspace by less than this (Frobenius norm)
+BLOCK = 1024  # neurons per block of the co-activation graph's symmetric product
 OVERSAMPLE = 8  # extra columns carried by the subspace iteration (faster, steadier convergence of the top P)
 
 
@@ -187,10 +189,14 @@ def coactivation_graph(
     # float32 holds them exactly up to 2^24 tokens (no float64 accumulator, no [I, I] temporary per chunk)
     both = torch.zeros(neurons, neurons)
     for xs in x.split(chunk):
-        h = (act(xs @ gate.T) * (xs @ up.T)).abs()  # [t, I]
+        h = act(xs @ gate.T).mul_(xs @ up.T).abs_()  # [t, I], in place: two [t, I] temporaries, not four
         fires = torch.zeros_like(h).scatter_(1, h.topk(count, dim=1).indices, 1.0)  # [t, I] 0/1
         del h
-        both.addmm_(fires.T, fires)
+        for b in range(0, neurons, BLOCK):  # the symmetric product's upper block triangle only (about half)
+            both[b : b + BLOCK, b:].addmm_(fires[:, b : b + BLOCK].T, fires[:, b:])
+    for b in range(0, neurons, BLOCK):  # the lower triangle mirrored from the upper: whole counts, so exact
+        for c in range(b + BLOCK, neurons, BLOCK):
+            both[c : c + BLOCK, b : b + BLOCK].copy_(both[b : b + BLOCK, c : c + BLOCK].T)
     tokens = len(x)
     p = both.diagonal() / tokens  # [I]: how often each neuron fires
     w = both.div_(tokens)  # in place: the graph is the accumulator's memory
@@ -231,10 +237,10 @@ def spectral_embedding(w: torch.Tensor, parts: int, gen: torch.Generator) -> tor
     """The eigenvectors [I, P] of the `parts` largest eigenvalues of D^-1/2 W D^-1/2 (w [I, I], D its degrees).
 
     Below DENSE_EIGH_BELOW neurons the full eigendecomposition, O(I^3). Above, randomized subspace iteration
-    for the P vectors alone: SUBSPACE_ITERS products of the graph with a seeded random [I, P + OVERSAMPLE]
-    block (O(I^2 P) each, re-orthonormalised; D^-1/2 applied to the block on either side, so the normalised
-    graph is never formed beside W), then Rayleigh-Ritz on that block. (torch.lobpcg was tried and was
-    several times slower at these sizes: its Python-level bookkeeping dominates.)
+    for the P vectors alone: up to SUBSPACE_ITERS products of the graph with a seeded random [I, P + OVERSAMPLE]
+    block (O(I^2 P) each, re-orthonormalised, until the block's span stops turning; D^-1/2 applied to the block
+    on either side, so the normalised graph is never formed beside W), then Rayleigh-Ritz on that block.
+    (torch.lobpcg was tried and was several times slower at these sizes: its Python-level bookkeeping dominates.)
     """
     import torch
 
@@ -255,7 +261,11 @@ def spectral_embedding(w: torch.Tensor, parts: int, gen: torch.Generator) -> tor
     # eigenvalues are also the largest in magnitude, which subspace iteration converges to.
     q = torch.linalg.qr(torch.randn(n, parts + OVERSAMPLE, generator=gen))[0]  # [I, P + p]
     for _ in range(SUBSPACE_ITERS):
-        q = torch.linalg.qr(shifted(q))[0]
+        new = torch.linalg.qr(shifted(q))[0]
+        moved = float((new - q @ (q.T @ new)).norm())  # how far the subspace turned (0: it is invariant)
+        q = new
+        if moved < SUBSPACE_TOL:
+            break
     _, small = torch.linalg.eigh((q.T @ shifted(q)).double())  # Rayleigh-Ritz on the [P + p] block, ascending
     return q.double() @ small[:, -parts:]
 
