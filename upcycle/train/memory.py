@@ -38,8 +38,9 @@ On CPU the figure is the process's peak RSS, so three more terms count (measured
   fp32 checkpoint stays memory-mapped, as clean page cache; a bf16 one leaves about its size of heap behind);
 - the load and save peaks: loading holds runtime + mapped + the fp32 weights, and a bf16 checkpoint materialised
   in fp32 adds about its own size again while it is cast (`load_extra`); a save adds about SAVE_SHARE of the
-  bytes it writes on top of the step's states (save_pretrained's copies): the larger of a checkpoint (the whole
-  model in fp32 with `--train all`, else the trainable parameters only) and final/ (the model in --save-dtype).
+  bytes it writes on top of the step's states without the gradients (save_pretrained's copies; the gradients are
+  freed at the end of every step, before any save): the larger of a checkpoint (the whole model in fp32 with
+  `--train all`, else the trainable parameters only) and final/ (the model in --save-dtype).
 The whole run's peak is the largest of the load, step and save peaks. Not counted on a GPU: the CUDA context and
 allocator fragmentation (leave ~1-2 GiB).
 """
@@ -228,7 +229,8 @@ class MemoryEstimate:
 
     @property
     def save_peak(self) -> int:
-        return self.host + self.states + self.save_extra
+        """The gradients are gone by then: every step ends with zero_grad(set_to_none=True), before any save."""
+        return self.host + self.states - self.grads + self.save_extra
 
     def step_peak(self, checkpointed: bool) -> int:
         acts = self.activations_checkpointed if checkpointed else self.activations
