@@ -17,6 +17,8 @@ Models:
     python benchmarks/train_memory.py --work /tmp/mem --text some.txt --only smollm2:router:mb1
     python benchmarks/train_memory.py --work /tmp/mem --text some.txt --estimate-only  # no runs: the table of
                                                                                        # estimates (any size)
+    python benchmarks/train_memory.py --work /tmp/mem --text some.txt --measured a.json b.json --out all.json
+                                        # the measurements of earlier runs beside the current code's estimates
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def measure(model: Path, text: Path, cfg: Config, work: Path) -> dict[str, Any]:
     args = [sys.executable, "-m", "upcycle_cli.main", "train", str(model), "--data", str(text), "--out", str(run_dir)]
     args += ["--force", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--force-memory", *cfg.flags()]
     args += ["--log-every", "1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # its lines as they are printed
     t0 = time.time()
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[tuple[float, str]] = []
@@ -201,7 +203,15 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=1.15, help="run only when estimate x MARGIN + 1 GiB is available")
     ap.add_argument("--headroom", type=float, default=3.0, help="... and estimate + HEADROOM GiB (a shared machine)")
     ap.add_argument("--wait", type=float, default=0.0, help="seconds to wait for that much memory before skipping")
+    ap.add_argument("--measured", type=Path, nargs="*", default=[],
+                    help="earlier results JSON: reuse their measurements (the newest of each configuration) with "
+                         "the current estimates, no runs (after a change to the estimate only)")  # fmt: skip
     args = ap.parse_args()
+    earlier = {}
+    for path in args.measured:
+        for old in json.loads(path.read_text())["rows"]:
+            if "peak_rss" in old:
+                earlier[old["config"]] = {k: v for k, v in old.items() if k not in ("config", "estimate", "ratio")}
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     known = {c.name: c for c in MEASURED + ESTIMATED}
@@ -213,8 +223,13 @@ def main() -> None:
         est = estimate(model, args.text, cfg)
         row: dict[str, Any] = {"config": cfg.name, "estimate": est}
         need = max(est["total"] * args.margin + GiB, est["total"] + args.headroom * GiB)
-        free = wait_for(need, args.wait) if not args.estimate_only and cfg in MEASURED else ram_available()
-        if not args.estimate_only and cfg in MEASURED and need > free:  # other jobs share the machine
+        runs = not args.estimate_only and not args.measured and cfg in MEASURED
+        free = wait_for(need, args.wait) if runs else ram_available()
+        if args.measured:
+            if cfg.name in earlier:
+                row |= earlier[cfg.name]
+                row["ratio"] = round(est["total"] / row["peak_rss"], 3)
+        elif not args.estimate_only and cfg in MEASURED and need > free:  # other jobs share the machine
             row["skipped"] = f"{free / GiB:.1f} GiB available, {need / GiB:.1f} GiB wanted"
         elif not args.estimate_only and cfg in MEASURED:
             row["load_average_start"] = round(os.getloadavg()[0], 1)

@@ -499,7 +499,7 @@ def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
         table.add_row(
             "peaks",
             f"load {gib(mem['load_peak'])}, step {gib(mem['step_peak'])}, save {gib(mem['save_peak'])} (with "
-            f"{gib(mem['runtime'])} runtime and {gib(mem['mapped'])} of loaded weight files)",
+            f"{gib(mem['runtime'])} runtime; loading: {gib(mem['mapped'])} of weight files to cast)",
         )
     verdict = "fits" if mem["fits"] else "does NOT fit"
     line = f"{gib(mem['total'])} ({mem['phase']}): {verdict} in {gib(mem['available'])} ({mem['available_what']})"

@@ -102,7 +102,8 @@ def test_estimate_counts_the_real_optimizer_state_and_the_weight_files(moe_store
     assert est.optimizer == optimizer_state_bytes(net.parameters(), "adafactor")
     assert est.optimizer < sum(p.numel() for p in net.parameters()) * 8 / 4  # factored: far below AdamW's 8 B
     files = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    assert est.mapped == files and est.load_peak == est.runtime + files + est.weights  # an fp32 checkpoint: no cast
+    assert files > 0 and est.mapped == 0  # an fp32 checkpoint: its mapped pages are the weights, counted once
+    assert est.load_peak == est.runtime + est.weights
     assert est.total == max(est.load_peak, est.step_peak(False), est.save_peak)
 
 
@@ -282,3 +283,24 @@ def test_the_plan_offers_adamw8bit_and_counts_its_state(moe_store, text, capsys)
     code, out, _ = cli(args, capsys)
     flags = {o["flags"]: o["total"] for o in json.loads(out[out.index("{") :])["memory"]["options"]}
     assert code == 0 and flags["--optimizer adamw8bit"] == eight
+
+
+@pytest.mark.parametrize("what", ["all", "experts"])
+def test_no_gradient_is_held_while_a_checkpoint_or_final_is_written(what, moe_store, text, tmp_path, monkeypatch):  # noqa: F811
+    """The memory plan's save peak leaves the gradients out (memory.MemoryEstimate.save_peak): true only while
+    every step frees them (zero_grad(set_to_none=True)) before the loop saves."""
+    from upcycle.train import checkpoint as ckpt_module
+
+    held: list[tuple[str, int]] = []
+
+    def spy(original, name):
+        def wrapper(*args, **kwargs):
+            held.append((name, sum(p.grad.numel() for p in kwargs["model"].parameters() if p.grad is not None)))
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(ckpt_module, "save_checkpoint", spy(ckpt_module.save_checkpoint, "checkpoint"))
+    monkeypatch.setattr(ckpt_module, "write_final", spy(ckpt_module.write_final, "final"))
+    train(moe_store("mixtral"), tmp_path / "run", data=str(text), steps=4, save_every=2, train=what)
+    assert held == [("checkpoint", 0), ("checkpoint", 0), ("final", 0)]

@@ -265,9 +265,12 @@ def test_host_terms_and_phases():
     cpu = estimate(cfg, spec, on_gpu=False, **args)
     cast = estimate(cfg, spec, on_gpu=False, source_cast=True, **args)
     gpu = estimate(cfg, spec, on_gpu=True, precision="fp32", **args)
-    assert (cpu.runtime, cpu.mapped, cpu.load_extra, cast.load_extra) == (RUNTIME_CPU, 2000, 0, 2000)
-    assert cpu.load_peak == RUNTIME_CPU + 2000 + 4000 and cast.load_peak == cpu.load_peak + 2000
-    assert cpu.save_extra == int(SAVE_SHARE * 4000) and cpu.save_peak == cpu.host + cpu.states + cpu.save_extra
+    assert (cpu.runtime, cpu.mapped, cpu.load_extra) == (RUNTIME_CPU, 0, 0)  # an fp32 file is the weights' memory
+    assert (cast.mapped, cast.load_extra) == (2000, 2000)  # a bf16 file, and its cast beside the fp32 weights
+    assert cpu.load_peak == RUNTIME_CPU + 4000 and cast.load_peak == cpu.load_peak + 2000 + 2000
+    assert cast.step_peak(False) == cpu.step_peak(False)  # the bf16 file is gone after loading
+    assert cpu.save_extra == int(SAVE_SHARE * 4000)
+    assert cpu.save_peak == cpu.host + cpu.weights + cpu.optimizer + cpu.save_extra  # no gradients at a save
     assert cpu.step_peak(False) == cpu.host + cpu.states + max(cpu.activations + cpu.logits, cpu.optimizer_step)
     assert cpu.total == max(cpu.load_peak, cpu.step_peak(False), cpu.save_peak)
     peaks = {"load": cpu.load_peak, "step": cpu.step_peak(False), "save": cpu.save_peak}

@@ -32,14 +32,19 @@ optimizer step's temporaries): an upper bound, since the gradients fill up while
 The temporaries are the largest trainable tensor's, for optimizers that step one tensor at a time on CPU: twice
 it in fp32 for Adafactor, six times for bitsandbytes' AdamW8bit (its CPU step dequantises both moments).
 
-On CPU the figure is the process's peak RSS, so three more terms count (measured, see benchmarks/train_memory.py):
-- `runtime`: the interpreter with torch, transformers, the tokenizer and the data (RUNTIME_CPU);
-- `mapped`: the source's weight files as loaded, resident from loading on (measured with transformers 5.25: an
-  fp32 checkpoint stays memory-mapped, as clean page cache; a bf16 one leaves about its size of heap behind);
-- the load and save peaks: loading holds runtime + mapped + the fp32 weights, and a bf16 checkpoint materialised
-  in fp32 adds about its own size again while it is cast (`load_extra`); a save adds about SAVE_SHARE of the
-  bytes it writes on top of the step's states (save_pretrained's copies): the larger of a checkpoint (the whole
-  model in fp32 with `--train all`, else the trainable parameters only) and final/ (the model in --save-dtype).
+On CPU the figure is the process's peak RSS, so more terms count (measured with transformers 5.25, see
+benchmarks/train_memory.py, which samples the anonymous and file-backed RSS of real runs):
+- `runtime`: the interpreter with torch, transformers, the tokenizer and the data (RUNTIME_CPU), in every phase;
+- `mapped`: a weight file in another dtype than float32 (a bf16 checkpoint), resident while it is loaded beside
+  the fp32 weights it is cast into, and gone after loading (0.11 GiB file-backed at a bf16 run's later peak). An
+  fp32 checkpoint is not counted again: its memory-mapped pages are the weights themselves (frozen weights stay
+  file-backed, trained ones are copied on first write), so `weights` covers them;
+- the load peak: runtime + mapped + the fp32 weights, and a bf16 checkpoint adds about its own size again while
+  it is cast (`load_extra`);
+- the save peak: runtime + the states without the gradients (freed at the end of every step, before any save)
+  + SAVE_SHARE of the bytes written (save_pretrained's and safetensors' copies, and the frozen weights read
+  back from the mapping): the larger of a checkpoint (the whole model in fp32 with `--train all`, else the
+  trainable parameters only) and final/ (the model in --save-dtype).
 The whole run's peak is the largest of the load, step and save peaks. Not counted on a GPU: the CUDA context and
 allocator fragmentation (leave ~1-2 GiB).
 """
@@ -58,7 +63,7 @@ from .spec import TrainSpec
 GiB = 1 << 30
 FP32 = 4
 RUNTIME_CPU = int(0.85 * GiB)  # RSS of the interpreter, torch, transformers, tokenizer and data before the model
-SAVE_SHARE = 0.55  # a save's transient, as a share of the bytes saved (measured 0.49-0.59 of an fp32 model)
+SAVE_SHARE = 1.55  # a save's transient, as a share of the bytes written (benchmarks/README.md, train_memory.py)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}  # final/'s dtypes (--save-dtype)
 
 Precision = Literal["fp32", "mixed", "bf16", "pure-bf16"]
@@ -209,7 +214,7 @@ class MemoryEstimate:
     logits: int
     optimizer_name: str = "adamw"  # --optimizer
     runtime: int = 0  # CPU: the interpreter and libraries (RUNTIME_CPU); 0 on a GPU
-    mapped: int = 0  # CPU: the weight files as loaded, resident from then on
+    mapped: int = 0  # CPU: a weight file in another dtype than fp32, resident while it is loaded and cast
     load_extra: int = 0  # CPU: the cast of a checkpoint stored in another dtype than the fp32 it is loaded in
     save_extra: int = 0  # CPU: what a save adds on top of the step's states
 
@@ -219,16 +224,17 @@ class MemoryEstimate:
 
     @property
     def host(self) -> int:
-        """What every phase holds besides the model: the runtime and the mapped weight files (CPU only)."""
-        return self.runtime + self.mapped
+        """What every phase holds besides the model: the runtime (CPU only)."""
+        return self.runtime
 
     @property
     def load_peak(self) -> int:
-        return self.host + self.weights + self.load_extra
+        return self.host + self.mapped + self.weights + self.load_extra
 
     @property
     def save_peak(self) -> int:
-        return self.host + self.states + self.save_extra
+        """The gradients are gone by then: every step ends with zero_grad(set_to_none=True), before any save."""
+        return self.host + self.states - self.grads + self.save_extra
 
     def step_peak(self, checkpointed: bool) -> int:
         acts = self.activations_checkpointed if checkpointed else self.activations
@@ -299,8 +305,9 @@ def estimate(
     optimizer_state: bytes of the optimizer's state over the trainable parameters (optim.optimizer_state_bytes,
     exact for Adafactor's factored moments); by default AdamW's two fp32 moments per trainable parameter.
     biggest_param: elements of the largest trainable tensor (Adafactor's step makes a full-size temporary of it).
-    source_bytes: the size of the weight files loaded (CPU: resident through the run); source_cast: they hold
-    another dtype than float32, so loading casts them (CPU: a transient of their size).
+    source_bytes: the size of the weight files loaded; source_cast: they hold another dtype than float32, so
+    loading reads them beside the fp32 weights and casts them (CPU: twice their size while loading; an fp32 file
+    is the weights' own memory).
     save_param_bytes: bytes per parameter of final/ (--save-dtype; MODEL's dtype by default).
     """
     if world_size < 1:
@@ -362,7 +369,7 @@ def estimate(
         logits=tokens * logits_bytes_per_token(shape, a),
         optimizer_name=spec.optimizer,
         runtime=0 if on_gpu else RUNTIME_CPU,
-        mapped=0 if on_gpu else source_bytes,
+        mapped=0 if on_gpu or not source_cast else source_bytes,
         load_extra=0 if on_gpu or not source_cast else source_bytes,
         save_extra=0 if on_gpu else int(SAVE_SHARE * max(checkpoint_bytes, total_params * save_param_bytes)),
     )
