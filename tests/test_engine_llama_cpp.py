@@ -106,6 +106,13 @@ REFUSED = {
 }
 
 
+# layouts --serve llama.cpp changes, written without it: llama.cpp's loader refuses them with these lines
+LOADER_REFUSES = {
+    "qwen2_moe-no-serve": ("qwen2", QWEN2_LLAMA_CPP[:-2], "tensor 'blk.0.ffn_gate_shexp.weight' has wrong shape"),
+    "qwen2_moe-tied-no-serve": ("llama", QWEN2_LLAMA_CPP[:-2], "check_tensor_dims: tensor 'output.weight' not found"),
+}
+
+
 def _convert(tmp_path: Path, family: str, flags: list[str]) -> tuple[Path, Path]:
     src = _dense_with_real_tokenizer(tmp_path / "dense", family)
     out = tmp_path / "moe"
@@ -147,3 +154,17 @@ def test_smollm2_moe_verify_engine_passes(engine, tmp_path, capsys):
 
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["engine"]["passed"] and report["engine"]["matching"] == 24
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.parametrize("layout", sorted(LOADER_REFUSES))
+def test_layout_without_serve_is_refused_by_llama_cpp_loader(layout, engine, tmp_path):
+    """What --serve llama.cpp's fixes are for: the zero-width shared expert and the tied head we write by default
+    are refused when llama.cpp loads the GGUF; the error names its loader's reason, not its generic last line."""
+    family, flags, message = LOADER_REFUSES[layout]
+    assert flags[-2:] != ["--serve", "llama.cpp"]
+    src, moe = _convert(tmp_path, family, flags)
+    with pytest.raises(llama_cpp.EngineRefused, match=r"llama\.cpp could not run moe\.gguf") as caught:
+        llama_cpp.check(str(src), str(moe), engine=engine, tokens=4)
+    assert message in str(caught.value)

@@ -123,8 +123,12 @@ def _run(cmd: list[str], *, env: dict[str, str] | None = None) -> subprocess.Com
 
 
 def _last_error(text: str) -> str:
-    """The line of a tool's output that says why it failed."""
+    """The line of a tool's output that says why it failed: llama.cpp's loader states its reason once, then
+    prints generic lines ('failed to load model', 'unable to create context') after it, so that reason wins."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "error loading model:" in line:
+            return line.split("error loading model:", 1)[1].strip()
     for line in reversed(lines):
         if any(word in line.lower() for word in ("error", "can not", "cannot", "not found", "failed")):
             return line
