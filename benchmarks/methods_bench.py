@@ -76,7 +76,8 @@ SPEED = {
 SPEED_SHAPE = dict(hidden=2048, intermediate=5632, layers=8, heads=16, kv_heads=8)  # ~0.5B, 1.0 GB in bf16
 
 
-# Runs argv in a forked child and prints the child's own wall time, ru_maxrss and exit code as JSON on stderr.
+# Runs argv in a forked child and prints the child's own wall time, ru_maxrss, CPU time (user + system, all its
+# threads) and exit code as JSON on stderr.
 MEASURE = (
     "import os, sys, time, json\n"
     "t = time.perf_counter(); pid = os.fork()\n"
@@ -84,7 +85,7 @@ MEASURE = (
     "    os.execvp(sys.argv[1], sys.argv[1:])\n"
     "_, status, usage = os.wait4(pid, 0)\n"
     "sys.stderr.write(json.dumps({'wall': time.perf_counter() - t, 'rss': usage.ru_maxrss * 1024,"
-    " 'rc': os.waitstatus_to_exitcode(status)}) + '\\n')\n"
+    " 'cpu': usage.ru_utime + usage.ru_stime, 'rc': os.waitstatus_to_exitcode(status)}) + '\\n')\n"
 )
 
 
@@ -104,7 +105,7 @@ def run_child(argv: list[str]) -> tuple[float, float, str, str, int]:
     return stats["wall"], stats["rss"] / 1e9, stats["stdout"], stats["stderr"], stats["rc"]
 
 
-def speed(work: Path, rounds: int, names: list[str]) -> None:
+def speed(work: Path, rounds: int, names: list[str], results: Path | None = None) -> None:
     """Wall time and peak RSS of `upcycle convert` per method on the ~0.5B shape, beside `cp -r` of its output.
 
     Round after round over every method (alternated, so each sees the same load); the results JSON is rewritten
@@ -117,7 +118,7 @@ def speed(work: Path, rounds: int, names: list[str]) -> None:
     if free < 12:
         raise SystemExit(f"{work}: {free:.1f} GB free; --speed writes up to ~10 GB at a time (output and its copy)")
     dense = make_dense(work / "dense-0.5b", ModelShape(**SPEED_SHAPE), shards=2)
-    results = HERE / "results" / f"methods_speed_{datetime.now(UTC):%Y%m%d}.json"
+    results = results or HERE / "results" / f"methods_speed_{datetime.now(UTC):%Y%m%d}.json"
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names:
@@ -125,7 +126,8 @@ def speed(work: Path, rounds: int, names: list[str]) -> None:
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
             load = os.getloadavg()[0]
-            wall, rss, _, err, rc = run_child([upcycle, "convert", str(dense), str(out), *SPEED[name]])
+            stats = measure([upcycle, "convert", str(dense), str(out), *SPEED[name]])
+            wall, rss, err, rc = stats["wall"], stats["rss"] / 1e9, stats["stderr"], stats["rc"]
             if rc != 0:
                 raise SystemExit(f"{name}: convert failed: {err.strip().splitlines()[-2:]}")
             os.sync()
@@ -133,11 +135,12 @@ def speed(work: Path, rounds: int, names: list[str]) -> None:
             size = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e9
             shutil.rmtree(copy, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
-            row = {"round": r + 1, "convert_s": wall, "peak_rss_gib": rss * 1e9 / 2**30, "cp_s": cp_wall,
-                   "output_gb": size, "load_before": load, "load_after": os.getloadavg()[0]}  # fmt: skip
+            row = {"round": r + 1, "convert_s": wall, "cpu_s": stats["cpu"], "peak_rss_gib": rss * 1e9 / 2**30,
+                   "cp_s": cp_wall, "output_gb": size, "load_before": load,
+                   "load_after": os.getloadavg()[0]}  # fmt: skip
             runs[name].append(row)
-            print(f"round {r + 1} {name}: {wall:.1f} s, {rss * 1e9 / 2**30:.2f} GiB, cp -r {cp_wall:.1f} s, "
-                  f"load {load:.1f}", flush=True)  # fmt: skip
+            print(f"round {r + 1} {name}: {wall:.1f} s (CPU {stats['cpu']:.1f} s), {rss * 1e9 / 2**30:.2f} GiB, "
+                  f"cp -r {cp_wall:.1f} s, load {load:.1f}", flush=True)  # fmt: skip
             done = r == rounds - 1 and name == names[-1]
             save_speed(results, names, runs, rounds, done)
     print(f"wrote {results}")
@@ -152,7 +155,8 @@ def speed_rows(names: list[str], runs: dict[str, list[dict]]) -> list[dict]:
     for name in names:
         if not runs[name]:
             continue
-        m = {k: median(x[k] for x in runs[name]) for k in ("convert_s", "peak_rss_gib", "cp_s", "output_gb")}
+        keys = ("convert_s", "cpu_s", "peak_rss_gib", "cp_s", "output_gb")
+        m = {k: median(x[k] for x in runs[name]) for k in keys if all(k in x for x in runs[name])}
         ratios = [x["convert_s"] / base[x["round"]] for x in runs[name] if x["round"] in base]
         rows.append({"method": name, "flags": [os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a
                                                for a in SPEED[name]],
@@ -185,7 +189,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="--speed: rounds over every method (medians)")
     args = parser.parse_args()
     if args.speed:
-        return speed(args.work, args.rounds, args.only.split(",") if args.only else list(SPEED))
+        return speed(args.work, args.rounds, args.only.split(",") if args.only else list(SPEED), args.results)
     upcycle = str(Path(sys.executable).parent / "upcycle")
     names = args.only.split(",") if args.only else list(METHODS)
     args.work.mkdir(parents=True, exist_ok=True)
