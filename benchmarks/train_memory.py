@@ -149,14 +149,14 @@ def measure(model: Path, text: Path, cfg: Config, work: Path) -> dict[str, Any]:
     args += ["--log-every", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # its lines as they are printed
     t0 = time.time()
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[tuple[float, str]] = []
     peak: dict[str, Any] = {"rss": 0}
     done = threading.Event()
 
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+    def read() -> None:  # the progress lines ("step 2/2 ...", "evaluating...", "saving...") go to stderr
+        assert proc.stderr is not None
+        for line in proc.stderr:
             lines.append((time.time() - t0, line.strip()[:80]))
 
     def sample() -> None:
@@ -175,7 +175,7 @@ def measure(model: Path, text: Path, cfg: Config, work: Path) -> dict[str, Any]:
     done.set()
     for t in threads:
         t.join()
-    err = proc.stderr.read() if proc.stderr else ""
+    err = "\n".join(text for _, text in lines[-20:])
     shutil.rmtree(run_dir, ignore_errors=True)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cfg.name} failed:\n{err[-2000:]}")

@@ -304,3 +304,19 @@ def test_no_gradient_is_held_while_a_checkpoint_or_final_is_written(what, moe_st
     monkeypatch.setattr(ckpt_module, "write_final", spy(ckpt_module.write_final, "final"))
     train(moe_store("mixtral"), tmp_path / "run", data=str(text), steps=4, save_every=2, train=what)
     assert held == [("checkpoint", 0), ("checkpoint", 0), ("final", 0)]
+
+
+def test_the_progress_lines_show_the_phase_and_an_eta(moe_store, text, tmp_path, capsys):  # noqa: F811
+    """On a plain console (not a terminal; stderr) every logged step after the first carries an ETA, and evaluating
+    and saving are announced before they start, so a long save is not mistaken for a hang (issue 20)."""
+    from test_train import _args
+
+    code, _, err = cli(_args(moe_store("mixtral"), text, tmp_path / "run", 4), capsys)
+    assert code == 0, err
+    lines = err.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 4 and all(" ETA " in line for line in steps[1:]), steps  # from the second step: a pace
+    for n in (2, 4):  # --eval-every 2 --save-every 2
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"step {n}/4"))
+        assert lines[at + 1] == "evaluating..." and lines[at + 2].startswith(f"eval at step {n}:"), lines[at:]
+        assert lines[at + 3] == "saving...", lines[at:]
