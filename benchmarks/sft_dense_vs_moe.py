@@ -410,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="models, data and runs (default benchmarks/_work/)")
     args = p.parse_args(argv)
     work = args.work or HERE / "_work" / f"sft_dense_vs_moe_{args.preset}"
+    from upcycle.errors import UpcycleError
+
     try:
         results = run_study(args.preset, args.out, work)
-    except StudyError as exc:
+    except (StudyError, UpcycleError) as exc:  # e.g. a run refused by the memory check: the runs recorded stay
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"partial": results["partial"], **results["summary"]}, indent=2))
