@@ -347,12 +347,22 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 
 def run_study(name: str, out_dir: Path, work: Path, log=print) -> dict[str, Any]:
-    """Run (or continue) the preset's study; returns the results, also written to results_path()."""
+    """Run (or continue) the preset's study; returns the results, also written to results_path(). The preset's
+    torch thread count holds for the study only: the caller's is restored after it (a test process's later
+    runs, compared with child processes at torch's default, must not change their reduction order)."""
     import torch
 
+    threads = torch.get_num_threads()
+    if PRESETS[name].threads:
+        torch.set_num_threads(PRESETS[name].threads)
+    try:
+        return _run_study(name, out_dir, work, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_study(name: str, out_dir: Path, work: Path, log) -> dict[str, Any]:
     preset = PRESETS[name]
-    if preset.threads:
-        torch.set_num_threads(preset.threads)
     work.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = results_path(out_dir, name)

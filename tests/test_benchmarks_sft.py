@@ -28,7 +28,13 @@ def study(tmp_path_factory):
     bench = _load("sft_dense_vs_moe")
     root = tmp_path_factory.mktemp("sft")
     log: list[str] = []
+    import torch
+
+    threads = torch.get_num_threads()
     results = bench.run_study("smoke", root / "results", root / "work", log=log.append)
+    # the smoke preset runs on one thread; the test process gets its own count back (later tests compare
+    # in-process runs with child processes bit for bit)
+    assert torch.get_num_threads() == threads
     return bench, root, results, log
 
 
