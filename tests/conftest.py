@@ -27,6 +27,19 @@ def _offline(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A test that changes torch's thread count in this process (a benchmark's preset, run in-process) gives it
+    back: later tests compare in-process runs with child processes bit for bit, and the thread count changes the
+    order of CPU reductions."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def dense_store(tmp_path_factory):
     """dense_store(family, **config_overrides) -> folder of a saved tiny random model (cached per session)."""
