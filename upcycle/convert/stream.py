@@ -9,11 +9,10 @@ sequence, with each decoder layer's `forward` replaced by a recorder, gives the 
 whole model makes them: the (scaled) embeddings plus any position embedding going into the first layer, and
 the arguments every layer is called with (rotary cos/sin, the causal or sliding-window mask of its layer type,
 position ids). Then, layer after layer up to the last MoE layer: its weights are read from the source
-(source.read_tensor: preads of its byte ranges) into the meta layer, every sequence is run through it
-(sequences of one length together, up to BATCH to a call: the layer's arguments recorded for one sequence
-broadcast over the batch; a forward pre-hook on its `mlp` keeps the FFN input), the outputs are carried to the
-next layer, and the layer goes back to the meta device. Whatever a family does inside a layer (sandwich norms,
-softcapping, parallel attention and MLP, Granite's multipliers) is its own layer class's code.
+(source.read_tensor: preads of its byte ranges) into the meta layer, every sequence is run through it (a
+forward pre-hook on its `mlp` keeps the FFN input), the outputs are carried to the next layer, and the layer
+goes back to the meta device. Whatever a family does inside a layer (sandwich norms, softcapping, parallel
+attention and MLP, Granite's multipliers) is its own layer class's code.
 
 Where that cannot be done (a model class transformers' AutoModel does not know, or a checkpoint whose keys do
 not match the model's parameters), the whole model is loaded as before and run with the same hooks
@@ -38,8 +37,6 @@ if TYPE_CHECKING:
     import torch
 
     from ..source import Checkpoint, TensorInfo
-
-BATCH = 8  # sequences of one length run through a layer in one call (the calibration text's 512-token chunks)
 
 
 class _Recorded(Exception):
@@ -106,7 +103,6 @@ def layered_inputs(
     base, stack, last = plan.base, plan.layers, max(layers)
     ids = _make_front_real(plan, ckpt, sequences, dtype)
     hidden, calls = _record_calls(base, stack, ids, last)
-    batches = _batches([h.shape[1] for h in hidden])
     names = {id(m): n for n, m in base.named_modules()}
     for i in range(last + 1):
         layer = stack[i]
@@ -117,32 +113,18 @@ def layered_inputs(
         layer.load_state_dict(weights, assign=True, strict=True)
         del weights
         seen: list[torch.Tensor] = []
-        hook = layer.mlp.register_forward_pre_hook(lambda _m, a, seen=seen: seen.append(a[0].detach().float()))
+        hook = layer.mlp.register_forward_pre_hook(lambda _m, a, seen=seen: seen.append(a[0].detach()[0].float()))
         try:
             with torch.no_grad():
-                for batch in batches:  # sequences of one length together: one call per batch, not per sequence
-                    args, kwargs = calls[i][hidden[batch[0]].shape[1]]
-                    out = layer(torch.cat([hidden[s] for s in batch]), *args, **kwargs)
-                    out = out[0] if isinstance(out, tuple) else out
-                    for j, s in enumerate(batch):
-                        hidden[s] = out[j : j + 1]
+                for s, h in enumerate(hidden):
+                    args, kwargs = calls[i][h.shape[1]]
+                    out = layer(h, *args, **kwargs)
+                    hidden[s] = out[0] if isinstance(out, tuple) else out
         finally:
             hook.remove()
             layer.to("meta")  # frees the layer's weights
         if i in layers:
-            found: list = [None] * len(hidden)
-            for batch, x in zip(batches, seen, strict=True):
-                for j, s in enumerate(batch):
-                    found[s] = x[j]
-            yield i, found
-
-
-def _batches(lengths: list[int]) -> list[list[int]]:
-    """The sequences' indices grouped by length, at most BATCH to a group, each group in sequence order."""
-    by: dict[int, list[int]] = {}
-    for s, n in enumerate(lengths):
-        by.setdefault(n, []).append(s)
-    return [group[k : k + BATCH] for group in by.values() for k in range(0, len(group), BATCH)]
+            yield i, seen
 
 
 def _make_front_real(plan: LayerPlan, ckpt: Checkpoint, sequences: list[torch.Tensor], dtype) -> list:
