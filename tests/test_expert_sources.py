@@ -48,14 +48,20 @@ def models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def logits(folder: Path, force: int | None = None) -> torch.Tensor:
-    """FOLDER's logits on IDS; with `force`, every MoE layer's router sends each token to expert `force` alone."""
+def logits(folder: Path, force: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    """FOLDER's logits on IDS; with `force`, every MoE layer's router sends each token to expert `force` alone, or
+    to the experts of a tuple (one per top-k slot), each with weight 1/len(force)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    experts = (force,) if isinstance(force, int) else force
+
+    def route(_m, _a, out):  # the router's (logits, top-k weights, top-k indices), replaced
+        if len(experts) == 1:
+            return out[0], torch.ones_like(out[1]), torch.full_like(out[2], experts[0])
+        return out[0], torch.full_like(out[1], 1 / len(experts)), torch.tensor(experts).expand_as(out[2])
+
     if force is not None:
         for layer in model.model.layers:
-            layer.mlp.gate.register_forward_hook(
-                lambda _m, _a, out: (out[0], torch.ones_like(out[1]), torch.full_like(out[2], force))
-            )
+            layer.mlp.gate.register_forward_hook(route)
     with torch.no_grad():
         return model(input_ids=IDS).logits
 
@@ -96,14 +102,7 @@ def test_split_per_source(models, tmp_path):
     convert(str(models["base"]), out, spec)
     # routed to one source's two experts only (top-2 of 4, weights 1/2 each) the MoE computes that source's FFN:
     # split's down_proj scale is N = 2 for 2 parts, and the kept weights renormalise to 1/2 each
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    for layer in model.model.layers:
-        layer.mlp.gate.register_forward_hook(
-            lambda _m, _a, o: (o[0], torch.full_like(o[1], 0.5), torch.tensor([2, 3]).expand_as(o[2]))
-        )
-    with torch.no_grad():
-        got = model(input_ids=IDS).logits
-    torch.testing.assert_close(got, logits(models["b"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(out, force=(2, 3)), logits(models["b"]), rtol=1e-5, atol=1e-5)
 
 
 def test_fine_grained_per_source(models, tmp_path):
@@ -113,13 +112,7 @@ def test_fine_grained_per_source(models, tmp_path):
     spec = build_spec(experts=4, top_k=2, init="fine-grained", granularity=2,
                       expert_from=(str(models["a"]), str(models["b"])))  # fmt: skip
     convert(str(models["base"]), out, spec)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    for layer in model.model.layers:
-        layer.mlp.gate.register_forward_hook(
-            lambda _m, _a, o: (o[0], torch.full_like(o[1], 0.5), torch.tensor([0, 1]).expand_as(o[2]))
-        )
-    with torch.no_grad():
-        got = model(input_ids=IDS).logits
+    got = logits(out, force=(0, 1))
     torch.testing.assert_close(got, logits(models["a"]), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, logits(models["b"]), rtol=1e-5, atol=1e-5)
 
