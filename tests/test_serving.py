@@ -155,6 +155,21 @@ def test_llama_cpp_refuses_what_its_graphs_compute_otherwise(family, overrides, 
     assert_clean(tmp_path / "no")
 
 
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_fused_moe_engines_refuse_a_gelu_model(engine, dense_store, tmp_path, capsys):
+    """vLLM's and SGLang's fused MoE kernels are SiLU whatever hidden_act says: a Gemma (GELU) MoE, which
+    transformers runs exactly, would compute something else there, so the plan says so and --serve is refused."""
+    src = dense_store("gemma")
+    plan = convert(src, tmp_path / "moe")
+    (row,) = [s for s in plan["serving"] if s["engine"] == engine]
+    assert not row["loads"] and "activation is not silu" in row["why"]
+    line = expect_error(capsys, ["convert", src, tmp_path / "no", "--experts", "4", "--serve", engine], "not silu")
+    assert f"--serve {engine}: mixtral output would not run in {engine}" in line
+    assert_clean(tmp_path / "no")
+    llama = convert(dense_store("llama"), tmp_path / "llama")  # a SiLU model still loads there
+    assert [s["loads"] for s in llama["serving"] if s["engine"] == engine] == [True]
+
+
 def test_auto_refusal_names_flags_that_work(dense_store, tmp_path, capsys):
     """The flags an auto refusal names give an output that runs there (here: qwen2_moe with llama.cpp's routing)."""
     src = dense_store("llama")

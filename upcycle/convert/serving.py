@@ -147,7 +147,18 @@ QWEN3_LLAMA_CPP = (
         flag="--routing topk-softmax",
     ),
 )
+# vLLM's and SGLang's Mixtral, Qwen2-MoE and Qwen3-MoE run the routed experts through FusedMoE, whose activation
+# is "silu" unless the model passes another, and none of the three passes hidden_act (vllm/model_executor/
+# models/mixtral.py, qwen2_moe.py, qwen3_moe.py; sglang/srt/models/ likewise); Qwen2-MoE's shared-expert MLP
+# refuses anything but silu. So a GELU model (Gemma) would load there and compute something else.
+FUSED_MOE_SILU = Rule(
+    lambda x: x.act == "silu",
+    "its fused MoE kernels compute every expert with SiLU and do not read hidden_act, and this model's activation "
+    "is not silu (Gemma's gelu_pytorch_tanh)",
+    flag="a --serve list without vllm and sglang (no layout of this model runs there)",
+)
 QWEN2_VLLM = (
+    FUSED_MOE_SILU,
     Rule(
         lambda x: x.qkv_bias is not False,
         "its Qwen2-MoE attention always has q/k/v biases (bias=True) and would keep them unset",
@@ -160,6 +171,7 @@ QWEN2_VLLM = (
     ),
 )
 QWEN2_SGLANG = (
+    FUSED_MOE_SILU,
     Rule(
         lambda x: x.every_layer,
         "its Qwen2-MoE makes every layer sparse (mlp_only_layers is not read)",
@@ -173,6 +185,7 @@ QWEN2_SGLANG = (
 )
 
 SGLANG_MIXTRAL = (
+    FUSED_MOE_SILU,
     Rule(
         lambda x: x.head_dim_derived,
         "its Mixtral takes head_dim as hidden_size / num_attention_heads, and this model's head_dim differs",
@@ -180,6 +193,7 @@ SGLANG_MIXTRAL = (
     ),
 )
 SGLANG_QWEN3 = (
+    FUSED_MOE_SILU,
     Rule(
         lambda x: x.every_layer,
         "its Qwen3-MoE makes every layer sparse (mlp_only_layers is not read)",
@@ -194,7 +208,11 @@ RULES: dict[str, dict[str, tuple[str, tuple[Rule, ...]]]] = {
         "qwen2_moe": ("tested", QWEN2_LLAMA_CPP),
         "qwen3_moe": ("tested", QWEN3_LLAMA_CPP),
     },
-    "vllm": {"mixtral": ("read", ()), "qwen2_moe": ("read", QWEN2_VLLM), "qwen3_moe": ("read", ())},
+    "vllm": {
+        "mixtral": ("read", (FUSED_MOE_SILU,)),
+        "qwen2_moe": ("read", QWEN2_VLLM),
+        "qwen3_moe": ("read", (FUSED_MOE_SILU,)),
+    },
     "sglang": {
         "mixtral": ("read", SGLANG_MIXTRAL),
         "qwen2_moe": ("read", QWEN2_SGLANG),
