@@ -219,8 +219,10 @@ def per_token_losses(model, blocks, position_ids: bool = True) -> dict[int, torc
 def test_packed_and_unpacked_give_the_same_per_token_losses(kind, chat_models, chatterbot):
     tok = AutoTokenizer.from_pretrained(chat_models[kind])
     model = AutoModelForCausalLM.from_pretrained(chat_models[kind]).eval()
-    packed, _, _ = prepare_chat(str(chatterbot), tok, ChatOptions(seq_len=1024, packing=True), eval_fraction=0.99)
+    packed, held, info = prepare_chat(str(chatterbot), tok, ChatOptions(seq_len=1024, packing=True), eval_fraction=0.99)
     single, _, _ = prepare_chat(str(chatterbot), tok, ChatOptions(seq_len=1024, packing=False), eval_fraction=0.99)
+    n, n_eval = len(packed.conversations) + len(held.conversations), len(held.conversations)
+    assert info.describe("text") == f"data: {n:,} conversations ({n_eval:,} of them held out for eval)"
     assert [c.ids.tolist() for c in packed.conversations] == [c.ids.tolist() for c in single.conversations]
     assert max(len(r) for r in packed.rows) >= 3 and packed.n_blocks < single.n_blocks // 2
     alone, together = per_token_losses(model, single), per_token_losses(model, packed)

@@ -400,6 +400,7 @@ def prepare_chat(
         eval_sources=[_public(eval_data)] if eval_data else [],
         eval_documents=n_eval,
         dtype="int64",
+        unit="conversations",
     )
     return train_blocks, eval_blocks, info
 

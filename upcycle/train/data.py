@@ -128,16 +128,17 @@ class DataInfo:
     dtype: str = "uint32"
     skipped_empty: int = 0  # rows or paragraphs (of DATA and --eval-data) whose text is empty or whitespace only
     skipped_bad: int = 0  # rows without the text field (or with a null one), left out with skip_bad_rows
+    unit: str = "documents"  # what `documents` counts: "documents" (text) or "conversations" (chat data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self, text_field: str) -> str:
-        """One line for the start of a run: the documents used and the rows skipped."""
+        """One line for the start of a run: the documents (or conversations) used and the rows skipped."""
         if self.eval_sources:
-            line = f"data: {self.documents:,} documents, {self.eval_documents:,} in --eval-data"
+            line = f"data: {self.documents:,} {self.unit}, {self.eval_documents:,} in --eval-data"
         else:
-            line = f"data: {self.documents:,} documents ({self.eval_documents:,} of them held out for eval)"
+            line = f"data: {self.documents:,} {self.unit} ({self.eval_documents:,} of them held out for eval)"
         skipped = []
         if self.skipped_bad:
             skipped.append(f"{self.skipped_bad:,} rows without {text_field!r} (--skip-bad-rows)")
