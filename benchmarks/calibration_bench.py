@@ -7,8 +7,9 @@ under the same load. MODEL is the embedded SmolLM2 (float32, 30 layers, width 1,
 weights of a ~0.45B Llama shape saved in bfloat16 (hidden 896, width 4,864, 24 layers, SmolLM2's tokenizer and
 vocabulary), built once under --work.
 
-`coactivation`: random inputs and weights of the given widths, `coactivation_graph` then `graph_partition`
-(8 parts, share 0.25), each width in a child process of its own (its peak RSS from os.wait4).
+`coactivation`: random inputs and weights of the given widths, `coactivation_fires` and `CoactivationGraph`,
+then `graph_partition` (8 parts, share 0.25), each width in a child process of its own (its peak RSS from
+os.wait4). `methods_bench.py --coactivation` is the fuller version (the dense-matrix contender alternated).
 
     python benchmarks/calibration_bench.py convert --model smollm2
     python benchmarks/calibration_bench.py convert --model llama-0.5b --layers 0,8,16,23
@@ -122,7 +123,7 @@ def coactivation_one(width: int, tokens: int) -> None:
     import torch
 
     from upcycle.convert.methods.base import generator
-    from upcycle.convert.methods.split import coactivation_graph, graph_partition
+    from upcycle.convert.methods.coactivation import CoactivationGraph, coactivation_fires, graph_partition
 
     hidden = WIDTHS.get(width, 1024)
     g = torch.Generator().manual_seed(0)
@@ -130,9 +131,12 @@ def coactivation_one(width: int, tokens: int) -> None:
     gate = torch.randn(width, hidden, generator=g) / hidden**0.5
     up = torch.randn(width, hidden, generator=g) / hidden**0.5
     t = time.perf_counter()
-    w = coactivation_graph(x, gate, up, torch.nn.functional.silu, 0.25)
-    graph = time.perf_counter() - t
+    with torch.no_grad():
+        fires = coactivation_fires(x, gate, up, torch.nn.functional.silu, 0.25)  # [T, I] bool
     del x, gate, up
+    w = CoactivationGraph(fires)  # F [T, I] float32: the [I, I] graph is never formed
+    del fires
+    graph = time.perf_counter() - t
     t = time.perf_counter()
     labels = graph_partition(w, 8, generator(0, "coactivation", 0))
     part = time.perf_counter() - t

@@ -15,6 +15,16 @@ row gives the median of the rounds and of the ratios to clone in the same round.
 benchmarks/results/methods_speed_<yyyymmdd>.json, rewritten after every conversion ("complete": false until the last).
 
     python benchmarks/methods_bench.py --speed --work /tmp/methods-speed --rounds 3
+
+`--coactivation` times the co-activation partition of one layer (issue 26) at FFN widths 1,536, 4,864 and
+14,336 (SmolLM2, the ~0.5B shape, Llama-3-8B; random inputs [T, H] and weights, 8 parts, share 0.25 as for
+8 experts top-2): what fires, then `graph_partition`. Each run is a child process of its own (its wall time and
+peak RSS from os.wait4, everything in it counted: torch, the random gate/up in float32, the inputs). Contenders,
+alternated width by width within each round: `lowrank`, the graph held as the firing pattern F [T, I] (what
+conversion runs), and `dense`, the same objective through the [I, I] matrices built from F (float32; the reference
+of tests/test_coactivation.py). Results go to benchmarks/results/coactivation_<yyyymmdd>.json.
+
+    python benchmarks/methods_bench.py --coactivation --rounds 2 --tokens 4096
 """
 
 from __future__ import annotations
@@ -179,6 +189,98 @@ def save_speed(results: Path, names: list[str], runs: dict[str, list[dict]], rou
                   f"{m['cp_s']:.1f} | {m['output_gb']:.2f} |")  # fmt: skip
 
 
+COACTIVATION_WIDTHS = {1536: 576, 4864: 896, 14336: 4096}  # FFN width -> hidden size of the model it comes from
+
+
+def coactivation_one(width: int, tokens: int, contender: str) -> None:
+    """One layer's co-activation partition in this process: prints seconds per step as JSON."""
+    import time
+
+    import torch
+
+    from upcycle.convert.methods.base import generator
+    from upcycle.convert.methods.coactivation import CoactivationGraph, DenseGraph, coactivation_fires, graph_partition
+
+    hidden = COACTIVATION_WIDTHS.get(width, 1024)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g)  # [T, H]
+    gate = torch.randn(width, hidden, generator=g) / hidden**0.5  # [I, H]
+    up = torch.randn(width, hidden, generator=g) / hidden**0.5
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        fires = coactivation_fires(x, gate, up, torch.nn.functional.silu, 0.25)  # [T, I] bool
+    del x, gate, up
+    t1 = time.perf_counter()
+    graph = CoactivationGraph(fires)
+    del fires
+    if contender == "dense":  # the same W and S as [I, I] float32 matrices
+        f = graph.f
+        s = f.T @ f  # [I, I] co-firing counts
+        w = s * graph.tokens
+        c = graph.c.float()
+        for rows in range(0, width, 1024):  # - c c^T, a block of rows at a time
+            w[rows : rows + 1024].sub_(c[rows : rows + 1024, None] * c[None, :])
+        graph = DenseGraph(w.fill_diagonal_(0), s, shift=0.0)
+    t2 = time.perf_counter()
+    labels = graph_partition(graph, 8, generator(0, "coactivation", 0))
+    t3 = time.perf_counter()
+    assert torch.bincount(labels).tolist() == [width // 8] * 8
+    found = {"fires_s": t1 - t0, "graph_s": t2 - t1, "partition_s": t3 - t2, "score": graph.score(labels)}
+    print(json.dumps(found))
+
+
+def coactivation(widths: list[int], tokens: int, rounds: int, contenders: list[str], results: Path | None) -> None:
+    """Each width and contender in a child process, alternated within each round; medians and dense/lowrank."""
+    from statistics import median
+
+    results = results or HERE / "results" / f"coactivation_{datetime.now(UTC):%Y%m%d}.json"
+    runs = []
+    for r in range(rounds):
+        for width in widths:
+            for name in contenders if r % 2 == 0 else contenders[::-1]:
+                load = os.getloadavg()
+                argv = [sys.executable, __file__, "--coactivation-one", str(width), "--contender", name,
+                        "--tokens", str(tokens)]  # fmt: skip
+                stats = measure(argv, timeout=900)
+                if stats["rc"] != 0:
+                    raise SystemExit(f"{name} {width}: failed: {stats['stderr'].strip().splitlines()[-3:]}")
+                found = json.loads(stats["stdout"].strip().splitlines()[-1])
+                run = {"round": r + 1, "width": width, "hidden": COACTIVATION_WIDTHS.get(width, 1024),
+                       "contender": name, **found,
+                       "layer_s": found["fires_s"] + found["graph_s"] + found["partition_s"],
+                       "child_wall_s": stats["wall"], "cpu_s": stats["cpu"], "peak_rss_gib": stats["rss"] / 2**30,
+                       "load_before": load, "load_after": os.getloadavg()}  # fmt: skip
+                runs.append(run)
+                print(f"round {r + 1} {name} {width}: layer {run['layer_s']:.1f} s (fires {found['fires_s']:.1f}, "
+                      f"graph {found['graph_s']:.1f}, partition {found['partition_s']:.1f}), "
+                      f"child {stats['wall']:.1f} s, "
+                      f"{run['peak_rss_gib']:.2f} GiB, load {load[0]:.1f}", flush=True)  # fmt: skip
+    rows = []
+    for width in widths:
+        row: dict = {"width": width}
+        for name in contenders:
+            mine = [x for x in runs if x["width"] == width and x["contender"] == name]
+            for k in ("fires_s", "graph_s", "partition_s", "layer_s", "peak_rss_gib", "score"):
+                row[f"{name}_{k}"] = median(x[k] for x in mine)
+        if {"dense", "lowrank"} <= set(contenders):
+            ratios = [d["layer_s"] / lr["layer_s"] for d in runs for lr in runs
+                      if d["width"] == lr["width"] == width and d["round"] == lr["round"]
+                      and d["contender"] == "dense" and lr["contender"] == "lowrank"]  # fmt: skip
+            row["dense_over_lowrank_same_round"] = ratios
+        rows.append(row)
+    meta = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
+            "tokens": tokens, "parts": 8, "share": 0.25, "rounds": rounds}  # fmt: skip
+    results.write_text(json.dumps({**meta, "rows": rows, "runs": runs}, indent=2) + "\n")
+    print("\n| width | hidden | contender | fires s | graph s | partition s | layer s | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        for name in contenders:
+            v = [row[f"{name}_{k}"] for k in ("fires_s", "graph_s", "partition_s", "layer_s", "peak_rss_gib")]
+            print(f"| {row['width']:,} | {COACTIVATION_WIDTHS.get(row['width'], 1024):,} | {name} | "
+                  + " | ".join(f"{a:.2f}" for a in v) + " |")  # fmt: skip
+    print(f"wrote {results}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated method names (default: all)")
@@ -186,8 +288,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--results", type=Path, help="JSON to write (default: results/methods_<yyyymm>.json)")
     parser.add_argument("--speed", action="store_true", help="conversion speed on the ~0.5B shape (see above)")
-    parser.add_argument("--rounds", type=int, default=3, help="--speed: rounds over every method (medians)")
+    parser.add_argument("--rounds", type=int, default=3, help="--speed, --coactivation: rounds (medians)")
+    parser.add_argument("--coactivation", action="store_true", help="co-activation partition per layer (see above)")
+    parser.add_argument("--widths", default=",".join(map(str, COACTIVATION_WIDTHS)), help="--coactivation widths")
+    parser.add_argument("--contenders", default="lowrank,dense", help="--coactivation: lowrank and/or dense")
+    parser.add_argument("--coactivation-one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--contender", default="lowrank", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.coactivation_one:
+        return coactivation_one(args.coactivation_one, args.tokens, args.contender)
+    if args.coactivation:
+        widths = [int(w) for w in args.widths.split(",")]
+        return coactivation(widths, args.tokens, args.rounds, args.contenders.split(","), args.results)
     if args.speed:
         return speed(args.work, args.rounds, args.only.split(",") if args.only else list(SPEED), args.results)
     upcycle = str(Path(sys.executable).parent / "upcycle")

@@ -1,7 +1,8 @@
 """`--split-by coactivation` (MoEfication): neurons that fire together on calibration text share an expert.
 
-The partition maths is checked on planted groups; the conversion is checked against a co-activation graph
-built here independently (the FFN's intermediate activations from a forward pre-hook on each dense
+The partition maths is checked on planted groups; the low-rank graph (held as the firing pattern F, never as
+[I, I]) against the dense matrices it stands for; the conversion against a co-activation graph built here
+independently as a dense matrix (the FFN's intermediate activations from a forward pre-hook on each dense
 `down_proj`), and for exactness, balance, disjointness and seeding on tiny models.
 """
 
@@ -16,7 +17,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from upcycle.arch import targets
 from upcycle.convert.methods.base import generator
-from upcycle.convert.methods.split import coactivation_graph, graph_partition, inside_weight
+from upcycle.convert.methods.coactivation import (
+    CoactivationGraph,
+    DenseGraph,
+    coactivation_fires,
+    graph_partition,
+    inside_weight,
+)
 from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
 from upcycle.source import Checkpoint
@@ -46,6 +53,21 @@ def planted(groups: int, size: int, hidden: int = 32, tokens: int = 600, seed: i
     return x, gate, up, torch.nn.functional.silu, truth
 
 
+def graph_of(x, gate, up, act, share: float, **kw) -> CoactivationGraph:
+    return CoactivationGraph(coactivation_fires(x, gate, up, act, share, **kw))
+
+
+def dense_reference(fires: torch.Tensor) -> DenseGraph:
+    """The graph of a 0/1 firing pattern [T, I] as dense float64 matrices, written out from the definition:
+    W = T^2 (P(i and j) - P(i) P(j)) without self-loops for the objective, S = co-firing counts for the start."""
+    f = fires.double()
+    t = len(f)
+    both = f.T @ f  # [I, I] counts of tokens on which i and j both fire
+    p = f.mean(0)
+    w = (t * t * (both / t - p[:, None] * p[None, :])).round().fill_diagonal_(0)  # whole numbers
+    return DenseGraph(w, both, shift=0.0)
+
+
 def same_partition(labels: torch.Tensor, truth: torch.Tensor) -> bool:
     """Equal up to renaming the groups."""
     pairs = set(zip(labels.tolist(), truth.tolist(), strict=True))
@@ -55,8 +77,7 @@ def same_partition(labels: torch.Tensor, truth: torch.Tensor) -> bool:
 @pytest.mark.parametrize("groups, size", [(2, 4), (4, 16), (8, 8)])
 def test_planted_groups_are_recovered(groups, size):
     x, gate, up, act, truth = planted(groups, size)
-    w = coactivation_graph(x, gate, up, act, share=1 / groups)
-    labels = graph_partition(w, groups, generator(0, "test"))
+    labels = graph_partition(graph_of(x, gate, up, act, share=1 / groups), groups, generator(0, "test"))
     assert torch.bincount(labels).tolist() == [size] * groups
     assert same_partition(labels, truth), (labels.tolist(), truth.tolist())
 
@@ -75,12 +96,16 @@ def test_partition_is_balanced_and_beats_random():
 
 
 def test_graph_is_coactivation_above_chance():
-    """Two neurons that always fire together get a positive edge; a neuron and its anti-twin get none."""
+    """Two neurons that always fire together get a positive edge; a neuron and its anti-twin a negative one."""
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(50, 1)  # [100, 2]: two kinds of token
     gate = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0], [0.0, 5.0]])  # neurons 0, 1 on kind 0; 2, 3 on 1
-    w = coactivation_graph(x, gate, torch.ones(4, 2), torch.nn.functional.silu, share=0.5)
-    assert w[0, 1] == pytest.approx(0.25) and w[2, 3] == pytest.approx(0.25)  # P(both) 1/2 - P(i)P(j) 1/4
-    assert w[0, 2] == 0 and w[1, 3] == 0 and (w.diagonal() == 0).all()
+    graph = graph_of(x, gate, torch.ones(4, 2), torch.nn.functional.silu, share=0.5)
+    w, _ = graph.dense()
+    t2 = 100**2  # weights are T^2 times the probabilities
+    assert w[0, 1] == 0.25 * t2 and w[2, 3] == 0.25 * t2  # P(both) 1/2 - P(i)P(j) 1/4
+    assert w[0, 2] == -0.25 * t2 and w[1, 3] == -0.25 * t2  # P(both) 0 - 1/4: never together
+    assert (w.diagonal() == 0).all()
+    assert graph_partition(graph, 2, generator(0, "test")).tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
 
 
 def activations(src, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -125,11 +150,11 @@ def test_experts_are_the_coactivation_groups(family, kw, dense_store, calib, tmp
         h = acts[layer].abs()  # [T, I]
         count = round(min(kw["top_k"] / n, 0.5) * INTERMEDIATE)
         fires = torch.zeros_like(h).scatter_(1, h.topk(count, 1).indices, 1.0)
-        p = fires.mean(0)
-        w = (fires.T @ fires / len(h) - p[:, None] * p[None]).clamp_min(0).fill_diagonal_(0)
-        want = graph_partition(w, parts, generator(0, "coactivation", layer))
+        reference = dense_reference(fires)  # dense [I, I] matrices
+        want = graph_partition(reference, parts, generator(0, "coactivation", layer))
         want_groups = sorted(torch.nonzero(want == c).squeeze(1).tolist() for c in range(parts))
         assert sorted(groups) == want_groups
+        w = reference.w
         keep = inside_weight(w, want)
         rand = max(inside_weight(w, torch.randperm(INTERMEDIATE) % parts) for _ in range(10))
         print(f"{family} layer {layer}: co-activation inside groups {keep:.3f}, best of 10 random {rand:.3f}")
@@ -226,20 +251,19 @@ def test_layerwise_verify_catches_a_changed_gate_row(dense_store, calib, tmp_pat
 def test_iterative_spectral_start_recovers_planted_groups(groups, size, monkeypatch):
     """The iterative spectral start (only the P eigenvectors it needs; used from DENSE_EIGH_BELOW neurons up,
     forced here at every size) recovers the planted groups as the full eigendecomposition does."""
-    from upcycle.convert.methods import split
+    from upcycle.convert.methods import coactivation
 
-    monkeypatch.setattr(split, "DENSE_EIGH_BELOW", 0)
+    monkeypatch.setattr(coactivation, "DENSE_EIGH_BELOW", 0)
     x, gate, up, act, truth = planted(groups, size, tokens=1200)
-    w = coactivation_graph(x, gate, up, act, share=1 / groups)
-    labels = graph_partition(w, groups, generator(0, "test"))
+    labels = graph_partition(graph_of(x, gate, up, act, share=1 / groups), groups, generator(0, "test"))
     assert torch.bincount(labels).tolist() == [size] * groups
     assert same_partition(labels, truth), (labels.tolist(), truth.tolist())
 
 
 def test_iterative_spectral_start_is_balanced_and_beats_random(monkeypatch):
-    from upcycle.convert.methods import split
+    from upcycle.convert.methods import coactivation
 
-    monkeypatch.setattr(split, "DENSE_EIGH_BELOW", 0)
+    monkeypatch.setattr(coactivation, "DENSE_EIGH_BELOW", 0)
     g = torch.Generator().manual_seed(1)
     a = torch.rand(96, 96, generator=g)
     w = ((a + a.T) / 2).fill_diagonal_(0)
@@ -249,20 +273,44 @@ def test_iterative_spectral_start_is_balanced_and_beats_random(monkeypatch):
     assert inside_weight(w, labels) > max(rand)
 
 
-@pytest.mark.parametrize("block", [1024, 24])
-def test_graph_is_float32_and_matches_a_float64_reference(block, monkeypatch):
-    """The graph is built and held in float32 (co-firing counts are whole numbers, exact in float32), chunk by
-    chunk, and equals the float64 computation of P(i and j) - P(i) P(j) to float32 rounding; with blocks smaller
-    than the layer (24 of 64 neurons: the upper block triangle computed, the lower mirrored) too."""
-    from upcycle.convert.methods import split
-
-    monkeypatch.setattr(split, "BLOCK", block)
+@pytest.mark.parametrize("chunk", [512, 128])
+def test_low_rank_products_match_the_dense_graph(chunk):
+    """The graph is held as F [T, I] alone; each product the partition takes through F equals the dense
+    matrices' (written out from the definition in float64): whole-number affinities and scores exactly, the
+    normalised product to float32 rounding. chunk 128 of 700 tokens: 6 blocks of activations, the last short."""
     x, gate, up, act, _ = planted(4, 16, tokens=700)
-    w = coactivation_graph(x, gate, up, act, share=0.25, chunk=128)  # 6 chunks, the last one short
-    h = (act(x @ gate.T) * (x @ up.T)).abs().double()
+    graph = graph_of(x, gate, up, act, share=0.25, chunk=chunk)
+    h = (act(x @ gate.T) * (x @ up.T)).abs()
     fires = torch.zeros_like(h).scatter_(1, h.topk(16, 1).indices, 1.0)
-    p = fires.mean(0)
-    want = (fires.T @ fires / len(x) - p[:, None] * p[None]).clamp_min(0).fill_diagonal_(0)
-    assert w.dtype == torch.float32
-    assert (want > 0).sum() > 100  # a graph with edges, not an empty one
-    torch.testing.assert_close(w.double(), want, rtol=0, atol=1e-7)
+    assert torch.equal(graph.f, fires)  # each token's 16 largest |activations|
+    ref = dense_reference(fires)
+    w, s = graph.dense()
+    assert torch.equal(w, ref.w) and torch.equal(s, ref.s)
+    assert (w > 0).sum() > 100 and (w < 0).sum() > 100  # edges of both signs, not an empty graph
+    labels = torch.randperm(64, generator=torch.Generator().manual_seed(2)) % 4
+    assert torch.equal(graph.affinity(labels), ref.affinity(labels))
+    assert graph.score(labels) == ref.score(labels) == inside_weight(w, labels)
+    q = torch.randn(64, 12, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(graph.shifted(q), ref.shifted(q), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(graph.normalised_dense(), ref.normalised_dense(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("iterative", [False, True])
+@pytest.mark.parametrize("groups, size, seed", [(4, 16, 0), (8, 8, 1), (8, 160, 2), (6, 40, 3)])
+def test_low_rank_partition_equals_the_dense_graphs(groups, size, seed, iterative, monkeypatch):
+    """The partition through F is the partition of the dense matrices it stands for: on planted groups, and on
+    a weaker planted signal (share above the group's) where the refinement has work to do."""
+    from upcycle.convert.methods import coactivation
+
+    if iterative:
+        monkeypatch.setattr(coactivation, "DENSE_EIGH_BELOW", 0)
+    x, gate, up, act, _ = planted(groups, size, tokens=900, seed=seed)
+    x = x + 0.6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))  # blur the groups
+    graph = graph_of(x, gate, up, act, share=1.5 / groups)
+    labels = graph_partition(graph, groups, generator(seed, "test"))
+    want = graph_partition(dense_reference(graph.f), groups, generator(seed, "test"))
+    assert torch.bincount(labels).tolist() == [size] * groups
+    if iterative:  # float32 products through F against the [I, I] one: the same partition or one as good
+        assert same_partition(labels, want) or graph.score(labels) >= 0.999 * graph.score(want)
+    else:
+        assert torch.equal(labels, want)

@@ -1,0 +1,239 @@
+"""--split-by coactivation (MoEfication, Zhang et al. 2022): a balanced partition of one FFN's neurons that keeps
+neurons which fire together in one part, a hand-written stand-in for MoEfication's METIS call.
+
+Firing. MoEfication's neurons are ReLUs, which fire (output > 0) on few tokens; a SwiGLU neuron's output
+act(gate x) * (up x) is never exactly zero, so here a neuron fires on a token when its |output| is among the
+token's largest, as many neurons as the token will run after the split (share = top-k / N of them, at most half).
+F [T, I] is 0/1: F[t, i] = 1 when neuron i fires on token t; c = F^T 1 [I] counts how often each neuron fires.
+
+The graph is never formed. Its edges are how much more (or less) often two neurons fire together than chance,
+on the scale of counts (T^2 times the probabilities, so that every weight is a whole number):
+
+    W = T F^T F - c c^T, diagonal zeroed        W_ij = T^2 (P(i and j) - P(i) P(j))
+
+W has rank at most T + 1 (T tokens, a few thousand, against I neurons, up to 14,336 and more), so every product
+the partition needs goes through F: W M = T F^T (F M) - c (c^T M) - diag(W0) M for M [I, P], O(T I P), and the
+[I, I] matrix (0.77 GiB at 14,336) is never built; memory is F, T x I float32 (0.22 GiB at 4,096 x 14,336).
+Negative edges are kept (an earlier version clamped W at 0, which is not low-rank): a part's inside weight is
+then T^2 times the variance over tokens of how many of its neurons fire (minus each neuron's own variance),
+so the partition gathers neurons whose firing rises and falls together, and keeps apart pairs that avoid each
+other.
+
+The spectral start cuts the co-firing graph S = F^T F (whole counts, never negative; with self-loops, which
+only shift the spectrum of its normalised form since every token fires the same number of neurons): the top P
+eigenvectors of D^-1/2 S D^-1/2 (D = diag(S 1) its degrees), as the normalised-cut relaxation. S and W differ
+by the chance term c c^T / T, which on the normalised graph is the trivial eigenvector's component alone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from .split import balanced_assign, balanced_kmeans
+
+if TYPE_CHECKING:
+    import torch
+
+REFINE_ROUNDS = 20  # cap on the balanced reassignment rounds of graph_partition (each must raise the score)
+DENSE_EIGH_BELOW = 1024  # graphs smaller than this take the full eigendecomposition (cheap, and exact)
+SUBSPACE_ITERS = 40  # block power iterations of the spectral start above DENSE_EIGH_BELOW neurons (at most)
+SUBSPACE_TOL = 1e-3  # ... stopped once an iteration turns the subspace by less than this (Frobenius norm)
+OVERSAMPLE = 8  # extra columns carried by the subspace iteration (faster, steadier convergence of the top P)
+CHUNK = 512  # tokens per block of activations while finding what fires (3 temporaries of CHUNK x I float32)
+NARROW = 12  # F^T y with fewer columns than this is taken as (y^T F)^T (see transposed_product)
+
+
+def coactivation_fires(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act, share: float, chunk: int = CHUNK
+) -> torch.Tensor:
+    """Which neurons fire on which token, from the FFN's inputs x [T, H] and its gate, up [I, H]: bool [T, I],
+    each row with round(share * I) (at least 1) neurons set, those of the token's largest |act(gate x) * (up x)|."""
+    import torch
+
+    neurons = gate.shape[0]
+    count = max(1, round(share * neurons))
+    fires = torch.zeros(len(x), neurons, dtype=torch.bool)  # [T, I]: 1 byte a neuron-token
+    for s in range(0, len(x), chunk):
+        xs = x[s : s + chunk]  # [t, H]
+        h = act(xs @ gate.T).mul_(xs @ up.T).abs_()  # [t, I]
+        fires[s : s + chunk].scatter_(1, h.topk(count, dim=1).indices, True)
+        del h
+    return fires
+
+
+class Graph(Protocol):
+    """What graph_partition needs from a graph on n neurons: its normalised form for the spectral start, and
+    the objective (weights W) through products with a membership matrix."""
+
+    n: int
+    shift: float  # added to the normalised graph's spectrum so that its top eigenvalues are the largest in size
+
+    def normalised_dense(self) -> torch.Tensor: ...  # float64 [I, I], D^-1/2 S D^-1/2 (small graphs only)
+
+    def shifted(self, q: torch.Tensor) -> torch.Tensor: ...  # (D^-1/2 S D^-1/2 + shift) q, q [I, m] float32
+
+    def affinity(self, labels: torch.Tensor) -> torch.Tensor: ...  # W @ onehot(labels): [I, P]
+
+    def score(self, labels: torch.Tensor) -> float: ...  # the total weight of W inside the groups
+
+
+class DenseGraph:
+    """A graph held as a dense [I, I] tensor w (the objective), with `spectral` (default: w itself) the graph
+    whose normalised form gives the spectral start. Any symmetric graph; tests use it as the reference."""
+
+    def __init__(self, w: torch.Tensor, spectral: torch.Tensor | None = None, shift: float = 1.0):
+        self.w, self.s, self.shift = w, (w if spectral is None else spectral), shift
+        self.n = w.shape[0]
+        self.dc = self.s.sum(1).clamp_min(1e-12).rsqrt().float()[:, None]  # [I, 1]: D^-1/2
+        self.s32 = self.s.float()  # the spectral start's products in float32 (the same tensor where it is)
+
+    def normalised_dense(self) -> torch.Tensor:
+        d = self.s.sum(1).clamp_min(1e-12).rsqrt().double()  # [I]
+        return d[:, None] * self.s.double() * d[None, :]
+
+    def shifted(self, q: torch.Tensor) -> torch.Tensor:
+        """(D^-1/2 S D^-1/2 + shift) q for q [I, m], without forming the normalised graph: one [I, I] product."""
+        import torch
+
+        product = self.s32 @ (self.dc * q)  # [I, m]
+        return torch.addcmul(q, self.dc, product) if self.shift == 1 else self.dc * product + self.shift * q
+
+    def affinity(self, labels: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return self.w @ torch.nn.functional.one_hot(labels).to(self.w.dtype)
+
+    def score(self, labels: torch.Tensor) -> float:
+        return inside_weight(self.w, labels)
+
+
+class CoactivationGraph:
+    """The co-activation graph of F [T, I] (module docstring), held as F alone: W = T F^T F - c c^T with its
+    diagonal zeroed for the objective, S = F^T F for the spectral start. Memory T x I float32."""
+
+    shift = 0.0  # S = F^T F is positive semi-definite: D^-1/2 S D^-1/2 has its eigenvalues in [0, 1]
+
+    def __init__(self, fires: torch.Tensor):
+        import torch
+
+        self.f = fires.float()  # [T, I] 0/1
+        self.tokens, self.n = fires.shape
+        self.c = fires.sum(0, dtype=torch.float64)  # [I]: how often each neuron fires
+        self.diag = self.tokens * self.c - self.c * self.c  # [I]: W's diagonal before it is zeroed (F_ti^2 = F_ti)
+        # degrees of S: S 1 = F^T (F 1), whole numbers (exact in float32 below 2^24)
+        self.d = transposed_product(self.f, self.f.sum(1, keepdim=True))[:, 0].double()  # [I]
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # labels, F M (members)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, S) as float64 [I, I] matrices: the reference the low-rank products must match (tests only)."""
+        s = self.f.double().T @ self.f.double()  # [I, I] co-firing counts
+        w = (self.tokens * s - self.c[:, None] * self.c[None, :]).fill_diagonal_(0)
+        return w, s
+
+    def normalised_dense(self) -> torch.Tensor:
+        d = self.d.clamp_min(1e-12).rsqrt()  # [I]
+        return d[:, None] * (self.f.T @ self.f).double() * d[None, :]  # [I, I]: small graphs only
+
+    def shifted(self, q: torch.Tensor) -> torch.Tensor:
+        """D^-1/2 F^T F D^-1/2 q for q [I, m]: two thin products, O(T I m)."""
+        dc = self.d.clamp_min(1e-12).rsqrt().float()[:, None]  # [I, 1]
+        return dc * transposed_product(self.f, self.f @ (dc * q))  # [I, T] @ ([T, I] @ [I, m]) -> [I, m]
+
+    def members(self, labels: torch.Tensor) -> torch.Tensor:
+        """F M [T, P] float32 for M = onehot(labels): how many of each group's neurons fire on each token (whole
+        numbers, exact). The last one is kept: a round scores its labels, then the next takes their affinities."""
+        import torch
+
+        if self.last is None or not torch.equal(self.last[0], labels):
+            self.last = labels.clone(), self.f @ torch.nn.functional.one_hot(labels).float()  # [T, I] @ [I, P]
+        return self.last[1]
+
+    def affinity(self, labels: torch.Tensor) -> torch.Tensor:
+        """W @ onehot(labels) [I, P] float64: T F^T (F M) - c (c^T M) - diag * M. F^T (F M) sums at most T whole
+        numbers per entry (exact while T x I / P < 2^24, float32 rounding beyond)."""
+        import torch
+
+        m = torch.nn.functional.one_hot(labels).double()  # [I, P]
+        inside = self.tokens * transposed_product(self.f, self.members(labels)).double()  # [I, P]
+        return inside - self.c[:, None] * (self.c @ m)[None, :] - self.diag[:, None] * m
+
+    def score(self, labels: torch.Tensor) -> float:
+        """sum over groups g of m_g^T W m_g = T ||F m_g||^2 - (c^T m_g)^2, less the zeroed diagonal: whole
+        numbers summed in float64, exact."""
+        import torch
+
+        fm = self.members(labels).double()  # [T, P]
+        cm = self.c @ torch.nn.functional.one_hot(labels).double()  # [P]
+        return float(self.tokens * fm.square().sum() - cm.square().sum() - self.diag.sum())
+
+
+def transposed_product(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """F^T y for F [T, I], y [T, m] -> [I, m]. With few columns (m < NARROW) as (y^T F)^T: the BLAS's path for
+    a transposed tall operand times a narrow one is several times slower here (4,096 x 14,336 by 8 columns:
+    0.63 s against 0.11 s; from 12 columns on, the direct product is the faster, 0.08 s against 0.13 s at 16)."""
+    return (y.T @ f).T if y.shape[1] < NARROW else f.T @ y
+
+
+def graph_partition(graph, parts: int, gen: torch.Generator, rounds: int = REFINE_ROUNDS) -> torch.Tensor:
+    """Labels [I] of a partition of `graph` (a Graph, or a dense symmetric [I, I] tensor) into `parts` groups of
+    equal size with a large weight inside the groups.
+
+    Spectral start (the normalised-cut relaxation): the top `parts` eigenvectors of the normalised graph
+    (spectral_embedding: only those, not all I of them), rows normalised, grouped by balanced k-means. Then
+    rounds of balanced reassignment: each neuron is offered the group it is most connected to (balanced_assign
+    on the affinities W @ onehot), kept while the total weight inside the groups grows.
+    """
+    import torch
+
+    if isinstance(graph, torch.Tensor):
+        graph = DenseGraph(graph)
+    size = graph.n // parts
+    emb = spectral_embedding(graph, parts, gen)  # [I, P]
+    emb = (emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
+    best = balanced_kmeans(emb, parts, gen)
+    best_score = graph.score(best)
+    for _ in range(rounds):
+        labels = balanced_assign(-graph.affinity(best), size)  # [I, P] affinities, most connected first
+        score = graph.score(labels)
+        if score <= best_score:
+            break
+        best, best_score = labels, score
+    return best
+
+
+def spectral_embedding(graph: Graph, parts: int, gen: torch.Generator) -> torch.Tensor:
+    """The eigenvectors [I, P] of the `parts` largest eigenvalues of the graph's normalised form D^-1/2 S D^-1/2.
+
+    Below DENSE_EIGH_BELOW neurons the full eigendecomposition, O(I^3). Above, randomized subspace iteration
+    for the P vectors alone: up to SUBSPACE_ITERS products of the normalised graph (graph.shifted: never formed)
+    with a seeded random [I, P + OVERSAMPLE] block, re-orthonormalised, until the block's span stops turning,
+    then Rayleigh-Ritz on that block. (torch.lobpcg was tried and was several times slower at these sizes: its
+    Python-level bookkeeping dominates.)
+    """
+    import torch
+
+    n = graph.n
+    if n < max(DENSE_EIGH_BELOW, parts + OVERSAMPLE):
+        _, vecs = torch.linalg.eigh(graph.normalised_dense())  # ascending eigenvalues
+        return vecs[:, -parts:]
+    # A general graph's spectrum is shifted by +1 (a normalised graph's eigenvalues lie in [-1, 1]) so that the
+    # largest eigenvalues are also the largest in magnitude, which subspace iteration converges to.
+    q = torch.linalg.qr(torch.randn(n, parts + OVERSAMPLE, generator=gen))[0]  # [I, P + p]
+    for _ in range(SUBSPACE_ITERS):
+        new = torch.linalg.qr(graph.shifted(q))[0]
+        moved = float((new - q @ (q.T @ new)).norm())  # how far the subspace turned (0: it is invariant)
+        q = new
+        if moved < SUBSPACE_TOL:
+            break
+    _, small = torch.linalg.eigh((q.T @ graph.shifted(q)).double())  # Rayleigh-Ritz on the [P + p] block
+    return q.double() @ small[:, -parts:]
+
+
+def inside_weight(w: torch.Tensor, labels: torch.Tensor) -> float:
+    """Total edge weight of a dense graph w [I, I] between neurons of the same group: the [I, I] product in w's
+    dtype, its [I, P] result summed in float64 (no float64 copy of the graph)."""
+    import torch
+
+    onehot = torch.nn.functional.one_hot(labels).to(w.dtype)  # [I, P]
+    into = (w @ onehot).gather(1, labels[:, None])  # [I, 1]: each neuron's weight into its own group
+    return float(into.double().sum())
