@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from upcycle.convert.execute import LayerFFNs, Sources, as_bytes, produce
-from upcycle.convert.methods import LayerBuilder
+from upcycle.convert.methods import LayerBuilder, drop, noise
 from upcycle.convert.methods.base import generator, scales_exactly
 from upcycle.convert.ops import Drop, Expert, Noise, Parts
 from upcycle.convert.pipeline import convert
@@ -77,7 +77,7 @@ def test_drop_bytes_are_the_documented_draw():
     idx = torch.randperm(INTERMEDIATE, generator=generator(11, "drop", 2, 5))[: INTERMEDIATE // 2].sort().values
     w = dense["down"].float()
     draw = generator(11, "drop", 2, 5, "down")
-    fresh = torch.empty(HIDDEN, len(idx)).normal_(w.mean().item(), w.std().item(), generator=draw)
+    fresh = torch.empty(HIDDEN, len(idx)).normal_(*drop.stats(dense["down"]), generator=draw)
     keep = torch.ones(INTERMEDIATE, dtype=torch.bool)
     keep[idx] = False
     assert torch.equal(got[:, keep], (w[:, keep] * 2.0).bfloat16())
@@ -118,3 +118,57 @@ def test_tensors_made_ahead_do_not_depend_on_the_order_asked(spec, dense_store, 
         for op in order:
             got = b"".join(bytes(memoryview(c).cast("B")) for c in produce(op, sources))
             assert got == written[op.name], op.name
+
+
+# --- the draws: one stream per (seed, layer, expert, role), their moments, and a machine-independent mean/std ------
+
+
+def test_each_layer_expert_and_role_draws_its_own_stream():
+    """Drop's fresh blocks and noise's factors: the same keys give the same values, any other (seed, layer, expert,
+    role) another stream, not a shifted or equal copy (the blocks are uncorrelated)."""
+    keys = [
+        (s, layer, e, role) for s in (0, 1) for layer in (0, 3) for e in (0, 1, 7) for role in ("gate", "up", "down")
+    ]
+    for draw in (
+        lambda s, layer, e, role: drop.fresh((32, 64), (0.0, 1.0), s, layer, e, role),
+        lambda s, layer, e, role: noise.factors((32, 64), 0.5, s, layer, e, role) - 1.0,
+    ):
+        blocks = torch.stack([draw(*k).reshape(-1) for k in keys])  # [K, 2048]
+        assert torch.equal(blocks, torch.stack([draw(*k).reshape(-1) for k in keys]))  # same keys, same values
+        corr = torch.corrcoef(blocks)  # [K, K]
+        off = corr[~torch.eye(len(keys), dtype=torch.bool)]
+        assert off.abs().max() < 0.12  # 2048 pairs: |r| of independent normals stays under ~4.5/sqrt(2048) = 0.1
+    a, b = drop.fresh((8, 8), (0.0, 1.0), 0, 0, 0, "gate"), noise.factors((8, 8), 1.0, 0, 0, 0, "gate") - 1.0
+    assert not torch.equal(a, b)  # drop and noise use different streams for the same keys
+
+
+def test_drawn_values_have_the_requested_moments():
+    """N(mean, std) of a real-size block (1M values): the sample mean within 5 standard errors, the std within 1%."""
+    mean, std = -0.003, 0.021
+    x = drop.fresh((1024, 1024), (mean, std), 5, 2, 3, "down").double()
+    assert abs(x.mean().item() - mean) < 5 * std / 1024
+    assert abs(x.std().item() / std - 1) < 0.01
+    f = noise.factors((1024, 1024), 0.01, 5, 2, 3, "up").double()
+    assert abs(f.mean().item() - 1.0) < 5 * 0.01 / 1024 and abs(f.std().item() / 0.01 - 1) < 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_drop_stats_do_not_depend_on_torch_threads(dtype):
+    """The mean/std drop draws from are float64 sums in a fixed order: equal (to the bit) under 1, 2 and 5 torch
+    threads, and within 1e-6 of the exact float64 moments (torch's float32 mean/std changed with the thread count)."""
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(700, 3001, generator=g) * 0.02 + 0.004).to(dtype)  # 2.1M values: several chunks, a ragged end
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2, 5):
+            torch.set_num_threads(n)
+            got.append(drop.stats(w))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1] == got[2]
+    exact = w.double()
+    mean, std = got[0]
+    assert abs(mean - exact.mean().item()) < 1e-6 * exact.std().item()
+    assert abs(std / exact.std().item() - 1) < 1e-6
+    assert drop.stats(w[:1, :1])[0] == w[0, 0].item()  # one value: its mean (std undefined)
