@@ -172,3 +172,21 @@ def test_drop_stats_do_not_depend_on_torch_threads(dtype):
     assert abs(mean - exact.mean().item()) < 1e-6 * exact.std().item()
     assert abs(std / exact.std().item() - 1) < 1e-6
     assert drop.stats(w[:1, :1])[0] == w[0, 0].item()  # one value: its mean (std undefined)
+
+
+def test_drop_bytes_do_not_depend_on_torch_threads():
+    """The bytes of a seed are the same under any torch thread count, so `verify --layerwise` on another machine
+    reproduces them (with torch's float32 mean/std, 1 and 2 threads already gave other bytes for this tensor)."""
+    g = torch.Generator().manual_seed(0)
+    dense = {r: (torch.randn(512, 384, generator=g) * 0.02 + 0.001).bfloat16() for r in ("gate", "up")}
+    dense["down"] = (torch.randn(384, 512, generator=g) * 0.02).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        made = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            b = LayerBuilder(dense, 0, 0)
+            made.append([as_bytes(b.written(r, Drop(e, 0.5, 1.0), torch.bfloat16)) for e in (0, 1) for r in dense])
+    finally:
+        torch.set_num_threads(threads)
+    assert made[0] == made[1] == made[2]
