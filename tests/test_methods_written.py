@@ -190,3 +190,31 @@ def test_drop_bytes_do_not_depend_on_torch_threads():
     finally:
         torch.set_num_threads(threads)
     assert made[0] == made[1] == made[2]
+
+
+@pytest.mark.parametrize("n", [*range(1, 70), 1000, 4099, 65536, 65551])
+def test_drawing_in_spans_gives_the_values_of_one_draw(n):
+    """noise.spans: the spans cover n values in order, and `normal_` over them one after another (one generator)
+    gives the bytes of one `normal_` of all n: what lets --noise draw a tensor in small buffers."""
+    whole = torch.empty(n).normal_(1.0, 0.3, generator=generator(0, "x", n))
+    got, gen, covered = torch.empty(n), generator(0, "x", n), 0
+    for start, stop in noise.spans(n, 32):
+        assert start == covered and stop > start
+        covered = stop
+        got[start:stop].normal_(1.0, 0.3, generator=gen)
+    assert covered == n and torch.equal(got, whole)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", [16, 48, 1024])
+def test_noise_made_in_spans_is_the_float32_arithmetic(dtype, chunk, monkeypatch):
+    """--noise made DRAW_CHUNK values at a time (many spans here, and a dense size 16 does not divide) is byte for
+    byte the whole-tensor float32 arithmetic, for every scale."""
+    monkeypatch.setattr(noise, "DRAW_CHUNK", chunk)
+    g = torch.Generator().manual_seed(2)
+    dense = {"gate": (torch.randn(61, 47, generator=g) * 0.02).to(dtype), "down": _dense(dtype)["down"]}
+    for scale in SCALES:
+        made, reference = LayerBuilder(dense, 5, 1), LayerBuilder(dense, 5, 1)
+        for role in dense:
+            want = reference.tensor(role, Noise(2, 0.1, scale)).to(dtype)
+            assert as_bytes(made.written(role, Noise(2, 0.1, scale), dtype)) == as_bytes(want), (role, scale)

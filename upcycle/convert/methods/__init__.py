@@ -95,10 +95,10 @@ class LayerBuilder:
             spare = self._scratch(shape, dtype, "cast") if dtype != torch.float32 else None
             return drop.reinit_written(dense, role, idx, new, transform.scale, dtype, spare, out)
         if isinstance(transform, Noise):
-            e, sigma, shape = transform.expert, transform.sigma, tuple(dense.shape)
-            kept = out is not None or dtype != torch.float32  # else the float32 result is the draw itself
-            f = noise.factors(shape, sigma, self.seed, self.layer, e, role, self._scratch(shape) if kept else None)
-            return noise.perturb_written(dense, f, transform.scale, dtype, out)
+            need = (min(dense.numel(), noise.DRAW_CHUNK + 15),)
+            work = (self._scratch(need, name="noise factors"), self._scratch(need, name="noise dense"))
+            e, sigma, scale = transform.expert, transform.sigma, transform.scale
+            return noise.perturb_written(dense, sigma, self.seed, self.layer, e, role, scale, dtype, out, work)
         raise ValueError(f"unknown expert transform {transform!r}")
 
     def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype | None = None, name: str = "draw") -> torch.Tensor:
