@@ -495,4 +495,4 @@ def test_rng_bench_writes_every_contender(tmp_path):
     subprocess.run([*cmd, "--json", str(out)], check=True, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 10 and rows[0]["speedup_vs_torch"] == 1.0
-    assert all(len(r["seconds"]) == 2 and r["median_s"] > 0 for r in rows)
+    assert all(len(r["seconds"]) == 2 and r["mvalues_per_s"] > 0 for r in rows)
