@@ -15,6 +15,7 @@ row gives the median of the rounds and of the ratios to clone in the same round.
 benchmarks/results/methods_speed_<yyyymmdd>.json, rewritten after every conversion ("complete": false until the last).
 
     python benchmarks/methods_bench.py --speed --work /tmp/methods-speed --rounds 3
+    python benchmarks/methods_bench.py --speed ... --baseline /tmp/base   # also another version's code, alternated
 
 `--coactivation` times the co-activation partition of one layer (issue 26) at FFN widths 1,536, 4,864 and
 14,336 (SmolLM2, the ~0.5B shape, Llama-3-8B; random inputs [T, H] and weights, 8 parts, share 0.25 as for
@@ -99,10 +100,13 @@ MEASURE = (
 )
 
 
-def measure(argv: list[str], timeout: float | None = None) -> dict:
-    """ARGV's own wall time ('wall', s), peak RSS ('rss', bytes) and exit code ('rc'), with its stdout/stderr."""
+def measure(argv: list[str], timeout: float | None = None, env: dict | None = None) -> dict:
+    """ARGV's own wall time ('wall', s), peak RSS ('rss', bytes) and exit code ('rc'), with its stdout/stderr.
+    ENV: the child's environment (default: this process's)."""
     try:
-        proc = subprocess.run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, timeout=timeout, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"wall": timeout, "rss": 0, "rc": 124, "stdout": "", "stderr": "timed out"}
     stats = json.loads(proc.stderr.strip().splitlines()[-1])
@@ -115,11 +119,21 @@ def run_child(argv: list[str]) -> tuple[float, float, str, str, int]:
     return stats["wall"], stats["rss"] / 1e9, stats["stdout"], stats["stderr"], stats["rc"]
 
 
-def speed(work: Path, rounds: int, names: list[str], results: Path | None = None) -> None:
+def code_env(baseline: Path | None) -> dict | None:
+    """The environment that runs BASELINE's code (a folder holding `upcycle/` and `upcycle_cli/`, first on
+    PYTHONPATH); None: this process's environment, the code it imports."""
+    if baseline is None:
+        return None
+    return os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (str(baseline), os.environ.get("PYTHONPATH")) if p)}
+
+
+def speed(work: Path, rounds: int, names: list[str], results: Path | None = None, baseline: Path | None = None) -> None:
     """Wall time and peak RSS of `upcycle convert` per method on the ~0.5B shape, beside `cp -r` of its output.
 
     Round after round over every method (alternated, so each sees the same load); the results JSON is rewritten
-    after every conversion ("complete": false until the last), with the load average at each run."""
+    after every conversion ("complete": false until the last), with the load average at each run. BASELINE: a
+    folder with another version's `upcycle/` and `upcycle_cli/`; each method then also runs under that code (rows
+    `NAME@base`, its ratios to `clone@base` of the same round), the two versions' order swapping every round."""
     from convert_bench import ModelShape, make_dense
 
     upcycle = str(Path(sys.executable).parent / "upcycle")
@@ -129,14 +143,20 @@ def speed(work: Path, rounds: int, names: list[str], results: Path | None = None
         raise SystemExit(f"{work}: {free:.1f} GB free; --speed writes up to ~10 GB at a time (output and its copy)")
     dense = make_dense(work / "dense-0.5b", ModelShape(**SPEED_SHAPE), shards=2)
     results = results or HERE / "results" / f"methods_speed_{datetime.now(UTC):%Y%m%d}.json"
-    runs: dict[str, list[dict]] = {name: [] for name in names}
+    codes = [("", None)] + ([("@base", baseline)] if baseline is not None else [])
+    for tag, code in codes:  # which code each label runs (as the upcycle script imports it: the cwd not on sys.path)
+        where = subprocess.run([sys.executable, "-c", "import upcycle; print(upcycle.__file__)"], cwd="/",
+                               env=code_env(code), capture_output=True, text=True).stdout.strip()  # fmt: skip
+        print(f"code{tag or ' (this)'}: {where}", flush=True)
+    labels = [name + tag for name in names for tag, _ in codes]
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
     for r in range(rounds):
-        for name in names:
+        for name, (tag, code) in [(n, c) for n in names for c in (codes if r % 2 == 0 else codes[::-1])]:
             out, copy = work / "out", work / "copy"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
             load = os.getloadavg()[0]
-            stats = measure([upcycle, "convert", str(dense), str(out), *SPEED[name]])
+            stats = measure([upcycle, "convert", str(dense), str(out), *SPEED[name]], env=code_env(code))
             wall, rss, err, rc = stats["wall"], stats["rss"] / 1e9, stats["stderr"], stats["rc"]
             if rc != 0:
                 raise SystemExit(f"{name}: convert failed: {err.strip().splitlines()[-2:]}")
@@ -148,11 +168,11 @@ def speed(work: Path, rounds: int, names: list[str], results: Path | None = None
             row = {"round": r + 1, "convert_s": wall, "cpu_s": stats["cpu"], "peak_rss_gib": rss * 1e9 / 2**30,
                    "cp_s": cp_wall, "output_gb": size, "load_before": load,
                    "load_after": os.getloadavg()[0]}  # fmt: skip
-            runs[name].append(row)
-            print(f"round {r + 1} {name}: {wall:.1f} s (CPU {stats['cpu']:.1f} s), {rss * 1e9 / 2**30:.2f} GiB, "
+            runs[name + tag].append(row)
+            print(f"round {r + 1} {name + tag}: {wall:.1f} s (CPU {stats['cpu']:.1f} s), {rss * 1e9 / 2**30:.2f} GiB, "
                   f"cp -r {cp_wall:.1f} s, load {load:.1f}", flush=True)  # fmt: skip
-            done = r == rounds - 1 and name == names[-1]
-            save_speed(results, names, runs, rounds, done)
+            done = r == rounds - 1 and all(len(x) == rounds for x in runs.values())
+            save_speed(results, labels, runs, rounds, done, baseline)
     print(f"wrote {results}")
 
 
@@ -160,25 +180,29 @@ def speed_rows(names: list[str], runs: dict[str, list[dict]]) -> list[dict]:
     """Per method: the medians over its runs so far, and each run's time over clone's of the same round."""
     from statistics import median
 
-    base = {x["round"]: x["convert_s"] for x in runs.get("clone", [])}
     rows = []
     for name in names:
         if not runs[name]:
             continue
+        tag = name[name.index("@") :] if "@" in name else ""
+        base = {x["round"]: x["convert_s"] for x in runs.get("clone" + tag, [])}  # clone of the same code
         keys = ("convert_s", "cpu_s", "peak_rss_gib", "cp_s", "output_gb")
         m = {k: median(x[k] for x in runs[name]) for k in keys if all(k in x for x in runs[name])}
         ratios = [x["convert_s"] / base[x["round"]] for x in runs[name] if x["round"] in base]
         rows.append({"method": name, "flags": [os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a
-                                               for a in SPEED[name]],
+                                               for a in SPEED[name.split("@")[0]]],
                      "median": m, "ratio_to_clone_same_round": ratios,
                      "median_ratio_to_clone": median(ratios) if ratios else None, "runs": runs[name]})  # fmt: skip
     return rows
 
 
-def save_speed(results: Path, names: list[str], runs: dict[str, list[dict]], rounds: int, complete: bool) -> None:
+def save_speed(
+    results: Path, names: list[str], runs: dict[str, list[dict]], rounds: int, complete: bool, baseline=None
+) -> None:
     rows = speed_rows(names, runs)
     meta = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
-            "complete": complete, "shape": SPEED_SHAPE, "rounds": rounds}  # fmt: skip
+            "complete": complete, "shape": SPEED_SHAPE, "rounds": rounds,
+            "baseline": str(baseline) if baseline else None}  # fmt: skip
     results.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     if complete:
         print("\n| method | convert s | × clone (same round, median) | peak RSS GiB | cp -r s | output GB |")
@@ -294,6 +318,12 @@ def main() -> None:
     parser.add_argument("--contenders", default="lowrank,dense", help="--coactivation: lowrank and/or dense")
     parser.add_argument("--coactivation-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--contender", default="lowrank", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="--speed: a folder with another version's upcycle/ and upcycle_cli/ (e.g. `git archive REV | tar -x` "
+        "plus the link upcycle_cli -> cli), run beside this code, alternated (rows NAME@base)",
+    )
     args = parser.parse_args()
     if args.coactivation_one:
         return coactivation_one(args.coactivation_one, args.tokens, args.contender)
@@ -301,7 +331,8 @@ def main() -> None:
         widths = [int(w) for w in args.widths.split(",")]
         return coactivation(widths, args.tokens, args.rounds, args.contenders.split(","), args.results)
     if args.speed:
-        return speed(args.work, args.rounds, args.only.split(",") if args.only else list(SPEED), args.results)
+        names = args.only.split(",") if args.only else list(SPEED)
+        return speed(args.work, args.rounds, names, args.results, args.baseline)
     upcycle = str(Path(sys.executable).parent / "upcycle")
     names = args.only.split(",") if args.only else list(METHODS)
     args.work.mkdir(parents=True, exist_ok=True)

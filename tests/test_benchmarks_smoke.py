@@ -274,9 +274,10 @@ def test_upcycle_vs_dense_smoke(tmp_path):
         assert all(math.isfinite(v["start"]) and math.isfinite(v["final"]) for v in run["heldout_by_source"].values())
         final = Path(run["final"])  # kept, with the last checkpoint (the default), and hashed
         assert (final / "config.json").is_file() and (final.parent / "checkpoints").is_dir()
-        assert run["kept"]["final_sha256"]["model.safetensors"] == hashlib.sha256(
-            (final / "model.safetensors").read_bytes()
-        ).hexdigest()
+        assert (
+            run["kept"]["final_sha256"]["model.safetensors"]
+            == hashlib.sha256((final / "model.safetensors").read_bytes()).hexdigest()
+        )
         # FLOPs per token: 6 · N_active + 12 · L · d · S
         assert fpt[run["arm"]] == 6 * active[run["arm"]] + 12 * preset["layers"] * preset["hidden"] * preset["seq_len"]
     runs = {r["arm"]: r for r in saved["runs"]}
@@ -463,3 +464,35 @@ def test_gpu_check_dry_mode_runs_every_step_on_cpu(jargon_text, tmp_path):
         assert rows[1]["vs_dense"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
     assert all(r["compile"] for r in summary["compile"]["rows"])
     assert (out / "e2e.log").is_file() and (out / "pytest.xml").is_file()
+
+
+def test_methods_bench_speed_rows_compare_each_code_with_its_own_clone():
+    """--speed --baseline: a NAME@base row's ratios are to clone@base of the same round, a NAME row's to clone;
+    the baseline's code goes first on the children's PYTHONPATH."""
+    bench = _load("methods_bench")
+    runs = {
+        "clone": [{"round": 1, "convert_s": 10.0}, {"round": 2, "convert_s": 20.0}],
+        "clone@base": [{"round": 1, "convert_s": 5.0}, {"round": 2, "convert_s": 8.0}],
+        "drop-r0.5": [{"round": 1, "convert_s": 15.0}, {"round": 2, "convert_s": 20.0}],
+        "drop-r0.5@base": [{"round": 1, "convert_s": 10.0}, {"round": 2, "convert_s": 24.0}],
+    }
+    rows = {r["method"]: r for r in bench.speed_rows(list(runs), runs)}
+    assert rows["drop-r0.5"]["ratio_to_clone_same_round"] == [1.5, 1.0]
+    assert rows["drop-r0.5@base"]["ratio_to_clone_same_round"] == [2.0, 3.0]
+    assert rows["drop-r0.5@base"]["median_ratio_to_clone"] == 2.5 and rows["drop-r0.5"]["median"]["convert_s"] == 17.5
+    assert rows["drop-r0.5@base"]["flags"] == rows["drop-r0.5"]["flags"]
+    assert bench.code_env(None) is None
+    assert bench.code_env(Path("/x/base"))["PYTHONPATH"].split(os.pathsep)[0] == "/x/base"
+
+
+def test_rng_bench_writes_every_contender(tmp_path):
+    """rng_bench.py at a tiny size: one row per contender, the reference first, a time per round."""
+    import subprocess
+
+    out = tmp_path / "rng.json"
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "rng_bench.py"), "--values", "4096", "--rounds", "2"]
+    subprocess.run([*cmd, "--json", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 10 and rows[0]["speedup_vs_torch"] == 1.0
+    assert all(len(r["seconds"]) == 2 and r["mvalues_per_s"] > 0 for r in rows)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from upcycle.convert.execute import LayerFFNs, Sources, as_bytes, produce
-from upcycle.convert.methods import LayerBuilder
+from upcycle.convert.methods import LayerBuilder, drop, noise
 from upcycle.convert.methods.base import generator, scales_exactly
 from upcycle.convert.ops import Drop, Expert, Noise, Parts
 from upcycle.convert.pipeline import convert
@@ -77,7 +77,7 @@ def test_drop_bytes_are_the_documented_draw():
     idx = torch.randperm(INTERMEDIATE, generator=generator(11, "drop", 2, 5))[: INTERMEDIATE // 2].sort().values
     w = dense["down"].float()
     draw = generator(11, "drop", 2, 5, "down")
-    fresh = torch.empty(HIDDEN, len(idx)).normal_(w.mean().item(), w.std().item(), generator=draw)
+    fresh = torch.empty(HIDDEN, len(idx)).normal_(*drop.stats(dense["down"]), generator=draw)
     keep = torch.ones(INTERMEDIATE, dtype=torch.bool)
     keep[idx] = False
     assert torch.equal(got[:, keep], (w[:, keep] * 2.0).bfloat16())
@@ -118,3 +118,103 @@ def test_tensors_made_ahead_do_not_depend_on_the_order_asked(spec, dense_store, 
         for op in order:
             got = b"".join(bytes(memoryview(c).cast("B")) for c in produce(op, sources))
             assert got == written[op.name], op.name
+
+
+# --- the draws: one stream per (seed, layer, expert, role), their moments, and a machine-independent mean/std ------
+
+
+def test_each_layer_expert_and_role_draws_its_own_stream():
+    """Drop's fresh blocks and noise's factors: the same keys give the same values, any other (seed, layer, expert,
+    role) another stream, not a shifted or equal copy (the blocks are uncorrelated)."""
+    keys = [
+        (s, layer, e, role) for s in (0, 1) for layer in (0, 3) for e in (0, 1, 7) for role in ("gate", "up", "down")
+    ]
+    for draw in (
+        lambda s, layer, e, role: drop.fresh((32, 64), (0.0, 1.0), s, layer, e, role),
+        lambda s, layer, e, role: noise.factors((32, 64), 0.5, s, layer, e, role) - 1.0,
+    ):
+        blocks = torch.stack([draw(*k).reshape(-1) for k in keys])  # [K, 2048]
+        assert torch.equal(blocks, torch.stack([draw(*k).reshape(-1) for k in keys]))  # same keys, same values
+        corr = torch.corrcoef(blocks)  # [K, K]
+        off = corr[~torch.eye(len(keys), dtype=torch.bool)]
+        assert off.abs().max() < 0.12  # 2048 pairs: |r| of independent normals stays under ~4.5/sqrt(2048) = 0.1
+    a, b = drop.fresh((8, 8), (0.0, 1.0), 0, 0, 0, "gate"), noise.factors((8, 8), 1.0, 0, 0, 0, "gate") - 1.0
+    assert not torch.equal(a, b)  # drop and noise use different streams for the same keys
+
+
+def test_drawn_values_have_the_requested_moments():
+    """N(mean, std) of a real-size block (1M values): the sample mean within 5 standard errors, the std within 1%."""
+    mean, std = -0.003, 0.021
+    x = drop.fresh((1024, 1024), (mean, std), 5, 2, 3, "down").double()
+    assert abs(x.mean().item() - mean) < 5 * std / 1024
+    assert abs(x.std().item() / std - 1) < 0.01
+    f = noise.factors((1024, 1024), 0.01, 5, 2, 3, "up").double()
+    assert abs(f.mean().item() - 1.0) < 5 * 0.01 / 1024 and abs(f.std().item() / 0.01 - 1) < 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_drop_stats_do_not_depend_on_torch_threads(dtype):
+    """The mean/std drop draws from are float64 sums in a fixed order: equal (to the bit) under 1, 2 and 5 torch
+    threads, and within 1e-6 of the exact float64 moments (torch's float32 mean/std changed with the thread count)."""
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(700, 3001, generator=g) * 0.02 + 0.004).to(dtype)  # 2.1M values: several chunks, a ragged end
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2, 5):
+            torch.set_num_threads(n)
+            got.append(drop.stats(w))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1] == got[2]
+    exact = w.double()
+    mean, std = got[0]
+    assert abs(mean - exact.mean().item()) < 1e-6 * exact.std().item()
+    assert abs(std / exact.std().item() - 1) < 1e-6
+    assert drop.stats(w[:1, :1])[0] == w[0, 0].item()  # one value: its mean (std undefined)
+
+
+def test_drop_bytes_do_not_depend_on_torch_threads():
+    """The bytes of a seed are the same under any torch thread count, so `verify --layerwise` on another machine
+    reproduces them (with torch's float32 mean/std, 1 and 2 threads already gave other bytes for this tensor)."""
+    g = torch.Generator().manual_seed(0)
+    dense = {r: (torch.randn(512, 384, generator=g) * 0.02 + 0.001).bfloat16() for r in ("gate", "up")}
+    dense["down"] = (torch.randn(384, 512, generator=g) * 0.02).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        made = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            b = LayerBuilder(dense, 0, 0)
+            made.append([as_bytes(b.written(r, Drop(e, 0.5, 1.0), torch.bfloat16)) for e in (0, 1) for r in dense])
+    finally:
+        torch.set_num_threads(threads)
+    assert made[0] == made[1] == made[2]
+
+
+@pytest.mark.parametrize("n", [*range(1, 70), 1000, 4099, 65536, 65551])
+def test_drawing_in_spans_gives_the_values_of_one_draw(n):
+    """noise.spans: the spans cover n values in order, and `normal_` over them one after another (one generator)
+    gives the bytes of one `normal_` of all n: what lets --noise draw a tensor in small buffers."""
+    whole = torch.empty(n).normal_(1.0, 0.3, generator=generator(0, "x", n))
+    got, gen, covered = torch.empty(n), generator(0, "x", n), 0
+    for start, stop in noise.spans(n, 32):
+        assert start == covered and stop > start
+        covered = stop
+        got[start:stop].normal_(1.0, 0.3, generator=gen)
+    assert covered == n and torch.equal(got, whole)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", [16, 48, 1024])
+def test_noise_made_in_spans_is_the_float32_arithmetic(dtype, chunk, monkeypatch):
+    """--noise made DRAW_CHUNK values at a time (many spans here, and a dense size 16 does not divide) is byte for
+    byte the whole-tensor float32 arithmetic, for every scale."""
+    monkeypatch.setattr(noise, "DRAW_CHUNK", chunk)
+    g = torch.Generator().manual_seed(2)
+    dense = {"gate": (torch.randn(61, 47, generator=g) * 0.02).to(dtype), "down": _dense(dtype)["down"]}
+    for scale in SCALES:
+        made, reference = LayerBuilder(dense, 5, 1), LayerBuilder(dense, 5, 1)
+        for role in dense:
+            want = reference.tensor(role, Noise(2, 0.1, scale)).to(dtype)
+            assert as_bytes(made.written(role, Noise(2, 0.1, scale), dtype)) == as_bytes(want), (role, scale)

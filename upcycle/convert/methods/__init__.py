@@ -95,24 +95,29 @@ class LayerBuilder:
             spare = self._scratch(shape, dtype, "cast") if dtype != torch.float32 else None
             return drop.reinit_written(dense, role, idx, new, transform.scale, dtype, spare, out)
         if isinstance(transform, Noise):
-            e, sigma, shape = transform.expert, transform.sigma, tuple(dense.shape)
-            kept = out is not None or dtype != torch.float32  # else the float32 result is the draw itself
-            f = noise.factors(shape, sigma, self.seed, self.layer, e, role, self._scratch(shape) if kept else None)
-            return noise.perturb_written(dense, f, transform.scale, dtype, out)
+            need = (min(dense.numel(), noise.DRAW_CHUNK + 15),)
+            work = (self._scratch(need, name="noise factors"), self._scratch(need, name="noise dense"))
+            e, sigma, scale = transform.expert, transform.sigma, transform.scale
+            return noise.perturb_written(dense, sigma, self.seed, self.layer, e, role, scale, dtype, out, work)
         raise ValueError(f"unknown expert transform {transform!r}")
 
     def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype | None = None, name: str = "draw") -> torch.Tensor:
-        """A working tensor of this thread, reused from tensor to tensor (the draws of one layer share a few
-        shapes): no allocation per expert tensor, so the allocator has no large blocks to scatter over the heap."""
+        """A working tensor of SHAPE, this thread's, reused from tensor to tensor: a view of one flat buffer per
+        (NAME, DTYPE), made anew only when a larger one is asked for. So no allocation per expert tensor (the
+        allocator has no large blocks to scatter over the heap, and fresh pages cost a page fault each: drop's
+        gate/up block [n, H] and down block [H, n] used to alternate, a new 23 MB buffer per tensor)."""
+        import math
+
         import torch
 
         dtype = dtype or torch.float32
         held: dict = self._local.__dict__.setdefault("held", {})
-        t = held.pop((name, dtype), None)  # a tensor of another shape is freed before the new one is made
-        if t is None or tuple(t.shape) != tuple(shape):
-            t = torch.empty(shape, dtype=dtype)
+        numel = math.prod(shape)
+        t = held.pop((name, dtype), None)  # one too small is freed before the new one is made
+        if t is None or t.numel() < numel:
+            t = torch.empty(numel, dtype=dtype)
         held[(name, dtype)] = t
-        return t
+        return t[:numel].view(shape)
 
     def _groups(self, transform: Parts) -> list[torch.Tensor]:
         key = (transform.by, transform.parts)

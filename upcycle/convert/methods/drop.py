@@ -6,6 +6,7 @@ knowledge; the MoE no longer computes the dense FFN.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from ..ops import Drop
@@ -20,9 +21,7 @@ if TYPE_CHECKING:
 
 def layout(spec: ConvertSpec, hidden: int, intermediate: int) -> Layout:
     r, scale = spec.drop, routed_scale(spec, "drop")
-    experts = tuple(
-        expert(hidden, intermediate, Drop(e, r, 1.0), Drop(e, r, scale)) for e in range(spec.experts)
-    )
+    experts = tuple(expert(hidden, intermediate, Drop(e, r, 1.0), Drop(e, r, scale)) for e in range(spec.experts))
     shared = expert(hidden, intermediate, None, None) if spec.shared_experts else None
     why = f"each expert has {r:g} of its neurons re-initialised at random, so the MoE differs from the dense FFN"
     return Layout(intermediate, experts, False, why, intermediate if shared else 0, shared)
@@ -36,10 +35,49 @@ def dropped(neurons: int, ratio: float, seed: int, layer: int, expert_index: int
     return torch.randperm(neurons, generator=generator(seed, "drop", layer, expert_index))[:count].sort().values
 
 
+STATS_CHUNK = 1 << 16  # values per partial sum in `stats` (512 KB of float64: stays in the core's cache)
+
+
 def stats(dense: torch.Tensor) -> tuple[float, float]:
-    """Mean and std of the whole dense matrix, the distribution re-initialised neurons are drawn from."""
-    w = dense.float()
-    return w.mean().item(), w.std().item()
+    """Mean and std (n - 1) of the whole dense matrix, the distribution re-initialised neurons are drawn from.
+
+    Summed by numpy in float64 (one thread, pairwise), chunk after chunk in a fixed order, so the result is the same
+    whatever torch's thread count. torch's own float32 `mean()`/`std()` split a whole-tensor reduction over its
+    threads and differ by an ulp between thread counts (1, 2 and 8 threads gave three different means of one
+    5632 x 2048 bf16 matrix), which moved a few dozen drawn bf16 values per tensor: a seed's bytes depended on the
+    machine, and `verify --layerwise` under another thread count failed.
+
+    One pass over the deviations from a shift K (the first chunk's mean): the mean is K + sum(x - K) / n and the
+    variance (sum (x - K)^2 - (sum (x - K))^2 / n) / (n - 1); K is near the mean, so nothing cancels."""
+    import numpy as np
+
+    flat, as_float64 = _numpy_values(dense)
+    n = len(flat)
+    if n < 2:
+        return (float(as_float64(flat)[0]) if n else math.nan), math.nan
+    shift = float(as_float64(flat[:STATS_CHUNK]).mean())
+    total = squares = 0.0
+    for start in range(0, n, STATS_CHUNK):
+        dev = as_float64(flat[start : start + STATS_CHUNK])  # [<= STATS_CHUNK] float64, a copy
+        dev -= shift
+        total += float(dev.sum())
+        squares += float(np.square(dev, out=dev).sum())
+    return shift + total / n, math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))
+
+
+def _numpy_values(t: torch.Tensor):
+    """T's values as a flat numpy array (a view where numpy has the dtype; bfloat16 as its 16-bit patterns) and the
+    function that makes a float64 copy of a slice of it: numpy only, so no torch op (nor torch thread) runs."""
+    import numpy as np
+    import torch
+
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bfloat16:  # a bfloat16 is the top half of the float32 of the same value
+        bits = flat.view(torch.int16).numpy()
+        return bits, lambda a: (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    if flat.dtype not in (torch.float16, torch.float32, torch.float64):
+        flat = flat.float()
+    return flat.numpy(), lambda a: a.astype(np.float64)
 
 
 def fresh(

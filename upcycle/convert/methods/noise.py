@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from .base import generator
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
 
@@ -36,14 +38,60 @@ def perturb(dense: torch.Tensor, role: str, sigma: float, seed: int, layer: int,
     return dense.float() * factor * scale
 
 
+DRAW_CHUNK = 1 << 20  # values drawn, multiplied and cast at a time by perturb_written (a multiple of 16)
+
+
+def spans(n: int, chunk: int | None = None) -> Iterator[tuple[int, int]]:
+    """[start, stop) spans covering N values in order, such that drawing them one after another with `normal_`
+    from one generator gives the values one `normal_` of all N gives: CHUNK (default DRAW_CHUNK, a multiple of 16)
+    values each, the last one 16 to CHUNK + 15 values (all N where N < CHUNK + 16). torch draws a float32 tensor
+    of n >= 16 values by filling n uniforms in order, turning them into normals 16 at a time, and, when 16 does
+    not divide n, drawing 16 more uniforms for the last 16 values; spans that start at multiples of 16 repeat
+    exactly that (tests/test_methods_written.py checks it)."""
+    chunk = chunk or DRAW_CHUNK
+    assert chunk % 16 == 0
+    start = 0
+    while n - start >= chunk + 16:
+        yield start, start + chunk
+        start += chunk
+    yield start, n
+
+
 def perturb_written(
-    dense: torch.Tensor, factor: torch.Tensor, scale: float, dtype: torch.dtype, out: torch.Tensor | None = None
+    dense: torch.Tensor,
+    sigma: float,
+    seed: int,
+    layer: int,
+    expert_index: int,
+    role: str,
+    scale: float,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    work: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`perturb(...).to(dtype)` byte for byte, given the draw FACTOR (`factors`, which it overwrites): the same
-    float32 products (w x factor, then x scale) computed in place in FACTOR, so the only float32 tensor is the draw.
-    Every value changes, so there is nothing to copy. The result goes into OUT when given, else a new tensor (in
-    float32: FACTOR itself)."""
-    w = factor.mul_(dense)  # float32(dense) x factor: the product perturb computes, without a float32 copy of dense
-    if scale != 1.0:  # x 1.0 changes no value that is not a NaN
-        w.mul_(scale)
-    return w.to(dtype) if out is None else out.copy_(w)
+    """`perturb(...).to(dtype)` byte for byte, made DRAW_CHUNK values at a time (`spans`): each span's factors are
+    drawn into a small float32 buffer, multiplied by that span of the dense tensor (converted into a second buffer
+    first: a mixed-dtype multiply would allocate a float32 copy of its bf16 operand on every call) and by SCALE,
+    then cast into OUT. The same float32 products as `perturb` (factor x dense, then x scale), one rounding, no
+    tensor-sized float32 buffer. OUT: a contiguous DTYPE tensor of DENSE's shape (else one is made); WORK: two
+    float32 buffers of at least min(numel, DRAW_CHUNK + 15) values (else made here)."""
+    import torch
+
+    out = torch.empty(dense.shape, dtype=dtype) if out is None else out
+    src, dst = dense.reshape(-1), out.view(-1)  # [n] each
+    if work is None:
+        need = min(src.numel(), DRAW_CHUNK + 15)
+        work = (torch.empty(need), torch.empty(need))
+    factor_buf, dense_buf = work
+    gen = generator(seed, "noise", layer, expert_index, role)  # the stream `factors` draws from
+    for start, stop in spans(src.numel()):
+        m = stop - start
+        f = dst[start:stop] if dtype == torch.float32 else factor_buf[:m]  # [m] float32
+        f.normal_(1.0, sigma, generator=gen)
+        d = src[start:stop]
+        f.mul_(d if d.dtype == torch.float32 else dense_buf[:m].copy_(d))  # factor x float32(dense)
+        if scale != 1.0:  # x 1.0 changes no value that is not a NaN
+            f.mul_(scale)
+        if dtype != torch.float32:
+            dst[start:stop].copy_(f)
+    return out
