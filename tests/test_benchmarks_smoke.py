@@ -405,7 +405,12 @@ def test_upcycle_vs_dense_presets_and_stale_work(tmp_path, monkeypatch):
     cpu = study.PRESETS["cpu"]
     assert cpu.parent_tokens >= 10 * 1_100_000  # >= 10 tokens per parameter for the ~1.1M-parameter parent
     assert (cpu.continue_tokens or 0) >= study.PRESETS["cpu-long"].arm_tokens >= cpu.arm_tokens
-    assert study.PRESETS["cpu-long"].sweep_tokens == cpu.arm_tokens  # the sweep at the smaller budget, shared
+    long = study.PRESETS["cpu-long"]
+    assert long.sweep_tokens == cpu.sweep_tokens < cpu.arm_tokens  # the sweep at a smaller budget, shared
+    # cpu runs what issue 25 asks for by default: the sweep, both dense arms, the widened dense, the MoE at equal
+    # tokens and at equal FLOPs; cpu-long every arm
+    assert cpu.lr_sweep and long.lr_sweep and long.arms is None
+    assert set(cpu.arms) == {"dense", "dense-nowarm", "dense-wide", "moe-all", "moe-all-flop"} <= set(study.ARMS)
     # --parent-scale 2: 4x the non-embedding parameters, as many tokens per parameter; the count is the model's
     from transformers import LlamaConfig, LlamaForCausalLM
 
