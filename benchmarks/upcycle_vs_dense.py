@@ -900,8 +900,28 @@ def _label(record: dict[str, Any], arm: str) -> str:
 def write(record: dict[str, Any], path: Path) -> None:
     record["summary"] = summarise(record["runs"])
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.write_text(json.dumps(published(record, WORK[0] if WORK else None), indent=2) + "\n")
     os.replace(tmp, path)
+
+
+WORK: list[Path] = []  # the work folder of this study (main sets it), written as "<work>" in the results JSON
+
+
+def published(value: Any, work: Path | None) -> Any:
+    """VALUE with no local path in it (in any string, the command line's too): the work folder as <work>, the
+    repository's paths relative to it, the home folder as ~ (the results JSON is committed; a local path is
+    nobody else's)."""
+    if isinstance(value, dict):
+        return {k: published(v, work) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [published(v, work) for v in value]
+    if not isinstance(value, str):
+        return value
+    if work is not None:  # first: the work folder may be in the home folder
+        value = value.replace(str(work), "<work>")
+    value = value.replace(f"{ROOT}/", "")
+    home = str(Path.home())
+    return value.replace(f"{home}/", "~/") if home != "/" else value
 
 
 def _pkg(name: str) -> str:
@@ -1004,6 +1024,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     big = args.parent_scale > 1 or args.parent_tokens is not None
     suffix = f"-x{args.parent_scale}" + (f"-{args.parent_tokens}" if args.parent_tokens else "") if big else ""
     work = (args.work or default_work(f"{preset.base or args.preset}{suffix}")).resolve()
+    WORK[:] = [work]
     made_for = parent_settings(preset)
     stamp = work / "made_for.json"  # what the corpus and parent in WORK were made with
     if stamp.is_file() and json.loads(stamp.read_text()) != made_for:
@@ -1057,7 +1078,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write(record, path)
     print_table(record)
     print(f"wrote {_public(str(path))}")
-    return record
+    return published(record, work)  # as the JSON has it
 
 
 def describe_models(

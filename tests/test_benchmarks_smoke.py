@@ -227,9 +227,9 @@ def _check_split_is_document_disjoint(saved: dict, work: Path) -> None:
         assert parts[part]["files"] > 0 and set(parts[part]["file_names"]).isdisjoint(trained), part
     assert set(parts["heldout"]["file_names"]).isdisjoint(parts["valid"]["file_names"])
     corpus = work / "corpus"
-    assert saved["parent"]["train_data"] == str(corpus / "pretrain")
+    assert saved["parent"]["train_data"] == "<work>/corpus/pretrain"  # no local path in the published JSON
     for run in saved["runs"] + saved.get("sweep_runs", []):
-        assert run["train_data"] == str(corpus / "continue"), run["arm"]
+        assert run["train_data"] == "<work>/corpus/continue", run["arm"]
     for part in ("pretrain", "continue", "heldout", "valid"):
         assert [p.name for p in (corpus / part).iterdir()] == [f"{part}.txt"]
     # the 13-word overlap, measured here on the files as written: none of the held-out text is in training text
@@ -258,7 +258,9 @@ def test_upcycle_vs_dense_smoke(tmp_path):
         record = study.main(args)
     except study.TextUnavailable as exc:
         pytest.skip(f"Debian text not available: {exc}")
-    saved = json.loads((tmp_path / "r.json").read_text())
+    text = (tmp_path / "r.json").read_text()
+    assert str(work.resolve()) not in text and f"{Path.home()}/" not in text  # no local path: <work>/..., ~/...
+    saved = json.loads(text)
     assert saved["complete"] and saved["summary"] == json.loads(json.dumps(record["summary"]))
     assert sorted(r["arm"] for r in saved["runs"]) == sorted(study.ARMS)
     _check_split_is_document_disjoint(saved, work.resolve())
@@ -272,7 +274,7 @@ def test_upcycle_vs_dense_smoke(tmp_path):
         assert run["tokens_per_s"] > 0 and run["flops"] == run["tokens"] * fpt[run["arm"]]
         assert set(run["heldout_by_source"]) == sources
         assert all(math.isfinite(v["start"]) and math.isfinite(v["final"]) for v in run["heldout_by_source"].values())
-        final = Path(run["final"])  # kept, with the last checkpoint (the default), and hashed
+        final = Path(run["final"].replace("<work>", str(work.resolve())))  # kept, with its last checkpoint, hashed
         assert (final / "config.json").is_file() and (final.parent / "checkpoints").is_dir()
         assert (
             run["kept"]["final_sha256"]["model.safetensors"]
@@ -284,7 +286,8 @@ def test_upcycle_vs_dense_smoke(tmp_path):
     assert all(runs[a]["tokens"] == preset["arm_tokens"] for a in study.ARMS if a != "moe-all-flop")
     # the dense arms are plain Llamas, trained by `upcycle train` itself (no one-expert MoE stand-in)
     for arm in study.ARMS:
-        config = json.loads((Path(runs[arm]["final"]) / "config.json").read_text())
+        final = Path(runs[arm]["final"].replace("<work>", str(work.resolve())))
+        config = json.loads((final / "config.json").read_text())
         dense = arm in ("dense", "dense-nowarm", "dense-wide")
         assert (config["architectures"] == ["LlamaForCausalLM"]) == dense, arm
     assert runs["dense"]["train_data"] == runs["moe-all"]["train_data"]
