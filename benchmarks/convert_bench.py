@@ -36,6 +36,14 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+
+
+def _public(path: Path) -> str:
+    """PATH as the results JSON may hold it: relative to the repository when inside it, else its name alone."""
+    path = Path(path).resolve()
+    return str(path.relative_to(HERE.parent)) if path.is_relative_to(HERE.parent) else path.name
+
+
 GB = 1e9
 MIB = 1 << 20
 
@@ -353,7 +361,7 @@ def code_state() -> dict[str, Any]:
     commit = _git(pkg.parent, "rev-parse", "HEAD")
     status = _git(pkg.parent, "status", "--porcelain", "--", "upcycle", "cli")
     return {
-        "path": str(pkg),
+        "path": _public(pkg),
         "sources_sha256": digest.hexdigest(),
         "git_commit": commit or None,
         "git_dirty": bool(status) if commit else None,
@@ -548,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(work),
         "upcycle_code": code,
-        "work": str(work),
+        "work": _public(work),
         "repeats": args.repeats,
         "notes": [
             "Each run starts with the previous output removed and os.sync(); the dense source is in the page "

@@ -202,7 +202,7 @@ def save_speed(
     rows = speed_rows(names, runs)
     meta = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
             "complete": complete, "shape": SPEED_SHAPE, "rounds": rounds,
-            "baseline": str(baseline) if baseline else None}  # fmt: skip
+            "baseline": baseline.name if baseline else None}  # fmt: skip
     results.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     if complete:
         print("\n| method | convert s | × clone (same round, median) | peak RSS GiB | cp -r s | output GB |")
