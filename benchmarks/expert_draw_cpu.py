@@ -92,6 +92,12 @@ def main() -> None:
                     "round": r + 1,
                     "load": os.getloadavg()[0],
                 }
+                imported = row.pop("code")  # where the child imported upcycle from: kept as which code it was
+                row["code"] = (
+                    label
+                    if (code is None) != imported.startswith(str(code))
+                    else f"{label}, but imported from elsewhere"
+                )
                 runs.setdefault(f"{kind}@{label}", []).append(row)
                 print(f"round {r + 1} {kind}@{label}: CPU {row['cpu_s']:.2f} s, wall {row['wall_s']:.2f} s, "
                       f"load {row['load']:.1f}, sha256 {(row['sha256'] or '-')[:12]}", flush=True)  # fmt: skip
@@ -105,7 +111,7 @@ def main() -> None:
     if args.json:
         meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "layers": args.layers,
                 "intermediate": args.intermediate, "hidden": args.hidden,
-                "rounds": args.rounds, "hashed": args.hash, "baseline": str(args.baseline) if args.baseline else None,
+                "rounds": args.rounds, "hashed": args.hash, "baseline": args.baseline.name if args.baseline else None,
                 "cpu_count": os.cpu_count()}  # fmt: skip
         args.json.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
 
