@@ -7,7 +7,8 @@ top-2). Partitions into 8 groups: `old` max(0, P(i and j) - P(i)P(j)) as a dense
 low-rank T^2 (P(i and j) - P(i)P(j)) (CoactivationGraph, what conversion runs), `raw` the co-firing counts
 T F^T F without the chance term (also low-rank), `random`, `contiguous`. Coverage: per token, the share of its
 firing neurons (and of its |activation| mass) inside its best 2 groups, averaged over tokens; oracle routing,
-so an upper bound on what a router can keep. Writes benchmarks/results/coactivation_quality_<yyyymmdd>.json.
+so an upper bound on what a router can keep; and the busiest group's load over the mean (4.0 at most: every
+token picks it). Writes benchmarks/results/coactivation_quality_<yyyymmdd>.json.
 
     python benchmarks/coactivation_quality.py
 """
@@ -64,12 +65,14 @@ def uncentred(f: torch.Tensor) -> CoactivationGraph:
     return graph
 
 
-def coverage(labels: torch.Tensor, h: torch.Tensor) -> tuple[float, float]:
-    """Mean share of each token's firing neurons, and of its |activation| mass, in its best TOP_K groups."""
+def coverage(labels: torch.Tensor, h: torch.Tensor) -> tuple[float, float, float]:
+    """Mean share of each token's firing neurons, and of its |activation| mass, in its best TOP_K groups; and
+    the busiest group's load over the mean when each token picks its TOP_K groups of largest mass."""
     m = torch.nn.functional.one_hot(labels, PARTS).float()  # [I, P]
     fm, mass = fires_of(h).float() @ m, h.abs() @ m  # [T, P]
     share = [(x.topk(TOP_K, 1).values.sum(1) / x.sum(1)).mean().item() for x in (fm, mass)]
-    return share[0], share[1]
+    load = torch.bincount(mass.topk(TOP_K, 1).indices.flatten(), minlength=PARTS).float()  # [P]
+    return share[0], share[1], (load.max() / load.mean()).item()
 
 
 def main() -> None:
@@ -95,9 +98,10 @@ def main() -> None:
         }
         row: dict = {"layer": i}
         for name, labels in found.items():
-            fires_held, mass_held = coverage(labels, held[i])
+            fires_held, mass_held, load_held = coverage(labels, held[i])
             row[name] = {"cover_fires_calib": coverage(labels, calib[i])[0], "cover_fires_held": fires_held,
-                         "cover_mass_held": mass_held, "old_objective": inside_weight(old_w, labels),
+                         "cover_mass_held": mass_held, "max_load_held": load_held,
+                         "old_objective": inside_weight(old_w, labels),
                          "new_objective": graph.score(labels)}  # fmt: skip
         rows.append(row)
         print(f"| {i} | " + " | ".join(f"{row[n]['cover_fires_held']:.3f} / {row[n]['cover_mass_held']:.3f}"
