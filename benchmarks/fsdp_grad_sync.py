@@ -103,8 +103,13 @@ def one_run(arm: str, moe: Path, text: Path, args: argparse.Namespace, work: Pat
     peaks = work / f"peaks-{arm}"
     shutil.rmtree(peaks, ignore_errors=True)
     peaks.mkdir()
-    env = {**os.environ, "GRAD_SYNC_ARM": arm, "GRAD_SYNC_PEAKS": str(peaks), "OMP_NUM_THREADS": threads,
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "GRAD_SYNC_ARM": arm,
+        "GRAD_SYNC_PEAKS": str(peaks),
+        "OMP_NUM_THREADS": threads,
+        "HF_HUB_OFFLINE": "1",
+    }
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, _ = os.wait4(proc.pid, 0)
@@ -118,8 +123,13 @@ def one_run(arm: str, moe: Path, text: Path, args: argparse.Namespace, work: Pat
     timed = train[1:]  # the first step carries warm-up
     step_s = (timed[-1]["elapsed_s"] - train[0]["elapsed_s"]) / len(timed)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"arm": arm, "wall_s": round(wall, 2), "step_s": step_s, "rank_peak_rss": rank_peaks,
-            "losses": [r["loss"] for r in train]}
+    return {
+        "arm": arm,
+        "wall_s": round(wall, 2),
+        "step_s": step_s,
+        "rank_peak_rss": rank_peaks,
+        "losses": [r["loss"] for r in train],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             res = one_run(arm, moe, args.text, args, args.work)
             res.update(round=r, load_before=round(load, 2))
             runs.append(res)
-            print(f"round {r} {arm:5s} step {res['step_s']:.3f} s  wall {res['wall_s']:.1f} s  load {load:.1f}",
-                  flush=True)
+            print(
+                f"round {r} {arm:5s} step {res['step_s']:.3f} s  wall {res['wall_s']:.1f} s  load {load:.1f}",
+                flush=True,
+            )
     ratios = []
     for r in range(args.rounds):
         by = {x["arm"]: x for x in runs if x["round"] == r}
@@ -151,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     losses = {arm: [x["losses"] for x in runs if x["arm"] == arm] for arm in ARMS}
     max_diff = max(abs(a - b) for la in losses["last"] for lb in losses["every"] for a, b in zip(la, lb, strict=True))
     summary = {
-        "rank_peak_rss_mib_median": {arm: statistics.median(max(x["rank_peak_rss"]) / 2**20 for x in runs
-                                                            if x["arm"] == arm) for arm in ARMS},
+        "rank_peak_rss_mib_median": {
+            arm: statistics.median(max(x["rank_peak_rss"]) / 2**20 for x in runs if x["arm"] == arm) for arm in ARMS
+        },
         "step_s_median": {arm: statistics.median(x["step_s"] for x in runs if x["arm"] == arm) for arm in ARMS},
         "every_over_last_per_round": [round(x, 3) for x in ratios],
         "every_over_last_median": round(statistics.median(ratios), 3),
@@ -162,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "torch": tm_version("torch"), "transformers": tm_version("transformers"),
+        "torch": tm_version("torch"),
+        "transformers": tm_version("transformers"),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "summary": summary, "runs": runs,
+        "summary": summary,
+        "runs": runs,
     }
     print(json.dumps(summary, indent=2))
     if args.out:

@@ -39,8 +39,9 @@ def worktree(rev: str, work: Path) -> Path:
     """A detached checkout of `rev` under work/, with the `upcycle_cli -> cli` link the package layout needs."""
     tree = work / f"tree-{rev}"
     if not tree.is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True
+        )
     link = tree / "upcycle_cli"
     if not link.exists():
         link.symlink_to("cli")
@@ -82,34 +83,69 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error: {name} {case} exited {r.returncode}; see {log}", file=sys.stderr)
                     return 1
                 flush = cb.timed_sync()  # what the run left dirty: a version that fsyncs pays it inside its wall time
-                runs.append({"round": rnd, "version": name, "case": case, "wall_s": r.wall_s, "sync_s": flush,
-                             "wall_sync_s": r.wall_s + flush, "peak_rss_mib": r.peak_rss_mib})
-                print(f"round {rnd} {case:13} {name}: {r.wall_s:6.2f} s + sync {flush:5.2f} s "
-                      f"{r.peak_rss_mib:7.0f} MiB", flush=True)
+                runs.append(
+                    {
+                        "round": rnd,
+                        "version": name,
+                        "case": case,
+                        "wall_s": r.wall_s,
+                        "sync_s": flush,
+                        "wall_sync_s": r.wall_s + flush,
+                        "peak_rss_mib": r.peak_rss_mib,
+                    }
+                )
+                print(
+                    f"round {rnd} {case:13} {name}: {r.wall_s:6.2f} s + sync {flush:5.2f} s {r.peak_rss_mib:7.0f} MiB",
+                    flush=True,
+                )
 
     rows = []
     for case in CASES:
         med = {
-            name: {k: statistics.median(x[k] for x in runs if x["version"] == name and x["case"] == case)
-                   for k in ("wall_s", "wall_sync_s", "peak_rss_mib")}
+            name: {
+                k: statistics.median(x[k] for x in runs if x["version"] == name and x["case"] == case)
+                for k in ("wall_s", "wall_sync_s", "peak_rss_mib")
+            }
             for name in trees
         }
-        rows.append({"case": case, "old": med["old"], "new": med["new"],
-                     "wall_ratio": med["new"]["wall_s"] / med["old"]["wall_s"],
-                     "wall_sync_ratio": med["new"]["wall_sync_s"] / med["old"]["wall_sync_s"],
-                     "rss_ratio": med["new"]["peak_rss_mib"] / med["old"]["peak_rss_mib"]})
-    print(f"\n| case | old wall s | new wall s | new/old | old wall+sync s | new wall+sync s | new/old | "
-          f"old peak MiB | new peak MiB | new/old |  (medians of {args.rounds}, old = {args.old})")
+        rows.append(
+            {
+                "case": case,
+                "old": med["old"],
+                "new": med["new"],
+                "wall_ratio": med["new"]["wall_s"] / med["old"]["wall_s"],
+                "wall_sync_ratio": med["new"]["wall_sync_s"] / med["old"]["wall_sync_s"],
+                "rss_ratio": med["new"]["peak_rss_mib"] / med["old"]["peak_rss_mib"],
+            }
+        )
+    print(
+        f"\n| case | old wall s | new wall s | new/old | old wall+sync s | new wall+sync s | new/old | "
+        f"old peak MiB | new peak MiB | new/old |  (medians of {args.rounds}, old = {args.old})"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         o, n = r["old"], r["new"]
-        print(f"| {r['case']} | {o['wall_s']:.2f} | {n['wall_s']:.2f} | {r['wall_ratio']:.2f} | "
-              f"{o['wall_sync_s']:.2f} | {n['wall_sync_s']:.2f} | {r['wall_sync_ratio']:.2f} | "
-              f"{o['peak_rss_mib']:.0f} | {n['peak_rss_mib']:.0f} | {r['rss_ratio']:.2f} |")
+        print(
+            f"| {r['case']} | {o['wall_s']:.2f} | {n['wall_s']:.2f} | {r['wall_ratio']:.2f} | "
+            f"{o['wall_sync_s']:.2f} | {n['wall_sync_s']:.2f} | {r['wall_sync_ratio']:.2f} | "
+            f"{o['peak_rss_mib']:.0f} | {n['peak_rss_mib']:.0f} | {r['rss_ratio']:.2f} |"
+        )
     results = args.results or HERE / "results" / f"versions_ab_{datetime.now(UTC):%Y%m%d}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({"old": args.old, "new": cb.code_state(), "model": args.model,
-                                   "machine": cb.machine(args.work), "runs": runs, "summary": rows}, indent=2) + "\n")
+    results.write_text(
+        json.dumps(
+            {
+                "old": args.old,
+                "new": cb.code_state(),
+                "model": args.model,
+                "machine": cb.machine(args.work),
+                "runs": runs,
+                "summary": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"results: {results.relative_to(ROOT) if results.is_relative_to(ROOT) else results}")
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)

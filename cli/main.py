@@ -67,6 +67,8 @@ app = _App(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
 def _version(value: bool) -> None:
     if value:
         from upcycle import __version__
@@ -106,9 +108,7 @@ def convert(
         typer.Option(help="Layer i becomes MoE iff (i+1) % EVERY == 0; 2 = layers 1,3,5..." + _c("every")),
     ] = None,
     layers: Annotated[str | None, typer.Option(help="Explicit MoE layers, e.g. 1,5,9 (overrides --every).")] = None,
-    init: Annotated[
-        str | None, typer.Option(help=f"Expert construction: {_or(LAYOUTS)}." + _c("init"))
-    ] = None,
+    init: Annotated[str | None, typer.Option(help=f"Expert construction: {_or(LAYOUTS)}." + _c("init"))] = None,
     split_by: Annotated[
         str | None,
         typer.Option(
@@ -442,7 +442,6 @@ def _engine_runner(engine: str | None, llama_cpp: Path | None):
     return lambda dense, moe: engine_mod.check(dense, moe, engine=found)
 
 
-
 # --- inspect -----------------------------------------------------------------------------------------
 
 
@@ -618,16 +617,20 @@ def train(
     ] = None,
     data_format: Annotated[
         str | None,
-        typer.Option("--format", help="text, chat ({\"messages\": [...]} records), or auto (chat if DATA's records "
-                     "have messages)." + _t("format")),
+        typer.Option(
+            "--format",
+            help='text, chat ({"messages": [...]} records), or auto (chat if DATA\'s records '
+            "have messages)." + _t("format"),
+        ),
     ] = None,
     packing: Annotated[
         str | None, typer.Option(help="chat: several conversations per sequence (on) or one (off)." + _t("packing"))
     ] = None,
     long_conversations: Annotated[
         str | None,
-        typer.Option(help="chat: a conversation over --seq-len: truncate (whole turns) or refuse."
-                     + _t("long_conversations")),
+        typer.Option(
+            help="chat: a conversation over --seq-len: truncate (whole turns) or refuse." + _t("long_conversations")
+        ),
     ] = None,
     eval_data: Annotated[str | None, typer.Option(help="Held-out text. [default: a held-out share of DATA]")] = None,
     eval_fraction: Annotated[float | None, typer.Option(help="Share of DATA held out." + _t("eval_fraction"))] = None,
@@ -713,12 +716,13 @@ def train(
         ),
     ] = None,
     eval_every: Annotated[
-        int | None, typer.Option(help="Evaluate every N steps; 0: never. [default: at the end of a run ≤ 50 steps, "
-                                 "else every max(50, 10% of the steps)]")
+        int | None,
+        typer.Option(
+            help="Evaluate every N steps; 0: never. [default: at the end of a run ≤ 50 steps, "
+            "else every max(50, 10% of the steps)]"
+        ),
     ] = None,
-    save_every: Annotated[
-        int | None, typer.Option(help="Checkpoint every N steps. [default: as --eval-every]")
-    ] = None,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps. [default: as --eval-every]")] = None,
     keep_last: Annotated[int | None, typer.Option(help="Complete checkpoints kept." + _t("keep_last"))] = None,
     log_every: Annotated[int | None, typer.Option(help="Log every N steps." + _t("log_every"))] = None,
     tensorboard: Annotated[

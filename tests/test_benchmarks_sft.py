@@ -78,8 +78,10 @@ def test_a_rerun_continues_with_the_runs_not_recorded(study):
     path.write_text(json.dumps(interrupted))
     log: list[str] = []
     again = bench.run_study("smoke", root / "results", root / "work", log=log.append)
-    assert [line for line in log if line.endswith("skipped")] == ["dense/seed0: recorded, skipped",
-                                                                   "moe/seed0: recorded, skipped"]
+    assert [line for line in log if line.endswith("skipped")] == [
+        "dense/seed0: recorded, skipped",
+        "moe/seed0: recorded, skipped",
+    ]
     assert again["partial"] is False
     assert again["runs"]["dense/seed0"] == results["runs"]["dense/seed0"]  # untouched, finish time included
     assert abs(again["runs"]["moe-frozen/seed0"]["after"] - missing["after"]) < 1e-6

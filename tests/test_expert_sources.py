@@ -735,7 +735,7 @@ def test_mergekit_config_syntax_example_refused_by_field(models, capsys, tmp_pat
             "    positive_prompts:\n"
             "      - \"This is a prompt that is demonstrative of what expert_model_1 excels at\"\n"
             "{negative}  - source_model: {b}\n")  # fmt: skip
-    negative = "    negative_prompts:\n      - \"This is a prompt expert_model_1 should not be used for\"\n"
+    negative = '    negative_prompts:\n      - "This is a prompt expert_model_1 should not be used for"\n'
     out = tmp_path / "moe"
     cfg = mergekit_yaml(tmp_path / "moe.yml", text, base=models["base"], a=models["a"], b=models["b"], negative="")
     line = expect_error(capsys, ["convert", "--mergekit-config", cfg, out], "experts[1] (gate_mode hidden needs")
@@ -784,22 +784,48 @@ TWO = "  - source_model: {a}\n    positive_prompts: [x]\n  - source_model: {b}\n
         (BODY + "experts_per_token: 1.5\nexperts:\n" + TWO, "experts_per_token 1.5"),
         (BODY + "experts_per_token: 3\nexperts:\n" + TWO, "experts_per_token 3 (give a whole number from 1 to the 2"),
         (BODY + "experts_per_token: 0\nexperts:\n" + TWO, "experts_per_token 0"),
-        (BODY + "experts:\n  - source_model: {a}\n    positive_prompts: just one string\n  - source_model: {b}\n"
-         "    positive_prompts: [y]\n", "experts[0].positive_prompts (give a list of prompt strings)"),
-        (BODY + "experts:\n  - source_model: {a}\n    positive_prompts: [{{k: v}}]\n  - source_model: {b}\n"
-         "    positive_prompts: [y]\n", "experts[0].positive_prompts (give a list of prompt strings)"),
+        (
+            BODY + "experts:\n  - source_model: {a}\n    positive_prompts: just one string\n  - source_model: {b}\n"
+            "    positive_prompts: [y]\n",
+            "experts[0].positive_prompts (give a list of prompt strings)",
+        ),
+        (
+            BODY + "experts:\n  - source_model: {a}\n    positive_prompts: [{{k: v}}]\n  - source_model: {b}\n"
+            "    positive_prompts: [y]\n",
+            "experts[0].positive_prompts (give a list of prompt strings)",
+        ),
         (BODY + "experts:\n  a: {a}\n", "experts (give a list of entries, each with a source_model)"),
-        (BODY + "experts_per_token: 1\nexperts:\n  - source_model: {a}\n    positive_prompts: [x]\n",
-         "experts (upcycle makes an MoE of 2 experts or more; this recipe has 1)"),
-        (BODY + "experts:\n" + TWO + "shared_experts:\n  - source_model: {base}\n  - source_model: {a}\n",
-         "shared_experts (upcycle fills one shared expert"),
-        (BODY + "architecture: mixtral\nexperts:\n" + TWO + "shared_experts:\n  - source_model: {base}\n",
-         "architecture mixtral (upcycle writes mixtral, or qwen with one shared expert)"),
-        (BODY + "experts:\n  - source_model: {a}\n    positive_prompts: [x]\n    residual_scale: 0.5\n"
-         "  - source_model: {b}\n    positive_prompts: [y]\n", "experts[0].residual_scale"),
+        (
+            BODY + "experts_per_token: 1\nexperts:\n  - source_model: {a}\n    positive_prompts: [x]\n",
+            "experts (upcycle makes an MoE of 2 experts or more; this recipe has 1)",
+        ),
+        (
+            BODY + "experts:\n" + TWO + "shared_experts:\n  - source_model: {base}\n  - source_model: {a}\n",
+            "shared_experts (upcycle fills one shared expert",
+        ),
+        (
+            BODY + "architecture: mixtral\nexperts:\n" + TWO + "shared_experts:\n  - source_model: {base}\n",
+            "architecture mixtral (upcycle writes mixtral, or qwen with one shared expert)",
+        ),
+        (
+            BODY + "experts:\n  - source_model: {a}\n    positive_prompts: [x]\n    residual_scale: 0.5\n"
+            "  - source_model: {b}\n    positive_prompts: [y]\n",
+            "experts[0].residual_scale",
+        ),
     ],
-    ids=["per-token-word", "per-token-float", "per-token-over", "per-token-zero", "prompts-string", "prompts-dict",
-         "experts-dict", "one-expert", "two-shared", "mixtral-shared", "residual-scale"],
+    ids=[
+        "per-token-word",
+        "per-token-float",
+        "per-token-over",
+        "per-token-zero",
+        "prompts-string",
+        "prompts-dict",
+        "experts-dict",
+        "one-expert",
+        "two-shared",
+        "mixtral-shared",
+        "residual-scale",
+    ],
 )
 def test_mergekit_bad_values_refused(text, needle, models, capsys, tmp_path):
     """Each value mergekit-moe's own config would reject, or upcycle cannot honour, is one line naming the field."""

@@ -785,8 +785,10 @@ def _full_disk_at(monkeypatch, step: int, error: Exception) -> None:
 @pytest.mark.parametrize(
     "error",
     [
-        RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
-                     "file write failed"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+            "file write failed"
+        ),
         OSError(28, "No space left on device"),
     ],
 )

@@ -197,8 +197,9 @@ def _routing(model, target, ids, bias: dict[int, torch.Tensor] | None = None):
 @pytest.mark.parametrize("name", ["ernie4_5_moe", "generic"])
 def test_a_target_with_a_slot_routes_as_the_run(name, slot_store, text, tmp_path):  # noqa: F811
     src = slot_store(name)
-    result = train(src, tmp_path / "run", data=str(text), steps=6, save_every=6, eval_every=6, balance="bias",
-                   balance_rate=0.02)
+    result = train(
+        src, tmp_path / "run", data=str(text), steps=6, save_every=6, eval_every=6, balance="bias", balance_rate=0.02
+    )
     assert result.summary["balance_bias"]["exported"] == "slot"
     final = tmp_path / "run" / "final"
     saved = load_file(tmp_path / "run" / "checkpoints" / "step-6" / "trainer_state.safetensors")

@@ -114,9 +114,9 @@ def rendered_labels(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     tokens between them are the labels."""
 
     def ids(msgs: list[dict], prompt: bool = False) -> list[int]:
-        return list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True, add_generation_prompt=prompt)[
-            "input_ids"
-        ])
+        return list(
+            tok.apply_chat_template(msgs, tokenize=True, return_dict=True, add_generation_prompt=prompt)["input_ids"]
+        )
 
     full = ids(messages)
     labels = [-100] * len(full)

@@ -542,7 +542,6 @@ def test_pieces_cut_before_a_space_and_join_to_the_text():
     cut = list(pieces(text, 1_000))
     assert "".join(cut) == text and all(0 < len(p) <= 1_000 for p in cut)
 
-
     def places(s: str) -> list[int]:  # where a cut may go: a space followed by a non-space
         return [i for i in range(len(s) - 1) if s[i] == " " and not s[i + 1].isspace()]
 

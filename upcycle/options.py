@@ -75,6 +75,8 @@ def command_line(words: list[str], options: dict[str, Any], defaults: dict[str, 
             value = ",".join(map(str, value))
         parts.append(f"{flag} {value}")
     return " ".join(parts)
+
+
 def unknown_key(key: str, known: set[str], what: str) -> UpcycleError:
     """The error for a key that is no option: the nearest known key first (a typo such as `topk`), then all."""
     from difflib import get_close_matches

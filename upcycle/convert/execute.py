@@ -46,9 +46,7 @@ class LayerFFNs:
     makes the next few computed tensors of the layer meanwhile, in worker threads (methods/ahead.py).
     """
 
-    def __init__(
-        self, ckpt: Checkpoint, plan: Plan, seed: int, partitions: dict | None = None, others: tuple = ()
-    ):
+    def __init__(self, ckpt: Checkpoint, plan: Plan, seed: int, partitions: dict | None = None, others: tuple = ()):
         self.ckpts = (ckpt, *others)
         self.seed, self.partitions = seed, partitions or {}
         self.keys: dict[int, dict[str, str]] = {}  # layer -> role -> source key

@@ -185,8 +185,10 @@ def plan_for(
     if all(m is not None for m in models):
         plan = replace(plan, differences=differences(plan, models))
     else:
-        unread = unread_why(source.id, base=True) if dense.checkpoint is None else next(
-            unread_why(n) for n, d in zip(names, others, strict=True) if d.checkpoint is None
+        unread = (
+            unread_why(source.id, base=True)
+            if dense.checkpoint is None
+            else next(unread_why(n) for n, d in zip(names, others, strict=True) if d.checkpoint is None)
         )
         plan = replace(plan, unmeasured=unread)
     readable = [(n, d.checkpoint.tensors if d.checkpoint else d.tensors, d.checkpoint is not None)
@@ -498,9 +500,7 @@ def _command(label: str, out: Path, spec: ConvertSpec, source: SourceRef, base_m
     return command_line(["upcycle", "convert", label, out.name, *froms], options, ConvertSpec().to_dict())
 
 
-def _mergekit_command(
-    config: Path, out: Path, spec: ConvertSpec, source: SourceRef, base_model: str | None
-) -> str:
+def _mergekit_command(config: Path, out: Path, spec: ConvertSpec, source: SourceRef, base_model: str | None) -> str:
     """`upcycle convert --mergekit-config mergekit_moe_config.yml OUT` (the copy in OUT), then the flags given
     beside it: those whose value differs from what the YAML maps to."""
     from .mergekit import RECORDED, mapped_options

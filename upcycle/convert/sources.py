@@ -93,9 +93,7 @@ def unread_why(name: str, base: bool = False) -> str:
             "float32), so its weights were not read")  # fmt: skip
 
 
-def source_casts(
-    plan: Plan, models: Sequence[tuple[str, dict[str, TensorInfo], bool]]
-) -> tuple[SourceCasts, ...]:
+def source_casts(plan: Plan, models: Sequence[tuple[str, dict[str, TensorInfo], bool]]) -> tuple[SourceCasts, ...]:
     """Each --expert-from model's casts of its FFN tensors into the written dtype, measured on its weights (each
     lossily cast tensor read once). `models`: (public name, its tensors, readable), in --expert-from order; an
     unreadable one (a GGUF file in a dry run) gets its casts from its metadata and says why they are unmeasured."""

@@ -91,7 +91,6 @@ def shared_text(spec: dict[str, Any], plan: dict[str, Any]) -> str:
     return SHARED_EXPERT_TEXT[kind].format(shared=shared, parts=plan["experts"] + shared)
 
 
-
 def source_license(folder: Path) -> str | None:
     readme = Path(folder) / CARD
     if not readme.is_file():

@@ -92,9 +92,13 @@ def routing_run(run_dir: Path, out: Path, *, text: Path | None = None, force: bo
         "weight_cosine_from_checkpoints": computed,  # steps whose figure was computed here, not read from metrics
     }
     with staged_folder(out, force) as tmp:
-        shown, counted = (held_out, "held-out tokens, the same at each evaluation") if held_out else (
-            load_cv,
-            "each step's training tokens",
+        shown, counted = (
+            (held_out, "held-out tokens, the same at each evaluation")
+            if held_out
+            else (
+                load_cv,
+                "each step's training tokens",
+            )
         )
         size = write_divergence_png(tmp / "divergence.png", shown, data["weight_cosine"], data["run"], counted)
         if text is not None:

@@ -296,6 +296,7 @@ def expert_count(cfg) -> int:
 def check_pair(dense: str, moe: str, dense_cfg, moe_cfg) -> None:
     """Refuse a MOE that is no MoE, or one that cannot have been upcycled from DENSE (another shape or
     vocabulary), saying what it is: comparing such a pair can only report FAIL."""
+
     def shape(cfg) -> tuple:
         return tuple(getattr(cfg, name, None) for name in ("hidden_size", "num_hidden_layers", "vocab_size"))
 

@@ -193,7 +193,7 @@ def _record(row: Any, where: str, flag: str) -> Record:
         return UpcycleError(f"{flag} {where}: {problem}; fix or remove the record")
 
     if not isinstance(row, dict) or FIELD not in row:
-        raise bad(f"no {FIELD!r} field (each record is {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}})")
+        raise bad(f'no {FIELD!r} field (each record is {{"messages": [{{"role": ..., "content": ...}}, ...]}})')
     messages = row[FIELD]
     if not isinstance(messages, list) or not messages:
         raise bad(f"{FIELD!r} is not a non-empty list of messages")
@@ -222,9 +222,7 @@ def check_template(tokenizer: PreTrainedTokenizerBase) -> None:
         )
 
 
-def tokenise(
-    record: Record, tokenizer: PreTrainedTokenizerBase, options: ChatOptions, flag: str
-) -> Tokenised | None:
+def tokenise(record: Record, tokenizer: PreTrainedTokenizerBase, options: ChatOptions, flag: str) -> Tokenised | None:
     """The conversation's ids and labels through the tokenizer's chat template (see the module docstring); None
     when --long-conversations truncate leaves nothing (its first answer alone is longer than seq_len)."""
     full = _render(tokenizer, record, record.messages, False, flag)

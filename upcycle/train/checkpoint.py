@@ -220,9 +220,7 @@ def _check_free_space(root: Path, final: Path, weights: dict[str, Any]) -> None:
     need = SAVE_MARGIN * sum(t.numel() * t.element_size() for t in weights.values())
     free = shutil.disk_usage(root).free
     if free < need:
-        raise OSError(
-            errno.ENOSPC, f"needs about {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free", str(final)
-        )
+        raise OSError(errno.ENOSPC, f"needs about {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free", str(final))
 
 
 CHECKSUMS = "checksums.json"  # sha256 of every other file of the checkpoint, written at save, verified on resume
