@@ -93,7 +93,7 @@ RUNS = {
     "mixtral-fine-grained": (
         "llama",
         ["--target", "mixtral", "--experts", "8", "--top-k", "4", "--init", "fine-grained", "--granularity", "2"],
-    ),  # noqa: E501
+    ),
     "mixtral-split": ("llama", ["--target", "mixtral", "--init", "split", "--top-k", "4"]),
     "qwen2_moe": ("qwen2", QWEN2_LLAMA_CPP),
     "qwen2_moe-shared": ("qwen2", [*QWEN2_LLAMA_CPP, "--shared-experts", "1"]),
