@@ -15,6 +15,7 @@ from ..errors import UpcycleError
 from ..generic import MODEL_TYPE as GENERIC_MODEL_TYPE
 from ..generic import register as register_generic
 from ..generic import write_code as write_generic_code
+from ..heap import hold_mmap_threshold
 from ..options import command_line
 from ..outdir import check_target, staged_folder
 from ..publish.card import hub_card_license, source_license, write_card_and_recipe
@@ -250,6 +251,7 @@ def convert(
     the mergekit-moe YAML SPEC was read from; OUT keeps a copy and the recorded command converts from it.
     """
     out = Path(out)
+    hold_mmap_threshold()  # large buffers back to the system when freed: the calibration pass's peak (upcycle/heap.py)
     max_shard = shard_size(spec.max_shard_size)
     if base_model is not None and not looks_like_repo_id(base_model):
         raise UpcycleError(f"--base-model {base_model!r} is not a Hub id; give it as org/name")
