@@ -7,9 +7,10 @@ function-preserving by Net2Net splitting to the MoE's active parameters: more ac
 schedule ending at dense's training FLOPs), `moe-every2` (Qwen2-MoE, 8 experts, top-2, every other layer) and
 `drop-r0.5` (Drop-Upcycling, 8×top-2, every layer). Every arm and seed: same text in the same order (the seed
 sets the data order and the conversion's seed), same AdamW, warmup and cosine decay to 10%. With `--lr-sweep`
-each re-warmed arm first trains at 1e-4, 3e-4 and 1e-3 (seed 0, the sweep's token budget, judged on a validation
-part); an arm whose best is at an edge of that grid gets one step more beyond it (3e-5 or 3e-3), and one still at
-an edge is flagged (`at_edge`); then each arm runs at its best. `dense-nowarm`'s learning rate is the parent's
+each re-warmed arm first trains at each of the preset's sweep learning rates (`cpu`: 3e-5, 1e-4, 3e-4; the others
+1e-4, 3e-4, 1e-3; seed 0, the sweep's token budget, judged on a validation part); an arm whose best is at an edge
+of that grid gets one step more beyond it on the 1-3-10 ladder, and one still at an edge is flagged (`at_edge`);
+then each arm runs at its best. `dense-nowarm`'s learning rate is the parent's
 final one by definition.
 
 FLOPs per token: 6 · N_active + 12 · L · d · S (N_active counts routed experts at top-k/E and the tied embedding
@@ -30,8 +31,8 @@ cache, $UPCYCLE_CACHE/studies/upcycle_vs_dense/<preset> (default ~/.cache/upcycl
 Outputs under benchmarks/results/: upcycle_vs_dense_<preset>.json (rewritten as each run finishes, so an
 interrupted study keeps what it finished; a rerun reuses the runs it finds finished), _tokens.png and _flops.png.
 
-    python benchmarks/upcycle_vs_dense.py --preset cpu --lr-sweep   # ~80-90 min on 2 idle cores (estimated)
-    python benchmarks/upcycle_vs_dense.py --preset cpu --lr-sweep --arms dense,dense-nowarm,moe-all,moe-all-flop
+    python benchmarks/upcycle_vs_dense.py --preset cpu              # issue 25's protocol: ~44 min on 2 idle cores
+    python benchmarks/upcycle_vs_dense.py --preset cpu --arms dense,moe-all,moe-all-flop
     python benchmarks/upcycle_vs_dense.py --preset cpu-long         # then: cpu's parent, 3 seeds, 2x the tokens
     python benchmarks/upcycle_vs_dense.py --preset smoke            # about a minute; what the smoke test runs
 """
@@ -140,19 +141,24 @@ class Preset:
     lr_sweep: bool = False  # sweep each re-warmed arm's learning rate without --lr-sweep
 
 
-# Sized for the 45-minute budget of issue 25 on 2 idle cores, from issue 14's measured times (benchmarks/README.md):
-# a 1.1M-parameter parent (0.59M outside the tied embedding) pretrained on 11.5M tokens, 10.3 per parameter (16 min);
-# the arms the issue asks for (dense re-warmed and not, Net2Net-widened dense, the every-layer MoE at equal tokens
-# and at equal FLOPs) × 2 seeds × 1.5M tokens (about 4.3 min a run, 2 at a time); the learning-rate sweep at a third
-# of that (500k tokens, seed 0). The corpus (~15.7M tokens) holds the pretraining and a 3.3M-token continuation part.
+# Sized for the 45-minute budget of issue 25 on 2 idle cores, from the idle run times of the 2026-12-06 `cpu` run
+# (benchmarks/README.md): a 1.1M-parameter parent (0.59M outside the tied embedding) pretrained on 11.5M tokens, 10.3
+# per parameter (16 min at 12.1k tokens/s); the learning-rate sweep on the grid that run found the optimum inside
+# (3e-5, 1e-4, 3e-4: every arm was best at 1e-4, 1e-3 was 6% worse), 400k tokens a run (9 runs, ~6.4 min 2 at a
+# time); the arms the issue asks for (dense re-warmed and not, Net2Net-widened dense, the every-layer MoE at equal
+# tokens and at equal FLOPs) × 2 seeds × 1.2M tokens (~19.4 min 2 at a time). ~44 min in all with the corpus and
+# conversions (estimated; the 2026-12-06 run used 1.5M and 500k tokens and the grid 1e-4..1e-3: ~52 min idle).
+# The corpus (~15.7M tokens) holds the pretraining and a 3.3M-token continuation part.
 CORE_ARMS = ("dense", "dense-nowarm", "dense-wide", "moe-all", "moe-all-flop")
+CPU_SWEEP_LRS = (3e-5, 1e-4, 3e-4)
 CPU = Preset(
     intermediate=256,
     kv_heads=2,
     parent_tokens=11_500_000,
     continue_tokens=3_000_000,
-    arm_tokens=1_500_000,
-    sweep_tokens=500_000,
+    arm_tokens=1_200_000,
+    sweep_lrs=CPU_SWEEP_LRS,
+    sweep_tokens=400_000,
     evals=6,
     arms=CORE_ARMS,
     lr_sweep=True,
@@ -180,8 +186,18 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": CPU,
     # longer (under 2 hours on 2 idle cores once `cpu` has made the parent): cpu's corpus, parent and converted
-    # models, every arm, 3 seeds and 3M tokens per arm run; its sweep is cpu's (the same runs, reused)
-    "cpu-long": replace(CPU, arm_tokens=3_000_000, seeds=(0, 1, 2), evals=8, base="cpu", arms=None),
+    # models, every arm, 3 seeds and 3M tokens per arm run; its sweep is the wider one `cpu` ran on 2026-12-06
+    # (1e-4, 3e-4, 1e-3 + an edge step, 500k tokens a run: those runs are reused where found)
+    "cpu-long": replace(
+        CPU,
+        arm_tokens=3_000_000,
+        seeds=(0, 1, 2),
+        evals=8,
+        base="cpu",
+        arms=None,
+        sweep_lrs=SWEEP_LRS,
+        sweep_tokens=500_000,
+    ),
     "gpu": Preset(
         parent="smollm2",
         seq_len=1024,
@@ -960,7 +976,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Nam
     parser.add_argument(
         "--lr-sweep",
         action=argparse.BooleanOptionalAction,
-        help="first train each arm at 1e-4, 3e-4, 1e-3 (one step more past an edge best), then run it at its best "
+        help="first train each arm at the preset's sweep lrs (one step more past an edge best), then at its best "
         "(default: the preset's; on for cpu and cpu-long)",
     )
     parser.add_argument("--parent-scale", type=int, default=1, help="a larger parent: hidden, FFN and heads times N")
