@@ -606,7 +606,11 @@ def train(
     out_dir: Annotated[Path | None, typer.Option("--out", metavar="RUN_DIR", help="The run directory.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML run config; flags given here win.")] = None,
     text_field: Annotated[
-        str | None, typer.Option(help="Text field of .jsonl/.json/.parquet." + _t("text_field"))
+        str | None,
+        typer.Option(
+            help="Text field of .jsonl/.json/.parquet (a field of token-id lists: already tokenised)."
+            + _t("text_field")
+        ),
     ] = None,
     skip_bad_rows: Annotated[
         bool | None,

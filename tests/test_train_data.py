@@ -160,6 +160,50 @@ def test_each_format_gives_the_documents_joined_with_eos(tok, tmp_path, fmt):
     assert (info.skipped_bad, info.skipped_empty) == ((0, 0) if fmt == "txt.gz" else (1, 1))
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "saved"])
+def test_pre_tokenised_rows_give_the_stream_of_their_text(tok, tmp_path, fmt):
+    """A field of token-id lists (`input_ids`) is read as documents already tokenised: the same stream (ids, EOS
+    after each, the same blocks) as the text they came from; null rows are refused or skipped and counted like
+    missing text, empty lists skipped as empty documents, and an id outside the vocabulary is refused."""
+    import datasets
+
+    rng = random.Random(3)
+    docs = [sentence(rng, i) for i in range(10)]
+    rows = [{"input_ids": tok(d, add_special_tokens=False).input_ids, "n": i} for i, d in enumerate(docs)]
+    rows.insert(4, {"input_ids": [], "n": 99})  # an empty document
+    path = tmp_path / f"ids.{fmt}"
+    if fmt == "parquet":
+        write_parquet(path, rows)
+    elif fmt == "jsonl":
+        write_jsonl(path, rows)
+    else:
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    evals = str(write_eval(tmp_path / "e.txt"))
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(docs))
+    want, _, _ = prepare(str(text), tok, 16, eval_data=evals, cache_dir=tmp_path / "t")
+    train, held, info = prepare(str(path), tok, 16, text_field="input_ids", eval_data=evals, cache_dir=tmp_path / "c")
+    assert stream_of(train) == stream_of(want) == expected_stream(tok, docs)
+    assert held.n_tokens > 0 and (info.documents, info.skipped_empty, info.skipped_bad) == (10, 1, 0)
+    # without an eval file the held-out documents are drawn the same way as for the text
+    a, a_eval, _ = prepare(str(text), tok, 16, eval_fraction=0.2, cache_dir=tmp_path / "t")
+    b, b_eval, _ = prepare(str(path), tok, 16, text_field="input_ids", eval_fraction=0.2, cache_dir=tmp_path / "c")
+    assert stream_of(a) == stream_of(b) and stream_of(a_eval) == stream_of(b_eval)
+
+    bad = tmp_path / "bad.parquet"
+    write_parquet(bad, [{"input_ids": [5, 6, len(tok) + 7]}, *rows])
+    with pytest.raises(UpcycleError, match=rf"bad.parquet row 1 holds token id {len(tok) + 7}, outside"):
+        prepare(str(bad), tok, 16, text_field="input_ids", eval_data=evals, cache_dir=tmp_path / "c")
+    null = tmp_path / "null.parquet"
+    write_parquet(null, [*rows[:2], {"input_ids": None, "n": 7}, *rows[2:]])
+    with pytest.raises(UpcycleError, match=re.escape("null.parquet row 3 has no 'input_ids' field")):
+        prepare(str(null), tok, 16, text_field="input_ids", eval_data=evals, cache_dir=tmp_path / "c")
+    kept, _, counted = prepare(
+        str(null), tok, 16, text_field="input_ids", eval_data=evals, cache_dir=tmp_path / "c", skip_bad_rows=True
+    )
+    assert stream_of(kept) == stream_of(want) and counted.skipped_bad == 1
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "json", "parquet", "folder"])
 def test_rows_without_the_text_field_are_refused_or_skipped_and_counted(tok, tmp_path, fmt):
     """Issue 20, fault 8: a row lacking the field is refused, naming where it is, unless skip_bad_rows; then the

@@ -10,7 +10,8 @@ What a document is: a row of a json(l)/parquet file or dataset (its `text_field`
 around a paragraph are dropped, the ones inside kept). Paragraphs rather than whole files so that a single long
 text can still give a held-out eval set of documents the training never sees. Empty or whitespace-only documents
 are skipped; a row without `text_field` (or a null one) is refused unless `skip_bad_rows` (rows.py); both are
-counted. Each document is tokenised without special tokens and followed by the tokenizer's EOS; the stream
+counted. A field of integer lists (`input_ids`) is read as documents already tokenised, their ids as they are.
+Each document is tokenised without special tokens and followed by the tokenizer's EOS; the stream
 of all documents is cut into blocks of `seq_len` tokens (blocks may straddle documents; the last
 `n_tokens % seq_len` tokens are unused).
 
@@ -565,13 +566,15 @@ def _token_lists(src: _Source, job: _Job, hf_cache: Path) -> Iterator[Any]:
     ) -> Callable[[pa.Table, list[int]], pa.Table]:
         def encode(batch: pa.Table, indices: list[int]) -> pa.Table:
             values = batch.column(column)
+            if _is_token_ids(values.type):
+                return pa.table({"ids": _given_ids(values, indices, column, locate)})
             if not (
                 pa.types.is_string(values.type)
                 or pa.types.is_large_string(values.type)
                 or pa.types.is_null(values.type)
             ):
                 raise UpcycleError(
-                    f"{src.flag}: field {column!r} of {label} holds {values.type}, not text; "
+                    f"{src.flag}: field {column!r} of {label} holds {values.type}, neither text nor token ids; "
                     "pick another with --text-field"
                 )
             texts = []
@@ -595,6 +598,32 @@ def _token_lists(src: _Source, job: _Job, hf_cache: Path) -> Iterator[Any]:
             return pa.table({"ids": ids})
 
         return encode
+
+    def _given_ids(values: Any, indices: list[int], column: str, locate: Callable[[int], str]) -> Any:
+        """Documents already tokenised: each row's ids as they are, EOS appended (as after a text document)."""
+        vocab = len(job.tokenizer)
+        docs: list[np.ndarray] = []
+        for index, row in zip(indices, values.to_pylist(), strict=True):
+            if row is None:
+                if not job.skip_bad_rows:
+                    raise UpcycleError(bad_row_message(f"{src.flag}: {locate(index)}", column))
+                rows.bad += 1
+                rows.first_bad = rows.first_bad or f"{src.flag}: {locate(index)}"
+                continue
+            if not row:
+                rows.empty += 1
+                continue
+            ids = np.asarray(row, dtype=np.int64)  # (tokens,)
+            if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+                bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+                raise UpcycleError(
+                    f"{src.flag}: {locate(index)} holds token id {bad}, outside the tokenizer's vocabulary "
+                    f"(0..{vocab - 1}): pre-tokenised data must come from the model's own tokenizer"
+                )
+            docs.append(np.append(ids, job.eos))
+        offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs], dtype=np.int64)])  # (documents+1,)
+        flat = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
+        return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(flat, type=pa.int64()))
 
     def stream(
         ds: Any, columns: list[str], column: str, label: str, strip: bool, locate: Callable[[int], str]
@@ -636,6 +665,14 @@ def _token_lists(src: _Source, job: _Job, hf_cache: Path) -> Iterator[Any]:
             _check_field(ds.column_names, text_field, src.flag, src.label)
             ds = ds.select_columns([text_field]).to_iterable_dataset()
             yield from stream(ds, [text_field], text_field, src.label, False, lambda i: f"{src.label} row {i + 1}")
+
+
+def _is_token_ids(kind: Any) -> bool:
+    """A field of lists of integers: documents already tokenised (`input_ids`), read as they are."""
+    import pyarrow as pa
+
+    list_like = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    return list_like and pa.types.is_integer(kind.value_type)
 
 
 def _check_field(fields: list[str], column: str, flag: str, label: str) -> None:
