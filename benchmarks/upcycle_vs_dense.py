@@ -65,6 +65,7 @@ CONFIGS = ROOT / "configs"
 if str(HERE) not in sys.path:  # the sibling modules, also in spawned workers
     sys.path.insert(0, str(HERE))
 
+import numpy as np  # noqa: E402
 import study_corpus  # noqa: E402
 
 MOE_ALL = ("--experts", "8", "--top-k", "2")
@@ -198,20 +199,6 @@ PRESETS: dict[str, Preset] = {
         sweep_lrs=SWEEP_LRS,
         sweep_tokens=500_000,
     ),
-    "gpu": Preset(
-        parent="smollm2",
-        seq_len=1024,
-        micro_batch=32,
-        arm_tokens=100_000_000,
-        arm_lr=3e-4,
-        evals=10,
-        heldout_bytes=2_000_000,
-        valid_bytes=1_000_000,
-        device="cuda",
-        dtype="bf16",
-        jobs=1,
-        threads=8,
-    ),
 }
 
 # fields only the arm runs read: a preset with a `base` may differ from it in these and nothing else
@@ -268,6 +255,28 @@ def scaled(preset: Preset, scale: int, parent_tokens: int | None = None) -> Pres
     )
     tokens = parent_tokens or round(preset.parent_tokens * dense_params(big) / dense_params(preset))
     return replace(big, parent_tokens=tokens)
+
+
+# one GPU run (benchmarks/gpu/study.sh; ~15 minutes of machine time, no network there): cpu's corpus carried
+# pre-tokenised (--export-corpus here, --corpus there), a parent with 4x cpu's non-embedding parameters
+# (`--parent-scale 2`'s shape: hidden 256, FFN 512, 8/4 heads; 3.4M parameters) pretrained on the GPU at cpu's
+# 10.3 tokens per parameter (35M tokens, 2.9 epochs of the pretraining part), bf16 with fp32 masters,
+# deterministic algorithms, so that every run pretrains the same parent; two arms × one seed per run (--arms,
+# --seeds), each swept; --merge joins the runs' results
+PRESETS["gpu"] = replace(
+    scaled(CPU, 2),
+    micro_batch=32,
+    arm_tokens=3_000_000,
+    sweep_lrs=SWEEP_LRS,
+    sweep_tokens=1_000_000,
+    seeds=(0,),
+    evals=8,
+    arms=("dense", "moe-all"),
+    device="cuda",
+    dtype="bf16",
+    jobs=1,
+    threads=4,
+)
 
 
 # --- text -----------------------------------------------------------------------------------------------
@@ -424,6 +433,140 @@ def train_tokenizer(corpus: Path, vocab: int, out: Path):
     return fast
 
 
+def study_tokenizer(work: Path, preset: Preset):
+    """The study's tokenizer in WORK: trained on the training parts once, then read back (a carried corpus puts
+    its own there)."""
+    from transformers import AutoTokenizer
+
+    if (work / "tokenizer" / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(work / "tokenizer")
+    return train_tokenizer(work / "corpus", preset.vocab, work / "tokenizer")
+
+
+# --- the corpus carried pre-tokenised (a GPU machine has no network: no Debian packages there) ----------------
+
+CARRIED_PARTS = ("pretrain", "continue", "heldout", "valid")
+
+
+def _part_files(corpus: Path, info: dict[str, Any]) -> dict[str, Path]:
+    """Each text file of the split, by its path under the corpus folder (the by-source held-out files too)."""
+    files = {f"{p}/{p}.txt": corpus / p / f"{p}.txt" for p in CARRIED_PARTS}
+    for row in info["heldout_by_source"].values():
+        files[f"heldout-by-source/{row['path']}"] = corpus / "heldout-by-source" / row["path"]
+    return files
+
+
+def _stream(data: Path, tok: Any, cache: Path, valid: Path, field: dict[str, str]) -> np.ndarray:
+    """DATA's token stream as the training loop reads it (each document's ids, then EOS), through its own cache."""
+    from upcycle.train.data import prepare
+
+    blocks, _, _ = prepare(str(data), tok, 1, eval_data=str(valid), cache_dir=cache, **field)
+    return np.fromfile(blocks.path, dtype=blocks.dtype)[: blocks.n_tokens].astype(np.int64)
+
+
+def export_corpus(work: Path, preset: Preset, info: dict[str, Any], dest: Path) -> dict[str, Any]:
+    """WORK's corpus split, tokenised, into DEST for a machine without the text's sources: the tokenizer, and each
+    part as a parquet file of documents' token ids (`input_ids`, EOS left out: `upcycle train` appends it), which
+    `upcycle train --text-field input_ids` reads into the very blocks the text gives (checked here, part by part).
+    corpus.json: the split's record plus each carried file's tokens, documents and sha256. Built beside DEST and
+    renamed into place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = study_tokenizer(work, preset)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp / "tokenizer")
+    corpus, eos = work / "corpus", tok.eos_token_id
+    valid = corpus / "valid" / "valid.txt"
+    carried: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=tmp) as cache:
+        for name, text in _part_files(corpus, info).items():
+            ids = _stream(text, tok, Path(cache), valid, {})  # (tokens,)
+            ends = np.flatnonzero(ids == eos)  # (documents,) where each document's EOS is
+            lengths = np.diff(np.concatenate([[-1], ends])) - 1  # (documents,) ids of each, EOS left out
+            if not len(ids) or ends[-1] != len(ids) - 1 or (lengths == 0).any():
+                raise SystemExit(f"error: {name}: EOS inside a document; it cannot be carried as documents' ids")
+            values = np.delete(ids, ends).astype(np.uint16 if len(tok) <= 1 << 16 else np.int32)
+            offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), type=pa.int32())  # (documents+1,)
+            out = (tmp / name).with_suffix(".parquet")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(values))})
+            pq.write_table(table, out, compression="zstd")
+            back = _stream(out, tok, Path(cache), valid, {"text_field": "input_ids"})
+            if not np.array_equal(back, ids):
+                raise SystemExit(f"error: {name}: the carried ids do not give the text's token stream")
+            rel = out.relative_to(tmp).as_posix()
+            carried[rel] = {"tokens": len(ids), "documents": len(ends), "sha256": study_corpus.sha256(out)}
+    info = dict(
+        info, carried={"files": carried, "tokenizer": study_corpus.sha256(tmp / "tokenizer" / "tokenizer.json")}
+    )
+    (tmp / "corpus.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return info
+
+
+def carried_corpus(root: Path, work: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """A corpus made by --export-corpus: its record, the parts' folders and the by-source held-out files; its
+    tokenizer goes into WORK (the parent is made with it). The runs read it as token ids (DATA_FIELD)."""
+    manifest = root / "corpus.json"
+    if not manifest.is_file():
+        raise SystemExit(f"error: --corpus {_public(str(root))} has no corpus.json: make it with --export-corpus")
+    info = json.loads(manifest.read_text())
+    for rel, row in info["carried"]["files"].items():
+        if not (root / rel).is_file() or study_corpus.sha256(root / rel) != row["sha256"]:
+            raise SystemExit(f"error: --corpus: {rel} is missing or changed since it was exported; export it again")
+    if not (work / "tokenizer" / "tokenizer.json").is_file():
+        shutil.copytree(root / "tokenizer", work / "tokenizer", dirs_exist_ok=True)
+    DATA_FIELD["text_field"] = "input_ids"
+    data = {p: str(root / p) for p in CARRIED_PARTS}
+    by_source = {
+        src: str((root / "heldout-by-source" / row["path"]).with_suffix(".parquet"))
+        for src, row in info["heldout_by_source"].items()
+    }
+    return info, data, by_source
+
+
+# --- results of several runs as one ---------------------------------------------------------------------
+
+
+def merge(parts: list[Path], out: Path) -> dict[str, Any]:
+    """The results of several runs of one preset (a GPU run holds two arms and one seed) as one record: the runs
+    of every part (an arm and seed found twice must agree), their sweeps, sizes and FLOPs. Parts whose parents
+    differ (sha256 of the weights) are refused: their arms would not share a starting point."""
+    records = [json.loads(p.read_text()) for p in parts]
+    parents = {(r.get("parent") or {}).get("sha256") for r in records}
+    if len(parents) != 1 or None in parents:
+        raise SystemExit(
+            "error: --merge: the parts were made from different parents (or one without a recorded "
+            "hash); merge only runs that pretrained the same parent (same preset, corpus and GPU kind)"
+        )
+    keys = [k for k in records[0]["preset"] if k not in ARM_ONLY]
+    if any({k: r["preset"][k] for k in keys} != {k: records[0]["preset"][k] for k in keys} for r in records):
+        raise SystemExit("error: --merge: the parts ran different presets; merge runs of one preset")
+    merged = dict(records[0], runs=[], sweep_runs=[], merged_from=[p.name for p in parts])
+    for key in ("arms", "active_params", "total_params", "flops_per_token"):
+        merged[key] = {k: v for r in records for k, v in (r.get(key) or {}).items()}
+    merged["lr_sweep"] = dict(records[0].get("lr_sweep") or {}, arms={})
+    for r in records:
+        merged["lr_sweep"]["arms"] |= (r.get("lr_sweep") or {}).get("arms", {})
+    for key in ("runs", "sweep_runs"):
+        seen: dict[tuple[str, int, float], dict[str, Any]] = {}
+        for r in records:
+            for run in r.get(key) or []:
+                at = (run["arm"], run["seed"], run["lr"])
+                if at in seen and seen[at]["evals"] != run["evals"]:
+                    raise SystemExit(f"error: --merge: {key} {at} differs between parts (not repeatable runs)")
+                seen.setdefault(at, run)
+        merged[key] = list(seen.values())
+    merged["complete"] = all(r.get("complete") for r in records)
+    write(merged, out)
+    merged["pngs"] = [_public(p) for p in plot(merged, out.with_suffix(""))]
+    write(merged, out)
+    return merged
+
+
 # --- the dense models -----------------------------------------------------------------------------------
 
 
@@ -532,7 +675,9 @@ def widened_parent(parent: Path, wider: int, noise: float, seed: int, out: Path)
 # --- one run (in a worker process) ----------------------------------------------------------------------
 
 
-def eval_losses(model_dir: Path, evals: dict[str, str], train: str, preset: Preset) -> dict[str, float | None]:
+def eval_losses(
+    model_dir: Path, evals: dict[str, str], train: str, preset: Preset, text_field: str = "text"
+) -> dict[str, float | None]:
     """Mean next-token loss of MODEL over the blocks of each eval text (None: a text shorter than one block)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -547,7 +692,9 @@ def eval_losses(model_dir: Path, evals: dict[str, str], train: str, preset: Pres
     out: dict[str, float | None] = {}
     for name, path in evals.items():
         try:
-            _, blocks, _ = prepare(train, tok, preset.seq_len, eval_data=path, cache_dir=cache_dir() / "tokens")
+            _, blocks, _ = prepare(
+                train, tok, preset.seq_len, text_field=text_field, eval_data=path, cache_dir=cache_dir() / "tokens"
+            )
         except UpcycleError:
             out[name] = None
             continue
@@ -587,7 +734,8 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job.get("threads") or preset.threads)
     model = Path(job["model"])
     starts = {"curve": job["eval"], **job.get("by_source", {})} if job["eval_at_start"] else {}
-    start = eval_losses(model, starts, job["train"], preset) if starts else {}
+    field = job.get("text_field", "text")  # "input_ids": a carried pre-tokenised corpus (--corpus)
+    start = eval_losses(model, starts, job["train"], preset, field) if starts else {}
     steps = max(1, job["tokens"] // (preset.seq_len * preset.micro_batch))
     warmup = job.get("warmup")
     spec = TrainSpec(
@@ -606,6 +754,8 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
         aux_loss_coef=job["aux"],
         z_loss_coef=job["z"],
         dtype=preset.dtype,
+        text_field=field,
+        deterministic=preset.device == "cuda",  # bitwise-repeatable GPU runs: each GPU run pretrains the same parent
     )
     run_dir = Path(job["run_dir"])
     # the same job killed part-way resumes from its last checkpoint (exactly: upcycle train's --resume); any
@@ -626,7 +776,7 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     final = result.summary.get("final")
     by_source = {}
     if job.get("by_source") and final:
-        end = eval_losses(Path(final), job["by_source"], job["train"], preset)
+        end = eval_losses(Path(final), job["by_source"], job["train"], preset, field)
         by_source = {k: {"start": start.get(k), "final": v} for k, v in end.items()}
     return {
         "arm": job["arm"],
@@ -650,12 +800,14 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
 # --- the study ------------------------------------------------------------------------------------------
 
 
-def upcycle_exe() -> str:
-    return str(Path(sys.executable).parent / "upcycle")
+def upcycle_cmd() -> list[str]:
+    """`upcycle` as a command: the module, so that it also runs where no console script sits beside the
+    interpreter (the GPU machine installs the project with `pip --target`)."""
+    return [sys.executable, "-m", "upcycle_cli.main"]
 
 
 def convert(parent: Path, out: Path, flags: list[str], seed: int, log: Path) -> None:
-    cmd = [upcycle_exe(), "convert", str(parent), str(out), *flags, "--seed", str(seed), "--force"]
+    cmd = [*upcycle_cmd(), "convert", str(parent), str(out), *flags, "--seed", str(seed), "--force"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     with log.open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
@@ -672,11 +824,12 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
     parent = work / "parent"
     if (parent / ".complete").is_file():
         record["parent"] = json.loads((parent / ".complete").read_text())
+        record["parent"].setdefault("sha256", study_corpus.sha256(parent / "model.safetensors"))
         return parent
     import torch
     from transformers import LlamaForCausalLM
 
-    tok = train_tokenizer(work / "corpus", preset.vocab, work / "tokenizer")
+    tok = study_tokenizer(work, preset)
     init = work / "parent-init"
     torch.manual_seed(0)
     LlamaForCausalLM(llama_config(preset, tok)).save_pretrained(init)
@@ -698,6 +851,7 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
         # ran at half the speed of one; pass --parent-threads 1 there)
         "threads": preset.parent_threads or os.cpu_count() or 1,
         "preset": asdict(preset),
+        **DATA_FIELD,
     }
     print(f"pretraining the parent: {preset.parent_tokens:,} tokens", flush=True)
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
@@ -716,6 +870,7 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
         "wall_s": res["wall_s"],
         "tokens_per_s": res["tokens_per_s"],
         "evals": res["evals"],
+        "sha256": study_corpus.sha256(tmp / "model.safetensors"),
     }
     (tmp / ".complete").write_text(json.dumps(info))
     shutil.rmtree(parent, ignore_errors=True)
@@ -921,6 +1076,7 @@ def write(record: dict[str, Any], path: Path) -> None:
 
 
 WORK: list[Path] = []  # the work folder of this study (main sets it), written as "<work>" in the results JSON
+DATA_FIELD: dict[str, str] = {}  # {"text_field": "input_ids"} when the corpus is a carried pre-tokenised one
 
 
 def published(value: Any, work: Path | None) -> Any:
@@ -1000,6 +1156,17 @@ def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Nam
     )
     parser.add_argument("--text-cache", type=Path, help="where Debian's packages are kept (default: in the cache)")
     parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the PNGs of a saved results file")
+    parser.add_argument(
+        "--export-corpus",
+        type=Path,
+        metavar="DIR",
+        help="only write the preset's corpus split, tokenised (parquet token ids + the tokenizer), to DIR, to carry "
+        "to a machine without the text's sources (the GPU's)",
+    )
+    parser.add_argument("--corpus", type=Path, metavar="DIR", help="train on a corpus written by --export-corpus")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", metavar="JSON", help="only merge results files of one preset into --results"
+    )
     return parser, parser.parse_args(argv)
 
 
@@ -1030,6 +1197,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for png in plot(saved, args.replot.with_suffix("")):
             print(f"wrote {_public(png)}")
         return saved
+    if args.merge:
+        if not args.results:
+            parser.error("--merge needs --results, the merged file to write")
+        merged = merge(args.merge, args.results.resolve())
+        print_table(merged)
+        print(f"wrote {_public(str(args.results))}")
+        return merged
     if args.text_cache:
         TEXT_CACHE[:] = [args.text_cache]
     preset = configure(parser, args)
@@ -1042,6 +1216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = (args.work or default_work(f"{preset.base or args.preset}{suffix}")).resolve()
     WORK[:] = [work]
     made_for = parent_settings(preset)
+    if args.corpus:
+        made_for["carried_corpus"] = study_corpus.sha256(args.corpus / "corpus.json")
     stamp = work / "made_for.json"  # what the corpus and parent in WORK were made with
     if stamp.is_file() and json.loads(stamp.read_text()) != made_for:
         parser.error(
@@ -1066,12 +1242,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": [],
         "complete": False,
     }
-    record["corpus"] = split_corpus(preset, work / "corpus")
-    data = {p: str(work / "corpus" / p) for p in ("heldout", "valid", "pretrain", "continue")}
-    by_source = {
-        src: str(work / "corpus" / "heldout-by-source" / row["path"])
-        for src, row in record["corpus"]["heldout_by_source"].items()
-    }
+    if args.export_corpus:
+        info = export_corpus(work, preset, split_corpus(preset, work / "corpus"), args.export_corpus.resolve())
+        total = sum(row["tokens"] for row in info["carried"]["files"].values())
+        size = sum(f.stat().st_size for f in args.export_corpus.rglob("*") if f.is_file())
+        print(f"wrote {_public(str(args.export_corpus))}: {total:,} tokens, {size / 2**20:.1f} MiB")
+        return info
+    if args.corpus:
+        record["corpus"], data, by_source = carried_corpus(args.corpus.resolve(), work)
+    else:
+        record["corpus"] = split_corpus(preset, work / "corpus")
+        data = {p: str(work / "corpus" / p) for p in CARRIED_PARTS}
+        by_source = {
+            src: str(work / "corpus" / "heldout-by-source" / row["path"])
+            for src, row in record["corpus"]["heldout_by_source"].items()
+        }
     parent = make_parent(preset, work, data, log, record)
     record["data_tokens"] = count_tokens(parent, data, preset)
     record["arm_epochs"] = preset.arm_tokens / record["data_tokens"]["continue"]  # above 1: the arms repeat text
@@ -1158,6 +1343,7 @@ def arm_jobs(
                 "z": 0.0 if spec.flags is None else 0.001,
                 "eval_at_start": True,
                 "preset": asdict(preset),
+                **DATA_FIELD,
             }
         )
     return jobs
@@ -1195,6 +1381,7 @@ def sweep(
             "z": 0.0 if ARMS[arm].flags is None else 0.001,
             "eval_at_start": False,
             "preset": asdict(preset),
+            **DATA_FIELD,
         }
 
     record["lr_sweep"] = {"seed": seed, "tokens": tokens, "judged_on": "valid", "lrs": list(preset.sweep_lrs)}
@@ -1321,17 +1508,18 @@ def count_tokens(parent: Path, data: dict[str, str], preset: Preset) -> dict[str
     from upcycle.train.data import prepare
 
     tok = AutoTokenizer.from_pretrained(parent)
+    field = {"text_field": DATA_FIELD["text_field"]} if DATA_FIELD else {}
     out = {}
     for phase in ("pretrain", "continue"):
         if phase == "pretrain" and preset.parent != "scratch":
             continue
         train_blocks, heldout, _ = prepare(
-            data[phase], tok, preset.seq_len, eval_data=data["heldout"], cache_dir=cache_dir() / "tokens"
+            data[phase], tok, preset.seq_len, eval_data=data["heldout"], cache_dir=cache_dir() / "tokens", **field
         )
         out[phase] = train_blocks.n_tokens
         out["heldout"] = heldout.n_tokens
     _, valid, _ = prepare(
-        data["continue"], tok, preset.seq_len, eval_data=data["valid"], cache_dir=cache_dir() / "tokens"
+        data["continue"], tok, preset.seq_len, eval_data=data["valid"], cache_dir=cache_dir() / "tokens", **field
     )
     out["valid"] = valid.n_tokens
     return out

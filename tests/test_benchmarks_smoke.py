@@ -334,6 +334,53 @@ def test_upcycle_vs_dense_smoke(tmp_path):
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     _smoke_more_with_sweep(study, tmp_path, args, saved)
     _killed_run_resumes(study, tmp_path, work.resolve(), saved)
+    _carried_corpus_and_merge(study, tmp_path, args, saved)
+
+
+def _carried_corpus_and_merge(study, tmp_path: Path, args: list[str], saved: dict) -> None:
+    """The GPU preset's way (issue 25): the split exported as token ids (--export-corpus) and trained on where the
+    text's sources are not (--corpus) gives the same tokens, the same parent (bitwise) and the same runs as the
+    text; runs of two arms each are merged into one record (--merge), and parts of different parents are refused."""
+    carried = tmp_path / "carried"
+    info = study.main([*args[:4], "--export-corpus", str(carried), *args[-2:]])
+    files = info["carried"]["files"]
+    assert files["pretrain/pretrain.parquet"]["tokens"] == saved["data_tokens"]["pretrain"]
+    assert files["continue/continue.parquet"]["tokens"] == saved["data_tokens"]["continue"]
+    assert (carried / "tokenizer" / "tokenizer.json").is_file() and not (carried / "pretrain" / "pretrain.txt").exists()
+    assert {
+        f"heldout-by-source/{Path(r['path']).stem}.parquet" for r in saved["corpus"]["heldout_by_source"].values()
+    } < set(files)
+    work = tmp_path / "work-carried"
+    part = ["--preset", "smoke", "--corpus", str(carried), "--work", str(work)]
+    one = study.main([*part, "--arms", "dense,moe-all", "--results", str(tmp_path / "p1.json")])
+    two = study.main([*part, "--arms", "dense,dense-wide", "--results", str(tmp_path / "p2.json")])
+    assert one["parent"]["sha256"] == two["parent"]["sha256"] == saved["parent"]["sha256"]
+    assert one["data_tokens"] == saved["data_tokens"] and one["corpus"]["parts"] == saved["corpus"]["parts"]
+    text_runs = {r["arm"]: r for r in saved["runs"]}
+    for arm in ("dense", "moe-all"):  # the same run as on the text, to the bit
+        run = next(r for r in one["runs"] if r["arm"] == arm)
+        assert (
+            run["evals"] == text_runs[arm]["evals"] and run["heldout_by_source"] == text_runs[arm]["heldout_by_source"]
+        )
+    merged = study.main(
+        ["--merge", str(tmp_path / "p1.json"), str(tmp_path / "p2.json"), "--results", str(tmp_path / "m.json")]
+    )
+    assert sorted(r["arm"] for r in merged["runs"]) == ["dense", "dense-wide", "moe-all"]  # dense once
+    assert merged["merged_from"] == ["p1.json", "p2.json"] and json.loads((tmp_path / "m.json").read_text())["complete"]
+    assert merged["summary"]["moe-all"]["vs_dense_pct_mean"] == pytest.approx(
+        100 * (merged["summary"]["moe-all"]["ppl_mean"] / merged["summary"]["dense"]["ppl_mean"] - 1)
+    )
+    assert "vs_dense_wide_pct_mean" in merged["summary"]["moe-all"] and (tmp_path / "m_tokens.png").is_file()
+    other = json.loads((tmp_path / "p2.json").read_text())
+    other["parent"]["sha256"] = "0" * 64
+    (tmp_path / "p3.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different parents"):
+        study.main(
+            ["--merge", str(tmp_path / "p1.json"), str(tmp_path / "p3.json"), "--results", str(tmp_path / "x.json")]
+        )
+    (carried / "continue" / "continue.parquet").write_bytes(b"changed")
+    with pytest.raises(SystemExit, match="changed since it was exported"):
+        study.main([*part, "--results", str(tmp_path / "p4.json")])
 
 
 def _killed_run_resumes(study, tmp_path: Path, work: Path, saved: dict) -> None:
