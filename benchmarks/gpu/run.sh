@@ -9,17 +9,10 @@ set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu/run.sh OUT [check.py options]}
 shift
 cd "$(dirname "$0")/../.."
-SITE=${UPCYCLE_GPU_SITE:-/tmp/upcycle-gpu-site}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT" "$SITE"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UPCYCLE_CACHE=${UPCYCLE_CACHE:-$PWD/.gpu-assets}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-    || { echo "error: could not install the carried wheels in .whl/" >&2; exit 3; }
-fi
-"$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
-  --target "$SITE" . || { echo "error: could not install upcycle itself" >&2; exit 3; }
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+export UPCYCLE_CACHE=${UPCYCLE_CACHE:-$PWD/.gpu-assets}
+# shellcheck source=benchmarks/gpu/install.sh
+source benchmarks/gpu/install.sh || exit 3
 "$PY" benchmarks/gpu/check.py --out "$OUT/results" "$@"
 status=$?
 cp "$OUT/results/summary.json" "$OUT/summary.json" 2>/dev/null
