@@ -13,6 +13,7 @@ plan order.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -68,7 +69,8 @@ class LayerFFNs:
                     self._first = self._first or op
         self._lock = threading.Lock()
         self._held: dict[tuple[int, int], Future] = {}  # (source, layer) -> its LayerBuilder, oldest first
-        self._ahead = Ahead(self._make, sequence)
+        me = weakref.ref(self)  # not self._make: the pool's jobs must not keep this (and its FFNs) alive in a cycle
+        self._ahead = Ahead(lambda key, out: LayerFFNs._make(me(), key, out), sequence)
 
     @property
     def ckpt(self) -> Checkpoint:
