@@ -41,8 +41,8 @@ def perturb(dense: torch.Tensor, role: str, sigma: float, seed: int, layer: int,
 # Values drawn, multiplied and cast at a time by perturb_written: a multiple of 16 whose spans (at most DRAW_CHUNK + 15
 # values) stay within torch's GRAIN_SIZE (32,768), so the multiply and the casts run on the worker's own thread.
 # Larger spans made each of those ops an OpenMP parallel region: every worker thread its own team, on 2 cores
-# beside the writer, whose spin-waits cost about 9 ms of CPU per 11.5 M-value tensor (issue 27, benchmarks/README.md).
-# The buffers (128 KB each) also stay in the core's cache.
+# beside the writer, whose spin-waits cost CPU (a --noise conversion's workers spent ~3 s of system time on them at
+# the ~0.5B shape: issue 27, benchmarks/README.md). The buffers (128 KB each) also stay in the core's cache.
 DRAW_CHUNK = 32752
 
 
