@@ -4,12 +4,13 @@ Usage: python benchmarks/expert_draw_cpu.py [--baseline DIR] [--layers 2] [--rou
 
 One child process per (method, code) run: it makes LAYERS random bf16 FFN layers of the ~0.5B shape of
 `methods_bench.py --speed` (hidden 2048, FFN 5632), then every expert tensor of 8 experts per layer the way convert
-makes them (methods/ahead.Ahead: the next 3 in 2 worker threads, LayerBuilder.written in bf16), writing each to
-/dev/null, and reports its CPU time (user + system, all threads) and wall time for that part. With --hash also the
-sha256 of the bytes (equal across codes where the bytes for a seed did not change), hashed inside the timed part:
-compare bytes, not times, in such a run. `--baseline DIR`: a folder with another version's `upcycle/` (e.g.
-`git archive REV upcycle | tar -x -C DIR`), first on the child's PYTHONPATH; the codes alternate within each
-round, their order swapping every round. CPU time stretches less than wall time on a loaded machine, but both do:
+makes them (methods/ahead.Ahead: the next 3 in 2 worker threads, across layers where the code does so,
+LayerBuilder.written in bf16), writing each to /dev/null, and reports its CPU time (user + system, all threads)
+and wall time for that part. With --hash also the sha256 of the bytes (equal across codes where the bytes for a
+seed did not change), hashed inside the timed part: compare bytes, not times, in such a run. `--baseline DIR`: a
+folder with another version's `upcycle/` (e.g. `git archive REV upcycle | tar -x -C DIR`), first on the child's
+PYTHONPATH; the codes alternate within each round, their order swapping every round. CPU time stretches less than
+wall time on a loaded machine, but both do:
 record the load (printed, and in the JSON).
 """
 
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import hashlib, json, os, resource, sys, time
+import hashlib, inspect, json, os, resource, sys, time
 import torch
 from upcycle.convert.methods import LayerBuilder
 from upcycle.convert.methods.ahead import Ahead
@@ -40,22 +41,36 @@ dense = [{r: (torch.randn(s, generator=g) * 0.02).bfloat16() for r, s in shapes.
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-ahead, sink, digest = Ahead(), open(os.devnull, "wb"), hashlib.sha256()
+sink, digest = open(os.devnull, "wb"), hashlib.sha256()
+def transform(e):
+    return Drop(e, 0.5, 1.0) if kind == "drop" else Noise(e, 0.01, 1.0)
+def put(x):
+    data = memoryview(x.contiguous().view(torch.uint8).reshape(-1).numpy())
+    sink.write(data)
+    if hashed:  # in the timed part: --hash runs time the hashing too (the same for every code)
+        digest.update(data)
 c0, t0 = cpu(), time.perf_counter()
-for layer in range(layers):
-    builder = LayerBuilder(dense[layer], 7, layer)
-    order = {}
-    for e in range(E):
-        t = Drop(e, 0.5, 1.0) if kind == "drop" else Noise(e, 0.01, 1.0)
-        for role in ("gate", "up", "down"):
-            order[(role, t)] = (len(order), tuple(dense[layer][role].shape))
-    for (role, t), (_, shape) in order.items():
-        x = ahead.get(builder, order, role, t, shape, torch.bfloat16)
-        data = memoryview(x.contiguous().view(torch.uint8).reshape(-1).numpy())
-        sink.write(data)
-        if hashed:  # in the timed part: --hash runs time the hashing too (the same for every code)
-            digest.update(data)
+if "make" in inspect.signature(Ahead).parameters:  # the window over the whole sequence, across layers
+    builders = [LayerBuilder(dense[layer], 7, layer) for layer in range(layers)]
+    sequence = [((layer, 0, role, transform(e)), tuple(dense[layer][role].shape))
+                for layer in range(layers) for e in range(E) for role in ("gate", "up", "down")]
+    ahead = Ahead(lambda key, out: builders[key[0]].written(key[2], key[3], key[4], out), sequence)
+    for tensor, shape in sequence:
+        x = ahead.get(tensor, shape, torch.bfloat16)
+        put(x)
         ahead.release(x)
+else:  # older code: one layer's window at a time
+    ahead = Ahead()
+    for layer in range(layers):
+        builder = LayerBuilder(dense[layer], 7, layer)
+        order = {}
+        for e in range(E):
+            for role in ("gate", "up", "down"):
+                order[(role, transform(e))] = (len(order), tuple(dense[layer][role].shape))
+        for (role, t), (_, shape) in order.items():
+            x = ahead.get(builder, order, role, t, shape, torch.bfloat16)
+            put(x)
+            ahead.release(x)
 cpu_s, wall_s = cpu() - c0, time.perf_counter() - t0
 print(json.dumps({"cpu_s": cpu_s, "wall_s": wall_s, "sha256": digest.hexdigest() if hashed else None,
                   "code": os.path.dirname(upcycle.__file__)}))

@@ -5,6 +5,7 @@ tensors made ahead in worker threads (methods/ahead.py) are the same whatever th
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -218,3 +219,73 @@ def test_noise_made_in_spans_is_the_float32_arithmetic(dtype, chunk, monkeypatch
         for role in dense:
             want = reference.tensor(role, Noise(2, 0.1, scale)).to(dtype)
             assert as_bytes(made.written(role, Noise(2, 0.1, scale), dtype)) == as_bytes(want), (role, scale)
+
+
+# --- --noise as convert writes it: the documented per-tensor draw, across layers, whatever is made ahead ----------
+
+
+@pytest.mark.parametrize("chunk", [noise.DRAW_CHUNK, 48])
+def test_converted_noise_is_the_per_tensor_reference(chunk, dense_store, tmp_path, monkeypatch):
+    """Every expert tensor convert writes with --noise is `perturb` of its dense tensor (one `normal_` of the whole
+    tensor from the generator of (seed, layer, expert, role), times the dense weights, cast once), byte for byte:
+    the bytes a seed gives do not depend on the spans it is drawn in, on the workers making the next layer's
+    tensors while the writer finishes a layer, nor on which thread made which."""
+    monkeypatch.setattr(noise, "DRAW_CHUNK", chunk)
+    src = dense_store("llama", dtype=torch.bfloat16)
+    out = tmp_path / "moe"
+    plan = convert(str(src), out, build_spec(seed=9, experts=4, noise=0.05)).plan
+    dense, moe = {}, {}
+    for folder, into in ((src, dense), (out, moe)):
+        for shard in folder.glob("*.safetensors"):
+            with safe_open(shard, "pt") as fh:
+                into |= {k: fh.get_tensor(k) for k in fh.keys()}
+    ops = [op for op in plan.ops if isinstance(op, Expert) and isinstance(op.transform, Noise)]
+    assert len(ops) == 4 * 4 * 3 and {op.layer for op in ops} == {0, 1, 2, 3}
+    for op in ops:
+        t = op.transform
+        want = noise.perturb(dense[op.src], op.role, t.sigma, 9, op.layer, t.expert, t.scale).to(moe[op.name].dtype)
+        assert as_bytes(moe[op.name]) == as_bytes(want), op.name
+
+
+def test_the_window_runs_into_the_next_layer_but_not_beyond():
+    """Ahead starts the next AHEAD tensors after the one asked for, across a layer's end (the next layer's first
+    tensors are drawn while the writer finishes this one), but never a tensor two layers on (whose dense FFN would
+    be a third layer in memory)."""
+    from upcycle.convert.methods import ahead
+
+    made, lock = [], threading.Lock()
+
+    def make(key, out):
+        with lock:
+            made.append(key[:3])
+        return torch.zeros(1)
+
+    sequence = [((layer, 0, role, Noise(0, 0.1, 1.0)), (1,)) for layer in range(4) for role in ("gate", "up")]
+    a = ahead.Ahead(make, sequence)
+    a.start(torch.float32)
+    a.get((0, 0, "gate", Noise(0, 0.1, 1.0)), (1,), torch.float32)
+    a.get((0, 0, "up", Noise(0, 0.1, 1.0)), (1,), torch.float32)  # window: layer 1's gate and up, not layer 2's
+    a._pool.shutdown(wait=True)
+    assert sorted(made) == [(0, 0, "gate"), (0, 0, "up"), (1, 0, "gate"), (1, 0, "up")]
+
+
+def test_layer_ffns_hold_at_most_two_layers(dense_store, tmp_path):
+    """The dense FFN of a layer the writer has gone past is dropped; while the next layer's tensors are made ahead,
+    two layers are held, never more (a third loaded drops the oldest)."""
+    src = dense_store("llama", dtype=torch.bfloat16)
+    plan = convert(str(src), tmp_path / "moe", build_spec(seed=1, experts=4, noise=0.05)).plan
+    ckpt = Checkpoint.open(src)
+    layers = LayerFFNs(ckpt, plan, 1)
+    ops = [op for op in plan.ops if isinstance(op, Expert) and op.transform is not None]
+    seen = set()
+    for op in ops:
+        layers.release(layers.written(op, torch.bfloat16))
+        held = {layer for _, layer in layers._held}
+        assert len(held) <= 2 and op.layer in held and min(held) == op.layer
+        seen |= held
+    assert seen == {0, 1, 2, 3}
+    first = layers.builder(3)
+    for layer in (0, 1, 2):  # loaded one after another: the oldest dropped each time
+        layers.builder(layer)
+        assert len(layers._held) == 2
+    assert layers.builder(3) is not first  # layer 3 was dropped: loaded again

@@ -6,19 +6,23 @@ buffers, or as `Placed` byte ranges of a file that the writer copies in the kern
 pieces. A new kind of op is one dataclass in ops.py and one `@handles` function here.
 
 Memory stays flat: copies stream in CHUNK_BYTES pieces, and the expert methods hold one layer's dense FFN at a
-time (`LayerFFNs`), which is why ops must be produced in plan order.
+time, two while the next layer's first tensors are made ahead (`LayerFFNs`), which is why ops must be produced in
+plan order.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DTYPE_BYTES, lossy, torch_dtype
 from ..source import Checkpoint, RangeReader, TensorInfo
 from .methods import LayerBuilder
-from .methods.ahead import Ahead, Order
+from .methods.ahead import Ahead
 from .ops import CastCheck, Copy, Expert, Fused, Mean, Parts, Plan, Router, TensorOp, ValueChange, Zeros
 from .router_init import init_router
 from .writer import Placed
@@ -38,45 +42,82 @@ Chunk = memoryview | bytes | Placed
 
 
 class LayerFFNs:
-    """The dense FFN tensors of one MoE layer at a time (per source model), for the methods that compute from them.
+    """The dense FFN tensors of the MoE layers, for the methods that compute from them, a layer or two at a time.
 
-    A layer's gate/up/down are loaded when its first computed expert tensor is asked for and dropped when the
-    next layer's are, so memory holds one layer's FFN of each source (plus a few expert tensors) whatever the
-    model's size. `others` are the --expert-from models (source i is others[i - 1]; 0 is CKPT, BASE). `written`
-    makes the next few computed tensors of the layer meanwhile, in worker threads (methods/ahead.py).
+    A layer's gate/up/down are loaded when its first computed expert tensor is asked for or made ahead, and dropped
+    once a later layer's tensor is asked for (or a third layer of the source is loaded), so memory holds one
+    layer's FFN of each source, two while the next layer's first tensors are made ahead of the writer, plus a few
+    expert tensors, whatever the model's size. `others` are the --expert-from models (source i is others[i - 1]; 0
+    is CKPT, BASE). `written` makes the next few computed tensors of the conversion meanwhile, in worker threads,
+    across layers (methods/ahead.py); `start` begins the first ones before the writer reaches them. Safe to call
+    from several threads.
     """
+
+    KEEP = 2  # layers held per source at most: the one being written and the next, whose tensors are made ahead
 
     def __init__(self, ckpt: Checkpoint, plan: Plan, seed: int, partitions: dict | None = None, others: tuple = ()):
         self.ckpts = (ckpt, *others)
         self.seed, self.partitions = seed, partitions or {}
         self.keys: dict[int, dict[str, str]] = {}  # layer -> role -> source key
-        self.order: dict[tuple[int, int], Order] = {}  # (layer, source) -> (role, transform) -> (place, shape)
+        sequence = []  # every computed tensor, in plan order: ((layer, source, role, transform), shape)
+        self._first: Expert | None = None  # the first computed tensor (`start`)
         for op in plan.expert_ops():
             if op.role is not None:
                 self.keys.setdefault(op.layer, {})[op.role] = op.src
                 if op.transform is not None:
-                    order = self.order.setdefault((op.layer, op.source), {})
-                    order.setdefault((op.role, op.transform), (len(order), op.shape))
-        self._held: dict[int, tuple[int, LayerBuilder]] = {}  # source -> (layer, its builder)
-        self._ahead = Ahead()
+                    sequence.append(((op.layer, op.source, op.role, op.transform), op.shape))
+                    self._first = self._first or op
+        self._lock = threading.Lock()
+        self._held: dict[tuple[int, int], Future] = {}  # (source, layer) -> its LayerBuilder, oldest first
+        me = weakref.ref(self)  # not self._make: the pool's jobs must not keep this (and its FFNs) alive in a cycle
+        self._ahead = Ahead(lambda key, out: LayerFFNs._make(me(), key, out), sequence)
 
     @property
     def ckpt(self) -> Checkpoint:
         return self.ckpts[0]
 
     def builder(self, layer: int, source: int = 0) -> LayerBuilder:
-        held = self._held.get(source)
-        if held is None or held[0] != layer:
-            self._held.pop(source, None)  # free the previous layer first
-            dense = {role: self.ckpts[source].load(key) for role, key in self.keys[layer].items()}
-            partitions = self.partitions.get(layer) if source == 0 else None
-            self._held[source] = (layer, LayerBuilder(dense, self.seed, layer, partitions))
-        return self._held[source][1]
+        """The builder of LAYER's dense FFN of SOURCE, loaded once (another thread asking meanwhile waits for it)."""
+        key = (source, layer)
+        with self._lock:
+            held = self._held.get(key)
+            mine = held is None
+            if mine:
+                of_source = [k for k in self._held if k[0] == source]
+                for old in of_source[: max(0, len(of_source) + 1 - self.KEEP)]:
+                    del self._held[old]  # the oldest first (a job still using it keeps it until it ends)
+                held = self._held[key] = Future()
+        if mine:  # loaded outside the lock: a thread using another layer's builder does not wait for this one
+            try:
+                dense = {role: self.ckpts[source].load(k) for role, k in self.keys[layer].items()}
+                partitions = self.partitions.get(layer) if source == 0 else None
+                held.set_result(LayerBuilder(dense, self.seed, layer, partitions))
+            except BaseException as exc:
+                with self._lock:
+                    if self._held.get(key) is held:
+                        del self._held[key]  # asked again, it is loaded again
+                held.set_exception(exc)
+                raise
+        return held.result()
+
+    def _make(self, key: tuple, out: torch.Tensor | None) -> torch.Tensor:
+        layer, source, role, transform, dtype = key
+        return self.builder(layer, source).written(role, transform, dtype, out)
+
+    def start(self) -> None:
+        """Begin making the first computed tensors (in their written dtype) before the writer asks for them; not
+        where the writer makes them itself, in float32, to measure a lossy cast (`_expert`)."""
+        op = self._first
+        if op is not None and not lossy(self.ckpts[op.source].tensors[op.src].dtype, op.dtype):
+            self._ahead.start(torch_dtype(op.dtype))
 
     def written(self, op: Expert, dtype: torch.dtype) -> torch.Tensor:
         """OP's computed tensor in DTYPE (`LayerBuilder.written`); `release` it once its bytes are written."""
-        order = self.order.get((op.layer, op.source), {})
-        return self._ahead.get(self.builder(op.layer, op.source), order, op.role, op.transform, op.shape, dtype)
+        t = self._ahead.get((op.layer, op.source, op.role, op.transform), op.shape, dtype)
+        with self._lock:  # the writer has gone past the earlier layers of this source: their FFNs are not needed
+            for k in [k for k in self._held if k[0] == op.source and k[1] < op.layer]:
+                del self._held[k]
+        return t
 
     def release(self, t: torch.Tensor) -> None:
         self._ahead.release(t)

@@ -425,6 +425,7 @@ def write_weights(
     sources = Sources(ckpt, layers, RouterInit.of(spec, routers), CastMeter(), Reuse(writer, folders))
     total, done = plan.total_bytes, 0
     try:
+        layers.start()  # the first computed expert tensors, made while the embeddings and first layers are written
         for op in plan.ops:
             place = in_place(op, sources)
             if place is None:

@@ -86,7 +86,11 @@ def copy_range(src: Path, offset: int, length: int, dst_fd: int) -> None:
             _write_all(dst_fd, chunk)
 
 
-WRITE_SLICE = 8 << 20  # single writes much larger than this are measurably slower (benchmarks/README.md)
+# Bytes handed to one os.write. Single writes of 128 MiB were slow (benchmarks/README.md, 2026-11-23); on this
+# machine's kernel (6.18, ext4) writes of 2 MiB and more still cost the kernel 3-7x the CPU of 1 MiB ones (0.7-1.6 s
+# against 0.23 s of system time per 1.13 GB, alternated; 2-4 MiB sometimes one, sometimes the other): issue 27,
+# benchmarks/README.md. It is what --noise and every other computed tensor pay per byte written.
+WRITE_SLICE = 1 << 20
 
 
 def _write_all(fd: int, data) -> None:

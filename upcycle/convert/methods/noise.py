@@ -38,7 +38,12 @@ def perturb(dense: torch.Tensor, role: str, sigma: float, seed: int, layer: int,
     return dense.float() * factor * scale
 
 
-DRAW_CHUNK = 1 << 20  # values drawn, multiplied and cast at a time by perturb_written (a multiple of 16)
+# Values drawn, multiplied and cast at a time by perturb_written: a multiple of 16 whose spans (at most DRAW_CHUNK + 15
+# values) stay within torch's GRAIN_SIZE (32,768), so the multiply and the casts run on the worker's own thread.
+# Larger spans made each of those ops an OpenMP parallel region: every worker thread its own team, on 2 cores
+# beside the writer, whose spin-waits cost CPU (a --noise conversion's workers spent ~3 s of system time on them at
+# the ~0.5B shape: issue 27, benchmarks/README.md). The buffers (128 KB each) also stay in the core's cache.
+DRAW_CHUNK = 32752
 
 
 def spans(n: int, chunk: int | None = None) -> Iterator[tuple[int, int]]:
@@ -79,19 +84,22 @@ def perturb_written(
 
     out = torch.empty(dense.shape, dtype=dtype) if out is None else out
     src, dst = dense.reshape(-1), out.view(-1)  # [n] each
+    n, chunk = src.numel(), DRAW_CHUNK
     if work is None:
-        need = min(src.numel(), DRAW_CHUNK + 15)
+        need = min(n, chunk + 15)
         work = (torch.empty(need), torch.empty(need))
     factor_buf, dense_buf = work
+    full_f, full_d = factor_buf[:chunk], dense_buf[:chunk]  # the buffers of every span but the last
+    in_place, cast_dense = dtype == torch.float32, src.dtype != torch.float32
     gen = generator(seed, "noise", layer, expert_index, role)  # the stream `factors` draws from
-    for start, stop in spans(src.numel()):
-        m = stop - start
-        f = dst[start:stop] if dtype == torch.float32 else factor_buf[:m]  # [m] float32
+    bounds = [start for start, _ in spans(n, chunk)][1:]
+    for d, o in zip(src.tensor_split(bounds), dst.tensor_split(bounds), strict=True):  # one span each, [m]
+        m = d.numel()
+        f = o if in_place else full_f if m == chunk else factor_buf[:m]  # [m] float32
         f.normal_(1.0, sigma, generator=gen)
-        d = src[start:stop]
-        f.mul_(d if d.dtype == torch.float32 else dense_buf[:m].copy_(d))  # factor x float32(dense)
+        f.mul_((full_d if m == chunk else dense_buf[:m]).copy_(d) if cast_dense else d)  # factor x float32(dense)
         if scale != 1.0:  # x 1.0 changes no value that is not a NaN
             f.mul_(scale)
-        if dtype != torch.float32:
-            dst[start:stop].copy_(f)
+        if not in_place:
+            o.copy_(f)
     return out
