@@ -7,7 +7,8 @@ under the same load. MODEL is the embedded SmolLM2 (float32, 30 layers, width 1,
 weights of a ~0.45B Llama shape saved in bfloat16 (hidden 896, width 4,864, 24 layers, SmolLM2's tokenizer and
 vocabulary), built once under --work.
 
-`coactivation`: random inputs and weights of the given widths, `coactivation_fires` and `CoactivationGraph`,
+`coactivation`: random inputs and weights of the given widths (gate and up saved under --work in --dtype and
+read a block of rows at a time, as conversion reads them), `coactivation_fires` and `CoactivationGraph`,
 then `graph_partition` (8 parts, share 0.25), each width in a child process of its own (its peak RSS from
 os.wait4). `methods_bench.py --coactivation` is the fuller version (the dense-matrix contender alternated).
 
@@ -30,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from methods_bench import measure
+from methods_bench import coactivation_weights, measure
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -118,22 +119,25 @@ def convert_rows(args) -> list[dict]:
     return rows
 
 
-def coactivation_one(width: int, tokens: int) -> None:
-    """One width, in this process: prints the graph's and the partition's seconds as JSON."""
+def coactivation_one(width: int, tokens: int, weights: Path) -> None:
+    """One width, in this process: prints the graph's and the partition's seconds as JSON. Gate and up come from
+    WEIGHTS (methods_bench.coactivation_weights: saved in the source's dtype), read as conversion reads them."""
     import torch
 
+    from upcycle.convert.calibrate import StoredRows
     from upcycle.convert.methods.base import generator
     from upcycle.convert.methods.coactivation import CoactivationGraph, coactivation_fires, graph_partition
+    from upcycle.heap import hold_mmap_threshold
+    from upcycle.source import read_header
 
+    hold_mmap_threshold()  # as `convert` does
     hidden = WIDTHS.get(width, 1024)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, hidden, generator=g)
-    gate = torch.randn(width, hidden, generator=g) / hidden**0.5
-    up = torch.randn(width, hidden, generator=g) / hidden**0.5
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1))  # [T, H] float32
+    stored = {info.name: StoredRows(info) for info in read_header(weights)}  # [I, H] each, read by rows
     t = time.perf_counter()
     with torch.no_grad():
-        fires = coactivation_fires(x, gate, up, torch.nn.functional.silu, 0.25)  # [T, I] bool
-    del x, gate, up
+        fires = coactivation_fires(x, stored["gate"], stored["up"], torch.nn.functional.silu, 0.25)  # [T, I] bool
+    del x
     w = CoactivationGraph(fires)  # F [T, I] float32: the [I, I] graph is never formed
     del fires
     graph = time.perf_counter() - t
@@ -147,7 +151,9 @@ def coactivation_one(width: int, tokens: int) -> None:
 def coactivation_rows(args) -> list[dict]:
     rows = []
     for width in map(int, args.widths.split(",")):
-        argv = [sys.executable, __file__, "coactivation-one", "--width", str(width), "--tokens", str(args.tokens)]
+        weights = coactivation_weights(args.work / "coactivation", width, args.dtype)
+        argv = [sys.executable, __file__, "coactivation-one", "--width", str(width), "--tokens", str(args.tokens),
+                "--weights", str(weights)]  # fmt: skip
         stats = run_child(argv, timeout=args.timeout)
         found = json.loads(stats["stdout"].strip().splitlines()[-1]) if stats["rc"] == 0 else {}
         row = {
@@ -179,13 +185,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", help="--layers for every conversion, clone's too (default: every layer)")
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     parser.add_argument("--width", type=int)
+    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="coactivation: the dtype the random gate and up are stored in")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per co-activation width")
     parser.add_argument("--work", type=Path, default=HERE / "_work" / "calibration")
     parser.add_argument("--results", type=Path, help="JSON to extend (default: results/calibration_<yyyymm>.json)")
     args = parser.parse_args(argv)
     if args.what == "coactivation-one":
-        coactivation_one(args.width, args.tokens)
+        coactivation_one(args.width, args.tokens, args.weights)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     rows = convert_rows(args) if args.what == "convert" else coactivation_rows(args)

@@ -22,7 +22,8 @@ router (learning rate, z-loss) see the same magnitudes.
 Memory, beyond the clone conversion's: one decoder layer and the hidden states of every chunk (stream.py), one
 MoE layer's captured inputs (tokens x hidden float32: 4096 x 576 x 4 B = 9.4 MB for SmolLM2), and what its
 method computes from them (co-activation: which neurons fire on which token, tokens x intermediate float32,
-0.22 GiB at 4,096 x 14,336; the [I, I] graph is never formed).
+0.22 GiB at 4,096 x 14,336, found from activations of that size and gate/up read a block of rows at a time
+(StoredRows); the [I, I] graph is never formed).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .stream import ffn_inputs
 if TYPE_CHECKING:
     import torch
 
-    from ..source import Checkpoint
+    from ..source import Checkpoint, TensorInfo
     from .ops import Plan
     from .spec import ConvertSpec
 
@@ -321,10 +322,9 @@ def coactivation_partition(x: torch.Tensor, ckpt: Checkpoint, keys: dict[str, st
     from .methods.coactivation import CoactivationGraph, coactivation_fires, graph_partition
 
     share = min(spec.top_k / spec.experts, 0.5)
-    gate, up = (ckpt.load(keys[role]).float() for role in ("gate", "up"))
+    gate, up = (StoredRows(ckpt.tensors[keys[role]]) for role in ("gate", "up"))  # read a block of rows at a time
     with torch.no_grad():
         fires = coactivation_fires(x, gate, up, act, share)  # [T, I] bool
-    del gate, up
     graph = CoactivationGraph(fires)  # held as F [T, I] float32: the [I, I] graph is never formed
     del fires
 
@@ -333,6 +333,22 @@ def coactivation_partition(x: torch.Tensor, ckpt: Checkpoint, keys: dict[str, st
         return [torch.nonzero(labels == c).squeeze(1) for c in range(parts)]
 
     return found
+
+
+class StoredRows:
+    """A 2-D tensor of the source [N, D] read a block of rows at a time (`rows[a:b]`, in the source's dtype: one
+    byte range each, source.read_row_block), for coactivation_fires: never the whole matrix in memory."""
+
+    def __init__(self, info: TensorInfo):
+        self.info, self.shape = info, tuple(info.shape)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        from ..source import read_row_block
+
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("StoredRows reads blocks of consecutive rows only")
+        return read_row_block(self.info, start, stop)
 
 
 def _dense_keys(plan: Plan) -> dict[int, dict[str, str]]:
