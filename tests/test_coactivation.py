@@ -198,17 +198,35 @@ def test_seeded(dense_store, calib, tmp_path):
 
 def test_one_layer_at_a_time(dense_store, calib, tmp_path, monkeypatch):
     """The partition pass reads each layer's gate and up once (by blocks of rows: one block of these 64 neurons),
-    layer after layer; the writer then streams."""
+    layer after layer; the writer streams each layer's FFN once, layer after layer, beside it (beside.py), and
+    loads a layer only once its partition is in."""
     from upcycle import source
+    from upcycle.convert import calibrate
 
-    loads: list[str] = []
-    real, rows = Checkpoint.load, source.read_row_block
-    monkeypatch.setattr(Checkpoint, "load", lambda self, name: loads.append(name) or real(self, name))
-    monkeypatch.setattr(source, "read_row_block", lambda info, a, b: loads.append(info.name) or rows(info, a, b))
+    reads: list[str] = []  # the pass's reads of gate and up
+    loads: list[str] = []  # the writer's loads of the dense FFN
+    ready: list[int] = []  # layers whose partitions are in, as the writer loads
+    real, rows, add = Checkpoint.load, source.read_row_block, calibrate.LayerResults.add
+
+    def load(self, name):
+        layer = int(name.split(".")[2])
+        ready.append(layer in got)
+        loads.append(name)
+        return real(self, name)
+
+    got: set[int] = set()
+
+    def adding(self, layer, xs, seqs):
+        add(self, layer, xs, seqs)
+        got.add(layer)
+
+    monkeypatch.setattr(Checkpoint, "load", load)
+    monkeypatch.setattr(source, "read_row_block", lambda info, a, b: reads.append(info.name) or rows(info, a, b))
+    monkeypatch.setattr(calibrate.LayerResults, "add", adding)
     convert(str(dense_store("llama")), tmp_path / "moe", spec(calib, experts=4))
-    partition = [f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up")]
-    write = [f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up", "down")]
-    assert loads == partition + write
+    assert reads == [f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up")]
+    assert loads == [f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up", "down")]
+    assert all(ready)
 
 
 def test_needs_calibration(capsys, dense_store, tmp_path):

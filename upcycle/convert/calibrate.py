@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -181,12 +182,42 @@ class Sequences:
 def calibrate(
     folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec
 ) -> tuple[dict[int, torch.Tensor] | None, dict[int, dict] | None, dict]:
-    """What the conversion needs from running the dense model, before anything is written:
+    """What the conversion needs from running the dense model, the whole pass run here:
     router rows (layer -> [E, H] float32) for --router-init kmeans/hidden, neuron partitions (layer -> (by, parts)
     -> groups) for --split-by coactivation, and what to record in upcycle.json about the text used.
 
     One pass over the dense model, one decoder layer at a time (stream.py), serves every user at once; each MoE
-    layer's result is computed as soon as its FFN inputs are captured, and those inputs are then dropped."""
+    layer's result is computed as soon as its FFN inputs are captured, and those inputs are then dropped.
+    (`convert` runs the same pass beside its writer instead: beside.py.)"""
+    work = prepare(folder, ckpt, plan, spec)
+    for _ in work.layers():
+        pass
+    return work.results.routers, work.results.partitions, work.records
+
+
+@dataclass
+class Calibration:
+    """A calibration pass made ready: its inputs read and checked (a bad file or too short a text has failed
+    already), what upcycle.json will record, and `layers()`, which runs the pass."""
+
+    folder: Path
+    ckpt: Checkpoint
+    seqs: Sequences
+    layer_order: tuple[int, ...]  # the MoE layers, in the order the pass reaches them
+    dtype: torch.dtype
+    results: LayerResults  # filled layer by layer: .routers, .partitions
+    records: dict
+
+    def layers(self) -> Iterator[int]:
+        """Run the pass: each MoE layer once its results are in `results`, in increasing order."""
+        for layer, xs in ffn_inputs(self.folder, self.ckpt, self.seqs.ids, self.layer_order, self.dtype):
+            self.results.add(layer, xs, self.seqs)
+            del xs
+            yield layer
+
+
+def prepare(folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec) -> Calibration:
+    """Everything of the calibration that can fail on bad input, done now, and the pass ready to run."""
     from transformers import AutoConfig
 
     groups = {op.layer: op.group for op in plan.ops if isinstance(op, Router)}
@@ -211,8 +242,6 @@ def calibrate(
     seqs = Sequences.of(ids, prompt_ids, chunk)
     layer_results = LayerResults(ckpt, plan, spec, config, groups, prompts is not None)
     dtype = pass_dtype(ckpt, spec.calibration_dtype)
-    for layer, xs in ffn_inputs(folder, ckpt, seqs.ids, tuple(sorted(groups)), dtype):
-        layer_results.add(layer, xs, seqs)
     records: dict = {}
     if ids is not None:
         records["calibration"] = {"file": Path(spec.calibration).name, "tokens": len(ids)}
@@ -222,7 +251,7 @@ def calibrate(
             "prompts": sum(map(len, prompts)),
             "tokens": sum(len(t) for texts in prompt_ids for t in texts),
         }
-    return layer_results.routers, layer_results.partitions, records
+    return Calibration(folder, ckpt, seqs, tuple(sorted(groups)), dtype, layer_results, records)
 
 
 def pass_dtype(ckpt: Checkpoint, choice: str) -> torch.dtype:

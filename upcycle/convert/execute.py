@@ -68,8 +68,8 @@ class LayerFFNs:
         held = self._held.get(source)
         if held is None or held[0] != layer:
             self._held.pop(source, None)  # free the previous layer first
+            partitions = self.partitions.get(layer) if source == 0 else None  # may wait for the pass (beside.py)
             dense = {role: self.ckpts[source].load(key) for role, key in self.keys[layer].items()}
-            partitions = self.partitions.get(layer) if source == 0 else None
             self._held[source] = (layer, LayerBuilder(dense, self.seed, layer, partitions))
         return self._held[source][1]
 
