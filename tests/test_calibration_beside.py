@@ -13,6 +13,7 @@ from test_router_init import TEXT, TOKENS
 
 from upcycle.convert import calibrate as calibrate_module
 from upcycle.convert import pipeline
+from upcycle.convert.beside import one_ahead
 from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
 from upcycle.errors import UpcycleError
@@ -91,19 +92,59 @@ def test_writer_streams_while_the_pass_runs(dense_store, inputs, tmp_path, monke
     assert written.is_set()
 
 
+@pytest.mark.parametrize("where", ["method", "forward"])
 @pytest.mark.parametrize("at", [0, 3])
-def test_a_failing_pass_fails_the_conversion(at, dense_store, inputs, tmp_path, monkeypatch):
-    """An error of the pass at layer AT (the first, the last) reaches the writer's thread: the conversion fails
-    with it and OUT is not left behind."""
-    real_add = calibrate_module.LayerResults.add
+def test_a_failing_pass_fails_the_conversion(at, where, dense_store, inputs, tmp_path, monkeypatch):
+    """An error of the pass at layer AT (the first, the last), in a layer's method or in the forward (which runs
+    in a thread of its own, one layer ahead), reaches the writer's thread: the conversion fails with it, OUT is
+    not left behind and no thread of the pass is left running."""
+    real_add, real_inputs = calibrate_module.LayerResults.add, calibrate_module.ffn_inputs
 
     def add(self, layer, xs, seqs):
         if layer == at:
             raise UpcycleError(f"layer {layer} failed")
         return real_add(self, layer, xs, seqs)
 
-    monkeypatch.setattr(calibrate_module.LayerResults, "add", add)
+    def ffn_inputs(*args):
+        for layer, xs in real_inputs(*args):
+            if layer == at:
+                raise UpcycleError(f"layer {layer} failed")
+            yield layer, xs
+
+    if where == "method":
+        monkeypatch.setattr(calibrate_module.LayerResults, "add", add)
+    else:
+        monkeypatch.setattr(calibrate_module, "ffn_inputs", ffn_inputs)
     with pytest.raises(UpcycleError, match=f"layer {at} failed"):
         convert(str(dense_store("llama")), tmp_path / "moe", spec_of("coactivation-kmeans", *inputs))
     assert not (tmp_path / "moe").exists()
-    assert not any(t.name == "upcycle-calibration" for t in threading.enumerate())
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("upcycle-calibration")]
+
+
+def test_one_ahead_keeps_order_raises_and_stops():
+    """beside.one_ahead: the items in order; an error where it was raised, after the items before it; closing
+    the consumer stops the producing thread."""
+    made: list[int] = []
+
+    def items(n, fail=None):
+        def make():
+            for i in range(n):
+                if i == fail:
+                    raise ValueError(f"item {i}")
+                made.append(i)
+                yield i
+
+        return make
+
+    assert list(one_ahead(items(6), 1)) == list(range(6))
+    got = []
+    with pytest.raises(ValueError, match="item 3"):
+        for i in one_ahead(items(6, fail=3), 1):
+            got.append(i)
+    assert got == [0, 1, 2]
+    made.clear()
+    it = one_ahead(items(1000), 1)
+    assert next(it) == 0
+    it.close()
+    assert len(made) <= 3  # one in hand, one queued, one being made: not the 1000
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("upcycle-calibration")]

@@ -6,7 +6,9 @@ other, the pass's CPU work and the writer's copying. But layer l's router rows a
 when the writer reaches layer l's router and computed experts (the plan writes layer after layer), and every
 other tensor (attention, norms, embeddings, clone experts) needs nothing from the pass. So the pass runs in a
 background thread and makes each MoE layer's results in layer order while the writer streams; the writer waits
-at a layer only while the pass has not reached it yet.
+at a layer only while the pass has not reached it yet. Within the pass, the forward (stream.py) runs in a thread
+of its own one layer ahead of the methods (`one_ahead`): the forward's large products and the methods' many
+small serial steps (balanced assignment, Rayleigh-Ritz, k-means) share the cores instead of taking turns.
 
 Same bytes: the pass runs the same code on the same inputs, in the same order, with the intra-op thread count
 of the thread that started it (set in the worker, so that no product or reduction is split across threads
@@ -19,12 +21,15 @@ dense FFN (LayerFFNs), which it now loads after the layer's partition is in.
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from .calibrate import Calibration
+
+T = TypeVar("T")
 
 
 class Beside:
@@ -55,7 +60,7 @@ class Beside:
 
         torch.set_num_threads(threads)  # the starting thread's count: every product split as it would be there
         try:
-            for layer in calibration.layers():
+            for layer in calibration.layers(ahead=True):
                 with self._cond:
                     self._reached = layer
                     self._cond.notify_all()
@@ -109,3 +114,49 @@ class LayerView(Mapping):
 
     def __bool__(self) -> bool:  # a view is given where results are wanted: true without waiting
         return True
+
+
+def one_ahead(make: Callable[[], Iterator[T]], threads: int) -> Iterator[T]:
+    """The items of the iterator MAKE() returns, made in a thread of their own at most one item ahead of the
+    consumer (that thread's torch ops with THREADS intra-op threads): the calibration pass runs layer l + 1's
+    forward while the caller computes layer l's method. Its errors are raised here, in order; closing this
+    iterator stops that thread after the item it is on."""
+    items: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        try:
+            for item in make():
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # raised in the consumer's thread
+            put((done, exc))
+
+    thread = threading.Thread(target=run, name="upcycle-calibration-pass", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+            del item
+    finally:
+        stop.set()
+        thread.join()

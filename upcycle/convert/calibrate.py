@@ -208,9 +208,18 @@ class Calibration:
     results: LayerResults  # filled layer by layer: .routers, .partitions
     records: dict
 
-    def layers(self) -> Iterator[int]:
-        """Run the pass: each MoE layer once its results are in `results`, in increasing order."""
-        for layer, xs in ffn_inputs(self.folder, self.ckpt, self.seqs.ids, self.layer_order, self.dtype):
+    def layers(self, ahead: bool = False) -> Iterator[int]:
+        """Run the pass: each MoE layer once its results are in `results`, in increasing order. With AHEAD the
+        forward runs in a thread of its own, one layer ahead of the methods (beside.one_ahead): the same inputs
+        and results, the forward's products beside the methods' many small serial steps."""
+        import torch
+
+        from .beside import one_ahead
+
+        def inputs() -> Iterator[tuple[int, list[torch.Tensor]]]:
+            return ffn_inputs(self.folder, self.ckpt, self.seqs.ids, self.layer_order, self.dtype)
+
+        for layer, xs in one_ahead(inputs, torch.get_num_threads()) if ahead else inputs():
             self.results.add(layer, xs, self.seqs)
             del xs
             yield layer
