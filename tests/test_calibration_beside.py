@@ -88,6 +88,7 @@ def test_writer_streams_while_the_pass_runs(dense_store, inputs, tmp_path, monke
 
     monkeypatch.setattr(calibrate_module.LayerResults, "add", add)
     monkeypatch.setattr(pipeline.ShardedWriter, "put_range", put_range)
+    monkeypatch.setattr(pipeline, "CALIBRATE_BESIDE", True)
     convert(str(dense_store("llama")), tmp_path / "moe", spec_of("kmeans", *inputs))
     assert written.is_set()
 
@@ -111,6 +112,7 @@ def test_a_failing_pass_fails_the_conversion(at, where, dense_store, inputs, tmp
                 raise UpcycleError(f"layer {layer} failed")
             yield layer, xs
 
+    monkeypatch.setattr(pipeline, "CALIBRATE_BESIDE", True)
     if where == "method":
         monkeypatch.setattr(calibrate_module.LayerResults, "add", add)
     else:

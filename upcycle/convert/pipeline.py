@@ -42,7 +42,10 @@ from .writer import Entry, ShardedWriter
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-CALIBRATE_BESIDE = True  # the calibration pass runs beside the writer (beside.py); False: before it, whole
+# True: the calibration pass runs beside the writer (beside.py); False: the whole pass before it. Off: on the
+# 2-core machine it was no faster (the pass already keeps both cores busy) and peaked 0.1 GiB higher
+# (benchmarks/README.md, "The pass beside the writer"); same bytes either way
+CALIBRATE_BESIDE = False
 
 TOKENIZER_FILES = (
     "tokenizer.json",
