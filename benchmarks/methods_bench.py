@@ -18,14 +18,18 @@ benchmarks/results/methods_speed_<yyyymmdd>.json, rewritten after every conversi
     python benchmarks/methods_bench.py --speed ... --baseline /tmp/base   # also another version's code, alternated
 
 `--coactivation` times the co-activation partition of one layer (issue 26) at FFN widths 1,536, 4,864 and
-14,336 (SmolLM2, the ~0.5B shape, Llama-3-8B; random inputs [T, H] and weights, 8 parts, share 0.25 as for
-8 experts top-2): what fires, then `graph_partition`. Each run is a child process of its own (its wall time and
-peak RSS from os.wait4, everything in it counted: torch, the random gate/up in float32, the inputs). Contenders,
+14,336 (SmolLM2, the ~0.5B shape, Llama-3-8B; random inputs [T, H] float32 and weights, 8 parts, share 0.25 as
+for 8 experts top-2): what fires, then `graph_partition`. The layer's random gate and up are saved once under
+--work in the source's dtype (--dtype, bfloat16 by default, as those models ship) and read the way conversion
+reads them (calibrate.StoredRows: a block of rows at a time, cast to float32 one block at a time), with glibc's
+mmap threshold held as `convert` holds it (upcycle/heap.py). Each run is a child process of its own (its wall
+time and peak RSS from os.wait4, everything in it counted: torch, the inputs, what it reads). Contenders,
 alternated width by width within each round: `lowrank`, the graph held as the firing pattern F [T, I] (what
 conversion runs), and `dense`, the same objective through the [I, I] matrices built from F (float32; the reference
 of tests/test_coactivation.py). Results go to benchmarks/results/coactivation_<yyyymmdd>.json.
 
     python benchmarks/methods_bench.py --coactivation --rounds 2 --tokens 4096
+    python benchmarks/methods_bench.py --coactivation --widths 14336 --contenders lowrank --rounds 1
 """
 
 from __future__ import annotations
@@ -216,24 +220,47 @@ def save_speed(
 COACTIVATION_WIDTHS = {1536: 576, 4864: 896, 14336: 4096}  # FFN width -> hidden size of the model it comes from
 
 
-def coactivation_one(width: int, tokens: int, contender: str) -> None:
+def coactivation_weights(work: Path, width: int, dtype: str) -> Path:
+    """Random gate and up [I, H] of one width in DTYPE, in a safetensors file under WORK (made once): the
+    layer's weights as a conversion finds them."""
+    path = work / f"ffn_{width}_{dtype}.safetensors"
+    if path.is_file():
+        return path
+    import torch
+    from safetensors.torch import save_file
+
+    hidden = COACTIVATION_WIDTHS.get(width, 1024)
+    g = torch.Generator().manual_seed(0)
+    weights = {role: (torch.randn(width, hidden, generator=g) / hidden**0.5).to(getattr(torch, dtype))
+               for role in ("gate", "up")}  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(weights, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def coactivation_one(width: int, tokens: int, contender: str, weights: Path) -> None:
     """One layer's co-activation partition in this process: prints seconds per step as JSON."""
     import time
 
     import torch
 
+    from upcycle.convert.calibrate import StoredRows
     from upcycle.convert.methods.base import generator
     from upcycle.convert.methods.coactivation import CoactivationGraph, DenseGraph, coactivation_fires, graph_partition
+    from upcycle.heap import hold_mmap_threshold
+    from upcycle.source import read_header
 
+    hold_mmap_threshold()  # as `convert` does
     hidden = COACTIVATION_WIDTHS.get(width, 1024)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, hidden, generator=g)  # [T, H]
-    gate = torch.randn(width, hidden, generator=g) / hidden**0.5  # [I, H]
-    up = torch.randn(width, hidden, generator=g) / hidden**0.5
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1))  # [T, H], captured in float32
+    stored = {info.name: StoredRows(info) for info in read_header(weights)}  # [I, H] each, read by rows
+    assert stored["gate"].shape == (width, hidden)
     t0 = time.perf_counter()
     with torch.no_grad():
-        fires = coactivation_fires(x, gate, up, torch.nn.functional.silu, 0.25)  # [T, I] bool
-    del x, gate, up
+        fires = coactivation_fires(x, stored["gate"], stored["up"], torch.nn.functional.silu, 0.25)  # [T, I] bool
+    del x
     t1 = time.perf_counter()
     graph = CoactivationGraph(fires)
     del fires
@@ -253,18 +280,21 @@ def coactivation_one(width: int, tokens: int, contender: str) -> None:
     print(json.dumps(found))
 
 
-def coactivation(widths: list[int], tokens: int, rounds: int, contenders: list[str], results: Path | None) -> None:
+def coactivation(
+    widths: list[int], tokens: int, rounds: int, contenders: list[str], results: Path | None, work: Path, dtype: str
+) -> None:
     """Each width and contender in a child process, alternated within each round; medians and dense/lowrank."""
     from statistics import median
 
     results = results or HERE / "results" / f"coactivation_{datetime.now(UTC):%Y%m%d}.json"
+    weights = {width: coactivation_weights(work / "coactivation", width, dtype) for width in widths}
     runs = []
     for r in range(rounds):
         for width in widths:
             for name in contenders if r % 2 == 0 else contenders[::-1]:
                 load = os.getloadavg()
                 argv = [sys.executable, __file__, "--coactivation-one", str(width), "--contender", name,
-                        "--tokens", str(tokens)]  # fmt: skip
+                        "--tokens", str(tokens), "--weights", str(weights[width])]  # fmt: skip
                 stats = measure(argv, timeout=900)
                 if stats["rc"] != 0:
                     raise SystemExit(f"{name} {width}: failed: {stats['stderr'].strip().splitlines()[-3:]}")
@@ -293,7 +323,8 @@ def coactivation(widths: list[int], tokens: int, rounds: int, contenders: list[s
             row["dense_over_lowrank_same_round"] = ratios
         rows.append(row)
     meta = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
-            "tokens": tokens, "parts": 8, "share": 0.25, "rounds": rounds}  # fmt: skip
+            "tokens": tokens, "parts": 8, "share": 0.25, "rounds": rounds, "weights_dtype": dtype,
+            "threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
     results.write_text(json.dumps({**meta, "rows": rows, "runs": runs}, indent=2) + "\n")
     print("\n| width | hidden | contender | fires s | graph s | partition s | layer s | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -318,6 +349,9 @@ def main() -> None:
     parser.add_argument("--contenders", default="lowrank,dense", help="--coactivation: lowrank and/or dense")
     parser.add_argument("--coactivation-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--contender", default="lowrank", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="--coactivation: the dtype the layer's random gate and up are stored in")  # fmt: skip
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -326,10 +360,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.coactivation_one:
-        return coactivation_one(args.coactivation_one, args.tokens, args.contender)
+        return coactivation_one(args.coactivation_one, args.tokens, args.contender, args.weights)
     if args.coactivation:
         widths = [int(w) for w in args.widths.split(",")]
-        return coactivation(widths, args.tokens, args.rounds, args.contenders.split(","), args.results)
+        contenders = args.contenders.split(",")
+        return coactivation(widths, args.tokens, args.rounds, contenders, args.results, args.work, args.dtype)
     if args.speed:
         names = args.only.split(",") if args.only else list(SPEED)
         return speed(args.work, args.rounds, names, args.results, args.baseline)

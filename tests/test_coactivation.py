@@ -16,6 +16,7 @@ from test_router_init import TEXT, TOKENS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from upcycle.arch import targets
+from upcycle.convert.calibrate import StoredRows
 from upcycle.convert.methods.base import generator
 from upcycle.convert.methods.coactivation import (
     CoactivationGraph,
@@ -26,7 +27,7 @@ from upcycle.convert.methods.coactivation import (
 )
 from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
-from upcycle.source import Checkpoint
+from upcycle.source import Checkpoint, read_header
 
 
 @pytest.fixture
@@ -196,14 +197,36 @@ def test_seeded(dense_store, calib, tmp_path):
 
 
 def test_one_layer_at_a_time(dense_store, calib, tmp_path, monkeypatch):
-    """The partition pass reads each layer's gate and up once, layer after layer; the writer then streams."""
-    loads: list[str] = []
-    real = Checkpoint.load
-    monkeypatch.setattr(Checkpoint, "load", lambda self, name: loads.append(name) or real(self, name))
+    """The partition pass reads each layer's gate and up once (by blocks of rows: one block of these 64 neurons),
+    layer after layer; the writer streams each layer's FFN once, layer after layer, beside it (beside.py), and
+    loads a layer only once its partition is in."""
+    from upcycle import source
+    from upcycle.convert import calibrate
+
+    reads: list[str] = []  # the pass's reads of gate and up
+    loads: list[str] = []  # the writer's loads of the dense FFN
+    ready: list[int] = []  # layers whose partitions are in, as the writer loads
+    real, rows, add = Checkpoint.load, source.read_row_block, calibrate.LayerResults.add
+
+    def load(self, name):
+        layer = int(name.split(".")[2])
+        ready.append(layer in got)
+        loads.append(name)
+        return real(self, name)
+
+    got: set[int] = set()
+
+    def adding(self, layer, xs, seqs):
+        add(self, layer, xs, seqs)
+        got.add(layer)
+
+    monkeypatch.setattr(Checkpoint, "load", load)
+    monkeypatch.setattr(source, "read_row_block", lambda info, a, b: reads.append(info.name) or rows(info, a, b))
+    monkeypatch.setattr(calibrate.LayerResults, "add", adding)
     convert(str(dense_store("llama")), tmp_path / "moe", spec(calib, experts=4))
-    partition = [f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up")]
-    write = [f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up", "down")]
-    assert loads == partition + write
+    assert reads == [f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up")]
+    assert loads == [f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up", "down")]
+    assert all(ready)
 
 
 def test_needs_calibration(capsys, dense_store, tmp_path):
@@ -293,6 +316,43 @@ def test_low_rank_products_match_the_dense_graph(chunk):
     q = torch.randn(64, 12, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(graph.shifted(q), ref.shifted(q), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(graph.normalised_dense(), ref.normalised_dense(), rtol=1e-12, atol=0)
+
+
+def fires_whole(x, gate, up, act, share: float, chunk: int = 512) -> torch.Tensor:
+    """F found as it was before blocks of neurons: gate and up whole in float32, [chunk, I] activations."""
+    g, u = gate.float(), up.float()
+    count = max(1, round(share * len(g)))
+    fires = torch.zeros(len(x), len(g), dtype=torch.bool)
+    for s in range(0, len(x), chunk):
+        h = act(x[s : s + chunk] @ g.T).mul_(x[s : s + chunk] @ u.T).abs_()  # [t, I]
+        fires[s : s + chunk].scatter_(1, h.topk(count, dim=1).indices, True)
+    return fires
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [32, 96, 1000, 4096])
+def test_fires_by_blocks_of_neurons_equal_fires_whole(block, dtype, act, tmp_path):
+    """F found BLOCK neurons at a time, from gate and up rows cast to float32 block by block (as tensors, and
+    read from a safetensors file by byte ranges as conversion reads them), is F found from gate and up whole:
+    blocks that divide the width, one that does not (1000 of 1536: a short last block) and one wider than it."""
+    from safetensors.torch import save_file
+    from transformers.activations import ACT2FN
+
+    g = torch.Generator().manual_seed(5)
+    tokens, hidden, width = 1100, 96, 1536  # 1100 tokens: two full chunks of 512 and a short one
+    x = torch.randn(tokens, hidden, generator=g)
+    gate = (torch.randn(width, hidden, generator=g) / hidden**0.5).to(dtype)
+    up = (torch.randn(width, hidden, generator=g) / hidden**0.5).to(dtype)
+    fn = ACT2FN[act]
+    want = fires_whole(x, gate, up, fn, 0.25)
+    assert want.sum(1).eq(384).all()  # each token's top quarter
+    assert torch.equal(coactivation_fires(x, gate, up, fn, 0.25, block=block), want)
+    save_file({"gate": gate, "up": up}, tmp_path / "ffn.safetensors")
+    stored = {info.name: StoredRows(info) for info in read_header(tmp_path / "ffn.safetensors")}
+    assert stored["gate"][1000:2000].shape == (536, hidden)  # clipped at the end, as a slice is
+    assert torch.equal(stored["up"][40:72], up[40:72])  # in the source's dtype
+    assert torch.equal(coactivation_fires(x, stored["gate"], stored["up"], fn, 0.25, block=block), want)
 
 
 @pytest.mark.parametrize("iterative", [False, True])

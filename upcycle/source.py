@@ -428,6 +428,16 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
+def read_row_block(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a row-major tensor [N, ...] of the source, in its dtype: one byte range, read into
+    memory of its own (rows past the end are not there: stop is clipped to N, as a slice is)."""
+    stop = min(stop, info.shape[0])
+    row = info.nbytes // info.shape[0] if info.shape[0] else 0
+    n = max(stop - start, 0)
+    block = replace(info, shape=(n, *info.shape[1:]), offset=info.offset + start * row, nbytes=n * row)
+    return read_tensor(block)
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():

@@ -22,13 +22,15 @@ router (learning rate, z-loss) see the same magnitudes.
 Memory, beyond the clone conversion's: one decoder layer and the hidden states of every chunk (stream.py), one
 MoE layer's captured inputs (tokens x hidden float32: 4096 x 576 x 4 B = 9.4 MB for SmolLM2), and what its
 method computes from them (co-activation: which neurons fire on which token, tokens x intermediate float32,
-0.22 GiB at 4,096 x 14,336; the [I, I] graph is never formed).
+0.22 GiB at 4,096 x 14,336, found from activations of that size and gate/up read a block of rows at a time
+(StoredRows); the [I, I] graph is never formed).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +44,7 @@ from .stream import ffn_inputs
 if TYPE_CHECKING:
     import torch
 
-    from ..source import Checkpoint
+    from ..source import Checkpoint, TensorInfo
     from .ops import Plan
     from .spec import ConvertSpec
 
@@ -180,12 +182,51 @@ class Sequences:
 def calibrate(
     folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec
 ) -> tuple[dict[int, torch.Tensor] | None, dict[int, dict] | None, dict]:
-    """What the conversion needs from running the dense model, before anything is written:
+    """What the conversion needs from running the dense model, the whole pass run here:
     router rows (layer -> [E, H] float32) for --router-init kmeans/hidden, neuron partitions (layer -> (by, parts)
     -> groups) for --split-by coactivation, and what to record in upcycle.json about the text used.
 
     One pass over the dense model, one decoder layer at a time (stream.py), serves every user at once; each MoE
-    layer's result is computed as soon as its FFN inputs are captured, and those inputs are then dropped."""
+    layer's result is computed as soon as its FFN inputs are captured, and those inputs are then dropped.
+    (`convert` runs the same pass beside its writer instead: beside.py.)"""
+    work = prepare(folder, ckpt, plan, spec)
+    for _ in work.layers():
+        pass
+    return work.results.routers, work.results.partitions, work.records
+
+
+@dataclass
+class Calibration:
+    """A calibration pass made ready: its inputs read and checked (a bad file or too short a text has failed
+    already), what upcycle.json will record, and `layers()`, which runs the pass."""
+
+    folder: Path
+    ckpt: Checkpoint
+    seqs: Sequences
+    layer_order: tuple[int, ...]  # the MoE layers, in the order the pass reaches them
+    dtype: torch.dtype
+    results: LayerResults  # filled layer by layer: .routers, .partitions
+    records: dict
+
+    def layers(self, ahead: bool = False) -> Iterator[int]:
+        """Run the pass: each MoE layer once its results are in `results`, in increasing order. With AHEAD the
+        forward runs in a thread of its own, one layer ahead of the methods (beside.one_ahead): the same inputs
+        and results, the forward's products beside the methods' many small serial steps."""
+        import torch
+
+        from .beside import one_ahead
+
+        def inputs() -> Iterator[tuple[int, list[torch.Tensor]]]:
+            return ffn_inputs(self.folder, self.ckpt, self.seqs.ids, self.layer_order, self.dtype)
+
+        for layer, xs in one_ahead(inputs, torch.get_num_threads()) if ahead else inputs():
+            self.results.add(layer, xs, self.seqs)
+            del xs
+            yield layer
+
+
+def prepare(folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec) -> Calibration:
+    """Everything of the calibration that can fail on bad input, done now, and the pass ready to run."""
     from transformers import AutoConfig
 
     groups = {op.layer: op.group for op in plan.ops if isinstance(op, Router)}
@@ -210,8 +251,6 @@ def calibrate(
     seqs = Sequences.of(ids, prompt_ids, chunk)
     layer_results = LayerResults(ckpt, plan, spec, config, groups, prompts is not None)
     dtype = pass_dtype(ckpt, spec.calibration_dtype)
-    for layer, xs in ffn_inputs(folder, ckpt, seqs.ids, tuple(sorted(groups)), dtype):
-        layer_results.add(layer, xs, seqs)
     records: dict = {}
     if ids is not None:
         records["calibration"] = {"file": Path(spec.calibration).name, "tokens": len(ids)}
@@ -221,7 +260,7 @@ def calibrate(
             "prompts": sum(map(len, prompts)),
             "tokens": sum(len(t) for texts in prompt_ids for t in texts),
         }
-    return layer_results.routers, layer_results.partitions, records
+    return Calibration(folder, ckpt, seqs, tuple(sorted(groups)), dtype, layer_results, records)
 
 
 def pass_dtype(ckpt: Checkpoint, choice: str) -> torch.dtype:
@@ -321,10 +360,9 @@ def coactivation_partition(x: torch.Tensor, ckpt: Checkpoint, keys: dict[str, st
     from .methods.coactivation import CoactivationGraph, coactivation_fires, graph_partition
 
     share = min(spec.top_k / spec.experts, 0.5)
-    gate, up = (ckpt.load(keys[role]).float() for role in ("gate", "up"))
+    gate, up = (StoredRows(ckpt.tensors[keys[role]]) for role in ("gate", "up"))  # read a block of rows at a time
     with torch.no_grad():
         fires = coactivation_fires(x, gate, up, act, share)  # [T, I] bool
-    del gate, up
     graph = CoactivationGraph(fires)  # held as F [T, I] float32: the [I, I] graph is never formed
     del fires
 
@@ -333,6 +371,22 @@ def coactivation_partition(x: torch.Tensor, ckpt: Checkpoint, keys: dict[str, st
         return [torch.nonzero(labels == c).squeeze(1) for c in range(parts)]
 
     return found
+
+
+class StoredRows:
+    """A 2-D tensor of the source [N, D] read a block of rows at a time (`rows[a:b]`, in the source's dtype: one
+    byte range each, source.read_row_block), for coactivation_fires: never the whole matrix in memory."""
+
+    def __init__(self, info: TensorInfo):
+        self.info, self.shape = info, tuple(info.shape)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        from ..source import read_row_block
+
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("StoredRows reads blocks of consecutive rows only")
+        return read_row_block(self.info, start, stop)
 
 
 def _dense_keys(plan: Plan) -> dict[int, dict[str, str]]:

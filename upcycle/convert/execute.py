@@ -90,7 +90,7 @@ class LayerFFNs:
         if mine:  # loaded outside the lock: a thread using another layer's builder does not wait for this one
             try:
                 dense = {role: self.ckpts[source].load(k) for role, k in self.keys[layer].items()}
-                partitions = self.partitions.get(layer) if source == 0 else None
+                partitions = self.partitions.get(layer) if source == 0 else None  # may wait for the pass (beside.py)
                 held.set_result(LayerBuilder(dense, self.seed, layer, partitions))
             except BaseException as exc:
                 with self._lock:

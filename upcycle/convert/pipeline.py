@@ -42,6 +42,11 @@ from .writer import Entry, ShardedWriter
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+# True: the calibration pass runs beside the writer (beside.py); False: the whole pass before it. Off: on the
+# 2-core machine it was no faster (the pass already keeps both cores busy) and peaked 0.1 GiB higher
+# (benchmarks/README.md, "The pass beside the writer"); same bytes either way
+CALIBRATE_BESIDE = False
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -274,21 +279,30 @@ def convert(
         return ConvertResult(out=None, plan=plan, source=source, recipe=None)
     ckpt = dense.checkpoint
     check_room(source, out, plan)
-    routers, partitions, calibration = None, None, {}
+    routers, partitions, calibration, beside = None, None, {}, None
     if spec.router_init == "cheap_embed":  # reads the embedding only: no forward pass
         from .cheap_embed import cheap_embed_rows
 
         routers, calibration = cheap_embed_rows(source.folder, ckpt, plan, spec)
-    elif spec.calibration or spec.router_init == "hidden":  # a read-only pass over the dense model, before writing
-        from .calibrate import calibrate
+    elif spec.calibration or spec.router_init == "hidden":  # a read-only pass over the dense model
+        from .calibrate import calibrate, prepare
 
-        routers, partitions, calibration = calibrate(source.folder, ckpt, plan, spec)
+        if CALIBRATE_BESIDE:  # inputs checked now; the pass runs beside the writer, layer l ready by its router
+            from .beside import Beside
+
+            work = prepare(source.folder, ckpt, plan, spec)
+            beside = Beside(work)
+            routers, partitions, calibration = beside.routers, beside.partitions, work.records
+        else:  # the whole pass first
+            routers, partitions, calibration = calibrate(source.folder, ckpt, plan, spec)
     hashes = BackgroundHashes(ckpt.files)  # overlaps the copying; stopped at once if the conversion fails
     try:
         with staged_folder(out, force) as tmp:
             measured = write_weights(
                 ckpt, plan, spec, tmp, max_shard, progress, routers, partitions, tuple(d.checkpoint for d in others)
             )
+            if beside is not None:
+                beside.finish()  # every layer served; an error of the pass after its last layer fails here
             if plan.lossy_casts():
                 kept = {"differences": plan.differences, "source_casts": plan.source_casts}
                 plan = replace(dense.plan(spec, measured), **kept, unmeasured=plan.unmeasured)
@@ -311,6 +325,8 @@ def convert(
             write_card_and_recipe(tmp, recipe | {"name": out.name})
     finally:
         hashes.cancel()
+        if beside is not None:
+            beside.cancel()
     pushed = None
     if push_to_hub:
         from ..publish.hub import push
@@ -415,7 +431,8 @@ def write_weights(
     they cast.
 
     `routers` (layer -> [E, H] float32) holds router rows computed beforehand (--router-init kmeans/hidden),
-    `partitions` (layer -> (by, parts) -> neuron groups) the --split-by coactivation groups, `others` the
+    `partitions` (layer -> (by, parts) -> neuron groups) the --split-by coactivation groups (either may be a
+    beside.LayerView: each layer looked up once the pass running beside the writer has reached it), `others` the
     --expert-from models (source i is others[i - 1]).
     """
     entries = [Entry(op.name, op.dtype, op.shape, op.nbytes) for op in plan.ops]

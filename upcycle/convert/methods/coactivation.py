@@ -39,25 +39,46 @@ DENSE_EIGH_BELOW = 1024  # graphs smaller than this take the full eigendecomposi
 SUBSPACE_ITERS = 40  # block power iterations of the spectral start above DENSE_EIGH_BELOW neurons (at most)
 SUBSPACE_TOL = 1e-3  # ... stopped once an iteration turns the top P Ritz vectors by less than this (Frobenius)
 OVERSAMPLE = 8  # extra columns carried by the subspace iteration (faster, steadier convergence of the top P)
-CHUNK = 512  # tokens per block of activations while finding what fires (3 temporaries of CHUNK x I float32)
+CHUNK = 512  # tokens per top-k while finding what fires (its values and indices: CHUNK x share I each)
+BLOCK = 1024  # neurons per block of gate/up rows cast to float32 at a time (a multiple of 32: see coactivation_fires)
 NARROW = 12  # F^T y with fewer columns than this is taken as (y^T F)^T (see transposed_product)
 
 
+class Rows(Protocol):
+    """A 2-D weight [I, H] read a block of rows at a time in its own dtype: a tensor, or the source's bytes
+    (calibrate.StoredRows), so that the whole matrix need never be held in float32."""
+
+    shape: tuple[int, ...]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
+
 def coactivation_fires(
-    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act, share: float, chunk: int = CHUNK
+    x: torch.Tensor, gate: Rows, up: Rows, act, share: float, chunk: int = CHUNK, block: int = BLOCK
 ) -> torch.Tensor:
-    """Which neurons fire on which token, from the FFN's inputs x [T, H] and its gate, up [I, H]: bool [T, I],
-    each row with round(share * I) (at least 1) neurons set, those of the token's largest |act(gate x) * (up x)|."""
+    """Which neurons fire on which token, from the FFN's inputs x [T, H] float32 and its gate, up [I, H] (any
+    dtype, read by rows): bool [T, I], each row with round(share * I) (at least 1) neurons set, those of the
+    token's largest |act(gate x) * (up x)|.
+
+    The activations are made BLOCK neurons at a time from gate and up rows cast to float32 one block at a time,
+    into one [T, I] float32 matrix (the size of F's float32 copy the partition holds later), then each token's
+    top-k is taken CHUNK tokens at a time. Memory: the activations, two blocks of rows and three [T, BLOCK]
+    temporaries; never gate or up whole in float32 (0.44 GiB at 14,336 x 4,096). Every activation equals the
+    one [T, H] @ [H, I] products would give (each is one dot product over H, the same whichever block holds it:
+    tests/test_coactivation.py), so F is the same as from gate and up whole.
+    """
     import torch
 
     neurons = gate.shape[0]
     count = max(1, round(share * neurons))
+    h = torch.empty(len(x), neurons)  # [T, I] float32: |act(gate x) * (up x)|
+    for a in range(0, neurons, block):
+        g, u = gate[a : a + block].float(), up[a : a + block].float()  # [b, H] each, one block in float32
+        h[:, a : a + block] = act(x @ g.T).mul_(x @ u.T).abs_()  # [T, b]
+        del g, u
     fires = torch.zeros(len(x), neurons, dtype=torch.bool)  # [T, I]: 1 byte a neuron-token
     for s in range(0, len(x), chunk):
-        xs = x[s : s + chunk]  # [t, H]
-        h = act(xs @ gate.T).mul_(xs @ up.T).abs_()  # [t, I]
-        fires[s : s + chunk].scatter_(1, h.topk(count, dim=1).indices, True)
-        del h
+        fires[s : s + chunk].scatter_(1, h[s : s + chunk].topk(count, dim=1).indices, True)
     return fires
 
 
@@ -114,11 +135,12 @@ class CoactivationGraph:
     shift = 0.0  # S = F^T F is positive semi-definite: D^-1/2 S D^-1/2 has its eigenvalues in [0, 1]
 
     def __init__(self, fires: torch.Tensor):
-        import torch
 
         self.f = fires.float()  # [T, I] 0/1
         self.tokens, self.n = fires.shape
-        self.c = fires.sum(0, dtype=torch.float64)  # [I]: how often each neuron fires
+        # [I]: how often each neuron fires, summed in float32 (whole numbers below 2^24 tokens: exact) then widened;
+        # fires.sum(0, dtype=torch.float64) made a float64 copy of all of F first (0.44 GiB at 4,096 x 14,336)
+        self.c = self.f.sum(0).double()
         self.diag = self.tokens * self.c - self.c * self.c  # [I]: W's diagonal before it is zeroed (F_ti^2 = F_ti)
         # degrees of S: S 1 = F^T (F 1), whole numbers (exact in float32 below 2^24)
         self.d = transposed_product(self.f, self.f.sum(1, keepdim=True))[:, 0].double()  # [I]
