@@ -656,7 +656,7 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[str, dict, str]]:
         "extension": (str(tmp_path / "table.csv"), {}, "unknown extension .csv"),
         "folder": (str(tmp_path / "odd"), {}, "the folder has no .txt, .jsonl, .json or .parquet files (it holds .md)"),
         "field": (str(tmp_path / "fields.jsonl"), {}, "has no field 'text' (its fields: title, body)"),
-        "not-text": (str(tmp_path / "numbers.jsonl"), {}, "holds int64, not text"),
+        "not-text": (str(tmp_path / "numbers.jsonl"), {}, "holds int64, neither text nor token ids"),
         "broken-json": (str(tmp_path / "broken.jsonl"), {}, "could not read broken.jsonl as json"),
         "not-utf8": (str(tmp_path / "latin1.txt"), {}, "latin1.txt is not UTF-8 text"),
         "hub-offline": ("nobody-here/no-such-dataset", {}, "HF_HUB_OFFLINE is set"),
