@@ -561,6 +561,14 @@ def _token_lists(src: _Source, job: _Job, hf_cache: Path) -> Iterator[Any]:
 
     text_field, rows = job.text_field, job.rows
 
+    def bad_row(index: int, column: str, locate: Callable[[int], str]) -> None:
+        """A row without COLUMN (or a null one): refused, naming it, unless job.skip_bad_rows; then counted."""
+        where = f"{src.flag}: {locate(index)}"
+        if not job.skip_bad_rows:
+            raise UpcycleError(bad_row_message(where, column))
+        rows.bad += 1
+        rows.first_bad = rows.first_bad or where
+
     def encoder(
         column: str, label: str, strip_newlines: bool, locate: Callable[[int], str]
     ) -> Callable[[pa.Table, list[int]], pa.Table]:
@@ -580,10 +588,7 @@ def _token_lists(src: _Source, job: _Job, hf_cache: Path) -> Iterator[Any]:
             texts = []
             for index, text in zip(indices, values.to_pylist(), strict=True):
                 if text is None:
-                    if not job.skip_bad_rows:
-                        raise UpcycleError(bad_row_message(f"{src.flag}: {locate(index)}", column))
-                    rows.bad += 1
-                    rows.first_bad = rows.first_bad or f"{src.flag}: {locate(index)}"
+                    bad_row(index, column, locate)
                     continue
                 if strip_newlines:
                     text = text.strip("\n")
@@ -605,10 +610,7 @@ def _token_lists(src: _Source, job: _Job, hf_cache: Path) -> Iterator[Any]:
         docs: list[np.ndarray] = []
         for index, row in zip(indices, values.to_pylist(), strict=True):
             if row is None:
-                if not job.skip_bad_rows:
-                    raise UpcycleError(bad_row_message(f"{src.flag}: {locate(index)}", column))
-                rows.bad += 1
-                rows.first_bad = rows.first_bad or f"{src.flag}: {locate(index)}"
+                bad_row(index, column, locate)
                 continue
             if not row:
                 rows.empty += 1
