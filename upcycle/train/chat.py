@@ -43,6 +43,7 @@ import torch
 
 from ..errors import UpcycleError
 from ..seeds import generator as seeded_generator
+from ..source import public_name
 from .data import DataInfo
 
 if TYPE_CHECKING:
@@ -389,13 +390,13 @@ def prepare_chat(
 
     train_blocks, eval_blocks = blocks(train, dropped), blocks(held, 0)
     info = DataInfo(
-        sources=[_public(data)],
+        sources=[public_name(data)],
         documents=len(train) + (0 if eval_data is not None else n_eval),
         train_tokens=train_blocks.n_tokens,
         eval_tokens=eval_blocks.n_tokens,
         cache_hit=False,
         key=_key(data, eval_data, tokenizer, options, eval_fraction, seed),
-        eval_sources=[_public(eval_data)] if eval_data else [],
+        eval_sources=[public_name(eval_data)] if eval_data else [],
         eval_documents=n_eval,
         dtype="int64",
         unit="conversations",
@@ -443,11 +444,6 @@ def _identity(data: str) -> list[Any]:
         return ["hub", data]
     names = [p.relative_to(path).as_posix() if path.is_dir() else p.name for p in files]
     return [[name, p.stat().st_size, p.stat().st_mtime_ns] for name, p in zip(names, files, strict=True)]
-
-
-def _public(data: str) -> str:
-    path = Path(data).expanduser()
-    return path.name if path.exists() else data
 
 
 def _first_line(exc: BaseException) -> str:
