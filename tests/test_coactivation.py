@@ -374,3 +374,40 @@ def test_low_rank_partition_equals_the_dense_graphs(groups, size, seed, iterativ
         assert same_partition(labels, want) or graph.score(labels) >= 0.999 * graph.score(want)
     else:
         assert torch.equal(labels, want)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "granite"])
+def test_kept_intermediate_is_used_and_changes_nothing(family, dense_store, calib, tmp_path, monkeypatch):
+    """The pass keeps each co-activation layer's MLP intermediate (down_proj's input), and the partition takes
+    its activations from it, not from a second act(gate x) * (up x): every layer's check passes, and the output
+    is byte for byte the one made with nothing kept (the activations computed from x, as before)."""
+    from upcycle.convert import calibrate
+    from upcycle.convert.methods import coactivation
+
+    checks: list[bool] = []
+    real = coactivation.same_as
+    monkeypatch.setattr(coactivation, "same_as", lambda *a, **k: checks.append(real(*a, **k)) or checks[-1])
+    src = dense_store(family)
+    plan = convert(str(src), tmp_path / "kept", spec(calib, experts=4, top_k=2)).plan
+    assert checks == [True] * len(plan.moe_layers)
+    monkeypatch.setattr(calibrate, "intermediate_for", lambda *a: None)
+    convert(str(src), tmp_path / "computed", spec(calib, experts=4, top_k=2))
+    assert len(checks) == len(plan.moe_layers)  # nothing kept: no check, the activations computed from x
+    assert shard_hashes(tmp_path / "kept") == shard_hashes(tmp_path / "computed")
+
+
+def test_an_intermediate_that_is_not_the_activations_is_not_used():
+    """same_as refuses pieces that are not act(gate x) * (up x) of x's tokens: other values (as a biased MLP
+    would give), too few tokens, another width or dtype; then the activations are computed from x."""
+    from upcycle.convert.methods.coactivation import activations, same_as
+
+    x, gate, up, act, _ = planted(4, 16, tokens=600)
+    h = activations(x, gate, up, act)  # [600, 64]
+    pieces = list(h.split(256))  # 256, 256, 88 tokens
+    assert same_as(pieces, x, gate, up, act)
+    assert not same_as([*pieces[:-1], pieces[-1] + 0.1], x, gate, up, act)  # the last tokens differ
+    assert not same_as([pieces[0] * 1.01, *pieces[1:]], x, gate, up, act)
+    assert not same_as(pieces[:-1], x, gate, up, act)
+    assert not same_as([p[:, :32] for p in pieces], x, gate, up, act)
+    assert not same_as([p.double() for p in pieces], x, gate, up, act)
+    assert not same_as([], x, gate, up, act)

@@ -39,7 +39,7 @@ from ..errors import UpcycleError
 from .methods import LayerBuilder
 from .ops import Router, by_coactivation
 from .prompts import read_expert_prompts
-from .stream import ffn_inputs
+from .stream import Intermediate, ffn_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -217,7 +217,8 @@ class Calibration:
         from .beside import one_ahead
 
         def inputs() -> Iterator[tuple[int, list[torch.Tensor]]]:
-            return ffn_inputs(self.folder, self.ckpt, self.seqs.ids, self.layer_order, self.dtype)
+            inner = self.results.intermediate
+            return ffn_inputs(self.folder, self.ckpt, self.seqs.ids, self.layer_order, self.dtype, inner)
 
         for layer, xs in one_ahead(inputs, torch.get_num_threads()) if ahead else inputs():
             self.results.add(layer, xs, self.seqs)
@@ -251,6 +252,7 @@ def prepare(folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec) -> Ca
     seqs = Sequences.of(ids, prompt_ids, chunk)
     layer_results = LayerResults(ckpt, plan, spec, config, groups, prompts is not None)
     dtype = pass_dtype(ckpt, spec.calibration_dtype)
+    layer_results.intermediate = intermediate_for(layer_results, config, seqs, dtype)
     records: dict = {}
     if ids is not None:
         records["calibration"] = {"file": Path(spec.calibration).name, "tokens": len(ids)}
@@ -261,6 +263,23 @@ def prepare(folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec) -> Ca
             "tokens": sum(len(t) for texts in prompt_ids for t in texts),
         }
     return Calibration(folder, ckpt, seqs, tuple(sorted(groups)), dtype, layer_results, records)
+
+
+def intermediate_for(results: LayerResults, config, seqs: Sequences, dtype: torch.dtype) -> Intermediate | None:
+    """What the pass keeps of the co-activation layers' MLP intermediate (the down projection's input, which the
+    dense MLP computes anyway), so that coactivation_partition need not compute act(gate x) * (up x) again: the
+    calibration sequences', in a float32 pass (a bfloat16 pass's would not be the float32 activations the
+    method ranks) of a family whose MLP has a gate, an up and a down projection. None: nothing kept (each layer's
+    activations are then computed from its inputs, as before)."""
+    import torch
+
+    from ..arch import family_for
+
+    mlp = family_for(config.model_type).mlp
+    layers = frozenset(layer for layer, _ in results.wanted)
+    if not layers or dtype != torch.float32 or not all(mlp.get(role) for role in ("gate", "up", "down")):
+        return None
+    return Intermediate(layers, mlp["down"], frozenset(i for i, e in enumerate(seqs.owner) if e < 0))
 
 
 def pass_dtype(ckpt: Checkpoint, choice: str) -> torch.dtype:
@@ -305,13 +324,15 @@ class LayerResults:
         self.wanted = {(op.layer, op.transform.parts) for op in plan.expert_ops() if by_coactivation(op)}
         self.routers: dict[int, torch.Tensor] | None = {} if spec.router_init in ("kmeans", "hidden") else None
         self.partitions: dict[int, dict] | None = {} if self.wanted else None
+        self.intermediate: Intermediate | None = None  # set by prepare(): what the pass keeps of the MLPs
 
     def add(self, layer: int, xs: list[torch.Tensor], seqs: Sequences) -> None:
         """One MoE layer's FFN inputs, xs[s] [t_s, H] for each sequence s."""
         wanted = sorted(p for at, p in self.wanted if at == layer)
         x = seqs.calibration(xs) if wanted or self.spec.router_init == "kmeans" else None  # [T, H], made once
+        inner = self.intermediate.found.pop(layer, None) if self.intermediate is not None else None
         if wanted:
-            found = coactivation_partition(x, self.ckpt, self.keys[layer], self.act, self.spec)
+            found = coactivation_partition(x, self.ckpt, self.keys[layer], self.act, self.spec, inner)
             self.partitions[layer] = {("coactivation", parts): found(layer, parts) for parts in wanted}
         if self.spec.router_init == "kmeans":
             self.routers[layer] = self.kmeans_row(layer, x)
@@ -351,18 +372,31 @@ def hidden_row(xs: list[torch.Tensor], owner: list[int], norm: float, group: int
     return scaled((sums / counts[:, None]).float(), norm).repeat_interleave(group, dim=0)  # [E, H]
 
 
-def coactivation_partition(x: torch.Tensor, ckpt: Checkpoint, keys: dict[str, str], act, spec: ConvertSpec):
+def coactivation_partition(
+    x: torch.Tensor,
+    ckpt: Checkpoint,
+    keys: dict[str, str],
+    act,
+    spec: ConvertSpec,
+    inner: list[torch.Tensor] | None = None,
+):
     """--split-by coactivation for one MoE layer: a function (layer, parts) -> the balanced partition of its
-    neurons that keeps co-activated neurons together (methods/split.py), from its FFN inputs x [T, H]."""
+    neurons that keeps co-activated neurons together (methods/split.py), from its FFN inputs x [T, H]. INNER,
+    where the pass kept it, is the MLP intermediate of the same tokens ([t_s, I] float32 pieces, x's rows in
+    order; consumed): used as the activations once a few tokens' check shows it is act(gate x) * (up x);
+    otherwise they are computed from x."""
     import torch
 
     from .methods.base import generator
-    from .methods.coactivation import CoactivationGraph, coactivation_fires, graph_partition
+    from .methods.coactivation import CoactivationGraph, coactivation_fires, fires_of, graph_partition, same_as
 
     share = min(spec.top_k / spec.experts, 0.5)
     gate, up = (StoredRows(ckpt.tensors[keys[role]]) for role in ("gate", "up"))  # read a block of rows at a time
     with torch.no_grad():
-        fires = coactivation_fires(x, gate, up, act, share)  # [T, I] bool
+        if inner is not None and same_as(inner, x, gate, up, act):
+            fires = fires_of(inner, share)  # [T, I] bool
+        else:
+            fires = coactivation_fires(x, gate, up, act, share)  # [T, I] bool
     graph = CoactivationGraph(fires)  # held as F [T, I] float32: the [I, I] graph is never formed
     del fires
 

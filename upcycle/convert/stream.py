@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,25 @@ if TYPE_CHECKING:
 
 class _Recorded(Exception):
     """Raised by the last layer's recorder: the forward has given everything the layers need."""
+
+
+class _Captured(Exception):
+    """Raised by the last MoE layer's last hook: the rest of that layer (the MLP's output, and after a parallel
+    MLP anything else) is never needed."""
+
+
+@dataclass
+class Intermediate:
+    """Which layers' MLP intermediate the pass keeps beside their FFN inputs: the input of the MLP's down
+    projection (in the gated families act(gate x) * (up x), the activations co-activation ranks), which the
+    dense MLP computes anyway. `found[layer]` is set before the pass yields that layer (layer by layer only:
+    the whole-model fallback sets none): [t_s, I] in the pass's dtype for each sequence of `sequences`, in order.
+    """
+
+    layers: frozenset[int]
+    down: str  # the down projection's attribute name in the layer's `mlp`
+    sequences: frozenset[int]  # indices of the sequences whose intermediate is kept
+    found: dict[int, list] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,23 +100,35 @@ def layer_plan(folder: Path, ckpt: Checkpoint, last: int, dtype: torch.dtype) ->
 
 
 def ffn_inputs(
-    folder: Path, ckpt: Checkpoint, sequences: list[torch.Tensor], layers: tuple[int, ...], dtype: torch.dtype
+    folder: Path,
+    ckpt: Checkpoint,
+    sequences: list[torch.Tensor],
+    layers: tuple[int, ...],
+    dtype: torch.dtype,
+    inner: Intermediate | None = None,
 ) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """Each of `layers`' FFN input over each sequence of token ids, in increasing layer order:
-    (layer, [[t_s, H] float32 for each sequence s]). Each sequence is run on its own (its own positions from 0)."""
+    (layer, [[t_s, H] float32 for each sequence s]). Each sequence is run on its own (its own positions from 0).
+    With INNER, the MLP intermediate of its layers too (in inner.found; the layer-by-layer pass only)."""
     if not layers:
         return
     plan = layer_plan(folder, ckpt, max(layers), dtype)
     if plan.base is None:
         yield from whole_model_inputs(folder, sequences, layers, dtype)
     else:
-        yield from layered_inputs(plan, ckpt, sequences, layers, dtype)
+        yield from layered_inputs(plan, ckpt, sequences, layers, dtype, inner)
 
 
 def layered_inputs(
-    plan: LayerPlan, ckpt: Checkpoint, sequences: list[torch.Tensor], layers: tuple[int, ...], dtype: torch.dtype
+    plan: LayerPlan,
+    ckpt: Checkpoint,
+    sequences: list[torch.Tensor],
+    layers: tuple[int, ...],
+    dtype: torch.dtype,
+    inner: Intermediate | None = None,
 ) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """ffn_inputs, one decoder layer in memory at a time (see the module's docstring)."""
+    """ffn_inputs, one decoder layer in memory at a time (see the module's docstring). The last layer runs only
+    up to its last hook: its output is never needed."""
     import torch
 
     base, stack, last = plan.base, plan.layers, max(layers)
@@ -113,18 +144,46 @@ def layered_inputs(
         layer.load_state_dict(weights, assign=True, strict=True)
         del weights
         seen: list[torch.Tensor] = []
-        hook = layer.mlp.register_forward_pre_hook(lambda _m, a, seen=seen: seen.append(a[0].detach()[0].float()))
+        kept: list[torch.Tensor] = []  # the MLP intermediate of inner.sequences, where asked for
+        down = getattr(layer.mlp, inner.down, None) if inner is not None and i in inner.layers else None
+        at = [-1]  # the sequence being run
+        hooks = [
+            layer.mlp.register_forward_pre_hook(_keep(seen, last=i == last and down is None)),
+            *([down.register_forward_pre_hook(_keep(kept, i == last, at, inner.sequences))] if down else []),
+        ]
         try:
             with torch.no_grad():
                 for s, h in enumerate(hidden):
                     args, kwargs = calls[i][h.shape[1]]
-                    out = layer(h, *args, **kwargs)
+                    at[0] = s
+                    try:
+                        out = layer(h, *args, **kwargs)
+                    except _Captured:  # the last layer: everything it was run for is kept
+                        continue
                     hidden[s] = out[0] if isinstance(out, tuple) else out
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
             layer.to("meta")  # frees the layer's weights
+        if down is not None:
+            inner.found[i] = kept
+        del kept
         if i in layers:
             yield i, seen
+
+
+def _keep(into: list, last: bool, at: list[int] | None = None, which: frozenset[int] | None = None):
+    """A forward pre-hook appending its module's input (one sequence: [t, D], float32 if not already) to INTO,
+    for the sequences WHICH (all if None; AT[0] the one being run); on the LAST layer it then stops the layer's
+    forward (_Captured): what follows is never used."""
+
+    def hook(_module, args) -> None:
+        if which is None or at[0] in which:
+            into.append(args[0].detach()[0].float())
+        if last:
+            raise _Captured
+
+    return hook
 
 
 def _make_front_real(plan: LayerPlan, ckpt: Checkpoint, sequences: list[torch.Tensor], dtype) -> list:

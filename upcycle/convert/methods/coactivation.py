@@ -41,6 +41,8 @@ SUBSPACE_TOL = 1e-3  # ... stopped once an iteration turns the top P Ritz vector
 OVERSAMPLE = 8  # extra columns carried by the subspace iteration (faster, steadier convergence of the top P)
 CHUNK = 512  # tokens per top-k while finding what fires (its values and indices: CHUNK x share I each)
 BLOCK = 1024  # neurons per block of gate/up rows cast to float32 at a time (a multiple of 32: see coactivation_fires)
+CHECK = 4  # tokens at each end whose kept MLP intermediate is checked against the activations computed from x
+CHECK_RTOL = 1e-4  # ... within float32 rounding (relative, and absolute to the largest activation's size)
 NARROW = 12  # F^T y with fewer columns than this is taken as (y^T F)^T (see transposed_product)
 
 
@@ -67,19 +69,59 @@ def coactivation_fires(
     one [T, H] @ [H, I] products would give (each is one dot product over H, the same whichever block holds it:
     tests/test_coactivation.py), so F is the same as from gate and up whole.
     """
+    return fires_of([activations(x, gate, up, act, block)], share, chunk)
+
+
+def activations(x: torch.Tensor, gate: Rows, up: Rows, act, block: int = BLOCK) -> torch.Tensor:
+    """act(x gate^T) * (x up^T) for x [T, H] float32: [T, I] float32, made BLOCK neurons at a time from gate and
+    up rows cast to float32 one block at a time."""
     import torch
 
     neurons = gate.shape[0]
-    count = max(1, round(share * neurons))
-    h = torch.empty(len(x), neurons)  # [T, I] float32: |act(gate x) * (up x)|
+    h = torch.empty(len(x), neurons)  # [T, I] float32
     for a in range(0, neurons, block):
         g, u = gate[a : a + block].float(), up[a : a + block].float()  # [b, H] each, one block in float32
-        h[:, a : a + block] = act(x @ g.T).mul_(x @ u.T).abs_()  # [T, b]
+        h[:, a : a + block] = act(x @ g.T).mul_(x @ u.T)  # [T, b]
         del g, u
-    fires = torch.zeros(len(x), neurons, dtype=torch.bool)  # [T, I]: 1 byte a neuron-token
-    for s in range(0, len(x), chunk):
-        fires[s : s + chunk].scatter_(1, h[s : s + chunk].topk(count, dim=1).indices, True)
+    return h
+
+
+def fires_of(pieces: list[torch.Tensor], share: float, chunk: int = CHUNK) -> torch.Tensor:
+    """F from the activations of all tokens, given as pieces [t_s, I] float32 of consecutive tokens (consumed:
+    each is made its absolute value in place and dropped from the list once used): bool [T, I], each row with
+    round(share * I) (at least 1) neurons set, those of the token's largest |activation| (top-k CHUNK tokens at
+    a time; each row's top-k is its own, however the tokens are cut)."""
+    import torch
+
+    tokens, neurons = sum(len(p) for p in pieces), pieces[0].shape[1]
+    count = max(1, round(share * neurons))
+    fires = torch.zeros(tokens, neurons, dtype=torch.bool)  # [T, I]: 1 byte a neuron-token
+    at = 0
+    while pieces:
+        h = pieces.pop(0).abs_()  # [t, I]
+        for s in range(0, len(h), chunk):
+            fires[at + s : at + s + chunk].scatter_(1, h[s : s + chunk].topk(count, dim=1).indices, True)
+        at += len(h)
+        del h
     return fires
+
+
+def same_as(pieces: list[torch.Tensor], x: torch.Tensor, gate: Rows, up: Rows, act, check: int = CHECK) -> bool:
+    """Whether PIECES (an MLP intermediate kept by the pass: [t_s, I] float32 over x's tokens, in order) are the
+    activations act(x gate^T) * (x up^T) that coactivation_fires would compute: their shapes, and the values of
+    the first and last CHECK tokens within float32 rounding (a family whose MLP computes something else, such as
+    biases the activations here leave out, fails and is computed from x instead)."""
+    import torch
+
+    if not pieces or sum(len(p) for p in pieces) != len(x) or any(p.shape[1:] != (gate.shape[0],) for p in pieces):
+        return False
+    if any(p.dtype != torch.float32 for p in pieces):
+        return False
+    k = min(check, len(pieces[0]), len(pieces[-1]))
+    got = torch.cat([pieces[0][:k], pieces[-1][len(pieces[-1]) - k :]])  # [2k, I]
+    want = activations(torch.cat([x[:k], x[len(x) - k :]]), gate, up, act)  # [2k, I]
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return bool(torch.allclose(got, want, rtol=CHECK_RTOL, atol=CHECK_RTOL * scale))
 
 
 class Graph(Protocol):
