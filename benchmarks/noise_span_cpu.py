@@ -50,7 +50,7 @@ def old_loop(dense, sigma, seed, layer, e, role, scale, dtype, out, work, chunk)
 
 def make(name: str, dense: torch.Tensor, out: torch.Tensor, expert: int) -> torch.Tensor:
     if name == "now":
-        need = min(dense.numel(), noise.DRAW_CHUNK + 15)
+        need = noise.work_size(dense.numel())
         work = (torch.empty(need), torch.empty(need))
         return noise.perturb_written(dense, 0.01, 7, 0, expert, "gate", 1.0, torch.bfloat16, out, work)
     chunk = int(name.removeprefix("old"))

@@ -207,11 +207,12 @@ def test_drawing_in_spans_gives_the_values_of_one_draw(n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("chunk", [16, 48, 1024])
-def test_noise_made_in_spans_is_the_float32_arithmetic(dtype, chunk, monkeypatch):
-    """--noise made DRAW_CHUNK values at a time (many spans here, and a dense size 16 does not divide) is byte for
-    byte the whole-tensor float32 arithmetic, for every scale."""
+@pytest.mark.parametrize(("chunk", "block"), [(16, 1), (48, 1), (48, 3), (1024, 1), (16, 16)])
+def test_noise_made_in_spans_is_the_float32_arithmetic(dtype, chunk, block, monkeypatch):
+    """--noise made DRAW_CHUNK values a span and DRAW_SPANS spans a block (many spans and blocks here, and a dense
+    size 16 does not divide) is byte for byte the whole-tensor float32 arithmetic, for every scale."""
     monkeypatch.setattr(noise, "DRAW_CHUNK", chunk)
+    monkeypatch.setattr(noise, "DRAW_SPANS", block)
     g = torch.Generator().manual_seed(2)
     dense = {"gate": (torch.randn(61, 47, generator=g) * 0.02).to(dtype), "down": _dense(dtype)["down"]}
     for scale in SCALES:
@@ -224,13 +225,14 @@ def test_noise_made_in_spans_is_the_float32_arithmetic(dtype, chunk, monkeypatch
 # --- --noise as convert writes it: the documented per-tensor draw, across layers, whatever is made ahead ----------
 
 
-@pytest.mark.parametrize("chunk", [noise.DRAW_CHUNK, 48])
-def test_converted_noise_is_the_per_tensor_reference(chunk, dense_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("chunk", "block"), [(noise.DRAW_CHUNK, noise.DRAW_SPANS), (48, 1), (48, 5)])
+def test_converted_noise_is_the_per_tensor_reference(chunk, block, dense_store, tmp_path, monkeypatch):
     """Every expert tensor convert writes with --noise is `perturb` of its dense tensor (one `normal_` of the whole
     tensor from the generator of (seed, layer, expert, role), times the dense weights, cast once), byte for byte:
     the bytes a seed gives do not depend on the spans it is drawn in, on the workers making the next layer's
     tensors while the writer finishes a layer, nor on which thread made which."""
     monkeypatch.setattr(noise, "DRAW_CHUNK", chunk)
+    monkeypatch.setattr(noise, "DRAW_SPANS", block)
     src = dense_store("llama", dtype=torch.bfloat16)
     out = tmp_path / "moe"
     plan = convert(str(src), out, build_spec(seed=9, experts=4, noise=0.05)).plan

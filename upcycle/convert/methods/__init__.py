@@ -95,7 +95,7 @@ class LayerBuilder:
             spare = self._scratch(shape, dtype, "cast") if dtype != torch.float32 else None
             return drop.reinit_written(dense, role, idx, new, transform.scale, dtype, spare, out)
         if isinstance(transform, Noise):
-            need = (min(dense.numel(), noise.DRAW_CHUNK + 15),)
+            need = (noise.work_size(dense.numel()),)
             work = (self._scratch(need, name="noise factors"), self._scratch(need, name="noise dense"))
             e, sigma, scale = transform.expert, transform.sigma, transform.scale
             return noise.perturb_written(dense, sigma, self.seed, self.layer, e, role, scale, dtype, out, work)

@@ -38,12 +38,15 @@ def perturb(dense: torch.Tensor, role: str, sigma: float, seed: int, layer: int,
     return dense.float() * factor * scale
 
 
-# Values drawn, multiplied and cast at a time by perturb_written: a multiple of 16 whose spans (at most DRAW_CHUNK + 15
-# values) stay within torch's GRAIN_SIZE (32,768), so the multiply and the casts run on the worker's own thread.
-# Larger spans made each of those ops an OpenMP parallel region: every worker thread its own team, on 2 cores
-# beside the writer, whose spin-waits cost CPU (a --noise conversion's workers spent ~3 s of system time on them at
-# the ~0.5B shape: issue 27, benchmarks/README.md). The buffers (128 KB each) also stay in the core's cache.
+# Values multiplied and cast by one op of perturb_written (a span): a multiple of 16 whose spans (at most
+# DRAW_CHUNK + 15 values) stay within torch's GRAIN_SIZE (32,768), so the multiply and the casts run on the worker's
+# own thread. Larger spans made each of those ops an OpenMP parallel region: every worker thread its own team, on 2
+# cores beside the writer, whose spin-waits cost CPU (a --noise conversion's workers spent ~3 s of system time on
+# them at the ~0.5B shape: issue 27, benchmarks/README.md).
 DRAW_CHUNK = 32752
+# Spans drawn by one `normal_` (torch draws on the calling thread whatever the size) and handled by one
+# `torch._foreach_*` call per op: a block (perturb_written). 16 spans: 2 MB per float32 buffer.
+DRAW_SPANS = 16
 
 
 def spans(n: int, chunk: int | None = None) -> Iterator[tuple[int, int]]:
@@ -74,32 +77,48 @@ def perturb_written(
     out: torch.Tensor | None = None,
     work: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`perturb(...).to(dtype)` byte for byte, made DRAW_CHUNK values at a time (`spans`): each span's factors are
-    drawn into a small float32 buffer, multiplied by that span of the dense tensor (converted into a second buffer
-    first: a mixed-dtype multiply would allocate a float32 copy of its bf16 operand on every call) and by SCALE,
-    then cast into OUT. The same float32 products as `perturb` (factor x dense, then x scale), one rounding, no
+    """`perturb(...).to(dtype)` byte for byte, made a block of DRAW_SPANS spans (`spans`, DRAW_CHUNK values each) at
+    a time: a block's factors are drawn by one `normal_` into a small float32 buffer, then multiplied by that block
+    of the dense tensor (converted into a second buffer first: a mixed-dtype multiply would allocate a float32 copy
+    of its bf16 operand on every call) and by SCALE, then cast into OUT, each of these one `torch._foreach_*` call
+    over the block's spans. The same float32 products as `perturb` (factor x dense, then x scale), one rounding, no
     tensor-sized float32 buffer. OUT: a contiguous DTYPE tensor of DENSE's shape (else one is made); WORK: two
-    float32 buffers of at least min(numel, DRAW_CHUNK + 15) values (else made here)."""
+    float32 buffers of at least `work_size(numel)` values (else made here).
+
+    Why blocks of spans: a span (at most 32,767 values) stays within torch's grain size, so its multiply and cast
+    run on the calling worker's own thread (no OpenMP team per worker); one `_foreach_*` call runs every span's op
+    of a block in C++ with the GIL released once, where a Python loop over spans released and took back the GIL
+    about 1,400 times per 5632 x 2048 tensor (4 calls a span), against the writer and the other worker."""
     import torch
 
     out = torch.empty(dense.shape, dtype=dtype) if out is None else out
     src, dst = dense.reshape(-1), out.view(-1)  # [n] each
-    n, chunk = src.numel(), DRAW_CHUNK
+    n = src.numel()
+    bounds = [start for start, _ in spans(n, DRAW_CHUNK)]  # every span's start, [0, ...]
     if work is None:
-        need = min(n, chunk + 15)
-        work = (torch.empty(need), torch.empty(need))
+        work = (torch.empty(work_size(n)), torch.empty(work_size(n)))
     factor_buf, dense_buf = work
-    full_f, full_d = factor_buf[:chunk], dense_buf[:chunk]  # the buffers of every span but the last
     in_place, cast_dense = dtype == torch.float32, src.dtype != torch.float32
+    src_views, dst_views = src.tensor_split(bounds[1:]), dst.tensor_split(bounds[1:])  # one per span
     gen = generator(seed, "noise", layer, expert_index, role)  # the stream `factors` draws from
-    bounds = [start for start, _ in spans(n, chunk)][1:]
-    for d, o in zip(src.tensor_split(bounds), dst.tensor_split(bounds), strict=True):  # one span each, [m]
-        m = d.numel()
-        f = o if in_place else full_f if m == chunk else factor_buf[:m]  # [m] float32
-        f.normal_(1.0, sigma, generator=gen)
-        f.mul_((full_d if m == chunk else dense_buf[:m]).copy_(d) if cast_dense else d)  # factor x float32(dense)
+    for first in range(0, len(bounds), DRAW_SPANS):  # a block: spans first .. last - 1, values [lo, hi)
+        last = min(first + DRAW_SPANS, len(bounds))
+        lo, hi = bounds[first], bounds[last] if last < len(bounds) else n
+        cuts = [b - lo for b in bounds[first + 1 : last]]  # the spans' starts within the block
+        f = dst[lo:hi] if in_place else factor_buf[: hi - lo]  # [hi - lo] float32
+        f.normal_(1.0, sigma, generator=gen)  # one draw of the block: the spans' draws one after another
+        fs, ds = f.tensor_split(cuts), src_views[first:last]  # [m] per span
+        if cast_dense:
+            ds = dense_buf[: hi - lo].tensor_split(cuts)
+            torch._foreach_copy_(ds, src_views[first:last])  # float32(dense)
+        torch._foreach_mul_(fs, ds)  # factor x float32(dense)
         if scale != 1.0:  # x 1.0 changes no value that is not a NaN
-            f.mul_(scale)
+            torch._foreach_mul_(fs, scale)
         if not in_place:
-            o.copy_(f)
+            torch._foreach_copy_(dst_views[first:last], fs)
     return out
+
+
+def work_size(n: int) -> int:
+    """Values each of `perturb_written`'s two float32 buffers needs for a tensor of N values: one block."""
+    return min(n, DRAW_SPANS * DRAW_CHUNK + 15)
