@@ -1081,6 +1081,7 @@ DATA_FIELD: dict[str, str] = {}  # {"text_field": "input_ids"} when the corpus i
 
 def published(value: Any, work: Path | None) -> Any:
     """VALUE with no local path in it (in any string, the command line's too): the work folder as <work>, the
+    --text-cache folder as <text-cache>, the
     repository's paths relative to it, the home folder as ~ (the results JSON is committed; a local path is
     nobody else's)."""
     if isinstance(value, dict):
@@ -1091,6 +1092,8 @@ def published(value: Any, work: Path | None) -> Any:
         return value
     if work is not None:  # first: the work folder may be in the home folder
         value = value.replace(str(work), "<work>")
+    for cache in TEXT_CACHE:  # --text-cache, likewise
+        value = value.replace(str(cache), "<text-cache>")
     value = value.replace(f"{ROOT}/", "")
     home = str(Path.home())
     return value.replace(f"{home}/", "~/") if home != "/" else value

@@ -149,3 +149,15 @@ def test_lr_sweep_steps_one_rung_past_the_edge_its_best_sits_at():
     ppl, edge = study.sweep_table({"sweep_runs": runs}, "dense", [1e-4, 3e-4, 1e-3, 3e-3])
     assert edge is None  # the diverged 3e-3 run ranks last, so 1e-3 is inside the extended grid
     assert ppl[1e-3] == pytest.approx(math.exp(4.6))
+
+
+def test_published_results_name_the_work_and_text_cache_folders_not_their_paths(tmp_path, monkeypatch):
+    study = _load("upcycle_vs_dense")
+    work, cache = tmp_path / "study" / "cpu", tmp_path / "texts"
+    monkeypatch.setattr(study, "TEXT_CACHE", [cache])
+    command = f"python benchmarks/upcycle_vs_dense.py --preset cpu --work {work} --text-cache {cache}"
+    got = study.published({"command": command, "runs": [f"{work}/runs/dense"]}, work)
+    assert got == {
+        "command": "python benchmarks/upcycle_vs_dense.py --preset cpu --work <work> --text-cache <text-cache>",
+        "runs": ["<work>/runs/dense"],
+    }
