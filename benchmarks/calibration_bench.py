@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from methods_bench import coactivation_weights, code_env, measure
+from published import public_path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -81,11 +82,6 @@ def llama_05b(folder: Path) -> Path:
     return folder
 
 
-def public(arg: str) -> str:
-    """A command-line argument as the results show it: paths inside the repository relative to it."""
-    return os.path.relpath(arg, ROOT) if arg.startswith(str(ROOT)) else arg
-
-
 def output_hashes(out: Path) -> dict[str, str]:
     """sha256 of each weight file of a converted folder (to compare two versions' bytes)."""
     import hashlib
@@ -132,7 +128,7 @@ def convert_rows(args) -> list[dict]:
                     "round": r + 1,
                     "model": args.model,
                     "method": label,
-                    "flags": " ".join(public(a) for a in METHODS[name]),
+                    "flags": " ".join(public_path(a) for a in METHODS[name]),
                     "layers": args.layers,
                     "clone_s": clone["wall"],
                     "clone_rss_gib": clone["rss"] / 2**30,

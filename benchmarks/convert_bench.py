@@ -35,13 +35,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from published import public_path
+
 HERE = Path(__file__).resolve().parent
-
-
-def _public(path: Path) -> str:
-    """PATH as the results JSON may hold it: relative to the repository when inside it, else its name alone."""
-    path = Path(path).resolve()
-    return str(path.relative_to(HERE.parent)) if path.is_relative_to(HERE.parent) else path.name
 
 
 GB = 1e9
@@ -361,7 +357,7 @@ def code_state() -> dict[str, Any]:
     commit = _git(pkg.parent, "rev-parse", "HEAD")
     status = _git(pkg.parent, "status", "--porcelain", "--", "upcycle", "cli")
     return {
-        "path": _public(pkg),
+        "path": public_path(pkg),
         "sources_sha256": digest.hexdigest(),
         "git_commit": commit or None,
         "git_dirty": bool(status) if commit else None,
@@ -556,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(work),
         "upcycle_code": code,
-        "work": _public(work),
+        "work": public_path(work),
         "repeats": args.repeats,
         "notes": [
             "Each run starts with the previous output removed and os.sync(); the dense source is in the page "

@@ -37,6 +37,7 @@ from typing import Any
 
 from convert_bench import MIB, _pkg, cpu_model, folder_bytes, ram_bytes, timed_sync
 from convert_bench import run_child as measure
+from published import public_path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -266,7 +267,7 @@ def only_upcycle(src: Path, work: Path, log: Path) -> list[dict[str, Any]]:
         remove(out)
         os.sync()
         run = run_child([exe, "convert", str(src), str(out), *flags], log)
-        row: dict[str, Any] = {"what": name, "flags": " ".join(_public(a) for a in flags)} | run
+        row: dict[str, Any] = {"what": name, "flags": " ".join(public_path(a) for a in flags)} | run
         if run["rc"] == 0:
             plan = json.loads((out / "upcycle.json").read_text())["plan"]
             row |= {
@@ -285,10 +286,6 @@ def only_upcycle(src: Path, work: Path, log: Path) -> list[dict[str, Any]]:
 
 
 # --- bookkeeping ----------------------------------------------------------------------------------------
-
-
-def _public(arg: str) -> str:
-    return os.path.relpath(arg, ROOT) if arg.startswith(str(ROOT)) else arg
 
 
 def _last_line(log: Path) -> str:
@@ -397,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta = json.loads((src / ".complete").read_text())
     result = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/vs_mergekit.py " + " ".join(map(_public, sys.argv[1:] if argv is None else argv)),
+        "command": "python benchmarks/vs_mergekit.py "
+        + " ".join(map(public_path, sys.argv[1:] if argv is None else argv)),
         "machine": machine(why if usable else None),
         "source": {
             "size": args.size,
@@ -417,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print_tables(result)
-    print(f"wrote {_public(str(path.resolve()))}")
+    print(f"wrote {public_path(str(path.resolve()))}")
     return result
 
 
