@@ -250,9 +250,10 @@ def prepare(folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec) -> Ca
     prompt_ids = prompt_token_ids(folder, prompts) if prompts is not None else []
     chunk = min(CHUNK, getattr(config, "max_position_embeddings", CHUNK) or CHUNK)
     seqs = Sequences.of(ids, prompt_ids, chunk)
-    layer_results = LayerResults(ckpt, plan, spec, config, groups, prompts is not None)
     dtype = pass_dtype(ckpt, spec.calibration_dtype)
-    layer_results.intermediate = intermediate_for(layer_results, config, seqs, dtype)
+    wanted = coactivation_wanted(plan)
+    inner = intermediate_for(frozenset(layer for layer, _ in wanted), config, seqs, dtype)
+    layer_results = LayerResults(ckpt, plan, spec, config, groups, prompts is not None, wanted, inner)
     records: dict = {}
     if ids is not None:
         records["calibration"] = {"file": Path(spec.calibration).name, "tokens": len(ids)}
@@ -265,10 +266,15 @@ def prepare(folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec) -> Ca
     return Calibration(folder, ckpt, seqs, tuple(sorted(groups)), dtype, layer_results, records)
 
 
-def intermediate_for(results: LayerResults, config, seqs: Sequences, dtype: torch.dtype) -> Intermediate | None:
-    """What the pass keeps of the co-activation layers' MLP intermediate (the down projection's input, which the
-    dense MLP computes anyway), so that coactivation_partition need not compute act(gate x) * (up x) again: the
-    calibration sequences', in a float32 pass (a bfloat16 pass's would not be the float32 activations the
+def coactivation_wanted(plan: Plan) -> frozenset[tuple[int, int]]:
+    """(layer, parts) of every expert op split by co-activation: the partitions the pass must make."""
+    return frozenset((op.layer, op.transform.parts) for op in plan.expert_ops() if by_coactivation(op))
+
+
+def intermediate_for(layers: frozenset[int], config, seqs: Sequences, dtype: torch.dtype) -> Intermediate | None:
+    """What the pass keeps of LAYERS' (the co-activation layers') MLP intermediate (the down projection's input,
+    which the dense MLP computes anyway), so that coactivation_partition need not compute act(gate x) * (up x) again:
+    the calibration sequences', in a float32 pass (a bfloat16 pass's would not be the float32 activations the
     method ranks) of a family whose MLP has a gate, an up and a down projection. None: nothing kept (each layer's
     activations are then computed from its inputs, as before)."""
     import torch
@@ -276,7 +282,6 @@ def intermediate_for(results: LayerResults, config, seqs: Sequences, dtype: torc
     from ..arch import family_for
 
     mlp = family_for(config.model_type).mlp
-    layers = frozenset(layer for layer, _ in results.wanted)
     if not layers or dtype != torch.float32 or not all(mlp.get(role) for role in ("gate", "up", "down")):
         return None
     return Intermediate(layers, mlp["down"], frozenset(i for i, e in enumerate(seqs.owner) if e < 0))
@@ -311,7 +316,17 @@ def prompt_token_ids(folder: Path, prompts: list[list[str]]) -> list[list[torch.
 class LayerResults:
     """Each calibration user's result, layer by layer as the pass yields each MoE layer's FFN inputs."""
 
-    def __init__(self, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec, config, groups: dict[int, int], hidden: bool):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        plan: Plan,
+        spec: ConvertSpec,
+        config,
+        groups: dict[int, int],
+        hidden: bool,
+        wanted: frozenset[tuple[int, int]],  # (layer, parts) split by co-activation: coactivation_wanted(plan)
+        intermediate: Intermediate | None,  # what the pass keeps of those layers' MLPs: intermediate_for(...)
+    ):
         from transformers.activations import ACT2FN
 
         from ..arch import family_for
@@ -321,10 +336,10 @@ class LayerResults:
         self.target_norm = spec.router_std * math.sqrt(config.hidden_size)  # a random N(0, std^2) row's norm
         self.keys = _dense_keys(plan)
         self.routed = _routed_transforms(plan) if spec.router_init == "kmeans" and spec.init == "split" else {}
-        self.wanted = {(op.layer, op.transform.parts) for op in plan.expert_ops() if by_coactivation(op)}
+        self.wanted = wanted
         self.routers: dict[int, torch.Tensor] | None = {} if spec.router_init in ("kmeans", "hidden") else None
         self.partitions: dict[int, dict] | None = {} if self.wanted else None
-        self.intermediate: Intermediate | None = None  # set by prepare(): what the pass keeps of the MLPs
+        self.intermediate = intermediate
 
     def add(self, layer: int, xs: list[torch.Tensor], seqs: Sequences) -> None:
         """One MoE layer's FFN inputs, xs[s] [t_s, H] for each sequence s."""
