@@ -371,6 +371,7 @@ def _carried_corpus_and_merge(study, tmp_path: Path, args: list[str], saved: dic
         100 * (merged["summary"]["moe-all"]["ppl_mean"] / merged["summary"]["dense"]["ppl_mean"] - 1)
     )
     assert "vs_dense_wide_pct_mean" in merged["summary"]["moe-all"] and (tmp_path / "m_tokens.png").is_file()
+    _gpu_study_script(carried, tmp_path, one)
     other = json.loads((tmp_path / "p2.json").read_text())
     other["parent"]["sha256"] = "0" * 64
     (tmp_path / "p3.json").write_text(json.dumps(other))
@@ -445,6 +446,46 @@ def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) 
     assert start == pytest.approx(saved["parent"]["evals"][-1]["eval_loss"], abs=1e-4)
     assert all(r["reused"] for r in again["runs"] + again["sweep_runs"] + other_jobs["runs"] + other_jobs["sweep_runs"])
     assert again["summary"] == more["summary"] and again["lr_sweep"] == more["lr_sweep"]
+
+
+def _gpu_study_script(carried: Path, tmp_path: Path, one: dict) -> None:
+    """benchmarks/gpu/study.sh as the GPU machine runs it, at the smoke preset on this CPU (so that it cannot rot
+    between the rare GPU loans): a copy of the repository with the carried corpus in .gpu-study/, the project
+    installed by install.sh into a private folder, its JSON, PNGs and log in OUT; the same runs, to the bit, as
+    the study run in this process on the same corpus."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "gpu-repo"  # what the device tool carries: the tracked tree, and .gpu-study beside it
+    skip = shutil.ignore_patterns("__pycache__", "results", "engines", "*.egg-info")
+    for part in ("upcycle", "cli", "benchmarks"):
+        shutil.copytree(ROOT / part, repo / part, ignore=skip)
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / part, repo / part)
+    shutil.copytree(carried, repo / ".gpu-study")
+    out = tmp_path / "gpu-out"
+    env = os.environ | {
+        "UPCYCLE_STUDY_PRESET": "smoke",
+        "UPCYCLE_STUDY_CACHE": str(tmp_path / "gpu-cache"),
+        "UPCYCLE_GPU_SITE": str(tmp_path / "gpu-site"),
+        "PYTHON": sys.executable,
+    }
+    cmd = ["bash", str(repo / "benchmarks" / "gpu" / "study.sh"), str(out), "dense,moe-all", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "gpu-site" / "upcycle" / "__init__.py").is_file()  # trained by the installed copy
+    record = json.loads((out / "upcycle_vs_dense_smoke_dense-moe-all_s0.json").read_text())
+    assert record["complete"] and record["parent"]["sha256"] == one["parent"]["sha256"]
+    assert sorted(r["arm"] for r in record["runs"]) == ["dense", "moe-all"]
+    for run in record["runs"]:
+        same = next(r for r in one["runs"] if r["arm"] == run["arm"])
+        assert run["evals"] == same["evals"] and run["heldout_by_source"] == same["heldout_by_source"]
+    assert "done runs moe-all" in (out / "study.log").read_text()
+    assert all(png.read_bytes()[:8] == PNG_MAGIC for png in out.glob("*.png")) and len(list(out.glob("*.png"))) == 2
+    # a machine without the carried corpus: one error line, exit 2, nothing run
+    shutil.rmtree(repo / ".gpu-study")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("error: .gpu-study/ is missing")
 
 
 def test_upcycle_vs_dense_presets_and_stale_work(tmp_path, monkeypatch):
