@@ -186,9 +186,9 @@ PRESETS: dict[str, Preset] = {
         jobs=1,
     ),
     "cpu": CPU,
-    # longer (under 2 hours on 2 idle cores once `cpu` has made the parent): cpu's corpus, parent and converted
-    # models, every arm, 3 seeds and 3M tokens per arm run; its sweep is the wider one `cpu` ran on 2026-12-06
-    # (1e-4, 3e-4, 1e-3 + an edge step, 500k tokens a run: those runs are reused where found)
+    # longer (under 2 hours on 2 idle cores once `cpu` has run): cpu's corpus, parent and converted models, every
+    # arm, 3 seeds and 3M tokens per arm run; its sweep spans 1e-4, 3e-4, 1e-3 (+ an edge step) at cpu's 400k
+    # tokens a run, so that cpu's sweep runs (3e-5, 1e-4, 3e-4 of its three arms) are reused and only the rest run
     "cpu-long": replace(
         CPU,
         arm_tokens=3_000_000,
@@ -197,7 +197,7 @@ PRESETS: dict[str, Preset] = {
         base="cpu",
         arms=None,
         sweep_lrs=SWEEP_LRS,
-        sweep_tokens=500_000,
+        sweep_tokens=CPU.sweep_tokens,
     ),
 }
 

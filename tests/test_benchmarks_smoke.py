@@ -498,6 +498,7 @@ def test_upcycle_vs_dense_presets_and_stale_work(tmp_path, monkeypatch):
     assert (cpu.continue_tokens or 0) >= study.PRESETS["cpu-long"].arm_tokens >= cpu.arm_tokens
     long = study.PRESETS["cpu-long"]
     assert cpu.sweep_tokens < cpu.arm_tokens and long.sweep_tokens < long.arm_tokens  # sweeps at a smaller budget
+    assert long.sweep_tokens == cpu.sweep_tokens  # so cpu-long reuses cpu's sweep runs (same job keys)
     assert 1e-4 in cpu.sweep_lrs and min(cpu.sweep_lrs) < 1e-4 < max(cpu.sweep_lrs)  # the optimum found inside
     # cpu runs what issue 25 asks for by default: the sweep, both dense arms, the widened dense, the MoE at equal
     # tokens and at equal FLOPs; cpu-long every arm
