@@ -457,9 +457,9 @@ def _gpu_study_script(carried: Path, tmp_path: Path, one: dict) -> None:
     import subprocess
 
     repo = tmp_path / "gpu-repo"  # what the device tool carries: the tracked tree, and .gpu-study beside it
-    skip = shutil.ignore_patterns("__pycache__", "results", "engines", "*.egg-info")
-    for part in ("upcycle", "cli", "benchmarks"):
-        shutil.copytree(ROOT / part, repo / part, ignore=skip)
+    for part in ("upcycle", "cli", "benchmarks"):  # less benchmarks' recorded results, not needed there
+        skip = ("__pycache__", "*.egg-info", *(("results", "_work", ".venv-mergekit") if part == "benchmarks" else ()))
+        shutil.copytree(ROOT / part, repo / part, ignore=shutil.ignore_patterns(*skip))
     for part in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / part, repo / part)
     shutil.copytree(carried, repo / ".gpu-study")
