@@ -1457,6 +1457,10 @@ class Runner:
                 todo.append(job)
         if not todo:
             return
+        # the longest first (tokens x FLOPs per token; a stable sort keeps the given order among equals): the runs
+        # then end close together instead of one long run finishing alone on one core while the other idles
+        fpt = self.record.get("flops_per_token", {})
+        todo.sort(key=lambda job: -job["tokens"] * fpt.get(job["arm"], 1))
         with ProcessPoolExecutor(self.preset.jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(train_run, job): job for job in todo}
             for fut in as_completed(futures):

@@ -594,3 +594,38 @@ def test_rng_bench_writes_every_contender(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 10 and rows[0]["speedup_vs_torch"] == 1.0
     assert all(len(r["seconds"]) == 2 and r["mvalues_per_s"] > 0 for r in rows)
+
+
+def test_study_runner_hands_out_the_longest_runs_first(tmp_path, monkeypatch):
+    """The study's Runner submits its runs longest first (tokens x FLOPs per token; given order among equals), so
+    that 2 workers end close together (cpu-long's last run once ran alone for ~9 minutes)."""
+    study = _load("upcycle_vs_dense")
+    submitted: list[str] = []
+
+    class Pool:  # records the submission order; runs nothing
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, job):
+            submitted.append(f"{job['arm']}-{job['seed']}")
+            return job["arm"]
+
+    monkeypatch.setattr(study, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(study, "as_completed", lambda futures: [])
+    fpt = {"dense": 8, "moe-all": 10, "moe-every2": 9}
+    runner = study.Runner(study.PRESETS["smoke"], {"flops_per_token": fpt}, tmp_path / "r.json", False, "smoke", 0.0)
+    jobs = [
+        {"arm": arm, "seed": seed, "tokens": tokens, "run_dir": str(tmp_path / f"{arm}-{seed}")}
+        for seed in (0, 1)
+        for arm, tokens in (("dense", 100), ("moe-all", 100), ("moe-all-flop", 70), ("moe-every2", 100))
+    ]
+    fpt["moe-all-flop"] = 10
+    runner.run(jobs, "runs")
+    assert submitted == ["moe-all-0", "moe-all-1", "moe-every2-0", "moe-every2-1", "dense-0", "dense-1",
+                         "moe-all-flop-0", "moe-all-flop-1"]  # fmt: skip
