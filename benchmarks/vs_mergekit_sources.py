@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from convert_bench import folder_bytes
+from published import public_path
 from vs_mergekit import (
     HERE,
     MERGEKIT_VERSION,
     SIZES,
-    _public,
     cache_root,
     install_mergekit,
     machine,
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/vs_mergekit_sources.py "
-        + " ".join(map(_public, sys.argv[1:] if argv is None else argv)),
+        + " ".join(map(public_path, sys.argv[1:] if argv is None else argv)),
         "machine": machine(why if usable else None),
         "base": {"size": args.size, "config": SIZES[args.size], "bytes": folder_bytes(base)}
         | json.loads((base / ".complete").read_text()),
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
-    print(f"wrote {_public(str(path.resolve()))}")
+    print(f"wrote {public_path(path.resolve())}")
     return result
 
 
