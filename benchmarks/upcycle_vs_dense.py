@@ -1081,9 +1081,8 @@ DATA_FIELD: dict[str, str] = {}  # {"text_field": "input_ids"} when the corpus i
 
 def published(value: Any, work: Path | None) -> Any:
     """VALUE with no local path in it (in any string, the command line's too): the work folder as <work>, the
-    --text-cache folder as <text-cache>, the
-    repository's paths relative to it, the home folder as ~ (the results JSON is committed; a local path is
-    nobody else's)."""
+    --text-cache folder as <text-cache>, the repository's paths relative to it, the home folder as ~ (the results
+    JSON is committed; a local path is nobody else's)."""
     if isinstance(value, dict):
         return {k: published(v, work) for k, v in value.items()}
     if isinstance(value, list | tuple):
