@@ -142,13 +142,14 @@ class Preset:
     lr_sweep: bool = False  # sweep each re-warmed arm's learning rate without --lr-sweep
 
 
-# Sized for the 45-minute budget of issue 25 on 2 idle cores, from the idle run times of the 2026-12-06 `cpu` runs
-# (benchmarks/README.md): a 1.1M-parameter parent (0.59M outside the tied embedding) pretrained on 11.5M tokens, 10.3
-# per parameter (16 min at 12.1k tokens/s); the learning-rate sweep on the grid those runs found the optimum inside
-# (3e-5, 1e-4, 3e-4: every arm was best at 1e-4, 1e-3 was 6% worse), 400k tokens a run (9 runs, ~6.6 min 2 at a
-# time); the arms the issue asks for (dense re-warmed and not, Net2Net-widened dense, the every-layer MoE at equal
-# tokens and at equal FLOPs) × 2 seeds × 1.0M tokens (~17 min 2 at a time). ~42 min in all with the corpus and
-# conversions (the evening run's 1.2M-token main runs put it at ~45-47 min idle: too close to the budget).
+# Sized for the 45-minute budget of issue 25 on 2 idle cores, measured alone on 2026-12-07 (benchmarks/README.md): a
+# 1.1M-parameter parent (0.59M outside the tied embedding) pretrained on 11.5M tokens, 10.3 per parameter (19.4 min
+# at 10.1k tokens/s); the learning-rate sweep on the grid the earlier runs found the optimum inside (3e-5, 1e-4,
+# 3e-4: every arm best at 1e-4), 400k tokens a run (9 runs; with the conversions 7.6 min, 2 at a time); the arms the
+# issue asks for (dense re-warmed and not, Net2Net-widened dense, the every-layer MoE at equal tokens and at equal
+# FLOPs) x 2 seeds x 0.75M tokens (16.2 min, 2 at a time): 43.8 min in all. A main run's time is about half fixed
+# (its evaluations, checkpoints and start-up: ~1 min dense, ~2 min MoE), so fewer tokens save less than in
+# proportion: at 1.0M tokens the same preset took 48.1 min.
 # The corpus (~15.7M tokens) holds the pretraining and a 3.3M-token continuation part.
 CORE_ARMS = ("dense", "dense-nowarm", "dense-wide", "moe-all", "moe-all-flop")
 CPU_SWEEP_LRS = (3e-5, 1e-4, 3e-4)
@@ -157,7 +158,7 @@ CPU = Preset(
     kv_heads=2,
     parent_tokens=11_500_000,
     continue_tokens=3_000_000,
-    arm_tokens=1_000_000,
+    arm_tokens=750_000,
     sweep_lrs=CPU_SWEEP_LRS,
     sweep_tokens=400_000,
     evals=6,
