@@ -15,6 +15,7 @@ os.wait4). `methods_bench.py --coactivation` is the fuller version (the dense-ma
     python benchmarks/calibration_bench.py convert --model smollm2
     python benchmarks/calibration_bench.py convert --model llama-0.5b --layers 0,8,16,23
     python benchmarks/calibration_bench.py convert --only kmeans,coactivation --rounds 2 --baseline /tmp/base
+    python benchmarks/calibration_bench.py convert --only kmeans,kmeans-bf16,coactivation,coactivation-bf16 --rounds 3
     python benchmarks/calibration_bench.py coactivation --widths 1536,4864,14336
 
 Results go to stdout as markdown rows and to benchmarks/results/calibration_<yyyymm>.json (appended by section).
@@ -45,6 +46,8 @@ METHODS = {  # name -> convert flags; clone runs before each of the others
     "split-ridge": ["--init", "split", "--experts", "8", "--top-k", "2", "--router-init", "kmeans", *CALIBRATION],
     "coactivation": ["--init", "split", "--split-by", "coactivation", "--experts", "8", "--top-k", "2", *CALIBRATION],
 }
+BF16 = ["--calibration-dtype", "bfloat16"]  # the pass in bfloat16 (a float32 source's weights rounded as read)
+METHODS |= {f"{name}-bf16": [*flags, *BF16] for name, flags in list(METHODS.items()) if "--calibration" in flags}
 CLONE = ["--experts", "8", "--top-k", "2"]
 WIDTHS = {1536: 576, 4864: 896, 14336: 4096}  # FFN width -> hidden size of the model it comes from
 

@@ -198,8 +198,9 @@ def convert(
     calibration_dtype: Annotated[
         str | None,
         typer.Option(
-            help="With --calibration or --expert-prompts: the dtype the dense model runs in, float32 or source "
-            "(its own dtype: half the memory of a bf16 model's layer)." + _c("calibration_dtype")
+            help="With --calibration or --expert-prompts: the dtype the dense model runs in, float32, source "
+            "(its own dtype: half the memory of a bf16 model's layer) or bfloat16 (faster on CPUs with bf16 "
+            "matrix instructions)." + _c("calibration_dtype")
         ),
     ] = None,
     router_std: Annotated[float | None, typer.Option(help="Std of a random router." + _c("router_std"))] = None,

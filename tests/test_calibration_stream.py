@@ -153,6 +153,35 @@ def test_calibration_dtype_source_runs_a_bfloat16_source_in_bfloat16(tmp_path, c
     expect_error(capsys, argv, "--calibration-dtype source applies only where the dense model is run")
 
 
+def test_calibration_dtype_bfloat16_runs_a_float32_source_in_bfloat16(tmp_path):
+    """--calibration-dtype bfloat16: the pass runs a float32 source with its weights rounded to bfloat16, as
+    plain transformers runs the model loaded in bfloat16 (bitwise), and the k-means rows it makes are those of
+    the bfloat16 model's inputs, near the float32 pass's."""
+    src = make_dense(tmp_path / "f32", "llama")
+    ckpt = Checkpoint.open(src)
+    assert ckpt.tensors["model.embed_tokens.weight"].dtype == "F32"
+    assert calibrate_module.pass_dtype(ckpt, "bfloat16") == torch.bfloat16
+    sequences = [torch.arange(3, 60), torch.arange(5, 20)]
+    got = dict(stream.ffn_inputs(src, ckpt, sequences, (0, 2), torch.bfloat16))
+    want = whole_model(src, sequences, [0, 2], torch.bfloat16)
+    f32 = dict(stream.ffn_inputs(src, ckpt, sequences, (0, 2), torch.float32))
+    for i in (0, 2):
+        assert all(torch.equal(a, b.float()) for a, b in zip(got[i], want[i], strict=True))
+        diff = max((a - b).abs().max().item() for a, b in zip(got[i], f32[i], strict=True))
+        assert 0 < diff < 0.1  # bfloat16 rounding: not the float32 pass, and close to it
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        kw = dict(experts=4, top_k=2, router_init="kmeans", calibration=str(text), calibration_dtype=dtype)
+        spec = build_spec(**kw)
+        dense, plan = plan_for(resolve(str(src)), spec)
+        rows[dtype], _, _ = calibrate_module.calibrate(src, dense.checkpoint, plan, spec)
+    for layer, r in rows["float32"].items():
+        cos = torch.nn.functional.cosine_similarity(r, rows["bfloat16"][layer], dim=1)
+        assert cos.min().item() > 0.9, (layer, cos)
+
+
 def test_whole_model_fallback_when_the_keys_differ(models, tmp_path):
     """A checkpoint whose keys are not the model's own names is run whole, as before; the plan says why."""
     from safetensors.torch import load_file, save_file

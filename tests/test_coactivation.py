@@ -396,6 +396,42 @@ def test_kept_intermediate_is_used_and_changes_nothing(family, dense_store, cali
     assert shard_hashes(tmp_path / "kept") == shard_hashes(tmp_path / "computed")
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_bfloat16_pass_ranks_its_own_activations(family, dense_store, calib, tmp_path, monkeypatch):
+    """--calibration-dtype bfloat16: the kept intermediate is the bfloat16 model's own activations; every layer's
+    check passes within bfloat16's rounding (the float32 one would refuse them), and the partitions are those of
+    the firing pattern of exactly those activations."""
+    from upcycle.convert import calibrate
+    from upcycle.convert.methods import coactivation
+
+    checks: list[tuple[bool, bool]] = []
+    real = coactivation.same_as
+    pieces_seen: list[torch.Tensor] = []
+
+    def spy(pieces, x, gate, up, act, **k):
+        pieces_seen.append(torch.cat(pieces))
+        checks.append((real(pieces, x, gate, up, act, **k), real(pieces, x, gate, up, act)))
+        return checks[-1][0]
+
+    monkeypatch.setattr(coactivation, "same_as", spy)
+    src = dense_store(family)
+    made: list[torch.Tensor] = []
+    real_fires = coactivation.fires_of
+
+    def fires_spy(inner, share):
+        made.append(real_fires(inner, share))
+        return made[-1]
+
+    monkeypatch.setattr(coactivation, "fires_of", fires_spy)
+    plan = convert(str(src), tmp_path / "bf16", spec(calib, experts=4, top_k=2, calibration_dtype="bfloat16")).plan
+    assert [ok for ok, _ in checks] == [True] * len(plan.moe_layers)
+    assert not any(strict for _, strict in checks)  # not the float32 activations: the float32 check refuses them
+    for h, fires in zip(pieces_seen, made, strict=True):
+        assert torch.equal(h, h.bfloat16().float())  # bfloat16 values
+        assert torch.equal(fires, real_fires([h.clone()], min(2 / 4, 0.5)))
+    assert calibrate.pass_dtype(Checkpoint.open(src), "bfloat16") == torch.bfloat16
+
+
 def test_an_intermediate_that_is_not_the_activations_is_not_used():
     """same_as refuses pieces that are not act(gate x) * (up x) of x's tokens: other values (as a biased MLP
     would give), too few tokens, another width or dtype; then the activations are computed from x."""

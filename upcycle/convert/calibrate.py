@@ -1,9 +1,10 @@
 """What the conversion learns by running the dense model: `--router-init kmeans` and `--split-by coactivation`
 (from calibration text), `--router-init hidden` (from per-expert prompts).
 
-One pass of the dense model (stream.py: one decoder layer at a time, float32 or the source's dtype, CPU) over
-the first N tokens of the text captures, with a forward pre-hook on each MoE layer's dense `mlp`, the hidden
-state the router will see (after the post-attention norm). Per layer the rows are then:
+One pass of the dense model (stream.py: one decoder layer at a time, CPU, in float32, the source's dtype or
+bfloat16 per --calibration-dtype) over the first N tokens of the text captures, with a forward pre-hook on each
+MoE layer's dense `mlp`, the hidden state the router will see (after the post-attention norm). Per layer the rows
+are then:
 - clone, drop (and noise): the k-means centroids of those inputs, one per expert: a token is routed to the
   experts whose centroid it points towards most;
 - fine-grained: k-means with one centroid per virtual group, shared by the group's parts (as the random router
@@ -274,28 +275,33 @@ def coactivation_wanted(plan: Plan) -> frozenset[tuple[int, int]]:
 def intermediate_for(layers: frozenset[int], config, seqs: Sequences, dtype: torch.dtype) -> Intermediate | None:
     """What the pass keeps of LAYERS' (the co-activation layers') MLP intermediate (the down projection's input,
     which the dense MLP computes anyway), so that coactivation_partition need not compute act(gate x) * (up x) again:
-    the calibration sequences', in a float32 pass (a bfloat16 pass's would not be the float32 activations the
-    method ranks) of a family whose MLP has a gate, an up and a down projection. None: nothing kept (each layer's
-    activations are then computed from its inputs, as before)."""
+    the calibration sequences', for a family whose MLP has a gate, an up and a down projection. In a float32 pass
+    they are the float32 activations a recompute gives (checked within float32 rounding); in a bfloat16 (or
+    float16) pass, the model's own activations in that dtype (checked within its rounding), which the method then
+    ranks. None: nothing kept (each layer's activations are then computed from its inputs in float32)."""
     import torch
 
     from ..arch import family_for
+    from .methods.coactivation import CHECK_RTOL
 
     mlp = family_for(config.model_type).mlp
-    if not layers or dtype != torch.float32 or not all(mlp.get(role) for role in ("gate", "up", "down")):
+    if not layers or not all(mlp.get(role) for role in ("gate", "up", "down")):
         return None
-    return Intermediate(layers, mlp["down"], frozenset(i for i, e in enumerate(seqs.owner) if e < 0))
+    rtol = max(CHECK_RTOL, 4 * torch.finfo(dtype).eps)  # float32: 1e-4; bfloat16: 2^-5
+    return Intermediate(layers, mlp["down"], frozenset(i for i, e in enumerate(seqs.owner) if e < 0), rtol)
 
 
 def pass_dtype(ckpt: Checkpoint, choice: str) -> torch.dtype:
-    """The dtype the dense model runs in: float32 (as the whole-model pass always did), or with "source" the
-    floating dtype most of the source's tensors are stored in."""
+    """The dtype the dense model runs in: float32 (as the whole-model pass always did), with "source" the
+    floating dtype most of the source's tensors are stored in, or bfloat16 whatever they are stored in (the
+    weights rounded to it: on a CPU with bfloat16 matrix instructions its products run ~2.5x as fast as
+    float32's)."""
     import torch
 
     from ..dtypes import FLOAT_DTYPES, torch_dtype
 
-    if choice == "float32":
-        return torch.float32
+    if choice in ("float32", "bfloat16"):
+        return getattr(torch, choice)
     stored = Counter(t.dtype for t in ckpt.tensors.values() if t.dtype in FLOAT_DTYPES)
     return torch_dtype(stored.most_common(1)[0][0]) if stored else torch.float32
 
@@ -345,9 +351,11 @@ class LayerResults:
         """One MoE layer's FFN inputs, xs[s] [t_s, H] for each sequence s."""
         wanted = sorted(p for at, p in self.wanted if at == layer)
         x = seqs.calibration(xs) if wanted or self.spec.router_init == "kmeans" else None  # [T, H], made once
-        inner = self.intermediate.found.pop(layer, None) if self.intermediate is not None else None
+        kept = self.intermediate
+        inner = kept.found.pop(layer, None) if kept is not None else None
         if wanted:
-            found = coactivation_partition(x, self.ckpt, self.keys[layer], self.act, self.spec, inner)
+            rtol = kept.check_rtol if kept is not None else None
+            found = coactivation_partition(x, self.ckpt, self.keys[layer], self.act, self.spec, inner, rtol)
             self.partitions[layer] = {("coactivation", parts): found(layer, parts) for parts in wanted}
         if self.spec.router_init == "kmeans":
             self.routers[layer] = self.kmeans_row(layer, x)
@@ -394,21 +402,29 @@ def coactivation_partition(
     act,
     spec: ConvertSpec,
     inner: list[torch.Tensor] | None = None,
+    rtol: float | None = None,
 ):
     """--split-by coactivation for one MoE layer: a function (layer, parts) -> the balanced partition of its
     neurons that keeps co-activated neurons together (methods/split.py), from its FFN inputs x [T, H]. INNER,
     where the pass kept it, is the MLP intermediate of the same tokens ([t_s, I] float32 pieces, x's rows in
-    order; consumed): used as the activations once a few tokens' check shows it is act(gate x) * (up x);
-    otherwise they are computed from x."""
+    order; consumed): used as the activations once a few tokens' check shows it is act(gate x) * (up x) within
+    RTOL (the pass dtype's rounding: Intermediate.check_rtol); otherwise they are computed from x."""
     import torch
 
     from .methods.base import generator
-    from .methods.coactivation import CoactivationGraph, coactivation_fires, fires_of, graph_partition, same_as
+    from .methods.coactivation import (
+        CHECK_RTOL,
+        CoactivationGraph,
+        coactivation_fires,
+        fires_of,
+        graph_partition,
+        same_as,
+    )
 
     share = min(spec.top_k / spec.experts, 0.5)
     gate, up = (StoredRows(ckpt.tensors[keys[role]]) for role in ("gate", "up"))  # read a block of rows at a time
     with torch.no_grad():
-        if inner is not None and same_as(inner, x, gate, up, act):
+        if inner is not None and same_as(inner, x, gate, up, act, rtol=rtol or CHECK_RTOL):
             fires = fires_of(inner, share)  # [T, I] bool
         else:
             fires = coactivation_fires(x, gate, up, act, share)  # [T, I] bool

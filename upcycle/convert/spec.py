@@ -20,7 +20,7 @@ Routing = Literal["topk-softmax", "softmax-topk"]
 SplitBy = Literal["random", "cluster", "coactivation"]
 FineGrainedScale = Literal["down", "cube-root"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
-CalibrationDType = Literal["float32", "source"]  # the dtype the dense model runs in for calibration
+CalibrationDType = Literal["float32", "source", "bfloat16"]  # the dtype the dense model runs in for calibration
 
 
 # --init and --target choices are the registries' keys: a method in methods.LAYOUTS, a target in targets/*.json
@@ -77,7 +77,7 @@ class ConvertSpec:
     router_std: float = 0.02
     calibration: str | None = None  # text file for --router-init kmeans and --split-by coactivation
     calibration_tokens: int = 4096
-    calibration_dtype: CalibrationDType = "float32"  # float32, or the source's own floating dtype
+    calibration_dtype: CalibrationDType = "float32"  # float32, the source's own floating dtype, or bfloat16
     routing: Routing = "topk-softmax"
     split_by: SplitBy | None = None
     drop_ratio: float | None = None

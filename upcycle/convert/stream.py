@@ -59,6 +59,7 @@ class Intermediate:
     layers: frozenset[int]
     down: str  # the down projection's attribute name in the layer's `mlp`
     sequences: frozenset[int]  # indices of the sequences whose intermediate is kept
+    check_rtol: float  # how close its first and last tokens must be to act(gate x) * (up x) (the pass's dtype)
     found: dict[int, list] = field(default_factory=dict)
 
 

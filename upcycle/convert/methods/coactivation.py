@@ -106,11 +106,14 @@ def fires_of(pieces: list[torch.Tensor], share: float, chunk: int = CHUNK) -> to
     return fires
 
 
-def same_as(pieces: list[torch.Tensor], x: torch.Tensor, gate: Rows, up: Rows, act, check: int = CHECK) -> bool:
+def same_as(
+    pieces: list[torch.Tensor], x: torch.Tensor, gate: Rows, up: Rows, act, check: int = CHECK, rtol: float = CHECK_RTOL
+) -> bool:
     """Whether PIECES (an MLP intermediate kept by the pass: [t_s, I] float32 over x's tokens, in order) are the
     activations act(x gate^T) * (x up^T) that coactivation_fires would compute: their shapes, and the values of
-    the first and last CHECK tokens within float32 rounding (a family whose MLP computes something else, such as
-    biases the activations here leave out, fails and is computed from x instead)."""
+    the first and last CHECK tokens within RTOL (relative, and absolute to the largest activation's size: float32
+    rounding by default, a bfloat16 pass's rounding for its intermediate). A family whose MLP computes something
+    else, such as biases the activations here leave out, fails and is computed from x instead."""
     import torch
 
     if not pieces or sum(len(p) for p in pieces) != len(x) or any(p.shape[1:] != (gate.shape[0],) for p in pieces):
@@ -121,7 +124,7 @@ def same_as(pieces: list[torch.Tensor], x: torch.Tensor, gate: Rows, up: Rows, a
     got = torch.cat([pieces[0][:k], pieces[-1][len(pieces[-1]) - k :]])  # [2k, I]
     want = activations(torch.cat([x[:k], x[len(x) - k :]]), gate, up, act)  # [2k, I]
     scale = float(want.abs().max()) if want.numel() else 0.0
-    return bool(torch.allclose(got, want, rtol=CHECK_RTOL, atol=CHECK_RTOL * scale))
+    return bool(torch.allclose(got, want, rtol=rtol, atol=rtol * scale))
 
 
 class Graph(Protocol):

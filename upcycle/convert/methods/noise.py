@@ -107,10 +107,12 @@ def perturb_written(
         cuts = [b - lo for b in bounds[first + 1 : last]]  # the spans' starts within the block
         f = dst[lo:hi] if in_place else factor_buf[: hi - lo]  # [hi - lo] float32
         f.normal_(1.0, sigma, generator=gen)  # one draw of the block: the spans' draws one after another
-        fs, ds = f.tensor_split(cuts), src_views[first:last]  # [m] per span
-        if cast_dense:
+        fs = f.tensor_split(cuts)  # [m] per span
+        if cast_dense:  # the spans of dense converted into the second buffer: float32(dense)
             ds = dense_buf[: hi - lo].tensor_split(cuts)
-            torch._foreach_copy_(ds, src_views[first:last])  # float32(dense)
+            torch._foreach_copy_(ds, src_views[first:last])
+        else:  # float32 already: the source's own views
+            ds = src_views[first:last]
         torch._foreach_mul_(fs, ds)  # factor x float32(dense)
         if scale != 1.0:  # x 1.0 changes no value that is not a NaN
             torch._foreach_mul_(fs, scale)
