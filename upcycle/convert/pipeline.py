@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..collector import quiet_start_up
 from ..errors import UpcycleError
 from ..generic import MODEL_TYPE as GENERIC_MODEL_TYPE
 from ..generic import register as register_generic
@@ -255,7 +256,25 @@ def convert(
     `base_model` names the Hub model a local source was made from, for the card's metadata. `mergekit_config`:
     the mergekit-moe YAML SPEC was read from; OUT keeps a copy and the recorded command converts from it.
     """
-    out = Path(out)
+    with quiet_start_up() as started:  # Python's collector off until the plan is made, then off its objects
+        return _convert(src, Path(out), spec, started, force, dry_run, progress, push_to_hub, private, base_model,
+                        mergekit_config)  # fmt: skip
+
+
+def _convert(
+    src: str,
+    out: Path,
+    spec: ConvertSpec,
+    started: Callable[[], None],
+    force: bool,
+    dry_run: bool,
+    progress: Callable[[int, int], None] | None,
+    push_to_hub: str | None,
+    private: bool,
+    base_model: str | None,
+    mergekit_config: Path | None,
+) -> ConvertResult:
+    """convert(), with STARTED called once start-up (resolving the source and planning) is done."""
     hold_mmap_threshold()  # large buffers back to the system when freed: the calibration pass's peak (upcycle/heap.py)
     max_shard = shard_size(spec.max_shard_size)
     if base_model is not None and not looks_like_repo_id(base_model):
@@ -275,6 +294,7 @@ def convert(
     others = tuple(e.dense for e in extra)
     names = tuple(public_name(e.given) for e in extra)
     dense, plan = plan_for(source, spec, measure=dry_run, others=others, names=names)
+    started()  # what start-up made stays out of the collections of the calibration pass and the writing
     if dry_run:
         return ConvertResult(out=None, plan=plan, source=source, recipe=None)
     ckpt = dense.checkpoint
