@@ -257,102 +257,86 @@ def convert(
     the mergekit-moe YAML SPEC was read from; OUT keeps a copy and the recorded command converts from it.
     """
     with quiet_start_up() as started:  # Python's collector off until the plan is made, then off its objects
-        return _convert(src, Path(out), spec, started, force, dry_run, progress, push_to_hub, private, base_model,
-                        mergekit_config)  # fmt: skip
+        out = Path(out)
+        hold_mmap_threshold()  # large buffers back to the system when freed: the calibration pass's peak (heap.py)
+        max_shard = shard_size(spec.max_shard_size)
+        if base_model is not None and not looks_like_repo_id(base_model):
+            raise UpcycleError(f"--base-model {base_model!r} is not a Hub id; give it as org/name")
+        check_not_source(src, out)
+        if not dry_run:
+            check_target(out, force)  # fail before any download or heavy work
+            if push_to_hub:
+                from ..publish.hub import require_token
 
+                require_token()
+        shared = spec.shared_from
+        if shared not in (None, "base", *spec.expert_from) and public_name(shared) == public_name(src):
+            spec = replace(spec, shared_from="base")  # --shared-from SRC: BASE's FFN
+        spec.shared_source  # noqa: B018 - refuses a --shared-from that is neither SRC nor an --expert-from model
+        source = resolve(src, spec.revision, materialize=not dry_run)
+        extra = expert_sources(src, source, spec, None if dry_run else out, materialize=not dry_run)
+        others = tuple(e.dense for e in extra)
+        names = tuple(public_name(e.given) for e in extra)
+        dense, plan = plan_for(source, spec, measure=dry_run, others=others, names=names)
+        started()  # what start-up made stays out of the collections of the calibration pass and the writing
+        if dry_run:
+            return ConvertResult(out=None, plan=plan, source=source, recipe=None)
+        ckpt = dense.checkpoint
+        check_room(source, out, plan)
+        routers, partitions, calibration, beside = None, None, {}, None
+        if spec.router_init == "cheap_embed":  # reads the embedding only: no forward pass
+            from .cheap_embed import cheap_embed_rows
 
-def _convert(
-    src: str,
-    out: Path,
-    spec: ConvertSpec,
-    started: Callable[[], None],
-    force: bool,
-    dry_run: bool,
-    progress: Callable[[int, int], None] | None,
-    push_to_hub: str | None,
-    private: bool,
-    base_model: str | None,
-    mergekit_config: Path | None,
-) -> ConvertResult:
-    """convert(), with STARTED called once start-up (resolving the source and planning) is done."""
-    hold_mmap_threshold()  # large buffers back to the system when freed: the calibration pass's peak (upcycle/heap.py)
-    max_shard = shard_size(spec.max_shard_size)
-    if base_model is not None and not looks_like_repo_id(base_model):
-        raise UpcycleError(f"--base-model {base_model!r} is not a Hub id; give it as org/name")
-    check_not_source(src, out)
-    if not dry_run:
-        check_target(out, force)  # fail before any download or heavy work
-        if push_to_hub:
-            from ..publish.hub import require_token
+            routers, calibration = cheap_embed_rows(source.folder, ckpt, plan, spec)
+        elif spec.calibration or spec.router_init == "hidden":  # a read-only pass over the dense model
+            from .calibrate import calibrate, prepare
 
-            require_token()
-    if spec.shared_from not in (None, "base", *spec.expert_from) and public_name(spec.shared_from) == public_name(src):
-        spec = replace(spec, shared_from="base")  # --shared-from SRC: BASE's FFN
-    spec.shared_source  # noqa: B018 - refuses a --shared-from that is neither SRC nor an --expert-from model
-    source = resolve(src, spec.revision, materialize=not dry_run)
-    extra = expert_sources(src, source, spec, None if dry_run else out, materialize=not dry_run)
-    others = tuple(e.dense for e in extra)
-    names = tuple(public_name(e.given) for e in extra)
-    dense, plan = plan_for(source, spec, measure=dry_run, others=others, names=names)
-    started()  # what start-up made stays out of the collections of the calibration pass and the writing
-    if dry_run:
-        return ConvertResult(out=None, plan=plan, source=source, recipe=None)
-    ckpt = dense.checkpoint
-    check_room(source, out, plan)
-    routers, partitions, calibration, beside = None, None, {}, None
-    if spec.router_init == "cheap_embed":  # reads the embedding only: no forward pass
-        from .cheap_embed import cheap_embed_rows
+            if CALIBRATE_BESIDE:  # inputs checked now; the pass runs beside the writer, layer l ready by its router
+                from .beside import Beside
 
-        routers, calibration = cheap_embed_rows(source.folder, ckpt, plan, spec)
-    elif spec.calibration or spec.router_init == "hidden":  # a read-only pass over the dense model
-        from .calibrate import calibrate, prepare
+                work = prepare(source.folder, ckpt, plan, spec)
+                beside = Beside(work)
+                routers, partitions, calibration = beside.routers, beside.partitions, work.records
+            else:  # the whole pass first
+                routers, partitions, calibration = calibrate(source.folder, ckpt, plan, spec)
+        hashes = BackgroundHashes(ckpt.files)  # overlaps the copying; stopped at once if the conversion fails
+        try:
+            with staged_folder(out, force) as tmp:
+                measured = write_weights(
+                    ckpt, plan, spec, tmp, max_shard, progress, routers, partitions, tuple(d.checkpoint for d in others)
+                )
+                if beside is not None:
+                    beside.finish()  # every layer served; an error of the pass after its last layer fails here
+                if plan.lossy_casts():
+                    kept = {"differences": plan.differences, "source_casts": plan.source_casts}
+                    plan = replace(dense.plan(spec, measured), **kept, unmeasured=plan.unmeasured)
+                write_config(plan, tmp)
+                copy_side_files(source.folder, tmp, plan)
+                label = src if src in EMBEDDED else source.id  # how the command names the source: never a path
+                if mergekit_config is not None:
+                    from .mergekit import RECORDED, recorded_config
 
-        if CALIBRATE_BESIDE:  # inputs checked now; the pass runs beside the writer, layer l ready by its router
-            from .beside import Beside
-
-            work = prepare(source.folder, ckpt, plan, spec)
-            beside = Beside(work)
-            routers, partitions, calibration = beside.routers, beside.partitions, work.records
-        else:  # the whole pass first
-            routers, partitions, calibration = calibrate(source.folder, ckpt, plan, spec)
-    hashes = BackgroundHashes(ckpt.files)  # overlaps the copying; stopped at once if the conversion fails
-    try:
-        with staged_folder(out, force) as tmp:
-            measured = write_weights(
-                ckpt, plan, spec, tmp, max_shard, progress, routers, partitions, tuple(d.checkpoint for d in others)
-            )
+                    (tmp / RECORDED).write_text(recorded_config(mergekit_config), encoding="utf-8")
+                    command = _mergekit_command(mergekit_config, out, spec, source, base_model)
+                else:
+                    command = _command(label, out, spec, source, base_model)
+                recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command, base_model)
+                recipe |= calibration  # which text (by name) and how many tokens made routers or partitions
+                if extra:
+                    recipe |= sources_record(extra, plan, spec)
+                if mergekit_config is not None:
+                    recipe["mergekit_config"] = RECORDED  # the YAML beside the weights, which the command names
+                write_card_and_recipe(tmp, recipe | {"name": out.name})
+        finally:
+            hashes.cancel()
             if beside is not None:
-                beside.finish()  # every layer served; an error of the pass after its last layer fails here
-            if plan.lossy_casts():
-                kept = {"differences": plan.differences, "source_casts": plan.source_casts}
-                plan = replace(dense.plan(spec, measured), **kept, unmeasured=plan.unmeasured)
-            write_config(plan, tmp)
-            copy_side_files(source.folder, tmp, plan)
-            label = src if src in EMBEDDED else source.id  # how the command names the source: never a path
-            if mergekit_config is not None:
-                from .mergekit import RECORDED, recorded_config
+                beside.cancel()
+        pushed = None
+        if push_to_hub:
+            from ..publish.hub import push
 
-                (tmp / RECORDED).write_text(recorded_config(mergekit_config), encoding="utf-8")
-                command = _mergekit_command(mergekit_config, out, spec, source, base_model)
-            else:
-                command = _command(label, out, spec, source, base_model)
-            recipe = make_recipe(source, ckpt, plan, spec, hashes.result(), command, base_model)
-            recipe |= calibration  # which text (by name) and how many tokens made routers or partitions
-            if extra:
-                recipe |= sources_record(extra, plan, spec)
-            if mergekit_config is not None:
-                recipe["mergekit_config"] = RECORDED  # the YAML beside the weights, which the command names
-            write_card_and_recipe(tmp, recipe | {"name": out.name})
-    finally:
-        hashes.cancel()
-        if beside is not None:
-            beside.cancel()
-    pushed = None
-    if push_to_hub:
-        from ..publish.hub import push
-
-        pushed = push(out, push_to_hub, private=private)
-    return ConvertResult(out=out, plan=plan, source=source, recipe=recipe, pushed=pushed)
+            pushed = push(out, push_to_hub, private=private)
+        return ConvertResult(out=out, plan=plan, source=source, recipe=recipe, pushed=pushed)
 
 
 # --- weights -------------------------------------------------------------------------------------------
