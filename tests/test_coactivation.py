@@ -355,6 +355,28 @@ def test_fires_by_blocks_of_neurons_equal_fires_whole(block, dtype, act, tmp_pat
     assert torch.equal(coactivation_fires(x, stored["gate"], stored["up"], fn, 0.25, block=block), want)
 
 
+@pytest.mark.parametrize("share", [0.25, 0.5, 1 / 100])
+def test_unsorted_top_k_sets_equal_sorted_ones_ties_included(share):
+    """fires_of takes each token's top-k unsorted: the same set as a sorted top-k, also where the k-th value is
+    tied (activations on a coarse grid: many equal values at every boundary), on both of torch's CPU paths
+    (nth_element for share 0.25 and 0.5, the partial sort for 1/100: k x 64 <= I)."""
+    from upcycle.convert.methods.coactivation import fires_of
+
+    g = torch.Generator().manual_seed(11)
+    tokens, width = 700, 1536
+    h = torch.randint(-6, 7, (tokens, width), generator=g).float() / 4  # 13 values: ties everywhere
+    count = max(1, round(share * width))
+    want = torch.zeros(tokens, width, dtype=torch.bool)
+    want.scatter_(1, h.abs().topk(count, dim=1).indices, True)  # sorted (the default)
+    kth = h.abs().topk(count, dim=1).values[:, -1:]  # [T, 1]
+    above, at_least = (h.abs() > kth).sum(1), (h.abs() >= kth).sum(1)  # [T] each
+    tied = (above < count) & (at_least > count)  # [T]: the row's k-th value is tied across the cut
+    assert tied.float().mean() > 0.9
+    got = fires_of([h[:300].clone(), h[300:].clone()], share, chunk=128)
+    assert got.sum(1).eq(count).all()
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("iterative", [False, True])
 @pytest.mark.parametrize("groups, size, seed", [(4, 16, 0), (8, 8, 1), (8, 160, 2), (6, 40, 3)])
 def test_low_rank_partition_equals_the_dense_graphs(groups, size, seed, iterative, monkeypatch):

@@ -90,7 +90,12 @@ def fires_of(pieces: list[torch.Tensor], share: float, chunk: int = CHUNK) -> to
     """F from the activations of all tokens, given as pieces [t_s, I] float32 of consecutive tokens (consumed:
     each is made its absolute value in place and dropped from the list once used): bool [T, I], each row with
     round(share * I) (at least 1) neurons set, those of the token's largest |activation| (top-k CHUNK tokens at
-    a time; each row's top-k is its own, however the tokens are cut)."""
+    a time; each row's top-k is its own, however the tokens are cut).
+
+    The top-k is taken unsorted: F needs the set, not its order. torch's CPU top-k selects the set first (one
+    nth_element, or a partial sort when k is at most 1/64 of the row) and with `sorted` only then orders it, so
+    the set, ties at the k-th value included, is the one a sorted top-k gives (tests/test_coactivation.py);
+    the sort was about 40% of the top-k's time at SmolLM2's width (issue 26)."""
     import torch
 
     tokens, neurons = sum(len(p) for p in pieces), pieces[0].shape[1]
@@ -100,7 +105,7 @@ def fires_of(pieces: list[torch.Tensor], share: float, chunk: int = CHUNK) -> to
     while pieces:
         h = pieces.pop(0).abs_()  # [t, I]
         for s in range(0, len(h), chunk):
-            fires[at + s : at + s + chunk].scatter_(1, h[s : s + chunk].topk(count, dim=1).indices, True)
+            fires[at + s : at + s + chunk].scatter_(1, h[s : s + chunk].topk(count, dim=1, sorted=False).indices, True)
         at += len(h)
         del h
     return fires
