@@ -366,9 +366,9 @@ def test_unsorted_top_k_sets_equal_sorted_ones_ties_included(share):
     tokens, width = 700, 1536
     h = torch.randint(-6, 7, (tokens, width), generator=g).float() / 4  # 13 values: ties everywhere
     count = max(1, round(share * width))
-    want = torch.zeros(tokens, width, dtype=torch.bool)
-    want.scatter_(1, h.abs().topk(count, dim=1).indices, True)  # sorted (the default)
-    kth = h.abs().topk(count, dim=1).values[:, -1:]  # [T, 1]
+    top = h.abs().topk(count, dim=1)  # sorted (the default)
+    want = torch.zeros(tokens, width, dtype=torch.bool).scatter_(1, top.indices, True)
+    kth = top.values[:, -1:]  # [T, 1]: each row's k-th largest
     above, at_least = (h.abs() > kth).sum(1), (h.abs() >= kth).sum(1)  # [T] each
     tied = (above < count) & (at_least > count)  # [T]: the row's k-th value is tied across the cut
     assert tied.float().mean() > 0.9

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import UpcycleError
 from .methods import LayerBuilder
+from .methods.coactivation import CHECK_RTOL
 from .ops import Router, by_coactivation
 from .prompts import read_expert_prompts
 from .stream import Intermediate, ffn_inputs
@@ -282,7 +283,6 @@ def intermediate_for(layers: frozenset[int], config, seqs: Sequences, dtype: tor
     import torch
 
     from ..arch import family_for
-    from .methods.coactivation import CHECK_RTOL
 
     mlp = family_for(config.model_type).mlp
     if not layers or not all(mlp.get(role) for role in ("gate", "up", "down")):
@@ -354,7 +354,7 @@ class LayerResults:
         kept = self.intermediate
         inner = kept.found.pop(layer, None) if kept is not None else None
         if wanted:
-            rtol = kept.check_rtol if kept is not None else None
+            rtol = kept.check_rtol if kept is not None else CHECK_RTOL  # read only with a kept intermediate
             found = coactivation_partition(x, self.ckpt, self.keys[layer], self.act, self.spec, inner, rtol)
             self.partitions[layer] = {("coactivation", parts): found(layer, parts) for parts in wanted}
         if self.spec.router_init == "kmeans":
@@ -402,7 +402,7 @@ def coactivation_partition(
     act,
     spec: ConvertSpec,
     inner: list[torch.Tensor] | None = None,
-    rtol: float | None = None,
+    rtol: float = CHECK_RTOL,
 ):
     """--split-by coactivation for one MoE layer: a function (layer, parts) -> the balanced partition of its
     neurons that keeps co-activated neurons together (methods/split.py), from its FFN inputs x [T, H]. INNER,
@@ -412,19 +412,12 @@ def coactivation_partition(
     import torch
 
     from .methods.base import generator
-    from .methods.coactivation import (
-        CHECK_RTOL,
-        CoactivationGraph,
-        coactivation_fires,
-        fires_of,
-        graph_partition,
-        same_as,
-    )
+    from .methods.coactivation import CoactivationGraph, coactivation_fires, fires_of, graph_partition, same_as
 
     share = min(spec.top_k / spec.experts, 0.5)
     gate, up = (StoredRows(ckpt.tensors[keys[role]]) for role in ("gate", "up"))  # read a block of rows at a time
     with torch.no_grad():
-        if inner is not None and same_as(inner, x, gate, up, act, rtol=rtol or CHECK_RTOL):
+        if inner is not None and same_as(inner, x, gate, up, act, rtol=rtol):
             fires = fires_of(inner, share)  # [T, I] bool
         else:
             fires = coactivation_fires(x, gate, up, act, share)  # [T, I] bool
