@@ -749,7 +749,8 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
         lr=job["lr"],
         warmup=max(1, round(preset.warmup_frac * steps)) if warmup is None else warmup,
         eval_every=max(1, steps // job["evals"]),
-        save_every=max(1, steps // job["evals"]),  # at every eval (and the last step): a killed run resumes
+        # at every eval (and the last step), or more often (job["saves"]): a killed run resumes from the last
+        save_every=max(1, steps // max(job["evals"], job.get("saves", 0))),
         keep_last=2,  # the last two: a run killed while writing one still has the other
         log_every=max(1, steps // 50),
         seed=job["seed"],
@@ -792,6 +793,7 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
         "wall_s": wall,
         "tokens_per_s": result.summary.get("tokens_per_s"),
         "resumed_from_step": result.summary.get("resumed_from"),  # wall_s and tokens_per_s: this process's part
+        "part_s": part_seconds(records),
         "evals": evals,
         "heldout_by_source": by_source,
         "train_lm": train_loss,
@@ -815,6 +817,11 @@ def convert(parent: Path, out: Path, flags: list[str], seed: int, log: Path) -> 
         f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
     if proc.returncode != 0:
         raise SystemExit(f"upcycle convert failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+# the parent saves a checkpoint every 1/PARENT_SAVES of its steps (its evals are 4): at --parent-scale 2 on this
+# CPU (~2.3 h) a kill loses at most ~4-5 min of pretraining
+PARENT_SAVES = 32
 
 
 def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, record: dict[str, Any]) -> Path:
@@ -846,6 +853,7 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
         "tokens": preset.parent_tokens,
         "lr": preset.parent_lr,
         "evals": 4,
+        "saves": PARENT_SAVES,
         "aux": 0.0,
         "z": 0.0,
         "eval_at_start": False,
@@ -862,6 +870,7 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(res["final"], tmp)
     total, _ = active_params(tmp)
+    parts = res["part_s"] or [res["wall_s"]]
     info = {
         "params": total,
         "non_embedding_params": total - preset.vocab * preset.hidden,
@@ -869,7 +878,10 @@ def make_parent(preset: Preset, work: Path, data: dict[str, str], log: Path, rec
         "final_lr": 0.1 * preset.parent_lr,  # cosine decay to 10% of the peak
         "tokens": res["tokens"],
         "tokens_per_param": res["tokens"] / total,
-        "wall_s": res["wall_s"],
+        # the training time of all its processes (a parent killed after a checkpoint resumes: --parent-scale 2's
+        # hours span sessions); tokens_per_s is the last process's
+        "wall_s": res["wall_s"] if len(parts) == 1 else sum(parts),
+        "part_s": parts,
         "tokens_per_s": res["tokens_per_s"],
         "evals": res["evals"],
         "sha256": study_corpus.sha256(tmp / "model.safetensors"),
@@ -1497,6 +1509,23 @@ class Runner:
             f"{res['wall_s']:.0f} s; {time.perf_counter() - self.t_start:.0f} s in all",
             flush=True,
         )
+
+
+def part_seconds(records: list[dict[str, Any]]) -> list[float]:
+    """The training time of each process a run took (one, or one more per resume), from its metrics records: each
+    process stamps `elapsed_s` from its own start, and a resumed run has dropped what was logged after its
+    checkpoint, so a part counts up to its last kept record (the steps redone after a kill are not counted twice)."""
+    parts: list[float] = []
+    last = None
+    for r in records:
+        t = r.get("elapsed_s")
+        if t is None:
+            continue
+        if last is None or t < last:
+            parts.append(t)
+        parts[-1] = t
+        last = t
+    return parts
 
 
 def _job_key(job: dict[str, Any]) -> dict[str, Any]:

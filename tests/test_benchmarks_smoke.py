@@ -405,8 +405,19 @@ def _killed_run_resumes(study, tmp_path: Path, work: Path, saved: dict) -> None:
     assert again["resumed_from_step"] == 4 and Path(again["final"]).is_dir()
     assert [e["tokens"] for e in again["evals"]] == [e["tokens"] for e in full["evals"]] == [1024, 2048]
     assert again["evals"][-1]["eval_loss"] == pytest.approx(full["evals"][-1]["eval_loss"], rel=1e-6)
+    assert len(full["part_s"]) == 1 and len(again["part_s"]) == 2  # the training time of each process
     other = study.train_run(dict(job, lr=3e-4))  # a different job: trained from the start, not resumed
     assert not other["resumed_from_step"] and other["evals"][-1]["eval_loss"] != full["evals"][-1]["eval_loss"]
+    # the parent saves more often than it evaluates (job["saves"]): a kill loses 1/saves of the run, not 1/evals
+    often = dict(job, run_dir=str(tmp_path / "resume" / "often-s0"), saves=4)
+    first = study.train_run(often)
+    often_dir = Path(often["run_dir"])
+    assert [s for s, _ in checkpoints(often_dir)] == [6, 8]  # saved at 2, 4, 6, 8; the last two kept
+    assert first["evals"] == full["evals"]  # the same run: saving does not change it
+    shutil.rmtree(often_dir / "final")
+    shutil.rmtree(often_dir / "checkpoints" / "step-8")
+    assert study.train_run(often)["resumed_from_step"] == 6
+    assert study.PARENT_SAVES >= 8 * 4  # the parent's 4 evals: a checkpoint at least 8 times as often
 
 
 def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) -> None:

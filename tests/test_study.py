@@ -161,3 +161,14 @@ def test_published_results_name_the_work_and_text_cache_folders_not_their_paths(
         "command": "python benchmarks/upcycle_vs_dense.py --preset cpu --work <work> --text-cache <text-cache>",
         "runs": ["<work>/runs/dense"],
     }
+
+
+def test_part_seconds_sums_each_process_of_a_resumed_run_once():
+    """A resumed run's metrics hold the first process's records up to its checkpoint, then the next process's,
+    each stamped from its own start: one part per process, each to its last record."""
+    study = _load("upcycle_vs_dense")
+    records = [{"kind": "train", "elapsed_s": t} for t in (1.0, 2.5, 4.0)]  # first process, up to its checkpoint
+    records += [{"kind": "eval", "elapsed_s": 0.5}, {"kind": "train", "elapsed_s": 3.0}]  # resumed
+    records += [{"kind": "train", "elapsed_s": 0.2}, {"kind": "summary"}]  # resumed again, killed early
+    assert study.part_seconds(records) == [4.0, 3.0, 0.2]
+    assert study.part_seconds([]) == []
