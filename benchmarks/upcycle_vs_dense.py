@@ -1470,10 +1470,7 @@ class Runner:
                 todo.append(job)
         if not todo:
             return
-        # the longest first (tokens x FLOPs per token; a stable sort keeps the given order among equals): the runs
-        # then end close together instead of one long run finishing alone on one core while the other idles
-        fpt = self.record.get("flops_per_token", {})
-        todo.sort(key=lambda job: -job["tokens"] * fpt.get(job["arm"], 1))
+        todo = longest_first(todo, self.record)
         with ProcessPoolExecutor(self.preset.jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(train_run, job): job for job in todo}
             for fut in as_completed(futures):
@@ -1503,12 +1500,37 @@ class Runner:
         write(self.record, self.path)
         if key == "runs":
             self.record["pngs"] = [_public(p) for p in plot(self.record, self.path.with_suffix(""))]
-        last = math.exp(res["evals"][-1]["eval_loss"])
+        ppl = final_ppl(res)  # what the tables read: the mean loss of the last two evals
         print(
-            f"{'reused' if reused else 'done'} {key} {res['arm']} seed {res['seed']} lr {res['lr']:g}: ppl {last:.2f}, "
+            f"{'reused' if reused else 'done'} {key} {res['arm']} seed {res['seed']} lr {res['lr']:g}: "
+            f"ppl {ppl if ppl is not None else math.nan:.2f} (last 2 evals), "
             f"{res['wall_s']:.0f} s; {time.perf_counter() - self.t_start:.0f} s in all",
             flush=True,
         )
+
+
+def speed_key(arm: str) -> str:
+    """The arm whose model ARM trains (so runs at the same speed per token): dense-nowarm trains dense's parent,
+    moe-all-flop moe-all's MoE."""
+    spec = ARMS[arm]
+    return "dense" if spec.model == "parent" else spec.uses or arm
+
+
+def longest_first(jobs: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
+    """JOBS, the longest first, so that the runs end close together instead of one long run finishing alone on one
+    core while the other idles. A run's length: its tokens times its model's wall seconds per token in this study's
+    runs so far (the sweep's, before the main runs: an MoE run is slower per FLOP than a dense one), where every
+    job's model has one; else its tokens times FLOPs per token. A stable sort keeps the given order among equals."""
+    measured: dict[str, list[float]] = {}
+    for r in (*record.get("sweep_runs", []), *record.get("runs", [])):
+        if r.get("wall_s") and r.get("tokens") and not r.get("resumed_from_step"):  # a resumed run's wall is partial
+            measured.setdefault(speed_key(r["arm"]), []).append(r["wall_s"] / r["tokens"])
+    rate = {k: statistics.median(v) for k, v in measured.items()}
+    if not all(speed_key(job["arm"]) in rate for job in jobs):
+        rate = {}
+    fpt = record.get("flops_per_token", {})
+    per_token = (lambda job: rate[speed_key(job["arm"])]) if rate else (lambda job: fpt.get(job["arm"], 1))
+    return sorted(jobs, key=lambda job: -job["tokens"] * per_token(job))
 
 
 def part_seconds(records: list[dict[str, Any]]) -> list[float]:

@@ -172,3 +172,24 @@ def test_part_seconds_sums_each_process_of_a_resumed_run_once():
     records += [{"kind": "train", "elapsed_s": 0.2}, {"kind": "summary"}]  # resumed again, killed early
     assert study.part_seconds(records) == [4.0, 3.0, 0.2]
     assert study.part_seconds([]) == []
+
+
+def test_longest_first_orders_by_each_models_measured_speed_then_by_flops():
+    """The runner starts the longest runs first: by the seconds per token its model took in the study's runs so
+    far (dense-nowarm trains dense's parent, moe-all-flop moe-all's MoE), else by FLOPs per token."""
+    study = _load("upcycle_vs_dense")
+    tokens = {"dense": 100, "dense-nowarm": 100, "moe-all": 100, "moe-all-flop": 60, "dense-wide": 100}
+    jobs = [{"arm": a, "tokens": t} for a, t in tokens.items()]
+    record = {"flops_per_token": {"dense": 1.0, "dense-nowarm": 1.0, "dense-wide": 1.5, "moe-all": 1.5,
+                                  "moe-all-flop": 1.5}}  # fmt: skip
+    by_flops = [j["arm"] for j in study.longest_first(jobs, record)]
+    assert by_flops == ["moe-all", "dense-wide", "dense", "dense-nowarm", "moe-all-flop"]  # 150, 150, 100, 100, 90
+    # the sweep measured MoE runs at 3x dense's seconds per token and the widened dense at 1.2x
+    record["sweep_runs"] = [{"arm": "dense", "tokens": 10, "wall_s": 10.0}, {"arm": "moe-all", "tokens": 10,
+                            "wall_s": 30.0}, {"arm": "dense-wide", "tokens": 10, "wall_s": 12.0},
+                            {"arm": "dense", "tokens": 10, "wall_s": 99.0, "resumed_from_step": 3}]  # fmt: skip
+    by_speed = [j["arm"] for j in study.longest_first(jobs, record)]
+    assert by_speed == ["moe-all", "moe-all-flop", "dense-wide", "dense", "dense-nowarm"]  # 300, 180, 120, 100, 100
+    # a model not measured yet: FLOPs for all, not a mix of two scales
+    assert [j["arm"] for j in study.longest_first([*jobs, {"arm": "drop-r0.5", "tokens": 100}], record)][:2] == [
+        "moe-all", "dense-wide"]  # fmt: skip
