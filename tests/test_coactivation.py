@@ -375,6 +375,9 @@ def test_unsorted_top_k_sets_equal_sorted_ones_ties_included(share):
     got = fires_of([h[:300].clone(), h[300:].clone()], share, chunk=128)
     assert got.sum(1).eq(count).all()
     assert torch.equal(got, want)
+    pieces = [h[:300].clone(), h[300:].clone()]  # consume=False (the ridge rows read them next): left as they are
+    assert torch.equal(fires_of(pieces, share, chunk=128, consume=False), want)
+    assert len(pieces) == 2 and torch.equal(torch.cat(pieces), h)
 
 
 @pytest.mark.parametrize("iterative", [False, True])
@@ -440,8 +443,8 @@ def test_a_bfloat16_pass_ranks_its_own_activations(family, dense_store, calib, t
     made: list[torch.Tensor] = []
     real_fires = coactivation.fires_of
 
-    def fires_spy(inner, share):
-        made.append(real_fires(inner, share))
+    def fires_spy(inner, share, **kw):
+        made.append(real_fires(inner, share, **kw))
         return made[-1]
 
     monkeypatch.setattr(coactivation, "fires_of", fires_spy)

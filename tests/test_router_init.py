@@ -126,6 +126,42 @@ def test_split_rows_predict_expert_norms(family, dense_store, calib, tmp_path):
         assert corr > 0
 
 
+@pytest.mark.parametrize("family, split_by", [("llama", None), ("qwen3", "coactivation"), ("qwen2", "cluster")])
+def test_split_rows_read_the_kept_intermediate(family, split_by, dense_store, calib, tmp_path, monkeypatch):
+    """Split's ridge rows take each expert's output from the MLP intermediate the pass kept (the expert's
+    neurons' columns of act(gate x) * (up x), times its down), not from gate and up products again: every
+    expert of every layer is read that way (with co-activation the partition leaves the intermediate whole),
+    and the rows are those computed with nothing kept, within float32 rounding."""
+    from upcycle.convert import calibrate
+
+    read: list[tuple[bool, int]] = []  # per layer: intermediate given, experts made from it
+    real_norms, real_neurons = calibrate.expert_norms, calibrate.LayerBuilder.neurons
+
+    def norms_spy(x, builder, experts, act, inner=None):
+        found = [real_neurons(builder, t) for t in experts]
+        read.append((inner is not None, sum(idx is not None for idx in found) if inner is not None else 0))
+        if inner is not None:
+            assert sum(len(p) for p in inner) == len(x) and all(torch.isfinite(p).all() for p in inner)
+            assert sorted(torch.cat(found).tolist()) == list(range(inner[0].shape[1]))  # a partition of the neurons
+        return real_norms(x, builder, experts, act, inner)
+
+    monkeypatch.setattr(calibrate, "expert_norms", norms_spy)
+    src = dense_store(family)
+    kw = dict(experts=4, top_k=2, init="split", split_by=split_by)
+    plan = convert(str(src), tmp_path / "kept", kmeans_spec(calib, **kw)).plan
+    assert read == [(True, 4)] * len(plan.moe_layers)
+    monkeypatch.setattr(calibrate, "intermediate_for", lambda *a: None)
+    read.clear()
+    convert(str(src), tmp_path / "computed", kmeans_spec(calib, **kw))
+    assert read == [(False, 0)] * len(plan.moe_layers)  # nothing kept: gate and up products again, as before
+    kept, computed = routers(tmp_path / "kept", plan), routers(tmp_path / "computed", plan)
+    for layer, row in kept.items():
+        print(f"{family} {split_by} layer {layer}: max |kept - computed| = {(row - computed[layer]).abs().max():.2e}")
+        torch.testing.assert_close(row, computed[layer], rtol=1e-5, atol=1e-6)
+    experts = {k: v for k, v in tensors(tmp_path / "kept").items() if "router" not in k and "gate.weight" not in k}
+    assert all(torch.equal(v, tensors(tmp_path / "computed")[k]) for k, v in experts.items())  # the same experts
+
+
 @pytest.mark.parametrize(
     "family, spec",
     [

@@ -24,7 +24,8 @@ Memory, beyond the clone conversion's: one decoder layer and the hidden states o
 MoE layer's captured inputs (tokens x hidden float32: 4096 x 576 x 4 B = 9.4 MB for SmolLM2), and what its
 method computes from them (co-activation: which neurons fire on which token, tokens x intermediate float32,
 0.22 GiB at 4,096 x 14,336, found from activations of that size and gate/up read a block of rows at a time
-(StoredRows); the [I, I] graph is never formed).
+(StoredRows); the [I, I] graph is never formed; split's ridge rows: the MLP intermediate of the layer's tokens,
+tokens x intermediate float32, the same size, which the pass keeps so as not to compute it again).
 """
 
 from __future__ import annotations
@@ -141,12 +142,23 @@ def scaled(rows: torch.Tensor, norm: float) -> torch.Tensor:
     return rows / lengths.clamp_min(1e-30) * norm
 
 
-def expert_norms(x: torch.Tensor, builder: LayerBuilder, experts: list[dict], act) -> torch.Tensor:
-    """||FFN_e(x)|| of each routed expert over x [T, H]: [T, E]. `experts[e]` maps role -> transform."""
+def expert_norms(
+    x: torch.Tensor, builder: LayerBuilder, experts: list[dict], act, inner: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """||FFN_e(x)|| of each routed expert over x [T, H]: [T, E]. `experts[e]` maps role -> transform. INNER, where
+    given, is the dense MLP's intermediate act(gate x) * (up x) of x's tokens ([t_s, I] float32 pieces, x's rows
+    in order, checked by the caller): an expert made of dense neurons (split's, LayerBuilder.neurons) is then its
+    down applied to their columns of it, a third of the products of computing gate and up again."""
     import torch
 
     cols = []
     for transforms in experts:
+        idx = builder.neurons(transforms) if inner is not None else None
+        if idx is not None:
+            down = builder.tensor("down", transforms["down"])  # [H, I_e]
+            out = torch.cat([piece[:, idx] @ down.T for piece in inner])  # [t_s, I_e] -> [T, H]
+            cols.append(out.norm(dim=1))
+            continue
         w = {
             role: builder.dense[role].float() if t is None else builder.tensor(role, t)
             for role, t in transforms.items()
@@ -254,7 +266,8 @@ def prepare(folder: Path, ckpt: Checkpoint, plan: Plan, spec: ConvertSpec) -> Ca
     seqs = Sequences.of(ids, prompt_ids, chunk)
     dtype = pass_dtype(ckpt, spec.calibration_dtype)
     wanted = coactivation_wanted(plan)
-    inner = intermediate_for(frozenset(layer for layer, _ in wanted), config, seqs, dtype)
+    ridge = frozenset(groups) if ridge_rows(spec) else frozenset()  # split experts' rows: their MLP intermediate
+    inner = intermediate_for(frozenset(layer for layer, _ in wanted) | ridge, config, seqs, dtype)
     layer_results = LayerResults(ckpt, plan, spec, config, groups, prompts is not None, wanted, inner)
     records: dict = {}
     if ids is not None:
@@ -273,9 +286,16 @@ def coactivation_wanted(plan: Plan) -> frozenset[tuple[int, int]]:
     return frozenset((op.layer, op.transform.parts) for op in plan.expert_ops() if by_coactivation(op))
 
 
+def ridge_rows(spec: ConvertSpec) -> bool:
+    """Whether the router rows are split's ridge rows (--router-init kmeans with --init split): made from each
+    expert's output norms, which its dense neurons' activations give (expert_norms)."""
+    return spec.router_init == "kmeans" and spec.init == "split"
+
+
 def intermediate_for(layers: frozenset[int], config, seqs: Sequences, dtype: torch.dtype) -> Intermediate | None:
-    """What the pass keeps of LAYERS' (the co-activation layers') MLP intermediate (the down projection's input,
-    which the dense MLP computes anyway), so that coactivation_partition need not compute act(gate x) * (up x) again:
+    """What the pass keeps of LAYERS' (the co-activation layers', and the split's ridge-row layers') MLP
+    intermediate (the down projection's input, which the dense MLP computes anyway), so that neither
+    coactivation_partition nor expert_norms need compute act(gate x) * (up x) again:
     the calibration sequences', for a family whose MLP has a gate, an up and a down projection. In a float32 pass
     they are the float32 activations a recompute gives (checked within float32 rounding); in a bfloat16 (or
     float16) pass, the model's own activations in that dtype (checked within its rounding), which the method then
@@ -353,27 +373,37 @@ class LayerResults:
         x = seqs.calibration(xs) if wanted or self.spec.router_init == "kmeans" else None  # [T, H], made once
         kept = self.intermediate
         inner = kept.found.pop(layer, None) if kept is not None else None
+        rtol = kept.check_rtol if kept is not None else CHECK_RTOL  # read only with a kept intermediate
         if wanted:
-            rtol = kept.check_rtol if kept is not None else CHECK_RTOL  # read only with a kept intermediate
-            found = coactivation_partition(x, self.ckpt, self.keys[layer], self.act, self.spec, inner, rtol)
+            ridge = ridge_rows(self.spec)  # the ridge rows read the intermediate after: the partition leaves it
+            found = coactivation_partition(x, self.ckpt, self.keys[layer], self.act, self.spec, inner, rtol, ridge)
             self.partitions[layer] = {("coactivation", parts): found(layer, parts) for parts in wanted}
         if self.spec.router_init == "kmeans":
-            self.routers[layer] = self.kmeans_row(layer, x)
+            self.routers[layer] = self.kmeans_row(layer, x, inner, rtol)
         elif self.hidden:
             self.routers[layer] = hidden_row(xs, seqs.owner, self.target_norm, self.groups[layer])
 
-    def kmeans_row(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """--router-init kmeans: the layer's rows from its captured FFN inputs x [T, H]."""
+    def kmeans_row(
+        self, layer: int, x: torch.Tensor, inner: list[torch.Tensor] | None = None, rtol: float = CHECK_RTOL
+    ) -> torch.Tensor:
+        """--router-init kmeans: the layer's rows from its captured FFN inputs x [T, H] (and for split's rows the
+        MLP intermediate INNER the pass kept of the same tokens, used once same_as finds it within RTOL)."""
         import torch
 
+        from .methods.coactivation import same_as
         from .router_init import layer_generator
 
         spec, group = self.spec, self.groups[layer]
         if spec.init == "split":
-            dense = {role: self.ckpt.load(key) for role, key in self.keys[layer].items()}
+            keys = self.keys[layer]
+            if inner is not None:
+                gate, up = (StoredRows(self.ckpt.tensors[keys[role]]) for role in ("gate", "up"))
+                with torch.no_grad():
+                    inner = inner if same_as(inner, x, gate, up, self.act, rtol=rtol) else None
+            dense = {role: self.ckpt.load(key) for role, key in keys.items()}
             builder = LayerBuilder(dense, spec.seed, layer, (self.partitions or {}).get(layer))
             with torch.no_grad():
-                y = expert_norms(x, builder, self.routed[layer], self.act)  # [T, E]
+                y = expert_norms(x, builder, self.routed[layer], self.act, inner)  # [T, E]
             w = norm_directions(x, y)  # [E, H]
             return scaled(w - w.mean(0, keepdim=True), self.target_norm)
         c = kmeans(x, spec.experts // group, layer_generator(spec.seed, layer))  # [E/G, H]
@@ -403,12 +433,14 @@ def coactivation_partition(
     spec: ConvertSpec,
     inner: list[torch.Tensor] | None = None,
     rtol: float = CHECK_RTOL,
+    keep: bool = False,
 ):
     """--split-by coactivation for one MoE layer: a function (layer, parts) -> the balanced partition of its
     neurons that keeps co-activated neurons together (methods/split.py), from its FFN inputs x [T, H]. INNER,
     where the pass kept it, is the MLP intermediate of the same tokens ([t_s, I] float32 pieces, x's rows in
-    order; consumed): used as the activations once a few tokens' check shows it is act(gate x) * (up x) within
-    RTOL (the pass dtype's rounding: Intermediate.check_rtol); otherwise they are computed from x."""
+    order; consumed, unless KEEP: then left as they are, for expert_norms): used as the activations once a few
+    tokens' check shows it is act(gate x) * (up x) within RTOL (the pass dtype's rounding:
+    Intermediate.check_rtol); otherwise they are computed from x."""
     import torch
 
     from .methods.base import generator
@@ -418,7 +450,7 @@ def coactivation_partition(
     gate, up = (StoredRows(ckpt.tensors[keys[role]]) for role in ("gate", "up"))  # read a block of rows at a time
     with torch.no_grad():
         if inner is not None and same_as(inner, x, gate, up, act, rtol=rtol):
-            fires = fires_of(inner, share)  # [T, I] bool
+            fires = fires_of(inner, share, consume=not keep)  # [T, I] bool
         else:
             fires = coactivation_fires(x, gate, up, act, share)  # [T, I] bool
     graph = CoactivationGraph(fires)  # held as F [T, I] float32: the [I, I] graph is never formed

@@ -74,6 +74,21 @@ class LayerBuilder:
             return noise.perturb(dense, role, sigma, self.seed, self.layer, e, scale)
         raise ValueError(f"unknown expert transform {transform!r}")
 
+    def neurons(self, transforms: dict[str, Transform | None]) -> torch.Tensor | None:
+        """The dense neurons an expert is made of, where its gate and up are their rows unscaled and its down
+        their columns (scaled or not), as split and fine-grained make them: the expert's FFN is then its down
+        applied to those neurons' dense activations, act(gate x) * (up x). None for any other expert. The order
+        is that of the expert's rows and columns (split.take)."""
+        import torch
+
+        gate, up, down = (transforms.get(role) for role in ("gate", "up", "down"))
+        if not (isinstance(gate, Parts) and isinstance(down, Parts) and gate == up and gate.scale == 1.0):
+            return None
+        if (down.by, down.parts, down.chosen) != (gate.by, gate.parts, gate.chosen):
+            return None
+        groups = self._groups(gate)
+        return torch.cat([groups[i] for i in gate.chosen])
+
     def written(
         self, role: str, transform: Transform, dtype: torch.dtype, out: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -86,9 +86,10 @@ def activations(x: torch.Tensor, gate: Rows, up: Rows, act, block: int = BLOCK) 
     return h
 
 
-def fires_of(pieces: list[torch.Tensor], share: float, chunk: int = CHUNK) -> torch.Tensor:
-    """F from the activations of all tokens, given as pieces [t_s, I] float32 of consecutive tokens (consumed:
-    each is made its absolute value in place and dropped from the list once used): bool [T, I], each row with
+def fires_of(pieces: list[torch.Tensor], share: float, chunk: int = CHUNK, consume: bool = True) -> torch.Tensor:
+    """F from the activations of all tokens, given as pieces [t_s, I] float32 of consecutive tokens (with CONSUME
+    each is made its absolute value in place and dropped from the list once used; else they are left as they
+    are, a piece's absolute values made aside one piece at a time): bool [T, I], each row with
     round(share * I) (at least 1) neurons set, those of the token's largest |activation| (top-k CHUNK tokens at
     a time; each row's top-k is its own, however the tokens are cut).
 
@@ -102,8 +103,10 @@ def fires_of(pieces: list[torch.Tensor], share: float, chunk: int = CHUNK) -> to
     count = max(1, round(share * neurons))
     fires = torch.zeros(tokens, neurons, dtype=torch.bool)  # [T, I]: 1 byte a neuron-token
     at = 0
-    while pieces:
-        h = pieces.pop(0).abs_()  # [t, I]
+    queue = pieces if consume else list(pieces)
+    while queue:
+        piece = queue.pop(0)
+        h = piece.abs_() if consume else piece.abs()  # [t, I]
         for s in range(0, len(h), chunk):
             fires[at + s : at + s + chunk].scatter_(1, h[s : s + chunk].topk(count, dim=1, sorted=False).indices, True)
         at += len(h)
