@@ -130,9 +130,10 @@ def norm_directions(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> t
     """Ridge least squares: x [T, H], y [T, E] -> w [E, H] minimising ||x w^T - y||^2 + lam ||w||^2."""
     import torch
 
-    gram = x.T.double() @ x.double()  # [H, H]
+    xd = x.double()  # [T, H], once (exact)
+    gram = xd.T @ xd  # [H, H]
     lam = ridge * float(gram.diagonal().mean())
-    w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x.T.double() @ y.double())  # [H, E]
+    w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), xd.T @ y.double())  # [H, E]
     return w.T.float()
 
 
@@ -156,8 +157,10 @@ def expert_norms(
         idx = builder.neurons(transforms) if inner is not None else None
         if idx is not None:
             down = builder.tensor("down", transforms["down"])  # [H, I_e]
-            out = torch.cat([piece[:, idx] @ down.T for piece in inner])  # [t_s, I_e] -> [T, H]
-            cols.append(out.norm(dim=1))
+            first = int(idx[0]) if len(idx) else 0
+            if torch.equal(idx, torch.arange(first, first + len(idx))):  # one range of neurons (split's default)
+                idx = slice(first, first + len(idx))  # a view of the columns, no gather
+            cols.append(torch.cat([(piece[:, idx] @ down.T).norm(dim=1) for piece in inner]))  # [t_s, H] -> [T]
             continue
         w = {
             role: builder.dense[role].float() if t is None else builder.tensor(role, t)
