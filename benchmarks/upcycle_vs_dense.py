@@ -1059,7 +1059,9 @@ def plot(record: dict[str, Any], stem: Path) -> list[str]:
         ax.set_xlabel(label)
         ax.set_ylabel("held-out perplexity")
         ax.set_yscale("log")
-        ax.set_title(f"upcycle vs dense, preset {record['preset_name']} (band: min-max over seeds)", fontsize=10)
+        parent = record.get("parent", {})
+        size = f", parent {parent['params'] / 1e6:.2f}M params" if parent.get("params") else ""
+        ax.set_title(f"upcycle vs dense, preset {record['preset_name']}{size} (band: min-max over seeds)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         rel.axhline(0, color="black", lw=1, label="dense")
