@@ -119,7 +119,7 @@ class Preset:
     parent_tokens: int = 12_000_000  # pretraining of the parent (scratch only)
     parent_lr: float = 3e-3
     arm_tokens: int = 2_000_000
-    continue_tokens: int | None = None  # what the continuation part of the corpus is sized for (None: arm_tokens)
+    continue_tokens: int | None = None  # what the continuation part is sized for (None: the base preset's arm_tokens)
     arm_lr: float = 1e-3  # without --lr-sweep
     sweep_lrs: tuple[float, ...] = SWEEP_LRS
     sweep_tokens: int | None = None  # tokens per sweep run (None: arm_tokens)
@@ -1196,13 +1196,15 @@ def configure(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Pres
         parser.error("--parent-scale and --parent-tokens take a whole number, 1 or more")
     base = PRESETS[preset.base] if preset.base else preset
     preset = replace(scaled(base, args.parent_scale, args.parent_tokens), **{k: getattr(preset, k) for k in ARM_ONLY})
+    # the continuation part is sized by the base's arm tokens unless set: stated, so that another --arm-tokens (or a
+    # preset on a base) reads the same corpus and the work folder's stamp says what it was made for
+    preset = replace(preset, continue_tokens=preset.continue_tokens or base.arm_tokens)
     if args.seeds:
         preset = replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.jobs:
         preset = replace(preset, jobs=args.jobs)
     if args.arm_tokens:  # the corpus split and the parent stay the preset's, so they are reused
-        cont = preset.continue_tokens or preset.arm_tokens
-        preset = replace(preset, continue_tokens=cont, arm_tokens=args.arm_tokens)
+        preset = replace(preset, arm_tokens=args.arm_tokens)
     if args.parent_threads:
         preset = replace(preset, parent_threads=args.parent_threads)
     return preset
@@ -1241,7 +1243,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(
             f"{_public(str(work))} holds a corpus and parent made with other settings: remove it or pass --work"
         )
-    (work / "runs" / args.preset).mkdir(parents=True, exist_ok=True)
+    # the main runs' folder: the preset's, or its own for another --arm-tokens, so that runs of one length never
+    # replace the kept runs of another in the same work folder (their job keys differ, so each would be rerun)
+    own = args.arm_tokens and args.arm_tokens != PRESETS[args.preset].arm_tokens
+    runs_name = f"{args.preset}-{preset.arm_tokens}" if own else args.preset
+    (work / "runs" / runs_name).mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(made_for, indent=2))
     log = work / "log.txt"
     path = (args.results or HERE / "results" / f"upcycle_vs_dense_{args.preset}{suffix}.json").resolve()
@@ -1287,7 +1293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lrs = {a: preset.arm_lr for a in ARMS}
     if preset.lr_sweep if args.lr_sweep is None else args.lr_sweep:
         lrs |= sweep(arms, preset, models, data, work, runner, record)
-    jobs = arm_jobs(arms, preset, models, data, by_source, lrs, work / "runs" / args.preset, record)
+    jobs = arm_jobs(arms, preset, models, data, by_source, lrs, work / "runs" / runs_name, record)
     write(record, path)
     runner.run(jobs, "runs")
     record["complete"] = True

@@ -431,6 +431,11 @@ def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) 
         more = study.main(more_args)
         again = study.main(more_args)
         other_jobs = study.main([*more_args, "--jobs", "2"])  # what runs at a time does not change a run
+        # another --arm-tokens trains in a folder of its own: the kept runs of the preset's length stay
+        shorter = study.main(
+            [*more_args, "--arms", "dense", "--arm-tokens", "2048", "--results", str(tmp_path / "s.json")]
+        )
+        after = study.main(more_args)
     finally:
         del study.PRESETS["smoke-more"]
     assert more["parent"] == saved["parent"] and more["corpus"] == saved["corpus"]
@@ -457,6 +462,11 @@ def _smoke_more_with_sweep(study, tmp_path: Path, args: list[str], saved: dict) 
     assert start == pytest.approx(saved["parent"]["evals"][-1]["eval_loss"], abs=1e-4)
     assert all(r["reused"] for r in again["runs"] + again["sweep_runs"] + other_jobs["runs"] + other_jobs["sweep_runs"])
     assert again["summary"] == more["summary"] and again["lr_sweep"] == more["lr_sweep"]
+    runs_root = tmp_path / "work" / "runs"
+    assert [r["tokens"] for r in shorter["runs"]] == [2048] and not shorter["runs"][0]["reused"]
+    for folder, tokens in (("smoke-more-2048", 2048), ("smoke-more", 4096)):
+        assert json.loads((runs_root / folder / "dense-s1" / "study_run.json").read_text())["job"]["tokens"] == tokens
+    assert all(r["reused"] for r in after["runs"]) and after["summary"] == more["summary"]
 
 
 def _gpu_study_script(carried: Path, tmp_path: Path, one: dict) -> None:
