@@ -40,6 +40,8 @@ interrupted study keeps what it finished; a rerun reuses the runs it finds finis
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import math
 import os
@@ -1470,9 +1472,8 @@ class Runner:
         todo = []
         for job in jobs:
             Path(job["run_dir"]).parent.mkdir(parents=True, exist_ok=True)
-            done = Path(job["run_dir"]) / "study_run.json"
-            saved = json.loads(done.read_text()) if done.is_file() else None
-            if saved and saved["job"] == _job_key(job) and Path(saved["result"]["final"] or "").is_dir():
+            saved = reusable_run(job)
+            if saved is not None:
                 self._finish(job, saved["result"], key, reused=True)
             else:
                 todo.append(job)
@@ -1515,6 +1516,61 @@ class Runner:
             f"{res['wall_s']:.0f} s; {time.perf_counter() - self.t_start:.0f} s in all",
             flush=True,
         )
+
+
+def finished_run(folder: Path) -> dict[str, Any] | None:
+    """The saved job and result of the finished run in FOLDER (its study_run.json, with its final/ still there), or
+    None. FOLDER may be a run folder set aside under another name: final/ is looked for in FOLDER itself."""
+    done = folder / "study_run.json"
+    saved = json.loads(done.read_text()) if done.is_file() else None
+    final = saved["result"]["final"] if saved else None
+    return saved if final and (folder / Path(final).name).is_dir() else None
+
+
+def aside_name(run_dir: Path, job_key: dict[str, Any], finished: bool = True) -> Path:
+    """Where a run of RUN_DIR's name but another job is kept: RUN_DIR@<12 hex digits of its job key>, with
+    `-unfinished` after them for a run that has not finished (it resumes once moved back)."""
+    digest = hashlib.sha256(json.dumps(job_key, sort_keys=True).encode()).hexdigest()[:12]
+    return run_dir.with_name(f"{run_dir.name}@{digest}{'' if finished else '-unfinished'}")
+
+
+def _stamp(run_dir: Path) -> Path:
+    """train_run's record of which job RUN_DIR's checkpoints belong to (what it resumes)."""
+    return run_dir.with_name(run_dir.name + ".job.json")
+
+
+def reusable_run(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved run of JOB if one finished (what Runner reuses), else None, with RUN_DIR left for JOB to train.
+
+    A run folder is named by arm and seed (and the run's length), not by everything its job holds, so two jobs can
+    share one: the same arm under `--no-lr-sweep` or another preset setting. Training one there used to replace the
+    other's kept final/. Now a run of another job in RUN_DIR, finished or not, is set aside beside it (aside_name)
+    before JOB trains, and JOB's own run set aside earlier is moved back: reused if it finished, resumed by
+    train_run from its last checkpoint if not. So switching between two settings retrains neither and loses no
+    step. A folder with no record of its job is left to train_run (upcycle train --force moves it aside)."""
+    run_dir = Path(job["run_dir"])
+    stamp = _stamp(run_dir)
+    if not run_dir.exists() and not stamp.exists() and not any(run_dir.parent.glob(f"{glob.escape(run_dir.name)}@*")):
+        return None  # no run of this name yet
+    key = _job_key(job)
+    saved = finished_run(run_dir)
+    if saved is not None and saved["job"] == key:
+        return saved
+    holder = saved["job"] if saved is not None else (json.loads(stamp.read_text()) if stamp.is_file() else None)
+    if run_dir.exists() and holder is not None and holder != key:
+        aside = aside_name(run_dir, holder, finished=saved is not None)
+        shutil.rmtree(aside, ignore_errors=True)  # an older copy of that job's run
+        run_dir.rename(aside)
+        print(f"set aside {run_dir.name}: a run of another job, now {aside.name}", flush=True)
+    if not run_dir.exists():
+        for twin in (aside_name(run_dir, key), aside_name(run_dir, key, finished=False)):
+            if twin.is_dir():
+                twin.rename(run_dir)
+                stamp.write_text(json.dumps(key))
+                print(f"moved back {twin.name} to {run_dir.name}: this job's own run", flush=True)
+                break
+    restored = finished_run(run_dir)
+    return restored if restored is not None and restored["job"] == key else None
 
 
 def speed_key(arm: str) -> str:

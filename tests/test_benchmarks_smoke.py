@@ -650,3 +650,85 @@ def test_study_runner_hands_out_the_longest_runs_first(tmp_path, monkeypatch):
     runner.run(jobs, "runs")
     assert submitted == ["moe-all-0", "moe-all-1", "moe-every2-0", "moe-every2-1", "dense-0", "dense-1",
                          "moe-all-flop-0", "moe-all-flop-1"]  # fmt: skip
+
+
+def test_study_runner_sets_aside_another_jobs_run_and_moves_its_own_back(tmp_path, monkeypatch):
+    """Two jobs that share a run folder (the same arm and seed under another learning rate, say) no longer replace
+    each other's final/: the other job's run is set aside beside it, finished or not, and a job's own run set aside
+    earlier is moved back, reused if finished, left to resume if not. Only jobs with no run of their own train."""
+    study = _load("upcycle_vs_dense")
+    trained: list[float] = []
+
+    def fake_train(job):  # what train_run leaves behind: its stamp, final/ with the job's own bytes, a result
+        run_dir = Path(job["run_dir"])
+        study._stamp(run_dir).write_text(json.dumps(study._job_key(job)))
+        (run_dir / "final").mkdir(parents=True, exist_ok=True)
+        (run_dir / "final" / "model.safetensors").write_bytes(f"lr {job['lr']}".encode())
+        trained.append(job["lr"])
+        evals = [{"tokens": 0, "eval_loss": 3.0}, {"tokens": 64, "eval_loss": 2.0 + job["lr"]}]
+        return {"arm": job["arm"], "seed": job["seed"], "lr": job["lr"], "tokens": 64, "evals": evals,
+                "final": str(run_dir / "final"), "wall_s": 1.0}  # fmt: skip
+
+    class Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    class Pool:  # runs each job in this process, at once
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, job):
+            return Done(fake_train(job))
+
+    monkeypatch.setattr(study, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(study, "as_completed", lambda futures: list(futures))
+    record = {"flops_per_token": {"dense": 8}, "runs": []}
+    runner = study.Runner(study.PRESETS["smoke"], record, tmp_path / "r.json", False, "smoke", 0.0)
+    run_dir = tmp_path / "runs" / "dense-0"
+    preset = study.asdict(study.PRESETS["smoke"])
+
+    def job(lr: float) -> dict:
+        return {"arm": "dense", "seed": 0, "tokens": 64, "lr": lr, "run_dir": str(run_dir), "preset": preset}
+
+    def kept_bytes() -> bytes:
+        return (run_dir / "final" / "model.safetensors").read_bytes()
+
+    runner.run([job(1e-3)], "sweep_runs")
+    runner.run([job(2e-3)], "sweep_runs")  # another job in the same folder: the first run is set aside
+    assert trained == [1e-3, 2e-3] and kept_bytes() == b"lr 0.002"
+    first = study.aside_name(run_dir, study._job_key(job(1e-3)))
+    assert (first / "final" / "model.safetensors").read_bytes() == b"lr 0.001"
+
+    runner.run([job(1e-3)], "sweep_runs")  # back to the first job: its run is moved back and reused, not retrained
+    runner.run([job(2e-3)], "sweep_runs")
+    assert trained == [1e-3, 2e-3] and kept_bytes() == b"lr 0.002"
+    assert [r["reused"] for r in runner.record["sweep_runs"]] == [False, False, True, True]
+    assert [study.final_ppl(r) for r in runner.record["sweep_runs"]] == pytest.approx(
+        [math.exp(2.001), math.exp(2.002)] * 2
+    )
+    # the second job's run went aside and came back; the first's is aside again
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == sorted([run_dir.name, first.name, "dense-0.job.json"])
+
+    # a killed run of a third job (its stamp and a checkpoint, no study_run.json) is set aside unfinished, and
+    # moved back for that job to resume
+    third = job(4e-3)
+    holder = run_dir.with_name("dense-0@partial")
+    run_dir.rename(holder)  # the lr 2e-3 run out of the way for the moment
+    (run_dir / "checkpoints" / "step-1").mkdir(parents=True)
+    study._stamp(run_dir).write_text(json.dumps(study._job_key(third)))
+    assert study.reusable_run(job(1e-3))["job"] == study._job_key(job(1e-3))  # moved back from aside
+    unfinished = study.aside_name(run_dir, study._job_key(third), finished=False)
+    assert (unfinished / "checkpoints" / "step-1").is_dir()
+    assert study.reusable_run(third) is None  # not finished: left to resume, in its own folder again
+    assert (run_dir / "checkpoints" / "step-1").is_dir() and not unfinished.exists()
+    assert json.loads(study._stamp(run_dir).read_text()) == study._job_key(third)
+    assert (study.aside_name(run_dir, study._job_key(job(1e-3))) / "final").is_dir()  # the finished one aside again
