@@ -168,6 +168,10 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(job["device"])
     if job["threads"]:
         torch.set_num_threads(job["threads"])
+    if device.type == "cpu" and job.get("heap", "reuse") == "reuse":  # as upcycle train does on a CPU (heap.py)
+        from upcycle.heap import keep_buffers_for_reuse
+
+        keep_buffers_for_reuse()
     torch.manual_seed(0)
     # "mixed": fp32 weights and AdamW with a bf16 autocast (grouped_mm included), as `upcycle train --dtype bf16`
     # runs in one process (FSDP2's mixed-precision policy does the same under torchrun); "pure": the weights (and
@@ -408,6 +412,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 5 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU against this peak instead")
+    heap_help = "CPU: the step's buffers kept in the C heap, as upcycle train keeps them (reuse), or glibc's default"
+    p.add_argument("--heap", choices=("reuse", "default"), default="reuse", help=heap_help)
     p.add_argument("--compile", action="store_true", help="torch.compile each model (as upcycle train --compile)")
     p.add_argument("--work", type=Path, default=HERE / "_work", help="where the models are written and reused")
     p.add_argument("--results", type=Path, default=None, help="JSON output (default: benchmarks/results/...)")
@@ -459,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_label": peak_label,
             "measured_peak_tflops": measured_peak,
             "compile": args.compile,
+            "heap": args.heap if args.device == "cpu" else None,
             "flops_formula": "6*N_active + 12*L*d_attn*S (N_active without the input embedding)",
             "machine": info,
             "runs": rows,
@@ -477,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = json.loads((folder / "config.json").read_text())
             job = dict(name=name, model=str(folder), impl=impl, device=args.device, dtype=dtype,
                        precision=args.precision, seq=size.seq, batch=size.batch, steps=steps, warmup=warmup,
-                       threads=args.threads, compile=args.compile)  # fmt: skip
+                       threads=args.threads, compile=args.compile, heap=args.heap)  # fmt: skip
             try:
                 res = run_child(job)
             except SystemExit as exc:  # one failed run (out of memory, a kernel missing) leaves the others

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import UpcycleError
+from ..heap import give_back_free_memory
 from . import checkpoint as ckpt
 from .balance import bias_tensors, sync_slots
 from .bias_export import bias_export
@@ -166,6 +167,7 @@ def train_loop(run: Run, display: Display) -> dict[str, Any]:
             if log:
                 log.close()
         bias = bias_export(run, display.note)  # --balance bias|both: into the target's slot, or measured and dropped
+        _give_back(run)
         final = write_final(run, progress.last_eval, bias)  # collective under FSDP; rank 0 writes
         barrier(env)
     return _summary(run, progress, final) | ({"balance_bias": bias} if bias is not None else {})
@@ -245,10 +247,17 @@ def _evaluate(run: Run, log: MetricsLog | None, display: Display, step: int, tok
     return evaluated
 
 
+def _give_back(run: Run) -> None:
+    """On a CPU, the heap's free pages back to the system before a save: the steps kept them (heap.py)."""
+    if run.env.device.type == "cpu":
+        give_back_free_memory()
+
+
 def _save(run: Run, step: int, tokens: int) -> None:
     """checkpoints/step-N, then prune to --keep-last. Under FSDP every rank joins the gathering of the full states;
     rank 0 writes them."""
     env = run.env
+    _give_back(run)
     model_state = full_model_state(run.model, env) if env.distributed else None
     optimizer_state = full_optimizer_state(run.model, run.optimizer, env) if env.distributed else None
     if env.is_main:
