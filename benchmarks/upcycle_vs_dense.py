@@ -765,7 +765,7 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(job["run_dir"])
     # the same job killed part-way resumes from its last checkpoint (exactly: upcycle train's --resume); any
     # other content of RUN_DIR is moved aside
-    stamp = run_dir.with_name(run_dir.name + ".job.json")
+    stamp = _stamp(run_dir)
     resume = (
         stamp.is_file() and json.loads(stamp.read_text()) == _job_key(job) and latest_checkpoint(run_dir) is not None
     )

@@ -617,13 +617,11 @@ def test_rng_bench_writes_every_contender(tmp_path):
     assert all(len(r["seconds"]) == 2 and r["mvalues_per_s"] > 0 for r in rows)
 
 
-def test_study_runner_hands_out_the_longest_runs_first(tmp_path, monkeypatch):
-    """The study's Runner submits its runs longest first (tokens x FLOPs per token; given order among equals), so
-    that 2 workers end close together (cpu-long's last run once ran alone for ~9 minutes)."""
-    study = _load("upcycle_vs_dense")
-    submitted: list[str] = []
+def _pool(submit):
+    """A stand-in for the study's ProcessPoolExecutor class: each submitted job goes to SUBMIT(job) at once, in this
+    process, and what it returns is the job's future."""
 
-    class Pool:  # records the submission order; runs nothing
+    class Pool:
         def __init__(self, *args, **kwargs):
             pass
 
@@ -634,10 +632,32 @@ def test_study_runner_hands_out_the_longest_runs_first(tmp_path, monkeypatch):
             return False
 
         def submit(self, fn, job):
-            submitted.append(f"{job['arm']}-{job['seed']}")
-            return job["arm"]
+            return submit(job)
 
-    monkeypatch.setattr(study, "ProcessPoolExecutor", Pool)
+    return Pool
+
+
+class _Done:
+    """A finished future holding VALUE."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def test_study_runner_hands_out_the_longest_runs_first(tmp_path, monkeypatch):
+    """The study's Runner submits its runs longest first (tokens x FLOPs per token; given order among equals), so
+    that 2 workers end close together (cpu-long's last run once ran alone for ~9 minutes)."""
+    study = _load("upcycle_vs_dense")
+    submitted: list[str] = []
+
+    def record(job):  # records the submission order; runs nothing
+        submitted.append(f"{job['arm']}-{job['seed']}")
+        return job["arm"]
+
+    monkeypatch.setattr(study, "ProcessPoolExecutor", _pool(record))
     monkeypatch.setattr(study, "as_completed", lambda futures: [])
     fpt = {"dense": 8, "moe-all": 10, "moe-every2": 9}
     runner = study.Runner(study.PRESETS["smoke"], {"flops_per_token": fpt}, tmp_path / "r.json", False, "smoke", 0.0)
@@ -669,27 +689,7 @@ def test_study_runner_sets_aside_another_jobs_run_and_moves_its_own_back(tmp_pat
         return {"arm": job["arm"], "seed": job["seed"], "lr": job["lr"], "tokens": 64, "evals": evals,
                 "final": str(run_dir / "final"), "wall_s": 1.0}  # fmt: skip
 
-    class Done:
-        def __init__(self, value):
-            self.value = value
-
-        def result(self):
-            return self.value
-
-    class Pool:  # runs each job in this process, at once
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def submit(self, fn, job):
-            return Done(fake_train(job))
-
-    monkeypatch.setattr(study, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(study, "ProcessPoolExecutor", _pool(lambda job: _Done(fake_train(job))))  # in this process
     monkeypatch.setattr(study, "as_completed", lambda futures: list(futures))
     record = {"flops_per_token": {"dense": 8}, "runs": []}
     runner = study.Runner(study.PRESETS["smoke"], record, tmp_path / "r.json", False, "smoke", 0.0)

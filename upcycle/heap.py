@@ -33,15 +33,19 @@ REUSE_THRESHOLD = 1 << 30  # bytes: training's buffers below this come from the 
 NEVER_TRIM = (1 << 31) - 1  # the largest trim threshold mallopt's int takes: the heap's free top is kept
 
 
+def _glibc(function: str):
+    """glibc's FUNCTION for this process, or None off glibc (musl and others have their own allocators)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), function, None)
+    except OSError:
+        return None
+
+
 def _mallopt(param: int, value: int) -> bool:
     """glibc's mallopt(PARAM, VALUE) for this process; False (nothing done) off glibc or where it refuses."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl and others: their own allocators
-        return False
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = _glibc("mallopt")
     return bool(mallopt is not None and mallopt(param, value) == 1)
 
 
@@ -59,11 +63,8 @@ def keep_buffers_for_reuse(threshold: int = REUSE_THRESHOLD) -> bool:
 def give_back_free_memory() -> bool:
     """Return the heap's free pages to the system now (glibc's malloc_trim): a training run kept them for its steps,
     and its save peak is planned without them (train/memory.py); False off glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    trim = _glibc("malloc_trim")
+    if trim is None:
         return False
     trim(0)
     return True
