@@ -30,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -142,8 +143,9 @@ def estimate(model: Path, text: Path, cfg: Config) -> dict[str, Any]:
 
 def measure(model: Path, text: Path, cfg: Config, work: Path) -> dict[str, Any]:
     """Peak RSS of the real run (ru_maxrss from wait4), and from /proc/PID/status sampled every 0.2 s: the
-    anonymous and file-backed parts at the sampled peak and what the run had printed last by then (its phase)."""
-    run_dir = work / "run"
+    anonymous and file-backed parts at the sampled peak and what the run had printed last by then, and the sampled
+    peak of each phase (load, step, save: phase_of), beside the estimate's peak of each."""
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))  # its own: a refused run removes nobody else's
     args = [sys.executable, "-m", "upcycle_cli.main", "train", str(model), "--data", str(text), "--out", str(run_dir)]
     args += ["--force", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--force-memory", *cfg.flags()]
     args += ["--log-every", "1"]
@@ -159,13 +161,19 @@ def measure(model: Path, text: Path, cfg: Config, work: Path) -> dict[str, Any]:
         for line in proc.stderr:
             lines.append((time.time() - t0, line.strip()[:80]))
 
+    phases: dict[str, dict[str, int]] = {}
+
     def sample() -> None:
         while not done.is_set():
             status = proc_status(proc.pid)
+            last = [text for t, text in lines if text]
+            after = last[-1] if last else "(loading)"
             if status.get("VmRSS", 0) > peak["rss"]:
-                last = [text for t, text in lines if text]
                 peak.update(rss=status["VmRSS"], anon=status.get("RssAnon", 0), file=status.get("RssFile", 0),
-                            at_s=round(time.time() - t0, 1), after=last[-1] if last else "(loading)")  # fmt: skip
+                            at_s=round(time.time() - t0, 1), after=after)  # fmt: skip
+            phase = phases.setdefault(phase_of(after), {"rss": 0})
+            if status.get("VmRSS", 0) > phase["rss"]:
+                phase.update(rss=status["VmRSS"], anon=status.get("RssAnon", 0), file=status.get("RssFile", 0))
             time.sleep(0.2)
 
     threads = [threading.Thread(target=read), threading.Thread(target=sample)]
@@ -180,7 +188,18 @@ def measure(model: Path, text: Path, cfg: Config, work: Path) -> dict[str, Any]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cfg.name} failed:\n{err[-2000:]}")
     sampled = {f"sampled_{k}": v for k, v in peak.items()}
-    return {"peak_rss": usage.ru_maxrss * 1024, "seconds": round(time.time() - t0, 1), **sampled}
+    return {"peak_rss": usage.ru_maxrss * 1024, "seconds": round(time.time() - t0, 1), **sampled,
+            "sampled_phases": phases}  # fmt: skip
+
+
+def phase_of(line: str) -> str:
+    """The plan's phase a run is in after printing LINE last: load (nothing yet, or the plan), step (a step or an
+    evaluation), save (a checkpoint or final/)."""
+    if line.startswith("sav"):
+        return "save"
+    if line.startswith(("step", "evaluat")):
+        return "step"
+    return "load"
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import tiny_config
+from transformers import AutoModelForCausalLM
 
 from upcycle.convert.pipeline import convert
 from upcycle.convert.spec import build_spec
@@ -237,6 +238,7 @@ def test_dry_run_plan_carries_the_estimate(dense, tmp_path, capsys):
     plan = loop.train(str(moe), None, spec, dry_run=True).plan
     mem = plan["memory"]
     cfg = json.loads((moe / "config.json").read_text())
+    net = AutoModelForCausalLM.from_pretrained(moe)  # its experts stacked from the file's per-expert tensors
     size, cast = weight_files(moe)
     expected = estimate(
         cfg,
@@ -246,6 +248,7 @@ def test_dry_run_plan_carries_the_estimate(dense, tmp_path, capsys):
         on_gpu=False,
         source_bytes=size,
         source_cast=cast,
+        source_restacked=4 * sum(p.numel() for n, p in net.named_parameters() if ".experts." in n),
     )
     assert size == sum(f.stat().st_size for f in moe.glob("*.safetensors")) and not cast  # converted in fp32
     assert {k: mem[k] for k in expected.to_dict()} == expected.to_dict()
@@ -269,6 +272,10 @@ def test_host_terms_and_phases():
     assert (cast.mapped, cast.load_extra) == (2000, 2000)  # a bf16 file, and its cast beside the fp32 weights
     assert cpu.load_peak == RUNTIME_CPU + 4000 and cast.load_peak == cpu.load_peak + 2000 + 2000
     assert cast.step_peak(False) == cpu.step_peak(False)  # the bf16 file is gone after loading
+    stacked = estimate(cfg, spec, on_gpu=False, source_restacked=1500, **args)  # an fp32 file's per-expert tensors
+    assert (stacked.mapped, stacked.load_extra, stacked.load_peak) == (0, 1500, cpu.load_peak + 1500)
+    assert (stacked.step_peak(False), stacked.save_peak) == (cpu.step_peak(False), cpu.save_peak)
+    assert estimate(cfg, spec, on_gpu=False, source_cast=True, source_restacked=1500, **args).load_extra == 2000
     assert cpu.save_extra == int(SAVE_SHARE * 4000)
     assert cpu.save_peak == cpu.host + cpu.weights + cpu.optimizer + cpu.save_extra  # no gradients at a save
     assert cpu.step_peak(False) == cpu.host + cpu.states + max(cpu.activations + cpu.logits, cpu.optimizer_step)

@@ -18,7 +18,9 @@ token. With both thresholds out of the way the heap reaches its size in the firs
 +32% tokens/s for that MoE step, +8% at batch 4, its dense parent within its spread; the peak RSS 0.5-1% higher at
 batch 4 and 9% at batch 16 (benchmarks/README.md, "The C heap in training"). Before a checkpoint or final/ is
 written the free pages go back to the system (give_back_free_memory), so the save peak is what the memory plan
-counts.
+counts. The policy starts once the model is loaded (train/setup.py), after the pages loading freed have gone back:
+set before loading, it kept a bf16 checkpoint's cast copies in the heap for the whole run, +11-31% peak RSS on a
+12-layer Qwen2.5-0.5B shape (benchmarks/README.md, "Weight file pages and the heap after loading").
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ REUSE_THRESHOLD = 1 << 30  # bytes: training's buffers below this come from the 
 NEVER_TRIM = (1 << 31) - 1  # the largest trim threshold mallopt's int takes: the heap's free top is kept
 
 
-def _glibc(function: str):
+def libc_function(function: str):
     """glibc's FUNCTION for this process, or None off glibc (musl and others have their own allocators)."""
     if not sys.platform.startswith("linux"):
         return None
@@ -45,7 +47,7 @@ def _glibc(function: str):
 
 def _mallopt(param: int, value: int) -> bool:
     """glibc's mallopt(PARAM, VALUE) for this process; False (nothing done) off glibc or where it refuses."""
-    mallopt = _glibc("mallopt")
+    mallopt = libc_function("mallopt")
     return bool(mallopt is not None and mallopt(param, value) == 1)
 
 
@@ -63,7 +65,7 @@ def keep_buffers_for_reuse(threshold: int = REUSE_THRESHOLD) -> bool:
 def give_back_free_memory() -> bool:
     """Return the heap's free pages to the system now (glibc's malloc_trim): a training run kept them for its steps,
     and its save peak is planned without them (train/memory.py); False off glibc."""
-    trim = _glibc("malloc_trim")
+    trim = libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)

@@ -19,6 +19,7 @@ from typing import Any
 from ..arch import families, target_for_config, targets
 from ..errors import UpcycleError
 from ..outdir import check_target, staged_folder
+from ..pages import release_unread_pages
 from ..source import read_config, resolve
 from .routing_stats import LIFT_MIN_OCCURRENCES, TOP_TOKENS, routing_stats
 
@@ -252,6 +253,7 @@ def _load(folder: Path, model: str, dtype: str, device: str):
             )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UpcycleError(f"transformers could not load {model}: {exc}".splitlines()[0]) from None
+    release_unread_pages(moe, folder)  # the file pages of stacked experts and cast weights (upcycle/pages.py)
     return moe.eval()
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .. import seeds
 from ..dtypes import DTYPE_BYTES, TORCH_TO_ST
 from ..errors import UpcycleError
+from ..pages import release_unread_pages
 from ..source import Checkpoint, public_name, resolve
 
 if TYPE_CHECKING:
@@ -237,6 +238,7 @@ def _load(src: str, dtype: str):
         if getattr(exc, "errno", None):
             raise  # the file system refused: the CLI names the file and says what to do
         raise UpcycleError(f"transformers could not load {src}: {exc}".splitlines()[0]) from None
+    release_unread_pages(model, folder)  # the file pages of stacked experts and cast weights (upcycle/pages.py)
     return folder, model.eval(), info
 
 

@@ -30,7 +30,8 @@ attention so the s² scores are never stored):
 The step's peak is taken as weights + grads + optimizer states + working copies + max(activations + logits, the
 optimizer step's temporaries): an upper bound, since the gradients fill up while backward frees the activations.
 The temporaries are the largest trainable tensor's, for optimizers that step one tensor at a time on CPU: twice
-it in fp32 for Adafactor, six times for bitsandbytes' AdamW8bit (its CPU step dequantises both moments).
+it in fp32 for Adafactor, six times for bitsandbytes' AdamW8bit (its CPU step dequantises both moments), which on
+CPU also held HELD_8BIT_CPU bytes per trainable parameter more in whole runs (optim.py).
 
 On CPU the figure is the process's peak RSS, so more terms count (measured with transformers 5.25, see
 benchmarks/train_memory.py, which samples the anonymous and file-backed RSS of real runs):
@@ -39,12 +40,14 @@ benchmarks/train_memory.py, which samples the anonymous and file-backed RSS of r
   the fp32 weights it is cast into, and gone after loading (0.11 GiB file-backed at a bf16 run's later peak). An
   fp32 checkpoint is not counted again: its memory-mapped pages are the weights themselves (frozen weights stay
   file-backed, trained ones are copied on first write), so `weights` covers them;
-- the load peak: runtime + mapped + the fp32 weights, and a bf16 checkpoint adds about its own size again while
-  it is cast (`load_extra`);
+- the load peak: runtime + mapped + the fp32 weights, and `load_extra`: a bf16 checkpoint adds about its own size
+  again while it is cast; an fp32 one adds the parameters the loader stacks from several stored tensors (the
+  per-expert tensors of Mixtral's and Qwen2-MoE's files), whose file pages stay resident beside the stacked copy
+  until loading ends and pages.release_unread_pages gives them back (before it, they stayed for the whole run);
 - the save peak: runtime + the states without the gradients (freed at the end of every step, before any save)
-  + SAVE_SHARE of the bytes written (save_pretrained's and safetensors' copies, and the frozen weights read
-  back from the mapping): the larger of a checkpoint (the whole model in fp32 with `--train all`, else the
-  trainable parameters only) and final/ (the model in --save-dtype).
+  + SAVE_SHARE of the bytes written (save_pretrained's and safetensors' copies: 0.05-1.14x in whole runs, the
+  largest taken): the larger of a checkpoint (the whole model in fp32 with `--train all`, else the trainable
+  parameters only) and final/ (the model in --save-dtype).
 The whole run's peak is the largest of the load, step and save peaks. Not counted on a GPU: the CUDA context and
 allocator fragmentation (leave ~1-2 GiB).
 """
@@ -57,13 +60,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ..arch import target_for_config
-from .optim import STEP_COPIES_8BIT
+from .optim import HELD_8BIT_CPU, STEP_COPIES_8BIT
 from .spec import TrainSpec
 
 GiB = 1 << 30
 FP32 = 4
 RUNTIME_CPU = int(0.85 * GiB)  # RSS of the interpreter, torch, transformers, tokenizer and data before the model
-SAVE_SHARE = 1.55  # a save's transient, as a share of the bytes written (benchmarks/README.md, train_memory.py)
+SAVE_SHARE = 1.15  # a save's transient, as a share of the bytes written (benchmarks/README.md, train_memory.py)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}  # final/'s dtypes (--save-dtype)
 
 Precision = Literal["fp32", "mixed", "bf16", "pure-bf16"]
@@ -293,6 +296,7 @@ def estimate(
     biggest_param: int = 0,
     source_bytes: int = 0,
     source_cast: bool = False,
+    source_restacked: int = 0,
     save_param_bytes: int = FP32,
 ) -> MemoryEstimate:
     """Memory per rank for `spec` on a model with this config (a transformers config, object or dict).
@@ -308,6 +312,8 @@ def estimate(
     source_bytes: the size of the weight files loaded; source_cast: they hold another dtype than float32, so
     loading reads them beside the fp32 weights and casts them (CPU: twice their size while loading; an fp32 file
     is the weights' own memory).
+    source_restacked: bytes of the float32 parameters the loader builds from several stored tensors of an fp32
+    file (per-expert tensors stacked), which sit beside the file pages they were read from while loading.
     save_param_bytes: bytes per parameter of final/ (--save-dtype; MODEL's dtype by default).
     """
     if world_size < 1:
@@ -341,7 +347,7 @@ def estimate(
     if spec.optimizer == "adafactor":  # one tensor at a time: its full-size variance estimate and update
         step_temp = max(step_temp if on_gpu else 0, 2 * biggest_param * FP32)
     if spec.optimizer == "adamw8bit" and not on_gpu:  # one tensor at a time, its moments dequantised to fp32
-        step_temp = STEP_COPIES_8BIT * biggest_param * FP32
+        step_temp = STEP_COPIES_8BIT * biggest_param * FP32 + int(HELD_8BIT_CPU * trainable_params)
     moments = trainable_params * p.optimizer
     if spec.optimizer == "adamw8bit":  # two 1-byte moments instead of two fp32 ones (absmax blocks left out)
         moments -= trainable_params * 2 * (FP32 - 1)
@@ -370,7 +376,7 @@ def estimate(
         optimizer_name=spec.optimizer,
         runtime=0 if on_gpu else RUNTIME_CPU,
         mapped=0 if on_gpu or not source_cast else source_bytes,
-        load_extra=0 if on_gpu or not source_cast else source_bytes,
+        load_extra=0 if on_gpu else source_bytes if source_cast else source_restacked,
         save_extra=0 if on_gpu else int(SAVE_SHARE * max(checkpoint_bytes, total_params * save_param_bytes)),
     )
 

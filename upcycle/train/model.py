@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from ..arch import Target, family_for, target_for_config
 from ..compat import enable_grouped_mm_autocast, experts_implementation
 from ..errors import UpcycleError
+from ..pages import release_unread_pages
 from ..seeds import generator as seeded_generator
 from .distributed import DistEnv, mixed_precision
 from .optim import optimizer_state_bytes, set_trainable
@@ -133,6 +134,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kernel, **placement)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         raise UpcycleError(f"transformers could not load {folder}: {exc}".splitlines()[0]) from None
+    release_unread_pages(model, folder)  # the file pages of stacked experts and cast weights: counted once (pages.py)
     impl = experts_implementation(model)
     if device.type == "cuda" and not dense and impl == "eager" and spec.experts_impl != "eager":
         raise UpcycleError(
@@ -242,7 +244,8 @@ def footprint(
         states[what] = {name: optimizer_state_bytes(trainable, name) for name in get_args(OptimizerName)}
         biggest[what] = max((p.numel() for p in trainable), default=0)
     size, cast = weight_files(folder)
-    return Footprint(params, states, biggest, size, cast, source_dtype(folder)), list(tap.layers)
+    restacked = 0 if cast else restacked_elements(meta, folder) * 4  # float32 copies; a cast copies all anyway
+    return Footprint(params, states, biggest, size, cast, source_dtype(folder), restacked), list(tap.layers)
 
 
 SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
@@ -255,6 +258,15 @@ def weight_files(folder: Path) -> tuple[int, bool]:
     size = sum(f.stat().st_size for f in files)
     cast = any(v.get("dtype") != "F32" for v in _header_entries(files))
     return size, cast
+
+
+def restacked_elements(model: nn.Module, folder: Path) -> int:
+    """Elements of MODEL's parameters that no stored tensor in FOLDER has the shape of: those transformers builds
+    anew from several stored ones while loading (Mixtral's and Qwen2-MoE's per-expert tensors stacked into one
+    [experts, ...] parameter), beside the file pages they were read from until loading ends (pages.py). A renamed
+    tensor of the same shape is a view of the file, not a copy; from the safetensors headers and a meta model."""
+    stored = {tuple(v.get("shape", ())) for v in _header_entries(sorted(Path(folder).glob("*.safetensors")))}
+    return sum(p.numel() for p in model.parameters() if tuple(p.shape) not in stored)
 
 
 def source_dtype(folder: Path) -> str:

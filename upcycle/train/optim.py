@@ -97,6 +97,11 @@ QMAPS_8BIT = 2 * 256 * 4
 # copies of the tensor at once above its state (measured on one 2048 x 4096 tensor and on one SmolLM2-MoE layer's
 # experts: tests/test_train_memory.py, benchmarks/README.md's adamw8bit_step.py section)
 STEP_COPIES_8BIT = 6
+# ... and whole runs held more, from their first step on: 2.2-2.5 bytes per trainable parameter beyond the state and
+# those copies (SmolLM2 MoE --train all, a 12-layer Qwen2.5-0.5B shape's --train experts; with glibc's default heap
+# too, so not the heap policy; benchmarks/README.md, "Weight file pages and the heap after loading"). Not isolated;
+# the plan counts it so that a run it lets start fits.
+HELD_8BIT_CPU = 2.75  # bytes per trainable parameter
 INSTALL_8BIT = "pip install 'upcycle[adamw8bit]' (or: pip install 'bitsandbytes>=0.50')"
 
 

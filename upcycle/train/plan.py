@@ -59,6 +59,7 @@ class Footprint:
     source_bytes: int = 0  # the weight files loaded
     source_cast: bool = False  # they hold another dtype than float32
     source_dtype: str = "float32"  # the dtype of most of their weights (final/'s with --save-dtype source)
+    source_restacked: int = 0  # bytes of float32 parameters the loader builds from several stored tensors
 
     def estimate_args(self, spec: TrainSpec) -> dict[str, Any]:
         total, trainable = self.params[spec.train]
@@ -69,6 +70,7 @@ class Footprint:
             biggest_param=self.biggest[spec.train],
             source_bytes=self.source_bytes,
             source_cast=self.source_cast,
+            source_restacked=self.source_restacked,
             save_param_bytes=DTYPE_BYTES[self.source_dtype if spec.save_dtype == "source" else spec.save_dtype],
         )
 

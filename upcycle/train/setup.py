@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..arch import Target
 from ..compat import enable_activation_checkpointing, experts_implementation
 from ..errors import UpcycleError
-from ..heap import keep_buffers_for_reuse
+from ..heap import give_back_free_memory, keep_buffers_for_reuse
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
 from . import frozen
@@ -200,8 +200,6 @@ def setup(
     if spec.deterministic:
         use_deterministic_algorithms()
     dtype = compute_dtype(spec, env.device)
-    if env.device.type == "cpu":  # each step's activations stay in the heap for the next (heap.py)
-        keep_buffers_for_reuse()
     available = available_memory(spec.gpu_mem, env.device.index or 0)  # before the model takes its share
     fp = _check_memory(source, load_from, spec, env, available, note)
     # float32 weights (the master weights) whatever the compute dtype: see model.compute_context
@@ -246,6 +244,9 @@ def setup(
     scheduler = build_scheduler(optimizer, spec, total)
     if state is not None:
         _restore(state, net, optimizer, scheduler, tap, env)
+    if env.device.type == "cpu":  # from here each step's buffers stay in the heap for the next (heap.py); what
+        give_back_free_memory()  # loading and restoring freed goes back first (their buffers are not reused)
+        keep_buffers_for_reuse()
     return Run(
         spec=spec,
         env=env,

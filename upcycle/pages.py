@@ -1,0 +1,108 @@
+"""A loaded model's weight files: the pages of them that no weight is read from any more go back to the system.
+
+transformers loads a safetensors file through a private memory mapping and keeps it mapped while any weight is a
+view into it. A weight the loader had to make anew (a cast to another dtype; Mixtral's and Qwen2-MoE's per-expert
+tensors stacked into one [experts, ...] parameter) leaves the file pages it was read from mapped and resident,
+beside the copy: loading the SmolLM2 MoE (fp32, 2.77 GB file) left 2.55 GB of its experts' file pages in the
+process's RSS for the whole run, on top of the 2.55 GB of stacked experts (benchmarks/README.md, "Weight file
+pages and the heap after loading"). The memory plan (train/memory.py) counts them during loading only.
+
+release_unread_pages asks the kernel to page out the ranges of the model's mapped files that hold none of its
+tensors (madvise MADV_PAGEOUT). Clean file pages are dropped; a later read of them faults them in again from the
+file, so this never changes a value, only where the bytes live. Linux 5.4+ only; elsewhere it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from upcycle.heap import libc_function
+
+if TYPE_CHECKING:
+    from torch import nn
+
+MADV_PAGEOUT = 21  # linux/mman.h: reclaim these pages now (clean file pages are dropped, never their contents)
+MAPS = Path("/proc/self/maps")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One mapping of a file in this process's address space: [start, end) and the file's path."""
+
+    start: int
+    end: int
+    path: str
+
+
+def mapped_files(under: Path, maps: Path = MAPS) -> list[Mapping]:
+    """This process's mappings of `*.safetensors` files inside folder UNDER (none where there is no /proc)."""
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        return []
+    root = str(under.resolve())
+    found = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path, which may hold spaces]
+        if len(fields) < 6 or not fields[5].endswith(".safetensors"):
+            continue
+        path = fields[5]
+        if path != root and not path.startswith(root.rstrip("/") + "/"):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        found.append(Mapping(start, end, path))
+    return found
+
+
+def unread_ranges(mapping: Mapping, live: list[tuple[int, int]], page: int = mmap.PAGESIZE) -> list[tuple[int, int]]:
+    """The page-aligned [start, end) ranges of MAPPING that hold no byte of the LIVE [start, end) ranges (each live
+    range widened to whole pages, so a page shared with a live tensor is kept)."""
+    held = sorted(
+        (max(a, mapping.start) // page * page, -(-min(b, mapping.end) // page) * page)
+        for a, b in live
+        if a < mapping.end and b > mapping.start and b > a
+    )
+    free, at = [], mapping.start
+    for a, b in held:
+        if a > at:
+            free.append((at, a))
+        at = max(at, b)
+    if at < mapping.end:
+        free.append((at, mapping.end))
+    return free
+
+
+def live_ranges(model: nn.Module) -> list[tuple[int, int]]:
+    """The [start, end) address ranges of the storages behind MODEL's CPU parameters and buffers (a view keeps
+    its whole storage alive, so the storage is what counts)."""
+    ranges = []
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type != "cpu":
+            continue
+        storage = tensor.untyped_storage()
+        if storage.nbytes():
+            ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    return ranges
+
+
+def release_unread_pages(model: nn.Module, folder: Path) -> int:
+    """Page out the ranges of FOLDER's mapped weight files that hold none of MODEL's tensors; the bytes of address
+    space advised (0 where the kernel or platform has no MADV_PAGEOUT, or nothing is mapped)."""
+    mappings = mapped_files(folder)
+    madvise = libc_function("madvise") if mappings else None
+    if madvise is None:
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    live = live_ranges(model)
+    advised = 0
+    for mapping in mappings:
+        for start, end in unread_ranges(mapping, live):
+            if madvise(start, end - start, MADV_PAGEOUT) != 0:
+                return advised  # EINVAL before Linux 5.4: a hint the kernel does not take; nothing lost
+            advised += end - start
+    return advised
