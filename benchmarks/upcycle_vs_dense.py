@@ -1165,7 +1165,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Nam
         const=True,
         default=True,
         metavar="PATH",
-        help="keep each run's last checkpoint beside final/ (the default); with PATH, also copy final/ there",
+        help="keep each run's last checkpoint beside final/ (the default); with PATH, also copy final/ there (another "
+        "job's copy of the same run name is set aside as RUN@<digest>)",
     )
     parser.add_argument("--no-keep-checkpoints", dest="keep_checkpoints", action="store_const", const=False)
     parser.add_argument(
@@ -1498,8 +1499,7 @@ class Runner:
         kept["final_sha256"] = {w.name: study_corpus.sha256(w) for w in weights}
         if isinstance(self.keep, Path) and res["final"]:
             dest = self.keep / self.preset_name / run_dir.parent.name / run_dir.name
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(res["final"], dest)
+            keep_copy(Path(res["final"]), dest, _job_key(job))
             kept["copy"] = str(dest)
         return kept
 
@@ -1532,6 +1532,31 @@ def aside_name(run_dir: Path, job_key: dict[str, Any], finished: bool = True) ->
     `-unfinished` after them for a run that has not finished (it resumes once moved back)."""
     digest = hashlib.sha256(json.dumps(job_key, sort_keys=True).encode()).hexdigest()[:12]
     return run_dir.with_name(f"{run_dir.name}@{digest}{'' if finished else '-unfinished'}")
+
+
+def keep_copy(final: Path, dest: Path, job_key: dict[str, Any]) -> None:
+    """Copy FINAL to DEST (--keep-checkpoints PATH), with the job it belongs to beside it (_stamp). A copy of another
+    job's final/ at DEST (the same run name: another lr, --no-lr-sweep) is set aside first as aside_name says, as
+    reusable_run does with run folders, instead of being replaced; this job's own copy set aside earlier is
+    replaced. The copy is made beside DEST and renamed into place."""
+    stamp = _stamp(dest)
+    if dest.exists():
+        held = json.loads(stamp.read_text()) if stamp.is_file() else None
+        if held is not None and held != job_key:
+            aside = aside_name(dest, held)
+            shutil.rmtree(aside, ignore_errors=True)
+            dest.rename(aside)
+            stamp.replace(_stamp(aside))
+        else:
+            shutil.rmtree(dest)
+    own = aside_name(dest, job_key)
+    shutil.rmtree(own, ignore_errors=True)
+    _stamp(own).unlink(missing_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(final, partial)
+    partial.rename(dest)
+    stamp.write_text(json.dumps(job_key, sort_keys=True))
 
 
 def _stamp(run_dir: Path) -> Path:

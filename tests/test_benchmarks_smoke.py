@@ -672,6 +672,36 @@ def test_study_runner_hands_out_the_longest_runs_first(tmp_path, monkeypatch):
                          "moe-all-flop-0", "moe-all-flop-1"]  # fmt: skip
 
 
+def test_study_keep_checkpoints_path_sets_aside_another_jobs_copy(tmp_path):
+    """--keep-checkpoints PATH copies final/ to PATH/<preset>/<parent>/<run name>; two jobs of one run name (another
+    lr) no longer replace each other's copy there: the other job's copy is set aside (RUN@<digest>), the job's own
+    is refreshed, and a copy is whole or absent (made beside, renamed into place)."""
+    study = _load("upcycle_vs_dense")
+    finals = {}
+    for lr in (1, 2):
+        finals[lr] = tmp_path / f"run-lr{lr}" / "final"
+        finals[lr].mkdir(parents=True)
+        (finals[lr] / "model.safetensors").write_bytes(f"lr {lr}".encode())
+    key = {lr: {"arm": "dense", "seed": 0, "lr": lr} for lr in (1, 2)}
+    dest = tmp_path / "kept" / "smoke" / "parent" / "dense-0"
+
+    def held(folder: Path) -> bytes:
+        return (folder / "model.safetensors").read_bytes()
+
+    study.keep_copy(finals[1], dest, key[1])
+    assert held(dest) == b"lr 1" and json.loads(study._stamp(dest).read_text()) == key[1]
+    study.keep_copy(finals[2], dest, key[2])  # another job, the same run name
+    assert held(dest) == b"lr 2" and held(study.aside_name(dest, key[1])) == b"lr 1"
+    assert json.loads(study._stamp(study.aside_name(dest, key[1])).read_text()) == key[1]
+    (finals[1] / "model.safetensors").write_bytes(b"lr 1, again")
+    study.keep_copy(finals[1], dest, key[1])  # the first job again: its own aside copy is replaced, not kept twice
+    assert held(dest) == b"lr 1, again" and held(study.aside_name(dest, key[2])) == b"lr 2"
+    assert not study.aside_name(dest, key[1]).exists()
+    names = sorted(p.name for p in dest.parent.iterdir())
+    digest = study.aside_name(dest, key[2]).name
+    assert names == sorted(["dense-0", "dense-0.job.json", digest, digest + ".job.json"])
+
+
 def test_study_runner_sets_aside_another_jobs_run_and_moves_its_own_back(tmp_path, monkeypatch):
     """Two jobs that share a run folder (the same arm and seed under another learning rate, say) no longer replace
     each other's final/: the other job's run is set aside beside it, finished or not, and a job's own run set aside
