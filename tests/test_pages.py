@@ -37,23 +37,35 @@ def test_unread_ranges_keep_every_page_a_live_tensor_touches():
     assert pages.unread_ranges(m, [(0, 50 * PAGE)], PAGE) == []
 
 
-def test_mapped_files_reads_the_weight_files_inside_the_folder(tmp_path):
+def test_mapped_files_finds_the_folders_weight_files_by_their_real_paths(tmp_path):
+    """Matched by real path: a folder of the Hub's cache holds links to blobs named by their hash, and the kernel
+    names the blob; other files, mapped or not, are left out."""
     folder = tmp_path / "my model"
+    blobs = tmp_path / "blobs"
     folder.mkdir()
-    inside, other = folder / "model-00001-of-00002.safetensors", tmp_path / "other.safetensors"
+    blobs.mkdir()
+    inside = folder / "model-00001-of-00002.safetensors"
+    inside.write_bytes(b"")
+    blob = blobs / "3f2a9c"
+    blob.write_bytes(b"")
+    (folder / "model-00002-of-00002.safetensors").symlink_to(blob)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"")
+    (folder / "config.json").write_text("{}")
     maps = tmp_path / "maps"
     maps.write_text(
         f"7f0000000000-7f0000100000 r--p 00000000 08:01 11 {inside}\n"
         f"7f0000100000-7f0000180000 r--p 00100000 08:01 11 {inside}\n"
         f"7f0000200000-7f0000300000 r--p 00000000 08:01 12 {other}\n"
         f"7f0000300000-7f0000301000 r--p 00000000 08:01 13 {folder}/config.json\n"
+        f"7f0000380000-7f0000390000 r--p 00000000 08:01 14 {blob}\n"
         "7f0000400000-7f0000500000 rw-p 00000000 00:00 0 \n"
         "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]\n"
     )
-    found = pages.mapped_files(folder, maps)
-    assert found == [
+    assert pages.mapped_files(folder, maps) == [
         pages.Mapping(0x7F0000000000, 0x7F0000100000, str(inside)),
         pages.Mapping(0x7F0000100000, 0x7F0000180000, str(inside)),
+        pages.Mapping(0x7F0000380000, 0x7F0000390000, str(blob)),
     ]
     assert pages.mapped_files(folder, tmp_path / "no-such-maps") == []
 

@@ -38,23 +38,21 @@ class Mapping:
     path: str
 
 
-def mapped_files(under: Path, maps: Path = MAPS) -> list[Mapping]:
-    """This process's mappings of `*.safetensors` files inside folder UNDER (none where there is no /proc)."""
+def mapped_files(folder: Path, maps: Path = MAPS) -> list[Mapping]:
+    """This process's mappings of FOLDER's `*.safetensors` files, matched by the files' real paths (in the Hub's
+    cache they are links to blobs elsewhere, which is what the kernel names); none where there is no /proc."""
     try:
         lines = maps.read_text().splitlines()
     except OSError:
         return []
-    root = str(under.resolve())
+    files = {str(f.resolve()) for f in Path(folder).glob("*.safetensors")}
     found = []
     for line in lines:
         fields = line.split(maxsplit=5)  # address perms offset dev inode [path, which may hold spaces]
-        if len(fields) < 6 or not fields[5].endswith(".safetensors"):
-            continue
-        path = fields[5]
-        if path != root and not path.startswith(root.rstrip("/") + "/"):
+        if len(fields) < 6 or fields[5] not in files:
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
-        found.append(Mapping(start, end, path))
+        found.append(Mapping(start, end, fields[5]))
     return found
 
 
