@@ -7,9 +7,12 @@ beside the copy: loading the SmolLM2 MoE (fp32, 2.77 GB file) left 2.55 GB of it
 process's RSS for the whole run, on top of the 2.55 GB of stacked experts (benchmarks/README.md, "Weight file
 pages and the heap after loading"). The memory plan (train/memory.py) counts them during loading only.
 
-release_unread_pages asks the kernel to page out the ranges of the model's mapped files that hold none of its
-tensors (madvise MADV_PAGEOUT). Clean file pages are dropped; a later read of them faults them in again from the
-file, so this never changes a value, only where the bytes live. Linux 5.4+ only; elsewhere it does nothing.
+release_unread_pages drops the ranges of the model's mapped files that hold none of its tensors from this
+process (madvise MADV_DONTNEED). They stay in the kernel's page cache, reclaimable and shared, so the next
+command that reads the same files (verify after train, a test after a test) finds them there rather than on
+disk; MADV_PAGEOUT would have evicted them from it. On a private file mapping DONTNEED would also discard a page
+this process had written (copy on write), which is why only ranges that back no tensor are dropped: nothing
+writes there, and a later read faults the file's own bytes in again, so no value changes. Linux only.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from upcycle.heap import libc_function
 if TYPE_CHECKING:
     from torch import nn
 
-MADV_PAGEOUT = 21  # linux/mman.h: reclaim these pages now (clean file pages are dropped, never their contents)
+MADV_DONTNEED = 4  # linux/mman.h: unmap these pages from this process (file pages stay in the page cache)
 MAPS = Path("/proc/self/maps")
 
 
@@ -88,8 +91,8 @@ def live_ranges(model: nn.Module) -> list[tuple[int, int]]:
 
 
 def release_unread_pages(model: nn.Module, folder: Path) -> int:
-    """Page out the ranges of FOLDER's mapped weight files that hold none of MODEL's tensors; the bytes of address
-    space advised (0 where the kernel or platform has no MADV_PAGEOUT, or nothing is mapped)."""
+    """Drop from this process the ranges of FOLDER's mapped weight files that hold none of MODEL's tensors; the
+    bytes of address space advised (0 off Linux, or where nothing is mapped)."""
     mappings = mapped_files(folder)
     madvise = libc_function("madvise") if mappings else None
     if madvise is None:
@@ -100,7 +103,7 @@ def release_unread_pages(model: nn.Module, folder: Path) -> int:
     advised = 0
     for mapping in mappings:
         for start, end in unread_ranges(mapping, live):
-            if madvise(start, end - start, MADV_PAGEOUT) != 0:
-                return advised  # EINVAL before Linux 5.4: a hint the kernel does not take; nothing lost
+            if madvise(start, end - start, MADV_DONTNEED) != 0:
+                return advised  # refused: the pages stay, nothing is lost
             advised += end - start
     return advised
