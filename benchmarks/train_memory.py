@@ -166,14 +166,13 @@ def measure(model: Path, text: Path, cfg: Config, work: Path) -> dict[str, Any]:
     def sample() -> None:
         while not done.is_set():
             status = proc_status(proc.pid)
-            last = [text for t, text in lines if text]
-            after = last[-1] if last else "(loading)"
-            if status.get("VmRSS", 0) > peak["rss"]:
-                peak.update(rss=status["VmRSS"], anon=status.get("RssAnon", 0), file=status.get("RssFile", 0),
-                            at_s=round(time.time() - t0, 1), after=after)  # fmt: skip
+            now = {"rss": status.get("VmRSS", 0), "anon": status.get("RssAnon", 0), "file": status.get("RssFile", 0)}
+            after = next((text for _, text in reversed(lines) if text), "(loading)")
+            if now["rss"] > peak["rss"]:
+                peak.update(now, at_s=round(time.time() - t0, 1), after=after)
             phase = phases.setdefault(phase_of(after), {"rss": 0})
-            if status.get("VmRSS", 0) > phase["rss"]:
-                phase.update(rss=status["VmRSS"], anon=status.get("RssAnon", 0), file=status.get("RssFile", 0))
+            if now["rss"] > phase["rss"]:
+                phase.update(now)
             time.sleep(0.2)
 
     threads = [threading.Thread(target=read), threading.Thread(target=sample)]

@@ -1534,6 +1534,14 @@ def aside_name(run_dir: Path, job_key: dict[str, Any], finished: bool = True) ->
     return run_dir.with_name(f"{run_dir.name}@{digest}{'' if finished else '-unfinished'}")
 
 
+def set_aside(folder: Path, job_key: dict[str, Any], finished: bool = True) -> Path:
+    """Move FOLDER, which holds JOB_KEY's run or copy, to its aside_name (replacing an older one there); that name."""
+    aside = aside_name(folder, job_key, finished=finished)
+    shutil.rmtree(aside, ignore_errors=True)
+    folder.rename(aside)
+    return aside
+
+
 def keep_copy(final: Path, dest: Path, job_key: dict[str, Any]) -> None:
     """Copy FINAL to DEST (--keep-checkpoints PATH), with the job it belongs to beside it (_stamp). A copy of another
     job's final/ at DEST (the same run name: another lr, --no-lr-sweep) is set aside first as aside_name says, as
@@ -1543,10 +1551,7 @@ def keep_copy(final: Path, dest: Path, job_key: dict[str, Any]) -> None:
     if dest.exists():
         held = json.loads(stamp.read_text()) if stamp.is_file() else None
         if held is not None and held != job_key:
-            aside = aside_name(dest, held)
-            shutil.rmtree(aside, ignore_errors=True)
-            dest.rename(aside)
-            stamp.replace(_stamp(aside))
+            stamp.replace(_stamp(set_aside(dest, held)))
         else:
             shutil.rmtree(dest)
     own = aside_name(dest, job_key)
@@ -1583,9 +1588,7 @@ def reusable_run(job: dict[str, Any]) -> dict[str, Any] | None:
         return saved
     holder = saved["job"] if saved is not None else (json.loads(stamp.read_text()) if stamp.is_file() else None)
     if run_dir.exists() and holder is not None and holder != key:
-        aside = aside_name(run_dir, holder, finished=saved is not None)
-        shutil.rmtree(aside, ignore_errors=True)  # an older copy of that job's run
-        run_dir.rename(aside)
+        aside = set_aside(run_dir, holder, finished=saved is not None)
         print(f"set aside {run_dir.name}: a run of another job, now {aside.name}", flush=True)
     if not run_dir.exists():
         for twin in (aside_name(run_dir, key), aside_name(run_dir, key, finished=False)):
