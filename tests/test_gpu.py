@@ -146,6 +146,37 @@ def test_bf16_run_on_cuda_keeps_fp32_masters_and_loss_falls(impl, moe_store, tex
     assert moments and {t.dtype for t in moments} == {torch.float32}
 
 
+def test_a_cuda_step_waits_on_the_gpu_once_and_once_per_forward(moe_store, text, tmp_path, monkeypatch):  # noqa: F811
+    """torch's sync debug mode on the real device (tests/test_train_syncs.py counts the same on a CPU): a step that is
+    neither logged, evaluated nor saved synchronizes once for its means and gradient norm, plus once per micro-batch
+    in transformers' forward (its packed-sequence check); capacity and accumulation add nothing."""
+    import warnings
+
+    marks: list[tuple[str, int]] = []
+    original = loop.train_step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def step(run, n):
+            marks.append((f"step {n}", len(caught)))
+            return original(run, n)
+
+        monkeypatch.setattr(loop, "train_step", step)
+        options = dict(data=str(text), steps=8, log_every=4, eval_every=0, save_every=8, grad_accum=2)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train(moe_store("mixtral"), tmp_path / "run", **options, capacity_factor=1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    ends = [m[1] for m in marks[1:]] + [len(caught)]
+    reads = {
+        name: [f"{Path(w.filename).name}:{w.lineno}" for w in caught[start:end] if "synchroniz" in str(w.message)]
+        for (name, start), end in zip(marks, ends, strict=True)
+    }
+    for n in (2, 3, 5, 6, 7):  # not logged (every 4, and the first), no evaluation, saved at 8 only
+        assert len(reads[f"step {n}"]) == 1 + 2, reads  # the step's read-back + one per micro-batch's forward
+
+
 def test_a_silent_eager_fallback_is_refused_on_cuda(moe_store, monkeypatch):  # noqa: F811
     folder = moe_store("mixtral")
     spec = TrainSpec()
