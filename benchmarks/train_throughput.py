@@ -24,6 +24,7 @@ losses (coefficients 0.01 and 0.001) added to the LM loss, as the training loop 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -161,6 +163,47 @@ def routing_hooks(model: Any) -> tuple[Any, Any]:
     return tap_model(model, target), router_losses
 
 
+# What a profiled step's time is spent on, by op name (first match wins); the rest is "other".
+CATEGORIES = (
+    ("matmul", r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_grouped_mm|_scaled_mm)$"),
+    ("attention", r"scaled_dot_product|flash|efficient_attention|cudnn_attention"),
+    ("optimizer", r"^aten::_fused_adamw|^aten::_fused_adam|^aten::_foreach_(add|addcmul|addcdiv|lerp|sqrt|div)"),
+    ("clip (norm, scale)", r"^aten::(_foreach_norm|linalg_vector_norm|_foreach_mul_?)$"),
+    ("routing (top-k, sort, gather, scatter)", r"^aten::(topk|sort|argsort|histc|bincount|cumsum|index|index_select|"
+     r"index_add_?|index_put_?|_index_put_impl_|index_copy_?|gather|scatter|scatter_add_?|cat|stack|repeat_interleave)$"),
+    ("softmax, loss", r"softmax|nll_loss|cross_entropy|logsumexp"),
+    ("casts, copies", r"^aten::(copy_|_to_copy|clone|contiguous)$"),
+    ("fills", r"^aten::(fill_|zero_|zeros|ones|full)$"),
+    ("element-wise", r"^aten::(mul_?|add_?|sub_?|div_?|silu|silu_backward|sigmoid|pow|rsqrt|mean|neg|sum|where|exp|"
+     r"clamp|clamp_min|threshold_backward|mul_backward|embedding_dense_backward|embedding)$"),
+)  # fmt: skip
+PHASES = ("forward", "losses", "backward", "clip", "optimizer")
+
+
+def category(name: str) -> str:
+    return next((label for label, pattern in CATEGORIES if re.search(pattern, name)), "other")
+
+
+def profile_summary(prof: Any, on_gpu: bool, phases_ms: dict[str, float], top: int = 25) -> dict[str, Any]:
+    """One profiled step: wall time per phase, self time (GPU kernels on CUDA, CPU elsewhere) per op category and the
+    top ops, in ms. On CUDA a kernel counts for the aten op that launched it."""
+    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    time_of = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    by_cat: dict[str, float] = {}
+    for e in ops:
+        by_cat[category(e.key)] = by_cat.get(category(e.key), 0.0) + time_of(e) / 1e3
+    ranked = sorted(ops, key=time_of, reverse=True)[:top]
+    return {
+        "clock": "GPU kernel time" if on_gpu else "CPU time",
+        "phases_ms": phases_ms,
+        "step_ms": sum(phases_ms.values()),
+        "categories_ms": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+        "top_ops": [
+            {"op": e.key, "self_ms": time_of(e) / 1e3, "calls": e.count, "category": category(e.key)} for e in ranked
+        ],
+    }
+
+
 def child(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -216,23 +259,30 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    def step(ids: torch.Tensor, mark: Callable[[str], None]) -> torch.Tensor:
+        with autocast:
+            out = model(ids, labels=ids)
+        mark("forward")
+        loss = out.loss
+        if tap is not None:  # --aux-loss-coef and --z-loss-coef defaults of upcycle train
+            balance, z = router_losses(tap.pop())
+            loss = loss + 0.01 * balance + 0.001 * z
+        mark("losses")
+        loss.backward()
+        mark("backward")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        mark("clip")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark("optimizer")
+        return loss.detach()
+
     times, losses, first = [], [], []
     for i in range(job["warmup"] + job["steps"]):
         ids = batches[i % len(batches)]
         sync()
         t0 = time.perf_counter()
-        with autocast:
-            out = model(ids, labels=ids)
-        loss = out.loss
-        if tap is not None:  # --aux-loss-coef and --z-loss-coef defaults of upcycle train
-            balance, z = router_losses(tap.pop())
-            loss = loss + 0.01 * balance + 0.001 * z
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = loss.detach()
-        del out
+        loss = step(ids, lambda phase: None)
         sync()
         if i >= job["warmup"]:
             times.append(time.perf_counter() - t0)
@@ -263,7 +313,38 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         result["peak_rss_mib"] = _rss("VmHWM:") / MIB
         result["file_backed_mib"] = file_backed / MIB
         result["peak_kind"] = "peak RSS above the warmed-up process, less the mapped checkpoint (file-backed RSS)"
+    if job.get("profile"):  # one more step, after the peaks were read: the profiler holds memory of its own
+        result["profile"] = profile_step(step, batches[0], device, sync)
     return result
+
+
+def profile_step(step: Callable[..., Any], ids: Any, device: Any, sync: Callable[[], None]) -> dict[str, Any]:
+    """Runs `step` once under torch.profiler, timing its phases (CUDA events on a GPU, the clock on a CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    marks: list[tuple[str, Any]] = []
+
+    def mark(phase: str) -> None:
+        if on_gpu:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append((phase, event))
+        else:
+            marks.append((phase, time.perf_counter()))
+
+    sync()
+    with profile(activities=activities) as prof:
+        mark("start")
+        step(ids, mark)
+        sync()
+    if on_gpu:
+        phases = {b[0]: a[1].elapsed_time(b[1]) for a, b in itertools.pairwise(marks)}
+    else:
+        phases = {b[0]: (b[1] - a[1]) * 1e3 for a, b in itertools.pairwise(marks)}
+    return profile_summary(prof, on_gpu, phases)
 
 
 # --- the parent -----------------------------------------------------------------------------------------
@@ -395,6 +476,49 @@ def table(rows: list[dict[str, Any]], mfu_label: str) -> str:
     return "\n".join(lines)
 
 
+def rounds_table(rows: list[dict[str, Any]]) -> str:
+    """Medians over the rounds (contenders alternated within each): tokens/s, × the parent, × the FLOP ceiling."""
+    lines = [
+        "| size | model | experts impl | tokens/s by round | median | × dense (median of rounds) | × FLOP ceiling |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["size"], r["model"], r["experts_impl"]), []).append(r)
+    for (size, model, impl), rs in groups.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        vs = [r["vs_dense"] for r in rs if r.get("vs_dense") is not None]
+        ceil = [r["vs_flop_ceiling"] for r in rs if r.get("vs_flop_ceiling") is not None]
+        lines.append(
+            f"| {size} | {model} | {impl} | {', '.join(f'{t:,.0f}' for t in tps)} | {statistics.median(tps):,.0f} "
+            f"| {statistics.median(vs):.3f} | {statistics.median(ceil) if ceil else 1.0:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def profile_table(rows: list[dict[str, Any]]) -> str:
+    """Each profiled run's step by phase and by op category (ms), side by side."""
+    runs = [r for r in rows if r.get("profile")]
+    if not runs:
+        return "(no profile)"
+    head = [f"{r['size']} {r['model'].split()[0]} {r['experts_impl']}" for r in runs]
+    cats = list(dict.fromkeys(c for r in runs for c in r["profile"]["categories_ms"]))
+    lines = ["| ms | " + " | ".join(head) + " |", "|---|" + "---|" * len(runs)]
+    for phase in PHASES:
+        lines.append(
+            f"| phase: {phase} | " + " | ".join(f"{r['profile']['phases_ms'].get(phase, 0):,.1f}" for r in runs) + " |"
+        )
+    lines.append("| **step** | " + " | ".join(f"**{r['profile']['step_ms']:,.1f}**" for r in runs) + " |")
+    clock = runs[0]["profile"]["clock"]
+    for cat in cats:
+        lines.append(
+            f"| {clock}: {cat} | "
+            + " | ".join(f"{r['profile']['categories_ms'].get(cat, 0):,.1f}" for r in runs)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -418,6 +542,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=HERE / "_work", help="where the models are written and reused")
     p.add_argument("--results", type=Path, default=None, help="JSON output (default: benchmarks/results/...)")
     p.add_argument("--tag", default=None, help="suffix of the default JSON name")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run every (model, implementation) this many times, alternated; medians"
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="after the timed steps, one step under torch.profiler: where it goes"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -473,46 +603,62 @@ def main(argv: list[str] | None = None) -> int:
         }
         out.write_text(json.dumps(record, indent=1))
 
+    plan = []  # (size name, Size, model, folder, impl) in the order of one round
     for name in sizes:
         size = SIZES[name]
         if args.batch:
             size = Size(**{**asdict(size), "batch": args.batch})
         dense, moe = make_models(size, args.work)
         impls = tuple(args.impls.split(",")) if args.impls else size.impls
-        dense_tps = None
-        for model, folder, impl in [("dense", dense, "dense")] + [("moe 8x top-2", moe, i) for i in impls]:
-            cfg = json.loads((folder / "config.json").read_text())
-            job = dict(name=name, model=str(folder), impl=impl, device=args.device, dtype=dtype,
-                       precision=args.precision, seq=size.seq, batch=size.batch, steps=steps, warmup=warmup,
-                       threads=args.threads, compile=args.compile, heap=args.heap)  # fmt: skip
-            try:
-                res = run_child(job)
-            except SystemExit as exc:  # one failed run (out of memory, a kernel missing) leaves the others
-                print(exc, flush=True)
-                failures.append({"size": name, "model": model, "impl": impl, "error": str(exc)[-2000:]})
-                save()
-                continue
-            fpt, active, _ = flops_per_token(cfg, size.seq)
-            dense_tps = dense_tps or (res["tokens_per_s"] if impl == "dense" else None)
-            row = {
-                "size": name,
-                "model": model,
-                **res,
-                "shape": asdict(size),
-                "active": active,
-                "flops_per_token": fpt,
-                "mfu": fpt * res["tokens_per_s"] / (peak * 1e12),
-                "mfu_measured_peak": fpt * res["tokens_per_s"] / (measured_peak * 1e12) if measured_peak else None,
-                "vs_dense": res["tokens_per_s"] / dense_tps if dense_tps else None,
-                "estimate_mib": estimate_mib(cfg, size, dtype, args.precision, args.device, res["params"]),
-            }
-            rows.append(row)
+        plan += [(name, size, "dense", dense, "dense")] + [(name, size, "moe 8x top-2", moe, i) for i in impls]
+    dense_tps = dense_fpt = None  # the round's dense parent of the size being run
+    for rnd, (name, size, model, folder, impl) in ((r, p) for r in range(args.rounds) for p in plan):
+        if impl == "dense":
+            dense_tps = dense_fpt = None
+        cfg = json.loads((folder / "config.json").read_text())
+        job = dict(name=name, model=str(folder), impl=impl, device=args.device, dtype=dtype,
+                   precision=args.precision, seq=size.seq, batch=size.batch, steps=steps, warmup=warmup,
+                   threads=args.threads, compile=args.compile, heap=args.heap, profile=args.profile)  # fmt: skip
+        try:
+            res = run_child(job)
+        except SystemExit as exc:  # one failed run (out of memory, a kernel missing) leaves the others
+            print(exc, flush=True)
+            failures.append({"size": name, "model": model, "impl": impl, "round": rnd, "error": str(exc)[-2000:]})
             save()
-            print(f"{name:8s} {model:13s} {res['experts_impl']:10s} {res['tokens_per_s']:10,.0f} tokens/s  "
-                  f"peak {res['peak_mib']:8,.0f} MiB (estimate {row['estimate_mib']:,.0f})", flush=True)  # fmt: skip
+            continue
+        fpt, active, _ = flops_per_token(cfg, size.seq)
+        if impl == "dense":
+            dense_tps, dense_fpt = res["tokens_per_s"], fpt
+        vs_dense = res["tokens_per_s"] / dense_tps if dense_tps else None
+        row = {
+            "size": name,
+            "model": model,
+            "round": rnd,
+            **res,
+            "shape": asdict(size),
+            "active": active,
+            "flops_per_token": fpt,
+            "mfu": fpt * res["tokens_per_s"] / (peak * 1e12),
+            "mfu_measured_peak": fpt * res["tokens_per_s"] / (measured_peak * 1e12) if measured_peak else None,
+            "vs_dense": vs_dense,
+            # the MoE's tokens/s against the parent's, over what equal MFU would give (parent's FLOPs/token over its)
+            "vs_flop_ceiling": vs_dense / (dense_fpt / fpt) if vs_dense and dense_fpt else None,
+            "estimate_mib": estimate_mib(cfg, size, dtype, args.precision, args.device, res["params"]),
+        }
+        rows.append(row)
+        save()
+        print(f"{name:8s} {model:13s} {res['experts_impl']:10s} {res['tokens_per_s']:10,.0f} tokens/s  "
+              f"peak {res['peak_mib']:8,.0f} MiB (estimate {row['estimate_mib']:,.0f})"
+              + (f"  round {rnd + 1}" if args.rounds > 1 else ""), flush=True)  # fmt: skip
     mfu_label = "MFU (vs measured mm peak)" if not on_gpu and not args.peak_tflops else "MFU"
     print()
     print(table(rows, mfu_label))
+    if args.rounds > 1:
+        print()
+        print(rounds_table(rows))
+    if args.profile:
+        print()
+        print(profile_table(rows))
     save()
     print(f"\nwrote {out}")
     return 0

@@ -570,18 +570,29 @@ def test_gpu_check_dry_mode_runs_every_step_on_cpu(jargon_text, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "=== GPU check summary ===" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert [k for k in summary if k != "total_s"] == ["env", "pytest", "e2e", "throughput", "compile"]
-    assert all(summary[k]["ok"] for k in ("env", "pytest", "e2e", "throughput", "compile"))
+    steps = ["env", "pytest", "e2e", "throughput", "compile", "profile"]
+    assert [k for k in summary if k != "total_s"] == steps
+    assert all(summary[k]["ok"] for k in steps)
     assert summary["pytest"]["passed"] == 0 and summary["pytest"]["skipped"] >= 10  # no GPU: all skip
     e2e = summary["e2e"]
     assert e2e["lm_last3"] < e2e["lm_first3"] - 0.3 and e2e["final"]["class"] == "MixtralForCausalLM"
     assert not e2e["final"]["missing"] and not e2e["final"]["unexpected"] and e2e["final"]["logits_finite"]
-    for step in ("throughput", "compile"):
+    for step in ("throughput", "compile", "profile"):
         rows = summary[step]["rows"]
         assert [r["model"] for r in rows] == ["dense", "moe 8x top-2"]
         assert all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
         assert rows[1]["vs_dense"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
     assert all(r["compile"] for r in summary["compile"]["rows"])
+    dense, moe = (r["profile"] for r in summary["profile"]["rows"])
+    for prof in (dense, moe):  # one profiled step: its phases, and CPU time by op category
+        assert list(prof["phases_ms"]) == ["forward", "losses", "backward", "clip", "optimizer"]
+        assert prof["step_ms"] == pytest.approx(sum(prof["phases_ms"].values()))
+        assert prof["categories_ms"]["matmul"] > 0 and prof["top_ops"][0]["self_ms"] > 0
+    assert (
+        dense["categories_ms"].get("routing (top-k, sort, gather, scatter)", 0)
+        < moe["categories_ms"]["routing (top-k, sort, gather, scatter)"]
+    )  # the MoE's token permutation
+    assert "ms: forward" in done.stdout  # the summary's profile line
     assert (out / "e2e.log").is_file() and (out / "pytest.xml").is_file()
 
 
@@ -762,3 +773,28 @@ def test_study_runner_sets_aside_another_jobs_run_and_moves_its_own_back(tmp_pat
     assert (run_dir / "checkpoints" / "step-1").is_dir() and not unfinished.exists()
     assert json.loads(study._stamp(run_dir).read_text()) == study._job_key(third)
     assert (study.aside_name(run_dir, study._job_key(job(1e-3))) / "final").is_dir()  # the finished one aside again
+
+
+@pytest.mark.slow
+def test_train_throughput_rounds_alternate_and_give_medians(tmp_path):
+    """--rounds 2: the parent and its MoE run parent, MoE, parent, MoE; each MoE row's ratios are to the parent of
+    its round, × the FLOP ceiling is × dense over the parent's FLOPs per token over the MoE's; medians per model."""
+    import subprocess
+
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--sizes", "tiny", "--impls",
+           "grouped_mm", "--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1",
+           "--work", str(tmp_path / "work"), "--results", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["runs"]
+    assert [(r["model"], r["round"]) for r in rows] == [
+        ("dense", 0), ("moe 8x top-2", 0), ("dense", 1), ("moe 8x top-2", 1)
+    ]  # fmt: skip
+    for parent, moe in (rows[:2], rows[2:]):
+        assert moe["vs_dense"] == pytest.approx(moe["tokens_per_s"] / parent["tokens_per_s"])
+        ceiling = parent["flops_per_token"] / moe["flops_per_token"]
+        assert moe["vs_flop_ceiling"] == pytest.approx(moe["vs_dense"] / ceiling) and ceiling < 1
+    median = (rows[1]["vs_flop_ceiling"] + rows[3]["vs_flop_ceiling"]) / 2
+    *_, line = (ln for ln in done.stdout.splitlines() if ln.startswith("| tiny | moe 8x top-2 | grouped_mm |"))
+    assert line.rstrip(" |").endswith(f"{median:.3f}"), line

@@ -12,6 +12,8 @@ recorded as such and the next one still runs):
   throughput  benchmarks/train_throughput.py: dense parent vs its 8x top-2 MoE at two shapes, grouped_mm and
               eager, bf16 with fp32 masters (what `upcycle train` runs)                -> throughput.json, .log
   compile     the same with torch.compile, at the first shape only                     -> compile.json, .log
+  profile     one step of the dense parent and its MoE (grouped_mm) at the first shape under torch.profiler:
+              GPU time by phase and by op category, the top ops                         -> profile.json, .log
 
     python benchmarks/gpu/check.py --out OUT                       # on the GPU machine (benchmarks/gpu/run.sh)
     python benchmarks/gpu/check.py --out OUT --device cpu --tiny   # the same steps at toy size (CI)
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("env", "pytest", "e2e", "throughput", "compile")
+STEPS = ("env", "pytest", "e2e", "throughput", "compile", "profile")
 
 
 @dataclass
@@ -299,10 +301,11 @@ def _throughput(ctx: Ctx, name: str, extra: list[str], sizes: str) -> dict[str, 
         *extra,
     ]
     if ctx.device == "cuda":
-        cmd += ["--dtype", "bf16", "--precision", "mixed", "--steps", "10", "--warmup", "3"]
+        cmd += ["--dtype", "bf16", "--precision", "mixed"]
+        cmd += ["--steps", "3", "--warmup", "2"] if "--profile" in extra else ["--steps", "10", "--warmup", "3"]
         cmd += ["--impls", ctx.args.impls] if ctx.args.impls and "--impls" not in extra else []
     else:
-        cmd += ["--steps", "2", "--warmup", "1", "--impls", "grouped_mm"]
+        cmd += ["--steps", "2", "--warmup", "1"] + ([] if "--impls" in extra else ["--impls", "grouped_mm"])
     done = ctx.run(cmd, f"{name}.log", timeout=ctx.left() - 5)
     if done.returncode != 0 or not results.is_file():
         return {"ok": False, "returncode": done.returncode}
@@ -321,6 +324,7 @@ def _throughput(ctx: Ctx, name: str, extra: list[str], sizes: str) -> dict[str, 
                 "mfu",
                 "mfu_measured_peak",
                 "compile",
+                "profile",
             )
         }
         for r in data["runs"]
@@ -346,14 +350,21 @@ def step_compile(ctx: Ctx) -> dict[str, Any]:
     )
 
 
+def step_profile(ctx: Ctx) -> dict[str, Any]:
+    """Where the MoE's step goes against its parent's: the same timed runs, then one step each under the profiler."""
+    first = "tiny" if ctx.tiny else ctx.args.sizes.split(",")[0]
+    return _throughput(ctx, "profile", ["--profile", "--impls", "grouped_mm"], first)
+
+
 STEP_FUNCS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "env": step_env,
     "pytest": step_pytest,
     "e2e": step_e2e,
     "throughput": step_throughput,
     "compile": step_compile,
+    "profile": step_profile,
 }
-MIN_SECONDS = {"env": 1, "pytest": 30, "e2e": 40, "throughput": 40, "compile": 40}
+MIN_SECONDS = {"env": 1, "pytest": 30, "e2e": 40, "throughput": 40, "compile": 40, "profile": 40}
 
 
 # --- the summary ----------------------------------------------------------------------------------------
@@ -388,13 +399,18 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         elif r.get("failed_at"):
             detail = f"failed at {r['failed_at']}"
         lines.append(f"{name:11s} {status:8s} {r.get('seconds', 0):6.1f} s  {detail}")
-        for row in r.get("rows", []) if name in ("throughput", "compile") else []:
+        for row in r.get("rows", []) if name in ("throughput", "compile", "profile") else []:
             mfu_m = f" / {100 * row['mfu_measured_peak']:.1f}%" if row.get("mfu_measured_peak") else ""
             lines.append(
                 f"    {row['size']:8s} {row['model']:13s} {row['experts_impl']:10s} "
                 f"{row['tokens_per_s']:>10,.0f} tok/s  x{row['vs_dense'] or 0:.2f}  MFU {100 * row['mfu']:.1f}%"
                 f"{mfu_m}  peak {row['peak_mib']:,.0f} MiB (est {row['estimate_mib']:,.0f})"
             )
+            if row.get("profile"):  # the step's phases, then its three largest op categories
+                prof = row["profile"]
+                phases = " ".join(f"{k} {v:,.0f}" for k, v in prof["phases_ms"].items())
+                cats = ", ".join(f"{k} {v:,.0f}" for k, v in list(prof["categories_ms"].items())[:3])
+                lines.append(f"      ms: {phases} | {prof['clock']}: {cats}")
     return lines
 
 
