@@ -228,7 +228,7 @@ def test_estimate_tracks_peak_rss_of_real_steps(upcycled_256):
 def test_dry_run_plan_carries_the_estimate(dense, tmp_path, capsys):
     """`upcycle train --dry-run` reports this module's figures, and --gpu-mem decides whether they fit."""
     from upcycle.train import loop
-    from upcycle.train.model import weight_files
+    from upcycle.train.model import stored_weights
     from upcycle.train.spec import build_train_spec
     from upcycle_cli.main import run
 
@@ -239,7 +239,8 @@ def test_dry_run_plan_carries_the_estimate(dense, tmp_path, capsys):
     mem = plan["memory"]
     cfg = json.loads((moe / "config.json").read_text())
     net = AutoModelForCausalLM.from_pretrained(moe)  # its experts stacked from the file's per-expert tensors
-    size, cast = weight_files(moe)
+    stored = stored_weights(moe)
+    size, cast = stored.size, stored.cast
     expected = estimate(
         cfg,
         spec,

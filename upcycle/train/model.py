@@ -4,13 +4,11 @@ runs under (the compute dtype), and the RouterTap that hands the router logits t
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import struct
 import warnings
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -19,6 +17,7 @@ from ..compat import enable_grouped_mm_autocast, experts_implementation
 from ..errors import UpcycleError
 from ..pages import release_unread_pages
 from ..seeds import generator as seeded_generator
+from ..source import read_header
 from .distributed import DistEnv, mixed_precision
 from .optim import optimizer_state_bytes, set_trainable
 from .plan import Footprint, moe_shape
@@ -243,53 +242,64 @@ def footprint(
         trainable = [p for p in [*meta.parameters(), *noise] if p.requires_grad]
         states[what] = {name: optimizer_state_bytes(trainable, name) for name in get_args(OptimizerName)}
         biggest[what] = max((p.numel() for p in trainable), default=0)
-    size, cast = weight_files(folder)
-    restacked = 0 if cast else restacked_elements(meta, folder) * 4  # float32 copies; a cast copies all anyway
-    return Footprint(params, states, biggest, size, cast, source_dtype(folder), restacked), list(tap.layers)
+    stored = stored_weights(folder)
+    restacked = 0 if stored.cast else stored.restacked_elements(meta) * 4  # float32; a cast copies all anyway
+    footprint = Footprint(params, states, biggest, stored.size, stored.cast, stored.dtype, restacked)
+    return footprint, list(tap.layers)
 
 
 SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
-def weight_files(folder: Path) -> tuple[int, bool]:
-    """(bytes of the model's weight files, whether any tensor in them is not float32), from the safetensors
-    headers alone."""
+@dataclass(frozen=True)
+class StoredWeights:
+    """What the memory estimate and final/'s dtype need of MODEL's weight files, from their safetensors headers
+    alone (read once; no tensor is read)."""
+
+    size: int  # bytes of the *.safetensors files
+    elements: dict[str, int]  # safetensors dtype ("F32", "BF16", ...) -> elements stored in it
+    shapes: frozenset[tuple[int, ...]]  # every stored tensor's shape
+
+    @property
+    def cast(self) -> bool:
+        """Whether any tensor is stored in another dtype than float32 (loading it in float32 copies it)."""
+        return any(dtype != "F32" for dtype in self.elements)
+
+    @property
+    def dtype(self) -> str:
+        """The floating dtype that holds most of the weights' elements (MODEL's dtype: final/'s by default);
+        float32 when there are none."""
+        floats = {d: n for d, n in self.elements.items() if d in SAFETENSORS_FLOATS}
+        return SAFETENSORS_FLOATS[max(floats, key=floats.__getitem__)] if floats else "float32"
+
+    def restacked_elements(self, model: nn.Module) -> int:
+        """Elements of MODEL's parameters that no stored tensor has the shape of: those transformers builds anew
+        from several stored ones while loading (Mixtral's and Qwen2-MoE's per-expert tensors stacked into one
+        [experts, ...] parameter), beside the file pages they were read from until loading ends (pages.py). A
+        renamed tensor of the same shape is a view of the file, not a copy."""
+        return sum(p.numel() for p in model.parameters() if tuple(p.shape) not in self.shapes)
+
+
+def stored_weights(folder: Path) -> StoredWeights:
+    """The headers of the *.safetensors files in `folder` (source.read_header); a file it refuses is left out
+    here: loading will say what is wrong with it."""
     files = sorted(Path(folder).glob("*.safetensors"))
-    size = sum(f.stat().st_size for f in files)
-    cast = any(v.get("dtype") != "F32" for v in _header_entries(files))
-    return size, cast
-
-
-def restacked_elements(model: nn.Module, folder: Path) -> int:
-    """Elements of MODEL's parameters that no stored tensor in FOLDER has the shape of: those transformers builds
-    anew from several stored ones while loading (Mixtral's and Qwen2-MoE's per-expert tensors stacked into one
-    [experts, ...] parameter), beside the file pages they were read from until loading ends (pages.py). A renamed
-    tensor of the same shape is a view of the file, not a copy; from the safetensors headers and a meta model."""
-    stored = {tuple(v.get("shape", ())) for v in _header_entries(sorted(Path(folder).glob("*.safetensors")))}
-    return sum(p.numel() for p in model.parameters() if tuple(p.shape) not in stored)
+    elements: dict[str, int] = {}
+    shapes: set[tuple[int, ...]] = set()
+    for f in files:
+        try:
+            infos = read_header(f)
+        except (OSError, UpcycleError):
+            continue
+        for info in infos:
+            elements[info.dtype] = elements.get(info.dtype, 0) + math.prod(info.shape)
+            shapes.add(info.shape)
+    return StoredWeights(sum(f.stat().st_size for f in files), elements, frozenset(shapes))
 
 
 def source_dtype(folder: Path) -> str:
-    """The floating dtype that holds most of the weights' elements (MODEL's dtype: final/'s by default), from the
-    safetensors headers alone; float32 when there are none."""
-    elements: dict[str, int] = {}
-    for v in _header_entries(sorted(Path(folder).glob("*.safetensors"))):
-        if v.get("dtype") in SAFETENSORS_FLOATS:
-            elements[v["dtype"]] = elements.get(v["dtype"], 0) + math.prod(v.get("shape", []))
-    return SAFETENSORS_FLOATS[max(elements, key=elements.__getitem__)] if elements else "float32"
-
-
-def _header_entries(files: list[Path]) -> Iterator[dict[str, Any]]:
-    """Every tensor entry (dtype, shape, offsets) of the safetensors files' headers; unreadable files are skipped
-    (loading will say what is wrong with them)."""
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                (length,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(length))
-        except (OSError, ValueError, struct.error):
-            continue
-        yield from (v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict))
+    """MODEL's dtype (the one most of its weights are stored in), from the headers alone."""
+    return stored_weights(folder).dtype
 
 
 def save_dtype(spec: TrainSpec, folder: Path) -> torch.dtype:
