@@ -1,6 +1,7 @@
 """Benchmark `upcycle train` against the loops a user could write instead, on the same MoE, data and step.
 
-Contenders (each in a fresh child process, one torch thread, fp32, alternated round by round):
+Contenders (each in a fresh child process, alternated round by round; on a CPU one torch thread and fp32, on a GPU
+(`--device cuda`) bf16 autocast over fp32 weights and AdamW, what `upcycle train` runs there):
 
 - `upcycle`: `upcycle.train.train` itself (data pipeline, RouterTap, balance + z losses, clip, AdamW, schedule,
   logging); step times from its metrics.jsonl (`tokens_per_s` of each step, logged every step).
@@ -11,12 +12,18 @@ Contenders (each in a fresh child process, one torch thread, fp32, alternated ro
   (fused, as the Trainer's), zero_grad.
 - `hand-foreach`: the same loop with torch's default (foreach, unfused) AdamW, to show what fusing is worth.
 
+On a GPU the `Trainer` runs with `bf16=True` (autocast over fp32 weights) and nothing else: transformers registers no
+autocast rule for `grouped_mm` and casts the experts' input to their weights' dtype, so its experts run in fp32,
+which is what a user of the Trainer gets. `hand` registers the rule that `upcycle train` registers
+(`upcycle.compat.enable_grouped_mm_autocast`), so its experts run in bf16 as ours do.
+
 Every contender trains the same 8-expert top-2 Mixtral (a random Llama written with `save_pretrained`, converted
 by `upcycle convert`) on the same token blocks (this repository's Markdown, tokenised by a byte-level BPE trained on
 it), W untimed steps then N timed ones. Reported: median tokens/s over rounds and the ratio to the Trainer.
 
     python benchmarks/train_loops.py                  # size small, 3 rounds
     python benchmarks/train_loops.py --sizes small,cpu --rounds 5 --steps 8
+    python benchmarks/train_loops.py --device cuda --rounds 1       # size smollm2: upcycle, trainer, hand
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden=64, ffn=192, layers=2, heads=4, kv=2, vocab=512, seq=64, batch=4),
     "small": dict(hidden=256, ffn=768, layers=4, heads=4, kv=2, vocab=4096, seq=256, batch=4),
     "cpu": dict(hidden=512, ffn=1536, layers=8, heads=8, kv=4, vocab=8192, seq=256, batch=4),
+    # SmolLM2-135M's shape (its MoE: 692M parameters), for one GPU
+    # (8 sequences a step: the Trainer's experts run in fp32, 101 GB at 16 on an H200)
+    "smollm2": dict(hidden=576, ffn=1536, layers=30, heads=9, kv=3, vocab=49152, seq=2048, batch=8),
 }
 
 
@@ -105,9 +115,17 @@ def run_upcycle(job: dict[str, Any]) -> list[float]:
         data.write_text(corpus())
         run_dir = Path(tmp) / "run"
         spec = TrainSpec(
-            data=str(data), seq_len=job["seq"], micro_batch=job["batch"], steps=steps, lr=job["lr"],
-            warmup=job["lr_warmup"], log_every=1, eval_every=steps, save_every=steps, seed=0,
-        )  # fmt: skip
+            data=str(data),
+            seq_len=job["seq"],
+            micro_batch=job["batch"],
+            steps=steps,
+            lr=job["lr"],
+            warmup=job["lr_warmup"],
+            log_every=1,
+            eval_every=steps,
+            save_every=steps,
+            seed=0,
+        )  # fmt: skip  (dtype auto: fp32 on a CPU, bf16 autocast on a GPU)
         train(job["model"], run_dir, spec)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tokens = job["seq"] * job["batch"]
@@ -121,24 +139,29 @@ def run_trainer(job: dict[str, Any]) -> list[float]:
 
     blocks = token_blocks(Path(job["model"]), job["seq"])
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+    gpu = job.get("device") == "cuda"
     model.config.output_router_logits = True  # the Mixtral class's own load-balancing loss
     model.config.router_aux_loss_coef = 0.01
     rows = [{"input_ids": b, "labels": b} for b in blocks]
     times: list[float] = []
 
-    class Clock(TrainerCallback):
+    class Clock(TrainerCallback):  # on a GPU each step's kernels are waited for, as float(loss) does in `hand`
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if gpu:
+                torch.cuda.synchronize()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if gpu:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=job["batch"], max_steps=job["warmup"] + job["steps"],
             learning_rate=job["lr"], warmup_steps=job["lr_warmup"], lr_scheduler_type="cosine", weight_decay=0.1,
-            adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
-            disable_tqdm=True, seed=0,
+            adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=not gpu,
+            bf16=gpu, disable_tqdm=True, seed=0,
         )  # fmt: skip
         Trainer(model=model, args=args, train_dataset=rows, callbacks=[Clock()]).train()
     return times[job["warmup"] :]
@@ -153,17 +176,25 @@ def run_hand(job: dict[str, Any], fused: bool) -> list[float]:
     from upcycle.train.routing_hooks import tap_model
 
     torch.manual_seed(0)
-    blocks = token_blocks(Path(job["model"]), job["seq"])
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+    device = torch.device(job.get("device", "cpu"))
+    blocks = token_blocks(Path(job["model"]), job["seq"]).to(device)
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).to(device)
     model.train()
     tap = tap_model(model, target_for_model_type(model.config.model_type))
     opt = torch.optim.AdamW(model.parameters(), lr=job["lr"], betas=(0.9, 0.95), weight_decay=0.1, fused=fused or None)
+    # on a GPU: bf16 autocast over the fp32 weights, the experts' grouped_mm included (as upcycle train)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if device.type == "cuda":
+        from upcycle.compat import enable_grouped_mm_autocast
+
+        enable_grouped_mm_autocast("cuda", torch.bfloat16)
     times = []
     for step in range(job["warmup"] + job["steps"]):
         t0 = time.perf_counter()
         start = (step * job["batch"]) % (len(blocks) - job["batch"])
         ids = blocks[start : start + job["batch"]]
-        loss = model(ids, labels=ids).loss
+        with autocast:
+            loss = model(ids, labels=ids).loss
         balance, z = router_losses(tap.pop())
         (loss + 0.01 * balance + 0.001 * z).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -177,7 +208,8 @@ def run_hand(job: dict[str, Any], fused: bool) -> list[float]:
 def child(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    torch.set_num_threads(job["threads"])
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
     name = job["contender"]
     if name == "upcycle":
         times = run_upcycle(job)
@@ -193,7 +225,11 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(job: dict[str, Any]) -> dict[str, Any]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(job["threads"])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if job["threads"]:
+        env["OMP_NUM_THREADS"] = str(job["threads"])
+    if job["device"] == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run stays on the CPU where there is a GPU (upcycle train picks it)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
                           env=env)  # fmt: skip
@@ -216,12 +252,15 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="small", help=f"comma list of {', '.join(SIZES)}")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)} (default: small / smollm2)")
+    p.add_argument("--contenders", default=None, help="default: all four / upcycle,trainer,hand on a GPU")
     p.add_argument("--rounds", type=int, default=3, help="each contender once per round, in turn")
     p.add_argument("--steps", type=int, default=6, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: 1 on a CPU, torch's own on a GPU)"
+    )
     p.add_argument("--work", type=Path, default=HERE / "_work")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -229,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    gpu = args.device == "cuda"
+    args.sizes = args.sizes or ("smollm2" if gpu else "small")
+    args.contenders = args.contenders or ("upcycle,trainer,hand" if gpu else ",".join(CONTENDERS))
+    args.threads = args.threads if args.threads is not None else (None if gpu else 1)
     args.work.mkdir(parents=True, exist_ok=True)
-    out = args.results or HERE / "results" / f"train_loops_{datetime.now(UTC):%Y%m}.json"
+    out = args.results or HERE / "results" / f"train_loops_{args.device}_{datetime.now(UTC):%Y%m}.json"
     contenders = args.contenders.split(",")
     runs: list[dict[str, Any]] = []
     summary: dict[str, dict[str, dict[str, Any]]] = {}
@@ -241,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             order = contenders[rnd % len(contenders) :] + contenders[: rnd % len(contenders)]  # rotate the order
             for name in order:
                 job = dict(contender=name, model=str(model), seq=s["seq"], batch=s["batch"], steps=args.steps,
-                           warmup=args.warmup, threads=args.threads, lr=1e-3, lr_warmup=2)  # fmt: skip
+                           warmup=args.warmup, threads=args.threads, lr=1e-3, lr_warmup=2,
+                           device=args.device)  # fmt: skip
                 res = run_child(job)
                 runs.append({"size": size, "round": rnd, "contender": name, **res})
                 print(f"{size:6s} round {rnd} {name:13s} {res['tokens_per_s']:9,.0f} tokens/s", flush=True)
@@ -250,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             summary.setdefault(size, {})[name] = {"median": statistics.median(tps), "rounds": tps}
     record = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": args.device,
+        "precision": "bf16 autocast over fp32 weights and AdamW" if gpu else "fp32",
         "threads": args.threads,
         "steps": args.steps,
         "warmup": args.warmup,

@@ -497,23 +497,35 @@ def rounds_table(rows: list[dict[str, Any]]) -> str:
 
 
 def profile_table(rows: list[dict[str, Any]]) -> str:
-    """Each profiled run's step by phase and by op category (ms), side by side."""
-    runs = [r for r in rows if r.get("profile")]
-    if not runs:
+    """The profiled step of each (size, model, implementation) by phase and by op category, in ms: medians over the
+    rounds."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("profile"):
+            groups.setdefault(f"{r['size']} {r['model'].split()[0]} {r['experts_impl']}", []).append(r["profile"])
+    if not groups:
         return "(no profile)"
-    head = [f"{r['size']} {r['model'].split()[0]} {r['experts_impl']}" for r in runs]
-    cats = list(dict.fromkeys(c for r in runs for c in r["profile"]["categories_ms"]))
-    lines = ["| ms | " + " | ".join(head) + " |", "|---|" + "---|" * len(runs)]
+
+    def med(profiles: list[dict[str, Any]], key: str, name: str) -> float:
+        return statistics.median(p[key].get(name, 0.0) for p in profiles)
+
+    rounds = max(len(ps) for ps in groups.values())
+    lines = [
+        "| ms" + (f" (median of {rounds} rounds)" if rounds > 1 else "") + " | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
     for phase in PHASES:
         lines.append(
-            f"| phase: {phase} | " + " | ".join(f"{r['profile']['phases_ms'].get(phase, 0):,.1f}" for r in runs) + " |"
+            f"| phase: {phase} | " + " | ".join(f"{med(ps, 'phases_ms', phase):,.1f}" for ps in groups.values()) + " |"
         )
-    lines.append("| **step** | " + " | ".join(f"**{r['profile']['step_ms']:,.1f}**" for r in runs) + " |")
-    clock = runs[0]["profile"]["clock"]
+    steps = (statistics.median(p["step_ms"] for p in ps) for ps in groups.values())
+    lines.append("| **step** | " + " | ".join(f"**{v:,.1f}**" for v in steps) + " |")
+    clock = next(iter(groups.values()))[0]["clock"]
+    cats = list(dict.fromkeys(c for ps in groups.values() for p in ps for c in p["categories_ms"]))
     for cat in cats:
         lines.append(
             f"| {clock}: {cat} | "
-            + " | ".join(f"{r['profile']['categories_ms'].get(cat, 0):,.1f}" for r in runs)
+            + " | ".join(f"{med(ps, 'categories_ms', cat):,.1f}" for ps in groups.values())
             + " |"
         )
     return "\n".join(lines)

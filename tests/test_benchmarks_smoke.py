@@ -570,7 +570,7 @@ def test_gpu_check_dry_mode_runs_every_step_on_cpu(jargon_text, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "=== GPU check summary ===" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
-    steps = ["env", "pytest", "e2e", "throughput", "compile", "profile"]
+    steps = ["env", "pytest", "e2e", "throughput", "compile", "profile", "loops"]
     assert [k for k in summary if k != "total_s"] == steps
     assert all(summary[k]["ok"] for k in steps)
     assert summary["pytest"]["passed"] == 0 and summary["pytest"]["skipped"] >= 10  # no GPU: all skip
@@ -593,6 +593,12 @@ def test_gpu_check_dry_mode_runs_every_step_on_cpu(jargon_text, tmp_path):
         < moe["categories_ms"]["routing (top-k, sort, gather, scatter)"]
     )  # the MoE's token permutation
     assert "ms: forward" in done.stdout  # the summary's profile line
+    loops = {r["contender"]: r for r in summary["loops"]["rows"]}  # upcycle train, the Trainer, a hand loop
+    assert sorted(loops) == ["hand", "trainer", "upcycle"] and loops["trainer"]["vs_trainer"] == 1.0
+    assert all(r["tokens_per_s"] > 0 for r in loops.values())
+    assert loops["upcycle"]["vs_trainer"] == pytest.approx(
+        loops["upcycle"]["tokens_per_s"] / loops["trainer"]["tokens_per_s"]
+    )
     assert (out / "e2e.log").is_file() and (out / "pytest.xml").is_file()
 
 

@@ -11,9 +11,11 @@ recorded as such and the next one still runs):
               steps of `upcycle train`; the loss must fall and final/ must load natively  -> e2e.json, e2e.log
   throughput  benchmarks/train_throughput.py: dense parent vs its 8x top-2 MoE at two shapes, grouped_mm and
               eager, bf16 with fp32 masters (what `upcycle train` runs)                -> throughput.json, .log
-  compile     the same with torch.compile, at the first shape only                     -> compile.json, .log
-  profile     one step of the dense parent and its MoE (grouped_mm) at the first shape under torch.profiler:
+  compile     the same with torch.compile, at the smollm2 shape (grouped_mm)           -> compile.json, .log
+  profile     one step of the dense parent and its MoE (grouped_mm) at --profile-size under torch.profiler:
               GPU time by phase and by op category, the top ops                         -> profile.json, .log
+  loops       benchmarks/train_loops.py: `upcycle train` against transformers' Trainer and a hand-written loop
+              on the same SmolLM2-shape MoE, data and step, bf16 autocast               -> loops.json, .log
 
     python benchmarks/gpu/check.py --out OUT                       # on the GPU machine (benchmarks/gpu/run.sh)
     python benchmarks/gpu/check.py --out OUT --device cpu --tiny   # the same steps at toy size (CI)
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("env", "pytest", "e2e", "throughput", "compile", "profile")
+STEPS = ("env", "pytest", "e2e", "throughput", "compile", "profile", "loops")
 
 
 @dataclass
@@ -352,8 +354,23 @@ def step_compile(ctx: Ctx) -> dict[str, Any]:
 
 def step_profile(ctx: Ctx) -> dict[str, Any]:
     """Where the MoE's step goes against its parent's: the same timed runs, then one step each under the profiler."""
-    first = "tiny" if ctx.tiny else ctx.args.sizes.split(",")[0]
-    return _throughput(ctx, "profile", ["--profile", "--impls", "grouped_mm"], first)
+    size = "tiny" if ctx.tiny else ctx.args.profile_size
+    return _throughput(ctx, "profile", ["--profile", "--impls", "grouped_mm"], size)
+
+
+def step_loops(ctx: Ctx) -> dict[str, Any]:
+    """Tokens/s of `upcycle train`, the Trainer and a hand-written loop, one round each, the ratios to the Trainer."""
+    results = ctx.out / "loops_bench.json"
+    cmd = [sys.executable, "benchmarks/train_loops.py", "--device", ctx.device, "--rounds", "1", "--contenders",
+           "upcycle,trainer,hand", "--work", str(ctx.work / "loops"), "--results", str(results)]  # fmt: skip
+    cmd += ["--sizes", "tiny", "--steps", "2", "--warmup", "1"] if ctx.tiny else ["--steps", "8", "--warmup", "3"]
+    done = ctx.run(cmd, "loops.log", timeout=ctx.left() - 5)
+    if done.returncode != 0 or not results.is_file():
+        return {"ok": False, "returncode": done.returncode}
+    (size, by), *_ = json.loads(results.read_text())["summary"].items()
+    trainer = by["trainer"]["median"]
+    rows = [{"contender": k, "tokens_per_s": v["median"], "vs_trainer": v["median"] / trainer} for k, v in by.items()]
+    return {"ok": True, "size": size, "rows": rows}
 
 
 STEP_FUNCS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
@@ -363,8 +380,9 @@ STEP_FUNCS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "throughput": step_throughput,
     "compile": step_compile,
     "profile": step_profile,
+    "loops": step_loops,
 }
-MIN_SECONDS = {"env": 1, "pytest": 30, "e2e": 40, "throughput": 40, "compile": 40, "profile": 40}
+MIN_SECONDS = {"env": 1, "pytest": 30, "e2e": 40, "throughput": 40, "compile": 40, "profile": 40, "loops": 60}
 
 
 # --- the summary ----------------------------------------------------------------------------------------
@@ -393,6 +411,11 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                 f"{r['tokens_per_s'] or 0:,.0f} tokens/s, memory plan {r['memory_estimate_gib']:.2f} GiB "
                 f"vs peak {r['peak_gpu_memory_gib'] or 0:.2f} GiB, final {r['final']['class']} "
                 f"{'/'.join(r['final']['dtypes'])}"
+            )
+        elif name == "loops" and r.get("rows"):
+            detail = f"{r['size']}: " + ", ".join(
+                f"{row['contender']} {row['tokens_per_s']:,.0f} tok/s (x{row['vs_trainer']:.2f} Trainer)"
+                for row in r["rows"]
             )
         elif r.get("error"):
             detail = r["error"].splitlines()[-1][:200]
@@ -426,6 +449,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--e2e-steps", type=int, default=None, help="steps of the end-to-end run (default 200; tiny 30)")
     p.add_argument("--sizes", default="smollm2,qwen05", help="throughput shapes (benchmarks/train_throughput.py)")
     p.add_argument("--impls", default="grouped_mm,eager", help="experts implementations of the throughput step")
+    p.add_argument("--profile-size", default="smollm2", help="the shape of the profile step")
     p.add_argument("--work", type=Path, default=None, help="scratch folder for models and runs (default: a temp dir)")
     return p.parse_args(argv)
 
