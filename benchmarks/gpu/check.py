@@ -340,7 +340,8 @@ def _throughput(ctx: Ctx, name: str, extra: list[str], sizes: str) -> dict[str, 
 
 
 def step_throughput(ctx: Ctx) -> dict[str, Any]:
-    return _throughput(ctx, "throughput", [], "tiny" if ctx.tiny else ctx.args.sizes)
+    batch = ["--batch", str(ctx.args.throughput_batch)] if ctx.args.throughput_batch else []
+    return _throughput(ctx, "throughput", batch, "tiny" if ctx.tiny else ctx.args.sizes)
 
 
 def step_compile(ctx: Ctx) -> dict[str, Any]:
@@ -450,6 +451,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="smollm2,qwen05", help="throughput shapes (benchmarks/train_throughput.py)")
     p.add_argument("--impls", default="grouped_mm,eager", help="experts implementations of the throughput step")
     p.add_argument("--profile-size", default="smollm2", help="the shape of the profile step")
+    p.add_argument(
+        "--throughput-batch",
+        type=int,
+        default=None,
+        help="sequences a step in the throughput step, for every shape (default: each shape's own; the qwen05 MoE's "
+        "8 need an H200: 125 GiB planned, 64 GiB at 2)",
+    )
     p.add_argument("--work", type=Path, default=None, help="scratch folder for models and runs (default: a temp dir)")
     return p.parse_args(argv)
 
