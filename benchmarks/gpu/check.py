@@ -356,7 +356,8 @@ def step_compile(ctx: Ctx) -> dict[str, Any]:
 def step_profile(ctx: Ctx) -> dict[str, Any]:
     """Where the MoE's step goes against its parent's: the same timed runs, then one step each under the profiler."""
     size = "tiny" if ctx.tiny else ctx.args.profile_size
-    return _throughput(ctx, "profile", ["--profile", "--impls", "grouped_mm"], size)
+    batch = ["--batch", str(ctx.args.profile_batch)] if ctx.args.profile_batch else []
+    return _throughput(ctx, "profile", ["--profile", "--impls", "grouped_mm", *batch], size)
 
 
 def step_loops(ctx: Ctx) -> dict[str, Any]:
@@ -451,6 +452,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="smollm2,qwen05", help="throughput shapes (benchmarks/train_throughput.py)")
     p.add_argument("--impls", default="grouped_mm,eager", help="experts implementations of the throughput step")
     p.add_argument("--profile-size", default="smollm2", help="the shape of the profile step")
+    p.add_argument(
+        "--profile-batch",
+        type=int,
+        default=None,
+        help="sequences a step in the profile step (default: the shape's own; smollm2's 16 took 75 GB on an H200)",
+    )
     p.add_argument(
         "--throughput-batch",
         type=int,
