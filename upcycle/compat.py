@@ -197,9 +197,15 @@ def _dataset_fingerprint_present() -> bool:
 
 def in_backward() -> bool:
     """True while autograd runs a backward pass (torch._C._current_graph_task_id, private): a layer's forward then is
-    activation checkpointing's recompute, which RouterTap must neither record nor draw new noise for."""
+    activation checkpointing's recompute, which RouterTap must neither record nor draw new noise for.
+
+    False while torch.compile traces a forward (`--compile`): the traced code is a forward, and a compiled
+    checkpoint's recompute runs inside the compiled backward, never through the hooks again. Asking autograd there
+    would break the graph at every router (dynamo cannot trace the call)."""
     import torch
 
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

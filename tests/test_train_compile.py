@@ -1,0 +1,49 @@
+"""`upcycle train --compile` on a CPU: the compiled model, RouterTap's hooks included, traces as one graph (a graph
+break per router would split the model into pieces and run the hooks eagerly between them, on a GPU the cost that
+--compile is there to remove), and a compiled run repeats the eager run's losses and routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train import moe_store, text, train, train_records  # noqa: F401  (fixtures)
+from transformers import AutoModelForCausalLM
+
+from upcycle.arch import target_for_model_type
+from upcycle.train.routing_hooks import tap_model
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"capacity_factor": 1.0}, {"selection_bias": True}],
+    ids=["defaults", "capacity", "selection-bias"],
+)
+def test_the_tapped_model_traces_as_one_graph(options, moe_store):  # noqa: F811
+    """torch._dynamo.explain of a training forward through the hooks: one graph, no break. (--jitter and
+    --router-noise draw from the tap's own generators, for exact resume; dynamo cannot trace those and breaks the
+    graph at each router: docs/train.md says so.)"""
+    model = AutoModelForCausalLM.from_pretrained(moe_store("mixtral"))
+    model.train()
+    tap = tap_model(model, target_for_model_type(model.config.model_type), **options)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids, labels=ids)
+    reasons = [r.reason.splitlines()[0] for r in explained.break_reasons]
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), reasons
+    records = tap.pop()  # the hooks ran inside the trace and recorded every layer
+    assert sorted(records) == list(range(model.config.num_hidden_layers))
+    assert all(r.indices.shape == (2 * 16, model.config.num_experts_per_tok) for r in records.values())
+
+
+@pytest.mark.slow
+def test_a_compiled_run_repeats_the_eager_losses_with_no_graph_break(moe_store, text, tmp_path):  # noqa: F811
+    options = dict(data=str(text), steps=2, micro_batch=2, save_every=2, eval_every=2)
+    train(moe_store("mixtral"), tmp_path / "eager", **options)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train(moe_store("mixtral"), tmp_path / "compiled", **options, compile=True)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    eager, compiled = train_records(tmp_path / "eager"), train_records(tmp_path / "compiled")
+    for a, b in zip(eager, compiled, strict=True):  # inductor's fused kernels round differently: 1e-7 seen
+        assert b["lm"] == pytest.approx(a["lm"], rel=1e-5) and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert [layer["load"] for layer in compiled[0]["layers"]] == [layer["load"] for layer in eager[0]["layers"]]
