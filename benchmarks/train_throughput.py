@@ -17,7 +17,12 @@ batch for both models. Per run it records:
 The MoE step includes the routing hooks of `upcycle train`: a RouterTap on every router and the balance and z
 losses (coefficients 0.01 and 0.001) added to the LM loss, as the training loop does.
 
+--rounds N runs every (model, implementation) N times, alternated, and reports medians with each round's ratios to
+its own parent; --profile adds one step per run under torch.profiler (time by phase and by op category, the top
+ops; GPU kernel time on CUDA), after the timed steps and the memory peaks.
+
     python benchmarks/train_throughput.py                                   # CPU: sizes cpu + tiny, fp32
+    python benchmarks/train_throughput.py --threads 1 --sizes cpu --impls grouped_mm --rounds 5 --profile
     python benchmarks/train_throughput.py --device cuda --dtype bf16 --sizes smollm2   # one H100
 """
 
