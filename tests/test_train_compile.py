@@ -10,13 +10,14 @@ from test_train import moe_store, text, train, train_records  # noqa: F401  (fix
 from transformers import AutoModelForCausalLM
 
 from upcycle.arch import target_for_model_type
+from upcycle.train.expert_dropout import add_expert_dropout
 from upcycle.train.routing_hooks import tap_model
 
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"capacity_factor": 1.0}, {"selection_bias": True}],
-    ids=["defaults", "capacity", "selection-bias"],
+    [{}, {"capacity_factor": 1.0}, {"selection_bias": True}, {"expert_dropout": 0.1}],
+    ids=["defaults", "capacity", "selection-bias", "expert-dropout"],
 )
 def test_the_tapped_model_traces_as_one_graph(options, moe_store):  # noqa: F811
     """torch._dynamo.explain of a training forward through the hooks: one graph, no break. (--jitter and
@@ -24,7 +25,11 @@ def test_the_tapped_model_traces_as_one_graph(options, moe_store):  # noqa: F811
     graph at each router: docs/train.md says so.)"""
     model = AutoModelForCausalLM.from_pretrained(moe_store("mixtral"))
     model.train()
-    tap = tap_model(model, target_for_model_type(model.config.model_type), **options)
+    target = target_for_model_type(model.config.model_type)
+    options = dict(options)  # the parameter is shared between runs
+    dropout = options.pop("expert_dropout", 0.0)
+    tap = tap_model(model, target, **options)
+    assert add_expert_dropout(model, target, tap.layers, dropout) == (len(tap.layers) if dropout else 0)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(ids, labels=ids)
