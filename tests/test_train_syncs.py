@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from test_train import moe_store, text, train, train_records  # noqa: F401  (fixtures)
+from test_train_chat import CONVERSATIONS, chat_models, write_jsonl  # noqa: F401  (fixtures)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from upcycle.train import loop
@@ -127,3 +128,18 @@ def test_a_step_reads_the_device_once(case, moe_store, text, tmp_path, monkeypat
     assert reads.get("step 5") == logged | theirs, reads["step 5"]
     # the reads are there to be counted: step 10 also evaluates and saves, and reads more
     assert sum(reads["step 10"].values()) > 2, reads
+
+
+def test_a_chat_step_reads_the_device_as_a_text_step(chat_models, tmp_path, monkeypatch):  # noqa: F811
+    """Conversations (position ids restarting at each one, packed, the loss on the assistant's tokens): the same
+    reads per step as text."""
+    data = write_jsonl(tmp_path / "five.jsonl", CONVERSATIONS)
+    options = dict(data=str(data), steps=6, log_every=5, eval_every=6, save_every=6, micro_batch=2, seq_len=256)
+    with counting_reads(monkeypatch) as counter:
+        train(chat_models["moe"], tmp_path / "run", **options)
+    reads = {phase: dict(c) for phase, c in counter.reads.items()}
+    for step in (2, 3, 4):
+        assert reads.get(f"step {step}") == {
+            "tolist in upcycle/train/step.py": 1,
+            "item in transformers/masking_utils.py": 1,
+        }, (step, reads)
