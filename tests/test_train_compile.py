@@ -16,19 +16,19 @@ from upcycle.train.routing_hooks import tap_model
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"capacity_factor": 1.0}, {"selection_bias": True}, {"expert_dropout": 0.1}],
-    ids=["defaults", "capacity", "selection-bias", "expert-dropout"],
-)
+    [{}, {"capacity_factor": 1.0}, {"selection_bias": True}, {"expert_dropout": 0.1}, {"jitter": 0.01},
+     {"noise": True}],
+    ids=["defaults", "capacity", "selection-bias", "expert-dropout", "jitter", "noise"],
+)  # fmt: skip
 def test_the_tapped_model_traces_as_one_graph(options, moe_store):  # noqa: F811
-    """torch._dynamo.explain of a training forward through the hooks: one graph, no break. (--jitter and
-    --router-noise draw from the tap's own generators, for exact resume; dynamo cannot trace those and breaks the
-    graph at each router: docs/train.md says so.)"""
+    """torch._dynamo.explain of a training forward through the hooks: one graph, no break (jitter and noise, which
+    draw from the tap's own generators in an eager run, draw from the global RNG while traced)."""
     model = AutoModelForCausalLM.from_pretrained(moe_store("mixtral"))
     model.train()
     target = target_for_model_type(model.config.model_type)
     options = dict(options)  # the parameter is shared between runs
     dropout = options.pop("expert_dropout", 0.0)
-    tap = tap_model(model, target, **options)
+    tap = tap_model(model, target, **options, generator=torch.Generator().manual_seed(0))  # as upcycle train
     assert add_expert_dropout(model, target, tap.layers, dropout) == (len(tap.layers) if dropout else 0)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
@@ -52,3 +52,32 @@ def test_a_compiled_run_repeats_the_eager_losses_with_no_graph_break(moe_store, 
     for a, b in zip(eager, compiled, strict=True):  # inductor's fused kernels round differently: 1e-7 seen
         assert b["lm"] == pytest.approx(a["lm"], rel=1e-5) and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     assert [layer["load"] for layer in compiled[0]["layers"]] == [layer["load"] for layer in eager[0]["layers"]]
+
+
+@pytest.mark.slow
+def test_a_compiled_run_with_jitter_and_noise_resumes_exactly(moe_store, text, tmp_path):  # noqa: F811
+    """Traced, jitter and noise draw from the global RNG (inductor's seeds), which a checkpoint saves: a compiled run
+    resumed from step 2 repeats the uninterrupted compiled run's steps 3 and 4 to the last bit."""
+    import shutil
+
+    from upcycle.train import loop
+    from upcycle.train.spec import build_train_spec
+
+    options = dict(data=str(text), steps=4, micro_batch=2, save_every=2, eval_every=4, jitter=0.01, router_noise=True)
+    options |= dict(compile=True, seq_len=32, log_every=1)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    whole = tmp_path / "whole"
+    train(moe_store("mixtral"), whole, **options)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    shutil.rmtree(part / "checkpoints" / "step-4")
+    shutil.rmtree(part / "final")
+    torch._dynamo.reset()
+    result = loop.train(str(moe_store("mixtral")), part, build_train_spec(**options), resume=True)
+    assert result.summary["resumed_from"] == 2
+    clock = {"tokens_per_s": None, "time": None, "elapsed_s": None}
+    a, b = train_records(whole), train_records(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and a[0]["lm"] != a[1]["lm"]
+    assert [{**r, **clock} for r in a] == [{**r, **clock} for r in b]

@@ -17,6 +17,9 @@ resume). Activation checkpointing replays only the global RNG when it recomputes
 replays its own: each draw in a forward remembers the generator's state, and the recompute draws again from that
 state (one forward per backward, as in training), leaving the generator where the forward left it. With
 `generator=None` jitter and noise draw from the global torch RNG of the input's device (checkpointing replays it).
+Under torch.compile (`--compile`), which cannot trace a torch.Generator, the traced draws take the global RNG too:
+inductor draws them from the global seed, which checkpoints save, so a compiled run still resumes exactly, with other
+random numbers than an eager run.
 """
 
 from __future__ import annotations
@@ -168,6 +171,7 @@ class RouterTap:
         # layer -> (E,) float32 balancing bias on the router's device (empty: the model's own routing); balance.py
         self.bias: dict[int, torch.Tensor] = {}
         self.bias_on = True  # False: route without the bias (what an export without a slot for it does)
+        self._noise_of: dict[int, nn.Linear] = {}  # layer -> its noise weights (noise_modules by int, for tracing)
         for layer, router in sorted(routers.items()):
             weight = router_weight(router)
             if tuple(weight.shape) != (num_experts, hidden_size):
@@ -180,7 +184,7 @@ class RouterTap:
             if noise:
                 w_noise = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=torch.float32)
                 nn.init.zeros_(w_noise.weight)
-                self.noise_modules[str(layer)] = w_noise
+                self.noise_modules[str(layer)] = self._noise_of[layer] = w_noise
             if generator is not None and (jitter > 0 or noise):
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator))
                 self._generators[layer] = torch.Generator(device=weight.device).manual_seed(seed)
@@ -196,8 +200,11 @@ class RouterTap:
             return None
         x = args[0]  # (T, H) or (B, S, H)
         u = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        with self._drawing(layer, "jitter") as generator:
-            u.uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=generator)
+        if torch.compiler.is_compiling():  # traced: the global RNG (see the module's note on randomness)
+            u.uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        else:
+            with self._drawing(layer, "jitter") as generator:
+                u.uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=generator)
         return ((x.float() * u).to(x.dtype), *args[1:])
 
     def _route_hook(self, layer: int, module: nn.Module, args: tuple, output: tuple) -> tuple | None:
@@ -206,10 +213,13 @@ class RouterTap:
         changed = False
         if module.training and self.noise:
             x = args[0].reshape(-1, self.hidden_size)  # (T, H) the router's input (after jitter)
-            w_noise = self.noise_modules[str(layer)]
+            w_noise = self._noise_of[layer]
             std = F.softplus(F.linear(x.to(w_noise.weight.dtype), w_noise.weight))  # (T, E)
-            with self._drawing(layer, "noise") as generator:
-                eps = torch.randn(std.shape, device=std.device, dtype=torch.float32, generator=generator)  # (T, E)
+            if torch.compiler.is_compiling():  # traced: the global RNG (see the module's note on randomness)
+                eps = torch.randn(std.shape, device=std.device, dtype=torch.float32)  # (T, E)
+            else:
+                with self._drawing(layer, "noise") as generator:
+                    eps = torch.randn(std.shape, device=std.device, dtype=torch.float32, generator=generator)
             logits32 = logits32 + std * eps  # (T, E) noisy logits choose the experts
             changed = True
         bias = self.bias.get(layer) if self.bias_on else None  # (E,) or None
