@@ -304,6 +304,8 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         "loss_last": losses[-1],
         "params": sum(p.numel() for p in model.parameters()),
         "compile": bool(job.get("compile")),
+        # where torch.compile had to split the model (0: one graph, the routers' hooks included)
+        "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) if job.get("compile") else None,
         "grouped_mm_autocast": result_autocast,
         "first_steps_s": first,
     }

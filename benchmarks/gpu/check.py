@@ -326,6 +326,7 @@ def _throughput(ctx: Ctx, name: str, extra: list[str], sizes: str) -> dict[str, 
                 "mfu",
                 "mfu_measured_peak",
                 "compile",
+                "graph_breaks",
                 "profile",
             )
         }
@@ -430,6 +431,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                 f"    {row['size']:8s} {row['model']:13s} {row['experts_impl']:10s} "
                 f"{row['tokens_per_s']:>10,.0f} tok/s  x{row['vs_dense'] or 0:.2f}  MFU {100 * row['mfu']:.1f}%"
                 f"{mfu_m}  peak {row['peak_mib']:,.0f} MiB (est {row['estimate_mib']:,.0f})"
+                + (f"  graph breaks {row['graph_breaks']}" if row.get("graph_breaks") is not None else "")
             )
             if row.get("profile"):  # the step's phases, then its three largest op categories
                 prof = row["profile"]
