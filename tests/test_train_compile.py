@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train import moe_store, text, train, train_records  # noqa: F401  (fixtures)
+from test_train import text, train, train_records  # noqa: F401  (fixtures)
 from transformers import AutoModelForCausalLM
 
 from upcycle.arch import target_for_model_type
+from upcycle.convert.pipeline import convert
+from upcycle.convert.spec import build_spec
 from upcycle.train.expert_dropout import add_expert_dropout
 from upcycle.train.routing_hooks import tap_model
+
+
+@pytest.fixture(scope="module")
+def moe(dense_store, tmp_path_factory):
+    """A 2-layer 4-expert top-2 Mixtral: compiling it (forward and backward) takes half the 4-layer one's time."""
+    out = tmp_path_factory.mktemp("compile") / "mixtral"
+    convert(str(dense_store("llama", num_hidden_layers=2)), out, build_spec(experts=4, top_k=2))
+    return out
 
 
 @pytest.mark.parametrize(
@@ -20,10 +30,10 @@ from upcycle.train.routing_hooks import tap_model
      {"noise": True}],
     ids=["defaults", "capacity", "selection-bias", "expert-dropout", "jitter", "noise"],
 )  # fmt: skip
-def test_the_tapped_model_traces_as_one_graph(options, moe_store):  # noqa: F811
+def test_the_tapped_model_traces_as_one_graph(options, moe):
     """torch._dynamo.explain of a training forward through the hooks: one graph, no break (jitter and noise, which
     draw from the tap's own generators in an eager run, draw from the global RNG while traced)."""
-    model = AutoModelForCausalLM.from_pretrained(moe_store("mixtral"))
+    model = AutoModelForCausalLM.from_pretrained(moe)
     model.train()
     target = target_for_model_type(model.config.model_type)
     options = dict(options)  # the parameter is shared between runs
@@ -41,12 +51,12 @@ def test_the_tapped_model_traces_as_one_graph(options, moe_store):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_a_compiled_run_repeats_the_eager_losses_with_no_graph_break(moe_store, text, tmp_path):  # noqa: F811
+def test_a_compiled_run_repeats_the_eager_losses_with_no_graph_break(moe, text, tmp_path):  # noqa: F811
     options = dict(data=str(text), steps=2, micro_batch=2, save_every=2, eval_every=2)
-    train(moe_store("mixtral"), tmp_path / "eager", **options)
+    train(moe, tmp_path / "eager", **options)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    train(moe_store("mixtral"), tmp_path / "compiled", **options, compile=True)
+    train(moe, tmp_path / "compiled", **options, compile=True)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     eager, compiled = train_records(tmp_path / "eager"), train_records(tmp_path / "compiled")
     for a, b in zip(eager, compiled, strict=True):  # inductor's fused kernels round differently: 1e-7 seen
@@ -55,9 +65,12 @@ def test_a_compiled_run_repeats_the_eager_losses_with_no_graph_break(moe_store, 
 
 
 @pytest.mark.slow
-def test_a_compiled_run_with_jitter_and_noise_resumes_exactly(moe_store, text, tmp_path):  # noqa: F811
+def test_a_compiled_run_with_jitter_and_noise_resumes_with_the_same_draws(moe, text, tmp_path):  # noqa: F811
     """Traced, jitter and noise draw from the global RNG (inductor's seeds), which a checkpoint saves: a compiled run
-    resumed from step 2 repeats the uninterrupted compiled run's steps 3 and 4 to the last bit."""
+    resumed from step 2 repeats the uninterrupted compiled run's step-3 forward bit for bit (its losses and loads:
+    the same draws). Its gradients may differ in the last bits: a fresh compilation's backward kernels are not
+    always the same (a gradient norm 1.4586251 against 1.4586250 in 2 runs of 4 here), so the rest is compared to
+    1e-6."""
     import shutil
 
     from upcycle.train import loop
@@ -68,16 +81,20 @@ def test_a_compiled_run_with_jitter_and_noise_resumes_exactly(moe_store, text, t
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     whole = tmp_path / "whole"
-    train(moe_store("mixtral"), whole, **options)
+    train(moe, whole, **options)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     part = tmp_path / "part"
     shutil.copytree(whole, part)
     shutil.rmtree(part / "checkpoints" / "step-4")
     shutil.rmtree(part / "final")
     torch._dynamo.reset()
-    result = loop.train(str(moe_store("mixtral")), part, build_train_spec(**options), resume=True)
+    result = loop.train(str(moe), part, build_train_spec(**options), resume=True)
     assert result.summary["resumed_from"] == 2
-    clock = {"tokens_per_s": None, "time": None, "elapsed_s": None}
     a, b = train_records(whole), train_records(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4] and a[0]["lm"] != a[1]["lm"]
-    assert [{**r, **clock} for r in a] == [{**r, **clock} for r in b]
+    assert [a[2][k] for k in ("loss", "lm", "balance", "z", "layers")] == [
+        b[2][k] for k in ("loss", "lm", "balance", "z", "layers")
+    ]  # the first step after the resume: the same draws
+    for r, q in zip(a[2:], b[2:], strict=True):
+        for k in ("loss", "lm", "balance", "z", "grad_norm"):
+            assert q[k] == pytest.approx(r[k], rel=1e-6), (r["step"], k)

@@ -18,8 +18,8 @@ replays its own: each draw in a forward remembers the generator's state, and the
 state (one forward per backward, as in training), leaving the generator where the forward left it. With
 `generator=None` jitter and noise draw from the global torch RNG of the input's device (checkpointing replays it).
 Under torch.compile (`--compile`), which cannot trace a torch.Generator, the traced draws take the global RNG too:
-inductor draws them from the global seed, which checkpoints save, so a compiled run still resumes exactly, with other
-random numbers than an eager run.
+inductor draws them from the global seed, which checkpoints save, so a resumed compiled run repeats its draws (other
+random numbers than an eager run's).
 """
 
 from __future__ import annotations
