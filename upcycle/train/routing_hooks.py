@@ -171,7 +171,6 @@ class RouterTap:
         # layer -> (E,) float32 balancing bias on the router's device (empty: the model's own routing); balance.py
         self.bias: dict[int, torch.Tensor] = {}
         self.bias_on = True  # False: route without the bias (what an export without a slot for it does)
-        self._noise_of: dict[int, nn.Linear] = {}  # layer -> its noise weights (noise_modules by int, for tracing)
         for layer, router in sorted(routers.items()):
             weight = router_weight(router)
             if tuple(weight.shape) != (num_experts, hidden_size):
@@ -184,7 +183,7 @@ class RouterTap:
             if noise:
                 w_noise = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=torch.float32)
                 nn.init.zeros_(w_noise.weight)
-                self.noise_modules[str(layer)] = self._noise_of[layer] = w_noise
+                self.noise_modules[str(layer)] = w_noise
             if generator is not None and (jitter > 0 or noise):
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator))
                 self._generators[layer] = torch.Generator(device=weight.device).manual_seed(seed)
@@ -200,11 +199,8 @@ class RouterTap:
             return None
         x = args[0]  # (T, H) or (B, S, H)
         u = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        if torch.compiler.is_compiling():  # traced: the global RNG (see the module's note on randomness)
-            u.uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        else:
-            with self._drawing(layer, "jitter") as generator:
-                u.uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=generator)
+        with self._drawing(layer, "jitter") as generator:
+            u.uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=generator)
         return ((x.float() * u).to(x.dtype), *args[1:])
 
     def _route_hook(self, layer: int, module: nn.Module, args: tuple, output: tuple) -> tuple | None:
@@ -213,13 +209,10 @@ class RouterTap:
         changed = False
         if module.training and self.noise:
             x = args[0].reshape(-1, self.hidden_size)  # (T, H) the router's input (after jitter)
-            w_noise = self._noise_of[layer]
+            w_noise = self.noise_modules[str(layer)]
             std = F.softplus(F.linear(x.to(w_noise.weight.dtype), w_noise.weight))  # (T, E)
-            if torch.compiler.is_compiling():  # traced: the global RNG (see the module's note on randomness)
-                eps = torch.randn(std.shape, device=std.device, dtype=torch.float32)  # (T, E)
-            else:
-                with self._drawing(layer, "noise") as generator:
-                    eps = torch.randn(std.shape, device=std.device, dtype=torch.float32, generator=generator)
+            with self._drawing(layer, "noise") as generator:
+                eps = torch.randn(std.shape, device=std.device, dtype=torch.float32, generator=generator)  # (T, E)
             logits32 = logits32 + std * eps  # (T, E) noisy logits choose the experts
             changed = True
         bias = self.bias.get(layer) if self.bias_on else None  # (E,) or None
@@ -241,9 +234,10 @@ class RouterTap:
     def _drawing(self, layer: int, draw: str) -> Iterator[torch.Generator | None]:
         """The generator for one draw of `layer` (None: the global RNG). In a forward it remembers the state the
         draw starts from; in activation checkpointing's recompute (autograd's backward) it draws again from that
-        state, so the recomputed layer sees the same jitter and noise, then puts the generator back."""
+        state, so the recomputed layer sees the same jitter and noise, then puts the generator back. While
+        torch.compile traces, the global RNG (see the module's note on randomness)."""
         generator = self._generators.get(layer)
-        if generator is None:
+        if generator is None or torch.compiler.is_compiling():
             yield None
             return
         key = (layer, draw)
