@@ -114,18 +114,11 @@ def run_upcycle(job: dict[str, Any]) -> list[float]:
         data = Path(tmp) / "corpus.txt"
         data.write_text(corpus())
         run_dir = Path(tmp) / "run"
+        # dtype auto: fp32 on a CPU, bf16 autocast on a GPU
         spec = TrainSpec(
-            data=str(data),
-            seq_len=job["seq"],
-            micro_batch=job["batch"],
-            steps=steps,
-            lr=job["lr"],
-            warmup=job["lr_warmup"],
-            log_every=1,
-            eval_every=steps,
-            save_every=steps,
-            seed=0,
-        )  # fmt: skip  (dtype auto: fp32 on a CPU, bf16 autocast on a GPU)
+            data=str(data), seq_len=job["seq"], micro_batch=job["batch"], steps=steps, lr=job["lr"],
+            warmup=job["lr_warmup"], log_every=1, eval_every=steps, save_every=steps, seed=0,
+        )  # fmt: skip
         train(job["model"], run_dir, spec)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tokens = job["seq"] * job["batch"]
