@@ -244,6 +244,9 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         impl_got = experts_implementation(model)
     else:
         impl_got = "dense"
+    from upcycle.train.attention import causal_attention_without_mask
+
+    attention = causal_attention_without_mask(model, job["seq"])  # as upcycle train on text: no mask to build
     tap, router_losses = routing_hooks(model) if job["impl"] != "dense" else (None, None)
     if job.get("compile"):  # as `upcycle train --compile`: after the hooks, before the optimizer
         model.compile()
@@ -296,6 +299,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
             first.append(time.perf_counter() - t0)
     result = {
         "experts_impl": impl_got,
+        "attention_impl": attention,
         "step": "forward, backward, clip 1.0, AdamW" + (" + RouterTap, balance and z losses" if tap else ""),
         "step_s": times,
         "tokens_per_step": job["batch"] * job["seq"],

@@ -139,6 +139,9 @@ def test_thirty_steps_loss_falls_and_final_loads_natively(name, moe_store, text,
         assert str(tmp_path) not in published and str(text.parent) not in published
     assert result.summary["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
     assert result.summary["experts_implementation"] == "grouped_mm"
+    assert result.summary["attention_implementation"] == "upcycle_causal_sdpa"  # text: no mask to build
+    for saved in (out / "final", out / "checkpoints" / "step-30"):  # a run's choice, not the model's: not saved
+        assert "attn_implementation" not in (saved / "config.json").read_text()
 
 
 def test_cli_prints_summary_and_json(moe_store, text, tmp_path, capsys):

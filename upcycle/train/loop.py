@@ -19,6 +19,7 @@ from .. import __version__
 from ..errors import UpcycleError
 from ..heap import give_back_free_memory
 from . import checkpoint as ckpt
+from .attention import attention_implementation
 from .balance import bias_tensors, sync_slots
 from .bias_export import bias_export
 from .distributed import barrier, destroy, full_model_state, full_optimizer_state, init_distributed
@@ -341,6 +342,7 @@ def _summary(run: Run, progress: Progress, final: Path | None) -> dict[str, Any]
         "expert_load_tokens": counted if load else None,  # which tokens the load counts
         "peak_gpu_memory_gib": peak_gpu_memory(run),
         "experts_implementation": plan.experts_impl,
+        "attention_implementation": attention_implementation(run.model),
     }
 
 

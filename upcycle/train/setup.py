@@ -20,6 +20,7 @@ from ..heap import give_back_free_memory, keep_buffers_for_reuse
 from ..source import SourceRef, cache_dir, read_config, resolve
 from . import checkpoint as ckpt
 from . import frozen
+from .attention import causal_attention_without_mask
 from .balance import SLOT, add_slots, restore_biases
 from .chat import ChatBlocks, ChatOptions, looks_like_chat, prepare_chat
 from .data import DataInfo, TokenBlocks, prepare
@@ -206,6 +207,8 @@ def setup(
     dense = source.target is None
     net = load_model(load_from, torch.float32, spec, env.device, dense=dense)
     impl = "none (dense)" if dense else experts_implementation(net)
+    if isinstance(train_blocks, TokenBlocks):  # unpacked, unpadded blocks: no mask to build (attention.py)
+        causal_attention_without_mask(net, spec.seq_len)
     torch.manual_seed(spec.seed)  # the global RNG, for whatever in the model draws from it (dropout)
     tap = attach_routing(net, source.target, source.config, spec)
     if source.target is not None:
