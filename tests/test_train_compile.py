@@ -50,6 +50,53 @@ def test_the_tapped_model_traces_as_one_graph(options, moe):
     assert all(r.indices.shape == (2 * 16, model.config.num_experts_per_tok) for r in records.values())
 
 
+@pytest.mark.parametrize("options", [{}, {"jitter": 0.01, "noise": True}], ids=["defaults", "jitter-noise"])
+def test_with_activation_checkpointing_the_model_still_traces_as_one_graph(options, moe):
+    """--compile --grad-checkpointing: each checkpointed layer changes Python state in its forward (the attention's
+    kernels context variable, RouterTap's records), which dynamo refuses inside a checkpoint unless told not to replay
+    it in the recompute (compat.trace_checkpointed_side_effects): without that, a graph per layer and a break
+    between; with it, one graph, and the hooks record each layer once."""
+    from upcycle.compat import enable_activation_checkpointing, trace_checkpointed_side_effects
+
+    model = AutoModelForCausalLM.from_pretrained(moe)
+    model.train()
+    tap = tap_model(model, target_for_model_type(model.config.model_type), **options, generator=torch.Generator())
+    enable_activation_checkpointing(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+        torch._dynamo.reset()
+        before = torch._dynamo.explain(model)(ids, labels=ids, use_cache=False)
+        tap.pop()
+        assert before.graph_break_count >= model.config.num_hidden_layers  # what the setting removes
+        trace_checkpointed_side_effects()
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(ids, labels=ids, use_cache=False)
+    reasons = [r.reason.splitlines()[0] for r in explained.break_reasons]
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), reasons
+    records = tap.pop()
+    assert sorted(records) == list(range(model.config.num_hidden_layers))
+    assert all(r.indices.shape == (2 * 16, model.config.num_experts_per_tok) for r in records.values())
+
+
+@pytest.mark.slow
+def test_a_compiled_checkpointed_run_repeats_the_eager_checkpointed_run(moe, text, tmp_path):  # noqa: F811
+    """The recompute in a compiled backward is the forward's: the losses, loads and gradient norms of an eager
+    checkpointed run, within inductor's rounding (1e-5), and no graph break."""
+    options = dict(data=str(text), steps=2, micro_batch=2, save_every=2, eval_every=2, grad_checkpointing=True)
+    options |= dict(log_every=1)
+    train(moe, tmp_path / "eager", **options)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train(moe, tmp_path / "compiled", **options, compile=True)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    eager, compiled = train_records(tmp_path / "eager"), train_records(tmp_path / "compiled")
+    assert [r["step"] for r in compiled] == [1, 2]
+    for a, b in zip(eager, compiled, strict=True):
+        for key in ("loss", "lm", "balance", "z", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+        assert [layer["load"] for layer in b["layers"]] == [layer["load"] for layer in a["layers"]]
+
+
 @pytest.mark.slow
 def test_a_compiled_run_repeats_the_eager_losses_with_no_graph_break(moe, text, tmp_path):  # noqa: F811
     options = dict(data=str(text), steps=2, micro_batch=2, save_every=2, eval_every=2)

@@ -177,6 +177,51 @@ def _activation_checkpointing_present() -> bool:
     )
 
 
+def trace_checkpointed_side_effects() -> None:
+    """Let torch.compile trace a checkpointed decoder layer whose forward changes Python state, doing it once in the
+    forward and not again in the recompute (`torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`,
+    a private config). Without it `--compile --grad-checkpointing` breaks the graph at every layer: the attention
+    modules' `kernels.use_kernelized_func` sets and resets a context variable in each forward, and RouterTap's
+    hooks record the routing, which dynamo refuses inside a checkpoint. Neither must happen again in a recompute
+    (RouterTap ignores recomputes on purpose: compat.in_backward), so skipping them there is what an eager run does
+    in effect. Process-wide; it changes nothing outside checkpointed regions."""
+    import torch._dynamo
+
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+def _checkpoint_side_effects_present() -> bool:
+    import torch._dynamo
+
+    return hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint")
+
+
+# --- the attention implementation, and attention without a mask ------------------------------------------------
+
+
+def attention_implementation(model: nn.Module) -> str:
+    """The attention implementation the model runs with ("sdpa", "eager", a registered name): transformers keeps it
+    in the private `config._attn_implementation`."""
+    return str(model.config._attn_implementation)
+
+
+def _attention_implementation_present() -> bool:
+    """The config field, and no mask from create_causal_mask for an attention implementation that is registered
+    with no mask function (what upcycle/train/attention.py relies on)."""
+    import torch
+    from transformers import AttentionInterface, LlamaConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import create_causal_mask
+
+    AttentionInterface.register("upcycle_causal_sdpa", sdpa_attention_forward)
+    config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1, vocab_size=8)
+    if not hasattr(config, "_attn_implementation"):
+        return False
+    config._attn_implementation = "upcycle_causal_sdpa"
+    packed = torch.tensor([[0, 1, 0, 1]])  # two sequences: SDPA would get a block-diagonal mask
+    return create_causal_mask(config, torch.zeros(1, 4, 8), None, None, position_ids=packed) is None
+
+
 # --- a Hub dataset's identity for the token cache ----------------------------------------------------------------
 
 
@@ -243,6 +288,21 @@ TRAIN_PRIVATE_APIS: tuple[PrivateApi, ...] = (
         "--grad-checkpointing",
         "--grad-checkpointing fails with AttributeError",
         _activation_checkpointing_present,
+    ),
+    PrivateApi(
+        "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint",
+        TRAIN_CHECKED_ON,
+        "--compile with --grad-checkpointing traced as one graph",
+        "AttributeError when both are asked for",
+        _checkpoint_side_effects_present,
+    ),
+    PrivateApi(
+        "transformers config._attn_implementation; masking_utils builds no mask for an unregistered mask function",
+        TRAIN_CHECKED_ON,
+        "text runs attend with SDPA and no mask (upcycle/train/attention.py)",
+        "a read of _attn_implementation fails; if a mask is built anyway, the numbers stay the same (a mask is "
+        "passed, so SDPA's is_causal is off) and tests/test_train_syncs.py counts the read again",
+        _attention_implementation_present,
     ),
     PrivateApi(
         "datasets Dataset._fingerprint",

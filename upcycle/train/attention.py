@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..compat import attention_implementation
+
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedConfig
@@ -72,11 +74,6 @@ def plain_causal(config: PreTrainedConfig, seq_len: int) -> bool:
     if kinds - {"full_attention", "sliding_attention"}:
         return False
     return "sliding_attention" not in kinds or bool(window and seq_len < window)
-
-
-def attention_implementation(model: nn.Module) -> str:
-    """The attention implementation the model runs with ("sdpa", CAUSAL_SDPA, "eager", ...)."""
-    return str(model.config._attn_implementation)
 
 
 def causal_attention_without_mask(model: nn.Module, seq_len: int) -> str:

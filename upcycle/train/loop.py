@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..compat import attention_implementation
 from ..errors import UpcycleError
 from ..heap import give_back_free_memory
 from . import checkpoint as ckpt
-from .attention import attention_implementation
 from .balance import bias_tensors, sync_slots
 from .bias_export import bias_export
 from .distributed import barrier, destroy, full_model_state, full_optimizer_state, init_distributed

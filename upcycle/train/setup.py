@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..arch import Target
-from ..compat import enable_activation_checkpointing, experts_implementation
+from ..compat import enable_activation_checkpointing, experts_implementation, trace_checkpointed_side_effects
 from ..errors import UpcycleError
 from ..heap import give_back_free_memory, keep_buffers_for_reuse
 from ..source import SourceRef, cache_dir, read_config, resolve
@@ -237,6 +237,8 @@ def setup(
         note(warning)
     if spec.grad_checkpointing:
         enable_activation_checkpointing(net)
+        if spec.compile:  # one graph: the layers' forward side effects are not replayed in the recompute
+            trace_checkpointed_side_effects()
     net = wrap_model(net, env, spec)
     if spec.compile:
         net.compile()
