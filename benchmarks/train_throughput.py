@@ -209,6 +209,16 @@ def profile_summary(prof: Any, on_gpu: bool, phases_ms: dict[str, float], top: i
     }
 
 
+def _as_upcycle_train(model: Any, job: dict[str, Any]) -> str:
+    """The attention implementation upcycle train runs text with (no mask to build: upcycle/train/attention.py);
+    the code under test may predate it (an A/B against an older commit), and then the model keeps its own."""
+    try:
+        from upcycle.train.attention import causal_attention_without_mask
+    except ImportError:
+        return str(model.config._attn_implementation)
+    return causal_attention_without_mask(model, job["seq"])
+
+
 def child(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -244,10 +254,14 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         impl_got = experts_implementation(model)
     else:
         impl_got = "dense"
-    from upcycle.train.attention import causal_attention_without_mask
-
-    attention = causal_attention_without_mask(model, job["seq"])  # as upcycle train on text: no mask to build
+    attention = _as_upcycle_train(model, job)
     tap, router_losses = routing_hooks(model) if job["impl"] != "dense" else (None, None)
+    if job.get("grad_checkpointing"):  # as `upcycle train --grad-checkpointing`, after the hooks
+        from upcycle import compat
+
+        compat.enable_activation_checkpointing(model)
+        if job.get("compile") and hasattr(compat, "trace_checkpointed_side_effects"):  # absent before e9d44e9
+            compat.trace_checkpointed_side_effects()
     if job.get("compile"):  # as `upcycle train --compile`: after the hooks, before the optimizer
         model.compile()
     fused = True  # as upcycle.train.optim.build_optimizer (CPU and CUDA)
@@ -269,7 +283,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
 
     def step(ids: torch.Tensor, mark: Callable[[str], None]) -> torch.Tensor:
         with autocast:
-            out = model(ids, labels=ids)
+            out = model(ids, labels=ids, use_cache=False)  # as upcycle train: no KV cache to build
         mark("forward")
         loss = out.loss
         if tap is not None:  # --aux-loss-coef and --z-loss-coef defaults of upcycle train
@@ -308,6 +322,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         "loss_last": losses[-1],
         "params": sum(p.numel() for p in model.parameters()),
         "compile": bool(job.get("compile")),
+        "grad_checkpointing": bool(job.get("grad_checkpointing")),
         # where torch.compile had to split the model (0: one graph, the routers' hooks included)
         "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) if job.get("compile") else None,
         "grouped_mm_autocast": result_autocast,
@@ -562,6 +577,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     heap_help = "CPU: the step's buffers kept in the C heap, as upcycle train keeps them (reuse), or glibc's default"
     p.add_argument("--heap", choices=("reuse", "default"), default="reuse", help=heap_help)
     p.add_argument("--compile", action="store_true", help="torch.compile each model (as upcycle train --compile)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward (as upcycle train)")
     p.add_argument("--work", type=Path, default=HERE / "_work", help="where the models are written and reused")
     p.add_argument("--results", type=Path, default=None, help="JSON output (default: benchmarks/results/...)")
     p.add_argument("--tag", default=None, help="suffix of the default JSON name")
@@ -618,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_label": peak_label,
             "measured_peak_tflops": measured_peak,
             "compile": args.compile,
+            "grad_checkpointing": args.grad_checkpointing,
             "heap": args.heap if args.device == "cpu" else None,
             "flops_formula": "6*N_active + 12*L*d_attn*S (N_active without the input embedding)",
             "machine": info,
@@ -641,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads((folder / "config.json").read_text())
         job = dict(name=name, model=str(folder), impl=impl, device=args.device, dtype=dtype,
                    precision=args.precision, seq=size.seq, batch=size.batch, steps=steps, warmup=warmup,
-                   threads=args.threads, compile=args.compile, heap=args.heap, profile=args.profile)  # fmt: skip
+                   threads=args.threads, compile=args.compile, heap=args.heap, profile=args.profile,
+                   grad_checkpointing=args.grad_checkpointing)  # fmt: skip
         try:
             res = run_child(job)
         except SystemExit as exc:  # one failed run (out of memory, a kernel missing) leaves the others
