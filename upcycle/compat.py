@@ -184,10 +184,12 @@ def trace_checkpointed_side_effects() -> None:
     modules' `kernels.use_kernelized_func` sets and resets a context variable in each forward, and RouterTap's
     hooks record the routing, which dynamo refuses inside a checkpoint. Neither must happen again in a recompute
     (RouterTap ignores recomputes on purpose: compat.in_backward), so skipping them there is what an eager run does
-    in effect. Process-wide; it changes nothing outside checkpointed regions."""
+    in effect (torchtitan sets it for the same reason). Process-wide; it changes nothing outside checkpointed
+    regions. A torch without the setting compiles the checkpointed layers in pieces, as before: correct, slower."""
     import torch._dynamo
 
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    if _checkpoint_side_effects_present():
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 def _checkpoint_side_effects_present() -> bool:
@@ -293,7 +295,7 @@ TRAIN_PRIVATE_APIS: tuple[PrivateApi, ...] = (
         "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint",
         TRAIN_CHECKED_ON,
         "--compile with --grad-checkpointing traced as one graph",
-        "AttributeError when both are asked for",
+        "the checkpointed layers compile in pieces, a graph break at each (correct, slower)",
         _checkpoint_side_effects_present,
     ),
     PrivateApi(
