@@ -108,9 +108,10 @@ def _forward_backward(
         local = torch.stack([expert_counts(records[layer], run.plan.experts) for layer in layers]).to(counts)  # (L, E)
         counts += all_reduce_sum(local, env)
         terms = router_terms(records, dict(zip(layers, counts, strict=True)))
-    else:
-        counts += torch.stack([expert_counts(records[layer], run.plan.experts) for layer in layers]).to(counts)
-        terms = router_terms(records, None)
+    else:  # f over this micro-batch: the counts it adds, counted once
+        local = torch.stack([expert_counts(records[layer], run.plan.experts) for layer in layers])  # (L, E)
+        counts += local
+        terms = router_terms(records, dict(zip(layers, local, strict=True)))
     lm = out.loss.float()
     loss = lm
     for name, value in terms.items():
