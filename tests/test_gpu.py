@@ -295,3 +295,36 @@ def test_dry_run_memory_plan_is_within_25_percent_of_the_cuda_peak(dense_store, 
     peak = torch.cuda.max_memory_allocated() - base
     print(f"memory plan {estimate / 2**20:,.0f} MiB, measured peak {peak / 2**20:,.0f} MiB ({estimate / peak:.3f}x)")
     assert 0.75 <= estimate / peak <= 1.25, (estimate, peak)
+
+
+def _attention_kernels(model: torch.nn.Module, ids: torch.Tensor) -> set[str]:
+    """The SDPA kernels one bf16 training forward and backward ran, by their aten names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+
+def test_text_attention_takes_sdpas_flash_kernel_eager_and_compiled(moe_store):  # noqa: F811
+    """Text runs attend with SDPA and no mask (upcycle/train/attention.py): eager and under torch.compile the
+    attention runs a causal kernel with no mask (flash, or cuDNN where torch prefers it), never the
+    memory-efficient kernel that a materialised (B, 1, S, S) mask would force."""
+    from upcycle.train.attention import CAUSAL_SDPA, causal_attention_without_mask
+
+    model = AutoModelForCausalLM.from_pretrained(moe_store("mixtral")).to(CUDA)
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (2, 64), device=CUDA)
+    assert causal_attention_without_mask(model, 64) == CAUSAL_SDPA
+    kernels = {"eager": _attention_kernels(model, ids)}
+    torch._dynamo.reset()
+    model.compile()
+    _attention_kernels(model, ids)  # compiles
+    kernels["compiled"] = _attention_kernels(model, ids)
+    print(kernels)  # the GPU check's log keeps what each ran
+    for mode, names in kernels.items():
+        assert any("flash" in n or "cudnn" in n for n in names), (mode, names)
+        assert not any("efficient" in n for n in names), (mode, names)
