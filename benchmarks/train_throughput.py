@@ -263,7 +263,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         if job.get("compile") and hasattr(compat, "trace_checkpointed_side_effects"):  # absent before e9d44e9
             compat.trace_checkpointed_side_effects()
     if job.get("compile"):  # as `upcycle train --compile`: after the hooks, before the optimizer
-        model.compile()
+        model.compile(backend=job.get("compile_backend") or "inductor")
     fused = True  # as upcycle.train.optim.build_optimizer (CPU and CUDA)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
     gen = torch.Generator().manual_seed(1)
@@ -323,6 +323,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "compile": bool(job.get("compile")),
         "grad_checkpointing": bool(job.get("grad_checkpointing")),
+        "compile_backend": (job.get("compile_backend") or "inductor") if job.get("compile") else None,
         # where torch.compile had to split the model (0: one graph, the routers' hooks included)
         "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()) if job.get("compile") else None,
         "grouped_mm_autocast": result_autocast,
@@ -577,6 +578,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     heap_help = "CPU: the step's buffers kept in the C heap, as upcycle train keeps them (reuse), or glibc's default"
     p.add_argument("--heap", choices=("reuse", "default"), default="reuse", help=heap_help)
     p.add_argument("--compile", action="store_true", help="torch.compile each model (as upcycle train --compile)")
+    backend_help = "torch.compile backend (aot_eager: the same graphs without code generation, for dry runs)"
+    p.add_argument("--compile-backend", default="inductor", help=backend_help)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward (as upcycle train)")
     p.add_argument("--work", type=Path, default=HERE / "_work", help="where the models are written and reused")
     p.add_argument("--results", type=Path, default=None, help="JSON output (default: benchmarks/results/...)")
@@ -659,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         job = dict(name=name, model=str(folder), impl=impl, device=args.device, dtype=dtype,
                    precision=args.precision, seq=size.seq, batch=size.batch, steps=steps, warmup=warmup,
                    threads=args.threads, compile=args.compile, heap=args.heap, profile=args.profile,
-                   grad_checkpointing=args.grad_checkpointing)  # fmt: skip
+                   grad_checkpointing=args.grad_checkpointing, compile_backend=args.compile_backend)  # fmt: skip
         try:
             res = run_child(job)
         except SystemExit as exc:  # one failed run (out of memory, a kernel missing) leaves the others

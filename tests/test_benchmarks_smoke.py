@@ -583,6 +583,7 @@ def test_gpu_check_dry_mode_runs_every_step_on_cpu(jargon_text, tmp_path):
         assert all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
         assert rows[1]["vs_dense"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
     assert all(r["compile"] and r["graph_breaks"] == 0 for r in summary["compile"]["rows"])  # hooks traced too
+    assert {r["compile_backend"] for r in summary["compile"]["rows"]} == {"aot_eager"}  # inductor: on the GPU
     dense, moe = (r["profile"] for r in summary["profile"]["rows"])
     for prof in (dense, moe):  # one profiled step: its phases, and CPU time by op category
         assert list(prof["phases_ms"]) == ["forward", "losses", "backward", "clip", "optimizer"]
