@@ -82,7 +82,7 @@ def test_a_compiled_checkpointed_model_gives_the_eager_checkpointed_numbers(moe)
     """The recompute in a compiled backward is the forward's, and skipping the forward's side effects there loses
     nothing: loss, router losses and every gradient of the eager checkpointed model, through dynamo and AOT
     autograd's checkpoint handling (backend aot_eager: the same graphs as inductor, without its code generation,
-    which the compiled runs above already cover)."""
+    which the compiled runs below cover)."""
     from upcycle.compat import enable_activation_checkpointing, trace_checkpointed_side_effects
     from upcycle.train.losses import router_losses
 

@@ -102,16 +102,16 @@ def _forward_backward(
     with run.compute():  # forward only: backward follows the dtypes autocast chose
         out = run.model(**inputs, use_cache=False)
     records = run.tap.pop()
-    if not layers:  # a dense model: no routers
-        terms: dict[str, torch.Tensor] = {}
-    elif spec.balance_scope == "global":  # f over the step's micro-batches so far, on every rank: one all-reduce
+    terms: dict[str, torch.Tensor] = {}  # a dense model: no routers
+    if layers:
         local = torch.stack([expert_counts(records[layer], run.plan.experts) for layer in layers]).to(counts)  # (L, E)
-        counts += all_reduce_sum(local, env)
-        terms = router_terms(records, dict(zip(layers, counts, strict=True)))
-    else:  # f over this micro-batch: the counts it adds, counted once
-        local = torch.stack([expert_counts(records[layer], run.plan.experts) for layer in layers])  # (L, E)
-        counts += local
-        terms = router_terms(records, dict(zip(layers, local, strict=True)))
+        if spec.balance_scope == "global":  # f over the step's micro-batches so far, on every rank: one all-reduce
+            counts += all_reduce_sum(local, env)
+            f = counts
+        else:  # f over this micro-batch
+            counts += local
+            f = local
+        terms = router_terms(records, dict(zip(layers, f, strict=True)))
     lm = out.loss.float()
     loss = lm
     for name, value in terms.items():
