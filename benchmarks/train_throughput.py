@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -431,6 +431,26 @@ def estimate_mib(config: dict[str, Any], size: Size, dtype: str, precision: str,
     return (est.step_peak(False) - est.host) / MIB  # the step alone: the child measures above its runtime
 
 
+FIT_SHARE = 0.92  # of the memory free at the start: what a step's plan may take (the child's runtime, fragmentation)
+
+
+def fit_batch(
+    size: Size, configs: list[dict[str, Any]], dtype: str, precision: str, device: str, budget: int
+) -> tuple[Size, float]:
+    """`size` at its own batch, halved until the step plan of every model in `configs` fits `budget` bytes
+    (parent and MoE always run at one batch), and the largest plan in MiB. At batch 1 it is returned even if it
+    does not fit: the caller refuses it then."""
+    batch = size.batch
+    while True:
+        trial = replace(size, batch=batch)
+        worst = max(
+            estimate_mib(cfg, trial, dtype, precision, device, flops_per_token(cfg, size.seq)[2]) for cfg in configs
+        )
+        if worst * MIB <= budget or batch == 1:
+            return trial, worst
+        batch //= 2
+
+
 def run_child(job: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if job["threads"]:
@@ -570,7 +590,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)} (default: cpu,tiny / smollm2)")
     p.add_argument("--impls", default=None, help="override every size's experts implementations (comma list)")
-    p.add_argument("--batch", type=int, default=None, help="override the sizes' micro-batch")
+    p.add_argument("--batch", type=int, default=None, help="override the sizes' micro-batch (default: fitted)")
+    fit_help = "plan against this many GiB instead of the device's free memory (GPU) or RAM available (CPU)"
+    p.add_argument("--fit-gib", type=float, default=None, help=fit_help)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 4 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 5 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -639,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
             "compile": args.compile,
             "grad_checkpointing": args.grad_checkpointing,
             "heap": args.heap if args.device == "cpu" else None,
+            "memory_budget": None if args.batch else {"gib": budget / MIB / 1024, "of": budget_label},
             "flops_formula": "6*N_active + 12*L*d_attn*S (N_active without the input embedding)",
             "machine": info,
             "runs": rows,
@@ -646,12 +669,28 @@ def main(argv: list[str] | None = None) -> int:
         }
         out.write_text(json.dumps(record, indent=1))
 
+    from upcycle.train.memory import available_memory
+
+    budget, budget_label = available_memory(args.fit_gib)
+    budget = int(budget * (1 if args.fit_gib else FIT_SHARE))
     plan = []  # (size name, Size, model, folder, impl) in the order of one round
     for name in sizes:
         size = SIZES[name]
-        if args.batch:
-            size = Size(**{**asdict(size), "batch": args.batch})
         dense, moe = make_models(size, args.work)
+        configs = [json.loads((f / "config.json").read_text()) for f in (dense, moe)]
+        if args.batch:
+            size = replace(size, batch=args.batch)
+        else:  # the largest of batch, batch/2, ... whose plan fits this machine, for parent and MoE alike
+            fitted, worst = fit_batch(size, configs, dtype, args.precision, args.device, budget)
+            if fitted.batch != size.batch:
+                print(f"{name}: batch {size.batch} -> {fitted.batch} to fit {budget / MIB / 1024:,.1f} GiB "
+                      f"({budget_label})", flush=True)  # fmt: skip
+            if worst * MIB > budget:
+                why = f"the step plans {worst / 1024:,.1f} GiB at batch 1; {budget / MIB / 1024:,.1f} GiB fit"
+                print(f"{name}: not run: {why}", flush=True)
+                failures.append({"size": name, "model": "all", "impl": "all", "round": 0, "error": why})
+                continue
+            size = fitted
         impls = tuple(args.impls.split(",")) if args.impls else size.impls
         plan += [(name, size, "dense", dense, "dense")] + [(name, size, "moe 8x top-2", moe, i) for i in impls]
     dense_tps = dense_fpt = None  # the round's dense parent of the size being run

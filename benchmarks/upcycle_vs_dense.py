@@ -1457,10 +1457,15 @@ def beyond_edge(edge: tuple[float, int] | None) -> float | None:
     return float(f"{ladder[i + direction]:.3g}")
 
 
+PLOT_EVERY_S = 60.0  # redraw the figures after a finished run at most this often (and once at the end)
+
+
 @dataclass
 class Runner:
     """Runs jobs in worker processes, reusing runs already finished with the same job; keeps or drops their
-    checkpoints; appends each result to record[key] and rewrites the JSON as each finishes."""
+    checkpoints; appends each result to record[key] and rewrites the JSON as each finishes. The figures are redrawn
+    after a run when PLOT_EVERY_S have passed since they were last drawn (a short preset's runs take a second each,
+    its plots as long), and always at the end of the study."""
 
     preset: Preset
     record: dict[str, Any]
@@ -1468,6 +1473,7 @@ class Runner:
     keep: bool | Path
     preset_name: str
     t_start: float
+    plotted_at: float = -math.inf
 
     def run(self, jobs: list[dict[str, Any]], key: str) -> None:
         todo = []
@@ -1507,8 +1513,9 @@ class Runner:
         res = dict(res, reused=reused, flops=res["tokens"] * (self.record["flops_per_token"].get(res["arm"]) or 0))
         self.record.setdefault(key, []).append(res)
         write(self.record, self.path)
-        if key == "runs":
+        if key == "runs" and time.perf_counter() - self.plotted_at >= PLOT_EVERY_S:
             self.record["pngs"] = [_public(p) for p in plot(self.record, self.path.with_suffix(""))]
+            self.plotted_at = time.perf_counter()
         ppl = final_ppl(res)  # what the tables read: the mean loss of the last two evals
         print(
             f"{'reused' if reused else 'done'} {key} {res['arm']} seed {res['seed']} lr {res['lr']:g}: "

@@ -812,3 +812,51 @@ def test_train_throughput_rounds_alternate_and_give_medians(tmp_path, monkeypatc
     assert [rows[1]["vs_flop_ceiling"], rows[3]["vs_flop_ceiling"]] == pytest.approx([0.5 / ceiling, 0.6 / ceiling])
     *_, line = (ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| tiny | moe 8x top-2 |"))
     assert line == f"| tiny | moe 8x top-2 | grouped_mm | 200, 300 | 250 | 0.550 | {0.55 / ceiling:.3f} |"
+
+
+def test_train_throughput_fits_the_batch_to_the_memory_and_never_starts_what_cannot_fit(tmp_path, monkeypatch):
+    """Without --batch each size runs at the largest of its batch, batch/2, ... whose step plan (upcycle.train.memory,
+    what --dry-run prints) fits the memory for the parent and the MoE alike; a size that does not fit at batch 1 is
+    recorded as a failure and no child starts for it. --batch overrides the fit."""
+    bench = _load("train_throughput")
+    jobs: list[tuple[str, int]] = []
+
+    def child(job):
+        jobs.append((job["impl"], job["batch"]))
+        return {"tokens_per_s": 1.0, "tokens_per_step": 1, "params": 1, "peak_mib": 1.0, "experts_impl": job["impl"]}
+
+    monkeypatch.setattr(bench, "run_child", child)
+    monkeypatch.setattr(bench, "peak_for", lambda *a: (1.0, "stand-in"))
+    work = tmp_path / "w"
+    size = bench.SIZES["tiny"]
+    dense, moe = bench.make_models(size, work)
+    configs = [json.loads((f / "config.json").read_text()) for f in (dense, moe)]
+
+    def plan_mib(batch: int) -> float:  # the larger of the two models' step plans at this batch
+        trial = bench.replace(size, batch=batch)
+        return max(
+            bench.estimate_mib(c, trial, "fp32", "mixed", "cpu", bench.flops_per_token(c, size.seq)[2])
+            for c in configs
+        )
+
+    assert plan_mib(1) < plan_mib(2) < plan_mib(4)  # the tiny size's own batch is 4
+    gib = (plan_mib(2) + plan_mib(4)) / 2 / 1024  # room for batch 2, not 4
+    args = ["--sizes", "tiny", "--impls", "grouped_mm", "--work", str(work)]
+    out = tmp_path / "fit.json"
+    assert bench.main([*args, "--fit-gib", str(gib), "--results", str(out)]) == 0
+    assert jobs == [("dense", 2), ("grouped_mm", 2)]
+    record = json.loads(out.read_text())
+    assert record["memory_budget"]["gib"] == pytest.approx(gib) and record["failures"] == []
+    assert [r["shape"]["batch"] for r in record["runs"]] == [2, 2]
+    assert all(r["estimate_mib"] <= gib * 1024 for r in record["runs"])
+
+    jobs.clear()  # no room even for one sequence: refused, nothing started
+    out = tmp_path / "none.json"
+    assert bench.main([*args, "--fit-gib", str(plan_mib(1) / 1024 / 2), "--results", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert jobs == [] and record["runs"] == []
+    assert [f["size"] for f in record["failures"]] == ["tiny"] and "at batch 1" in record["failures"][0]["error"]
+
+    # --batch is taken as asked, with no fit
+    assert bench.main([*args, "--batch", "3", "--fit-gib", "0.001", "--results", str(out)]) == 0
+    assert jobs == [("dense", 3), ("grouped_mm", 3)] and json.loads(out.read_text())["memory_budget"] is None

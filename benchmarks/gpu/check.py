@@ -460,14 +460,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile-batch",
         type=int,
         default=None,
-        help="sequences a step in the profile step (default: the shape's own; smollm2's 16 took 75 GB on an H200)",
+        help="sequences a step in the profile step (default: the shape's own, halved until the plan fits the card; "
+        "smollm2's 16 took 75 GB on an H200)",
     )
     p.add_argument(
         "--throughput-batch",
         type=int,
         default=None,
-        help="sequences a step in the throughput step, for every shape (default: each shape's own; the qwen05 MoE's "
-        "8 need an H200: 125 GiB planned, 64 GiB at 2)",
+        help="sequences a step in the throughput step, for every shape (default: each shape's own, halved until the "
+        "plan fits the card: the qwen05 MoE's 8 plan 127 GiB, an H200's; 2 on an H100)",
     )
     p.add_argument("--work", type=Path, default=None, help="scratch folder for models and runs (default: a temp dir)")
     return p.parse_args(argv)
