@@ -835,8 +835,7 @@ def test_train_throughput_fits_the_batch_to_the_memory_and_never_starts_what_can
     def plan_mib(batch: int) -> float:  # the larger of the two models' step plans at this batch
         trial = bench.replace(size, batch=batch)
         return max(
-            bench.estimate_mib(c, trial, "fp32", "mixed", "cpu", bench.flops_per_token(c, size.seq)[2])
-            for c in configs
+            bench.estimate_mib(c, trial, "fp32", "mixed", "cpu", bench.flops_per_token(c, size.seq)[2]) for c in configs
         )
 
     assert plan_mib(1) < plan_mib(2) < plan_mib(4)  # the tiny size's own batch is 4
