@@ -49,16 +49,19 @@ class Config:
     optimizer: str = "adamw"
     grad_checkpointing: bool = False
     seq_len: int = 256
+    lm_loss: str = "model"
 
     @property
     def name(self) -> str:
         extra = f":{self.optimizer}" if self.optimizer != "adamw" else ""
         extra += ":ckpt" if self.grad_checkpointing else ""
+        extra += f":s{self.seq_len}" if self.seq_len != 256 else ""
+        extra += ":chunked" if self.lm_loss == "chunked" else ""
         return f"{self.model}:{self.train}:mb{self.micro_batch}{extra}"
 
     def flags(self) -> list[str]:
         out = ["--train", self.train, "--micro-batch", str(self.micro_batch), "--seq-len", str(self.seq_len)]
-        out += ["--optimizer", self.optimizer]
+        out += ["--optimizer", self.optimizer, "--lm-loss", self.lm_loss]
         return out + (["--grad-checkpointing"] if self.grad_checkpointing else [])
 
 
@@ -76,6 +79,11 @@ MEASURED = [  # smallest first; a run whose estimate (+15%, +1 GiB) exceeds the 
     Config("qwen05-12", "all", optimizer="adafactor"),
     Config("qwen05-24", "router"),
     Config("qwen05-24", "all", optimizer="adafactor"),
+    # the LM loss over all the logits against --lm-loss chunked, where the logits are most of the step
+    Config("smollm2", "router", micro_batch=4, grad_checkpointing=True, seq_len=1024),
+    Config("smollm2", "router", micro_batch=4, grad_checkpointing=True, seq_len=1024, lm_loss="chunked"),
+    Config("qwen05-12", "router", micro_batch=4, grad_checkpointing=True, seq_len=512),
+    Config("qwen05-12", "router", micro_batch=4, grad_checkpointing=True, seq_len=512, lm_loss="chunked"),
 ]
 ESTIMATED = [  # the full-depth shape: estimates only (AdamW on all of it needs more than the machine has)
     Config("qwen05-24", "all"),
@@ -134,6 +142,7 @@ def estimate(model: Path, text: Path, cfg: Config) -> dict[str, Any]:
         train=cfg.train,
         optimizer=cfg.optimizer,
         grad_checkpointing=cfg.grad_checkpointing,
+        lm_loss=cfg.lm_loss,
         eval_every=2,
         save_every=2,
     )

@@ -711,6 +711,13 @@ def train(
     grad_checkpointing: Annotated[
         bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations.")
     ] = None,
+    lm_loss: Annotated[
+        str | None,
+        typer.Option(
+            help="LM loss: model (over all the logits) or chunked (a chunk of tokens at a time: far less memory)."
+            + _t("lm_loss")
+        ),
+    ] = None,
     compile_model: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
     ] = None,
@@ -794,6 +801,7 @@ def train(
         save_dtype=save_dtype,
         experts_impl=experts_impl,
         grad_checkpointing=grad_checkpointing,
+        lm_loss=lm_loss,
         compile=compile_model,
         deterministic=deterministic,
         eval_every=eval_every,

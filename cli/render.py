@@ -483,6 +483,15 @@ def train_plan(screen: Screen, plan: dict[str, Any], title: str) -> None:
     screen.out.print(table)
 
 
+def _chunked_note(mem: dict[str, Any]) -> str:
+    """How the LM loss's share changes with the other --lm-loss, where this model can take the chunked one."""
+    if mem.get("lm_loss") == "chunked":
+        return " (--lm-loss chunked)"
+    if mem.get("logits_chunked") is None:
+        return ""
+    return f" ({gib(mem['logits_chunked'])} with --lm-loss chunked)"
+
+
 def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
     """The estimate of upcycle.train.memory, per process."""
     names = {"adamw": "AdamW", "adafactor": "Adafactor", "adamw8bit": "AdamW8bit"}
@@ -493,7 +502,7 @@ def _memory_rows(table: Table, mem: dict[str, Any]) -> None:
     table.add_row(
         "activations",
         f"{gib(mem['activations'])} ({gib(mem['activations_checkpointed'])} with --grad-checkpointing) "
-        f"+ logits {gib(mem['logits'])}, at {mem['tokens']:,} tokens per micro-batch",
+        f"+ logits {gib(mem['logits'])}{_chunked_note(mem)}, at {mem['tokens']:,} tokens per micro-batch",
     )
     if mem["runtime"] or mem["mapped"]:
         table.add_row(

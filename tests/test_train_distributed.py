@@ -177,6 +177,19 @@ def test_torchrun_with_one_process_shards_with_fsdp2_and_matches_the_plain_run(r
             assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
 
 
+def test_two_processes_with_the_lm_loss_in_chunks_follow_the_models_own_loss(runs):
+    """--lm-loss chunked under FSDP2 (2 processes): the head's weight is gathered inside the root's forward, where
+    the chunked loss runs, and its gradient is reduced with the rest; the losses follow the model's own loss."""
+    out = runs["root"] / "two-chunked"
+    done = torchrun(*runs["common"], "--micro-batch", "2", "--lm-loss", "chunked", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    own, chunked = records(runs["two"], "train"), records(out, "train")
+    assert [r["step"] for r in own] == [r["step"] for r in chunked]
+    for a, b in zip(own, chunked, strict=True):
+        for key in TERMS:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
+
+
 SYNC_RECORDER = """
 import os
 import sys

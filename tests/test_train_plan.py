@@ -53,6 +53,8 @@ MEMORY_KEYS = [
     "activations_checkpointed",
     "logits",
     "optimizer_name",
+    "lm_loss",
+    "logits_chunked",
     "runtime",
     "mapped",
     "load_extra",

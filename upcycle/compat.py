@@ -262,6 +262,13 @@ def _graph_task_id_present() -> bool:
     return callable(getattr(torch._C, "_current_graph_task_id", None))
 
 
+def _loss_function_setter_present() -> bool:
+    from transformers import PreTrainedModel
+
+    prop = getattr(PreTrainedModel, "loss_function", None)
+    return isinstance(prop, property) and prop.fset is not None
+
+
 TRAIN_PRIVATE_APIS: tuple[PrivateApi, ...] = (
     PrivateApi(
         "transformers PreTrainedModel.get_experts_implementation / config._experts_implementation",
@@ -305,6 +312,14 @@ TRAIN_PRIVATE_APIS: tuple[PrivateApi, ...] = (
         "a read of _attn_implementation fails; if a mask is built anyway, the numbers stay the same (a mask is "
         "passed, so SDPA's is_causal is off) and tests/test_train_syncs.py counts the read again",
         _attention_implementation_present,
+    ),
+    PrivateApi(
+        "transformers PreTrainedModel.loss_function setter; a causal LM's forward hands lm_head's output to it",
+        TRAIN_CHECKED_ON,
+        "--lm-loss chunked (upcycle/train/lm_loss.py: the head passes its input through for one forward)",
+        "--lm-loss chunked fails with AttributeError; a forward that changes the logits before its loss fails "
+        "tests/test_train_lm_loss.py for that model type",
+        _loss_function_setter_present,
     ),
     PrivateApi(
         "datasets Dataset._fingerprint",

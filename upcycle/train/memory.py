@@ -26,6 +26,10 @@ attention so the s² scores are never stored):
                              routing-weight multiply
     logits                   V·(a + 4·[a≠4] + 4 + 8)  logits, their fp32 copy, log-softmax saved by
                              cross-entropy, and in backward the fp32 gradients of both (transient, at the peak)
+    logits, --lm-loss chunked  per step, not per token (lm_loss.py): min(N, C)·V·(a + 4·[a≠4]) for one chunk's
+                             logits, their fp32 copy and their gradient; N·4h for the gradient of the head's input;
+                             V·h·(8 + a·[a≠4]): the fp32 gradient of its weight, that times backward's scale, and the
+                             weight in the compute dtype
 
 The step's peak is taken as weights + grads + optimizer states + working copies + max(activations + logits, the
 optimizer step's temporaries): an upper bound, since the gradients fill up while backward frees the activations.
@@ -199,6 +203,16 @@ def logits_bytes_per_token(shape: ModelShape, compute: int) -> int:
     return shape.vocab * (compute + upcast + FP32 + 2 * FP32)
 
 
+def chunked_logits_bytes(shape: ModelShape, compute: int, tokens: int) -> int:
+    """The LM loss's memory with --lm-loss chunked, for a micro-batch of `tokens` (see the module docstring)."""
+    from .lm_loss import chunk_tokens  # torch: imported when a plan is made, not with this module
+
+    upcast = FP32 if compute != FP32 else 0
+    chunk = min(tokens, chunk_tokens(shape.vocab)) * shape.vocab * (compute + upcast)
+    weight = shape.vocab * shape.hidden * (2 * FP32 + (compute if upcast else 0))  # its grad, scaled, bf16 copy
+    return chunk + tokens * shape.hidden * FP32 + weight
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per rank for one training step; `total` is the figure to compare with the memory available."""
@@ -214,8 +228,10 @@ class MemoryEstimate:
     optimizer_step: int  # foreach AdamW's temporaries during optimizer.step() (freed activations by then)
     activations: int  # without checkpointing: every layer's saved tensors + the final norm
     activations_checkpointed: int  # with checkpointing: each layer's input + one layer recomputed + final norm
-    logits: int
+    logits: int  # the LM loss: over all the logits (--lm-loss model), or one chunk of them (chunked)
     optimizer_name: str = "adamw"  # --optimizer
+    lm_loss: str = "model"  # --lm-loss
+    logits_chunked: int | None = None  # what `logits` would be with --lm-loss chunked; None: not for this model
     runtime: int = 0  # CPU: the interpreter and libraries (RUNTIME_CPU); 0 on a GPU
     mapped: int = 0  # CPU: a weight file in another dtype than fp32, resident while it is loaded and cast
     load_extra: int = 0  # CPU: the cast of a checkpoint stored in another dtype than the fp32 it is loaded in
@@ -337,6 +353,9 @@ def estimate(
     final_norm = 2 * shape.hidden * FP32 + shape.hidden * a
     layer_inputs = shape.layers * shape.hidden * a
 
+    from .lm_loss import chunked_available
+
+    chunked = chunked_logits_bytes(shape, a, tokens)
     biggest_layer_params = shape.layer_params(moe=shape.moe_layers > 0)
     if sharded if sharded is not None else world_size > 1:
         # FSDP2: the root stays gathered through the step; two layers in compute dtype, one layer's full grads.
@@ -372,8 +391,10 @@ def estimate(
         optimizer_step=shard(step_temp) if on_gpu else step_temp,
         activations=tokens * (per_token + final_norm),
         activations_checkpointed=tokens * (layer_inputs + biggest_layer + final_norm),
-        logits=tokens * logits_bytes_per_token(shape, a),
+        logits=chunked if spec.lm_loss == "chunked" else tokens * logits_bytes_per_token(shape, a),
         optimizer_name=spec.optimizer,
+        lm_loss=spec.lm_loss,
+        logits_chunked=chunked if chunked_available(config) else None,
         runtime=0 if on_gpu else RUNTIME_CPU,
         mapped=0 if on_gpu or not source_cast else source_bytes,
         load_extra=0 if on_gpu else source_bytes if source_cast else source_restacked,

@@ -1,5 +1,5 @@
 """The model a run trains: which MoE it is, how it is loaded (float32 masters, the experts kernel), what forward
-runs under (the compute dtype), and the RouterTap that hands the router logits to the losses."""
+runs under (the compute dtype, the LM loss in chunks), and the RouterTap that hands the router logits to the losses."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from ..pages import release_unread_pages
 from ..seeds import generator as seeded_generator
 from ..source import read_header
 from .distributed import DistEnv, mixed_precision
+from .lm_loss import chunk_tokens, lm_loss_in_chunks
 from .optim import optimizer_state_bytes, set_trainable
 from .plan import Footprint, moe_shape
 from .routing_hooks import RouterTap, find_routers
@@ -73,6 +74,19 @@ def compute_context(env: DistEnv, spec: TrainSpec, dtype: torch.dtype) -> contex
         return contextlib.nullcontext()
     enable_grouped_mm_autocast(env.device.type, dtype)
     return torch.autocast(env.device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def forward_context(model: nn.Module, env: DistEnv, spec: TrainSpec, dtype: torch.dtype) -> Iterator[None]:
+    """What the step's and the evaluation's forwards run under: compute_context, and with --lm-loss chunked the
+    model's loss taken a chunk of tokens at a time (lm_loss.py)."""
+    with compute_context(env, spec, dtype):
+        if spec.lm_loss == "model":
+            yield
+            return
+        vocab = model.config.get_text_config().vocab_size
+        with lm_loss_in_chunks(model, chunk_tokens(vocab)):
+            yield
 
 
 def use_deterministic_algorithms() -> None:

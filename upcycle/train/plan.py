@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..source import public_name
 from .distributed import DistEnv, sharding
+from .lm_loss import chunked_available
 from .memory import DTYPE_BYTES, GiB, MemoryEstimate, estimate
 from .optim import eight_bit_available
 from .spec import TrainSpec, TrainWhat
@@ -119,7 +120,7 @@ class MemoryPlan:
 
     def advice(self) -> str:
         if not self.options:
-            return "no change of --train, --optimizer, --grad-checkpointing or --micro-batch makes it fit"
+            return "no change of --train, --optimizer, --lm-loss, --grad-checkpointing or --micro-batch makes it fit"
         return "it fits with " + "; or ".join(str(o) for o in self.options)
 
 
@@ -168,10 +169,15 @@ def _estimate(
     )
 
 
-def _variants(spec: TrainSpec, eight_bit: bool = False) -> list[tuple[str, dict[str, Any]]]:
+def _variants(
+    spec: TrainSpec, eight_bit: bool = False, chunked_lm_loss: bool = False
+) -> list[tuple[str, dict[str, Any]]]:
     """Single changes that lower the peak, each as (flags, TrainSpec fields), lightest change first; `eight_bit`:
-    --optimizer adamw8bit can run (bitsandbytes installed, one process)."""
+    --optimizer adamw8bit can run (bitsandbytes installed, one process); `chunked_lm_loss`: --lm-loss chunked can
+    (lm_loss.CHUNKED_TYPES)."""
     out: list[tuple[str, dict[str, Any]]] = []
+    if spec.lm_loss == "model" and chunked_lm_loss:
+        out.append(("--lm-loss chunked", {"lm_loss": "chunked"}))
     if not spec.grad_checkpointing:
         out.append(("--grad-checkpointing", {"grad_checkpointing": True}))
     if spec.optimizer == "adamw" and eight_bit:
@@ -198,15 +204,15 @@ def fit_options(
     unsharded_grads: bool = False,
     most: int = 5,  # room for both lighter optimizers beside the other changes
 ) -> tuple[FitOption, ...]:
-    """Up to `most` changes of --grad-checkpointing, --optimizer, --micro-batch (same tokens per step) or --train
-    that make the run fit, each alone; when none does alone, the first combination that does (the changes added in
-    order). Empty when nothing tried fits."""
+    """Up to `most` changes of --lm-loss, --grad-checkpointing, --optimizer, --micro-batch (same tokens per step) or
+    --train that make the run fit, each alone; when none does alone, the first combination that does (the changes
+    added in order). Empty when nothing tried fits."""
 
     def total(fields_: dict[str, Any]) -> int:
         return _estimate(config, (0, 0), replace(spec, **fields_), env, unsharded_grads, footprint).total
 
     eight_bit = not env.distributed and eight_bit_available()
-    variants = _variants(spec, eight_bit)
+    variants = _variants(spec, eight_bit, chunked_available(config))
     variants = [v for v in variants if v[1].get("train", spec.train) in footprint.params]  # dense: all only
     single = [FitOption(flags, t) for flags, change in variants if (t := total(change)) <= available]
     if single:

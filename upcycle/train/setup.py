@@ -26,15 +26,16 @@ from .chat import ChatBlocks, ChatOptions, looks_like_chat, prepare_chat
 from .data import DataInfo, TokenBlocks, prepare
 from .distributed import DistEnv, barrier, load_full_optimizer_state, wrap_model
 from .expert_dropout import add_expert_dropout
+from .lm_loss import check_chunked, chunked_available
 from .memory import available_memory
 from .model import (
     attach_routing,
     cap_seq_len,
     clone_warning,
-    compute_context,
     compute_dtype,
     count_params,
     footprint,
+    forward_context,
     load_model,
     moe_target,
     use_deterministic_algorithms,
@@ -86,7 +87,7 @@ class Run:
     train_blocks: TokenBlocks | ChatBlocks  # ChatBlocks: conversations (--format chat), the loss on the answers
     eval_blocks: TokenBlocks | ChatBlocks
     sampler: BlockSampler
-    compute: Callable[[], AbstractContextManager]  # the context forward runs under (model.compute_context)
+    compute: Callable[[], AbstractContextManager]  # the context forward runs under (model.forward_context)
 
     @property
     def start(self) -> int:
@@ -109,6 +110,8 @@ def read_source(model: str, run_dir: Path | None, spec: TrainSpec, env: DistEnv,
     ref = resolve(model)
     config = read_config(ref.folder)
     target = moe_target(config, model)
+    if spec.lm_loss == "chunked" and not chunked_available(config):
+        check_chunked(config.get("text_config", config).get("model_type"))
     if target is None:
         _check_dense_options(spec, model, config)
     elif spec.selection_bias and spec.bias_export == "refuse" and SLOT not in target.modules:
@@ -279,7 +282,7 @@ def setup(
             rank=env.rank,
             seed=spec.seed,
         ),
-        compute=lambda: compute_context(env, spec, dtype),
+        compute=lambda: forward_context(net, env, spec, dtype),
     )
 
 

@@ -24,6 +24,7 @@ SaveDType = Literal["source", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "text", "chat"]
 Packing = Literal["on", "off"]
 LongConversations = Literal["truncate", "refuse"]
+LmLoss = Literal["model", "chunked"]
 
 CHOICES = {
     "train": get_args(TrainWhat),
@@ -37,6 +38,7 @@ CHOICES = {
     "format": get_args(DataFormat),
     "packing": get_args(Packing),
     "long_conversations": get_args(LongConversations),
+    "lm_loss": get_args(LmLoss),
 }
 INTS = (
     "seq_len",
@@ -117,6 +119,8 @@ class TrainSpec:
     save_dtype: SaveDType = "source"  # final/'s dtype: MODEL's own by default (checkpoints keep the fp32 masters)
     experts_impl: ExpertsImpl = "grouped_mm"
     grad_checkpointing: bool = False
+    # model: the model's own loss over all the logits; chunked: the same loss a chunk of tokens at a time (lm_loss.py)
+    lm_loss: LmLoss = "model"
     compile: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable GPU steps
     eval_every: int | None = None  # default: scales with the run (default_every); 0: no evaluation
