@@ -29,6 +29,7 @@ ops; GPU kernel time on CUDA), after the timed steps and the memory peaks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -281,8 +282,15 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    def lm_loss() -> contextlib.AbstractContextManager:  # as upcycle train --lm-loss (model.forward_context)
+        if job.get("lm_loss", "model") == "model":
+            return contextlib.nullcontext()
+        from upcycle.train.lm_loss import chunk_tokens, lm_loss_in_chunks
+
+        return lm_loss_in_chunks(model, chunk_tokens(vocab))
+
     def step(ids: torch.Tensor, mark: Callable[[str], None]) -> torch.Tensor:
-        with autocast:
+        with autocast, lm_loss():
             out = model(ids, labels=ids, use_cache=False)  # as upcycle train: no KV cache to build
         mark("forward")
         loss = out.loss
@@ -419,11 +427,13 @@ def peak_for(device: str, dtype: str, threads: int | None, given: float | None) 
     return measured, f"measured torch.mm {dtype} peak on this CPU, {threads or os.cpu_count()} threads"
 
 
-def estimate_mib(config: dict[str, Any], size: Size, dtype: str, precision: str, device: str, params: int) -> float:
+def estimate_mib(
+    config: dict[str, Any], size: Size, dtype: str, precision: str, device: str, params: int, lm_loss: str = "model"
+) -> float:
     from upcycle.train.memory import estimate
     from upcycle.train.spec import TrainSpec
 
-    spec = TrainSpec(seq_len=size.seq, micro_batch=size.batch, dtype=dtype)
+    spec = TrainSpec(seq_len=size.seq, micro_batch=size.batch, dtype=dtype, lm_loss=lm_loss)
     recipe = "fp32" if dtype == "fp32" else ("pure-bf16" if precision == "pure" else "mixed")
     est = estimate(
         config, spec, trainable_params=params, total_params=params, on_gpu=device == "cuda", precision=recipe
@@ -435,7 +445,13 @@ FIT_SHARE = 0.92  # of the memory free at the start: what a step's plan may take
 
 
 def fit_batch(
-    size: Size, configs: list[dict[str, Any]], dtype: str, precision: str, device: str, budget: int
+    size: Size,
+    configs: list[dict[str, Any]],
+    dtype: str,
+    precision: str,
+    device: str,
+    budget: int,
+    lm_losses: tuple[str, ...] = ("model",),
 ) -> tuple[Size, float]:
     """`size` at its own batch, halved until the step plan of every model in `configs` fits `budget` bytes
     (parent and MoE always run at one batch), and the largest plan in MiB. At batch 1 it is returned even if it
@@ -444,7 +460,9 @@ def fit_batch(
     while True:
         trial = replace(size, batch=batch)
         worst = max(
-            estimate_mib(cfg, trial, dtype, precision, device, flops_per_token(cfg, size.seq)[2]) for cfg in configs
+            estimate_mib(cfg, trial, dtype, precision, device, flops_per_token(cfg, size.seq)[2], lm)
+            for cfg in configs
+            for lm in lm_losses
         )
         if worst * MIB <= budget or batch == 1:
             return trial, worst
@@ -603,6 +621,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     backend_help = "torch.compile backend (aot_eager: the same graphs without code generation, for dry runs)"
     p.add_argument("--compile-backend", default="inductor", help=backend_help)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward (as upcycle train)")
+    lm_help = "comma list of upcycle train --lm-loss values, each a contender of its own (default: model)"
+    p.add_argument("--lm-loss", default="model", help=lm_help)
     p.add_argument("--work", type=Path, default=HERE / "_work", help="where the models are written and reused")
     p.add_argument("--results", type=Path, default=None, help="JSON output (default: benchmarks/results/...)")
     p.add_argument("--tag", default=None, help="suffix of the default JSON name")
@@ -673,7 +693,10 @@ def main(argv: list[str] | None = None) -> int:
 
     budget, budget_label = available_memory(args.fit_gib)
     budget = int(budget * (1 if args.fit_gib else FIT_SHARE))
-    plan = []  # (size name, Size, model, folder, impl) in the order of one round
+    lm_losses = tuple(args.lm_loss.split(","))
+    if unknown := set(lm_losses) - {"model", "chunked"}:
+        raise SystemExit(f"error: --lm-loss {', '.join(sorted(unknown))}: use model and/or chunked")
+    plan = []  # (size name, Size, model, folder, impl, LM loss) in the order of one round
     for name in sizes:
         size = SIZES[name]
         dense, moe = make_models(size, args.work)
@@ -681,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch:
             size = replace(size, batch=args.batch)
         else:  # the largest of batch, batch/2, ... whose plan fits this machine, for parent and MoE alike
-            fitted, worst = fit_batch(size, configs, dtype, args.precision, args.device, budget)
+            fitted, worst = fit_batch(size, configs, dtype, args.precision, args.device, budget, lm_losses)
             if fitted.batch != size.batch:
                 print(f"{name}: batch {size.batch} -> {fitted.batch} to fit {budget / MIB / 1024:,.1f} GiB "
                       f"({budget_label})", flush=True)  # fmt: skip
@@ -692,16 +715,20 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             size = fitted
         impls = tuple(args.impls.split(",")) if args.impls else size.impls
-        plan += [(name, size, "dense", dense, "dense")] + [(name, size, "moe 8x top-2", moe, i) for i in impls]
+        for lm in lm_losses:  # each LM loss: the parent, then its MoEs (× dense within the same LM loss)
+            tag = "" if lm == "model" else f" ({lm} loss)"
+            plan += [(name, size, "dense" + tag, dense, "dense", lm)]
+            plan += [(name, size, "moe 8x top-2" + tag, moe, i, lm) for i in impls]
     dense_tps = dense_fpt = None  # the round's dense parent of the size being run
-    for rnd, (name, size, model, folder, impl) in ((r, p) for r in range(args.rounds) for p in plan):
+    for rnd, (name, size, model, folder, impl, lm) in ((r, p) for r in range(args.rounds) for p in plan):
         if impl == "dense":
             dense_tps = dense_fpt = None
         cfg = json.loads((folder / "config.json").read_text())
         job = dict(name=name, model=str(folder), impl=impl, device=args.device, dtype=dtype,
                    precision=args.precision, seq=size.seq, batch=size.batch, steps=steps, warmup=warmup,
                    threads=args.threads, compile=args.compile, heap=args.heap, profile=args.profile,
-                   grad_checkpointing=args.grad_checkpointing, compile_backend=args.compile_backend)  # fmt: skip
+                   grad_checkpointing=args.grad_checkpointing, compile_backend=args.compile_backend,
+                   lm_loss=lm)  # fmt: skip
         try:
             res = run_child(job)
         except SystemExit as exc:  # one failed run (out of memory, a kernel missing) leaves the others
@@ -726,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
             "vs_dense": vs_dense,
             # the MoE's tokens/s against the parent's, over what equal MFU would give (parent's FLOPs/token over its)
             "vs_flop_ceiling": vs_dense / (dense_fpt / fpt) if vs_dense and dense_fpt else None,
-            "estimate_mib": estimate_mib(cfg, size, dtype, args.precision, args.device, res["params"]),
+            "lm_loss": lm,
+            "estimate_mib": estimate_mib(cfg, size, dtype, args.precision, args.device, res["params"], lm),
         }
         rows.append(row)
         save()

@@ -579,9 +579,14 @@ def test_gpu_check_dry_mode_runs_every_step_on_cpu(jargon_text, tmp_path):
     assert not e2e["final"]["missing"] and not e2e["final"]["unexpected"] and e2e["final"]["logits_finite"]
     for step in ("throughput", "compile", "profile"):
         rows = summary[step]["rows"]
-        assert [r["model"] for r in rows] == ["dense", "moe 8x top-2"]
+        pairs = [rows[i : i + 2] for i in range(0, len(rows), 2)]  # (parent, MoE) per LM loss
+        models = ["dense", "moe 8x top-2"] + (
+            ["dense (chunked loss)", "moe 8x top-2 (chunked loss)"] * (step == "throughput")
+        )
+        assert [r["model"] for r in rows] == models
+        assert [r["lm_loss"] for r in rows] == ["model"] * 2 + ["chunked"] * (len(rows) - 2)
         assert all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
-        assert rows[1]["vs_dense"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+        assert all(m["vs_dense"] == pytest.approx(m["tokens_per_s"] / d["tokens_per_s"]) for d, m in pairs)
     assert all(r["compile"] and r["graph_breaks"] == 0 for r in summary["compile"]["rows"])  # hooks traced too
     assert {r["compile_backend"] for r in summary["compile"]["rows"]} == {"aot_eager"}  # inductor: on the GPU
     dense, moe = (r["profile"] for r in summary["profile"]["rows"])

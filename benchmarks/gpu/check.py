@@ -319,6 +319,7 @@ def _throughput(ctx: Ctx, name: str, extra: list[str], sizes: str) -> dict[str, 
                 "size",
                 "model",
                 "experts_impl",
+                "lm_loss",
                 "tokens_per_s",
                 "vs_dense",
                 "peak_mib",
@@ -343,7 +344,8 @@ def _throughput(ctx: Ctx, name: str, extra: list[str], sizes: str) -> dict[str, 
 
 def step_throughput(ctx: Ctx) -> dict[str, Any]:
     batch = ["--batch", str(ctx.args.throughput_batch)] if ctx.args.throughput_batch else []
-    return _throughput(ctx, "throughput", batch, "tiny" if ctx.tiny else ctx.args.sizes)
+    lm_loss = ctx.args.throughput_lm_loss or ("model,chunked" if ctx.tiny else "model")
+    return _throughput(ctx, "throughput", [*batch, "--lm-loss", lm_loss], "tiny" if ctx.tiny else ctx.args.sizes)
 
 
 def step_compile(ctx: Ctx) -> dict[str, Any]:
@@ -469,6 +471,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="sequences a step in the throughput step, for every shape (default: each shape's own, halved until the "
         "plan fits the card: the qwen05 MoE's 8 plan 127 GiB, an H200's; 2 on an H100)",
+    )
+    p.add_argument(
+        "--throughput-lm-loss",
+        default=None,
+        help="upcycle train --lm-loss values the throughput step runs, each a contender (default: model; the CPU "
+        "dry mode: model,chunked)",
     )
     p.add_argument("--work", type=Path, default=None, help="scratch folder for models and runs (default: a temp dir)")
     return p.parse_args(argv)
