@@ -300,3 +300,25 @@ def test_chitchat_converts_to_messages(tmp_path):
         assert 2 <= len(roles) <= 6 and roles[0] == "user" and roles[-1] == "assistant"
         assert all(a != b for a, b in itertools.pairwise(roles))  # turns alternate
     assert chat_corpora.main(["chitchat", str(out)]) == 2  # no overwrite without --force
+
+
+def test_the_lm_loss_in_chunks_counts_the_same_assistant_tokens(chat_models, tmp_path, capsys):
+    """--lm-loss chunked on packed conversations (position ids restarting, the prompts' labels ignored): the same
+    training and evaluation losses as the model's own, to float32 rounding, over the same assistant tokens."""
+    data = write_jsonl(tmp_path / "five.jsonl", CONVERSATIONS)
+    metrics = {}
+    for lm_loss in ("model", "chunked"):
+        out = tmp_path / lm_loss
+        args = ["train", str(chat_models["moe"]), "--data", str(data), "--eval-data", str(data), "--out", str(out)]
+        args += ["--steps", "4", "--seq-len", "256", "--micro-batch", "2", "--lr", "1e-2", "--eval-every", "4"]
+        args += ["--log-every", "1", "--lm-loss", lm_loss]
+        capsys.readouterr()
+        assert run(args) == 0
+        metrics[lm_loss] = read_metrics(out)
+    for a, b in zip(metrics["model"], metrics["chunked"], strict=True):
+        assert a["kind"] == b["kind"] and a.get("step") == b.get("step")
+        for key in ("lm", "loss", "grad_norm", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+        if "eval_tokens" in a:
+            assert a["eval_tokens"] == b["eval_tokens"]
