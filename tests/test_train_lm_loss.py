@@ -121,6 +121,14 @@ def test_the_loss_is_the_mean_over_the_predicted_tokens():
     torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-6)
     nothing = torch.full_like(labels, IGNORE)
     assert torch.isnan(chunked_causal_lm_loss(hidden, head, nothing, chunk=3))
+    # what is not asked for is not computed: no gradients under no_grad (an evaluation), none for a frozen head
+    with torch.no_grad():
+        assert torch.equal(chunked_causal_lm_loss(hidden, head, labels, chunk=3), loss.detach())
+    head.weight.requires_grad_(False)
+    hidden.grad = head.weight.grad = None
+    chunked_causal_lm_loss(hidden, head, labels, chunk=3).backward()
+    assert head.weight.grad is None
+    torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_chunk_sizes_and_refusals():

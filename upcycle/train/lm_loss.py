@@ -1,4 +1,15 @@
-"""The LM loss in chunks of tokens (`--lm-loss chunked`): never the whole (tokens, vocab) logits at once.
+"""The                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)  # (C, H)
+                if grad_weight is None:
+                    pass
+                elif compute == torch.float32:
+                    grad_weight.addmm_(grad.t(), h)  # (V, H) summed in place
+                else:
+                    grad_weight += grad.t() @ h  # (V, H): the chunk's product in the compute dtype, summed in fp32
+                del grad
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        return total * scale
+LM loss in chunks of tokens (`--lm-loss chunked`): never the whole (tokens, vocab) logits at once.
 
 The model's own loss (`--lm-loss model`, the default) computes the output head over every token of a micro-batch,
 then transformers' `ForCausalLMLoss` upcasts those logits to float32 and takes the cross-entropy, whose backward
@@ -79,8 +90,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         kept = labels != IGNORE  # (N,)
         count = kept.sum()  # () the tokens the mean is over; 0 gives nan, as ForCausalLMLoss
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)  # (N, H)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, H)
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head: no (V, H) grad
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None  # (N, H)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         w = weight.to(compute)  # (V, H) what the head multiplies by (autocast's cast under bf16 mixed precision)
         scale = 1.0 / count.float()  # () d(mean)/d(each kept token's loss)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -93,26 +105,34 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 target = y.clamp_min(0).unsqueeze(1)  # (C, 1) a valid index for ignored rows too
                 picked = z.gather(1, target).squeeze(1)  # (C,)
                 total += torch.where(keep, lse - picked, 0.0).sum()
+                if grad_hidden is None and grad_weight is None:  # evaluation: the loss alone
+                    continue
                 # d loss / d z = (softmax(z) - onehot(y)) / count on kept rows, 0 on the others
                 g = z.sub_(lse.unsqueeze(1)).exp_()  # (C, V) softmax, in place of the logits
                 g.scatter_add_(1, target, torch.full_like(picked, -1.0).unsqueeze(1))
                 g.mul_((keep.float() * scale).unsqueeze(1))
                 grad = g.to(compute)  # (C, V) as autograd hands it to the head's matmul (g itself in fp32)
                 del z, g  # this chunk's float32 logits go before the next chunk's are made
-                grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)  # (C, H)
-                if compute == torch.float32:
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)  # (C, H)
+                if grad_weight is not None and compute == torch.float32:
                     grad_weight.addmm_(grad.t(), h)  # (V, H) summed in place
-                else:
+                elif grad_weight is not None:
                     grad_weight += grad.t() @ h  # (V, H): the chunk's product in the compute dtype, summed in fp32
                 del grad
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return total * scale
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale_h, scale_w = grad_out.to(grad_hidden.dtype), grad_out.to(grad_weight.dtype)
-        return grad_hidden * scale_h, grad_weight * scale_w, None, None, None
+        return (
+            None if grad_hidden is None else grad_hidden * grad_out.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * grad_out.to(grad_weight.dtype),
+            None,
+            None,
+            None,
+        )
 
 
 def chunked_causal_lm_loss(
