@@ -101,14 +101,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 y = labels[start : start + chunk]  # (C,)
                 keep = kept[start : start + chunk]  # (C,)
                 z = (h @ w.t()).float()  # (C, V) the logits, upcast as ForCausalLMLoss does
-                lse = torch.logsumexp(z, dim=-1)  # (C,)
                 target = y.clamp_min(0).unsqueeze(1)  # (C, 1) a valid index for ignored rows too
-                picked = z.gather(1, target).squeeze(1)  # (C,)
+                picked = z.gather(1, target).squeeze(1)  # (C,) the label's logit
+                # log-sum-exp as torch.logsumexp computes it (max + log Σ exp(z - max)), in place of the logits
+                # rather than in two more (C, V) temporaries
+                top = z.amax(dim=-1, keepdim=True)  # (C, 1)
+                sums = z.sub_(top).exp_().sum(dim=-1, keepdim=True)  # (C, V) now exp(z - max); (C, 1)
+                lse = (top + sums.log()).squeeze(1)  # (C,)
                 total += torch.where(keep, lse - picked, 0.0).sum()
                 if grad_hidden is None and grad_weight is None:  # evaluation: the loss alone
                     continue
                 # d loss / d z = (softmax(z) - onehot(y)) / count on kept rows, 0 on the others
-                g = z.sub_(lse.unsqueeze(1)).exp_()  # (C, V) softmax, in place of the logits
+                g = z.div_(sums)  # (C, V) softmax, in place
                 g.scatter_add_(1, target, torch.full_like(picked, -1.0).unsqueeze(1))
                 g.mul_((keep.float() * scale).unsqueeze(1))
                 grad = g.to(compute)  # (C, V) as autograd hands it to the head's matmul (g itself in fp32)
