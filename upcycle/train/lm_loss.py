@@ -29,9 +29,9 @@ those of the unchunked head: its forward, and the two products of its backward.
 How it reaches inside the model's forward (so that FSDP2 has the head's weight gathered, and torch.compile traces
 it): for the duration of a forward, the head returns its input unchanged and the model's `loss_function` (a
 transformers setter) is this module's loss, given that input and the head. That holds for the model types in
-CHUNKED_TYPES, whose causal-LM forward hands the head's output straight to `loss_function` (GraniteMoe divides it by
-`logits_scaling` first, which the head's linearity carries through). The forward's `logits` are then the final
-hidden states: the step and the evaluation read only the loss.
+CHUNKED_TYPES, whose causal-LM forward hands the head's output straight to `loss_function` (Granite and
+GraniteMoe divide it by `logits_scaling` first, which the head's linearity carries through). The forward's `logits`
+are then the final hidden states: the step and the evaluation read only the loss.
 
 Legend: N tokens (batch·seq), C tokens in a chunk, V vocabulary, H hidden size.
 """
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 IGNORE = -100  # transformers' ignore_index: labels that take no part in the loss
 
-# Causal-LM forwards that hand `lm_head(hidden)` (GraniteMoe: divided by a constant) to `loss_function` and use
+# Causal-LM forwards that hand `lm_head(hidden)` (Granite's: divided by a constant) to `loss_function` and use
 # the logits for nothing else; each checked against the model's own loss in tests/test_train_lm_loss.py.
 CHUNKED_TYPES = frozenset(
     {
@@ -63,10 +63,17 @@ CHUNKED_TYPES = frozenset(
         "flex_olmo",
         "ernie4_5_moe",
         "hunyuan_v1_moe",
+        # the dense families upcycle converts natively (their parents: upcycle train --dense, the study's baseline)
         "llama",
         "mistral",
         "qwen2",
         "qwen3",
+        "phi3",
+        "gemma",
+        "olmo2",
+        "granite",
+        "ernie4_5",
+        "hunyuan_v1_dense",
     }
 )
 
