@@ -331,25 +331,19 @@ def test_text_attention_takes_sdpas_flash_kernel_eager_and_compiled(moe_store): 
 
 
 def _lm_loss_step(model: torch.nn.Module, ids: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, dict, int]:
-    """(loss, grads, peak bytes above the start) of one bf16-autocast forward and backward on ids' device, with the
-    model's own loss (chunk None) or --lm-loss chunked's."""
-    from upcycle.train.lm_loss import lm_loss_in_chunks
+    """test_train_lm_loss's bf16-autocast step (the model's own loss for chunk None, else --lm-loss chunked's), and
+    its peak bytes above the start on a GPU (0 elsewhere)."""
+    from test_train_lm_loss import _step
 
-    model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)  # the last step's gradients out of the start
     on_cuda = ids.device.type == "cuda"
     if on_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated() if on_cuda else 0
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16):
-        if chunk is None:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        else:
-            with lm_loss_in_chunks(model, chunk):
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
+    loss, grads = _step(model, ids, ids, chunk, autocast=True)
     peak = torch.cuda.max_memory_allocated() - start if on_cuda else 0
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, peak
+    return loss, grads, peak
 
 
 def test_the_chunked_lm_loss_on_cuda_agrees_in_bf16_and_takes_less_memory(device: torch.device = CUDA):

@@ -32,9 +32,10 @@ def _model(model_type: str, **overrides):
 
 
 def _step(model, ids: torch.Tensor, labels: torch.Tensor, chunk: int | None, autocast: bool = False):
-    """(loss, {name: grad}) of one forward and backward, with the model's own loss (chunk None) or in chunks."""
+    """(loss, {name: grad}) of one forward and backward on ids' device, with the model's own loss (chunk None) or
+    in chunks; `autocast`: under bf16 autocast."""
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         if chunk is None:
             loss = model(input_ids=ids, labels=labels, use_cache=False).loss
         else:
@@ -136,9 +137,9 @@ def test_chunk_sizes_and_refusals():
     assert all(chunk_tokens(v) * v <= 1 << 26 for v in (2048, 32000, 49152, 128256, 151936))
     assert set(MOE_CONFIGS) <= CHUNKED_TYPES  # every MoE target
     for model_type in sorted(CHUNKED_TYPES):
-        check_chunked(model_type)
+        check_chunked({"model_type": model_type})
     with pytest.raises(UpcycleError, match=r"not available for model type 'gemma2'.*--lm-loss model"):
-        check_chunked("gemma2")  # its forward soft-caps the logits before the loss
+        check_chunked({"model_type": "gemma2"})  # its forward soft-caps the logits before the loss
     head = torch.nn.Linear(4, 6, bias=True)
     with pytest.raises(UpcycleError, match="bias"):
         chunked_causal_lm_loss(torch.zeros(1, 2, 4), head, torch.zeros(1, 2, dtype=torch.long), chunk=2)

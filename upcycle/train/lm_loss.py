@@ -189,17 +189,22 @@ def lm_loss_in_chunks(model: nn.Module, chunk: int) -> Iterator[None]:
             del model._loss_function
 
 
+def _model_type(config: Any) -> str | None:
+    """The text model's type from a transformers config, object or dict."""
+    if isinstance(config, dict):
+        return config.get("text_config", config).get("model_type")
+    return config.get_text_config().model_type
+
+
 def chunked_available(config: Any) -> bool:
     """Whether --lm-loss chunked can run on a model with this config (a transformers config, object or dict)."""
-    if isinstance(config, dict):
-        return config.get("text_config", config).get("model_type") in CHUNKED_TYPES
-    return config.get_text_config().model_type in CHUNKED_TYPES
+    return _model_type(config) in CHUNKED_TYPES
 
 
-def check_chunked(model_type: str) -> None:
-    """Refuse --lm-loss chunked for a model type whose forward is not known to hand the head's output to its loss."""
-    if model_type not in CHUNKED_TYPES:
+def check_chunked(config: Any) -> None:
+    """Refuse --lm-loss chunked for a model whose forward is not known to hand the head's output to its loss."""
+    if not chunked_available(config):
         raise UpcycleError(
-            f"--lm-loss chunked is not available for model type {model_type!r} (it is for: "
+            f"--lm-loss chunked is not available for model type {_model_type(config)!r} (it is for: "
             f"{', '.join(sorted(CHUNKED_TYPES))}); use --lm-loss model"
         )

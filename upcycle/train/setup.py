@@ -26,7 +26,7 @@ from .chat import ChatBlocks, ChatOptions, looks_like_chat, prepare_chat
 from .data import DataInfo, TokenBlocks, prepare
 from .distributed import DistEnv, barrier, load_full_optimizer_state, wrap_model
 from .expert_dropout import add_expert_dropout
-from .lm_loss import check_chunked, chunked_available
+from .lm_loss import check_chunked
 from .memory import available_memory
 from .model import (
     attach_routing,
@@ -110,8 +110,8 @@ def read_source(model: str, run_dir: Path | None, spec: TrainSpec, env: DistEnv,
     ref = resolve(model)
     config = read_config(ref.folder)
     target = moe_target(config, model)
-    if spec.lm_loss == "chunked" and not chunked_available(config):
-        check_chunked(config.get("text_config", config).get("model_type"))
+    if spec.lm_loss == "chunked":
+        check_chunked(config)
     if target is None:
         _check_dense_options(spec, model, config)
     elif spec.selection_bias and spec.bias_export == "refuse" and SLOT not in target.modules:
