@@ -1,15 +1,4 @@
-"""The                if grad_hidden is not None:
-                    grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)  # (C, H)
-                if grad_weight is None:
-                    pass
-                elif compute == torch.float32:
-                    grad_weight.addmm_(grad.t(), h)  # (V, H) summed in place
-                else:
-                    grad_weight += grad.t() @ h  # (V, H): the chunk's product in the compute dtype, summed in fp32
-                del grad
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
-        return total * scale
-LM loss in chunks of tokens (`--lm-loss chunked`): never the whole (tokens, vocab) logits at once.
+"""The LM loss in chunks of tokens (`--lm-loss chunked`): never the whole (tokens, vocab) logits at once.
 
 The model's own loss (`--lm-loss model`, the default) computes the output head over every token of a micro-batch,
 then transformers' `ForCausalLMLoss` upcasts those logits to float32 and takes the cross-entropy, whose backward
